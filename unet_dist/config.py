@@ -1,0 +1,308 @@
+"""Configuration: dataclasses grouped by concern, loaded from YAML plus `--set` overrides.
+
+Every entry point calls `add_config_args(parser)` and then `load_config(args.config, args.set)`.
+Loading order: dataclass defaults -> the YAML file -> each `--set section.key=value` in turn.
+Nothing is built before validation: an unknown key, a wrong type or an impossible value raises
+`ConfigError` with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from unet_dist.shapes import check_input_size
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation; every transform moves image and mask together."""
+
+    flip: bool = True  # horizontal and vertical flips
+    rot90: bool = False  # random multiples of 90 degrees (square inputs only)
+    scale_crop: bool = True  # random zoom in [scale_min, scale_max] then a crop back to image_size
+    scale_min: float = 0.8
+    scale_max: float = 1.25
+    rotate_degrees: float = 0.0  # small rotations, uniform in [-d, d]; 0 disables
+    elastic: bool = False  # Ronneberger et al. 2015: random displacements on a coarse grid
+    elastic_grid: int = 3  # coarse grid size (the paper used 3x3)
+    elastic_sigma: float = 10.0  # displacement std in pixels (the paper: 10)
+    brightness: float = 0.1  # max delta on [0, 1] images; 0 disables
+    contrast: float = 0.1  # factor in [1 - c, 1 + c]; 0 disables
+    hue: float = 0.0  # max hue delta in [0, 0.5]; 0 disables
+
+
+@dataclass
+class DataConfig:
+    """Input pipeline. Say which batch you mean: exactly one of the two batch sizes is set."""
+
+    global_batch_size: int | None = 16
+    per_replica_batch_size: int | None = None
+    image_size: list[int] = field(default_factory=lambda: [256, 256])  # network input [H, W]
+    shuffle_buffer: int = 512
+    cycle_length: int = 4  # shards read in parallel per worker
+    skip_corrupt_records: bool = False  # opt-in: drop unreadable records instead of failing
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    """U-Net architecture; see `unet_dist.model.build_unet` for the shape constraints."""
+
+    depth: int = 4  # number of 2x down-samplings
+    base_filters: int = 32  # filters at the first level, doubled at each level down
+    padding: Literal["same", "valid"] = "same"
+    batch_norm: bool = True
+    dropout: float = 0.0  # dropout rate before the bottleneck convolutions
+    upsample: Literal["transpose", "bilinear"] = "transpose"
+    up_filters: list[int] | None = None  # widths of the up-convolutions, deepest first (default: level widths)
+    num_classes: int = 2  # 2 = one sigmoid output; N > 2 = softmax over N
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule; learning_rate is for reference_batch_size."""
+
+    name: Literal["sgd", "rmsprop", "adam", "adamw"] = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9  # sgd and rmsprop
+    nesterov: bool = False
+    weight_decay: float = 0.0  # adamw
+    clipnorm: float | None = None
+    schedule: Literal["constant", "cosine", "polynomial", "step"] = "constant"
+    warmup_steps: int = 0
+    end_learning_rate_factor: float = 0.0  # cosine and polynomial: final lr = factor * peak lr
+    power: float = 1.0  # polynomial
+    step_boundaries: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    step_factor: float = 0.1  # lr multiplier at each step boundary
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # Goyal et al. 2017
+    reference_batch_size: int = 16
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the step runs."""
+
+    strategy: Literal["auto", "single", "mirrored", "multiworker", "horovod"] = "auto"
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    xla: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    cluster: Literal["none", "slurm"] = "none"
+    intra_op_threads: int = 0  # 0 = this process's share of the node's cores
+    inter_op_threads: int = 0
+    fp16_allreduce: bool = False  # Horovod: compress gradients to fp16 on the wire
+
+
+@dataclass
+class TrainConfig:
+    """Loop, loss, evaluation and checkpoints."""
+
+    steps: int = 1000
+    loss: Literal["bce", "cce", "dice", "ce_dice", "focal", "weighted_ce"] = "bce"
+    focal_gamma: float = 2.0
+    weight_w0: float = 10.0  # 2015 border weight
+    weight_sigma: float = 5.0
+    log_every_steps: int = 20
+    eval_every_steps: int = 200
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 3
+    image_panels: int = 4  # images in the TensorBoard panel at each evaluation
+    max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks `value` against the annotation `tp`; returns it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key}: got {value!r}; allowed: {_type_name(tp)}")
+
+
+def _apply(obj: Any, mapping: dict[str, Any], prefix: str) -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {mapping!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full}; allowed in {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Builds a validated Config from defaults, an optional YAML file and `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+        try:
+            _apply(cfg, raw, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks values that types alone cannot; raises ConfigError naming the key."""
+
+    def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key}: got {value!r}; allowed: {allowed}")
+
+    d, m, o, r, t = cfg.data, cfg.model, cfg.optim, cfg.runtime, cfg.train
+    if (d.global_batch_size is None) == (d.per_replica_batch_size is None):
+        raise ConfigError(
+            "config keys data.global_batch_size / data.per_replica_batch_size: set exactly one (the other to null)"
+        )
+    for key in ("global_batch_size", "per_replica_batch_size"):
+        v = getattr(d, key)
+        need(v is None or v > 0, f"data.{key}", "an integer > 0", v)
+    need(len(d.image_size) == 2 and all(s > 0 for s in d.image_size), "data.image_size", "[H, W], both > 0", d.image_size)
+    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
+    need(d.cycle_length >= 1, "data.cycle_length", ">= 1", d.cycle_length)
+    a = d.augment
+    need(0 < a.scale_min <= a.scale_max, "data.augment.scale_min", "0 < scale_min <= scale_max", a.scale_min)
+    need(0 <= a.rotate_degrees <= 45, "data.augment.rotate_degrees", "0 to 45", a.rotate_degrees)
+    need(a.elastic_grid >= 2, "data.augment.elastic_grid", ">= 2", a.elastic_grid)
+    need(a.elastic_sigma >= 0, "data.augment.elastic_sigma", ">= 0", a.elastic_sigma)
+    need(0 <= a.brightness <= 1, "data.augment.brightness", "0 to 1", a.brightness)
+    need(0 <= a.contrast < 1, "data.augment.contrast", "0 to <1", a.contrast)
+    need(0 <= a.hue <= 0.5, "data.augment.hue", "0 to 0.5", a.hue)
+    need(a.rot90 is False or d.image_size[0] == d.image_size[1], "data.augment.rot90", "false unless image_size is square", a.rot90)
+
+    need(1 <= m.depth <= 8, "model.depth", "1 to 8", m.depth)
+    need(m.base_filters >= 1, "model.base_filters", ">= 1", m.base_filters)
+    need(0 <= m.dropout < 1, "model.dropout", "0 <= dropout < 1", m.dropout)
+    need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
+    need(m.up_filters is None or (len(m.up_filters) == m.depth and all(f > 0 for f in m.up_filters)),
+         "model.up_filters", f"null or {m.depth} positive widths (one per level)", m.up_filters)
+    try:
+        check_input_size(tuple(d.image_size), m.depth, m.padding)
+    except ValueError as e:
+        raise ConfigError(f"config key data.image_size: {e}") from None
+
+    need(o.learning_rate > 0, "optim.learning_rate", "> 0", o.learning_rate)
+    need(0 <= o.momentum < 1, "optim.momentum", "0 <= momentum < 1", o.momentum)
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    need(o.clipnorm is None or o.clipnorm > 0, "optim.clipnorm", "null or > 0", o.clipnorm)
+    need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
+    need(0 <= o.end_learning_rate_factor <= 1, "optim.end_learning_rate_factor", "0 to 1", o.end_learning_rate_factor)
+    need(o.reference_batch_size > 0, "optim.reference_batch_size", "> 0", o.reference_batch_size)
+    need(all(0 < b < 1 for b in o.step_boundaries) and o.step_boundaries == sorted(o.step_boundaries),
+         "optim.step_boundaries", "increasing fractions of training in (0, 1)", o.step_boundaries)
+
+    need(r.intra_op_threads >= 0, "runtime.intra_op_threads", ">= 0 (0 = auto)", r.intra_op_threads)
+    need(r.inter_op_threads >= 0, "runtime.inter_op_threads", ">= 0 (0 = auto)", r.inter_op_threads)
+
+    need(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_skipped_steps"):
+        need(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
+    need(t.image_panels >= 0, "train.image_panels", ">= 0", t.image_panels)
+    need(t.loss not in ("bce",) or m.num_classes == 2, "train.loss", "'bce' only with model.num_classes 2; use 'cce'", t.loss)
+    need(t.weight_sigma > 0, "train.weight_sigma", "> 0", t.weight_sigma)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (see configs/default.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value; repeatable (e.g. --set optim.learning_rate=0.01)")
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,276 @@
+"""Folders of images and masks -> sharded TFRecords plus manifest.json.
+
+Pillow decoding runs in K worker processes (no TensorFlow there); the parent process streams their
+results, in order, into the shard writers, so memory does not grow with the number of images.
+Shards and the manifest are written under temporary names and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, load_mask, load_rgb
+
+LAYOUTS = ("oxford-pet", "folders")
+CLASS_MODES = ("binary", "trimap", "multiclass")
+MAX_CLASSES = 256
+# Oxford-IIIT Pet trimaps: 1 = pet, 2 = background, 3 = border. Our class ids: 0 = background, 1 = pet, 2 = border.
+TRIMAP_TO_CLASS = {1: 1, 2: 0, 3: 2}
+
+
+class ConvertError(RuntimeError):
+    """The whole conversion cannot proceed (bad SRC, no usable sample); one line for the user."""
+
+
+@dataclass(frozen=True)
+class Task:
+    index: int
+    split: str
+    image: str
+    mask: str
+    layout: str
+    classes: str
+    size: tuple[int, int] | None  # (H, W) to resize to, or None to keep
+
+
+def shard_name(split: str, i: int, n: int) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
+
+
+def _find_pairs(src: Path, layout: str) -> tuple[list[tuple[str, Path, Path]], list[dict]]:
+    """Lists (stem, image, mask) pairs and the files skipped while pairing."""
+    if layout not in LAYOUTS:
+        raise ConvertError(f"--layout {layout!r}: allowed {', '.join(LAYOUTS)}")
+    images_dir = src / "images"
+    masks_dir = src / ("annotations/trimaps" if layout == "oxford-pet" else "masks")
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise ConvertError(f"{src} is not a {layout} data set: {d} is missing")
+    masks: dict[str, Path] = {}
+    for p in sorted(masks_dir.iterdir()):
+        # The real Pet set ships macOS "._*" resource forks beside its trimaps: never masks.
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
+            masks.setdefault(p.stem, p)
+    pairs, skipped = [], []
+    seen: set[str] = set()
+    for p in sorted(images_dir.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append({"file": str(p), "reason": f"not an image file ({p.suffix or 'no extension'})"})
+        elif p.stem in seen:
+            skipped.append({"file": str(p), "reason": "another image has the same stem"})
+        elif p.stem not in masks:
+            skipped.append({"file": str(p), "reason": f"no mask named {p.stem}.* in {masks_dir}"})
+        else:
+            seen.add(p.stem)
+            pairs.append((p.stem, p, masks[p.stem]))
+    return pairs, skipped
+
+
+def _class_ids(mask: np.ndarray, layout: str, classes: str) -> np.ndarray:
+    values = np.unique(mask)
+    if layout == "oxford-pet":
+        bad = [int(v) for v in values if int(v) not in TRIMAP_TO_CLASS]
+        if bad:
+            raise BadImage(f"trimap values {bad} are not 1 (pet), 2 (background) or 3 (border)")
+        if classes == "binary":  # the paper: pet vs the rest (background and border)
+            return (mask == 1).astype(np.uint8)
+        lut = np.zeros(256, np.uint8)
+        for k, v in TRIMAP_TO_CLASS.items():
+            lut[k] = v
+        return lut[mask]
+    if classes == "binary":
+        if set(values.tolist()) <= {0, 1}:
+            return mask
+        if set(values.tolist()) <= {0, 255}:
+            return (mask == 255).astype(np.uint8)
+        raise BadImage(f"binary mask values must be 0/1 or 0/255, found {values.tolist()[:8]}")
+    return mask
+
+
+def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    else:
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def process(task: Task) -> tuple[Task, dict | None, str | None]:
+    """Worker: (task, record fields, None) or (task, None, reason). Runs without TensorFlow."""
+    try:
+        image = load_rgb(task.image)
+    except BadImage as e:
+        return task, None, str(e)
+    try:
+        mask = load_mask(task.mask)
+    except BadImage as e:
+        return task, None, f"mask {task.mask}: {e}"
+    if mask.shape != image.shape[:2]:
+        return task, None, f"mask {task.mask} is {mask.shape[1]}x{mask.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"
+    try:
+        mask = _class_ids(mask, task.layout, task.classes)
+    except BadImage as e:
+        return task, None, f"mask {task.mask}: {e}"
+    if task.size is not None:
+        h, w = task.size
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+    counts = np.bincount(mask.ravel(), minlength=MAX_CLASSES)
+    return task, {
+        "image": _encode(image, "JPEG"),
+        "mask": _encode(mask, "PNG"),
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "stem": Path(task.image).stem,
+        "counts": counts,
+    }, None
+
+
+def _example(rec: dict) -> bytes:
+    import tensorflow as tf  # parent process only: workers stay free of TensorFlow
+
+    def b(v: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(v: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+    feat = {
+        "image": b(rec["image"]),
+        "mask": b(rec["mask"]),
+        "height": i(rec["height"]),
+        "width": i(rec["width"]),
+        "stem": b(rec["stem"].encode()),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString()
+
+
+def convert(
+    src: Path,
+    out: Path,
+    layout: str = "oxford-pet",
+    classes: str = "binary",
+    image_size: tuple[int, int] | None = None,
+    shards: int = 8,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    workers: int = 2,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json)."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    src, out = Path(src), Path(out)
+    if classes not in CLASS_MODES:
+        raise ConvertError(f"--classes {classes!r}: allowed {', '.join(CLASS_MODES)}")
+    if classes == "trimap" and layout != "oxford-pet":
+        raise ConvertError("--classes trimap needs --layout oxford-pet")
+    if classes == "multiclass" and layout != "folders":
+        raise ConvertError("--classes multiclass needs --layout folders")
+    if shards < 1:
+        raise ConvertError(f"--shards {shards}: must be >= 1")
+    if not 0 <= val_fraction < 1:
+        raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if workers < 1:
+        raise ConvertError(f"--workers {workers}: must be >= 1")
+    if image_size is not None and min(image_size) < 1:
+        raise ConvertError(f"--image-size {image_size}: must be positive")
+    if not src.is_dir():
+        raise ConvertError(f"SRC {src} is not a folder")
+    pairs, skipped = _find_pairs(src, layout)
+    if not pairs:
+        raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
+    if (out / "manifest.json").exists() and not overwrite:
+        raise ConvertError(f"{out} already holds a converted data set (manifest.json); pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise ConvertError(f"OUT {out} is not writable")
+
+    # Deterministic split: a seeded permutation of the sorted stems.
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = int(round(len(pairs) * val_fraction))
+    if val_fraction > 0 and len(pairs) >= 2:
+        n_val = min(max(n_val, 1), len(pairs) - 1)
+    split_of = {int(k): ("val" if j < n_val else "train") for j, k in enumerate(order)}
+    tasks = [
+        Task(j, split_of[int(k)], str(pairs[k][1]), str(pairs[k][2]), layout, classes, image_size)
+        for j, k in enumerate(order)
+    ]
+    n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
+    tmp = {s: [out / f".{shard_name(s, i, n)}.tmp-{os.getpid()}" for i in range(n)] for s, n in n_shards.items()}
+    writers = {s: [tf.io.TFRecordWriter(str(p)) for p in paths] for s, paths in tmp.items()}
+    written = {"train": 0, "val": 0}
+    counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
+    try:
+        ctx = mp.get_context("spawn")  # never fork a process that has TensorFlow loaded
+        with ctx.Pool(workers) as pool:
+            results = pool.imap(process, tasks, chunksize=4)
+            for task, rec, reason in tqdm(results, total=len(tasks), desc="convert", unit="img",
+                                          disable=not progress if progress is not None else None,
+                                          file=sys.stderr):
+                if rec is None:
+                    skipped.append({"file": task.image, "reason": reason})
+                    continue
+                s = task.split
+                writers[s][written[s] % n_shards[s]].write(_example(rec))
+                written[s] += 1
+                counts[s] += rec["counts"]
+        for ws in writers.values():
+            for w in ws:
+                w.close()
+        if written["train"] + written["val"] == 0:
+            raise ConvertError(f"no sample in {src} could be converted; {len(skipped)} skipped, first: "
+                               f"{skipped[0]['file']}: {skipped[0]['reason']}")
+        if written["train"] == 0:
+            raise ConvertError(f"every training sample in {src} was skipped; lower --val-fraction or fix the files")
+        total = counts["train"] + counts["val"]
+        num_classes = {"binary": 2, "trimap": 3}.get(classes) or int(np.max(np.nonzero(total)[0])) + 1
+        if num_classes < 2:
+            num_classes = 2
+        manifest = {
+            "format": 1,
+            "source": str(src.resolve()),
+            "layout": layout,
+            "classes": classes,
+            "num_classes": num_classes,
+            "class_names": {"binary": ["rest", "pet"] if layout == "oxford-pet" else ["background", "foreground"],
+                            "trimap": ["background", "pet", "border"]}.get(classes,
+                                                                           [str(c) for c in range(num_classes)]),
+            "image_size": list(image_size) if image_size else None,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "train": {"records": written["train"], "shards": [shard_name("train", i, n_shards["train"])
+                                                               for i in range(n_shards["train"])]},
+            "val": {"records": written["val"], "shards": [shard_name("val", i, n_shards["val"])
+                                                           for i in range(n_shards["val"])] if written["val"] else []},
+            "skipped": skipped,
+            "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
+        }
+        for s, paths in tmp.items():
+            for i, p in enumerate(paths):
+                if s == "val" and not written["val"]:
+                    p.unlink()
+                else:
+                    os.replace(p, out / shard_name(s, i, n_shards[s]))
+        mtmp = out / f".manifest.json.tmp-{os.getpid()}"
+        mtmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(mtmp, out / "manifest.json")
+        return manifest
+    finally:
+        for paths in tmp.values():
+            for p in paths:
+                p.unlink(missing_ok=True)

@@ -1,0 +1,211 @@
+"""The tf.data input pipeline: TFRecord shards -> per-worker batches of (image, mask[, weight]).
+
+Sharding: training shards are split by file across input pipelines (workers). With fewer training
+shards than workers we fall back to per-record sharding (each worker reads every file and keeps
+every n-th record) and warn: correct, but each worker then reads all the data.
+Evaluation always shards per record in file order, so every val record is seen exactly once across
+all workers, whatever the number of shards.
+
+Equal steps by construction: the training stream repeats forever and the trainer takes a fixed
+number of batches, so no worker runs out of data before another.
+
+Resume: element i of the (seeded, repeated) record stream is augmented with the stateless seed
+(seed, i), and a run resumed at step s skips the first s * local_batch records before decoding, so
+the data order continues exactly where it stopped in deterministic mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from unet_dist.config import Config
+from unet_dist.data.augment import augment, resize_pair
+from unet_dist.shapes import output_size
+
+log = logging.getLogger(__name__)
+AUTOTUNE = tf.data.AUTOTUNE
+FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "mask": tf.io.FixedLenFeature([], tf.string),
+    "height": tf.io.FixedLenFeature([], tf.int64),
+    "width": tf.io.FixedLenFeature([], tf.int64),
+    "stem": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+class DataError(ValueError):
+    """The data folder or its manifest cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which input pipeline this is: `index` of `count` (Horovod rank/size or InputContext)."""
+
+    index: int = 0
+    count: int = 1
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Reads DATA/manifest.json and checks that every shard it names exists and is non-empty."""
+    data_dir = Path(data_dir)
+    path = data_dir / "manifest.json"
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: convert the data first (python -m unet_dist.convert SRC {data_dir})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e})") from None
+    for key in ("num_classes", "train", "val"):
+        if key not in manifest:
+            raise DataError(f"{path}: missing key {key!r}")
+    for split in ("train", "val"):
+        for name in manifest[split]["shards"]:
+            f = data_dir / name
+            if not f.is_file():
+                raise DataError(f"{path} names shard {f}, which does not exist")
+            if f.stat().st_size == 0 and manifest[split]["records"]:
+                raise DataError(f"shard {f} is empty but {path} says it holds records")
+    if not manifest["train"]["shards"]:
+        raise DataError(f"{path}: no training shards")
+    return manifest
+
+
+def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """One serialized example -> image (H, W, 3) float32 in [0, 1], mask (H, W, 1) uint8."""
+    ex = tf.io.parse_single_example(serialized, FEATURES)
+    image = tf.io.decode_jpeg(ex["image"], channels=3)
+    mask = tf.io.decode_png(ex["mask"], channels=1)
+    return tf.image.convert_image_dtype(image, tf.float32), mask
+
+
+def label_size(cfg: Config) -> tuple[int, int]:
+    """(h, w) of the model output, to which labels are centre-cropped (smaller with valid padding)."""
+    return output_size(tuple(cfg.data.image_size), cfg.model.depth, cfg.model.padding)
+
+
+def _crop_labels(mask: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """(..., H, W, 1) -> (..., h, w, 1) centred, for valid padding; unchanged for same padding."""
+    h, w = label_size(cfg)
+    H, W = cfg.data.image_size
+    if (h, w) == (H, W):
+        return mask
+    top, left = (H - h) // 2, (W - w) // 2
+    return mask[..., top : top + h, left : left + w, :]
+
+
+def border_weight_map(mask: np.ndarray, class_weights: np.ndarray, w0: float, sigma: float) -> np.ndarray:
+    """The 2015 U-Net pixel weights: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on background.
+
+    mask: (H, W, 1) uint8 class ids (0 = background); class_weights: (num_classes,) balancing w_c;
+    d1, d2: distances to the nearest and second nearest foreground object (connected component).
+    Returns (H, W, 1) float32.
+    """
+    from scipy import ndimage
+
+    m = mask[..., 0]
+    weights = class_weights[np.minimum(m, len(class_weights) - 1)].astype(np.float32)
+    labels, n = ndimage.label(m > 0)
+    if n >= 2:
+        dists = np.stack([ndimage.distance_transform_edt(labels != k) for k in range(1, n + 1)])
+        dists.sort(axis=0)
+        border = w0 * np.exp(-((dists[0] + dists[1]) ** 2) / (2 * sigma**2))
+        weights = weights + (border * (m == 0)).astype(np.float32)
+    return weights[..., None]
+
+
+def class_balance_weights(manifest: dict) -> np.ndarray:
+    """w_c: inverse class frequency from the manifest, normalised so the mean pixel weight is 1."""
+    frac = np.asarray(manifest.get("class_pixel_fraction") or [], np.float64)
+    k = manifest["num_classes"]
+    if frac.size != k or np.any(frac <= 0):
+        return np.ones(k, np.float32)
+    return (1.0 / (k * frac)).astype(np.float32)
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+    opts = tf.data.Options()
+    opts.deterministic = deterministic
+    # Horovod/multi-worker: we shard explicitly, so tf.distribute must not shard again.
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return opts
+
+
+def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Shard = Shard(),
+                  start_step: int = 0, manifest: dict | None = None) -> tf.data.Dataset:
+    """Infinite training batches for one worker.
+
+    Yields dicts: image (B, H, W, 3) float32 in [0, 1] with (H, W) = data.image_size; mask
+    (B, h, w, 1) uint8 with (h, w) the model's output size; and weight (B, h, w, 1) float32 when
+    train.loss is weighted_ce. B = local_batch (drop_remainder, so every step is full).
+    """
+    data_dir = Path(data_dir)
+    manifest = manifest or load_manifest(data_dir)
+    det = cfg.runtime.deterministic
+    seed = cfg.runtime.seed
+    files = [str(data_dir / f) for f in manifest["train"]["shards"]]
+    per_record = len(files) < shard.count
+    if per_record:
+        log.warning("only %d training shards for %d workers: sharding per record (every worker reads every "
+                    "shard); convert with --shards >= %d for file sharding", len(files), shard.count, shard.count)
+    else:
+        files = files[shard.index :: shard.count]
+    ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cfg.data.cycle_length, len(files)),
+                       num_parallel_calls=AUTOTUNE, deterministic=det or per_record)
+    if per_record:
+        ds = ds.shard(shard.count, shard.index)
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + 1).repeat()
+    ds = ds.enumerate()
+    if start_step:
+        ds = ds.skip(start_step * local_batch)  # raw records only: cheap, no decoding
+    size = tuple(cfg.data.image_size)
+    weighted = cfg.train.loss == "weighted_ce"
+    class_w = class_balance_weights(manifest)
+
+    def prepare(index, serialized):
+        image, mask = parse_record(serialized)
+        image, mask = augment(image, mask, size, cfg.data.augment,
+                              tf.stack([tf.constant(seed, tf.int64), index + shard.index * (1 << 40)]))
+        out = {"image": image, "mask": _crop_labels(mask, cfg)}
+        if weighted:
+            w = tf.numpy_function(
+                lambda m: border_weight_map(m, class_w, cfg.train.weight_w0, cfg.train.weight_sigma),
+                [mask], tf.float32, stateful=False)
+            out["weight"] = _crop_labels(tf.ensure_shape(w, [*size, 1]), cfg)
+        return out
+
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=det)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    return ds.with_options(_options(det))
+
+
+def eval_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Shard = Shard(),
+                 manifest: dict | None = None, split: str = "val") -> tf.data.Dataset:
+    """One pass over `split` for one worker: every record exactly once across all workers.
+
+    Yields dicts: image (B, H, W, 3) float32, mask (B, h, w, 1) uint8, resized to data.image_size
+    (no augmentation); the last batch may be smaller.
+    """
+    data_dir = Path(data_dir)
+    manifest = manifest or load_manifest(data_dir)
+    files = [str(data_dir / f) for f in manifest[split]["shards"]]
+    if not files:
+        raise DataError(f"{data_dir}/manifest.json: no {split} shards (convert with --val-fraction > 0)")
+    size = tuple(cfg.data.image_size)
+
+    def prepare(serialized):
+        image, mask = parse_record(serialized)
+        image, mask = resize_pair(image, mask, size)
+        return {"image": image, "mask": _crop_labels(mask, cfg)}
+
+    ds = tf.data.TFRecordDataset(files).shard(shard.count, shard.index)
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(local_batch).prefetch(AUTOTUNE).with_options(_options(True))

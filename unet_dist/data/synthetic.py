@@ -1,0 +1,88 @@
+"""A synthetic data set in the Oxford-IIIT Pet layout, for the demo and the tests.
+
+Each image holds one "pet": a rotated ellipse filled with a striped texture, on a background of
+smooth noise, plus (often) a distractor rectangle with the same striped texture. Colours of pet,
+background and distractor come from the same distribution, so a model must use texture and shape,
+not colour. Trimaps follow the real set: 1 = pet, 2 = background, 3 = a border band at the edge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BORDER_PX = 2.0
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """(h, w) noise in [0, 1], bilinearly upsampled from a (cells x cells) grid."""
+    grid = rng.random((cells, cells)).astype(np.float32)
+    img = Image.fromarray((grid * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    return np.asarray(img, np.float32) / 255.0
+
+
+def _stripes(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """(h, w) striped texture in [0, 1] with a random period and orientation."""
+    angle = rng.uniform(0, np.pi)
+    period = rng.uniform(5, 10)
+    phase = (np.cos(angle) * xx + np.sin(angle) * yy) * (2 * np.pi / period)
+    return 0.5 + 0.5 * np.sign(np.sin(phase + rng.uniform(0, 2 * np.pi)))
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.15, 0.85, size=3).astype(np.float32)
+
+
+def make_sample(rng: np.random.Generator, min_size: int = 160, max_size: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (image uint8 (H, W, 3), trimap uint8 (H, W) with values 1, 2, 3)."""
+    h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+
+    # Background: two colours blended by smooth noise, plus fine grain.
+    c1, c2 = _colour(rng), _colour(rng)
+    t = _smooth_noise(rng, h, w, cells=int(rng.integers(3, 7)))[..., None]
+    img = c1 * t + c2 * (1 - t)
+
+    # Distractor: an axis-aligned rectangle with the pet's kind of texture but the wrong shape.
+    if rng.random() < 0.6:
+        rh, rw = int(rng.integers(h // 8, h // 4)), int(rng.integers(w // 8, w // 4))
+        y0, x0 = int(rng.integers(0, h - rh)), int(rng.integers(0, w - rw))
+        tex = _stripes(rng, yy, xx)[..., None]
+        patch = tex * _colour(rng) + (1 - tex) * _colour(rng)
+        img[y0 : y0 + rh, x0 : x0 + rw] = patch[y0 : y0 + rh, x0 : x0 + rw]
+
+    # Pet: a rotated ellipse, striped, drawn last so it may cover the distractor.
+    a = rng.uniform(0.18, 0.35) * w
+    b = rng.uniform(0.18, 0.35) * h
+    cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
+    theta = rng.uniform(0, np.pi)
+    dx, dy = xx - cx, yy - cy
+    u = (np.cos(theta) * dx + np.sin(theta) * dy) / a
+    v = (-np.sin(theta) * dx + np.cos(theta) * dy) / b
+    r = np.sqrt(u * u + v * v)
+    inside = r <= 1.0
+    tex = _stripes(rng, yy, xx)[..., None]
+    pet = tex * _colour(rng) + (1 - tex) * _colour(rng)
+    img = np.where(inside[..., None], pet, img)
+
+    img = img + rng.normal(0, 0.03, size=img.shape).astype(np.float32)
+    image = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    border = np.abs(r - 1.0) * min(a, b) < BORDER_PX
+    trimap = np.where(inside, 1, 2).astype(np.uint8)
+    trimap[border] = 3
+    return image, trimap
+
+
+def write_dataset(out: Path, n: int, seed: int = 0) -> None:
+    """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout)."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "annotations" / "trimaps").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image, trimap = make_sample(rng)
+        stem = f"synth_{i:05d}"
+        Image.fromarray(image).save(out / "images" / f"{stem}.jpg", quality=92)
+        Image.fromarray(trimap).save(out / "annotations" / "trimaps" / f"{stem}.png")

@@ -1,0 +1,112 @@
+"""The U-Net (Ronneberger et al. 2015) and the paper's smaller Keras variant; no distribution here."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from unet_dist.config import ModelConfig
+from unet_dist.shapes import check_input_size, output_size
+
+
+def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> keras.Model:
+    """Builds a U-Net.
+
+    Args:
+      cfg: depth (number of 2x poolings), base_filters (doubled at each level down), padding
+        ('same', or 'valid' for the unpadded 2015 network), batch_norm, dropout (before the
+        bottleneck), upsample ('transpose' or 'bilinear' + 2x2 conv), up_filters (widths of the
+        up-convolutions, deepest first; default the width of the level they lead to), num_classes.
+      input_size: (H, W) the model is built for; None builds a fully convolutional model that takes
+        any size satisfying the constraint below (used for prediction and export).
+
+    Input: (B, H, W, 3) float in [0, 1]. Output: (B, H', W', 1) sigmoid probabilities when
+    num_classes == 2, else (B, H', W', num_classes) softmax probabilities, always float32 whatever
+    the precision policy (so losses and metrics are computed in float32).
+    Constraints: with padding='same', H and W divisible by 2^depth and (H', W') == (H, W). With
+    'valid', every size reaching a pooling must be even; H' = H - 184 at depth 4 (572 -> 388), see
+    `unet_dist.shapes.output_size`; skip connections are centre-cropped to match.
+
+    Example: build_unet(ModelConfig(depth=4, base_filters=64, padding="valid"), (572, 572)).
+
+    Raises:
+      ValueError: bad arguments, before any layer is built.
+    """
+    if cfg.depth < 1:
+        raise ValueError(f"depth must be >= 1, got {cfg.depth}")
+    if cfg.base_filters < 1:
+        raise ValueError(f"base_filters must be >= 1, got {cfg.base_filters}")
+    if cfg.padding not in ("same", "valid"):
+        raise ValueError(f"padding must be 'same' or 'valid', got {cfg.padding!r}")
+    if cfg.upsample not in ("transpose", "bilinear"):
+        raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {cfg.upsample!r}")
+    if cfg.num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (2 = binary), got {cfg.num_classes}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    widths = [cfg.base_filters * 2**level for level in range(cfg.depth + 1)]
+    up_filters = cfg.up_filters or widths[-2::-1]
+    if len(up_filters) != cfg.depth:
+        raise ValueError(f"up_filters needs {cfg.depth} widths (one per level), got {len(up_filters)}")
+    if input_size is not None:
+        check_input_size(tuple(input_size), cfg.depth, cfg.padding)
+
+    shape = (None, None, 3) if input_size is None else (*input_size, 3)
+    inputs = keras.Input(shape=shape, name="image")
+    x = inputs
+    skips = []
+    for level in range(cfg.depth):
+        x = _conv_block(x, widths[level], cfg, f"down{level}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"down{level}_pool")(x)
+    if cfg.dropout:
+        x = layers.Dropout(cfg.dropout, name="bottleneck_dropout")(x)
+    x = _conv_block(x, widths[cfg.depth], cfg, "bottleneck")
+    for i, level in enumerate(reversed(range(cfg.depth))):
+        name = f"up{level}"
+        if cfg.upsample == "transpose":
+            x = layers.Conv2DTranspose(up_filters[i], 2, strides=2, name=f"{name}_upconv")(x)
+        else:
+            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_upsample")(x)
+            x = layers.Conv2D(up_filters[i], 2, padding="same", name=f"{name}_upconv")(x)
+        skip = skips[level]
+        if cfg.padding == "valid":
+            skip = CenterCrop2D(name=f"{name}_crop")([skip, x])
+        x = layers.Concatenate(name=f"{name}_concat")([skip, x])
+        x = _conv_block(x, widths[level], cfg, name)
+    units = 1 if cfg.num_classes == 2 else cfg.num_classes
+    # The head computes in float32 under any mixed-precision policy: the loss needs stable logs.
+    logits = layers.Conv2D(units, 1, dtype="float32", name="logits")(x)
+    act = "sigmoid" if units == 1 else "softmax"
+    outputs = layers.Activation(act, dtype="float32", name="probs")(logits)
+    model = keras.Model(inputs, outputs, name="unet")
+    if input_size is not None:
+        expect = output_size(tuple(input_size), cfg.depth, cfg.padding)
+        assert tuple(model.output_shape[1:3]) == expect, (model.output_shape, expect)
+    return model
+
+
+def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
+    for j in range(2):
+        x = layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
+                          kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
+        if cfg.batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn{j}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{j}")(x)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="unet_dist")
+class CenterCrop2D(layers.Layer):
+    """Crops the first input (B, H, W, C) to the spatial size of the second (B, h, w, C'), centred."""
+
+    def call(self, inputs):
+        big, ref = inputs
+        shape, target = keras.ops.shape(big), keras.ops.shape(ref)
+        dh = (shape[1] - target[1]) // 2
+        dw = (shape[2] - target[2]) // 2
+        return big[:, dh : dh + target[1], dw : dw + target[2], :]
+
+    def compute_output_shape(self, input_shapes):
+        big, ref = input_shapes
+        return (big[0], ref[1], ref[2], big[3])
