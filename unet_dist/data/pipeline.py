@@ -10,7 +10,7 @@ Equal steps by construction: the training stream repeats forever and the trainer
 number of batches, so no worker runs out of data before another.
 
 Resume: element i of the (seeded, repeated) record stream is augmented with the stateless seed
-(seed, i), and a run resumed at step s skips the first s * local_batch records before decoding, so
+(seed, i), and a run resumed at step s skips the records of the first s steps before decoding, so
 the data order continues exactly where it stopped in deterministic mode.
 """
 
@@ -138,9 +138,21 @@ def _options(deterministic: bool) -> tf.data.Options:
     return opts
 
 
-def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Shard = Shard(),
-                  start_step: int = 0, manifest: dict | None = None) -> tf.data.Dataset:
-    """Infinite training batches for one worker.
+def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_batch: int,
+                  shard: Shard = Shard(), start_step: int = 0, manifest: dict | None = None) -> tf.data.Dataset:
+    """Infinite training batches for one input pipeline.
+
+    Args:
+      local_batch: the batch this dataset yields (per replica).
+      global_batch: samples per training step over all pipelines; with `shard.count` pipelines each
+        pipeline supplies global_batch / shard.count samples a step (one or more local batches).
+      shard: this pipeline's index and the number of pipelines.
+      start_step: the step to resume at; the stream continues where that step left it.
+
+    In deterministic mode every pipeline reads the one seeded record stream and keeps its slice of
+    each global batch (filtered before decoding), so step s sees the same samples, augmented the
+    same way, on 1 or N workers: runs are reproducible and resumable across world sizes. Otherwise
+    shards are split by file and each pipeline shuffles its own stream (no rank reads all data).
 
     Yields dicts: image (B, H, W, 3) float32 in [0, 1] with (H, W) = data.image_size; mask
     (B, h, w, 1) uint8 with (h, w) the model's output size; and weight (B, h, w, 1) float32 when
@@ -150,12 +162,15 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Sh
     manifest = manifest or load_manifest(data_dir)
     det = cfg.runtime.deterministic
     seed = cfg.runtime.seed
+    if global_batch % shard.count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {shard.count} input pipelines")
+    per_pipeline = global_batch // shard.count
     files = [str(data_dir / f) for f in manifest["train"]["shards"]]
-    per_record = len(files) < shard.count
+    per_record = not det and len(files) < shard.count
     if per_record:
         log.warning("only %d training shards for %d workers: sharding per record (every worker reads every "
                     "shard); convert with --shards >= %d for file sharding", len(files), shard.count, shard.count)
-    else:
+    elif not det:
         files = files[shard.index :: shard.count]
     ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cfg.data.cycle_length, len(files)),
@@ -163,17 +178,22 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Sh
     if per_record:
         ds = ds.shard(shard.count, shard.index)
     ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + 1).repeat()
-    ds = ds.enumerate()
-    if start_step:
-        ds = ds.skip(start_step * local_batch)  # raw records only: cheap, no decoding
+    ds = ds.enumerate()  # (global index in this stream, record)
+    if det:
+        ds = ds.skip(start_step * global_batch)  # raw records only: cheap, no decoding
+        ds = ds.filter(lambda j, _: (j % global_batch) // per_pipeline == shard.index)
+    elif start_step:
+        ds = ds.skip(start_step * per_pipeline)
     size = tuple(cfg.data.image_size)
     weighted = cfg.train.loss == "weighted_ce"
     class_w = class_balance_weights(manifest)
+    # Independent streams (non-deterministic mode) must not share augmentation seeds.
+    stream = 0 if det else shard.index
 
     def prepare(index, serialized):
         image, mask = parse_record(serialized)
         image, mask = augment(image, mask, size, cfg.data.augment,
-                              tf.stack([tf.constant(seed, tf.int64), index + shard.index * (1 << 40)]))
+                              tf.stack([tf.constant(seed + (stream << 20), tf.int64), index]))
         out = {"image": image, "mask": _crop_labels(mask, cfg)}
         if weighted:
             w = tf.numpy_function(

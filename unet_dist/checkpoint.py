@@ -1,0 +1,88 @@
+"""Checkpoints: the last K and the best by validation IoU, with tf.train.CheckpointManager.
+
+A checkpoint holds model weights, optimizer state (including the step count that drives the LR
+schedule and, under mixed_float16, the loss scale) and our own step, and nothing that depends on
+the number of workers, so a run saved on N workers resumes on M.
+The runtime decides who writes: the chief (single, mirrored, Horovod), or every worker with
+non-chief workers writing to a temporary folder (MultiWorkerMirroredStrategy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from unet_dist.config import Config, ConfigError
+from unet_dist.distribute import Runtime
+
+# Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
+MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes")
+
+
+class Checkpoints:
+    def __init__(self, runtime: Runtime, workdir: Path, model: keras.Model, optimizer, cfg: Config):
+        self.runtime = runtime
+        self.dir = Path(workdir) / "checkpoints"
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.best_iou = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_iou")
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, best_iou=self.best_iou)
+        self.cfg = cfg
+        self._latest = self._best = None
+        if runtime.saves():
+            self._latest = tf.train.CheckpointManager(self.ckpt, str(runtime.save_dir(self.dir)),
+                                                      max_to_keep=cfg.train.keep_checkpoints)
+            self._best = tf.train.CheckpointManager(self.ckpt, str(runtime.save_dir(self.dir / "best")),
+                                                    max_to_keep=1, checkpoint_name="best")
+
+    def _model_signature(self) -> dict:
+        return {k: getattr(self.cfg.model, k) for k in MODEL_KEYS}
+
+    def check_compatible(self) -> None:
+        """Refuses to resume from checkpoints of a different model (one line, before any work)."""
+        path = self.dir / "model.json"
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+        diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
+                for k, v in self._model_signature().items() if saved.get(k) != v]
+        if diff:
+            raise ConfigError(f"checkpoints in {self.dir} are of another model ({'; '.join(diff)}); "
+                              f"use another --workdir or --no-resume")
+
+    def latest_path(self) -> str | None:
+        return tf.train.latest_checkpoint(str(self.dir))
+
+    def restore_latest(self) -> int:
+        """Restores the newest checkpoint in WORKDIR/checkpoints on every process; returns its step."""
+        self.check_compatible()
+        path = self.latest_path()
+        if path is None:
+            return 0
+        self.ckpt.restore(path).expect_partial()
+        return int(self.step.numpy())
+
+    def restore(self, path: str) -> None:
+        self.ckpt.restore(path).expect_partial()
+
+    def save(self, step: int) -> None:
+        self.step.assign(step)
+        if self._latest is None:
+            return
+        self._latest.save(checkpoint_number=step)
+        self.runtime.cleanup_save_dir(self.dir)
+        if self.runtime.is_chief:
+            (self.dir / "model.json").write_text(json.dumps(self._model_signature()))
+
+    def save_best(self, step: int, iou: float) -> bool:
+        """Saves when `iou` beats the best so far; returns whether it did."""
+        if iou <= float(self.best_iou.numpy()):
+            return False
+        self.best_iou.assign(iou)
+        self.step.assign(step)
+        if self._best is not None:
+            self._best.save(checkpoint_number=step)
+            self.runtime.cleanup_save_dir(self.dir / "best")
+        return True

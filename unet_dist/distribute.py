@@ -1,0 +1,334 @@
+"""The one place that branches on the backend: single device, MirroredStrategy,
+MultiWorkerMirroredStrategy or Horovod. The only module that imports horovod.
+
+Everything else asks a `Runtime`: who am I (rank, world_size, num_replicas, is_chief), give me my
+input (`distribute`), run a step (`run`), reduce gradients or numbers across processes, broadcast
+the initial state, print on the chief, and where to save.
+
+Backend contract for the step (see trainer.py): the per-replica step returns its loss already
+divided by the *global* batch size; gradients are *summed* across replicas (tf.distribute does that
+inside optimizer.apply; Horovod does it in `reduce_gradients`), so 1 or N replicas give one result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from unet_dist.config import Config, ConfigError
+from unet_dist.data.pipeline import Shard
+
+STRATEGIES = ("auto", "single", "mirrored", "multiworker", "horovod")
+# Variables set by the launchers Horovod supports: horovodrun (Gloo), Open MPI's mpirun, MPICH/PMI.
+_HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def choose_backend(cfg: Config, num_gpus: int | None = None) -> tuple[str, str]:
+    """(backend, why) for runtime.strategy; 'auto' looks at the launcher's environment."""
+    want = cfg.runtime.strategy
+    if want not in STRATEGIES:
+        raise ConfigError(f"config key runtime.strategy: got {want!r}; allowed: {', '.join(STRATEGIES)}")
+    if want != "auto":
+        return want, "asked for by runtime.strategy"
+    if "TF_CONFIG" in os.environ:
+        return "multiworker", "TF_CONFIG is set"
+    if cfg.runtime.cluster == "slurm":
+        return "multiworker", "runtime.cluster is slurm"
+    launched = [v for v in _HOROVOD_ENV if v in os.environ]
+    if not launched and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        launched = ["SLURM_PROCID"]
+    if launched:
+        if _horovod_available():
+            return "horovod", f"started by a parallel launcher ({launched[0]} is set) and Horovod is installed"
+        print(f"unet_dist: {launched[0]} is set but Horovod is not installed; not using Horovod", file=sys.stderr)
+    if num_gpus is None:
+        num_gpus = len(tf.config.list_physical_devices("GPU"))
+    if num_gpus > 1:
+        return "mirrored", f"{num_gpus} GPUs visible"
+    return "single", "one process and at most one GPU"
+
+
+def _horovod_available() -> bool:
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _local_size_from_env() -> int:
+    for var in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "UNET_DIST_LOCAL_SIZE"):
+        if var in os.environ:
+            return max(1, int(os.environ[var]))
+    if "SLURM_NTASKS_PER_NODE" in os.environ:
+        return max(1, int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0]))
+    if "SLURM_TASKS_PER_NODE" in os.environ:  # e.g. "2(x3)" or "2,1"
+        return max(1, int(os.environ["SLURM_TASKS_PER_NODE"].split("(")[0].split(",")[0]))
+    if "TF_CONFIG" in os.environ:
+        # Workers of one cluster on the same host share its cores.
+        cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+        hosts = [a.rsplit(":", 1)[0] for addrs in cluster.values() for a in addrs]
+        return max(1, hosts.count(hosts[0])) if len(set(hosts)) == 1 else 1
+    return 1
+
+
+def configure_threads(cfg: Config, local_size: int) -> tuple[int, int]:
+    """Gives this process its share of the node's cores, so N ranks on a node do not oversubscribe it.
+
+    Must run before TensorFlow starts its thread pools (before the first op).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    intra = cfg.runtime.intra_op_threads or max(1, cores // local_size)
+    inter = cfg.runtime.inter_op_threads or max(1, min(2, intra))
+    with contextlib.suppress(RuntimeError):  # already initialised (tests in one process): keep
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    return intra, inter
+
+
+def _gpu_memory_growth(gpus) -> None:
+    # Allocate GPU memory as needed instead of all of it, so data loading and other ranks fit.
+    for gpu in gpus:
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
+
+
+class Runtime:
+    """The single-device runtime; the others override what differs."""
+
+    name = "single"
+
+    def __init__(self, cfg: Config, reason: str):
+        self.cfg = cfg
+        self.reason = reason
+        self.rank, self.world_size = 0, 1
+        self.local_rank, self.local_size = 0, 1
+        self.strategy: tf.distribute.Strategy | None = None
+        self.threads = (0, 0)
+
+    # -- identity
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync if self.strategy else self.world_size
+
+    @property
+    def process_shard(self) -> Shard:
+        """This process's share of a data set that is read once per process (evaluation)."""
+        return Shard(self.rank, self.world_size)
+
+    def print(self, *args, **kwargs) -> None:
+        """Prints on the chief only; other ranks print only errors (to stderr, themselves)."""
+        if self.is_chief:
+            print(*args, **kwargs, flush=True)
+
+    # -- batch arithmetic
+    def batch_sizes(self) -> tuple[int, int]:
+        """(global, per-replica) batch sizes from data.global_batch_size or data.per_replica_batch_size."""
+        d, n = self.cfg.data, self.num_replicas
+        if d.per_replica_batch_size is not None:
+            return d.per_replica_batch_size * n, d.per_replica_batch_size
+        if d.global_batch_size % n:
+            raise ConfigError(f"config key data.global_batch_size: {d.global_batch_size} is not divisible by the "
+                              f"{n} replicas; use a multiple of {n} or set data.per_replica_batch_size")
+        return d.global_batch_size, d.global_batch_size // n
+
+    # -- execution
+    def scope(self):
+        return self.strategy.scope() if self.strategy else contextlib.nullcontext()
+
+    def distribute(self, dataset_fn: Callable[[Shard, int], tf.data.Dataset]):
+        """dataset_fn(shard, per_pipeline_batch) -> Dataset; returns what `run` takes as its batch."""
+        global_batch, _ = self.batch_sizes()
+        return dataset_fn(Shard(0, 1), global_batch)
+
+    def run(self, step_fn: Callable, batch) -> dict:
+        """Calls step_fn(batch) on every replica; returns its outputs summed over replicas."""
+        return step_fn(batch)
+
+    def reduce_gradients(self, grads: list) -> list:
+        return grads
+
+    def allreduce_sum(self, value: np.ndarray) -> np.ndarray:
+        """Sums a host array over processes (every process must call it)."""
+        return np.asarray(value)
+
+    def broadcast_state(self, variables: list) -> None:
+        """Makes every process start from rank 0's values (Horovod only; tf.distribute syncs itself)."""
+
+    def barrier(self) -> None:
+        pass
+
+    # -- saving
+    def saves(self) -> bool:
+        """Whether this process takes part in checkpoint saves."""
+        return self.is_chief
+
+    def save_dir(self, directory: Path) -> Path:
+        """Where this process writes a checkpoint meant for `directory`."""
+        return directory
+
+    def cleanup_save_dir(self, directory: Path) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "why": self.reason, "world_size": self.world_size,
+                "num_replicas": self.num_replicas, "threads": list(self.threads)}
+
+
+class MirroredRuntime(Runtime):
+    """tf.distribute: MirroredStrategy (one process, all local devices) and the multi-worker base."""
+
+    name = "mirrored"
+
+    def __init__(self, cfg: Config, reason: str, strategy: tf.distribute.Strategy | None = None):
+        super().__init__(cfg, reason)
+        self.strategy = strategy or tf.distribute.MirroredStrategy()
+
+    def distribute(self, dataset_fn):
+        _, per_replica = self.batch_sizes()
+
+        def fn(ctx: tf.distribute.InputContext):
+            return dataset_fn(Shard(ctx.input_pipeline_id, ctx.num_input_pipelines), per_replica)
+
+        return self.strategy.distribute_datasets_from_function(fn)
+
+    def run(self, step_fn, batch):
+        out = self.strategy.run(step_fn, args=(batch,))
+        return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+
+
+class MultiWorkerRuntime(MirroredRuntime):
+    """MultiWorkerMirroredStrategy; the cluster from TF_CONFIG or SLURM's environment."""
+
+    name = "multiworker"
+
+    def __init__(self, cfg: Config, reason: str):
+        resolver = None
+        if "TF_CONFIG" not in os.environ and cfg.runtime.cluster == "slurm":
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+                port_base=int(os.environ.get("UNET_DIST_PORT_BASE", "8888")))
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        super().__init__(cfg, reason, strategy)
+        resolver = strategy.cluster_resolver
+        self.rank = int(resolver.task_id or 0)
+        self.world_size = max(1, len(resolver.cluster_spec().as_dict().get("worker", [])) or 1)
+        self._chief = (resolver.task_type in ("chief", None)) or (resolver.task_type == "worker" and self.rank == 0)
+
+    @property
+    def is_chief(self) -> bool:
+        return self._chief
+
+    def allreduce_sum(self, value):
+        value = np.asarray(value)
+        local = len(self.strategy.extended.worker_devices)
+
+        # Each worker contributes its value once, however many local replicas it has.
+        def fn(ctx):
+            keep = ctx.replica_id_in_sync_group % local == 0
+            return tf.constant(value if keep else np.zeros_like(value))
+
+        per_replica = self.strategy.experimental_distribute_values_from_function(fn)
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+    def barrier(self):
+        self.allreduce_sum(np.zeros(1, np.float32))
+
+    # MultiWorkerMirroredStrategy: every worker must take part in a save (the variables' values
+    # are gathered collectively); non-chief workers write to a temporary folder and delete it.
+    def saves(self) -> bool:
+        return True
+
+    def save_dir(self, directory: Path) -> Path:
+        if self.is_chief:
+            return directory
+        return Path(tempfile.gettempdir()) / f"unet_dist_worker{self.rank}_{os.getpid()}" / directory.name
+
+    def cleanup_save_dir(self, directory: Path) -> None:
+        if not self.is_chief:
+            shutil.rmtree(self.save_dir(directory).parent, ignore_errors=True)
+
+
+class HorovodRuntime(Runtime):
+    """Horovod: one process per device, gradients summed with grouped allreduce."""
+
+    name = "horovod"
+
+    def __init__(self, cfg: Config, reason: str):
+        super().__init__(cfg, reason)
+        import horovod.tensorflow as hvd
+
+        self.hvd = hvd
+        hvd.init()
+        self.rank, self.world_size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            # Horovod: pin one GPU per local rank.
+            tf.config.set_visible_devices(gpus[self.local_rank % len(gpus)], "GPU")
+            _gpu_memory_growth([gpus[self.local_rank % len(gpus)]])
+        self.compression = hvd.Compression.fp16 if cfg.runtime.fp16_allreduce else hvd.Compression.none
+
+    def distribute(self, dataset_fn):
+        _, per_replica = self.batch_sizes()
+        return dataset_fn(Shard(self.rank, self.world_size), per_replica)
+
+    def run(self, step_fn, batch):
+        out = step_fn(batch)
+        # Horovod: sum the reported numbers so every rank logs the global loss.
+        return {k: self.hvd.allreduce(v, op=self.hvd.Sum, name=f"report_{k}") for k, v in out.items()}
+
+    def reduce_gradients(self, grads):
+        # Horovod: each rank's loss is already divided by the global batch, so the sum is the mean
+        # gradient. Keras 3 variables break DistributedGradientTape (stack-facts.md): reduce directly.
+        return self.hvd.grouped_allreduce(grads, op=self.hvd.Sum, compression=self.compression)
+
+    def allreduce_sum(self, value):
+        value = np.asarray(value)
+        out = self.hvd.allreduce(tf.constant(value.astype(np.float64)), op=self.hvd.Sum, name="host_sum")
+        return out.numpy().astype(value.dtype)
+
+    def broadcast_state(self, variables):
+        # Horovod: start every rank from rank 0's weights and optimizer state (also after a restore).
+        # Broadcast the backing tf.Variables: Keras 3 variables are not assignable by Horovod.
+        backing = [getattr(v, "value", v) for v in variables]
+        self.hvd.broadcast_variables(backing, root_rank=0)
+
+    def barrier(self):
+        self.hvd.allreduce(tf.zeros([1]), name="barrier")
+
+
+def make_runtime(cfg: Config) -> Runtime:
+    """Creates the runtime: call first, before any other TensorFlow work (threads, devices)."""
+    backend, why = choose_backend(cfg)
+    local_size = _local_size_from_env() if backend in ("horovod", "multiworker") else 1
+    threads = configure_threads(cfg, local_size)
+    if backend != "horovod":
+        _gpu_memory_growth(tf.config.list_physical_devices("GPU"))
+    if backend == "single":
+        rt = Runtime(cfg, why)
+    elif backend == "mirrored":
+        rt = MirroredRuntime(cfg, why)
+    elif backend == "multiworker":
+        rt = MultiWorkerRuntime(cfg, why)
+    elif backend == "horovod":
+        if not _horovod_available():
+            raise ConfigError("config key runtime.strategy: horovod is not installed (run make setup)")
+        rt = HorovodRuntime(cfg, why)
+    else:  # choose_backend validated the name
+        raise AssertionError(backend)
+    rt.threads = threads
+    rt.local_size = max(rt.local_size, local_size)
+    return rt

@@ -1,0 +1,156 @@
+"""Chief-only outputs: progress bar, metrics.jsonl, TensorBoard scalars and image panels, plots.
+
+Off the chief every method is a no-op, so the trainer never asks who it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash mid-write
+                continue
+    return rows
+
+
+class Logger:
+    def __init__(self, workdir: Path, enabled: bool, total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self._bar = None
+        self._writer = None
+        self._file = None
+        if not enabled:
+            return
+        # Resuming at step s: drop events logged after s by the run that stopped, so the steps in
+        # metrics.jsonl run on without a gap or a repeat.
+        rows = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= start_step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._file = self.metrics_path.open("a", buffering=1)
+        self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                         mininterval=1.0, disable=None)
+
+    def _write(self, event: dict) -> None:
+        self._file.write(json.dumps(event) + "\n")
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def train(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"event": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                     "images_per_s": images_per_s, "time": time.time()})
+        with self._writer.as_default(step=step):
+            tf.summary.scalar("train/loss", loss)
+            tf.summary.scalar("train/lr", lr)
+            tf.summary.scalar("train/images_per_s", images_per_s)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
+
+    def eval(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        self._write({"event": "eval", "step": step, **m})
+        with self._writer.as_default(step=step):
+            for k, v in m.items():
+                if isinstance(v, float):
+                    tf.summary.scalar(f"val/{k.removeprefix('val_')}", v)
+        self.message(f"step {step}: val_loss {m['val_loss']:.4f}  val_iou {m['val_iou']:.4f}  "
+                     f"val_dice {m['val_dice']:.4f}  val_pixel_acc {m['val_pixel_acc']:.4f}")
+
+    def images(self, step: int, panel: np.ndarray) -> None:
+        """panel: (N, h, 4w, 3) uint8 rows of input | truth | prediction | overlay."""
+        if not self.enabled or panel.size == 0:
+            return
+        with self._writer.as_default(step=step):
+            tf.summary.image("val/input_truth_prediction_overlay", panel, max_outputs=len(panel))
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._writer.flush()
+        self._file.close()
+
+
+def panel_rows(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, H, W, 3) float images, (N, h, w) truth and prediction ids -> (N, h, 4w, 3) uint8 panels.
+
+    Images are centre-cropped to the label size (valid padding). The overlay tints predicted
+    foreground, like the paper's PlotLearning callback.
+    """
+    n, H, W = images.shape[:3]
+    h, w = truth.shape[1:3]
+    top, left = (H - h) // 2, (W - w) // 2
+    img = (np.clip(images[:, top : top + h, left : left + w], 0, 1) * 255).astype(np.uint8)
+    scale = 255 // max(1, num_classes - 1)
+
+    def gray(ids):
+        return np.repeat((ids.astype(np.int32) * scale).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+
+    overlay = img.copy()
+    fg = pred > 0
+    overlay[fg] = (0.5 * overlay[fg] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+    return np.concatenate([img, gray(truth), gray(pred), overlay], axis=2)
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> None:
+    """Loss and validation IoU against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    tr = [r for r in rows if r.get("event") == "train"]
+    ev = [r for r in rows if r.get("event") == "eval"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
+    a.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="val loss")
+    a.set_xlabel("step")
+    a.set_yscale("log")
+    a.legend()
+    b.plot([r["step"] for r in ev], [r["val_iou"] for r in ev], "o-", label="val IoU")
+    b.plot([r["step"] for r in ev], [r["val_dice"] for r in ev], "s-", label="val Dice")
+    b.set_xlabel("step")
+    b.set_ylim(0, 1)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)

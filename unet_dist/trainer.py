@@ -1,0 +1,256 @@
+"""The training loop: one code path for every backend.
+
+The per-replica step averages the per-example loss over the *global* batch; the runtime sums
+gradients and reported numbers over replicas. Model, losses and pipeline know nothing of the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from unet_dist import precision
+from unet_dist.checkpoint import Checkpoints
+from unet_dist.config import Config, ConfigError, dump_config
+from unet_dist.data.pipeline import eval_dataset, load_manifest, train_dataset
+from unet_dist.distribute import Runtime, make_runtime
+from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
+from unet_dist.losses import cross_entropy, get_loss
+from unet_dist.metrics import confusion_matrix, predict_classes, scores
+from unet_dist.model import build_unet
+from unet_dist.schedule import build_optimizer, scaled_learning_rate
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, too many skipped steps); the message names the step."""
+
+
+def seed_everything(cfg: Config) -> None:
+    """Same initial weights in every process; op determinism when asked for."""
+    keras.utils.set_random_seed(cfg.runtime.seed)
+    if cfg.runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def check_data_matches(cfg: Config, manifest: dict, data_dir: Path) -> None:
+    if manifest["num_classes"] != cfg.model.num_classes:
+        raise ConfigError(f"config key model.num_classes is {cfg.model.num_classes} but {data_dir}/manifest.json has "
+                          f"{manifest['num_classes']} classes; --set model.num_classes={manifest['num_classes']}")
+
+
+def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
+    """Creates WORKDIR (chief), checks it is writable, and sets old results aside on --no-resume."""
+    workdir = Path(workdir)
+    if not runtime.is_chief:
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror})") from None
+    if not resume and (workdir / "checkpoints").exists():
+        # --no-resume starts over without destroying the earlier run: move it aside.
+        old = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
+        old.mkdir()
+        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "learning_curves.png"):
+            if (workdir / name).exists():
+                shutil.move(str(workdir / name), str(old / name))
+        print(f"--no-resume: moved the earlier run in {workdir} to {old}", flush=True)
+
+
+def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: int, xla: bool):
+    """A tf.function taking one distributed batch, returning {'loss', 'nonfinite'} summed over replicas."""
+
+    def forward_backward(batch):
+        with tf.GradientTape() as tape:
+            probs = model(batch["image"], training=True)  # (B, h, w, U) float32
+            per_example = loss_fn(batch["mask"], probs, batch.get("weight"))  # (B,)
+            loss = tf.reduce_sum(per_example) / global_batch
+            if model.losses:  # regularisers: counted once over all replicas
+                loss += tf.add_n(model.losses) / runtime.num_replicas
+            # mixed_float16: scale up so small gradients survive float16; apply() unscales.
+            scaled = optimizer.scale_loss(loss)
+        return loss, tape.gradient(scaled, model.trainable_variables)
+
+    if xla:
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(batch):
+        loss, grads = forward_backward(batch)
+        grads = runtime.reduce_gradients(grads)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        optimizer.apply(grads, model.trainable_variables)
+        return {"loss": loss, "nonfinite": 1.0 - tf.cast(finite, tf.float32)}
+
+    @tf.function
+    def step(batch):
+        return runtime.run(replica_step, batch)
+
+    return step
+
+
+def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, panels: int = 0):
+    """Exact metrics over the whole val split, each record seen once across all processes.
+
+    Returns (metrics dict with val_* keys, panel array (N, h, 4w, 3) uint8 from this process).
+    """
+    k = manifest["num_classes"]
+    _, per_replica = runtime.batch_sizes()
+
+    @tf.function
+    def eval_step(batch):
+        probs = model(batch["image"], training=False)
+        pred = predict_classes(probs)
+        loss_sum = tf.reduce_sum(cross_entropy(batch["mask"], probs))
+        return confusion_matrix(batch["mask"], pred, k), loss_sum, tf.shape(probs)[0], pred
+
+    cm = np.zeros((k, k), np.float64)
+    loss_sum, count = 0.0, 0
+    panel = np.zeros((0, 1, 1, 3), np.uint8)
+    for batch in eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest):
+        c, ls, n, pred = eval_step(batch)
+        cm += c.numpy()
+        loss_sum += float(ls)
+        count += int(n)
+        if panels and panel.shape[0] == 0:
+            panel = panel_rows(batch["image"].numpy()[:panels], batch["mask"].numpy()[:panels, ..., 0],
+                               pred.numpy()[:panels], k)
+    total = runtime.allreduce_sum(np.concatenate([cm.ravel(), [loss_sum, count]]))
+    cm, loss_sum, count = total[: k * k].reshape(k, k), total[-2], total[-1]
+    s = scores(cm)
+    metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
+               "val_pixel_acc": s["pixel_acc"], "val_iou_per_class": s["iou_per_class"],
+               "val_records": int(count)}
+    if "fg_iou" in s:
+        metrics["val_fg_iou"] = s["fg_iou"]
+    return metrics, panel
+
+
+def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
+    precision.set_policy(cfg.runtime.precision)
+    with runtime.scope():
+        model = build_unet(cfg.model, tuple(cfg.data.image_size))
+        optimizer = precision.wrap_optimizer(build_optimizer(cfg.optim, peak_lr, cfg.train.steps), cfg.runtime)
+        # Keras 3 under strategy.run: optimizer variables must exist before the first traced step.
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool = True,
+          runtime: Runtime | None = None) -> dict:
+    """Trains to cfg.train.steps (resuming from WORKDIR's latest checkpoint) and returns summary.json."""
+    data_dir, workdir = Path(data_dir), Path(workdir)
+    runtime = runtime or make_runtime(cfg)
+    manifest = load_manifest(data_dir)
+    check_data_matches(cfg, manifest, data_dir)
+    prepare_workdir(workdir, runtime, resume)
+    runtime.barrier()
+    seed_everything(cfg)
+    global_batch, per_replica = runtime.batch_sizes()
+    peak_lr = scaled_learning_rate(cfg.optim, global_batch)
+    model, optimizer = build_model_and_optimizer(cfg, runtime, peak_lr)
+    ckpts = Checkpoints(runtime, workdir, model, optimizer, cfg)
+    start = ckpts.restore_latest() if resume else 0
+    runtime.broadcast_state(model.variables + optimizer.variables)
+    total = cfg.train.steps
+    steps_per_epoch = max(1, manifest["train"]["records"] // global_batch)
+    runtime.print(
+        f"unet_dist: strategy {runtime.name} ({runtime.reason}); world_size {runtime.world_size}, "
+        f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
+        f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
+        f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
+        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, threads {runtime.threads[0]}+{runtime.threads[1]}; "
+        + (f"resuming at step {start}" if start else "starting at step 0") + f" of {total}")
+    if runtime.is_chief:
+        dump_config(cfg, workdir / "config.yaml")
+    if start >= total:
+        runtime.print(f"unet_dist: {workdir} is already trained to step {start} (train.steps {total})")
+
+    loss_fn = get_loss(cfg.train)
+    step_fn = make_train_step(model, optimizer, loss_fn, runtime, global_batch, cfg.runtime.xla)
+    batches = iter(runtime.distribute(
+        lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
+    logger = Logger(workdir, runtime.is_chief, total, start)
+    t_start = time.time()
+    window_t, window_steps, images_trained = time.time(), 0, 0
+    skipped_total = skipped_run = 0
+    last_eval: dict = {}
+    try:
+        for step in range(start + 1, total + 1):
+            out = step_fn(next(batches))
+            loss = float(out["loss"])
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at step {step}; stopped. The last good checkpoint is "
+                                    f"{ckpts.latest_path() or 'none (no checkpoint yet)'}")
+            if float(out["nonfinite"]) > 0:
+                skipped_total += 1
+                skipped_run += 1
+                if not precision.uses_loss_scale(optimizer):
+                    raise TrainingError(f"non-finite gradients at step {step}; stopped. The last good checkpoint "
+                                        f"is {ckpts.latest_path() or 'none'}")
+                if skipped_run > cfg.train.max_skipped_steps:
+                    raise TrainingError(f"{skipped_run} consecutive steps skipped for non-finite gradients at step "
+                                        f"{step} (train.max_skipped_steps {cfg.train.max_skipped_steps}); stopped")
+            else:
+                skipped_run = 0
+            window_steps += 1
+            images_trained += global_batch
+            logger.advance()
+            if step % cfg.train.log_every_steps == 0 or step == total:
+                now = time.time()
+                ips = window_steps * global_batch / max(now - window_t, 1e-9)
+                lr = float(optimizer.learning_rate)
+                logger.train(step, (step - 1) // steps_per_epoch, loss, lr, ips)
+                if skipped_total:
+                    logger.message(f"step {step}: {skipped_total} steps skipped so far (float16 overflow)")
+                window_t, window_steps = now, 0
+            if step % cfg.train.checkpoint_every_steps == 0 or step == total:
+                ckpts.save(step)
+            if step % cfg.train.eval_every_steps == 0 or step == total:
+                last_eval, panel = evaluate(model, cfg, runtime, data_dir, manifest, cfg.train.image_panels)
+                logger.eval(step, last_eval)
+                logger.images(step, panel)
+                ckpts.save_best(step, last_eval["val_iou"])
+                window_t = time.time()  # evaluation time is not training throughput
+    finally:
+        logger.close()
+    wall = time.time() - t_start
+    if not last_eval and start >= total:
+        last_eval, _ = evaluate(model, cfg, runtime, data_dir, manifest)
+    summary = {
+        "steps": total,
+        "start_step": start,
+        "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)),
+        "final_val_iou": last_eval.get("val_iou"),
+        "final_val_dice": last_eval.get("val_dice"),
+        "final_val_loss": last_eval.get("val_loss"),
+        "wall_s": wall,
+        "images_per_s": images_trained / wall if wall > 0 else 0.0,
+        "world_size": runtime.world_size,
+        "num_replicas": runtime.num_replicas,
+        "global_batch_size": global_batch,
+        "per_replica_batch_size": per_replica,
+        "learning_rate": peak_lr,
+        "lr_scaling": cfg.optim.lr_scaling,
+        "warmup_steps": cfg.optim.warmup_steps,
+        "precision": cfg.runtime.precision,
+        "xla": cfg.runtime.xla,
+        "strategy": runtime.name,
+        "skipped_steps": skipped_total,
+    }
+    if runtime.is_chief:
+        import json
+
+        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
+        plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
+    runtime.barrier()
+    return summary
