@@ -1,0 +1,63 @@
+"""Shared fixtures: small synthetic data sets made by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def pet_src(tmp_path_factory) -> Path:
+    from unet_dist.data.synthetic import write_dataset
+
+    src = tmp_path_factory.mktemp("pet_src")
+    write_dataset(src, 48, seed=3)
+    return src
+
+
+@pytest.fixture(scope="session")
+def shards(pet_src, tmp_path_factory) -> Path:
+    """48 synthetic images converted at 64x64 into 4 train shards."""
+    from unet_dist.data.convert import convert
+
+    out = tmp_path_factory.mktemp("shards")
+    convert(pet_src, out, image_size=(64, 64), shards=4, val_fraction=0.25, workers=2, progress=False, overwrite=True)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    """The Keras dtype policy is process-global: every test starts and ends at float32."""
+    yield
+    if "keras" in sys.modules:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False):
+    """Runs `python -m module args...` from the repository root; returns CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run([PY, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tiny_overrides(steps: int = 4) -> list[str]:
+    """A U-Net small enough to train in seconds on the 64x64 fixture data."""
+    return [
+        "data.image_size=[64, 64]", "data.global_batch_size=4", "data.shuffle_buffer=16",
+        "model.depth=2", "model.base_filters=4", f"train.steps={steps}", "train.log_every_steps=1",
+        "train.eval_every_steps=1000", "train.checkpoint_every_steps=1000", "runtime.precision=float32",
+        "optim.warmup_steps=0", "train.image_panels=2",
+    ]

@@ -1,0 +1,82 @@
+import pytest
+
+from unet_dist.config import ConfigError, load_config
+
+
+def test_defaults_and_presets_load():
+    from pathlib import Path
+
+    load_config()
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.no_such_key=1", ["unknown config key data.no_such_key", "global_batch_size"]),
+        ("nosection.x=1", ["unknown config key nosection"]),
+        ("data.global_batch_size=abc", ["data.global_batch_size", "int"]),
+        ("data.global_batch_size=0", ["data.global_batch_size", "> 0"]),
+        ("data.global_batch_size=-4", ["data.global_batch_size"]),
+        ("model.padding=reflect", ["model.padding", "'same'"]),
+        ("data.image_size=[250, 256]", ["data.image_size", "divisible by 2^depth = 16"]),
+        ("runtime.precision=fp8", ["runtime.precision", "mixed_bfloat16"]),
+        ("optim.learning_rate=-1", ["optim.learning_rate"]),
+        ("train.steps=0", ["train.steps"]),
+        ("model.batch_norm=yes please", ["model.batch_norm", "bool"]),
+        ("data.augment.hue=0.9", ["data.augment.hue"]),
+        ("data.per_replica_batch_size=8", ["set exactly one"]),
+        ("model.up_filters=[4, 2]", ["model.up_filters"]),
+    ],
+)
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_valid_padding_sizes_are_checked():
+    cfg = load_config(None, ["model.padding=valid", "data.image_size=[572, 572]"])
+    assert cfg.model.padding == "valid"
+    with pytest.raises(ConfigError, match="nearest allowed"):
+        load_config(None, ["model.padding=valid", "data.image_size=[570, 570]"])
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  global_batch_size: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml line"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  depht: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown config key model.depht"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    # yaml.safe_load only: a Python object tag is refused, never constructed.
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("train: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError):
+        load_config(evil)
+
+
+def test_overrides_apply_in_order_and_batch_alternative():
+    cfg = load_config(None, ["optim.learning_rate=0.5", "optim.learning_rate=0.25", "data.global_batch_size=null",
+                             "data.per_replica_batch_size=8", "data.augment.flip=false"])
+    assert cfg.optim.learning_rate == 0.25
+    assert cfg.data.per_replica_batch_size == 8 and cfg.data.global_batch_size is None
+    assert cfg.data.augment.flip is False
+
+
+def test_entry_point_fails_before_work(tmp_path):
+    from conftest import run_module
+
+    proc = run_module("unet_dist.train", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"),
+                      "--set", "model.depth=99")
+    assert proc.returncode == 2
+    assert "model.depth" in proc.stderr
+    assert not (tmp_path / "w").exists()

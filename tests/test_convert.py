@@ -1,0 +1,209 @@
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import run_module
+from PIL import Image
+
+from unet_dist.data.convert import ConvertError, convert
+from unet_dist.data.imageio import load_mask, load_rgb
+from unet_dist.data.pipeline import FEATURES
+
+
+def _pet_dir(tmp_path, n=3):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "annotations" / "trimaps").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+        tri = np.full((40, 50), 2, np.uint8)
+        tri[10:30, 10:30] = 1
+        tri[10, 10:30] = 3
+        Image.fromarray(img).save(src / "images" / f"ok_{i}.jpg")
+        Image.fromarray(tri).save(src / "annotations" / "trimaps" / f"ok_{i}.png")
+    return src
+
+
+def _add(src, stem, image_bytes=None, image=None, mask=None, suffix=".jpg", mask_shape=(40, 50)):
+    path = src / "images" / f"{stem}{suffix}"
+    if image_bytes is not None:
+        path.write_bytes(image_bytes)
+    elif image is not None:
+        image.save(path)
+    if mask is not False:
+        tri = np.full(mask_shape, 2, np.uint8)
+        tri[5:15, 5:15] = 1
+        Image.fromarray(tri if mask is None else mask).save(src / "annotations" / "trimaps" / f"{stem}.png")
+    return path
+
+
+def _records(out, split):
+    m = json.loads((out / "manifest.json").read_text())
+    recs = []
+    for f in m[split]["shards"]:
+        for raw in tf.data.TFRecordDataset(str(out / f)):
+            recs.append(tf.io.parse_single_example(raw, FEATURES))
+    return recs
+
+
+def test_each_bad_file_kind_is_skipped_with_its_reason(tmp_path):
+    src = _pet_dir(tmp_path)
+    good = (src / "images" / "ok_0.jpg").read_bytes()
+    _add(src, "empty", image_bytes=b"")
+    _add(src, "truncated", image_bytes=good[: len(good) // 3])
+    _add(src, "notimage", image_bytes=b"this is text, not a jpeg" * 20)
+    _add(src, "nomask", image_bytes=good, mask=False)
+    _add(src, "wrongsize", image_bytes=good, mask_shape=(20, 20))
+    (src / "images" / "Abyssinian_1.mat").write_bytes(b"MATLAB 5.0")
+    _add(src, "badtrimap", image_bytes=good, mask=np.full((40, 50), 7, np.uint8))
+    m = convert(src, tmp_path / "out", shards=2, val_fraction=0.0, workers=2, progress=False)
+    reasons = {json.dumps(s["file"]).split("/")[-1].strip('"'): s["reason"] for s in m["skipped"]}
+    assert reasons["empty.jpg"] == "empty file"
+    assert "corrupt or truncated" in reasons["truncated.jpg"]
+    assert "not an image" in reasons["notimage.jpg"]
+    assert "no mask" in reasons["nomask.jpg"]
+    assert "20x20" in reasons["wrongsize.jpg"] and "50x40" in reasons["wrongsize.jpg"]
+    assert "not an image file (.mat)" in reasons["Abyssinian_1.mat"]
+    assert "[7]" in reasons["badtrimap.jpg"]
+    assert len(m["skipped"]) == 7
+    assert m["train"]["records"] == 3
+
+
+def test_exit_codes_and_summary_line(tmp_path):
+    src = _pet_dir(tmp_path, n=2)
+    (src / "images" / "x.mat").write_bytes(b"0")
+    ok = run_module("unet_dist.convert", str(src), str(tmp_path / "o1"), "--shards", "1", "--workers", "1")
+    assert ok.returncode == 0, ok.stderr
+    assert "skipped 1 files" in ok.stderr and "x.mat" in ok.stderr
+    # Not the named layout: non-zero, one clear line.
+    bad = run_module("unet_dist.convert", str(src), str(tmp_path / "o2"), "--layout", "folders")
+    assert bad.returncode != 0
+    assert "is not a folders data set" in bad.stderr and "masks is missing" in bad.stderr
+    # Nothing convertible.
+    for f in (src / "images").glob("*.jpg"):
+        f.write_bytes(b"")
+    none = run_module("unet_dist.convert", str(src), str(tmp_path / "o3"), "--workers", "1")
+    assert none.returncode != 0 and "could be converted" in none.stderr
+    assert not (tmp_path / "o3" / "manifest.json").exists()
+    # An existing conversion is not overwritten by accident.
+    again = run_module("unet_dist.convert", str(src), str(tmp_path / "o1"))
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert (tmp_path / "o1" / "manifest.json").exists()
+
+
+def test_modes_exif_and_sizes(tmp_path):
+    src = _pet_dir(tmp_path, n=1)
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    _add(src, "gray", image=Image.fromarray(rgb[..., 0], "L"))
+    _add(src, "rgba", image=Image.fromarray(np.dstack([rgb, np.full((40, 50), 255, np.uint8)]), "RGBA"), suffix=".png")
+    _add(src, "cmyk", image=Image.fromarray(rgb).convert("CMYK"))
+    _add(src, "palette", image=Image.fromarray(rgb).convert("P"), suffix=".png")
+    _add(src, "sixteen", image=Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), suffix=".png")
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): stored 50x40, shown 40x50.
+    yy, xx = np.mgrid[0:40, 0:50]
+    smooth = np.dstack([yy * 6, xx * 5, (yy + xx) * 2]).astype(np.uint8)  # JPEG keeps smooth data
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(smooth, 1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(src / "images" / "exif.jpg", exif=exif.tobytes())
+    tri = np.full((40, 50), 2, np.uint8)
+    Image.fromarray(tri).save(src / "annotations" / "trimaps" / "exif.png")
+    m = convert(src, tmp_path / "out", shards=1, val_fraction=0.0, workers=1, progress=False)
+    assert m["skipped"] == [], m["skipped"]
+    recs = {r["stem"].numpy().decode(): r for r in _records(tmp_path / "out", "train")}
+    assert set(recs) == {"ok_0", "gray", "rgba", "cmyk", "palette", "sixteen", "exif"}
+    for stem, r in recs.items():
+        img = tf.io.decode_jpeg(r["image"]).numpy()
+        assert img.shape == (40, 50, 3), stem
+        assert (int(r["height"]), int(r["width"])) == (40, 50)
+    # The EXIF-rotated image is stored upright: compare with the original pixels (JPEG tolerance).
+    upright = tf.io.decode_jpeg(recs["exif"]["image"]).numpy().astype(int)
+    assert np.abs(upright - smooth.astype(int)).mean() < 4
+    assert load_rgb(src / "images" / "gray.jpg").shape == (40, 50, 3)
+
+
+def test_resize_and_classes_and_manifest(tmp_path):
+    src = _pet_dir(tmp_path, n=10)
+    m = convert(src, tmp_path / "bin", image_size=(32, 24), shards=3, val_fraction=0.3, seed=5, workers=2,
+                progress=False)
+    assert m["image_size"] == [32, 24]
+    assert m["layout"] == "oxford-pet" and m["classes"] == "binary" and m["num_classes"] == 2
+    assert m["train"]["records"] == 7 and m["val"]["records"] == 3
+    assert len(m["train"]["shards"]) == 3 and m["train"]["shards"][0] == "train-00000-of-00003.tfrecord"
+    assert abs(sum(m["class_pixel_fraction"]) - 1) < 1e-6
+    for r in _records(tmp_path / "bin", "train"):
+        mask = tf.io.decode_png(r["mask"]).numpy()
+        assert mask.shape == (32, 24, 1)
+        assert set(np.unique(mask)) <= {0, 1}  # pet vs the rest: border (3) joins the rest
+    tri = convert(src, tmp_path / "tri", classes="trimap", shards=1, val_fraction=0.3, seed=5, workers=1,
+                  progress=False)
+    assert tri["num_classes"] == 3
+    vals = set()
+    for r in _records(tmp_path / "tri", "train"):
+        vals |= set(np.unique(tf.io.decode_png(r["mask"]).numpy()).tolist())
+    assert vals == {0, 1, 2}
+    # Deterministic split for a seed; another seed gives another split.
+    again = convert(src, tmp_path / "again", shards=1, val_fraction=0.3, seed=5, workers=1, progress=False)
+    other = convert(src, tmp_path / "other", shards=1, val_fraction=0.3, seed=6, workers=1, progress=False)
+
+    def val_stems(out):
+        return sorted(r["stem"].numpy().decode() for r in _records(out, "val"))
+
+    assert val_stems(tmp_path / "tri") == val_stems(tmp_path / "again")
+    assert val_stems(tmp_path / "again") != val_stems(tmp_path / "other")
+    # No temporary files remain under the output.
+    assert not [p for p in (tmp_path / "bin").iterdir() if p.name.startswith(".")]
+
+
+def test_folders_layout_binary_255_and_multiclass(tmp_path):
+    src = tmp_path / "f"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i, ext in enumerate(["png", "bmp", "tif"]):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(src / "images" / f"s{i}.{ext}")
+        mask = np.zeros((16, 16), np.uint8)
+        mask[:8] = 255
+        Image.fromarray(mask).save(src / "masks" / f"s{i}.png")
+    m = convert(src, tmp_path / "o", layout="folders", shards=1, val_fraction=0, workers=1, progress=False)
+    assert m["train"]["records"] == 3 and m["num_classes"] == 2
+    mask = tf.io.decode_png(_records(tmp_path / "o", "train")[0]["mask"]).numpy()
+    assert set(np.unique(mask)) == {0, 1}
+    for i in range(3):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[:4], mask[4:8] = 1, 4
+        Image.fromarray(mask).save(src / "masks" / f"s{i}.png")
+    mc = convert(src, tmp_path / "mc", layout="folders", classes="multiclass", shards=1, val_fraction=0, workers=1,
+                 progress=False)
+    assert mc["num_classes"] == 5
+
+
+def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch):
+    src = _pet_dir(tmp_path, n=6)
+    import unet_dist.data.convert as conv
+
+    calls = {"n": 0}
+    real = conv._example
+
+    def dying(rec):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-conversion
+        return real(rec)
+
+    monkeypatch.setattr(conv, "_example", dying)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "out", shards=2, val_fraction=0, workers=1, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_masks_keep_palette_indices(tmp_path):
+    arr = np.array([[0, 1], [2, 1]], np.uint8)
+    img = Image.fromarray(arr, "P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    img.save(tmp_path / "m.png")
+    assert np.array_equal(load_mask(tmp_path / "m.png"), arr)
+    with pytest.raises(ConvertError):
+        convert(tmp_path / "nope", tmp_path / "o")

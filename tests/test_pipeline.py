@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from unet_dist.config import AugmentConfig, load_config
+from unet_dist.data.augment import augment
+from unet_dist.data.pipeline import DataError, Shard, eval_dataset, load_manifest, train_dataset
+
+PLAIN = ["data.augment.flip=false", "data.augment.scale_crop=false", "data.augment.brightness=0",
+         "data.augment.contrast=0", "data.image_size=[64, 64]", "model.depth=2", "data.shuffle_buffer=8"]
+
+
+def _l_shape(h=48, w=64):
+    """An image whose red channel is exactly its (asymmetric, L-shaped) mask."""
+    mask = np.zeros((h, w, 1), np.uint8)
+    mask[6:40, 8:20] = 1
+    mask[30:40, 8:50] = 1
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 0.3, (h, w, 3)).astype(np.float32)
+    img[..., 0] = mask[..., 0] * 0.9 + 0.05
+    return tf.constant(img), tf.constant(mask)
+
+
+def _agreement(image, mask):
+    return float(np.mean((image.numpy()[..., 0] > 0.5) == (mask.numpy()[..., 0] == 1)))
+
+
+@pytest.mark.parametrize("cfg", [
+    AugmentConfig(flip=True, scale_crop=False, brightness=0, contrast=0),
+    AugmentConfig(flip=False, rot90=True, scale_crop=False, brightness=0, contrast=0),
+    AugmentConfig(flip=False, scale_crop=True, scale_max=1.6, brightness=0, contrast=0),
+    AugmentConfig(flip=False, scale_crop=False, rotate_degrees=30, brightness=0, contrast=0),
+    AugmentConfig(flip=False, scale_crop=False, elastic=True, elastic_sigma=8, brightness=0, contrast=0),
+    AugmentConfig(flip=True, rot90=True, scale_crop=True, rotate_degrees=15, elastic=True, brightness=0.1,
+                  contrast=0.1, hue=0.02),
+])
+def test_augmentation_keeps_image_and_mask_aligned(cfg):
+    image, mask = _l_shape()
+    changed = 0
+    for s in range(12):
+        out_img, out_mask = augment(image, mask, (48, 48), cfg, tf.constant([7, s], tf.int64))
+        assert out_img.shape == (48, 48, 3) and out_mask.dtype == tf.uint8
+        assert set(np.unique(out_mask.numpy())) <= {0, 1}  # nearest neighbour: no new class ids
+        if cfg.brightness == 0:
+            assert _agreement(out_img, out_mask) > 0.97
+        ref_img, _ = augment(image, mask, (48, 48), AugmentConfig(flip=False, scale_crop=False, brightness=0,
+                                                                   contrast=0), tf.constant([7, s], tf.int64))
+        changed += not np.allclose(out_img.numpy(), ref_img.numpy())
+    assert changed >= 4  # the transform did something
+
+
+def test_alignment_check_catches_an_image_only_flip():
+    image, mask = _l_shape(48, 48)
+    assert _agreement(tf.reverse(image, [1]), mask) < 0.9  # the check above can fail
+
+
+def test_augmentation_is_a_function_of_the_seed():
+    image, mask = _l_shape()
+    cfg = AugmentConfig(rotate_degrees=10, elastic=True)
+    a = augment(image, mask, (32, 32), cfg, tf.constant([1, 2], tf.int64))
+    b = augment(image, mask, (32, 32), cfg, tf.constant([1, 2], tf.int64))
+    c = augment(image, mask, (32, 32), cfg, tf.constant([1, 3], tf.int64))
+    assert np.array_equal(a[0].numpy(), b[0].numpy()) and not np.array_equal(a[0].numpy(), c[0].numpy())
+
+
+def _keys(batches):
+    """A fingerprint per image (augmentation off: the same record gives the same pixels)."""
+    return [hash(img.tobytes()) for b in batches for img in b["image"].numpy()]
+
+
+def test_file_sharding_gives_disjoint_records_and_equal_steps(shards):
+    cfg = load_config(None, PLAIN)
+    m = load_manifest(shards)
+    n = m["train"]["records"]
+    per_worker = []
+    for i in range(2):
+        ds = train_dataset(shards, cfg, local_batch=2, global_batch=4, shard=Shard(i, 2))
+        per_worker.append(set(_keys(ds.take(40))))  # 80 samples: several passes over ~18 records
+    assert per_worker[0].isdisjoint(per_worker[1])
+    assert len(per_worker[0]) + len(per_worker[1]) == n
+    # The stream repeats: any number of steps is available on every worker.
+    for i in range(2):
+        assert len(list(train_dataset(shards, cfg, 2, 4, Shard(i, 2)).take(100))) == 100
+
+
+def test_deterministic_mode_is_world_size_independent_and_resumable(shards):
+    cfg = load_config(None, ["runtime.deterministic=true", "data.image_size=[64, 64]", "model.depth=2",
+                             "data.augment.elastic=true"])
+    one = [b["image"].numpy() for b in train_dataset(shards, cfg, 4, 4, Shard(0, 1)).take(6)]
+    w0 = [b["image"].numpy() for b in train_dataset(shards, cfg, 2, 4, Shard(0, 2)).take(6)]
+    w1 = [b["image"].numpy() for b in train_dataset(shards, cfg, 2, 4, Shard(1, 2)).take(6)]
+    for s in range(6):
+        np.testing.assert_array_equal(one[s], np.concatenate([w0[s], w1[s]]))
+    resumed = [b["image"].numpy() for b in train_dataset(shards, cfg, 4, 4, Shard(0, 1), start_step=3).take(3)]
+    for s in range(3):
+        np.testing.assert_array_equal(resumed[s], one[3 + s])
+
+
+def test_eval_sees_every_record_exactly_once(shards):
+    cfg = load_config(None, PLAIN)
+    m = load_manifest(shards)
+    whole = _keys(eval_dataset(shards, cfg, 3, Shard(0, 1)))
+    parts = [_keys(eval_dataset(shards, cfg, 3, Shard(i, 2))) for i in range(2)]
+    assert len(whole) == m["val"]["records"]
+    assert sorted(parts[0] + parts[1]) == sorted(whole)
+    assert set(parts[0]).isdisjoint(parts[1])
+
+
+def test_missing_or_mismatched_data_is_named(tmp_path, shards):
+    with pytest.raises(DataError, match="does not exist"):
+        load_manifest(tmp_path / "nope")
+    with pytest.raises(DataError, match="manifest.json not found"):
+        load_manifest(tmp_path)
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    (copy / m["train"]["shards"][1]).unlink()
+    with pytest.raises(DataError, match=m["train"]["shards"][1]):
+        load_manifest(copy)
