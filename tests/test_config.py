@@ -80,3 +80,14 @@ def test_entry_point_fails_before_work(tmp_path):
     assert proc.returncode == 2
     assert "model.depth" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_default_yaml_matches_the_dataclasses():
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    from gen_default_config import render
+
+    assert (root / "configs/default.yaml").read_text() == render(), "run tools/gen_default_config.py"

@@ -203,6 +203,8 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
         return out
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=det)
+    if cfg.data.skip_corrupt_records:
+        ds = ds.ignore_errors(log_warning=True)  # opt-in: each lost record is logged
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
     return ds.with_options(_options(det))
 

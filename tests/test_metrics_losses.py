@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from unet_dist.config import TrainConfig
+from unet_dist.data.pipeline import border_weight_map
+from unet_dist.losses import get_loss, soft_dice
+from unet_dist.metrics import confusion_matrix, predict_classes, scores
+
+
+def numpy_scores(t, p, k):
+    ious, dices = [], []
+    for c in range(k):
+        tp = np.sum((t == c) & (p == c))
+        fp = np.sum((t != c) & (p == c))
+        fn = np.sum((t == c) & (p != c))
+        if tp + fp + fn == 0:
+            ious.append(None)
+            dices.append(None)
+        else:
+            ious.append(tp / (tp + fp + fn))
+            dices.append(2 * tp / (2 * tp + fp + fn))
+    present = [v for v in ious if v is not None]
+    return ious, dices, float(np.mean(present)), float(np.mean(t == p))
+
+
+@pytest.mark.parametrize("k, absent", [(2, None), (3, None), (4, 2), (5, 0)])
+def test_confusion_matrix_scores_match_numpy(k, absent):
+    rng = np.random.default_rng(k)
+    t = rng.integers(0, k, (3, 16, 16, 1))
+    p = rng.integers(0, k, (3, 16, 16))
+    if absent is not None:  # a class in neither truth nor prediction: left out of the means
+        t[t == absent] = (absent + 1) % k
+        p[p == absent] = (absent + 1) % k
+    cm = confusion_matrix(tf.constant(t), tf.constant(p, tf.int32), k).numpy()
+    s = scores(cm)
+    ious, dices, miou, acc = numpy_scores(t[..., 0], p, k)
+    for a, b in zip(s["iou_per_class"], ious, strict=True):
+        assert (a is None and b is None) or abs(a - b) < 1e-12
+    for a, b in zip(s["dice_per_class"], dices, strict=True):
+        assert (a is None and b is None) or abs(a - b) < 1e-12
+    assert abs(s["iou"] - miou) < 1e-12 and abs(s["pixel_acc"] - acc) < 1e-12
+    if absent is not None:
+        assert s["iou_per_class"][absent] is None
+
+
+def test_summed_confusion_matrices_equal_the_whole():
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 3, (4, 8, 8, 1))
+    p = rng.integers(0, 3, (4, 8, 8))
+    whole = confusion_matrix(tf.constant(t), tf.constant(p, tf.int32), 3).numpy()
+    halves = sum(confusion_matrix(tf.constant(t[i::2]), tf.constant(p[i::2], tf.int32), 3).numpy() for i in range(2))
+    np.testing.assert_array_equal(whole, halves)
+
+
+def test_mask_column_bug_of_the_seed_is_not_ours():
+    # The seed's mean_iou read one image column; a column of background would score 1.0 there.
+    t = np.zeros((1, 8, 8, 1), np.int64)
+    t[0, 2:6, 2:6] = 1
+    p = np.zeros((1, 8, 8), np.int32)  # predicts no foreground at all
+    s = scores(confusion_matrix(tf.constant(t), tf.constant(p), 2).numpy())
+    assert s["fg_iou"] == 0.0 and s["iou"] < 0.8
+
+
+def test_predict_classes_binary_and_softmax():
+    assert predict_classes(tf.constant([[[[0.2], [0.7]]]])).numpy().tolist() == [[[0, 1]]]
+    assert predict_classes(tf.constant([[[[0.1, 0.6, 0.3]]]])).numpy().tolist() == [[[1]]]
+
+
+@pytest.mark.parametrize("loss", ["bce", "cce", "dice", "ce_dice", "focal", "weighted_ce"])
+@pytest.mark.parametrize("units", [1, 3])
+def test_losses_are_per_example_and_lower_for_better_predictions(loss, units):
+    if loss == "bce" and units == 3:
+        return
+    rng = np.random.default_rng(0)
+    k = 2 if units == 1 else units
+    y = rng.integers(0, k, (2, 8, 8, 1))
+    good = np.eye(k)[y[..., 0]] * 0.9 + 0.1 / k
+    bad = np.eye(k)[(y[..., 0] + 1) % k] * 0.9 + 0.1 / k
+    if units == 1:
+        good, bad = good[..., 1:], bad[..., 1:]
+    w = np.ones((2, 8, 8, 1), np.float32) * 2
+    fn = get_loss(TrainConfig(loss=loss))
+    lg = fn(tf.constant(y), tf.constant(good, tf.float32), tf.constant(w)).numpy()
+    lb = fn(tf.constant(y), tf.constant(bad, tf.float32), tf.constant(w)).numpy()
+    assert lg.shape == (2,)
+    assert (lg < lb).all()
+
+
+def test_soft_dice_perfect_is_zero():
+    y = tf.constant(np.array([[[[1], [0]], [[0], [1]]]]))
+    assert abs(float(soft_dice(y, tf.cast(y, tf.float32))[0])) < 1e-5
+
+
+def test_border_weight_map_peaks_between_touching_objects():
+    m = np.zeros((20, 30, 1), np.uint8)
+    m[5:15, 2:13] = 1
+    m[5:15, 15:28] = 1  # a 2-pixel gap at columns 13-14
+    w = border_weight_map(m, np.array([1.0, 1.0], np.float32), w0=10, sigma=5)[..., 0]
+    gap = w[10, 13]
+    assert gap > 8  # d1 + d2 = 3 px: close to 1 + w0
+    assert w[10, 6] == 1.0  # inside an object: class weight only
+    assert w[0, 29] < gap  # far corner: small border term
+    single = border_weight_map(m[:, :13], np.array([1.0, 1.0], np.float32), 10, 5)
+    assert np.all(single == 1.0)  # one object: no border term

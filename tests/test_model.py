@@ -1,0 +1,82 @@
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from unet_dist.config import ModelConfig
+from unet_dist.model import build_unet
+from unet_dist.shapes import output_size
+
+
+@pytest.mark.parametrize(
+    "padding, depth, size, classes, upsample",
+    [
+        ("same", 1, (32, 48), 2, "transpose"),
+        ("same", 2, (64, 64), 3, "bilinear"),
+        ("same", 3, (64, 128), 5, "transpose"),
+        ("same", 4, (64, 64), 2, "bilinear"),
+        ("valid", 1, (44, 44), 2, "transpose"),  # 44 -> 40 -> 20 -> 16 -> 32 -> 28
+        ("valid", 2, (92, 76), 3, "transpose"),
+        ("valid", 3, (140, 140), 2, "bilinear"),
+        ("valid", 4, (188, 188), 4, "transpose"),
+    ],
+)
+def test_output_shapes(padding, depth, size, classes, upsample):
+    cfg = ModelConfig(depth=depth, base_filters=2, padding=padding, num_classes=classes, upsample=upsample,
+                      batch_norm=(depth % 2 == 0), dropout=0.1 if depth == 3 else 0.0)
+    model = build_unet(cfg, size)
+    x = np.random.default_rng(0).random((2, *size, 3), np.float32)
+    y = model(x, training=False).numpy()
+    units = 1 if classes == 2 else classes
+    assert y.shape == (2, *output_size(size, depth, padding), units)
+    assert y.dtype == np.float32
+    if units == 1:
+        assert ((y >= 0) & (y <= 1)).all()
+    else:
+        np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-5)
+    if padding == "same":
+        assert y.shape[1:3] == size
+
+
+def test_ronneberger_tile_is_572_to_388():
+    assert output_size((572, 572), 4, "valid") == (388, 388)
+
+
+def test_pets_seed_architecture():
+    cfg = ModelConfig(depth=6, base_filters=8, up_filters=[64, 32, 16, 8, 4, 2])
+    model = build_unet(cfg, (256, 256))
+    ups = [layer.filters for layer in model.layers if layer.name.endswith("_upconv")]
+    assert ups == [64, 32, 16, 8, 4, 2]
+    assert model.get_layer("bottleneck_conv0").filters == 8 * 2**6
+
+
+def test_fully_convolutional_without_input_size():
+    model = build_unet(ModelConfig(depth=2, base_filters=2))
+    assert model(np.zeros((1, 32, 48, 3), np.float32)).shape == (1, 32, 48, 1)
+
+
+def test_head_is_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_unet(ModelConfig(depth=2, base_filters=2), (32, 32))
+    assert model.get_layer("down0_conv0").compute_dtype == "bfloat16"
+    assert model(np.zeros((1, 32, 32, 3), np.float32)).dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "kwargs, size, words",
+    [
+        ({"depth": 0}, None, "depth"),
+        ({"base_filters": 0}, None, "base_filters"),
+        ({"padding": "reflect"}, None, "padding"),
+        ({"upsample": "nearest"}, None, "upsample"),
+        ({"num_classes": 1}, None, "num_classes"),
+        ({"dropout": 1.0}, None, "dropout"),
+        ({"depth": 2, "up_filters": [4]}, None, "up_filters"),
+        ({"depth": 3}, (60, 64), "divisible by 2^depth = 8"),
+        ({"depth": 2, "padding": "valid"}, (90, 90), "valid padding"),
+    ],
+)
+def test_bad_arguments_raise_before_building(kwargs, size, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        build_unet(ModelConfig(**kwargs), size)
