@@ -64,6 +64,7 @@ class ModelConfig:
     base_filters: int = 32  # filters at the first level, doubled at each level down
     padding: Literal["same", "valid"] = "same"
     batch_norm: bool = True
+    bn_momentum: float = 0.9  # moving-statistics momentum (Keras default 0.99 lags on short runs)
     dropout: float = 0.0  # dropout rate before the bottleneck convolutions
     upsample: Literal["transpose", "bilinear"] = "transpose"
     up_filters: list[int] | None = None  # widths of the up-convolutions, deepest first (default: level widths)
@@ -238,6 +239,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """A validated Config from a mapping (e.g. a workdir's saved config.yaml)."""
+    cfg = Config()
+    try:
+        _apply(cfg, raw or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     """Checks values that types alone cannot; raises ConfigError naming the key."""
 
@@ -268,6 +280,7 @@ def validate(cfg: Config) -> None:
 
     need(1 <= m.depth <= 8, "model.depth", "1 to 8", m.depth)
     need(m.base_filters >= 1, "model.base_filters", ">= 1", m.base_filters)
+    need(0 < m.bn_momentum < 1, "model.bn_momentum", "0 < bn_momentum < 1", m.bn_momentum)
     need(0 <= m.dropout < 1, "model.dropout", "0 <= dropout < 1", m.dropout)
     need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
     need(m.up_filters is None or (len(m.up_filters) == m.depth and all(f > 0 for f in m.up_filters)),

@@ -91,7 +91,7 @@ def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
         x = layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
         if cfg.batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{j}")(x)
+            x = layers.BatchNormalization(momentum=cfg.bn_momentum, name=f"{name}_bn{j}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{j}")(x)
     return x
 

@@ -6,6 +6,7 @@ gradients and reported numbers over replicas. Model, losses and pipeline know no
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -172,6 +173,9 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         + (f"resuming at step {start}" if start else "starting at step 0") + f" of {total}")
     if runtime.is_chief:
         dump_config(cfg, workdir / "config.yaml")
+        # What prediction needs to know about the training data (resized at conversion or not).
+        data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size")}
+        atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
     if start >= total:
         runtime.print(f"unet_dist: {workdir} is already trained to step {start} (train.steps {total})")
 
@@ -248,8 +252,6 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "skipped_steps": skipped_total,
     }
     if runtime.is_chief:
-        import json
-
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
     runtime.barrier()

@@ -1,0 +1,141 @@
+"""Training on one process: it learns, it resumes exactly, it stops on NaN, it predicts and exports."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import run_module, tiny_overrides
+
+from unet_dist.config import ConfigError, load_config
+from unet_dist.trainer import TrainingError, train
+
+
+def _weights(workdir, step):
+    reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
+    names = sorted(k for k in reader.get_variable_to_shape_map() if k.startswith("model/") and "OPTIMIZER" not in k)
+    assert names
+    return {k: reader.get_tensor(k) for k in names}
+
+
+def test_training_learns(shards, tmp_path):
+    cfg = load_config(None, tiny_overrides(steps=150) + ["model.depth=3",
+        "model.base_filters=8", "optim.learning_rate=0.003", "train.loss=ce_dice", "train.eval_every_steps=150",
+        "data.augment.scale_crop=false"])
+    s = train(cfg, shards, tmp_path / "w")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    bg = manifest["class_pixel_fraction"][0]
+    baseline = bg / 2  # mean IoU of predicting background everywhere: (bg + 0) / 2
+    assert s["final_val_iou"] > baseline + 0.3, (s, baseline)
+    events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    for key in ("steps", "best_val_iou", "final_val_iou", "wall_s", "images_per_s", "world_size",
+                "global_batch_size", "precision"):
+        assert key in s
+    assert (tmp_path / "w" / "learning_curves.png").exists()
+    assert list((tmp_path / "w" / "tensorboard").iterdir())
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path):
+    over = tiny_overrides(steps=6) + ["runtime.deterministic=true", "train.checkpoint_every_steps=3",
+                                      "data.augment.elastic=true", "optim.name=sgd", "optim.momentum=0.9",
+                                      "optim.schedule=cosine", "optim.warmup_steps=2"]
+    train(load_config(None, over), shards, tmp_path / "straight")
+    train(load_config(None, over + ["train.steps=3"]), shards, tmp_path / "split")
+    s = train(load_config(None, over), shards, tmp_path / "split")
+    assert s["start_step"] == 3
+    a, b = _weights(tmp_path / "straight", 6), _weights(tmp_path / "split", 6)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no gap, no repeat across the resume
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    over = tiny_overrides(steps=6) + ["train.checkpoint_every_steps=2"]
+    import unet_dist.trainer as T
+
+    real = T.get_loss
+
+    def poisoned(cfg):
+        fn = real(cfg)
+        calls = tf.Variable(0)
+
+        def loss(y, p, w=None):
+            calls.assign_add(1)
+            value = fn(y, p, w)
+            # A factor of 1 for three steps, then NaN (a tf.Variable: counts executions, not traces).
+            return value * tf.stop_gradient(tf.where(calls > 3, np.nan, 1.0))
+
+        return loss
+
+    monkeypatch.setattr(T, "get_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 4.*ckpt-2"):
+        train(load_config(None, over), shards, tmp_path / "w")
+    assert tf.train.latest_checkpoint(str(tmp_path / "w" / "checkpoints")).endswith("ckpt-2")
+
+
+def test_mismatched_model_or_classes_fail_before_work(shards, tmp_path):
+    train(load_config(None, tiny_overrides(steps=1)), shards, tmp_path / "w")
+    with pytest.raises(ConfigError, match="model.base_filters: checkpoint 4, config 8"):
+        train(load_config(None, tiny_overrides(steps=2) + ["model.base_filters=8"]), shards, tmp_path / "w")
+    with pytest.raises(ConfigError, match="model.num_classes is 3 .* has 2 classes"):
+        train(load_config(None, tiny_overrides(steps=2) + ["model.num_classes=3", "train.loss=cce"]), shards,
+              tmp_path / "w2")
+
+
+def test_valid_padding_and_weighted_loss_train(shards, tmp_path):
+    over = tiny_overrides(steps=2) + ["model.padding=valid", "data.image_size=[60, 60]", "train.loss=weighted_ce",
+                                      "data.augment.elastic=true"]
+    s = train(load_config(None, over), shards, tmp_path / "w")
+    assert s["final_val_iou"] is not None
+
+
+def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
+    w = tmp_path / "w"
+    args = ["--data", str(shards), "--workdir", str(w), "--deterministic"]
+    for o in tiny_overrides(steps=3):
+        args += ["--set", o]
+    run_module("unet_dist.train", *args, check=True)
+    summary = json.loads((w / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["world_size"] == 1
+    again = run_module("unet_dist.train", *args, check=True)  # already done: resumes at 3, trains nothing
+    assert "resuming at step 3" in again.stdout
+    ev = run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), check=True)
+    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert metrics["val_records"] == json.loads((shards / "manifest.json").read_text())["val"]["records"]
+    assert abs(metrics["val_iou"] - summary["final_val_iou"]) < 1e-6 or metrics["step"] != 3
+    # Predict on odd sizes and modes.
+    from PIL import Image
+
+    img = np.asarray(Image.open(pet_src / "images" / "synth_00000.jpg"))
+    Image.fromarray(img[..., 0], "L").save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([img, np.full(img.shape[:2], 200, np.uint8)]), "RGBA").save(tmp_path / "rgba.png")
+    rotated = Image.fromarray(img)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "exif.jpg", exif=exif.tobytes())
+    out = tmp_path / "pred"
+    for mode in ("tile", "resize"):
+        run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), str(tmp_path / "rgba.png"),
+                   str(tmp_path / "exif.jpg"), "--out", str(out / mode), "--mode", mode, check=True)
+        for stem, shape in (("gray", img.shape[:2]), ("rgba", img.shape[:2]), ("exif", img.shape[1::-1])):
+            mask = Image.open(out / mode / f"{stem}_mask.png")
+            assert mask.size == (shape[1], shape[0]), (mode, stem)
+            assert (out / mode / f"{stem}_overlay.png").exists()
+    bad = run_module("unet_dist.predict", "--workdir", str(tmp_path / "nope"), str(tmp_path / "gray.png"),
+                     "--out", str(out))
+    assert bad.returncode == 2 and "config.yaml not found" in bad.stderr
+    run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), check=True)
+    from unet_dist.inference import classes_from_probs, load_trained, resize_predict_fn
+
+    model, cfg, _ = load_trained(w)
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    images = np.random.default_rng(0).integers(0, 255, (2, 70, 90, 3), dtype=np.uint8)
+    served = loaded.serve(tf.constant(images))
+    expect = resize_predict_fn(model, cfg)(tf.constant(images))
+    assert served["mask"].shape == (2, 70, 90)
+    np.testing.assert_allclose(served["probabilities"].numpy(), expect.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(served["mask"].numpy(), classes_from_probs(expect).numpy())

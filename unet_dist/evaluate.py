@@ -1,0 +1,69 @@
+"""Evaluates a trained workdir on the val split of converted data, on any backend.
+
+    python -m unet_dist.evaluate --workdir RUN --data DATA [--checkpoint best|latest] [--out FILE]
+    horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
+
+Prints the metrics as JSON and writes them to WORKDIR/eval.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from unet_dist.config import ConfigError, config_from_dict
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m unet_dist.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"))
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_dict(yaml.safe_load((args.workdir / "config.yaml").read_text()), str(args.workdir))
+    except (OSError, ConfigError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if args.strategy:
+        cfg.runtime.strategy = args.strategy
+    from unet_dist.checkpoint import Checkpoints
+    from unet_dist.data.pipeline import DataError, load_manifest
+    from unet_dist.distribute import make_runtime
+    from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
+
+    runtime = make_runtime(cfg)
+    try:
+        manifest = load_manifest(args.data)
+        check_data_matches(cfg, manifest, args.data)
+    except (DataError, ConfigError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    model, optimizer = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
+    ckpts = Checkpoints(runtime, args.workdir, model, optimizer, cfg)
+    best = ckpts.dir / "best"
+    import tensorflow as tf
+
+    path = (tf.train.latest_checkpoint(str(best)) if args.checkpoint == "best" else None) or ckpts.latest_path()
+    if path is None:
+        print(f"evaluate: error: no checkpoint in {ckpts.dir}", file=sys.stderr)
+        return 2
+    ckpts.restore(path)
+    metrics, _ = evaluate(model, cfg, runtime, args.data, manifest)
+    metrics.update({"checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
+    if runtime.is_chief:
+        out = args.out or args.workdir / "eval.json"
+        out.write_text(json.dumps(metrics, indent=1))
+        print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

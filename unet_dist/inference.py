@@ -1,0 +1,134 @@
+"""Prediction on images of any size: restore a trained model, overlap-tile or resize, export.
+
+Two ways to cover an image:
+- tile (Ronneberger et al. 2015, Fig. 2): the image is mirror-padded and cut into overlapping
+  tiles of the training size; each output pixel comes from the centre of a tile, where the network
+  saw enough context, so the result is seamless. With valid padding the overlap is the network's
+  own context ((input - output) / 2 per side); with same padding it is `overlap` pixels per side.
+- resize: the whole image is resized to the training size and the prediction resized back, which
+  is how a model trained on resized data (the paper's Pet model) sees its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+import yaml
+
+from unet_dist.config import Config, ConfigError, config_from_dict
+from unet_dist.model import build_unet
+from unet_dist.shapes import output_size
+
+
+def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model, Config, str]:
+    """(fully convolutional model with restored weights, its config, checkpoint path).
+
+    which: 'best' (by val IoU; falls back to the latest) or 'latest'.
+    """
+    workdir = Path(workdir)
+    cfg_path = workdir / "config.yaml"
+    if not cfg_path.exists():
+        raise ConfigError(f"{cfg_path} not found: is {workdir} a training workdir?")
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    keras.mixed_precision.set_global_policy("float32")  # inference in float32 whatever training used
+    model = build_unet(cfg.model, None)
+    ckdir = workdir / "checkpoints"
+    path = tf.train.latest_checkpoint(str(ckdir / "best")) if which == "best" else None
+    path = path or tf.train.latest_checkpoint(str(ckdir))
+    if path is None:
+        raise ConfigError(f"no checkpoint in {ckdir}")
+    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    return model, cfg, path
+
+
+def trained_on_resized_data(workdir: Path) -> bool:
+    meta = Path(workdir) / "data.json"
+    return meta.exists() and json.loads(meta.read_text()).get("image_size") is not None
+
+
+def _geometry(cfg: Config, tile: tuple[int, int] | None, overlap: int) -> tuple[tuple, tuple, tuple]:
+    """(tile input size, model output size for it, kept output size per tile)."""
+    t = tuple(tile or cfg.data.image_size)
+    out = output_size(t, cfg.model.depth, cfg.model.padding)
+    if cfg.model.padding == "valid":
+        return t, out, out
+    keep = (t[0] - 2 * overlap, t[1] - 2 * overlap)
+    if min(keep) < 1:
+        raise ValueError(f"--overlap {overlap} leaves nothing of a {t[0]}x{t[1]} tile")
+    return t, out, keep
+
+
+def predict_tiled(model: keras.Model, image: np.ndarray, cfg: Config, tile: tuple[int, int] | None = None,
+                  overlap: int | None = None, batch: int = 4) -> np.ndarray:
+    """Overlap-tile prediction. image (H, W, 3) float32 in [0, 1] -> probabilities (H, W, U)."""
+    t = tuple(tile or cfg.data.image_size)
+    overlap = t[0] // 8 if overlap is None else overlap
+    # Keep tile origins on the pooling grid, so tiles pool the same pixels together as the whole image.
+    step = 2**cfg.model.depth
+    overlap = -(-overlap // step) * step
+    (th, tw), (oh, ow), (kh, kw) = _geometry(cfg, t, overlap)
+    H, W = image.shape[:2]
+    ny, nx = -(-H // kh), -(-W // kw)
+    # Context around the kept region of each tile, per side.
+    top, left = (th - kh) // 2, (tw - kw) // 2
+    padded = np.pad(image, ((top, ny * kh - H + (th - kh - top)), (left, nx * kw - W + (tw - kw - left)), (0, 0)),
+                    mode="reflect")  # mirror padding: the network sees plausible context at borders
+    crop_y, crop_x = (oh - kh) // 2, (ow - kw) // 2
+    origins = [(i * kh, j * kw) for i in range(ny) for j in range(nx)]
+    canvas = None
+    for b in range(0, len(origins), batch):
+        chunk = origins[b : b + batch]
+        tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
+        probs = model(tiles, training=False).numpy()  # (n, oh, ow, U)
+        if canvas is None:
+            canvas = np.zeros((ny * kh, nx * kw, probs.shape[-1]), np.float32)
+        for (y, x), p in zip(chunk, probs, strict=True):
+            canvas[y : y + kh, x : x + kw] = p[crop_y : crop_y + kh, crop_x : crop_x + kw]
+    return canvas[:H, :W]
+
+
+def resize_predict_fn(model: keras.Model, cfg: Config):
+    """A TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U) via the training size.
+
+    The image is resized so that the model's *output* covers it (valid padding: mirror-padded by
+    the network's context), and the output is resized back to (H, W).
+    """
+    th, tw = cfg.data.image_size
+    oh, ow = output_size((th, tw), cfg.model.depth, cfg.model.padding)
+    ph, pw = (th - oh) // 2, (tw - ow) // 2
+
+    def fn(images):
+        size = tf.shape(images)[1:3]
+        x = tf.image.resize(tf.image.convert_image_dtype(images, tf.float32), (oh, ow))
+        if ph or pw:
+            x = tf.pad(x, [[0, 0], [ph, th - oh - ph], [pw, tw - ow - pw], [0, 0]], mode="REFLECT")
+        probs = model(x, training=False)
+        return tf.image.resize(probs, size, method="bilinear")
+
+    return fn
+
+
+def classes_from_probs(probs):
+    """(..., U) probabilities -> (...) uint8 class ids (works on numpy and tensors)."""
+    if probs.shape[-1] == 1:
+        return tf.cast(probs[..., 0] >= 0.5, tf.uint8)
+    return tf.cast(tf.argmax(probs, axis=-1), tf.uint8)
+
+
+def export_saved_model(model: keras.Model, cfg: Config, out: str | Path) -> None:
+    """SavedModel with a `serve` signature: uint8 images (B, H, W, 3) of any size -> uint8 masks (B, H, W)."""
+    fn = resize_predict_fn(model, cfg)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(images):
+        probs = fn(images)
+        return {"mask": classes_from_probs(probs), "probabilities": probs}
+
+    archive.add_endpoint(name="serve", fn=serve,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    archive.write_out(str(out), verbose=False)

@@ -1,0 +1,80 @@
+"""Predicts masks for images of any size and mode with a trained workdir.
+
+    python -m unet_dist.predict --workdir RUN IMAGE... --out PRED [--tile 256 --overlap 32] [--mode auto|tile|resize]
+
+Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
+orientation) and PRED/<stem>_overlay.png (image | mask | image * mask).
+--mode auto resizes when the model was trained on data resized at conversion, and otherwise uses
+overlap-tile prediction for images larger than the training size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unet_dist.config import ConfigError
+
+PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
+
+
+def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -> None:
+    mask = Image.fromarray(classes.astype(np.uint8), "P")
+    mask.putpalette(PALETTE + [128] * (768 - len(PALETTE)))
+    mask.save(out / f"{stem}_mask.png")
+    fg = (classes > 0)[..., None]
+    shown = np.asarray(mask.convert("RGB"))
+    panel = np.concatenate([image, shown, (image * fg).astype(np.uint8)], axis=1)
+    Image.fromarray(panel).save(out / f"{stem}_overlay.png")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tile", type=int, help="tile size (default: the training image size)")
+    p.add_argument("--overlap", type=int, help="context pixels per tile side, same padding (default tile/8)")
+    p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    args = p.parse_args(argv)
+
+    from unet_dist.data.imageio import BadImage, load_rgb
+    from unet_dist.inference import (classes_from_probs, load_trained, predict_tiled, resize_predict_fn,
+                                     trained_on_resized_data)
+
+    try:
+        model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
+    except ConfigError as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    mode = args.mode
+    if mode == "auto":
+        mode = "resize" if trained_on_resized_data(args.workdir) else "tile"
+    tile = (args.tile, args.tile) if args.tile else None
+    resize_fn = resize_predict_fn(model, cfg)
+    failed = 0
+    for path in args.images:
+        try:
+            image = load_rgb(path)
+        except (BadImage, OSError) as e:
+            print(f"predict: skipping {path}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if mode == "resize":
+            probs = resize_fn(image[None])[0].numpy()
+        else:
+            probs = predict_tiled(model, image.astype(np.float32) / 255.0, cfg, tile, args.overlap)
+        save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
+    print(f"predict: {len(args.images) - failed} images ({mode} mode, checkpoint {ckpt}) -> {args.out}")
+    return 1 if failed == len(args.images) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
