@@ -146,8 +146,8 @@ def test_resize_and_classes_and_manifest(tmp_path):
         vals |= set(np.unique(tf.io.decode_png(r["mask"]).numpy()).tolist())
     assert vals == {0, 1, 2}
     # Deterministic split for a seed; another seed gives another split.
-    again = convert(src, tmp_path / "again", shards=1, val_fraction=0.3, seed=5, workers=1, progress=False)
-    other = convert(src, tmp_path / "other", shards=1, val_fraction=0.3, seed=6, workers=1, progress=False)
+    convert(src, tmp_path / "again", shards=1, val_fraction=0.3, seed=5, workers=1, progress=False)
+    convert(src, tmp_path / "other", shards=1, val_fraction=0.3, seed=6, workers=1, progress=False)
 
     def val_stems(out):
         return sorted(r["stem"].numpy().decode() for r in _records(out, "val"))

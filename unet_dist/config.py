@@ -104,6 +104,7 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0 = this process's share of the node's cores
     inter_op_threads: int = 0
     fp16_allreduce: bool = False  # Horovod: compress gradients to fp16 on the wire
+    cpu_devices: int = 0  # mirrored without GPUs: split the CPU into N logical devices (tests, CPU nodes)
 
 
 @dataclass
@@ -301,6 +302,7 @@ def validate(cfg: Config) -> None:
          "optim.step_boundaries", "increasing fractions of training in (0, 1)", o.step_boundaries)
 
     need(r.intra_op_threads >= 0, "runtime.intra_op_threads", ">= 0 (0 = auto)", r.intra_op_threads)
+    need(r.cpu_devices >= 0, "runtime.cpu_devices", ">= 0", r.cpu_devices)
     need(r.inter_op_threads >= 0, "runtime.inter_op_threads", ">= 0 (0 = auto)", r.inter_op_threads)
 
     need(t.steps >= 1, "train.steps", ">= 1", t.steps)

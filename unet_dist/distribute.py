@@ -195,7 +195,12 @@ class MirroredRuntime(Runtime):
 
     def __init__(self, cfg: Config, reason: str, strategy: tf.distribute.Strategy | None = None):
         super().__init__(cfg, reason)
-        self.strategy = strategy or tf.distribute.MirroredStrategy()
+        if strategy is None:
+            devices = None
+            if cfg.runtime.cpu_devices > 1 and not tf.config.list_physical_devices("GPU"):
+                devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+            strategy = tf.distribute.MirroredStrategy(devices=devices)
+        self.strategy = strategy
 
     def distribute(self, dataset_fn):
         _, per_replica = self.batch_sizes()
@@ -315,6 +320,11 @@ def make_runtime(cfg: Config) -> Runtime:
     backend, why = choose_backend(cfg)
     local_size = _local_size_from_env() if backend in ("horovod", "multiworker") else 1
     threads = configure_threads(cfg, local_size)
+    if cfg.runtime.cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        with contextlib.suppress(RuntimeError):  # already initialised: keep what exists
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.runtime.cpu_devices)
     if backend != "horovod":
         _gpu_memory_growth(tf.config.list_physical_devices("GPU"))
     if backend == "single":

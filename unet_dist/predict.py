@@ -45,8 +45,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from unet_dist.data.imageio import BadImage, load_rgb
-    from unet_dist.inference import (classes_from_probs, load_trained, predict_tiled, resize_predict_fn,
-                                     trained_on_resized_data)
+    from unet_dist.inference import (
+        classes_from_probs,
+        load_trained,
+        predict_tiled,
+        resize_predict_fn,
+        trained_on_resized_data,
+    )
 
     try:
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)

@@ -48,12 +48,10 @@ def main(argv=None) -> int:
     from unet_dist.trainer import TrainingError, train
 
     try:
-        summary = train(cfg, args.data, args.workdir, resume=not args.no_resume)
+        train(cfg, args.data, args.workdir, resume=not args.no_resume)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 1
-    print(f"train: done: {summary['steps']} steps, final val IoU {summary['final_val_iou']:.4f}, "
-          f"best {summary['best_val_iou']:.4f}, {summary['images_per_s']:.1f} images/s; results in {args.workdir}")
     return 0
 
 

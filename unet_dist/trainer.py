@@ -254,5 +254,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     if runtime.is_chief:
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
+    runtime.print(f"train: done: {total} steps, final val IoU {summary['final_val_iou']:.4f}, best "
+                  f"{summary['best_val_iou']:.4f}, {summary['images_per_s']:.1f} images/s; results in {workdir}")
     runtime.barrier()
     return summary

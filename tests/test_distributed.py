@@ -1,0 +1,183 @@
+"""Distribution for real on CPU: one process, MirroredStrategy over two logical CPU devices,
+horovodrun -np 2 (Gloo), mpirun -np 2, and two MultiWorkerMirroredStrategy workers (TF_CONFIG)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, run_module, tiny_overrides
+
+pytestmark = pytest.mark.dist
+BIN = Path(sys.executable).parent
+HOROVODRUN = BIN / "horovodrun"
+needs_horovod = pytest.mark.skipif(not HOROVODRUN.exists(), reason="Horovod not installed (run make setup)")
+needs_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI not installed")
+
+# Batch norm off: its batch statistics are per replica by design, so it alone would differ.
+EQUIV = tiny_overrides(steps=5) + ["model.batch_norm=false", "optim.name=sgd", "optim.learning_rate=0.05",
+                                   "optim.momentum=0.9", "train.checkpoint_every_steps=5",
+                                   "data.augment.elastic=true"]
+
+
+def _args(data, workdir, overrides, module="unet_dist.train"):
+    out = ["-m", module, "--data", str(data), "--workdir", str(workdir), "--deterministic"]
+    for o in overrides:
+        out += ["--set", o]
+    return out
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def _check(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def horovodrun(*args, np_=2, timeout=600):
+    cmd = [str(HOROVODRUN), "-np", str(np_), "--gloo", "-H", f"localhost:{np_}", sys.executable, *args]
+    return _check(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout))
+
+
+def mpirun(*args, np_=2, timeout=600):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_), "-bind-to", "none", "-map-by", "slot",
+           "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL", sys.executable, *args]
+    return _check(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout))
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def multiworker(*args, workers=2, timeout=600):
+    ports = _free_ports(workers)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    procs = []
+    for i in range(workers):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(TF_CONFIG=tf_config),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(_check(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
+    return outs
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "train"]
+
+
+def _weights(workdir, step):
+    reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
+    names = sorted(k for k in reader.get_variable_to_shape_map()
+                   if k.startswith("model/") and "OPTIMIZER" not in k and k.endswith("VARIABLE_VALUE"))
+    return {k: reader.get_tensor(k) for k in names}
+
+
+def _assert_same_run(ref, other, name, rtol=1e-5):
+    la, lb = _losses(ref), _losses(other)
+    assert len(la) == len(lb) == 5, (name, la, lb)
+    np.testing.assert_allclose(lb, la, rtol=rtol, err_msg=f"{name}: loss per step")
+    wa, wb = _weights(ref, 5), _weights(other, 5)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        rel = np.abs(wb[k] - wa[k]).max() / max(np.abs(wa[k]).max(), 1e-12)
+        assert rel <= rtol, f"{name}: {k} differs by {rel:.2e} (relative)"
+
+
+@pytest.fixture(scope="module")
+def single_run(shards, tmp_path_factory):
+    w = tmp_path_factory.mktemp("single") / "w"
+    _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=single"])], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600))
+    return w
+
+
+def test_mirrored_two_logical_cpus_equals_one_device(shards, single_run, tmp_path):
+    w = tmp_path / "w"
+    proc = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=mirrored",
+                                                                             "runtime.cpu_devices=2"])],
+                                 cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600))
+    assert "replicas 2" in proc.stdout
+    _assert_same_run(single_run, w, "mirrored")
+
+
+@needs_horovod
+def test_horovod_two_processes_equals_one_device(shards, single_run, tmp_path):
+    w = tmp_path / "w"
+    proc = horovodrun(*_args(shards, w, EQUIV))
+    assert "strategy horovod" in proc.stdout and "world_size 2" in proc.stdout
+    _assert_same_run(single_run, w, "horovod")
+
+
+def test_multiworker_two_workers_equals_one_device(shards, single_run, tmp_path):
+    w = tmp_path / "w"
+    outs = multiworker(*_args(shards, w, EQUIV))
+    assert "strategy multiworker" in outs[0].stdout and "world_size 2" in outs[0].stdout
+    assert "strategy" not in outs[1].stdout  # only the chief prints
+    _assert_same_run(single_run, w, "multiworker")
+
+
+@needs_horovod
+def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
+    w = tmp_path / "w"
+    over = tiny_overrides(steps=6) + ["train.eval_every_steps=3", "train.checkpoint_every_steps=3"]
+    proc = horovodrun("-m", "unet_dist.train", "--config", "configs/demo.yaml", "--data", str(shards),
+                      "--workdir", str(w), *sum((["--set", o] for o in over), []))
+    assert proc.stdout.count("train: done") == 1  # other ranks print only errors
+    s = json.loads((w / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["strategy"] == "horovod" and s["global_batch_size"] == 4
+    assert [r["step"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+            if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+    # A 2-worker evaluation of the checkpoint equals a 1-worker one: summed confusion matrices.
+    horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
+               "--out", str(tmp_path / "eval2.json"))
+    run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
+               "--out", str(tmp_path / "eval1.json"), "--strategy", "single", check=True)
+    e1, e2 = (json.loads((tmp_path / f"eval{i}.json").read_text()) for i in (1, 2))
+    assert e2["world_size"] == 2 and e1["world_size"] == 1
+    assert e1["val_records"] == e2["val_records"]
+    for k in ("val_iou", "val_dice", "val_pixel_acc", "val_loss"):
+        assert abs(e1[k] - e2[k]) < 1e-6, (k, e1[k], e2[k])
+
+
+@needs_horovod
+@needs_mpi
+def test_mpirun_end_to_end(shards, tmp_path):
+    w = tmp_path / "w"
+    mpirun("-m", "unet_dist.train", "--config", "configs/demo.yaml", "--data", str(shards), "--workdir", str(w),
+           *sum((["--set", o] for o in tiny_overrides(steps=3)), []))
+    s = json.loads((w / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["strategy"] == "horovod"
+
+
+@needs_horovod
+def test_resume_across_world_sizes(shards, single_run, tmp_path):
+    # 3 steps on 2 Horovod ranks, then steps 4-5 on one process: the same run as 5 steps on one.
+    w = tmp_path / "w"
+    horovodrun(*_args(shards, w, EQUIV + ["train.steps=3", "train.checkpoint_every_steps=3"]))
+    proc = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=single"])],
+                                 cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600))
+    assert "resuming at step 3" in proc.stdout and "world_size 1" in proc.stdout
+    _assert_same_run(single_run, w, "horovod 2 -> single")
