@@ -4,7 +4,6 @@ horovodrun -np 2 (Gloo), mpirun -np 2, and two MultiWorkerMirroredStrategy worke
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import ROOT, run_module, tiny_overrides
+
+from unet_dist.distribute import free_ports
 
 pytestmark = pytest.mark.dist
 BIN = Path(sys.executable).parent
@@ -53,18 +54,8 @@ def mpirun(*args, np_=2, timeout=600):
     return _check(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout))
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def multiworker(*args, workers=2, timeout=600):
-    ports = _free_ports(workers)
+    ports = free_ports(workers)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = []
     for i in range(workers):

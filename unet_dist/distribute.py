@@ -65,6 +65,19 @@ def _horovod_available() -> bool:
     return True
 
 
+def free_ports(n: int) -> list[int]:
+    """n free TCP ports on localhost, for local multi-worker clusters (tests, benchmarks)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def _local_size_from_env() -> int:
     for var in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "UNET_DIST_LOCAL_SIZE"):
         if var in os.environ:

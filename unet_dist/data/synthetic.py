@@ -1,6 +1,6 @@
 """A synthetic data set in the Oxford-IIIT Pet layout, for the demo and the tests.
 
-Each image holds one "pet": a rotated ellipse filled with a striped texture, on a background of
+Images are 240 to 500 pixels a side, like the photos of the real set. Each holds one "pet": a rotated ellipse filled with a striped texture, on a background of
 smooth noise, plus (often) a distractor rectangle with the same striped texture. Colours of pet,
 background and distractor come from the same distribution, so a model must use texture and shape,
 not colour. Trimaps follow the real set: 1 = pet, 2 = background, 3 = a border band at the edge.
@@ -35,7 +35,7 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.15, 0.85, size=3).astype(np.float32)
 
 
-def make_sample(rng: np.random.Generator, min_size: int = 160, max_size: int = 320) -> tuple[np.ndarray, np.ndarray]:
+def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """Returns (image uint8 (H, W, 3), trimap uint8 (H, W) with values 1, 2, 3)."""
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
