@@ -61,3 +61,22 @@ def tiny_overrides(steps: int = 4) -> list[str]:
         "train.eval_every_steps=1000", "train.checkpoint_every_steps=1000", "runtime.precision=float32",
         "optim.warmup_steps=0", "train.image_panels=2",
     ]
+
+
+def model_weights(workdir: Path, step: int) -> dict:
+    """{variable path: value} of the model in WORKDIR/checkpoints/ckpt-STEP (trainable and not)."""
+    import keras
+    import tensorflow as tf
+    import yaml
+
+    from unet_dist.config import config_from_dict
+    from unet_dist.model import build_unet
+
+    cfg = config_from_dict(yaml.safe_load((workdir / "config.yaml").read_text()))
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_unet(cfg.model, None)
+    status = tf.train.Checkpoint(model=model).restore(str(workdir / "checkpoints" / f"ckpt-{step}"))
+    status.expect_partial().assert_existing_objects_matched()
+    weights = {v.path: v.numpy() for v in model.weights}
+    assert any("kernel" in k for k in weights), weights.keys()
+    return weights

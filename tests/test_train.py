@@ -5,17 +5,10 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_module, tiny_overrides
+from conftest import model_weights, run_module, tiny_overrides
 
 from unet_dist.config import ConfigError, load_config
 from unet_dist.trainer import TrainingError, train
-
-
-def _weights(workdir, step):
-    reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
-    names = sorted(k for k in reader.get_variable_to_shape_map() if k.startswith("model/") and "OPTIMIZER" not in k)
-    assert names
-    return {k: reader.get_tensor(k) for k in names}
 
 
 def test_training_learns(shards, tmp_path):
@@ -45,7 +38,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path):
     train(load_config(None, over + ["train.steps=3"]), shards, tmp_path / "split")
     s = train(load_config(None, over), shards, tmp_path / "split")
     assert s["start_step"] == 3
-    a, b = _weights(tmp_path / "straight", 6), _weights(tmp_path / "split", 6)
+    a, b = model_weights(tmp_path / "straight", 6), model_weights(tmp_path / "split", 6)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Horovod training started by Open MPI's mpirun, with the flags Horovod recommends.
+#
+#   launch/mpirun.sh --config configs/pets_seed.yaml --data DATA --workdir RUN
+#   NP=16 HOSTFILE=hosts.txt launch/mpirun.sh --config configs/pets_seed.yaml --data DATA --workdir RUN
+#
+# Everything after the script name goes to `python -m unet_dist.train`.
+# Variables (all optional):
+#   NP             processes in all (default: GPUs per node x nodes, or CPU_RANKS per node without GPUs)
+#   HOSTFILE       Open MPI hostfile, "hostname slots=N" per line. Default: this node.
+#   GPUS_PER_NODE  default: counted with nvidia-smi -L.
+#   CPU_RANKS      processes per node without GPUs (default 2).
+#   PYTHON         default: the checkout's .venv/bin/python, else python3.
+#   MPIRUN_ARGS    extra mpirun flags (e.g. "--mca btl_tcp_if_include eth0").
+# -bind-to none -map-by slot: let each rank use its share of cores (the trainer sets its threads);
+# -x: the environment every rank needs; pml ob1 / btl ^openib: plain TCP unless you know better.
+# The trainer prints the effective world size, global batch and learning rate when it starts.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$([ -x "$here/.venv/bin/python" ] && echo "$here/.venv/bin/python" || echo python3)}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
+per_node=$GPUS_PER_NODE
+[ "$per_node" -gt 0 ] || per_node=${CPU_RANKS:-2}
+host_args=()
+if [ -n "${HOSTFILE:-}" ]; then
+  [ -f "$HOSTFILE" ] || { echo "mpirun.sh: HOSTFILE $HOSTFILE not found" >&2; exit 2; }
+  slots=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) {split($i, a, "="); s += a[2]}} END {print s + 0}' "$HOSTFILE")
+  NP=${NP:-$slots}
+  host_args=(-hostfile "$HOSTFILE")
+fi
+NP=${NP:-$per_node}
+root_args=()
+[ "$(id -u)" = 0 ] && root_args=(--allow-run-as-root)
+echo "mpirun.sh: $NP processes (${GPUS_PER_NODE} GPUs per node), ${HOSTFILE:-this node only}"
+set -x
+# shellcheck disable=SC2086  # MPIRUN_ARGS is a list of flags on purpose
+exec mpirun -np "$NP" "${host_args[@]}" "${root_args[@]}" --oversubscribe -bind-to none -map-by slot \
+  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x TF_CPP_MIN_LOG_LEVEL -x NCCL_DEBUG -x HOROVOD_STALL_CHECK_TIME_SECONDS \
+  -x HOROVOD_STALL_SHUTDOWN_TIME_SECONDS -mca pml ob1 -mca btl ^openib ${MPIRUN_ARGS:-} \
+  "$PYTHON" -m unet_dist.train "$@"
