@@ -39,6 +39,8 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# Also how long a requeued job waits before it may start again (default 120 s): short for tests.
+AuthInfo=cred_expire=20
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -65,7 +67,7 @@ running() { SLURM_CONF=$CONF timeout 10 sinfo -h -o '%T' 2>/dev/null | grep -qE 
 
 start() {
   install
-  if [ -f "$CONF" ] && running; then say "already running ($CONF)"; return 0; fi
+  if [ -f "$CONF" ] && running; then say "already running: export SLURM_CONF=$CONF"; return 0; fi
   write_conf
   if ! pgrep -x munged >/dev/null; then
     [ -f /etc/munge/munge.key ] || { mkdir -p /etc/munge; dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }

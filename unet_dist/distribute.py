@@ -167,9 +167,9 @@ class Runtime:
         global_batch, _ = self.batch_sizes()
         return dataset_fn(Shard(0, 1), global_batch)
 
-    def run(self, step_fn: Callable, batch) -> dict:
-        """Calls step_fn(batch) on every replica; returns its outputs summed over replicas."""
-        return step_fn(batch)
+    def run(self, step_fn: Callable, *args) -> dict:
+        """Calls step_fn(*args) on every replica; returns its outputs summed over replicas."""
+        return step_fn(*args)
 
     def reduce_gradients(self, grads: list) -> list:
         return grads
@@ -223,8 +223,8 @@ class MirroredRuntime(Runtime):
 
         return self.strategy.distribute_datasets_from_function(fn)
 
-    def run(self, step_fn, batch):
-        out = self.strategy.run(step_fn, args=(batch,))
+    def run(self, step_fn, *args):
+        out = self.strategy.run(step_fn, args=args)
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
 
 
@@ -236,8 +236,15 @@ class MultiWorkerRuntime(MirroredRuntime):
     def __init__(self, cfg: Config, reason: str):
         resolver = None
         if "TF_CONFIG" not in os.environ and cfg.runtime.cluster == "slurm":
-            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-                port_base=int(os.environ.get("UNET_DIST_PORT_BASE", "8888")))
+            port_base = int(os.environ.get("UNET_DIST_PORT_BASE", "8888"))
+            if shutil.which("nvidia-smi"):
+                resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)
+            else:
+                # The resolver hands out GPUs to tasks and lists no task on a node without any; on
+                # CPU nodes give it one placeholder "GPU" per task and keep CUDA_VISIBLE_DEVICES as is.
+                per_node = _local_size_from_env()
+                resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+                    port_base=port_base, gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         super().__init__(cfg, reason, strategy)
         resolver = strategy.cluster_resolver
@@ -303,8 +310,8 @@ class HorovodRuntime(Runtime):
         _, per_replica = self.batch_sizes()
         return dataset_fn(Shard(self.rank, self.world_size), per_replica)
 
-    def run(self, step_fn, batch):
-        out = step_fn(batch)
+    def run(self, step_fn, *args):
+        out = step_fn(*args)
         # Horovod: sum the reported numbers so every rank logs the global loss.
         return {k: self.hvd.allreduce(v, op=self.hvd.Sum, name=f"report_{k}") for k, v in out.items()}
 

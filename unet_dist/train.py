@@ -45,10 +45,14 @@ def main(argv=None) -> int:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     from unet_dist.data.pipeline import DataError  # TensorFlow loads here, after the config is valid
+    from unet_dist.preemption import PREEMPTED_EXIT, Preempted
     from unet_dist.trainer import TrainingError, train
 
     try:
         train(cfg, args.data, args.workdir, resume=not args.no_resume)
+    except Preempted as e:
+        print(f"train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except (ConfigError, DataError, TrainingError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import build_unet
+from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import build_optimizer, scaled_learning_rate
 
 
@@ -69,7 +70,10 @@ def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
 
 
 def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: int, xla: bool):
-    """A tf.function taking one distributed batch, returning {'loss', 'nonfinite'} summed over replicas."""
+    """A tf.function step(batch, stop) -> {'loss', 'nonfinite', 'stop'}, each summed over replicas.
+
+    stop: a float32 scalar, 1.0 when this process has been asked to stop (preemption).
+    """
 
     def forward_backward(batch):
         with tf.GradientTape() as tape:
@@ -85,16 +89,17 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
     if xla:
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(batch):
+    def replica_step(batch, stop):
         loss, grads = forward_backward(batch)
         grads = runtime.reduce_gradients(grads)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         optimizer.apply(grads, model.trainable_variables)
-        return {"loss": loss, "nonfinite": 1.0 - tf.cast(finite, tf.float32)}
+        # Preemption: this rank's stop request, summed with the others' like the loss.
+        return {"loss": loss, "nonfinite": 1.0 - tf.cast(finite, tf.float32), "stop": stop}
 
     @tf.function
-    def step(batch):
-        return runtime.run(replica_step, batch)
+    def step(batch, stop=None):
+        return runtime.run(replica_step, batch, tf.zeros([]) if stop is None else stop)
 
     return step
 
@@ -184,13 +189,14 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
     logger = Logger(workdir, runtime.is_chief, total, start)
+    watcher = PreemptionWatcher().__enter__()
     t_start = time.time()
     window_t, window_steps, images_trained = time.time(), 0, 0
     skipped_total = skipped_run = 0
     last_eval: dict = {}
     try:
         for step in range(start + 1, total + 1):
-            out = step_fn(next(batches))
+            out = step_fn(next(batches), tf.constant(1.0 if watcher.requested else 0.0))
             loss = float(out["loss"])
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at step {step}; stopped. The last good checkpoint is "
@@ -209,7 +215,8 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
             window_steps += 1
             images_trained += global_batch
             logger.advance()
-            if step % cfg.train.log_every_steps == 0 or step == total:
+            stop = float(out["stop"]) > 0  # some rank was signalled: all stop here, after this step
+            if step % cfg.train.log_every_steps == 0 or step == total or stop:
                 now = time.time()
                 ips = window_steps * global_batch / max(now - window_t, 1e-9)
                 lr = float(optimizer.learning_rate)
@@ -217,6 +224,10 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
                 if skipped_total:
                     logger.message(f"step {step}: {skipped_total} steps skipped so far (float16 overflow)")
                 window_t, window_steps = now, 0
+            if stop:
+                ckpts.save(step)
+                logger.message(f"preempted: checkpoint of step {step} saved in {ckpts.dir}")
+                raise Preempted(step, watcher.signame or "a signal to another rank")
             if step % cfg.train.checkpoint_every_steps == 0 or step == total:
                 ckpts.save(step)
             if step % cfg.train.eval_every_steps == 0 or step == total:
@@ -226,6 +237,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
                 ckpts.save_best(step, last_eval["val_iou"])
                 window_t = time.time()  # evaluation time is not training throughput
     finally:
+        watcher.__exit__(None, None, None)
         logger.close()
     wall = time.time() - t_start
     if not last_eval and start >= total:
