@@ -94,8 +94,9 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
         grads = runtime.reduce_gradients(grads)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         optimizer.apply(grads, model.trainable_variables)
-        # Preemption: this rank's stop request, summed with the others' like the loss.
-        return {"loss": loss, "nonfinite": 1.0 - tf.cast(finite, tf.float32), "stop": stop}
+        # Preemption: this rank's stop request, summed with the others' like the loss (identity makes
+        # it a per-replica value on each device, which MirroredStrategy can reduce).
+        return {"loss": loss, "nonfinite": 1.0 - tf.cast(finite, tf.float32), "stop": tf.identity(stop)}
 
     @tf.function
     def step(batch, stop=None):
