@@ -10,9 +10,11 @@ non-chief workers writing to a temporary folder (MultiWorkerMirroredStrategy).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from unet_dist.config import Config, ConfigError
@@ -20,6 +22,20 @@ from unet_dist.distribute import Runtime
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
 MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); names the folder and the last good one."""
+
+
+def check_free_space(workdir: Path, model: keras.Model, optimizer, keep: int) -> None:
+    """Refuses to start when WORKDIR's disk cannot hold the checkpoints this run will keep."""
+    per_ckpt = 4 * (model.count_params() + sum(int(np.prod(v.shape)) for v in optimizer.variables))
+    need = per_ckpt * (keep + 2)  # the kept ones, the best one, and the one being written
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise ConfigError(f"--workdir {workdir}: {free / 2**20:.1f} MiB free, its checkpoints need about "
+                          f"{need / 2**20:.1f} MiB ({keep} kept + best + one being written)")
 
 
 class Checkpoints:
@@ -71,7 +87,13 @@ class Checkpoints:
         self.step.assign(step)
         if self._latest is None:
             return
-        self._latest.save(checkpoint_number=step)
+        try:
+            self._latest.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as e:
+            # The previous checkpoint is complete and stays the latest: a failed write never replaces it.
+            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.dir}: "
+                                  f"{getattr(e, 'message', e)}; the latest complete one is "
+                                  f"{self.latest_path() or 'none'}") from None
         self.runtime.cleanup_save_dir(self.dir)
         if self.runtime.is_chief:
             (self.dir / "model.json").write_text(json.dumps(self._model_signature()))

@@ -104,6 +104,8 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0 = this process's share of the node's cores
     inter_op_threads: int = 0
     fp16_allreduce: bool = False  # Horovod: compress gradients to fp16 on the wire
+    stall_check_seconds: int = 60  # Horovod: warn when a rank has not joined a collective for this long
+    stall_shutdown_seconds: int = 300  # Horovod: then end the job instead of hanging (0 = never)
     cpu_devices: int = 0  # mirrored without GPUs: split the CPU into N logical devices (tests, CPU nodes)
 
 
@@ -121,6 +123,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 3
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
+    target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
 
 
@@ -302,6 +305,9 @@ def validate(cfg: Config) -> None:
          "optim.step_boundaries", "increasing fractions of training in (0, 1)", o.step_boundaries)
 
     need(r.intra_op_threads >= 0, "runtime.intra_op_threads", ">= 0 (0 = auto)", r.intra_op_threads)
+    need(r.stall_check_seconds >= 1, "runtime.stall_check_seconds", ">= 1", r.stall_check_seconds)
+    need(r.stall_shutdown_seconds == 0 or r.stall_shutdown_seconds > r.stall_check_seconds,
+         "runtime.stall_shutdown_seconds", "0 or more than runtime.stall_check_seconds", r.stall_shutdown_seconds)
     need(r.cpu_devices >= 0, "runtime.cpu_devices", ">= 0", r.cpu_devices)
     need(r.inter_op_threads >= 0, "runtime.inter_op_threads", ">= 0 (0 = auto)", r.inter_op_threads)
 
@@ -310,6 +316,8 @@ def validate(cfg: Config) -> None:
         need(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
     need(t.image_panels >= 0, "train.image_panels", ">= 0", t.image_panels)
     need(t.loss not in ("bce",) or m.num_classes == 2, "train.loss", "'bce' only with model.num_classes 2; use 'cce'", t.loss)
+    need(t.target_val_iou is None or 0 < t.target_val_iou <= 1, "train.target_val_iou", "null or in (0, 1]",
+         t.target_val_iou)
     need(t.weight_sigma > 0, "train.weight_sigma", "> 0", t.weight_sigma)
 
 

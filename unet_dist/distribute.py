@@ -295,6 +295,12 @@ class HorovodRuntime(Runtime):
         super().__init__(cfg, reason)
         import horovod.tensorflow as hvd
 
+        # Horovod: a rank that stops answering (hung, stopped, lost) ends the job after the stall
+        # shutdown time instead of leaving the others waiting in a collective forever. Variables
+        # already set in the environment (by a launcher or the user) win, as in Horovod itself.
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(cfg.runtime.stall_check_seconds))
+        if cfg.runtime.stall_shutdown_seconds:
+            os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.runtime.stall_shutdown_seconds))
         self.hvd = hvd
         hvd.init()
         self.rank, self.world_size = hvd.rank(), hvd.size()

@@ -18,9 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist import precision
-from unet_dist.checkpoint import Checkpoints
+from unet_dist.checkpoint import Checkpoints, check_free_space
 from unet_dist.config import Config, ConfigError, dump_config
-from unet_dist.data.pipeline import eval_dataset, load_manifest, train_dataset
+from unet_dist.data.pipeline import DataError, eval_dataset, load_manifest, lost_records, train_dataset
 from unet_dist.distribute import Runtime, make_runtime
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
@@ -142,6 +142,17 @@ def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dic
     return metrics, panel
 
 
+def next_batch(batches, data_dir: Path, manifest: dict, step: int):
+    """The next batch; unreadable data becomes one DataError naming the shard (found by a scan)."""
+    try:
+        return next(batches)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        _, lines = lost_records(data_dir, manifest)
+        where = lines[0] if lines else f"a record that does not decode ({e.message.splitlines()[0]})"
+        raise DataError(f"training data unreadable at step {step}: {where}; convert again, or set "
+                        f"data.skip_corrupt_records=true to skip what cannot be read") from None
+
+
 def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
     precision.set_policy(cfg.runtime.precision)
     with runtime.scope():
@@ -150,6 +161,50 @@ def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
         # Keras 3 under strategy.run: optimizer variables must exist before the first traced step.
         optimizer.build(model.trainable_variables)
     return model, optimizer
+
+
+class StepGuard:
+    """Stops training on a non-finite loss, and on non-finite gradients unless loss scaling (float16)
+    is on, where a skipped step is counted and too many in a row stop the run."""
+
+    def __init__(self, cfg: Config, optimizer, ckpts: Checkpoints):
+        self.max_run = cfg.train.max_skipped_steps
+        self.scaled = precision.uses_loss_scale(optimizer)
+        self.ckpts = ckpts
+        self.skipped = self._run = 0
+
+    def check(self, step: int, loss: float, nonfinite: bool) -> None:
+        last = self.ckpts.latest_path() or "none (no checkpoint yet)"
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {step}; stopped. The last good checkpoint is {last}")
+        if not nonfinite:
+            self._run = 0
+            return
+        if not self.scaled:
+            raise TrainingError(f"non-finite gradients at step {step}; stopped. The last good checkpoint is {last}")
+        self.skipped += 1
+        self._run += 1
+        if self._run > self.max_run:
+            raise TrainingError(f"{self._run} consecutive steps skipped for non-finite gradients at step {step} "
+                                f"(train.max_skipped_steps {self.max_run}); stopped")
+
+
+def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int, peak_lr: float, start: int) -> None:
+    """The start line: backend and why, world size, batch and learning rate after scaling."""
+    runtime.print(
+        f"unet_dist: strategy {runtime.name} ({runtime.reason}); world_size {runtime.world_size}, "
+        f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
+        f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
+        f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
+        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, threads {runtime.threads[0]}+{runtime.threads[1]}; "
+        + (f"resuming at step {start}" if start else "starting at step 0") + f" of {cfg.train.steps}")
+
+
+def write_run_files(cfg: Config, workdir: Path, data_dir: Path, manifest: dict) -> None:
+    """config.yaml, and data.json: what prediction needs to know of the data (resized at conversion?)."""
+    dump_config(cfg, workdir / "config.yaml")
+    data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size")}
+    atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
 
 
 def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool = True,
@@ -166,85 +221,77 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     peak_lr = scaled_learning_rate(cfg.optim, global_batch)
     model, optimizer = build_model_and_optimizer(cfg, runtime, peak_lr)
     ckpts = Checkpoints(runtime, workdir, model, optimizer, cfg)
+    if runtime.is_chief:
+        check_free_space(workdir, model, optimizer, cfg.train.keep_checkpoints)
     start = ckpts.restore_latest() if resume else 0
+    lost = 0
+    if cfg.data.skip_corrupt_records:
+        lost, lines = lost_records(data_dir, manifest)
+        for line in lines:
+            runtime.print(f"unet_dist: data.skip_corrupt_records: {line}")
+        runtime.print(f"unet_dist: skipping {lost} unreadable of {manifest['train']['records']} training records")
     runtime.broadcast_state(model.variables + optimizer.variables)
     total = cfg.train.steps
     steps_per_epoch = max(1, manifest["train"]["records"] // global_batch)
-    runtime.print(
-        f"unet_dist: strategy {runtime.name} ({runtime.reason}); world_size {runtime.world_size}, "
-        f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
-        f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
-        f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
-        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, threads {runtime.threads[0]}+{runtime.threads[1]}; "
-        + (f"resuming at step {start}" if start else "starting at step 0") + f" of {total}")
+    announce(cfg, runtime, global_batch, per_replica, peak_lr, start)
     if runtime.is_chief:
-        dump_config(cfg, workdir / "config.yaml")
-        # What prediction needs to know about the training data (resized at conversion or not).
-        data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size")}
-        atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
+        write_run_files(cfg, workdir, data_dir, manifest)
     if start >= total:
         runtime.print(f"unet_dist: {workdir} is already trained to step {start} (train.steps {total})")
 
-    loss_fn = get_loss(cfg.train)
-    step_fn = make_train_step(model, optimizer, loss_fn, runtime, global_batch, cfg.runtime.xla)
+    step_fn = make_train_step(model, optimizer, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla)
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
+    guard = StepGuard(cfg, optimizer, ckpts)
     logger = Logger(workdir, runtime.is_chief, total, start)
-    watcher = PreemptionWatcher().__enter__()
-    t_start = time.time()
-    window_t, window_steps, images_trained = time.time(), 0, 0
-    skipped_total = skipped_run = 0
+    t_start = window_t = time.time()
+    window_steps = images_trained = 0
     last_eval: dict = {}
+    reached: tuple[int, float] | None = None
     try:
-        for step in range(start + 1, total + 1):
-            out = step_fn(next(batches), tf.constant(1.0 if watcher.requested else 0.0))
-            loss = float(out["loss"])
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {step}; stopped. The last good checkpoint is "
-                                    f"{ckpts.latest_path() or 'none (no checkpoint yet)'}")
-            if float(out["nonfinite"]) > 0:
-                skipped_total += 1
-                skipped_run += 1
-                if not precision.uses_loss_scale(optimizer):
-                    raise TrainingError(f"non-finite gradients at step {step}; stopped. The last good checkpoint "
-                                        f"is {ckpts.latest_path() or 'none'}")
-                if skipped_run > cfg.train.max_skipped_steps:
-                    raise TrainingError(f"{skipped_run} consecutive steps skipped for non-finite gradients at step "
-                                        f"{step} (train.max_skipped_steps {cfg.train.max_skipped_steps}); stopped")
-            else:
-                skipped_run = 0
-            window_steps += 1
-            images_trained += global_batch
-            logger.advance()
-            stop = float(out["stop"]) > 0  # some rank was signalled: all stop here, after this step
-            if step % cfg.train.log_every_steps == 0 or step == total or stop:
-                now = time.time()
-                ips = window_steps * global_batch / max(now - window_t, 1e-9)
-                lr = float(optimizer.learning_rate)
-                logger.train(step, (step - 1) // steps_per_epoch, loss, lr, ips)
-                if skipped_total:
-                    logger.message(f"step {step}: {skipped_total} steps skipped so far (float16 overflow)")
-                window_t, window_steps = now, 0
-            if stop:
-                ckpts.save(step)
-                logger.message(f"preempted: checkpoint of step {step} saved in {ckpts.dir}")
-                raise Preempted(step, watcher.signame or "a signal to another rank")
-            if step % cfg.train.checkpoint_every_steps == 0 or step == total:
-                ckpts.save(step)
-            if step % cfg.train.eval_every_steps == 0 or step == total:
-                last_eval, panel = evaluate(model, cfg, runtime, data_dir, manifest, cfg.train.image_panels)
-                logger.eval(step, last_eval)
-                logger.images(step, panel)
-                ckpts.save_best(step, last_eval["val_iou"])
-                window_t = time.time()  # evaluation time is not training throughput
+        with PreemptionWatcher() as watcher:
+            for step in range(start + 1, total + 1):
+                batch = next_batch(batches, data_dir, manifest, step)
+                out = step_fn(batch, tf.constant(1.0 if watcher.requested else 0.0))
+                loss = float(out["loss"])
+                guard.check(step, loss, float(out["nonfinite"]) > 0)
+                window_steps += 1
+                images_trained += global_batch
+                logger.advance()
+                stop = float(out["stop"]) > 0  # some rank was signalled: all stop here, after this step
+                if step % cfg.train.log_every_steps == 0 or step == total or stop:
+                    now = time.time()
+                    ips = window_steps * global_batch / max(now - window_t, 1e-9)
+                    logger.train(step, (step - 1) // steps_per_epoch, loss, float(optimizer.learning_rate), ips)
+                    if guard.skipped:
+                        logger.message(f"step {step}: {guard.skipped} steps skipped so far (float16 overflow)")
+                    window_t, window_steps = now, 0
+                if stop:
+                    ckpts.save(step)
+                    logger.message(f"preempted: checkpoint of step {step} saved in {ckpts.dir}")
+                    raise Preempted(step, watcher.signame or "a signal to another rank")
+                if step % cfg.train.checkpoint_every_steps == 0 or step == total:
+                    ckpts.save(step)
+                if step % cfg.train.eval_every_steps == 0 or step == total:
+                    last_eval, panel = evaluate(model, cfg, runtime, data_dir, manifest, cfg.train.image_panels)
+                    logger.eval(step, last_eval)
+                    logger.images(step, panel)
+                    ckpts.save_best(step, last_eval["val_iou"])
+                    window_t = time.time()  # evaluation time is not training throughput
+                    target = cfg.train.target_val_iou
+                    if target is not None and last_eval["val_iou"] >= target:
+                        reached = (step, time.time() - t_start)
+                        logger.message(f"step {step}: val IoU {last_eval['val_iou']:.4f} >= train.target_val_iou "
+                                       f"{target}; stopping after {reached[1]:.0f} s")
+                        ckpts.save(step)
+                        break
     finally:
-        watcher.__exit__(None, None, None)
         logger.close()
     wall = time.time() - t_start
     if not last_eval and start >= total:
         last_eval, _ = evaluate(model, cfg, runtime, data_dir, manifest)
     summary = {
-        "steps": total,
+        "steps": reached[0] if reached else total,
         "start_step": start,
         "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)),
         "final_val_iou": last_eval.get("val_iou"),
@@ -262,12 +309,16 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "precision": cfg.runtime.precision,
         "xla": cfg.runtime.xla,
         "strategy": runtime.name,
-        "skipped_steps": skipped_total,
+        "skipped_steps": guard.skipped,
+        "lost_records": lost,
+        "target_val_iou": cfg.train.target_val_iou,
+        "target_reached_at_step": reached[0] if reached else None,
+        "time_to_target_s": reached[1] if reached else None,
     }
     if runtime.is_chief:
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
-    runtime.print(f"train: done: {total} steps, final val IoU {summary['final_val_iou']:.4f}, best "
+    runtime.print(f"train: done: {summary['steps']} steps, final val IoU {summary['final_val_iou']:.4f}, best "
                   f"{summary['best_val_iou']:.4f}, {summary['images_per_s']:.1f} images/s; results in {workdir}")
     runtime.barrier()
     return summary

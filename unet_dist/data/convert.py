@@ -214,6 +214,7 @@ def convert(
     tmp = {s: [out / f".{shard_name(s, i, n)}.tmp-{os.getpid()}" for i in range(n)] for s, n in n_shards.items()}
     writers = {s: [tf.io.TFRecordWriter(str(p)) for p in paths] for s, paths in tmp.items()}
     written = {"train": 0, "val": 0}
+    per_shard = {s: [0] * n for s, n in n_shards.items()}
     counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
     try:
         ctx = mp.get_context("spawn")  # never fork a process that has TensorFlow loaded
@@ -227,6 +228,7 @@ def convert(
                     continue
                 s = task.split
                 writers[s][written[s] % n_shards[s]].write(_example(rec))
+                per_shard[s][written[s] % n_shards[s]] += 1
                 written[s] += 1
                 counts[s] += rec["counts"]
         for ws in writers.values():
@@ -261,6 +263,9 @@ def convert(
             "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
         }
         for s, paths in tmp.items():
+            # Byte sizes let the pipeline tell a truncated or replaced shard before training.
+            manifest[s]["bytes"] = [p.stat().st_size for p in paths] if manifest[s]["shards"] else []
+            manifest[s]["records_per_shard"] = per_shard[s] if manifest[s]["shards"] else []
             for i, p in enumerate(paths):
                 if s == "val" and not written["val"]:
                     p.unlink()

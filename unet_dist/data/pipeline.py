@@ -67,15 +67,45 @@ def load_manifest(data_dir: str | Path) -> dict:
         if key not in manifest:
             raise DataError(f"{path}: missing key {key!r}")
     for split in ("train", "val"):
-        for name in manifest[split]["shards"]:
+        sizes = manifest[split].get("bytes") or [None] * len(manifest[split]["shards"])
+        for name, size in zip(manifest[split]["shards"], sizes, strict=True):
             f = data_dir / name
             if not f.is_file():
                 raise DataError(f"{path} names shard {f}, which does not exist")
             if f.stat().st_size == 0 and manifest[split]["records"]:
                 raise DataError(f"shard {f} is empty but {path} says it holds records")
+            if size is not None and f.stat().st_size != size:
+                raise DataError(f"shard {f} is {f.stat().st_size} bytes but {path} says {size}: truncated or "
+                                f"replaced; convert again")
     if not manifest["train"]["shards"]:
         raise DataError(f"{path}: no training shards")
     return manifest
+
+
+def corrupt_shards(files: list[str]) -> list[tuple[str, int, str]]:
+    """Reads every record of `files`; returns (file, records read before the error, error) for bad ones."""
+    bad = []
+    for f in files:
+        n = 0
+        try:
+            for _ in tf.data.TFRecordDataset(f):
+                n += 1
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as e:
+            bad.append((f, n, e.message.splitlines()[0]))
+    return bad
+
+
+def lost_records(data_dir: Path, manifest: dict, split: str = "train") -> tuple[int, list[str]]:
+    """(records that cannot be read, one line per corrupt shard) for `split`, by reading every shard."""
+    names = manifest[split]["shards"]
+    counts = manifest[split].get("records_per_shard") or [None] * len(names)
+    expected = {str(Path(data_dir) / n): c for n, c in zip(names, counts, strict=True)}
+    lost, lines = 0, []
+    for f, n, err in corrupt_shards(list(expected)):
+        missing = (expected[f] - n) if expected[f] is not None else 1
+        lost += missing
+        lines.append(f"{f}: corrupt after {n} records, {missing} lost ({err})")
+    return lost, lines
 
 
 def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -177,7 +207,12 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     elif not det:
         files = files[shard.index :: shard.count]
     ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cfg.data.cycle_length, len(files)),
+    read = tf.data.TFRecordDataset
+    if cfg.data.skip_corrupt_records:
+        # Opt-in: a corrupt record ends its shard's stream instead of the run (reported by the trainer).
+        def read(f):
+            return tf.data.TFRecordDataset(f).ignore_errors(log_warning=True)
+    ds = ds.interleave(read, cycle_length=min(cfg.data.cycle_length, len(files)),
                        num_parallel_calls=AUTOTUNE, deterministic=det or per_record)
     if per_record:
         ds = ds.shard(shard.count, shard.index)

@@ -1,0 +1,203 @@
+"""Faults and bad input: nothing lost, no hang, a clear error. See docs/reliability.md."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, model_weights, tiny_overrides
+from test_distributed import HOROVODRUN, needs_horovod
+from test_preemption import _env, _rank_pids, _train_steps, _wait_for_step
+
+from unet_dist.config import ConfigError, load_config
+from unet_dist.data.pipeline import DataError, load_manifest
+from unet_dist.trainer import TrainingError, train
+
+OVER = tiny_overrides(steps=40) + ["model.base_filters=8", "model.batch_norm=false", "optim.name=sgd",
+                                   "optim.momentum=0.9", "train.checkpoint_every_steps=5"]
+
+
+def _cmd(data, workdir, over=OVER, *extra):
+    args = [sys.executable, "-m", "unet_dist.train", "--data", str(data), "--workdir", str(workdir), "--deterministic"]
+    for o in [*over, *extra]:
+        args += ["--set", o]
+    return args
+
+
+def _hvd(cmd):
+    return [str(HOROVODRUN), "-np", "2", "--gloo", "-H", "localhost:2", *cmd]
+
+
+@pytest.mark.dist
+@needs_horovod
+def test_killed_rank_ends_the_job_and_rerun_resumes_exactly(shards, tmp_path):
+    straight, w = tmp_path / "straight", tmp_path / "w"
+    subprocess.run(_cmd(shards, straight), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_hvd(_cmd(shards, w)), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(w, 12, proc)
+    victim = max(_rank_pids(w))
+    os.kill(victim, signal.SIGKILL)
+    t = time.time()
+    out, err = proc.communicate(timeout=120)  # bounded: no hang
+    assert time.time() - t < 120 and proc.returncode != 0
+    assert "exit with status code" in out + err or "exited" in out + err, (out + err)[-2000:]
+    assert not (w / "summary.json").exists()
+    # Rerun the same command: resumes from the last checkpoint, replays the data order from there.
+    again = subprocess.run(_hvd(_cmd(shards, w)), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step" in again.stdout
+    assert _train_steps(w) == list(range(1, 41))
+    a, b = model_weights(straight, 40), model_weights(w, 40)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_kill_while_writing_checkpoints_keeps_the_latest_restorable(shards, tmp_path):
+    w = tmp_path / "w"
+    over = tiny_overrides(steps=400) + ["model.base_filters=32", "train.checkpoint_every_steps=1",
+                                        "runtime.strategy=single"]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        proc = subprocess.Popen(_cmd(shards, w, over), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        start = len(_train_steps(w)) if (w / "metrics.jsonl").exists() else 0
+        _wait_for_step(w, start + 3, proc)
+        time.sleep(rng.uniform(0.0, 0.5))  # every step writes a checkpoint: often killed mid-write
+        proc.kill()
+        proc.wait()
+        import tensorflow as tf
+
+        latest = tf.train.latest_checkpoint(str(w / "checkpoints"))
+        assert latest is not None
+        model_weights(w, int(latest.rsplit("-", 1)[1]))  # restores completely
+    # And training goes on from there.
+    done = subprocess.run(_cmd(shards, w, over, "train.steps=12"), cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "resuming at step" in done.stdout, done.stderr[-2000:]
+
+
+def _copy(shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    return copy, json.loads((copy / "manifest.json").read_text())
+
+
+def test_truncated_shard_is_named_before_work(shards, tmp_path):
+    copy, m = _copy(shards, tmp_path)
+    victim = copy / m["train"]["shards"][2]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(DataError, match=rf"{victim.name} is \d+ bytes .* truncated"):
+        load_manifest(copy)
+
+
+def test_corrupt_shard_is_named_and_skipping_is_opt_in(shards, tmp_path):
+    copy, m = _copy(shards, tmp_path)
+    victim = copy / m["train"]["shards"][1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # same size, bad CRC in the middle
+    victim.write_bytes(bytes(data))
+    cfg = load_config(None, tiny_overrides(steps=30) + ["runtime.deterministic=true"])
+    with pytest.raises(DataError, match=rf"training data unreadable at step \d+: .*{victim.name}: corrupt after \d+ "
+                                        r"records, \d+ lost .*skip_corrupt_records"):
+        train(cfg, copy, tmp_path / "w")
+    cfg = load_config(None, tiny_overrides(steps=30) + ["runtime.deterministic=true",
+                                                        "data.skip_corrupt_records=true"])
+    s = train(cfg, copy, tmp_path / "w2")
+    assert 0 < s["lost_records"] < m["train"]["records_per_shard"][1] + 1
+
+
+def test_too_many_skipped_float16_steps_stop_with_a_message(shards, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    import unet_dist.trainer as T
+
+    real = T.get_loss
+
+    def overflowing(cfg):
+        fn = real(cfg)
+        calls = tf.Variable(0)
+
+        def loss(y, p, w=None):
+            calls.assign_add(1)
+            # Finite loss whose gradients overflow float16 from step 3 on.
+            return fn(y, p, w) * tf.stop_gradient(tf.where(calls > 2, 1e30, 1.0))
+
+        return loss
+
+    monkeypatch.setattr(T, "get_loss", overflowing)
+    cfg = load_config(None, tiny_overrides(steps=30) + ["runtime.precision=mixed_float16", "train.max_skipped_steps=4"])
+    with pytest.raises(TrainingError, match=r"5 consecutive steps skipped .* at step 7"):
+        train(cfg, shards, tmp_path / "w")
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] <= 7
+
+
+@pytest.mark.dist
+@needs_horovod
+def test_workers_with_unequal_shards_never_hang(pet_src, tmp_path):
+    from unet_dist.data.convert import convert
+
+    data = tmp_path / "uneven"
+    convert(pet_src, data, image_size=(64, 64), shards=5, val_fraction=0.25, workers=1, progress=False)
+    m = json.loads((data / "manifest.json").read_text())
+    per_rank = [sum(m["train"]["records_per_shard"][i::2]) for i in range(2)]
+    assert per_rank[0] != per_rank[1]  # rank 0 reads more records than rank 1
+    over = tiny_overrides(steps=20) + ["train.eval_every_steps=7"]  # not --deterministic: split by file
+    cmd = [sys.executable, "-m", "unet_dist.train", "--data", str(data), "--workdir", str(tmp_path / "w")]
+    for o in over:
+        cmd += ["--set", o]
+    proc = subprocess.run(_hvd(cmd), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "w" / "summary.json").read_text())["steps"] == 20
+
+
+@pytest.mark.dist
+@needs_horovod
+def test_a_stalled_rank_ends_the_job(shards, tmp_path):
+    w = tmp_path / "w"
+    over = tiny_overrides(steps=2000) + ["runtime.stall_check_seconds=2", "runtime.stall_shutdown_seconds=6"]
+    cmd = [sys.executable, "-m", "unet_dist.train", "--data", str(shards), "--workdir", str(w)]
+    for o in over:
+        cmd += ["--set", o]
+    env = {k: v for k, v in _env().items() if not k.startswith("HOROVOD_STALL")}
+    proc = subprocess.Popen(_hvd(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(w, 3, proc)
+    victim = max(_rank_pids(w))
+    os.kill(victim, signal.SIGSTOP)  # alive but silent: the worst kind of failure for a collective
+    t = time.time()
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        os.kill(victim, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode != 0 and time.time() - t < 180, (out + err)[-3000:]
+
+
+def test_bad_workdir_and_data_fail_in_one_line_before_work(shards, tmp_path, monkeypatch):
+    cfg = load_config(None, tiny_overrides(steps=2))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="--workdir .* not writable"):
+        train(cfg, shards, blocker / "w")
+    with pytest.raises(DataError, match="does not exist"):
+        train(cfg, tmp_path / "missing", tmp_path / "w")
+    import unet_dist.checkpoint as C
+
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"MiB free, its checkpoints need about"):
+        train(cfg, shards, tmp_path / "full")
+    assert not list((tmp_path / "full").glob("checkpoints/ckpt-*"))
+
+
+def test_cli_reports_bad_input_in_one_line(shards, tmp_path):
+    from conftest import run_module
+
+    proc = run_module("unet_dist.train", "--data", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(lines) == 1 and "nope" in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,1 @@
+"""Benchmarks behind `python -m unet_dist.bench`; each `run(args)` returns a JSON-able dict."""

@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmarks: the paper's input code (for comparison), timing, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def paper_generator(image_paths: list[Path], mask_dir: Path, batch: int, size: int):
+    """The seed paper's input path, reproduced for comparison: PIL open + resize + numpy, one by one."""
+    from PIL import Image
+
+    while True:
+        for i in range(0, len(image_paths) - batch + 1, batch):
+            xs, ys = [], []
+            for p in image_paths[i : i + batch]:
+                img = Image.open(p).convert("RGB").resize((size, size))
+                tri = Image.open(mask_dir / f"{p.stem}.png").resize((size, size), Image.NEAREST)
+                xs.append(np.asarray(img, np.float32) / 255.0)
+                ys.append((np.asarray(tri) == 1).astype(np.float32)[..., None])
+            yield np.stack(xs), np.stack(ys)
+
+
+def source_pairs(manifest: dict, source: Path | None) -> tuple[list[Path], Path]:
+    src = Path(source or manifest["source"])
+    masks = src / "annotations" / "trimaps"
+    images = sorted(p for p in (src / "images").glob("*.jpg") if (masks / f"{p.stem}.png").exists())
+    if not images:
+        raise SystemExit(f"bench: no Oxford-Pet layout images with trimaps under {src}")
+    return images, masks
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "machine": platform.machine(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def time_iter(it, n: int, warmup: int) -> float:
+    for _ in range(warmup):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return time.perf_counter() - t
+
+

@@ -1,0 +1,78 @@
+"""FLOPs per training image counted from the layers, achieved FLOP/s, and the machine's matmul peak."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from unet_dist.perf.common import machine
+
+
+def forward_flops(model) -> int:
+    """Multiply-adds x 2 of the convolutions for one image (the rest of a U-Net is well under 1%).
+
+    Conv2D: 2 k_h k_w C_in C_out H_out W_out; Conv2DTranspose: 2 k_h k_w C_in C_out H_in W_in.
+    """
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            kh, kw, c_out, c_in = layer.kernel.shape
+            _, h, w, _ = layer.input.shape
+            total += 2 * kh * kw * c_in * c_out * h * w
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw, c_in, c_out = layer.kernel.shape
+            _, h, w, _ = layer.output.shape
+            total += 2 * kh * kw * c_in * c_out * h * w
+    return int(total)
+
+
+def matmul_peak(dtype: str, n: int = 2048, reps: int = 20) -> float:
+    """FLOP/s of an n x n matrix multiply in `dtype`, this process's threads: the attainable peak."""
+    import tensorflow as tf
+
+    a = tf.random.normal([n, n], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    b = tf.cast(tf.random.normal([n, n]), dtype)
+
+    @tf.function
+    def many(x, y):
+        acc = tf.zeros([], tf.float32)
+        for _ in range(reps):
+            acc += tf.cast(tf.reduce_sum(tf.matmul(x, y)[:1, :1]), tf.float32)
+        return acc
+
+    float(many(a, b))
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        float(many(a, b))
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def run(args) -> dict:
+    from unet_dist.config import load_config
+    from unet_dist.data.pipeline import load_manifest
+    from unet_dist.model import build_unet
+    from unet_dist.perf.train import step_images_per_s, variant_config
+
+    cfg = load_config(args.config, list(args.set))
+    fwd = forward_flops(build_unet(cfg.model, tuple(cfg.data.image_size)))
+    train_flops = 3 * fwd  # forward + backward (gradients w.r.t. inputs and weights: 2x forward)
+    manifest = load_manifest(args.data)
+    out = {"bench": "flops", "config": str(args.config), "image_size": cfg.data.image_size,
+           "forward_gflops_per_image": fwd / 1e9, "train_gflops_per_image": train_flops / 1e9, "variants": {}}
+    runtime = None
+    for variant in args.variants:
+        vcfg = variant_config(args, variant)
+        ips, runtime = step_images_per_s(vcfg, args.data, manifest, args.steps, runtime)
+        dtype = "bfloat16" if vcfg.runtime.precision == "mixed_bfloat16" else "float32"
+        peak = matmul_peak(dtype)
+        achieved = ips * train_flops
+        out["variants"][variant] = {"images_per_s": ips, "achieved_gflop_s": achieved / 1e9,
+                                    "matmul_peak_gflop_s": peak / 1e9, "fraction_of_peak": achieved / peak}
+        print(f"bench flops: {variant}: {achieved / 1e9:.1f} GFLOP/s of {peak / 1e9:.1f} ({achieved / peak:.0%})",
+              file=sys.stderr, flush=True)
+    return {**out, **machine()}

@@ -1,0 +1,50 @@
+"""Peak resident memory of training and conversion, each measured in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from unet_dist.perf.common import machine
+
+# A child that runs a command and reports the peak RSS of everything it waited for (its children and
+# theirs): RUSAGE_CHILDREN's ru_maxrss is the largest single process, in KiB on Linux.
+_PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+
+
+def peak_rss_mib(cmd: list[str]) -> float:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, env=env)
+    kib, rc = out.stdout.split()[-2:]
+    if rc != "0":
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return int(kib) / 1024
+
+
+def run(args) -> dict:
+    py = sys.executable
+    res: dict = {"bench": "memory"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, config, extra in (("demo", "configs/demo.yaml", []),
+                                    ("pets_seed", "configs/pets_seed.yaml", ["--set", "data.image_size=[256, 256]"])):
+            cmd = [py, "-m", "unet_dist.train", "--config", config, "--data", str(args.data), "--workdir",
+                   str(tmp / name), "--steps", str(args.steps), "--set", "train.eval_every_steps=1000000", *extra]
+            res[f"train_{name}_peak_rss_mib"] = peak_rss_mib(cmd)
+            print(f"bench memory: train {name}: {res[f'train_{name}_peak_rss_mib']:.0f} MiB", file=sys.stderr)
+        for n in args.convert_sizes:
+            src = tmp / f"src{n}"
+            subprocess.run([py, "-m", "unet_dist.synthetic", str(src), "-n", str(n)], check=True, capture_output=True)
+            res[f"convert_{n}_peak_rss_mib"] = peak_rss_mib(
+                [py, "-m", "unet_dist.convert", str(src), str(tmp / f"out{n}"), "--workers", "2"])
+            print(f"bench memory: convert {n}: {res[f'convert_{n}_peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    small, large = min(args.convert_sizes), max(args.convert_sizes)
+    res["convert_growth"] = res[f"convert_{large}_peak_rss_mib"] / res[f"convert_{small}_peak_rss_mib"] - 1
+    res["train_steps"] = args.steps
+    return {**res, **machine()}
+
+

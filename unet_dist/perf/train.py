@@ -1,0 +1,90 @@
+"""Train-step throughput under precision/XLA variants against the paper's own Keras code."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from unet_dist.perf.common import machine, paper_generator, source_pairs
+
+
+def step_images_per_s(cfg, data_dir: Path, manifest: dict, steps: int, runtime=None) -> tuple[float, object]:
+    """images/s of our train step on 4 real batches held in memory (the step alone, not the input).
+
+    Returns (images/s, the runtime, reusable across calls in one process).
+    """
+    import keras
+
+    from unet_dist import precision
+    from unet_dist.data.pipeline import Shard, train_dataset
+    from unet_dist.distribute import make_runtime
+    from unet_dist.losses import get_loss
+    from unet_dist.trainer import build_model_and_optimizer, make_train_step
+
+    runtime = runtime or make_runtime(cfg)
+    runtime.cfg = cfg
+    global_batch, _ = runtime.batch_sizes()
+    keras.utils.set_random_seed(0)
+    model, opt = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
+    step = make_train_step(model, opt, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla)
+    it = iter(train_dataset(data_dir, cfg, global_batch, global_batch, Shard(0, 1), manifest=manifest))
+    batches = [next(it) for _ in range(4)]
+    for i in range(3):  # trace, compile, warm up
+        float(step(batches[i % 4])["loss"])
+    t = time.perf_counter()
+    for i in range(steps):
+        out = step(batches[i % 4])
+    float(out["loss"])
+    ips = steps * global_batch / (time.perf_counter() - t)
+    precision.set_policy("float32")
+    return ips, runtime
+
+
+def paper_fit_images_per_s(cfg, manifest: dict, source: Path | None, steps: int) -> float:
+    """The paper's code path: its Keras model compiled with RMSprop + BCE, model.fit on its PIL generator."""
+    import keras
+
+    from unet_dist import precision
+    from unet_dist.model import build_unet
+
+    precision.set_policy("float32")
+    keras.utils.set_random_seed(0)
+    model = build_unet(cfg.model, tuple(cfg.data.image_size))
+    model.compile(optimizer=keras.optimizers.RMSprop(1e-3), loss="binary_crossentropy")
+    images, masks = source_pairs(manifest, source)
+    batch = cfg.data.global_batch_size or cfg.data.per_replica_batch_size
+    gen = paper_generator(images, masks, batch, cfg.data.image_size[0])
+    model.fit(gen, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
+    t = time.perf_counter()
+    model.fit(gen, steps_per_epoch=steps, epochs=1, verbose=0)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def variant_config(args, variant: str):
+    from unet_dist.config import load_config
+
+    prec, _, xla = variant.partition("+")
+    return load_config(args.config, list(args.set) + [f"runtime.precision={prec}", "runtime.strategy=single",
+                                                      f"runtime.xla={'true' if xla == 'xla' else 'false'}"])
+
+
+def run(args) -> dict:
+    from unet_dist.config import load_config
+    from unet_dist.data.pipeline import load_manifest
+
+    manifest = load_manifest(args.data)
+    results: dict[str, float] = {}
+    runtime = None
+    for variant in args.variants:
+        results[variant], runtime = step_images_per_s(variant_config(args, variant), args.data, manifest, args.steps,
+                                                      runtime)
+        print(f"bench train: {variant}: {results[variant]:.2f} images/s", file=sys.stderr, flush=True)
+    base = load_config(args.config, list(args.set))
+    paper = paper_fit_images_per_s(base, manifest, args.source, args.steps)
+    print(f"bench train: paper model.fit: {paper:.2f} images/s", file=sys.stderr, flush=True)
+    best = max(results, key=results.get)
+    return {"bench": "train", "config": str(args.config), "images_per_s": results, "paper_fit_images_per_s": paper,
+            "best_variant": best, "speedup_best": results[best] / paper,
+            "global_batch_size": base.data.global_batch_size, "image_size": base.data.image_size,
+            "steps": args.steps, **machine()}
