@@ -17,25 +17,11 @@
 # with data.global_batch_size fixed, each rank gets global / NP; with per_replica_batch_size the
 # global batch grows with NP and optim.lr_scaling scales the learning rate.
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-$([ -x "$here/.venv/bin/python" ] && echo "$here/.venv/bin/python" || echo python3)}
+source "$(dirname "$0")/common.sh"
 HOROVODRUN=${HOROVODRUN:-$(dirname "$PYTHON")/horovodrun}
 command -v "$HOROVODRUN" >/dev/null || HOROVODRUN=horovodrun
-GPUS_PER_NODE=${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
-per_node=$GPUS_PER_NODE
-[ "$per_node" -gt 0 ] || per_node=${CPU_RANKS:-2}
-
-hosts_args=()
-if [ -n "${HOSTFILE:-}" ]; then
-  [ -f "$HOSTFILE" ] || { echo "horovodrun.sh: HOSTFILE $HOSTFILE not found" >&2; exit 2; }
-  slots=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) {split($i, a, "="); s += a[2]}} END {print s + 0}' "$HOSTFILE")
-  NP=${NP:-$slots}
-  hosts_args=(--hostfile "$HOSTFILE")
-else
-  NP=${NP:-$per_node}
-  hosts_args=(-H "localhost:$NP")
-fi
-echo "horovodrun.sh: $NP processes (${GPUS_PER_NODE} GPUs per node), ${HOSTFILE:-this node only}"
+hosts_args=(-H "localhost:$NP")
+[ -n "${HOSTFILE:-}" ] && hosts_args=(--hostfile "$HOSTFILE")
 set -x
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of flags on purpose
 exec "$HOROVODRUN" -np "$NP" "${hosts_args[@]}" ${HOROVODRUN_ARGS:-} "$PYTHON" -m unet_dist.train "$@"

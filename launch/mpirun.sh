@@ -16,22 +16,11 @@
 # -x: the environment every rank needs; pml ob1 / btl ^openib: plain TCP unless you know better.
 # The trainer prints the effective world size, global batch and learning rate when it starts.
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-$([ -x "$here/.venv/bin/python" ] && echo "$here/.venv/bin/python" || echo python3)}
-GPUS_PER_NODE=${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
-per_node=$GPUS_PER_NODE
-[ "$per_node" -gt 0 ] || per_node=${CPU_RANKS:-2}
+source "$(dirname "$0")/common.sh"
 host_args=()
-if [ -n "${HOSTFILE:-}" ]; then
-  [ -f "$HOSTFILE" ] || { echo "mpirun.sh: HOSTFILE $HOSTFILE not found" >&2; exit 2; }
-  slots=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) {split($i, a, "="); s += a[2]}} END {print s + 0}' "$HOSTFILE")
-  NP=${NP:-$slots}
-  host_args=(-hostfile "$HOSTFILE")
-fi
-NP=${NP:-$per_node}
+[ -n "${HOSTFILE:-}" ] && host_args=(-hostfile "$HOSTFILE")
 root_args=()
 [ "$(id -u)" = 0 ] && root_args=(--allow-run-as-root)
-echo "mpirun.sh: $NP processes (${GPUS_PER_NODE} GPUs per node), ${HOSTFILE:-this node only}"
 set -x
 # shellcheck disable=SC2086  # MPIRUN_ARGS is a list of flags on purpose
 exec mpirun -np "$NP" "${host_args[@]}" "${root_args[@]}" --oversubscribe -bind-to none -map-by slot \

@@ -80,3 +80,28 @@ def model_weights(workdir: Path, step: int) -> dict:
     weights = {v.path: v.numpy() for v in model.weights}
     assert any("kernel" in k for k in weights), weights.keys()
     return weights
+
+
+def scale_loss_after(monkeypatch, after_steps: int, factor: float) -> None:
+    """Makes the trainer's loss `factor` times larger from step after_steps + 1 on (a fault injector).
+
+    The factor goes through stop_gradient, so gradients scale with it too; a tf.Variable counts
+    executions of the traced step, not traces.
+    """
+    import tensorflow as tf
+
+    import unet_dist.trainer as T
+
+    real = T.get_loss
+
+    def scaled(cfg):
+        fn = real(cfg)
+        calls = tf.Variable(0)
+
+        def loss(y, p, w=None):
+            calls.assign_add(1)
+            return fn(y, p, w) * tf.stop_gradient(tf.where(calls > after_steps, factor, 1.0))
+
+        return loss
+
+    monkeypatch.setattr(T, "get_loss", scaled)

@@ -168,3 +168,21 @@ def test_resume_across_world_sizes(shards, single_run, tmp_path):
                                  cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600))
     assert "resuming at step 3" in proc.stdout and "world_size 1" in proc.stdout
     _assert_same_run(single_run, w, "horovod 2 -> single")
+
+
+@needs_horovod
+@pytest.mark.parametrize("script", ["horovodrun.sh", "mpirun.sh"])
+def test_launch_scripts_pass_arguments_through(shards, tmp_path, script):
+    if script == "mpirun.sh" and shutil.which("mpirun") is None:
+        pytest.skip("Open MPI not installed")
+    w = tmp_path / "w with space"  # arguments are quoted all the way through
+    args = ["--data", str(shards), "--workdir", str(w)]
+    for o in tiny_overrides(steps=2):
+        args += ["--set", o]
+    env = {**_env(), "CPU_RANKS": "2", "PYTHON": sys.executable, "GPUS_PER_NODE": "0"}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{script}: 2 processes" in proc.stdout + proc.stderr
+    s = json.loads((w / "summary.json").read_text())
+    assert s["world_size"] == 2 and "global batch 4 (2 per replica), lr" in proc.stdout

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, model_weights, tiny_overrides
+from conftest import ROOT, model_weights, scale_loss_after, tiny_overrides
 from test_distributed import HOROVODRUN, needs_horovod
 from test_preemption import _env, _rank_pids, _train_steps, _wait_for_step
 
@@ -113,24 +113,7 @@ def test_corrupt_shard_is_named_and_skipping_is_opt_in(shards, tmp_path):
 
 
 def test_too_many_skipped_float16_steps_stop_with_a_message(shards, tmp_path, monkeypatch):
-    import tensorflow as tf
-
-    import unet_dist.trainer as T
-
-    real = T.get_loss
-
-    def overflowing(cfg):
-        fn = real(cfg)
-        calls = tf.Variable(0)
-
-        def loss(y, p, w=None):
-            calls.assign_add(1)
-            # Finite loss whose gradients overflow float16 from step 3 on.
-            return fn(y, p, w) * tf.stop_gradient(tf.where(calls > 2, 1e30, 1.0))
-
-        return loss
-
-    monkeypatch.setattr(T, "get_loss", overflowing)
+    scale_loss_after(monkeypatch, 2, 1e30)  # finite loss, gradients overflow float16 from step 3 on
     cfg = load_config(None, tiny_overrides(steps=30) + ["runtime.precision=mixed_float16", "train.max_skipped_steps=4"])
     with pytest.raises(TrainingError, match=r"5 consecutive steps skipped .* at step 7"):
         train(cfg, shards, tmp_path / "w")

@@ -80,3 +80,27 @@ def test_head_is_float32_under_mixed_precision():
 def test_bad_arguments_raise_before_building(kwargs, size, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         build_unet(ModelConfig(**kwargs), size)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_keras_batch_norm(policy):
+    from unet_dist.model import FusedBatchNorm
+
+    keras.mixed_precision.set_global_policy(policy)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 8, 8, 5)).astype(np.float32)
+    ours, ref = FusedBatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    for layer in (ours, ref):
+        layer.gamma.assign(np.linspace(0.5, 1.5, 5))
+        layer.beta.assign(np.linspace(-1, 1, 5))
+    tol = 1e-4 if policy == "float32" else 3e-2
+    for _ in range(3):  # training mode, and the moving statistics it leaves behind
+        np.testing.assert_allclose(np.asarray(ours(x, training=True), np.float32),
+                                   np.asarray(ref(x, training=True), np.float32), atol=tol, rtol=tol)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-4)
+    n = x.size // 5  # the fused kernel keeps the unbiased variance, Keras the biased one
+    np.testing.assert_allclose(ours.moving_variance.numpy(), 0.9**3 + (ref.moving_variance.numpy() - 0.9**3) * n / (n - 1),
+                               rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(ours(x, training=False), np.float32),
+                               np.asarray(ref(x, training=False), np.float32), atol=0.05, rtol=0.05)

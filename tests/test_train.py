@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import model_weights, run_module, tiny_overrides
+from conftest import model_weights, run_module, scale_loss_after, tiny_overrides
 
 from unet_dist.config import ConfigError, load_config
 from unet_dist.trainer import TrainingError, train
@@ -48,23 +48,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     over = tiny_overrides(steps=6) + ["train.checkpoint_every_steps=2"]
-    import unet_dist.trainer as T
-
-    real = T.get_loss
-
-    def poisoned(cfg):
-        fn = real(cfg)
-        calls = tf.Variable(0)
-
-        def loss(y, p, w=None):
-            calls.assign_add(1)
-            value = fn(y, p, w)
-            # A factor of 1 for three steps, then NaN (a tf.Variable: counts executions, not traces).
-            return value * tf.stop_gradient(tf.where(calls > 3, np.nan, 1.0))
-
-        return loss
-
-    monkeypatch.setattr(T, "get_loss", poisoned)
+    scale_loss_after(monkeypatch, 3, np.nan)  # three good steps, then NaN
     with pytest.raises(TrainingError, match=r"loss is nan at step 4.*ckpt-2"):
         train(load_config(None, over), shards, tmp_path / "w")
     assert tf.train.latest_checkpoint(str(tmp_path / "w" / "checkpoints")).endswith("ckpt-2")

@@ -46,15 +46,15 @@ def draw(seed: tf.Tensor, cfg: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
     return u, n
 
 
-def crop_resize(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], seed: tf.Tensor,
+def crop_resize(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: tf.Tensor,
                 cfg: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
     """Zoom, random crop and flips of one sample, resampled once to `size`.
 
-    image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; seed (2,) int64. Zoom is in
+    image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (10,) the sample's
+    uniforms from `draw`. Zoom is in
     [max(1, scale_min), scale_max]: the (1 / zoom) window is placed at random inside the image.
     Returns image (h, w, 3) float32 in [0, 1] (bilinear), mask (h, w, 1) uint8 (nearest neighbour).
     """
-    u, _ = draw(seed, cfg)
     zoom = tf.constant(1.0)
     cy = cx = tf.constant(0.5)
     if cfg.scale_crop:
@@ -149,20 +149,19 @@ def _colour(images: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     return images
 
 
-def augment_batch(images: tf.Tensor, masks: tf.Tensor, seeds: tf.Tensor,
+def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf.Tensor,
                   cfg: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
     """Rotations, elastic deformation and colour jitter of a batch (after `crop_resize`).
 
     Args:
       images: (B, H, W, 3) float32 in [0, 1], H and W static.
       masks: (B, H, W, 1) uint8 class ids.
-      seeds: (B, 2) int64, the per-sample seeds given to `crop_resize`.
+      u, normals: (B, 10) and (B, g, g, 2), each sample's draws (`draw`, as given to `crop_resize`).
       cfg: which transforms are on; pixels from outside the image are mirrored.
     Returns:
       images (B, H, W, 3) float32 in [0, 1], masks (B, H, W, 1) uint8.
     """
     h, w = images.shape[1], images.shape[2]
-    u, normals = tf.map_fn(lambda s: draw(s, cfg), seeds, fn_output_signature=(tf.float32, tf.float32))
     transforms = _rotation(u, h, w, cfg)
     if transforms is not None:
         images = _transform(images, transforms, "BILINEAR")
@@ -176,7 +175,7 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seeds: tf.Tensor,
 def augment(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], cfg: AugmentConfig,
             seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """One sample through both stages, as the pipeline does it. seed: (2,) int64."""
-    seed = tf.cast(seed, tf.int64)
-    image, mask = crop_resize(image, mask, size, seed, cfg)
-    images, masks = augment_batch(image[None], mask[None], seed[None], cfg)
+    u, normals = draw(tf.cast(seed, tf.int64), cfg)
+    image, mask = crop_resize(image, mask, size, u, cfg)
+    images, masks = augment_batch(image[None], mask[None], u[None], normals[None], cfg)
     return images[0], masks[0]

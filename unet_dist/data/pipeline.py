@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist.config import Config
-from unet_dist.data.augment import augment_batch, crop_resize, resize_pair
+from unet_dist.data.augment import augment_batch, crop_resize, draw, resize_pair
 from unet_dist.shapes import output_size
 
 log = logging.getLogger(__name__)
@@ -230,12 +230,13 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     base_seed = seed + ((0 if det else shard.index) << 20)
 
     def decode(index, serialized):
-        sample_seed = tf.stack([tf.constant(base_seed, tf.int64), index])
-        image, mask = crop_resize(*parse_record(serialized), size, sample_seed, cfg.data.augment)
-        return {"image": image, "mask": mask, "seed": sample_seed}
+        # Every random number of this sample, drawn once from its own seed and carried to the batch.
+        u, normals = draw(tf.stack([tf.constant(base_seed, tf.int64), index]), cfg.data.augment)
+        image, mask = crop_resize(*parse_record(serialized), size, u, cfg.data.augment)
+        return {"image": image, "mask": mask, "u": u, "normals": normals}
 
     def augment(batch):
-        images, masks = augment_batch(batch["image"], batch["mask"], batch["seed"], cfg.data.augment)
+        images, masks = augment_batch(batch["image"], batch["mask"], batch["u"], batch["normals"], cfg.data.augment)
         out = {"image": images, "mask": _crop_labels(masks, cfg)}
         if weighted:
             w = tf.numpy_function(

@@ -28,7 +28,7 @@ def commands(args) -> dict[str, list[str]]:
         "flops": [*py, "flops", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "6"],
         "scaling": [*py, "scaling", "--steps", "20"],
         "memory": [*py, "memory", "--data", demo],
-        "tta": [*py, "tta", "--data", demo],
+        "tta": [*py, "tta", "--data", demo, "--max-steps", "600"],
     }
 
 

@@ -1,0 +1,13 @@
+# Sourced by horovodrun.sh and mpirun.sh: the Python to run, and how many processes.
+# Sets PYTHON, GPUS_PER_NODE and NP (from HOSTFILE slots, or the GPUs of this node, or CPU_RANKS).
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-$([ -x "$here/.venv/bin/python" ] && echo "$here/.venv/bin/python" || echo python3)}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
+per_node=$GPUS_PER_NODE
+[ "$per_node" -gt 0 ] || per_node=${CPU_RANKS:-2}
+if [ -n "${HOSTFILE:-}" ]; then
+  [ -f "$HOSTFILE" ] || { echo "$(basename "$0"): HOSTFILE $HOSTFILE not found" >&2; exit 2; }
+  NP=${NP:-$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) {split($i, a, "="); s += a[2]}} END {print s + 0}' "$HOSTFILE")}
+fi
+NP=${NP:-$per_node}
+echo "$(basename "$0"): $NP processes (${GPUS_PER_NODE} GPUs per node), ${HOSTFILE:-this node only}"
