@@ -41,16 +41,29 @@ def step_images_per_s(cfg, data_dir: Path, manifest: dict, steps: int, runtime=N
     return ips, runtime
 
 
+def paper_model(cfg):
+    """Our U-Net as the paper's code builds it: stock Keras layers (keras.layers.BatchNormalization)."""
+    import keras
+
+    from unet_dist.model import FusedBatchNorm, build_unet
+
+    def stock(layer):
+        if isinstance(layer, FusedBatchNorm):
+            return keras.layers.BatchNormalization.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    return keras.models.clone_model(build_unet(cfg.model, tuple(cfg.data.image_size)), clone_function=stock)
+
+
 def paper_fit_images_per_s(cfg, manifest: dict, source: Path | None, steps: int) -> float:
     """The paper's code path: its Keras model compiled with RMSprop + BCE, model.fit on its PIL generator."""
     import keras
 
     from unet_dist import precision
-    from unet_dist.model import build_unet
 
     precision.set_policy("float32")
     keras.utils.set_random_seed(0)
-    model = build_unet(cfg.model, tuple(cfg.data.image_size))
+    model = paper_model(cfg)
     model.compile(optimizer=keras.optimizers.RMSprop(1e-3), loss="binary_crossentropy")
     images, masks = source_pairs(manifest, source)
     batch = cfg.data.global_batch_size or cfg.data.per_replica_batch_size
