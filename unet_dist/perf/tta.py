@@ -43,4 +43,4 @@ def run(args) -> dict:
         res["speedup"] = paper / ours
     elif ours:  # the paper's recipe did not get there: the ratio is at least this
         res["speedup_at_least"] = res["paper_recipe"]["wall_s"] / ours
-    return {**res, "config": str(args.config), "paper_recipe": PAPER_RECIPE, **machine()}
+    return {**res, "config": str(args.config), "paper_recipe_overrides": PAPER_RECIPE, **machine()}
