@@ -69,7 +69,10 @@ def render(results: dict, out: Path) -> str:
     lines = ["# Benchmarks", "",
              "Produced by `python -m unet_dist.bench report` (unet_dist/perf/report.py): every number below comes "
              "from the run whose command is shown with it; the raw JSON is in `docs/bench/`. Comparisons are "
-             "measured side by side in one process run, as ratios.", ""]
+             "measured side by side in one run, as ratios.", "",
+             "Data: `python -m unet_dist.synthetic runs/bench/raw -n 300 --seed 1` then `python -m unet_dist.convert "
+             "runs/bench/raw runs/bench/data256 --image-size 256` (the `--data` below; source images 240-500 px "
+             "a side, like the Pet photos), and the demo's `runs/demo/data` (128x128, from `make demo`).", ""]
     any_result = next(iter(results.values()))
     lines += [f"Machine: {any_result.get('cpus')} CPU cores ({any_result.get('cpu', '?')}), "
               f"{any_result.get('machine')}, Python {any_result.get('python')}, no GPU. Date: {any_result.get('date')}.",
@@ -117,8 +120,8 @@ def render(results: dict, out: Path) -> str:
         lines += ["## FLOPs and the machine's peak", "",
                   f"`{r['config']}` at {r['image_size']}: {r['forward_gflops_per_image']:.2f} GFLOP forward per image "
                   f"(convolutions, counted from the layers), {r['train_gflops_per_image']:.2f} GFLOP per training "
-                  "image (3x forward). Peak: the best of three runs of a 2048x2048 matrix multiply in the same "
-                  "precision, in this process.", "",
+                  "image (3x forward). Peak: the best of three runs of a chain of ten 2048x2048 matrix "
+                  "multiplies in the same precision, in this process.", "",
                   "| variant | images/s | achieved GFLOP/s | matmul peak GFLOP/s | fraction of peak |",
                   "|---|---|---|---|---|"]
         for v, x in r["variants"].items():
