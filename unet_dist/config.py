@@ -104,6 +104,7 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0 = this process's share of the node's cores
     inter_op_threads: int = 0
     fp16_allreduce: bool = False  # Horovod: compress gradients to fp16 on the wire
+    horovod_cycle_time_ms: float | None = None  # Horovod's HOROVOD_CYCLE_TIME; null = its default. CPU: 25 (docs/benchmarks.md)
     stall_check_seconds: int = 60  # Horovod: warn when a rank has not joined a collective for this long
     stall_shutdown_seconds: int = 300  # Horovod: then end the job instead of hanging (0 = never)
     cpu_devices: int = 0  # mirrored without GPUs: split the CPU into N logical devices (tests, CPU nodes)
@@ -305,6 +306,8 @@ def validate(cfg: Config) -> None:
          "optim.step_boundaries", "increasing fractions of training in (0, 1)", o.step_boundaries)
 
     need(r.intra_op_threads >= 0, "runtime.intra_op_threads", ">= 0 (0 = auto)", r.intra_op_threads)
+    need(r.horovod_cycle_time_ms is None or r.horovod_cycle_time_ms > 0, "runtime.horovod_cycle_time_ms",
+         "null or > 0", r.horovod_cycle_time_ms)
     need(r.stall_check_seconds >= 1, "runtime.stall_check_seconds", ">= 1", r.stall_check_seconds)
     need(r.stall_shutdown_seconds == 0 or r.stall_shutdown_seconds > r.stall_check_seconds,
          "runtime.stall_shutdown_seconds", "0 or more than runtime.stall_check_seconds", r.stall_shutdown_seconds)

@@ -301,6 +301,10 @@ class HorovodRuntime(Runtime):
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(cfg.runtime.stall_check_seconds))
         if cfg.runtime.stall_shutdown_seconds:
             os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.runtime.stall_shutdown_seconds))
+        if cfg.runtime.horovod_cycle_time_ms:
+            # Horovod: with one core per rank its background thread competes with the compute
+            # thread; a longer cycle leaves the core to the step (docs/benchmarks.md).
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cfg.runtime.horovod_cycle_time_ms))
         self.hvd = hvd
         hvd.init()
         self.rank, self.world_size = hvd.rank(), hvd.size()

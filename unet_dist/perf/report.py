@@ -133,7 +133,8 @@ def render(results: dict, out: Path) -> str:
         r = results["scaling"]["images_per_s"]
         lines += ["## Weak scaling on this machine", "",
                   f"The train step on in-memory batches ({results['scaling']['per_process_batch']} images of 128x128 "
-                  "per process, demo-size U-Net, mixed_bfloat16), one thread per process; efficiency = "
+                  "per process, demo-size U-Net, mixed_bfloat16), one thread per process, Horovod with "
+                  "`runtime.horovod_cycle_time_ms: 25` (see the notes below); efficiency = "
                   "images/s(2) / (2 x images/s(1)).", "",
                   "| backend | 1 process, images/s | 2 processes, images/s | efficiency |", "|---|---|---|---|"]
         for b in ("horovod", "multiworker"):

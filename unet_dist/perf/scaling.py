@@ -15,7 +15,7 @@ from unet_dist.perf.common import machine
 
 SCALING_MODEL = ["model.depth=4", "model.base_filters=16", "data.image_size=[128, 128]",
                  "runtime.precision=mixed_bfloat16", "runtime.intra_op_threads=1", "runtime.inter_op_threads=1",
-                 "optim.name=adam"]
+                 "optim.name=adam", "runtime.horovod_cycle_time_ms=25"]
 
 
 def worker(args) -> dict:
