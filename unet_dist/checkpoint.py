@@ -24,6 +24,16 @@ from unet_dist.distribute import Runtime
 MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes")
 
 
+def checkpoint_path(workdir: str | Path, which: str = "best") -> str:
+    """WORKDIR's checkpoint to use: 'best' (by val IoU, falling back to the latest) or 'latest'."""
+    ckdir = Path(workdir) / "checkpoints"
+    path = tf.train.latest_checkpoint(str(ckdir / "best")) if which == "best" else None
+    path = path or tf.train.latest_checkpoint(str(ckdir))
+    if path is None:
+        raise ConfigError(f"no checkpoint in {ckdir}")
+    return path
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); names the folder and the last good one."""
 

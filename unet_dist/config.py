@@ -255,6 +255,16 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
     return cfg
 
 
+def load_workdir_config(workdir: str | Path) -> Config:
+    """The config a training run saved in WORKDIR/config.yaml; ConfigError when there is none."""
+    path = Path(workdir) / "config.yaml"
+    try:
+        text = path.read_text()
+    except OSError:
+        raise ConfigError(f"{path} not found: is {workdir} a training workdir?") from None
+    return config_from_dict(yaml.safe_load(text), str(path))
+
+
 def validate(cfg: Config) -> None:
     """Checks values that types alone cannot; raises ConfigError naming the key."""
 

@@ -13,9 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from unet_dist.config import ConfigError, config_from_dict
+from unet_dist.config import ConfigError, load_workdir_config
 
 
 def main(argv=None) -> int:
@@ -28,13 +26,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     try:
-        cfg = config_from_dict(yaml.safe_load((args.workdir / "config.yaml").read_text()), str(args.workdir))
-    except (OSError, ConfigError) as e:
+        cfg = load_workdir_config(args.workdir)
+    except ConfigError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if args.strategy:
         cfg.runtime.strategy = args.strategy
-    from unet_dist.checkpoint import Checkpoints
+    from unet_dist.checkpoint import Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
     from unet_dist.distribute import make_runtime
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
@@ -46,15 +44,13 @@ def main(argv=None) -> int:
     except (DataError, ConfigError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    try:
+        path = checkpoint_path(args.workdir, args.checkpoint)
+    except ConfigError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     model, optimizer = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
     ckpts = Checkpoints(runtime, args.workdir, model, optimizer, cfg)
-    best = ckpts.dir / "best"
-    import tensorflow as tf
-
-    path = (tf.train.latest_checkpoint(str(best)) if args.checkpoint == "best" else None) or ckpts.latest_path()
-    if path is None:
-        print(f"evaluate: error: no checkpoint in {ckpts.dir}", file=sys.stderr)
-        return 2
     ckpts.restore(path)
     metrics, _ = evaluate(model, cfg, runtime, args.data, manifest)
     metrics.update({"checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})

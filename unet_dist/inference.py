@@ -17,9 +17,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-import yaml
 
-from unet_dist.config import Config, ConfigError, config_from_dict
+from unet_dist.checkpoint import checkpoint_path
+from unet_dist.config import Config, load_workdir_config
 from unet_dist.model import build_unet
 from unet_dist.shapes import output_size
 
@@ -29,18 +29,10 @@ def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model,
 
     which: 'best' (by val IoU; falls back to the latest) or 'latest'.
     """
-    workdir = Path(workdir)
-    cfg_path = workdir / "config.yaml"
-    if not cfg_path.exists():
-        raise ConfigError(f"{cfg_path} not found: is {workdir} a training workdir?")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    cfg = load_workdir_config(workdir)
     keras.mixed_precision.set_global_policy("float32")  # inference in float32 whatever training used
     model = build_unet(cfg.model, None)
-    ckdir = workdir / "checkpoints"
-    path = tf.train.latest_checkpoint(str(ckdir / "best")) if which == "best" else None
-    path = path or tf.train.latest_checkpoint(str(ckdir))
-    if path is None:
-        raise ConfigError(f"no checkpoint in {ckdir}")
+    path = checkpoint_path(workdir, which)
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
     return model, cfg, path
 
