@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist.config import Config
-from unet_dist.data.augment import augment_batch, crop_resize, draw, resize_pair
+from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
 from unet_dist.shapes import output_size
 
 log = logging.getLogger(__name__)
@@ -232,11 +232,13 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     def decode(index, serialized):
         # Every random number of this sample, drawn once from its own seed and carried to the batch.
         u, normals = draw(tf.stack([tf.constant(base_seed, tf.int64), index]), cfg.data.augment)
-        image, mask = crop_resize(*parse_record(serialized), size, u, cfg.data.augment)
+        image, mask = augment_sample(*parse_record(serialized), size, u, cfg.data.augment)
         return {"image": image, "mask": mask, "u": u, "normals": normals}
 
     def augment(batch):
-        images, masks = augment_batch(batch["image"], batch["mask"], batch["u"], batch["normals"], cfg.data.augment)
+        images, masks = batch["image"], batch["mask"]
+        if needs_batch_stage(cfg.data.augment):
+            images, masks = augment_batch(images, masks, batch["u"], batch["normals"], cfg.data.augment)
         out = {"image": images, "mask": _crop_labels(masks, cfg)}
         if weighted:
             w = tf.numpy_function(
