@@ -3,7 +3,7 @@
     python -m unet_dist.bench pipeline --data DATA [--batches 150] [--augment on|off|full]
     python -m unet_dist.bench train --data DATA --config configs/pets_seed.yaml [--steps 10]
     python -m unet_dist.bench flops --data DATA --config configs/pets_seed.yaml
-    python -m unet_dist.bench scaling [--steps 20] [--per-replica-batch 8]
+    python -m unet_dist.bench scaling [--steps 20] [--repeats 3] [--per-replica-batch 8]
     python -m unet_dist.bench memory --data DATA
     python -m unet_dist.bench tta --data DATA [--target 0.85]
     python -m unet_dist.bench report --data DATA256 --demo-data DATA128 --out docs   # all of them
@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--steps", type=int, default=20)
     ps.add_argument("--per-replica-batch", type=int, default=8)
     ps.add_argument("--backends", nargs="+", default=["horovod", "multiworker"])
+    ps.add_argument("--repeats", type=int, default=3, help="1- and 2-process runs per backend, alternating")
     pw = sub.add_parser("scaling-worker", help=argparse.SUPPRESS)
     pw.add_argument("--backend", required=True)
     pw.add_argument("--steps", type=int, default=20)

@@ -44,47 +44,71 @@ def worker(args) -> dict:
     step = make_train_step(model, opt, get_loss(cfg.train), runtime, global_batch, False)
     for _ in range(3):
         float(step(next(data))["loss"])
-    t = time.perf_counter()
+    # Each step timed on its own (the loss is read, so the step is finished on every rank): the
+    # median step ignores the bursts in which this shared 2-core VM runs other work, which moved
+    # whole-run means by 10 points between identical runs.
+    times = []
     for _ in range(args.steps):
-        out = step(next(data))
-    float(out["loss"])
-    dt = time.perf_counter() - t
+        t = time.perf_counter()
+        float(step(next(data))["loss"])
+        times.append(time.perf_counter() - t)
     return {"bench": "scaling_worker", "backend": args.backend, "world_size": runtime.world_size,
-            "images_per_s": args.steps * global_batch / dt, "chief": runtime.is_chief}
+            "images_per_s": global_batch / float(np.median(times)),
+            "mean_images_per_s": global_batch * len(times) / sum(times), "chief": runtime.is_chief}
+
+
+def _launch(backend: str, n: int, worker: list[str], env: dict) -> list[dict]:
+    """Runs `n` processes of the scaling worker; returns every rank's result.
+
+    backend "independent": n single-device processes at once with no communication, the
+    machine's own ceiling for n processes (shared memory bandwidth and caches, other tenants).
+    """
+    from unet_dist.distribute import free_ports
+
+    if backend == "horovod":
+        horovodrun = str(Path(sys.executable).parent / "horovodrun")
+        cmd = [horovodrun, "-np", str(n), "--gloo", "-H", f"localhost:{n}", *worker, "--backend", "horovod"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    else:
+        envs = [env] * n
+        if backend == "multiworker":
+            cluster = {"worker": [f"localhost:{p}" for p in free_ports(n)]}
+            envs = [{**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+                    for i in range(n)]
+        kind = "single" if backend == "independent" else backend
+        procs = [subprocess.Popen([*worker, "--backend", kind], stdout=subprocess.PIPE, text=True, env=e)
+                 for e in envs]
+        out = "".join(p.communicate()[0] for p in procs)
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"bench scaling: a {backend} worker failed (exit {[p.returncode for p in procs]})")
+    return [json.loads(line.split(">:", 1)[-1]) for line in out.splitlines() if '"scaling_worker"' in line]
 
 
 def run(args) -> dict:
-    """Weak scaling: the same per-process batch on 1 and 2 processes, one thread each."""
-    from unet_dist.distribute import free_ports
+    """Weak scaling: the same per-process batch on 1 and 2 processes, one thread each.
 
+    Each backend runs 1 and 2 processes alternately, `repeats` times; the efficiency is that of the
+    medians, median ips(2) / (2 median ips(1)), and every run's numbers are kept. The same is
+    measured for two independent processes (no communication) as the machine's ceiling.
+    """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     worker = [sys.executable, "-m", "unet_dist.bench", "scaling-worker", "--steps", str(args.steps),
               "--per-replica-batch", str(args.per_replica_batch)]
+    runs: dict = {}
     results: dict = {}
-
-    def last_json(text: str) -> dict:
-        rows = [json.loads(line.split(">:", 1)[-1]) for line in text.splitlines() if '"scaling_worker"' in line]
-        return next(r for r in rows if r["chief"])
-
-    for backend in args.backends:
-        for n in (1, 2):
-            if backend == "horovod":
-                horovodrun = str(Path(sys.executable).parent / "horovodrun")
-                cmd = [horovodrun, "-np", str(n), "--gloo", "-H", f"localhost:{n}", *worker, "--backend", "horovod"]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            else:
-                ports = free_ports(n)
-                cluster = {"worker": [f"localhost:{p}" for p in ports]}
-                procs = [subprocess.Popen([*worker, "--backend", "multiworker"], stdout=subprocess.PIPE, text=True,
-                                          env={**env, "TF_CONFIG": json.dumps(
-                                              {"cluster": cluster, "task": {"type": "worker", "index": i}})})
-                         for i in range(n)]
-                out = "".join(p.communicate()[0] for p in procs)
-            r = last_json(out)
-            results[f"{backend}_{n}"] = r["images_per_s"]
-            print(f"bench scaling: {backend} x{n}: {r['images_per_s']:.2f} images/s", file=sys.stderr, flush=True)
-        results[f"{backend}_efficiency"] = results[f"{backend}_2"] / (2 * results[f"{backend}_1"])
-    return {"bench": "scaling", "images_per_s": results, "per_process_batch": args.per_replica_batch,
-            "steps": args.steps, "model": SCALING_MODEL, **machine()}
-
-
+    for backend in [*args.backends, "independent"]:
+        for rep in range(args.repeats):
+            for n in (1, 2):
+                rows = _launch(backend, n, worker, env)
+                # Synchronous backends: the chief's rate is the job's. Independent: the total.
+                ips = (sum(r["images_per_s"] for r in rows) if backend == "independent"
+                       else next(r for r in rows if r["chief"])["images_per_s"])
+                runs.setdefault(backend, {}).setdefault(str(n), []).append(ips)
+                print(f"bench scaling: {backend} x{n} (run {rep + 1}/{args.repeats}): {ips:.2f} images/s",
+                      file=sys.stderr, flush=True)
+        one, two = (float(np.median(runs[backend][k])) for k in ("1", "2"))
+        results[f"{backend}_1"], results[f"{backend}_2"] = one, two
+        results[f"{backend}_efficiency"] = two / (2 * one)
+    return {"bench": "scaling", "images_per_s": results, "runs": runs, "repeats": args.repeats,
+            "per_process_batch": args.per_replica_batch, "steps": args.steps, "statistic": "median step",
+            "model": SCALING_MODEL, **machine()}
