@@ -3,6 +3,7 @@
     python -m unet_dist.bench pipeline --data DATA [--batches 150] [--augment on|off|full]
     python -m unet_dist.bench train --data DATA --config configs/pets_seed.yaml [--steps 10]
     python -m unet_dist.bench flops --data DATA --config configs/pets_seed.yaml
+    python -m unet_dist.bench profile --data DATA --config configs/pets_seed.yaml [--steps 5]
     python -m unet_dist.bench scaling [--steps 20] [--repeats 3] [--per-replica-batch 8]
     python -m unet_dist.bench memory --data DATA
     python -m unet_dist.bench tta --data DATA [--target 0.85]
@@ -13,6 +14,8 @@ per image; batch 8; no augmentation), on the same source images in the same run.
 train: images/s of our train step (float32, mixed_bfloat16, with and without XLA) against the
 paper's own Keras code (model.fit on its PIL generator), same model, data and batch, in one run.
 flops: the model's FLOPs per training image, the achieved FLOP/s and the measured matmul peak.
+profile: the train step under the TF profiler, kernel time per step by kind (convolution, batch
+norm, ...), one inter-op thread so that the kinds add up to the step.
 scaling: weak scaling (in-memory batches, one thread per process), 1 vs 2 processes, Horovod and
 MultiWorkerMirroredStrategy: efficiency = ips(2) / (2 * ips(1)).
 memory: peak RSS of training (demo, pets_seed) and of conversion at two data set sizes.
@@ -44,12 +47,13 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--config", type=Path)
     pp.add_argument("--set", action="append", default=[])
     for name, help_ in (("train", "train-step images/s vs the paper's model.fit"),
-                        ("flops", "FLOPs per image, achieved FLOP/s, matmul peak")):
+                        ("flops", "FLOPs per image, achieved FLOP/s, matmul peak"),
+                        ("profile", "TF-profiler breakdown of the train step by kernel kind")):
         pt = sub.add_parser(name, help=help_)
         pt.add_argument("--data", type=Path, required=True)
         pt.add_argument("--source", type=Path)
         pt.add_argument("--config", type=Path, default=Path("configs/pets_seed.yaml"))
-        pt.add_argument("--steps", type=int, default=10)
+        pt.add_argument("--steps", type=int, default=5 if name == "profile" else 10)
         pt.add_argument("--variants", nargs="+", default=VARIANTS if name == "train" else ["float32", "mixed_bfloat16"])
         pt.add_argument("--set", action="append", default=[])
     ps = sub.add_parser("scaling", help="weak scaling, 1 vs 2 processes, Horovod and MultiWorkerMirrored")
@@ -88,9 +92,9 @@ def main(argv=None) -> int:
 
         report(args)
         return 0
-    from unet_dist.perf import flops, memory, pipeline, scaling, train, tta
+    from unet_dist.perf import flops, memory, pipeline, profile, scaling, train, tta
 
-    run = {"pipeline": pipeline.run, "train": train.run, "flops": flops.run, "scaling": scaling.run,
+    run = {"pipeline": pipeline.run, "train": train.run, "flops": flops.run, "profile": profile.run, "scaling": scaling.run,
            "scaling-worker": scaling.worker, "memory": memory.run, "tta": tta.run}[args.bench]
     print(json.dumps(run(args)))
     return 0

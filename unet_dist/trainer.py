@@ -105,41 +105,57 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
     return step
 
 
-def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, panels: int = 0):
+class Evaluator:
     """Exact metrics over the whole val split, each record seen once across all processes.
 
-    Returns (metrics dict with val_* keys, panel array (N, h, 4w, 3) uint8 from this process).
+    Built once per run: the eval step is traced and the dataset built once, not at every evaluation
+    (re-tracing the model cost seconds per evaluation on a CPU, more than the evaluation itself for
+    the demo). Call it for (metrics dict with val_* keys, panel array (N, h, 4w, 3) uint8 from this
+    process).
     """
-    k = manifest["num_classes"]
-    _, per_replica = runtime.batch_sizes()
 
-    @tf.function
-    def eval_step(batch):
-        probs = model(batch["image"], training=False)
-        pred = predict_classes(probs)
-        loss_sum = tf.reduce_sum(cross_entropy(batch["mask"], probs))
-        return confusion_matrix(batch["mask"], pred, k), loss_sum, tf.shape(probs)[0], pred
+    def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict):
+        self.k = k = manifest["num_classes"]
+        self.runtime = runtime
+        _, per_replica = runtime.batch_sizes()
+        self.dataset = eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest)
 
-    cm = np.zeros((k, k), np.float64)
-    loss_sum, count = 0.0, 0
-    panel = np.zeros((0, 1, 1, 3), np.uint8)
-    for batch in eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest):
-        c, ls, n, pred = eval_step(batch)
-        cm += c.numpy()
-        loss_sum += float(ls)
-        count += int(n)
-        if panels and panel.shape[0] == 0:
-            panel = panel_rows(batch["image"].numpy()[:panels], batch["mask"].numpy()[:panels, ..., 0],
-                               pred.numpy()[:panels], k)
-    total = runtime.allreduce_sum(np.concatenate([cm.ravel(), [loss_sum, count]]))
-    cm, loss_sum, count = total[: k * k].reshape(k, k), total[-2], total[-1]
-    s = scores(cm)
-    metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
-               "val_pixel_acc": s["pixel_acc"], "val_iou_per_class": s["iou_per_class"],
-               "val_records": int(count)}
-    if "fg_iou" in s:
-        metrics["val_fg_iou"] = s["fg_iou"]
-    return metrics, panel
+        @tf.function(reduce_retracing=True)  # the last batch may be smaller: one more trace, not one per size
+        def eval_step(batch):
+            probs = model(batch["image"], training=False)
+            pred = predict_classes(probs)
+            loss_sum = tf.reduce_sum(cross_entropy(batch["mask"], probs))
+            return confusion_matrix(batch["mask"], pred, k), loss_sum, tf.shape(probs)[0], pred
+
+        self.eval_step = eval_step
+
+    def __call__(self, panels: int = 0) -> tuple[dict, np.ndarray]:
+        k = self.k
+        cm = np.zeros((k, k), np.float64)
+        loss_sum, count = 0.0, 0
+        panel = np.zeros((0, 1, 1, 3), np.uint8)
+        for batch in self.dataset:
+            c, ls, n, pred = self.eval_step(batch)
+            cm += c.numpy()
+            loss_sum += float(ls)
+            count += int(n)
+            if panels and panel.shape[0] == 0:
+                panel = panel_rows(batch["image"].numpy()[:panels], batch["mask"].numpy()[:panels, ..., 0],
+                                   pred.numpy()[:panels], k)
+        total = self.runtime.allreduce_sum(np.concatenate([cm.ravel(), [loss_sum, count]]))
+        cm, loss_sum, count = total[: k * k].reshape(k, k), total[-2], total[-1]
+        s = scores(cm)
+        metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
+                   "val_pixel_acc": s["pixel_acc"], "val_iou_per_class": s["iou_per_class"],
+                   "val_records": int(count)}
+        if "fg_iou" in s:
+            metrics["val_fg_iou"] = s["fg_iou"]
+        return metrics, panel
+
+
+def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, panels: int = 0):
+    """One evaluation (`Evaluator`) of `model` on the val split: (metrics, panel)."""
+    return Evaluator(model, cfg, runtime, data_dir, manifest)(panels)
 
 
 def next_batch(batches, data_dir: Path, manifest: dict, step: int):
@@ -243,6 +259,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
     guard = StepGuard(cfg, optimizer, ckpts)
+    evaluator = Evaluator(model, cfg, runtime, data_dir, manifest)
     logger = Logger(workdir, runtime.is_chief, total, start)
     t_start = window_t = time.time()
     window_steps = images_trained = 0
@@ -273,11 +290,12 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
                 if step % cfg.train.checkpoint_every_steps == 0 or step == total:
                     ckpts.save(step)
                 if step % cfg.train.eval_every_steps == 0 or step == total:
-                    last_eval, panel = evaluate(model, cfg, runtime, data_dir, manifest, cfg.train.image_panels)
+                    eval_start = time.time()
+                    last_eval, panel = evaluator(cfg.train.image_panels)
                     logger.eval(step, last_eval)
                     logger.images(step, panel)
                     ckpts.save_best(step, last_eval["val_iou"])
-                    window_t = time.time()  # evaluation time is not training throughput
+                    window_t += time.time() - eval_start  # evaluation time is not training throughput
                     target = cfg.train.target_val_iou
                     if target is not None and last_eval["val_iou"] >= target:
                         reached = (step, time.time() - t_start)
@@ -289,7 +307,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         logger.close()
     wall = time.time() - t_start
     if not last_eval and start >= total:
-        last_eval, _ = evaluate(model, cfg, runtime, data_dir, manifest)
+        last_eval, _ = evaluator()
     summary = {
         "steps": reached[0] if reached else total,
         "start_step": start,

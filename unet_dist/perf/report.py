@@ -26,6 +26,7 @@ def commands(args) -> dict[str, list[str]]:
         "train_demo": [*py, "train", "--data", d, "--config", "configs/demo.yaml", "--steps", "20",
                        "--set", "data.image_size=[256, 256]"],
         "flops": [*py, "flops", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "6"],
+        "profile": [*py, "profile", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "5"],
         "scaling": [*py, "scaling", "--steps", "20", "--repeats", "3"],
         "memory": [*py, "memory", "--data", demo],
         "tta": [*py, "tta", "--data", demo, "--max-steps", "600"],
@@ -128,6 +129,24 @@ def render(results: dict, out: Path) -> str:
             lines.append(f"| {v} | {x['images_per_s']:.2f} | {x['achieved_gflop_s']:.1f} | "
                          f"{x['matmul_peak_gflop_s']:.1f} | {x['fraction_of_peak']:.1%} |")
         lines += ["", f"Command: `{r['command']}`", ""]
+
+    if "profile" in results:
+        r = results["profile"]
+        step = r["step_s"]
+        lines += ["### Where the step's time goes (TF profiler)", "",
+                  f"`{r['config']}`, {r['precision']}, batch {r['global_batch_size']}, {r['steps']} steps traced with "
+                  "`tf.profiler.experimental` and one inter-op thread, so kernels run one at a time and their "
+                  f"times add up to the step ({r['kernels_s_per_step'] * 1e3:.0f} of {step * 1e3:.0f} ms per step "
+                  f"accounted for; {r['images_per_s']:.1f} images/s under the profiler).", "",
+                  "| kernels | ms per step | share of the step |", "|---|---|---|"]
+        for kind, sec in r["kernel_s_per_step"].items():
+            lines.append(f"| {kind} | {sec * 1e3:.0f} | {sec / step:.0%} |")
+        if r.get("convolution_gflop_s"):
+            lines += ["", f"Inside their own kernels the convolutions run at {r['convolution_gflop_s']:.0f} GFLOP/s "
+                      "(the counted convolution FLOPs over the convolution kernels' time)."]
+        lines += ["", "Largest kernels, ms per step: " + ", ".join(
+            f"{k} {v * 1e3:.0f}" for k, v in list(r["top_kernels_s_per_step"].items())[:8]) + ".", "",
+            f"Command: `{r['command']}`", ""]
 
     if "scaling" in results:
         res = results["scaling"]

@@ -9,14 +9,13 @@ from pathlib import Path
 from unet_dist.perf.common import machine, paper_generator, source_pairs
 
 
-def step_images_per_s(cfg, data_dir: Path, manifest: dict, steps: int, runtime=None) -> tuple[float, object]:
-    """images/s of our train step on 4 real batches held in memory (the step alone, not the input).
+def prepared_step(cfg, data_dir: Path, manifest: dict, runtime=None):
+    """Our train step for `cfg`, traced and warmed up, and 4 real batches held in memory.
 
-    Returns (images/s, the runtime, reusable across calls in one process).
+    Returns (step, batches, global batch, runtime); the runtime is reusable across calls in one process.
     """
     import keras
 
-    from unet_dist import precision
     from unet_dist.data.pipeline import Shard, train_dataset
     from unet_dist.distribute import make_runtime
     from unet_dist.losses import get_loss
@@ -32,6 +31,17 @@ def step_images_per_s(cfg, data_dir: Path, manifest: dict, steps: int, runtime=N
     batches = [next(it) for _ in range(4)]
     for i in range(3):  # trace, compile, warm up
         float(step(batches[i % 4])["loss"])
+    return step, batches, global_batch, runtime
+
+
+def step_images_per_s(cfg, data_dir: Path, manifest: dict, steps: int, runtime=None) -> tuple[float, object]:
+    """images/s of our train step on 4 real batches held in memory (the step alone, not the input).
+
+    Returns (images/s, the runtime, reusable across calls in one process).
+    """
+    from unet_dist import precision
+
+    step, batches, global_batch, runtime = prepared_step(cfg, data_dir, manifest, runtime)
     t = time.perf_counter()
     for i in range(steps):
         out = step(batches[i % 4])
