@@ -6,7 +6,7 @@
     python -m unet_dist.bench profile --data DATA --config configs/pets_seed.yaml [--steps 5]
     python -m unet_dist.bench scaling [--steps 20] [--repeats 3] [--per-replica-batch 8]
     python -m unet_dist.bench memory --data DATA
-    python -m unet_dist.bench tta --data DATA [--target 0.85]
+    python -m unet_dist.bench tta --data DATA [--target 0.85] [--every 25] [--repeats 1]
     python -m unet_dist.bench report --data DATA256 --demo-data DATA128 --out docs   # all of them
 
 pipeline: images/s of our tf.data pipeline against the paper's PIL generator (open, resize, numpy
@@ -76,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     pa.add_argument("--target", type=float, default=0.85)
     pa.add_argument("--every", type=int, default=25, help="evaluate every N steps")
     pa.add_argument("--max-steps", type=int, default=1500)
+    pa.add_argument("--repeats", type=int, default=1, help="runs of each recipe, alternating; the median is reported")
     pr = sub.add_parser("report", help="run the benchmarks and write docs/benchmarks.md")
     pr.add_argument("--data", type=Path, required=True, help="shards converted at 256x256 (pipeline, train, flops)")
     pr.add_argument("--demo-data", type=Path, required=True, help="shards converted at 128x128 (memory, tta)")
