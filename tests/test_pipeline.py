@@ -120,3 +120,26 @@ def test_missing_or_mismatched_data_is_named(tmp_path, shards):
     (copy / m["train"]["shards"][1]).unlink()
     with pytest.raises(DataError, match=m["train"]["shards"][1]):
         load_manifest(copy)
+
+
+def test_nearest_resampling_keeps_class_ids_and_identity():
+    from unet_dist.data.augment import nearest
+
+    mask = tf.constant(np.random.default_rng(0).integers(0, 3, (37, 53, 1)), tf.uint8)
+    np.testing.assert_array_equal(nearest(mask, (37, 53)).numpy(), mask.numpy())
+    up = nearest(mask, (74, 106)).numpy()  # exactly 2x: every source pixel becomes a 2x2 block
+    np.testing.assert_array_equal(up[::2, ::2], mask.numpy())
+    np.testing.assert_array_equal(up[1::2, 1::2], mask.numpy())
+    down = nearest(mask, (20, 20)).numpy()
+    assert down.shape == (20, 20, 1) and set(np.unique(down)) <= {0, 1, 2}
+
+
+def test_sample_stage_flips_both_axes_with_the_mask():
+    from unet_dist.data.augment import augment_sample
+
+    image, mask = _l_shape(48, 48)
+    cfg = AugmentConfig(flip=True, scale_crop=False, brightness=0, contrast=0)
+    u = tf.constant([0.0, 0.0] + [0.9] * 8)  # both flips drawn (u < 0.5 for _FLIP_H and _FLIP_V)
+    out_img, out_mask = augment_sample(image, mask, (48, 48), u, cfg)
+    np.testing.assert_allclose(out_img.numpy(), image.numpy()[::-1, ::-1], atol=1e-6)
+    np.testing.assert_array_equal(out_mask.numpy(), mask.numpy()[::-1, ::-1])

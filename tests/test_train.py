@@ -116,3 +116,19 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     assert served["mask"].shape == (2, 70, 90)
     np.testing.assert_allclose(served["probabilities"].numpy(), expect.numpy(), atol=1e-5)
     np.testing.assert_array_equal(served["mask"].numpy(), classes_from_probs(expect).numpy())
+
+
+def test_evaluator_traces_its_step_once(shards):
+    from unet_dist.data.pipeline import load_manifest
+    from unet_dist.distribute import make_runtime
+    from unet_dist.trainer import Evaluator, build_model_and_optimizer
+
+    cfg = load_config(None, tiny_overrides())
+    runtime = make_runtime(cfg)
+    model, _ = build_model_and_optimizer(cfg, runtime, 1e-3)
+    evaluator = Evaluator(model, cfg, runtime, shards, load_manifest(shards))
+    first, _ = evaluator()
+    again, _ = evaluator()
+    assert first == again and first["val_records"] > 0
+    # One trace for full batches and at most one for a smaller last batch, whatever the number of calls.
+    assert evaluator.eval_step.experimental_get_tracing_count() <= 2
