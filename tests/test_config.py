@@ -28,6 +28,8 @@ def test_defaults_and_presets_load():
         ("data.augment.hue=0.9", ["data.augment.hue"]),
         ("data.per_replica_batch_size=8", ["set exactly one"]),
         ("model.up_filters=[4, 2]", ["model.up_filters"]),
+        ("data.patch_size=[512, 128]", ["data.patch_size", "0 < h <= 256"]),
+        ("data.patch_size=[120, 128]", ["data.patch_size", "divisible by 2^depth = 16"]),
     ],
 )
 def test_bad_values_name_the_key(override, words):

@@ -143,3 +143,18 @@ def test_sample_stage_flips_both_axes_with_the_mask():
     out_img, out_mask = augment_sample(image, mask, (48, 48), u, cfg)
     np.testing.assert_allclose(out_img.numpy(), image.numpy()[::-1, ::-1], atol=1e-6)
     np.testing.assert_array_equal(out_mask.numpy(), mask.numpy()[::-1, ::-1])
+
+
+def test_patches_are_a_fraction_of_the_image_and_stay_aligned(shards):
+    from unet_dist.data.augment import augment_sample, draw
+
+    image, mask = _l_shape(48, 48)
+    cfg = AugmentConfig(flip=True, scale_crop=True, brightness=0, contrast=0)
+    for s in range(8):
+        u, _ = draw(tf.constant([3, s], tf.int64), cfg)
+        out_img, out_mask = augment_sample(image, mask, (24, 24), u, cfg, fraction=(0.5, 0.5))
+        assert out_img.shape == (24, 24, 3)
+        assert _agreement(out_img, out_mask) > 0.97
+    over = ["data.image_size=[64, 64]", "data.patch_size=[32, 32]", "model.depth=2"]
+    batch = next(iter(train_dataset(shards, load_config(None, over), 2, 2)))
+    assert batch["image"].shape == (2, 32, 32, 3) and batch["mask"].shape == (2, 32, 32, 1)

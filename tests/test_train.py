@@ -132,3 +132,13 @@ def test_evaluator_traces_its_step_once(shards):
     assert first == again and first["val_records"] > 0
     # One trace for full batches and at most one for a smaller last batch, whatever the number of calls.
     assert evaluator.eval_step.experimental_get_tracing_count() <= 2
+
+
+def test_patch_training_evaluates_whole_images(shards, tmp_path):
+    cfg = load_config(None, tiny_overrides(steps=3) + ["data.patch_size=[32, 32]", "train.eval_every_steps=3"])
+    s = train(cfg, shards, tmp_path / "w")
+    assert s["final_val_iou"] is not None and s["steps"] == 3
+    # The checkpoint serves whole images: evaluation saw every val record at 64x64.
+    events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["val_records"] for e in events if e["event"] == "eval"][-1] == json.loads(
+        (shards / "manifest.json").read_text())["val"]["records"]

@@ -50,6 +50,9 @@ class DataConfig:
     global_batch_size: int | None = 16
     per_replica_batch_size: int | None = None
     image_size: list[int] = field(default_factory=lambda: [256, 256])  # network input [H, W]
+    # Train on random [h, w] patches of the image at the image_size scale (as the 2015 U-Net and
+    # nnU-Net train on tiles): fewer pixels per step; evaluation and prediction see whole images.
+    patch_size: list[int] | None = None  # null = train on whole image_size inputs
     shuffle_buffer: int = 512
     cycle_length: int = 4  # shards read in parallel per worker
     skip_corrupt_records: bool = False  # opt-in: drop unreadable records instead of failing
@@ -304,6 +307,16 @@ def validate(cfg: Config) -> None:
         check_input_size(tuple(d.image_size), m.depth, m.padding)
     except ValueError as e:
         raise ConfigError(f"config key data.image_size: {e}") from None
+    if d.patch_size is not None:
+        need(len(d.patch_size) == 2 and all(0 < p <= s for p, s in zip(d.patch_size, d.image_size, strict=False)),
+             "data.patch_size", f"null or [h, w] with 0 < h <= {d.image_size[0]} and 0 < w <= {d.image_size[1]} "
+             "(data.image_size)", d.patch_size)
+        need(a.rot90 is False or d.patch_size[0] == d.patch_size[1], "data.augment.rot90",
+             "false unless patch_size is square", a.rot90)
+        try:
+            check_input_size(tuple(d.patch_size), m.depth, m.padding)
+        except ValueError as e:
+            raise ConfigError(f"config key data.patch_size: {e}") from None
 
     need(o.learning_rate > 0, "optim.learning_rate", "> 0", o.learning_rate)
     need(0 <= o.momentum < 1, "optim.momentum", "0 <= momentum < 1", o.momentum)

@@ -172,7 +172,8 @@ def next_batch(batches, data_dir: Path, manifest: dict, step: int):
 def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
     precision.set_policy(cfg.runtime.precision)
     with runtime.scope():
-        model = build_unet(cfg.model, tuple(cfg.data.image_size))
+        # Patch training feeds patches and evaluates whole images: one fully convolutional model.
+        model = build_unet(cfg.model, None if cfg.data.patch_size else tuple(cfg.data.image_size))
         optimizer = precision.wrap_optimizer(build_optimizer(cfg.optim, peak_lr, cfg.train.steps), cfg.runtime)
         # Keras 3 under strategy.run: optimizer variables must exist before the first traced step.
         optimizer.build(model.trainable_variables)

@@ -80,22 +80,26 @@ def _window(n: tf.Tensor, zoom: tf.Tensor, u: tf.Tensor) -> tuple[tf.Tensor, tf.
 
 
 def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: tf.Tensor,
-                   cfg: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
+                   cfg: AugmentConfig, fraction: tuple[float, float] = (1.0, 1.0)) -> tuple[tf.Tensor, tf.Tensor]:
     """Zoom, random crop, flips, brightness and contrast of one sample, resampled once to `size`.
 
     image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (10,) the sample's
-    uniforms from `draw`. Zoom is in [max(1, scale_min), scale_max]: a (1 / zoom) window in whole
-    pixels is placed at random inside the image and flipped on the source pixels (small and uint8),
-    then resized: bilinear for the image, nearest neighbour for the mask. Brightness and contrast are
-    one multiply-add on the resized image, folded into its scaling to [0, 1]: at 256x256 every pass
-    over a float image costs about as much as the resize, so each pass saved shows in images/s.
+    uniforms from `draw`; fraction: the share of the image's height and width one output covers
+    before zoom (1 for whole images, patch / image_size for patch training). Zoom is in
+    [max(1, scale_min), scale_max]: a (fraction / zoom) window in whole pixels is placed at random
+    inside the image and flipped on the source pixels (small and uint8), then resized: bilinear for
+    the image, nearest neighbour for the mask. Brightness and contrast are one multiply-add on the
+    resized image, folded into its scaling to [0, 1]: at 256x256 every pass over a float image
+    costs about as much as the resize, so each pass saved shows in images/s.
     Returns image (h, w, 3) float32 in [0, 1], mask (h, w, 1) uint8.
     """
-    if cfg.scale_crop:
-        zoom = tf.maximum(cfg.scale_min + u[_ZOOM] * (cfg.scale_max - cfg.scale_min), 1.0)
+    if cfg.scale_crop or fraction != (1.0, 1.0):
+        zoom = tf.constant(1.0)
+        if cfg.scale_crop:
+            zoom = tf.maximum(cfg.scale_min + u[_ZOOM] * (cfg.scale_max - cfg.scale_min), 1.0)
         shape = tf.shape(image)
-        y, hh = _window(shape[0], zoom, u[_SHIFT_Y])
-        x, ww = _window(shape[1], zoom, u[_SHIFT_X])
+        y, hh = _window(shape[0], zoom / fraction[0], u[_SHIFT_Y])
+        x, ww = _window(shape[1], zoom / fraction[1], u[_SHIFT_X])
         image, mask = (tf.ensure_shape(tf.slice(t, [y, x, 0], [hh, ww, -1]), [None, None, t.shape[-1]])
                        for t in (image, mask))
     if cfg.flip:  # one reverse over the axes drawn (maybe none): no branches, few ops

@@ -120,15 +120,21 @@ def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return image, mask
 
 
-def label_size(cfg: Config) -> tuple[int, int]:
-    """(h, w) of the model output, to which labels are centre-cropped (smaller with valid padding)."""
-    return output_size(tuple(cfg.data.image_size), cfg.model.depth, cfg.model.padding)
+def train_size(cfg: Config) -> tuple[int, int]:
+    """(H, W) of a training input: data.patch_size when set, else data.image_size."""
+    return tuple(cfg.data.patch_size or cfg.data.image_size)
 
 
-def _crop_labels(mask: tf.Tensor, cfg: Config) -> tf.Tensor:
+def label_size(cfg: Config, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(h, w) of the model output for inputs of `size` (default data.image_size), to which labels
+    are centre-cropped (smaller with valid padding)."""
+    return output_size(tuple(size or cfg.data.image_size), cfg.model.depth, cfg.model.padding)
+
+
+def _crop_labels(mask: tf.Tensor, cfg: Config, size: tuple[int, int]) -> tf.Tensor:
     """(..., H, W, 1) -> (..., h, w, 1) centred, for valid padding; unchanged for same padding."""
-    h, w = label_size(cfg)
-    H, W = cfg.data.image_size
+    h, w = label_size(cfg, size)
+    H, W = size
     if (h, w) == (H, W):
         return mask
     top, left = (H - h) // 2, (W - w) // 2
@@ -188,7 +194,7 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     same way, on 1 or N workers: runs are reproducible and resumable across world sizes. Otherwise
     shards are split by file and each pipeline shuffles its own stream (no rank reads all data).
 
-    Yields dicts: image (B, H, W, 3) float32 in [0, 1] with (H, W) = data.image_size; mask
+    Yields dicts: image (B, H, W, 3) float32 in [0, 1] with (H, W) = `train_size(cfg)`; mask
     (B, h, w, 1) uint8 with (h, w) the model's output size; and weight (B, h, w, 1) float32 when
     train.loss is weighted_ce. B = local_batch (drop_remainder, so every step is full).
     """
@@ -223,7 +229,9 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
         ds = ds.filter(lambda j, _: (j % global_batch) // per_pipeline == shard.index)
     elif start_step:
         ds = ds.skip(start_step * per_pipeline)
-    size = tuple(cfg.data.image_size)
+    size = train_size(cfg)
+    # A patch covers this fraction of the image (at the image_size scale) in each dimension.
+    fraction = tuple(p / s for p, s in zip(size, cfg.data.image_size, strict=True))
     weighted = cfg.train.loss == "weighted_ce"
     class_w = class_balance_weights(manifest)
     # Independent streams (non-deterministic mode) must not share augmentation seeds.
@@ -232,20 +240,20 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     def decode(index, serialized):
         # Every random number of this sample, drawn once from its own seed and carried to the batch.
         u, normals = draw(tf.stack([tf.constant(base_seed, tf.int64), index]), cfg.data.augment)
-        image, mask = augment_sample(*parse_record(serialized), size, u, cfg.data.augment)
+        image, mask = augment_sample(*parse_record(serialized), size, u, cfg.data.augment, fraction)
         return {"image": image, "mask": mask, "u": u, "normals": normals}
 
     def augment(batch):
         images, masks = batch["image"], batch["mask"]
         if needs_batch_stage(cfg.data.augment):
             images, masks = augment_batch(images, masks, batch["u"], batch["normals"], cfg.data.augment)
-        out = {"image": images, "mask": _crop_labels(masks, cfg)}
+        out = {"image": images, "mask": _crop_labels(masks, cfg, size)}
         if weighted:
             w = tf.numpy_function(
                 lambda ms: np.stack([border_weight_map(m, class_w, cfg.train.weight_w0, cfg.train.weight_sigma)
                                      for m in ms]),
                 [masks], tf.float32, stateful=False)
-            out["weight"] = _crop_labels(tf.ensure_shape(w, [local_batch, *size, 1]), cfg)
+            out["weight"] = _crop_labels(tf.ensure_shape(w, [local_batch, *size, 1]), cfg, size)
         return out
 
     ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=det)
@@ -273,7 +281,7 @@ def eval_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Sha
     def prepare(serialized):
         image, mask = parse_record(serialized)
         image, mask = resize_pair(image, mask, size)
-        return {"image": image, "mask": _crop_labels(mask, cfg)}
+        return {"image": image, "mask": _crop_labels(mask, cfg, size)}
 
     ds = tf.data.TFRecordDataset(files).shard(shard.count, shard.index)
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
