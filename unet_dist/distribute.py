@@ -201,6 +201,23 @@ class Runtime:
                 "num_replicas": self.num_replicas, "threads": list(self.threads)}
 
 
+class _Packed:
+    """A step's reported scalars as one (n,) float32 vector, so that summing them over replicas is
+    one cross-process reduction per step, not one per key (each is a collective with its own
+    round trip, and under Horovod its own negotiation cycle). Keys are fixed when the step traces.
+    """
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def pack(self, out: dict) -> tf.Tensor:
+        self.keys = sorted(out)
+        return tf.stack([tf.cast(out[k], tf.float32) for k in self.keys])
+
+    def unpack(self, vector: tf.Tensor) -> dict:
+        return dict(zip(self.keys, tf.unstack(vector, num=len(self.keys)), strict=True))
+
+
 class MirroredRuntime(Runtime):
     """tf.distribute: MirroredStrategy (one process, all local devices) and the multi-worker base."""
 
@@ -224,8 +241,9 @@ class MirroredRuntime(Runtime):
         return self.strategy.distribute_datasets_from_function(fn)
 
     def run(self, step_fn, *args):
-        out = self.strategy.run(step_fn, args=args)
-        return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+        packed = _Packed()
+        out = self.strategy.run(lambda *a: packed.pack(step_fn(*a)), args=args)
+        return packed.unpack(self.strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None))
 
 
 class MultiWorkerRuntime(MirroredRuntime):
@@ -321,13 +339,9 @@ class HorovodRuntime(Runtime):
         return dataset_fn(Shard(self.rank, self.world_size), per_replica)
 
     def run(self, step_fn, *args):
-        out = step_fn(*args)
-        # Horovod: sum the reported scalars so every rank logs the global loss, as one allreduce:
-        # each Horovod op waits for a negotiation cycle (HOROVOD_CYCLE_TIME), so one op, not one per key.
-        keys = sorted(out)
-        summed = self.hvd.allreduce(tf.stack([tf.cast(out[k], tf.float32) for k in keys]), op=self.hvd.Sum,
-                                    name="report")
-        return dict(zip(keys, tf.unstack(summed), strict=True))
+        # Horovod: sum the reported scalars so every rank logs the global loss, in one op (`_Packed`).
+        packed = _Packed()
+        return packed.unpack(self.hvd.allreduce(packed.pack(step_fn(*args)), op=self.hvd.Sum, name="report"))
 
     def reduce_gradients(self, grads):
         # Horovod: each rank's loss is already divided by the global batch, so the sum is the mean
