@@ -110,12 +110,12 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
     resized = _bilinear(image, size)  # still in the source's range: [0, 255] for uint8
     if cfg.brightness <= 0 and cfg.contrast <= 0:
         return _to_unit(image, resized), mask
-    # Contrast about each channel's mean (as tf.image.adjust_contrast), then a brightness shift:
+    # Contrast about the image's mean, then a brightness shift:
     # (x s - m) f + m + d  ==  x (s f) + (m (1 - f) + d), with s the scaling to [0, 1].
     factor = 1.0 + (2.0 * u[_CONTRAST] - 1.0) * cfg.contrast if cfg.contrast > 0 else tf.constant(1.0)
     offset = (2.0 * u[_BRIGHT] - 1.0) * cfg.brightness if cfg.brightness > 0 else tf.constant(0.0)
     if cfg.contrast > 0:
-        offset += tf.reduce_mean(resized, axis=[0, 1]) * scale * (1.0 - factor)  # (C,)
+        offset += tf.reduce_mean(resized) * scale * (1.0 - factor)
     return tf.clip_by_value(resized * (scale * factor) + offset, 0.0, 1.0), mask
 
 
