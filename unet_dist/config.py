@@ -303,20 +303,21 @@ def validate(cfg: Config) -> None:
     need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
     need(m.up_filters is None or (len(m.up_filters) == m.depth and all(f > 0 for f in m.up_filters)),
          "model.up_filters", f"null or {m.depth} positive widths (one per level)", m.up_filters)
-    try:
-        check_input_size(tuple(d.image_size), m.depth, m.padding)
-    except ValueError as e:
-        raise ConfigError(f"config key data.image_size: {e}") from None
+
+    def fits_network(key: str) -> None:
+        try:
+            check_input_size(tuple(getattr(d, key)), m.depth, m.padding)
+        except ValueError as e:
+            raise ConfigError(f"config key data.{key}: {e}") from None
+
+    fits_network("image_size")
     if d.patch_size is not None:
         need(len(d.patch_size) == 2 and all(0 < p <= s for p, s in zip(d.patch_size, d.image_size, strict=False)),
              "data.patch_size", f"null or [h, w] with 0 < h <= {d.image_size[0]} and 0 < w <= {d.image_size[1]} "
              "(data.image_size)", d.patch_size)
         need(a.rot90 is False or d.patch_size[0] == d.patch_size[1], "data.augment.rot90",
              "false unless patch_size is square", a.rot90)
-        try:
-            check_input_size(tuple(d.patch_size), m.depth, m.padding)
-        except ValueError as e:
-            raise ConfigError(f"config key data.patch_size: {e}") from None
+        fits_network("patch_size")
 
     need(o.learning_rate > 0, "optim.learning_rate", "> 0", o.learning_rate)
     need(0 <= o.momentum < 1, "optim.momentum", "0 <= momentum < 1", o.momentum)

@@ -41,12 +41,8 @@ def main(argv=None) -> int:
     try:
         manifest = load_manifest(args.data)
         check_data_matches(cfg, manifest, args.data)
-    except (DataError, ConfigError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    try:
         path = checkpoint_path(args.workdir, args.checkpoint)
-    except ConfigError as e:
+    except (DataError, ConfigError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     model, optimizer = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)

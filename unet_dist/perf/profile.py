@@ -53,7 +53,7 @@ def kernel_seconds(logdir: Path) -> Counter:
         if not plane.name.startswith("/host:"):
             continue
         for line in plane.lines:
-            if not line.name.startswith("tf_Compute") and not line.name.startswith("tf_inter_op"):
+            if not line.name.startswith("tf_Compute"):  # the executor's threads
                 continue
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
