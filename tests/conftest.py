@@ -43,9 +43,14 @@ def _float32_policy():
         keras.mixed_precision.set_global_policy("float32")
 
 
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a test's child processes: this checkout importable, TF quiet."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False):
     """Runs `python -m module args...` from the repository root; returns CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = subprocess_env(**(env or {}))
     proc = subprocess.run([PY, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, model_weights, run_module, tiny_overrides
+from conftest import ROOT, model_weights, run_module, subprocess_env, tiny_overrides
 
 from unet_dist.distribute import free_ports
 
@@ -33,9 +33,6 @@ def _args(data, workdir, overrides, module="unet_dist.train"):
     return out
 
 
-def _env(**extra):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
-
 
 def _check(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -44,13 +41,13 @@ def _check(proc):
 
 def horovodrun(*args, np_=2, timeout=600):
     cmd = [str(HOROVODRUN), "-np", str(np_), "--gloo", "-H", f"localhost:{np_}", sys.executable, *args]
-    return _check(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout))
+    return _check(subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout))
 
 
 def mpirun(*args, np_=2, timeout=600):
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_), "-bind-to", "none", "-map-by", "slot",
            "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL", sys.executable, *args]
-    return _check(subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout))
+    return _check(subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout))
 
 
 def multiworker(*args, workers=2, timeout=600):
@@ -59,7 +56,7 @@ def multiworker(*args, workers=2, timeout=600):
     procs = []
     for i in range(workers):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(TF_CONFIG=tf_config),
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=subprocess_env(TF_CONFIG=tf_config),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     for p in procs:
@@ -97,7 +94,7 @@ def _assert_same_run(ref, other, name, rtol=1e-5):
 def single_run(shards, tmp_path_factory):
     w = tmp_path_factory.mktemp("single") / "w"
     _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=single"])], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=600))
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600))
     return w
 
 
@@ -105,7 +102,7 @@ def test_mirrored_two_logical_cpus_equals_one_device(shards, single_run, tmp_pat
     w = tmp_path / "w"
     proc = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=mirrored",
                                                                              "runtime.cpu_devices=2"])],
-                                 cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600))
+                                 cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600))
     assert "replicas 2" in proc.stdout
     _assert_same_run(single_run, w, "mirrored")
 
@@ -133,6 +130,10 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
     proc = horovodrun("-m", "unet_dist.train", "--config", "configs/demo.yaml", "--data", str(shards),
                       "--workdir", str(w), *sum((["--set", o] for o in over), []))
     assert proc.stdout.count("train: done") == 1  # other ranks print only errors
+    # Two ranks on this node: the chief runs on its own half of the CPUs (runtime.pin_cpus).
+    allowed = sorted(os.sched_getaffinity(0))
+    half = allowed[: max(1, len(allowed) // 2)]
+    assert f"on CPUs {','.join(map(str, half))};" in proc.stdout or len(half) > 8, proc.stdout
     s = json.loads((w / "summary.json").read_text())
     assert s["world_size"] == 2 and s["strategy"] == "horovod" and s["global_batch_size"] == 4
     assert [r["step"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
@@ -165,7 +166,7 @@ def test_resume_across_world_sizes(shards, single_run, tmp_path):
     w = tmp_path / "w"
     horovodrun(*_args(shards, w, EQUIV + ["train.steps=3", "train.checkpoint_every_steps=3"]))
     proc = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=single"])],
-                                 cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600))
+                                 cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600))
     assert "resuming at step 3" in proc.stdout and "world_size 1" in proc.stdout
     _assert_same_run(single_run, w, "horovod 2 -> single")
 
@@ -179,7 +180,7 @@ def test_launch_scripts_pass_arguments_through(shards, tmp_path, script):
     args = ["--data", str(shards), "--workdir", str(w)]
     for o in tiny_overrides(steps=2):
         args += ["--set", o]
-    env = {**_env(), "CPU_RANKS": "2", "PYTHON": sys.executable, "GPUS_PER_NODE": "0"}
+    env = {**subprocess_env(), "CPU_RANKS": "2", "PYTHON": sys.executable, "GPUS_PER_NODE": "0"}
     proc = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

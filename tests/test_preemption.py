@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, model_weights, tiny_overrides
+from conftest import ROOT, model_weights, subprocess_env, tiny_overrides
 from test_distributed import HOROVODRUN, needs_horovod
 
 pytestmark = pytest.mark.dist
@@ -25,9 +25,6 @@ def _train_cmd(data, workdir):
         args += ["--set", o]
     return args
 
-
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def _wait_for_step(workdir, step, proc, timeout=300):
@@ -65,9 +62,9 @@ def _rank_pids(workdir):
 def test_sigusr1_to_one_rank_stops_all_at_one_step_and_resumes(shards, tmp_path):
     w = tmp_path / "w"
     straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(shards, straight), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(shards, straight), cwd=ROOT, env=subprocess_env(), check=True, capture_output=True, timeout=600)
     cmd = [str(HOROVODRUN), "-np", "2", "--gloo", "-H", "localhost:2", *_train_cmd(shards, w)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(w, 5, proc)
     ranks = _rank_pids(w)
     assert len(ranks) == 2, ranks
@@ -80,7 +77,7 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_and_resumes(shards, tmp_path)
     assert (w / "checkpoints" / f"ckpt-{stopped}.index").exists()
     assert not (w / "summary.json").exists()
     # The same command again resumes at that step and finishes.
-    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming at step {stopped}" in again.stdout
     assert _train_steps(w) == list(range(1, 61))  # no step lost or repeated
@@ -91,7 +88,7 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_and_resumes(shards, tmp_path)
 
 def test_sigterm_single_process_exits_75_with_checkpoint(shards, tmp_path):
     w = tmp_path / "w"
-    proc = subprocess.Popen(_train_cmd(shards, w) + ["--set", "runtime.strategy=single"], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_train_cmd(shards, w) + ["--set", "runtime.strategy=single"], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(w, 3, proc)
     proc.send_signal(signal.SIGTERM)

@@ -78,6 +78,18 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def _tf_config_local() -> tuple[int, int]:
+    """(local rank, local size) of this TF_CONFIG task among the tasks on its host."""
+    tf_config = json.loads(os.environ["TF_CONFIG"])
+    cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+    tasks = [(kind, i, addr.rsplit(":", 1)[0]) for kind, addrs in cluster.items() for i, addr in enumerate(addrs)]
+    mine = next((t for t in tasks if t[:2] == (task.get("type"), task.get("index"))), None)
+    if mine is None:
+        return 0, 1
+    here = [t for t in tasks if t[2] == mine[2]]
+    return here.index(mine), len(here)
+
+
 def _local_size_from_env() -> int:
     for var in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "UNET_DIST_LOCAL_SIZE"):
         if var in os.environ:
@@ -86,26 +98,68 @@ def _local_size_from_env() -> int:
         return max(1, int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0]))
     if "SLURM_TASKS_PER_NODE" in os.environ:  # e.g. "2(x3)" or "2,1"
         return max(1, int(os.environ["SLURM_TASKS_PER_NODE"].split("(")[0].split(",")[0]))
-    if "TF_CONFIG" in os.environ:
-        # Workers of one cluster on the same host share its cores.
-        cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
-        hosts = [a.rsplit(":", 1)[0] for addrs in cluster.values() for a in addrs]
-        return max(1, hosts.count(hosts[0])) if len(set(hosts)) == 1 else 1
+    if "TF_CONFIG" in os.environ:  # workers of one cluster on the same host share its cores
+        return _tf_config_local()[1]
     return 1
 
 
-def configure_threads(cfg: Config, local_size: int) -> tuple[int, int]:
-    """Gives this process its share of the node's cores, so N ranks on a node do not oversubscribe it.
+def _local_rank_from_env() -> int:
+    for var in ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "UNET_DIST_LOCAL_RANK",
+                "SLURM_LOCALID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    if "TF_CONFIG" in os.environ:
+        return _tf_config_local()[0]
+    return 0
+
+
+def _affinity() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cpu_share(local_rank: int, local_size: int, cpus: list[int] | None = None) -> list[int]:
+    """The CPUs of `cpus` (default: this process's affinity) that are this local rank's share.
+
+    The processes on a node split the CPU set they were started with into equal contiguous parts,
+    one per local rank (more ranks than CPUs: ranks share CPUs round-robin). A task that SLURM
+    already bound to its own CPUs (the set is SLURM_CPUS_PER_TASK large) keeps them all.
+    """
+    cpus = _affinity() if cpus is None else sorted(cpus)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if local_size <= 1 or (per_task.isdigit() and int(per_task) == len(cpus)):
+        return cpus
+    n = max(1, len(cpus) // local_size)
+    start = (local_rank % local_size) * n
+    return [cpus[(start + i) % len(cpus)] for i in range(n)]
+
+
+def _pin(cpus: list[int]) -> None:
+    # Every thread of the process, not only the caller: importing TensorFlow has already started
+    # some, and the ones started later (TF's pools, gRPC, Horovod's) inherit the mask.
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that has exited meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def configure_threads(cfg: Config, local_rank: int, local_size: int) -> tuple[int, int, list[int]]:
+    """Gives this process its share of the node's cores, so N ranks on a node do not oversubscribe
+    it: TF's intra-op threads = the share's size, and with runtime.pin_cpus the process runs on
+    those cores only (its threads do not migrate onto a neighbour's core and slow both: that
+    steadied the 2-process step in docs/benchmarks.md). Returns (intra, inter, CPUs).
 
     Must run before TensorFlow starts its thread pools (before the first op).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    intra = cfg.runtime.intra_op_threads or max(1, cores // local_size)
+    share = cpu_share(local_rank, local_size)
+    if cfg.runtime.pin_cpus and local_size > 1 and hasattr(os, "sched_setaffinity") and share != _affinity():
+        _pin(share)
+    intra = cfg.runtime.intra_op_threads or len(share)
     inter = cfg.runtime.inter_op_threads or max(1, min(2, intra))
     with contextlib.suppress(RuntimeError):  # already initialised (tests in one process): keep
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
-    return intra, inter
+    return intra, inter, share
 
 
 def _gpu_memory_growth(gpus) -> None:
@@ -127,6 +181,7 @@ class Runtime:
         self.local_rank, self.local_size = 0, 1
         self.strategy: tf.distribute.Strategy | None = None
         self.threads = (0, 0)
+        self.cpus: list[int] = []  # the CPUs this process runs on (configure_threads)
 
     # -- identity
     @property
@@ -195,10 +250,6 @@ class Runtime:
 
     def cleanup_save_dir(self, directory: Path) -> None:
         pass
-
-    def describe(self) -> dict:
-        return {"strategy": self.name, "why": self.reason, "world_size": self.world_size,
-                "num_replicas": self.num_replicas, "threads": list(self.threads)}
 
 
 class _Packed:
@@ -366,8 +417,9 @@ class HorovodRuntime(Runtime):
 def make_runtime(cfg: Config) -> Runtime:
     """Creates the runtime: call first, before any other TensorFlow work (threads, devices)."""
     backend, why = choose_backend(cfg)
-    local_size = _local_size_from_env() if backend in ("horovod", "multiworker") else 1
-    threads = configure_threads(cfg, local_size)
+    local = backend in ("horovod", "multiworker")
+    local_size = _local_size_from_env() if local else 1
+    *threads, cpus = configure_threads(cfg, _local_rank_from_env() if local else 0, local_size)
     if cfg.runtime.cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         with contextlib.suppress(RuntimeError):  # already initialised: keep what exists
@@ -387,6 +439,6 @@ def make_runtime(cfg: Config) -> Runtime:
         rt = HorovodRuntime(cfg, why)
     else:  # choose_backend validated the name
         raise AssertionError(backend)
-    rt.threads = threads
+    rt.threads, rt.cpus = tuple(threads), cpus
     rt.local_size = max(rt.local_size, local_size)
     return rt

@@ -206,6 +206,12 @@ class StepGuard:
                                 f"(train.max_skipped_steps {self.max_run}); stopped")
 
 
+def _cpu_list(cpus: list[int]) -> str:
+    if len(cpus) <= 8:
+        return "CPUs " + ",".join(map(str, cpus))
+    return f"{len(cpus)} CPUs ({cpus[0]}..{cpus[-1]})"
+
+
 def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int, peak_lr: float, start: int) -> None:
     """The start line: backend and why, world size, batch and learning rate after scaling."""
     runtime.print(
@@ -213,7 +219,8 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
         f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
         f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
         f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
-        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, threads {runtime.threads[0]}+{runtime.threads[1]}; "
+        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, threads {runtime.threads[0]}+{runtime.threads[1]} "
+        f"on {_cpu_list(runtime.cpus)}; "
         + (f"resuming at step {start}" if start else "starting at step 0") + f" of {cfg.train.steps}")
 
 

@@ -1,0 +1,72 @@
+"""Where each process runs: local rank and size from the launcher, its share of the CPUs, pinning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, subprocess_env
+
+from unet_dist.distribute import _local_rank_from_env, _local_size_from_env, cpu_share
+
+
+def test_cpu_share_splits_the_set_into_one_contiguous_part_per_local_rank(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert [cpu_share(r, 2, [0, 1]) for r in range(2)] == [[0], [1]]
+    assert [cpu_share(r, 2, range(8)) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [cpu_share(r, 3, [2, 4, 6, 8, 10, 12, 14]) for r in range(3)] == [[2, 4], [6, 8], [10, 12]]
+    assert [cpu_share(r, 4, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]]  # oversubscribed
+    assert cpu_share(0, 1, [0, 1, 2]) == [0, 1, 2]
+
+
+def test_a_task_slurm_already_bound_keeps_its_cpus(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert cpu_share(1, 2, [4, 5, 6, 7]) == [4, 5, 6, 7]
+    # The same variable with an unbound task (it sees the whole allocation): split as usual.
+    assert cpu_share(1, 2, range(8)) == [4, 5, 6, 7] and cpu_share(0, 2, range(8)) == [0, 1, 2, 3]
+
+
+def test_local_rank_and_size_of_tf_config_workers_count_only_this_host(monkeypatch):
+    for var in ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "UNET_DIST_LOCAL_RANK",
+                "SLURM_LOCALID", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                "UNET_DIST_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(var, raising=False)
+    cluster = {"chief": ["a:1000"], "worker": ["b:1000", "a:1001", "a:1002"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 2}}))
+    assert (_local_rank_from_env(), _local_size_from_env()) == (2, 3)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert (_local_rank_from_env(), _local_size_from_env()) == (0, 1)
+    monkeypatch.setenv("HOROVOD_LOCAL_RANK", "1")  # a launcher's own variable wins
+    assert _local_rank_from_env() == 1
+
+
+PIN_PROBE = """
+import json, os, sys
+from unet_dist.config import load_config
+from unet_dist.distribute import configure_threads
+cfg = load_config(None, sys.argv[1:])
+intra, inter, cpus = configure_threads(cfg, 1, 2)
+import tensorflow as tf
+float(tf.reduce_sum(tf.ones([64, 64]) @ tf.ones([64, 64])))  # TF's thread pools now exist
+masks = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+print(json.dumps({"intra": intra, "cpus": cpus, "masks": list(masks.values())}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs")
+@pytest.mark.parametrize("pin", [True, False])
+def test_local_rank_one_of_two_runs_every_thread_on_its_half(pin):
+    allowed = sorted(os.sched_getaffinity(0))
+    proc = subprocess.run([sys.executable, "-c", PIN_PROBE, f"runtime.pin_cpus={str(pin).lower()}"], cwd=ROOT,
+                          env={k: v for k, v in subprocess_env().items() if k != "SLURM_CPUS_PER_TASK"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    half = allowed[len(allowed) // 2:][: len(allowed) // 2]
+    assert out["cpus"] == half and out["intra"] == len(half)
+    assert len(out["masks"]) > 3  # the main thread and TensorFlow's pools
+    assert all(m == (half if pin else allowed) for m in out["masks"]), out["masks"]
