@@ -12,7 +12,7 @@
 #   CPU_RANKS      processes per node without GPUs (default 2).
 #   PYTHON         default: the checkout's .venv/bin/python, else python3.
 #   MPIRUN_ARGS    extra mpirun flags (e.g. "--mca btl_tcp_if_include eth0").
-# -bind-to none -map-by slot: let each rank use its share of cores (the trainer sets its threads);
+# -bind-to none -map-by slot: the trainer itself pins each rank to its share of the cores and sizes its threads;
 # -x: the environment every rank needs; pml ob1 / btl ^openib: plain TCP unless you know better.
 # The trainer prints the effective world size, global batch and learning rate when it starts.
 set -euo pipefail
