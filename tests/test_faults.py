@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, model_weights, scale_loss_after, tiny_overrides
+from conftest import ROOT, model_weights, scale_loss_after, subprocess_env, tiny_overrides
 from test_distributed import HOROVODRUN, needs_horovod
-from test_preemption import _env, _rank_pids, _train_steps, _wait_for_step
+from test_preemption import _rank_pids, _train_steps, _wait_for_step
 
 from unet_dist.config import ConfigError, load_config
 from unet_dist.data.pipeline import DataError, load_manifest
@@ -37,8 +37,8 @@ def _hvd(cmd):
 @needs_horovod
 def test_killed_rank_ends_the_job_and_rerun_resumes_exactly(shards, tmp_path):
     straight, w = tmp_path / "straight", tmp_path / "w"
-    subprocess.run(_cmd(shards, straight), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_hvd(_cmd(shards, w)), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+    subprocess.run(_cmd(shards, straight), cwd=ROOT, env=subprocess_env(), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_hvd(_cmd(shards, w)), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(w, 12, proc)
     victim = max(_rank_pids(w))
@@ -49,7 +49,7 @@ def test_killed_rank_ends_the_job_and_rerun_resumes_exactly(shards, tmp_path):
     assert "exit with status code" in out + err or "exited" in out + err, (out + err)[-2000:]
     assert not (w / "summary.json").exists()
     # Rerun the same command: resumes from the last checkpoint, replays the data order from there.
-    again = subprocess.run(_hvd(_cmd(shards, w)), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(_hvd(_cmd(shards, w)), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming at step" in again.stdout
     assert _train_steps(w) == list(range(1, 41))
@@ -64,7 +64,7 @@ def test_kill_while_writing_checkpoints_keeps_the_latest_restorable(shards, tmp_
                                         "runtime.strategy=single"]
     rng = np.random.default_rng(0)
     for _ in range(3):
-        proc = subprocess.Popen(_cmd(shards, w, over), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_cmd(shards, w, over), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         start = len(_train_steps(w)) if (w / "metrics.jsonl").exists() else 0
         _wait_for_step(w, start + 3, proc)
@@ -77,7 +77,7 @@ def test_kill_while_writing_checkpoints_keeps_the_latest_restorable(shards, tmp_
         assert latest is not None
         model_weights(w, int(latest.rsplit("-", 1)[1]))  # restores completely
     # And training goes on from there.
-    done = subprocess.run(_cmd(shards, w, over, "train.steps=12"), cwd=ROOT, env=_env(), capture_output=True,
+    done = subprocess.run(_cmd(shards, w, over, "train.steps=12"), cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and "resuming at step" in done.stdout, done.stderr[-2000:]
 
@@ -135,7 +135,7 @@ def test_workers_with_unequal_shards_never_hang(pet_src, tmp_path):
     cmd = [sys.executable, "-m", "unet_dist.train", "--data", str(data), "--workdir", str(tmp_path / "w")]
     for o in over:
         cmd += ["--set", o]
-    proc = subprocess.run(_hvd(cmd), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_hvd(cmd), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["steps"] == 20
 
@@ -148,7 +148,7 @@ def test_a_stalled_rank_ends_the_job(shards, tmp_path):
     cmd = [sys.executable, "-m", "unet_dist.train", "--data", str(shards), "--workdir", str(w)]
     for o in over:
         cmd += ["--set", o]
-    env = {k: v for k, v in _env().items() if not k.startswith("HOROVOD_STALL")}
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("HOROVOD_STALL")}
     proc = subprocess.Popen(_hvd(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(w, 3, proc)
     victim = max(_rank_pids(w))
