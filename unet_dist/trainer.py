@@ -206,6 +206,74 @@ class StepGuard:
                                 f"(train.max_skipped_steps {self.max_run}); stopped")
 
 
+class TrainLoop:
+    """Steps start+1 .. total of a run: log, checkpoint, evaluate, stop at train.target_val_iou or
+    when any rank is asked to stop (preemption: checkpoint, then raise Preempted).
+
+    After `run`: last_eval (the last metrics), reached ((step, seconds) when the target was met),
+    images (trained in this call) and t_start.
+    """
+
+    def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator, logger: Logger, optimizer,
+                 global_batch: int, steps_per_epoch: int):
+        self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
+        self.optimizer, self.global_batch, self.steps_per_epoch = optimizer, global_batch, steps_per_epoch
+        self.guard = StepGuard(cfg, optimizer, ckpts)
+        self.last_eval: dict = {}
+        self.reached: tuple[int, float] | None = None
+        self.images = 0
+        self.t_start = self._window_t = time.time()
+        self._window_steps = 0
+
+    def run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
+        cfg = self.cfg.train
+        self.t_start = self._window_t = time.time()
+        with PreemptionWatcher() as watcher:
+            for step in range(start + 1, total + 1):
+                out = step_fn(next_batch_fn(step), tf.constant(1.0 if watcher.requested else 0.0))
+                loss = float(out["loss"])
+                self.guard.check(step, loss, float(out["nonfinite"]) > 0)
+                self._window_steps += 1
+                self.images += self.global_batch
+                self.logger.advance()
+                stop = float(out["stop"]) > 0  # some rank was signalled: all stop here, after this step
+                if step % cfg.log_every_steps == 0 or step == total or stop:
+                    self._log(step, loss)
+                if stop:
+                    self.ckpts.save(step)
+                    self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
+                    raise Preempted(step, watcher.signame or "a signal to another rank")
+                if step % cfg.checkpoint_every_steps == 0 or step == total:
+                    self.ckpts.save(step)
+                if (step % cfg.eval_every_steps == 0 or step == total) and self._evaluate(step):
+                    break
+
+    def _log(self, step: int, loss: float) -> None:
+        now = time.time()
+        ips = self._window_steps * self.global_batch / max(now - self._window_t, 1e-9)
+        self.logger.train(step, (step - 1) // self.steps_per_epoch, loss, float(self.optimizer.learning_rate), ips)
+        if self.guard.skipped:
+            self.logger.message(f"step {step}: {self.guard.skipped} steps skipped so far (float16 overflow)")
+        self._window_t, self._window_steps = now, 0
+
+    def _evaluate(self, step: int) -> bool:
+        """Evaluates, logs, keeps the best checkpoint; True when val IoU reached the target."""
+        started = time.time()
+        self.last_eval, panel = self.evaluator(self.cfg.train.image_panels)
+        self.logger.eval(step, self.last_eval)
+        self.logger.images(step, panel)
+        self.ckpts.save_best(step, self.last_eval["val_iou"])
+        self._window_t += time.time() - started  # evaluation time is not training throughput
+        target = self.cfg.train.target_val_iou
+        if target is None or self.last_eval["val_iou"] < target:
+            return False
+        self.reached = (step, time.time() - self.t_start)
+        self.logger.message(f"step {step}: val IoU {self.last_eval['val_iou']:.4f} >= train.target_val_iou {target}; "
+                            f"stopping after {self.reached[1]:.0f} s")
+        self.ckpts.save(step)
+        return True
+
+
 def _cpu_list(cpus: list[int]) -> str:
     if len(cpus) <= 8:
         return "CPUs " + ",".join(map(str, cpus))
@@ -256,7 +324,6 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         runtime.print(f"unet_dist: skipping {lost} unreadable of {manifest['train']['records']} training records")
     runtime.broadcast_state(model.variables + optimizer.variables)
     total = cfg.train.steps
-    steps_per_epoch = max(1, manifest["train"]["records"] // global_batch)
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start)
     if runtime.is_chief:
         write_run_files(cfg, workdir, data_dir, manifest)
@@ -266,56 +333,17 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     step_fn = make_train_step(model, optimizer, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla)
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
-    guard = StepGuard(cfg, optimizer, ckpts)
-    evaluator = Evaluator(model, cfg, runtime, data_dir, manifest)
-    logger = Logger(workdir, runtime.is_chief, total, start)
-    t_start = window_t = time.time()
-    window_steps = images_trained = 0
-    last_eval: dict = {}
-    reached: tuple[int, float] | None = None
+    loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest),
+                     Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
+                     steps_per_epoch=max(1, manifest["train"]["records"] // global_batch))
     try:
-        with PreemptionWatcher() as watcher:
-            for step in range(start + 1, total + 1):
-                batch = next_batch(batches, data_dir, manifest, step)
-                out = step_fn(batch, tf.constant(1.0 if watcher.requested else 0.0))
-                loss = float(out["loss"])
-                guard.check(step, loss, float(out["nonfinite"]) > 0)
-                window_steps += 1
-                images_trained += global_batch
-                logger.advance()
-                stop = float(out["stop"]) > 0  # some rank was signalled: all stop here, after this step
-                if step % cfg.train.log_every_steps == 0 or step == total or stop:
-                    now = time.time()
-                    ips = window_steps * global_batch / max(now - window_t, 1e-9)
-                    logger.train(step, (step - 1) // steps_per_epoch, loss, float(optimizer.learning_rate), ips)
-                    if guard.skipped:
-                        logger.message(f"step {step}: {guard.skipped} steps skipped so far (float16 overflow)")
-                    window_t, window_steps = now, 0
-                if stop:
-                    ckpts.save(step)
-                    logger.message(f"preempted: checkpoint of step {step} saved in {ckpts.dir}")
-                    raise Preempted(step, watcher.signame or "a signal to another rank")
-                if step % cfg.train.checkpoint_every_steps == 0 or step == total:
-                    ckpts.save(step)
-                if step % cfg.train.eval_every_steps == 0 or step == total:
-                    eval_start = time.time()
-                    last_eval, panel = evaluator(cfg.train.image_panels)
-                    logger.eval(step, last_eval)
-                    logger.images(step, panel)
-                    ckpts.save_best(step, last_eval["val_iou"])
-                    window_t += time.time() - eval_start  # evaluation time is not training throughput
-                    target = cfg.train.target_val_iou
-                    if target is not None and last_eval["val_iou"] >= target:
-                        reached = (step, time.time() - t_start)
-                        logger.message(f"step {step}: val IoU {last_eval['val_iou']:.4f} >= train.target_val_iou "
-                                       f"{target}; stopping after {reached[1]:.0f} s")
-                        ckpts.save(step)
-                        break
+        loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
     finally:
-        logger.close()
-    wall = time.time() - t_start
+        loop.logger.close()
+    wall = time.time() - loop.t_start
+    last_eval, reached = loop.last_eval, loop.reached
     if not last_eval and start >= total:
-        last_eval, _ = evaluator()
+        last_eval, _ = loop.evaluator()
     summary = {
         "steps": reached[0] if reached else total,
         "start_step": start,
@@ -324,7 +352,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "final_val_dice": last_eval.get("val_dice"),
         "final_val_loss": last_eval.get("val_loss"),
         "wall_s": wall,
-        "images_per_s": images_trained / wall if wall > 0 else 0.0,
+        "images_per_s": loop.images / wall if wall > 0 else 0.0,
         "world_size": runtime.world_size,
         "num_replicas": runtime.num_replicas,
         "global_batch_size": global_batch,
@@ -335,7 +363,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "precision": cfg.runtime.precision,
         "xla": cfg.runtime.xla,
         "strategy": runtime.name,
-        "skipped_steps": guard.skipped,
+        "skipped_steps": loop.guard.skipped,
         "lost_records": lost,
         "target_val_iou": cfg.train.target_val_iou,
         "target_reached_at_step": reached[0] if reached else None,
