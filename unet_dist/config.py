@@ -355,5 +355,12 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config value; repeatable (e.g. --set optim.learning_rate=0.01)")
 
 
+def add_workdir_args(parser: argparse.ArgumentParser) -> None:
+    """--workdir and --checkpoint: the trained run that evaluate, predict and export read."""
+    parser.add_argument("--workdir", type=Path, required=True, help="a training run's --workdir")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                        help="the best-val-IoU checkpoint or the latest one")
+
+
 def dump_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -13,15 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from unet_dist.config import ConfigError, load_workdir_config
+from unet_dist.config import ConfigError, add_workdir_args, load_workdir_config
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, required=True)
+    add_workdir_args(p)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)

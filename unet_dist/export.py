@@ -12,15 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from unet_dist.config import ConfigError
+from unet_dist.config import ConfigError, add_workdir_args
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, required=True)
+    add_workdir_args(p)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     args = p.parse_args(argv)
     from unet_dist.inference import export_saved_model, load_trained
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unet_dist.config import ConfigError
+from unet_dist.config import ConfigError, add_workdir_args
 
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 
@@ -35,13 +35,12 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, required=True)
+    add_workdir_args(p)
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tile", type=int, help="tile size (default: the training image size)")
     p.add_argument("--overlap", type=int, help="context pixels per tile side, same padding (default tile/8)")
     p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto")
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     args = p.parse_args(argv)
 
     from unet_dist.data.imageio import BadImage, load_rgb
