@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--per-replica-batch", type=int, default=8)
     ps.add_argument("--backends", nargs="+", default=["horovod", "multiworker"])
     ps.add_argument("--repeats", type=int, default=3, help="1- and 2-process runs per backend, alternating")
+    ps.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for every worker, e.g. runtime.pin_cpus=false")
     pw = sub.add_parser("scaling-worker", help=argparse.SUPPRESS)
     pw.add_argument("--backend", required=True)
     pw.add_argument("--steps", type=int, default=20)

@@ -153,7 +153,8 @@ def render(results: dict, out: Path) -> str:
         r, runs = res["images_per_s"], res.get("runs", {})
         lines += ["## Weak scaling on this machine", "",
                   f"The train step on in-memory batches ({res['per_process_batch']} images of 128x128 per process, "
-                  "demo-size U-Net, mixed_bfloat16), one thread per process, Horovod with "
+                  "demo-size U-Net, mixed_bfloat16), one thread per process, each of 2 processes on its own core "
+                  "(`runtime.pin_cpus`), Horovod with "
                   "`runtime.horovod_cycle_time_ms: 25` (see the notes below). Each process times every step; a "
                   "run's rate is the global batch over its median step. 1- and 2-process runs alternate, "
                   f"{res.get('repeats', 1)} of each; efficiency = median images/s(2) / (2 x median images/s(1)). "

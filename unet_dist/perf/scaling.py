@@ -93,7 +93,7 @@ def run(args) -> dict:
     """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     worker = [sys.executable, "-m", "unet_dist.bench", "scaling-worker", "--steps", str(args.steps),
-              "--per-replica-batch", str(args.per_replica_batch)]
+              "--per-replica-batch", str(args.per_replica_batch), *sum((["--set", s] for s in args.set), [])]
     runs: dict = {}
     results: dict = {}
     for backend in [*args.backends, "independent"]:
@@ -111,4 +111,4 @@ def run(args) -> dict:
         results[f"{backend}_efficiency"] = two / (2 * one)
     return {"bench": "scaling", "images_per_s": results, "runs": runs, "repeats": args.repeats,
             "per_process_batch": args.per_replica_batch, "steps": args.steps, "statistic": "median step",
-            "model": SCALING_MODEL, **machine()}
+            "model": SCALING_MODEL, "set": list(args.set), **machine()}
