@@ -41,6 +41,16 @@ def test_bad_values_name_the_key(override, words):
         assert w in msg, msg
 
 
+def test_rot90_needs_a_square_training_input():
+    with pytest.raises(ConfigError, match="data.augment.rot90"):
+        load_config(None, ["data.augment.rot90=true", "data.image_size=[256, 320]"])
+    with pytest.raises(ConfigError, match="data.augment.rot90: .*patch_size is square"):
+        load_config(None, ["data.augment.rot90=true", "data.image_size=[256, 320]", "data.patch_size=[128, 192]"])
+    # Only the patch is turned: a square patch of a non-square image is fine.
+    cfg = load_config(None, ["data.augment.rot90=true", "data.image_size=[256, 320]", "data.patch_size=[128, 128]"])
+    assert cfg.data.augment.rot90
+
+
 def test_valid_padding_sizes_are_checked():
     cfg = load_config(None, ["model.padding=valid", "data.image_size=[572, 572]"])
     assert cfg.model.padding == "valid"

@@ -295,7 +295,9 @@ def validate(cfg: Config) -> None:
     need(0 <= a.brightness <= 1, "data.augment.brightness", "0 to 1", a.brightness)
     need(0 <= a.contrast < 1, "data.augment.contrast", "0 to <1", a.contrast)
     need(0 <= a.hue <= 0.5, "data.augment.hue", "0 to 0.5", a.hue)
-    need(a.rot90 is False or d.image_size[0] == d.image_size[1], "data.augment.rot90", "false unless image_size is square", a.rot90)
+    # rot90 turns what is trained on: the patch when there is one (checked below), else the image.
+    need(a.rot90 is False or d.patch_size is not None or d.image_size[0] == d.image_size[1], "data.augment.rot90",
+         "false unless image_size (or patch_size when set) is square", a.rot90)
 
     need(1 <= m.depth <= 8, "model.depth", "1 to 8", m.depth)
     need(m.base_filters >= 1, "model.base_filters", ">= 1", m.base_filters)
