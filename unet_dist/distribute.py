@@ -151,8 +151,9 @@ def configure_threads(cfg: Config, local_rank: int, local_size: int) -> tuple[in
 
     Must run before TensorFlow starts its thread pools (before the first op).
     """
-    share = cpu_share(local_rank, local_size)
-    if cfg.runtime.pin_cpus and local_size > 1 and hasattr(os, "sched_setaffinity") and share != _affinity():
+    allowed = _affinity()
+    share = cpu_share(local_rank, local_size, allowed)
+    if cfg.runtime.pin_cpus and local_size > 1 and hasattr(os, "sched_setaffinity") and share != allowed:
         _pin(share)
     intra = cfg.runtime.intra_op_threads or len(share)
     inter = cfg.runtime.inter_op_threads or max(1, min(2, intra))

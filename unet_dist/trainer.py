@@ -210,8 +210,9 @@ class TrainLoop:
     """Steps start+1 .. total of a run: log, checkpoint, evaluate, stop at train.target_val_iou or
     when any rank is asked to stop (preemption: checkpoint, then raise Preempted).
 
-    After `run`: last_eval (the last metrics), reached ((step, seconds) when the target was met),
-    images (trained in this call) and t_start.
+    Create it right before `run`: its clock (t_start) starts then. After `run`: last_eval (the last
+    metrics), reached ((step, seconds since t_start) when the target was met) and images (trained
+    in this call).
     """
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator, logger: Logger, optimizer,
@@ -227,7 +228,6 @@ class TrainLoop:
 
     def run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         cfg = self.cfg.train
-        self.t_start = self._window_t = time.time()
         with PreemptionWatcher() as watcher:
             for step in range(start + 1, total + 1):
                 out = step_fn(next_batch_fn(step), tf.constant(1.0 if watcher.requested else 0.0))
