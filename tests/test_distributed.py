@@ -115,9 +115,22 @@ def test_horovod_two_processes_equals_one_device(shards, single_run, tmp_path):
     _assert_same_run(single_run, w, "horovod")
 
 
+@needs_horovod
+def test_horovod_fp16_allreduce_reports_the_loss_in_float32(shards, single_run, tmp_path):
+    # Gradients travel in float16 (close to the float32 run), the reported loss does not: the first
+    # step's loss comes before any update and matches to float32 precision.
+    w = tmp_path / "w"
+    horovodrun(*_args(shards, w, EQUIV + ["runtime.fp16_allreduce=true"]))
+    la, lb = _losses(single_run), _losses(w)
+    np.testing.assert_allclose(lb[0], la[0], rtol=1e-6)
+    np.testing.assert_allclose(lb, la, rtol=1e-2)
+    assert lb[1:] != la[1:]  # the gradients did go through float16
+
+
 def test_multiworker_two_workers_equals_one_device(shards, single_run, tmp_path):
     w = tmp_path / "w"
-    outs = multiworker(*_args(shards, w, EQUIV))
+    # Packs of 10 KB: the gradients are reduced in several packs, as a large model's are.
+    outs = multiworker(*_args(shards, w, EQUIV + ["runtime.allreduce_pack_mb=0.01"]))
     assert "strategy multiworker" in outs[0].stdout and "world_size 2" in outs[0].stdout
     assert "strategy" not in outs[1].stdout  # only the chief prints
     _assert_same_run(single_run, w, "multiworker")

@@ -108,6 +108,7 @@ class RuntimeConfig:
     inter_op_threads: int = 0
     pin_cpus: bool = True  # N processes on a node: each runs on its own 1/N of the CPUs it was given
     fp16_allreduce: bool = False  # Horovod: compress gradients to fp16 on the wire
+    allreduce_pack_mb: float = 2.0  # tf.distribute: gradient all-reduce in packs this large (0 = one)
     horovod_cycle_time_ms: float | None = None  # Horovod's HOROVOD_CYCLE_TIME; null = its default. CPU: 25 (docs/benchmarks.md)
     stall_check_seconds: int = 60  # Horovod: warn when a rank has not joined a collective for this long
     stall_shutdown_seconds: int = 300  # Horovod: then end the job instead of hanging (0 = never)
@@ -333,6 +334,7 @@ def validate(cfg: Config) -> None:
          "optim.step_boundaries", "increasing fractions of training in (0, 1)", o.step_boundaries)
 
     need(r.intra_op_threads >= 0, "runtime.intra_op_threads", ">= 0 (0 = auto)", r.intra_op_threads)
+    need(r.allreduce_pack_mb >= 0, "runtime.allreduce_pack_mb", ">= 0", r.allreduce_pack_mb)
     need(r.horovod_cycle_time_ms is None or r.horovod_cycle_time_ms > 0, "runtime.horovod_cycle_time_ms",
          "null or > 0", r.horovod_cycle_time_ms)
     need(r.stall_check_seconds >= 1, "runtime.stall_check_seconds", ">= 1", r.stall_check_seconds)

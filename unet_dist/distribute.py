@@ -2,12 +2,13 @@
 MultiWorkerMirroredStrategy or Horovod. The only module that imports horovod.
 
 Everything else asks a `Runtime`: who am I (rank, world_size, num_replicas, is_chief), give me my
-input (`distribute`), run a step (`run`), reduce gradients or numbers across processes, broadcast
-the initial state, print on the chief, and where to save.
+input (`distribute`), run a step (`run_step`, `run`), reduce gradients or numbers across processes,
+broadcast the initial state, print on the chief, and where to save.
 
-Backend contract for the step (see trainer.py): the per-replica step returns its loss already
-divided by the *global* batch size; gradients are *summed* across replicas (tf.distribute does that
-inside optimizer.apply; Horovod does it in `reduce_gradients`), so 1 or N replicas give one result.
+Backend contract for the train step (see trainer.py): the per-replica step returns its loss already
+divided by the *global* batch size; `reduce_step` *sums* the gradients and the step's reported
+scalars across replicas in one collective (for every backend: Keras' own gradient all-reduce under
+tf.distribute is turned off by `adopt_optimizer`), so 1 or N replicas give one result.
 """
 
 from __future__ import annotations
@@ -227,8 +228,20 @@ class Runtime:
         """Calls step_fn(*args) on every replica; returns its outputs summed over replicas."""
         return step_fn(*args)
 
-    def reduce_gradients(self, grads: list) -> list:
-        return grads
+    def run_step(self, step_fn: Callable, *args) -> dict:
+        """Calls step_fn(*args) on every replica, where step_fn returns values that are already the
+        same on every replica (sums from `reduce_step`); returns them once."""
+        return step_fn(*args)
+
+    def reduce_step(self, grads: list, scalars: dict) -> tuple[list, dict]:
+        """Inside `run_step`: sums this replica's gradients and the step's scalars (name -> scalar)
+        over all replicas, in one collective: each collective is a round trip and, under Horovod,
+        a negotiation cycle of its own, which cost 5-8% of a 2-process CPU step
+        (docs/benchmarks.md). Returns (summed gradients, summed scalars)."""
+        return grads, scalars
+
+    def adopt_optimizer(self, optimizer) -> None:
+        """Prepares a Keras optimizer for gradients that `reduce_step` has already summed."""
 
     def allreduce_sum(self, value: np.ndarray) -> np.ndarray:
         """Sums a host array over processes (every process must call it)."""
@@ -254,9 +267,9 @@ class Runtime:
 
 
 class _Packed:
-    """A step's reported scalars as one (n,) float32 vector, so that summing them over replicas is
-    one cross-process reduction per step, not one per key (each is a collective with its own
-    round trip, and under Horovod its own negotiation cycle). Keys are fixed when the step traces.
+    """Named scalars as one (n,) float32 vector, so that summing them over replicas takes one
+    collective, not one per key (or none of its own: `reduce_step` adds it to the gradients').
+    Keys are fixed when the step traces.
     """
 
     def __init__(self):
@@ -268,6 +281,10 @@ class _Packed:
 
     def unpack(self, vector: tf.Tensor) -> dict:
         return dict(zip(self.keys, tf.unstack(vector, num=len(self.keys)), strict=True))
+
+
+def _already_reduced(grads_and_vars):
+    return list(grads_and_vars)
 
 
 class MirroredRuntime(Runtime):
@@ -296,6 +313,36 @@ class MirroredRuntime(Runtime):
         packed = _Packed()
         out = self.strategy.run(lambda *a: packed.pack(step_fn(*a)), args=args)
         return packed.unpack(self.strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None))
+
+    def run_step(self, step_fn, *args):
+        out = self.strategy.run(step_fn, args=args)
+        return {k: self.strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+    def reduce_step(self, grads, scalars):
+        # Packs of runtime.allreduce_pack_mb: the first packs (the last layers' gradients, which
+        # backprop computes first) are reduced while the earlier layers' are still being computed.
+        packed = _Packed()
+        options = tf.distribute.experimental.CommunicationOptions(
+            bytes_per_pack=int(self.cfg.runtime.allreduce_pack_mb * 2**20))
+        *grads, vector = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, [*grads, packed.pack(scalars)], options=options)
+        return grads, packed.unpack(vector)
+
+    def adopt_optimizer(self, optimizer):
+        # Keras 3 sums the gradients over replicas itself inside apply(), in a collective of its own
+        # with default options. reduce_step has summed them already (with the step's scalars, in
+        # packs), so Keras' sum must be skipped: it is a private method, so check it is there; the
+        # equivalence tests fail if gradients were summed twice or not at all.
+        for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+            if opt is None:
+                continue
+            if not callable(getattr(opt, "_all_reduce_sum_gradients", None)):
+                import keras
+
+                raise RuntimeError(f"unet_dist: Keras {keras.__version__}'s {type(opt).__name__} has no "
+                                   "_all_reduce_sum_gradients to turn off, which the tf.distribute backends need "
+                                   "(tested with Keras 3.15); use the Keras version tools/setup.sh installs")
+            opt._all_reduce_sum_gradients = _already_reduced
 
 
 class MultiWorkerRuntime(MirroredRuntime):
@@ -395,10 +442,19 @@ class HorovodRuntime(Runtime):
         packed = _Packed()
         return packed.unpack(self.hvd.allreduce(packed.pack(step_fn(*args)), op=self.hvd.Sum, name="report"))
 
-    def reduce_gradients(self, grads):
+    def reduce_step(self, grads, scalars):
         # Horovod: each rank's loss is already divided by the global batch, so the sum is the mean
         # gradient. Keras 3 variables break DistributedGradientTape (stack-facts.md): reduce directly.
-        return self.hvd.grouped_allreduce(grads, op=self.hvd.Sum, compression=self.compression)
+        packed = _Packed()
+        vector = packed.pack(scalars)
+        if self.compression is self.hvd.Compression.none:
+            *grads, vector = self.hvd.grouped_allreduce([*grads, vector], op=self.hvd.Sum)
+        else:
+            # float16 suits gradients on the wire, not the loss (3 digits; inf above 65504), and a
+            # Horovod group holds one dtype: the scalars go in a float32 allreduce of their own.
+            grads = self.hvd.grouped_allreduce(grads, op=self.hvd.Sum, compression=self.compression)
+            vector = self.hvd.allreduce(vector, op=self.hvd.Sum, name="report")
+        return grads, packed.unpack(vector)
 
     def allreduce_sum(self, value):
         value = np.asarray(value)

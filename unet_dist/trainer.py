@@ -91,16 +91,15 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
 
     def replica_step(batch, stop):
         loss, grads = forward_backward(batch)
-        grads = runtime.reduce_gradients(grads)
+        # Preemption: this rank's stop request is summed with the others' like the loss.
+        grads, out = runtime.reduce_step(grads, {"loss": loss, "stop": stop})
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         optimizer.apply(grads, model.trainable_variables)
-        # Preemption: this rank's stop request, summed with the others' like the loss (identity makes
-        # it a per-replica value on each device, which MirroredStrategy can reduce).
-        return {"loss": loss, "nonfinite": 1.0 - tf.cast(finite, tf.float32), "stop": tf.identity(stop)}
+        return {**out, "nonfinite": 1.0 - tf.cast(finite, tf.float32)}
 
     @tf.function
     def step(batch, stop=None):
-        return runtime.run(replica_step, batch, tf.zeros([]) if stop is None else stop)
+        return runtime.run_step(replica_step, batch, tf.zeros([]) if stop is None else stop)
 
     return step
 
@@ -177,6 +176,7 @@ def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
         optimizer = precision.wrap_optimizer(build_optimizer(cfg.optim, peak_lr, cfg.train.steps), cfg.runtime)
         # Keras 3 under strategy.run: optimizer variables must exist before the first traced step.
         optimizer.build(model.trainable_variables)
+    runtime.adopt_optimizer(optimizer)
     return model, optimizer
 
 

@@ -151,9 +151,11 @@ def render(results: dict, out: Path) -> str:
     if "scaling" in results:
         res = results["scaling"]
         r, runs = res["images_per_s"], res.get("runs", {})
+        settings = [s.split("=", 1) for s in res.get("model", []) + res.get("set", [])]
+        prec = dict(settings).get("runtime.precision", "float32")  # the last setting wins, as in --set
         lines += ["## Weak scaling on this machine", "",
                   f"The train step on in-memory batches ({res['per_process_batch']} images of 128x128 per process, "
-                  "demo-size U-Net, mixed_bfloat16), one thread per process, each of 2 processes on its own core "
+                  f"demo-size U-Net, {prec}), one thread per process, each of 2 processes on its own core "
                   "(`runtime.pin_cpus`), Horovod with "
                   "`runtime.horovod_cycle_time_ms: 25` (see the notes below). Each process times every step; a "
                   "run's rate is the global batch over its median step. 1- and 2-process runs alternate, "
