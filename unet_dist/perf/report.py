@@ -167,12 +167,12 @@ def render(results: dict, out: Path) -> str:
         for b in ("horovod", "multiworker", "independent"):
             if f"{b}_1" in r:
                 each = ["" if b not in runs else ", ".join(f"{x:.1f}" for x in runs[b][n]) for n in ("1", "2")]
-                lines.append(f"| {b} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.0%} | "
+                lines.append(f"| {b} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.1%} | "
                              f"{each[0]} | {each[1]} |")
         if "independent_1" in r:
             single = r["independent_1"]
             lines += ["", "Against one plain single-device process (" + f"{single:.1f} images/s), the 2-process "
-                      "efficiency is " + ", ".join(f"{b} {r[f'{b}_2'] / (2 * single):.0%}"
+                      "efficiency is " + ", ".join(f"{b} {r[f'{b}_2'] / (2 * single):.1%}"
                                                   for b in ("horovod", "multiworker") if f"{b}_2" in r) + "."]
         lines += ["", f"Command: `{res['command']}`", ""]
 
