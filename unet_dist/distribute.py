@@ -2,7 +2,7 @@
 MultiWorkerMirroredStrategy or Horovod. The only module that imports horovod.
 
 Everything else asks a `Runtime`: who am I (rank, world_size, num_replicas, is_chief), give me my
-input (`distribute`), run a step (`run_step`, `run`), reduce gradients or numbers across processes,
+input (`distribute`), run a step (`run_step`), reduce gradients or numbers across processes,
 broadcast the initial state, print on the chief, and where to save.
 
 Backend contract for the train step (see trainer.py): the per-replica step returns its loss already
@@ -220,13 +220,9 @@ class Runtime:
         return self.strategy.scope() if self.strategy else contextlib.nullcontext()
 
     def distribute(self, dataset_fn: Callable[[Shard, int], tf.data.Dataset]):
-        """dataset_fn(shard, per_pipeline_batch) -> Dataset; returns what `run` takes as its batch."""
+        """dataset_fn(shard, per_pipeline_batch) -> Dataset; returns what `run_step` takes as its batch."""
         global_batch, _ = self.batch_sizes()
         return dataset_fn(Shard(0, 1), global_batch)
-
-    def run(self, step_fn: Callable, *args) -> dict:
-        """Calls step_fn(*args) on every replica; returns its outputs summed over replicas."""
-        return step_fn(*args)
 
     def run_step(self, step_fn: Callable, *args) -> dict:
         """Calls step_fn(*args) on every replica, where step_fn returns values that are already the
@@ -308,11 +304,6 @@ class MirroredRuntime(Runtime):
             return dataset_fn(Shard(ctx.input_pipeline_id, ctx.num_input_pipelines), per_replica)
 
         return self.strategy.distribute_datasets_from_function(fn)
-
-    def run(self, step_fn, *args):
-        packed = _Packed()
-        out = self.strategy.run(lambda *a: packed.pack(step_fn(*a)), args=args)
-        return packed.unpack(self.strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None))
 
     def run_step(self, step_fn, *args):
         out = self.strategy.run(step_fn, args=args)
@@ -436,11 +427,6 @@ class HorovodRuntime(Runtime):
     def distribute(self, dataset_fn):
         _, per_replica = self.batch_sizes()
         return dataset_fn(Shard(self.rank, self.world_size), per_replica)
-
-    def run(self, step_fn, *args):
-        # Horovod: sum the reported scalars so every rank logs the global loss, in one op (`_Packed`).
-        packed = _Packed()
-        return packed.unpack(self.hvd.allreduce(packed.pack(step_fn(*args)), op=self.hvd.Sum, name="report"))
 
     def reduce_step(self, grads, scalars):
         # Horovod: each rank's loss is already divided by the global batch, so the sum is the mean
