@@ -20,10 +20,12 @@ HOROVODRUN = BIN / "horovodrun"
 needs_horovod = pytest.mark.skipif(not HOROVODRUN.exists(), reason="Horovod not installed (run make setup)")
 needs_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI not installed")
 
-# Batch norm off: its batch statistics are per replica by design, so it alone would differ.
+# Batch norm off here: with per-replica statistics (the default) the same global batch gives a
+# different model on 2 replicas than on 1. EQUIV_SYNC_BN (below) turns it on, over the global batch.
 EQUIV = tiny_overrides(steps=5) + ["model.batch_norm=false", "optim.name=sgd", "optim.learning_rate=0.05",
                                    "optim.momentum=0.9", "train.checkpoint_every_steps=5",
                                    "data.augment.elastic=true"]
+EQUIV_SYNC_BN = [o for o in EQUIV if o != "model.batch_norm=false"] + ["model.sync_batch_norm=true"]
 
 
 def _args(data, workdir, overrides, module="unet_dist.train"):
@@ -134,6 +136,38 @@ def test_multiworker_two_workers_equals_one_device(shards, single_run, tmp_path)
     assert "strategy multiworker" in outs[0].stdout and "world_size 2" in outs[0].stdout
     assert "strategy" not in outs[1].stdout  # only the chief prints
     _assert_same_run(single_run, w, "multiworker")
+
+
+@pytest.fixture(scope="module")
+def single_run_sync_bn(shards, tmp_path_factory):
+    w = tmp_path_factory.mktemp("single_sync_bn") / "w"
+    _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV_SYNC_BN + ["runtime.strategy=single"])],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600))
+    return w
+
+
+@pytest.mark.parametrize("backend", ["mirrored", "horovod", "multiworker"])
+def test_sync_batch_norm_gives_the_same_model_on_two_replicas(backend, shards, single_run_sync_bn, tmp_path):
+    # 5e-5, not 1e-5: batch norm makes every sample's gradient depend on the whole batch, and the
+    # float32 moments of one 4-image batch differ in the last bits from two 2-image moments combined;
+    # the betas' gradients (sums that nearly cancel) carry that into the weights: 1.1e-5 in the
+    # losses and 2.4e-5 in the weights after 5 steps, the same on all three backends. Per-replica
+    # statistics (sync off) differ by 2e-2; the batch's variance as a float32 sum of squares, which
+    # this replaced, by 1.0e-4.
+    if backend == "horovod" and not HOROVODRUN.exists():
+        pytest.skip("Horovod not installed (run make setup)")
+    w = tmp_path / "w"
+    args = _args(shards, w, EQUIV_SYNC_BN)
+    if backend == "mirrored":
+        out = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV_SYNC_BN + [
+            "runtime.strategy=mirrored", "runtime.cpu_devices=2"])], cwd=ROOT, env=subprocess_env(),
+            capture_output=True, text=True, timeout=600)).stdout
+    elif backend == "horovod":
+        out = horovodrun(*args).stdout
+    else:
+        out = multiworker(*args)[0].stdout
+    assert "replicas 2" in out and "synchronized batch norm" in out, out
+    _assert_same_run(single_run_sync_bn, w, f"{backend}, synchronized batch norm", rtol=5e-5)
 
 
 @needs_horovod

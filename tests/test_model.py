@@ -104,3 +104,33 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy):
                                rtol=1e-3)
     np.testing.assert_allclose(np.asarray(ours(x, training=False), np.float32),
                                np.asarray(ref(x, training=False), np.float32), atol=0.05, rtol=0.05)
+
+
+def test_synchronized_batch_norm_on_one_replica_matches_the_fused_kernel():
+    # model.sync_batch_norm computes the batch statistics from per-channel sums (one collective);
+    # on one replica it must give what the fused kernel gives: output, gradients, moving statistics.
+    import tensorflow as tf
+
+    from unet_dist.model import FusedBatchNorm
+
+    keras.mixed_precision.set_global_policy("float32")
+    x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (4, 8, 8, 5)).astype(np.float32))
+    fused, synced = FusedBatchNorm(momentum=0.9), FusedBatchNorm(momentum=0.9)
+    calls = []
+    synced.replica_sum = lambda ts: calls.append(len(ts)) or list(ts)
+    upstream = tf.constant(np.random.default_rng(2).normal(size=(4, 8, 8, 5)).astype(np.float32))
+    results = []
+    for layer in (fused, synced):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, 5))
+        layer.beta.assign(np.linspace(-1, 1, 5))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * upstream)
+        results.append([y, *tape.gradient(loss, [x, layer.gamma, layer.beta])])
+    assert calls == [4]  # the moments and the count in one collective
+    for a, b, name in zip(*results, ["output", "d/dx", "d/dgamma", "d/dbeta"], strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(synced.moving_mean.numpy(), fused.moving_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(synced.moving_variance.numpy(), fused.moving_variance.numpy(), rtol=1e-5)

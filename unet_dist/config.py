@@ -68,6 +68,10 @@ class ModelConfig:
     padding: Literal["same", "valid"] = "same"
     batch_norm: bool = True
     bn_momentum: float = 0.9  # moving-statistics momentum (Keras default 0.99 lags on short runs)
+    # Batch statistics over the global batch (every replica's images) instead of each replica's own:
+    # the same model for the same global batch on any number of replicas, at the price of one small
+    # collective per batch-norm layer, forward and backward (a sync point each; off by default).
+    sync_batch_norm: bool = False
     dropout: float = 0.0  # dropout rate before the bottleneck convolutions
     upsample: Literal["transpose", "bilinear"] = "transpose"
     up_filters: list[int] | None = None  # widths of the up-convolutions, deepest first (default: level widths)
@@ -303,6 +307,8 @@ def validate(cfg: Config) -> None:
     need(1 <= m.depth <= 8, "model.depth", "1 to 8", m.depth)
     need(m.base_filters >= 1, "model.base_filters", ">= 1", m.base_filters)
     need(0 < m.bn_momentum < 1, "model.bn_momentum", "0 < bn_momentum < 1", m.bn_momentum)
+    need(m.batch_norm or not m.sync_batch_norm, "model.sync_batch_norm", "false when model.batch_norm is false",
+         m.sync_batch_norm)
     need(0 <= m.dropout < 1, "model.dropout", "0 <= dropout < 1", m.dropout)
     need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
     need(m.up_filters is None or (len(m.up_filters) == m.depth and all(f > 0 for f in m.up_filters)),

@@ -236,6 +236,12 @@ class Runtime:
         2-process CPU step in docs/benchmarks.md). Returns (summed gradients, summed scalars)."""
         return grads, scalars
 
+    def replica_sum(self, tensors: list) -> list:
+        """Inside `run_step`, in the forward pass: sums float32 tensors over all replicas, one
+        collective; differentiable (the gradient is summed the same way). For statistics of the
+        global batch (model.sync_batch_norm)."""
+        return list(tensors)
+
     def adopt_optimizer(self, optimizer) -> None:
         """Prepares a Keras optimizer for gradients that `reduce_step` has already summed."""
 
@@ -318,6 +324,10 @@ class MirroredRuntime(Runtime):
         *grads, vector = tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, [*grads, packed.pack(scalars)], options=options)
         return grads, packed.unpack(vector)
+
+    def replica_sum(self, tensors):
+        # all_reduce's SUM has a custom gradient that all-reduces the incoming gradients.
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, list(tensors))
 
     def adopt_optimizer(self, optimizer):
         # Keras 3 sums the gradients over replicas itself inside apply(), in a collective of its own
@@ -441,6 +451,10 @@ class HorovodRuntime(Runtime):
             grads = self.hvd.grouped_allreduce(grads, op=self.hvd.Sum, compression=self.compression)
             vector = self.hvd.allreduce(vector, op=self.hvd.Sum, name="report")
         return grads, packed.unpack(vector)
+
+    def replica_sum(self, tensors):
+        # Horovod registers the gradient of a grouped allreduce: a grouped allreduce of the gradients.
+        return self.hvd.grouped_allreduce(list(tensors), op=self.hvd.Sum)
 
     def allreduce_sum(self, value):
         value = np.asarray(value)

@@ -106,7 +106,16 @@ class FusedBatchNorm(layers.BatchNormalization):
     the paper's model train about twice as fast on our CPU (docs/benchmarks.md). Same variables,
     same checkpoints, same moving-average rule (moving = momentum * moving + (1 - momentum) * batch),
     except that the batch variance fed to it is the unbiased one (n / (n - 1)), as in tf.keras 2.
+
+    Synchronized (model.sync_batch_norm): when `replica_sum` is set, training uses the statistics of
+    the global batch. `replica_sum(list of tensors) -> list` sums tensors over every replica of the
+    step and passes gradients back the same way (`Runtime.replica_sum`); the trainer sets it, and
+    it is not saved with the model (prediction uses the moving statistics). Keras' own
+    `synchronized=True` works under tf.distribute only; this works under every backend, with the
+    same arithmetic on one replica as on many.
     """
+
+    replica_sum = None
 
     def call(self, inputs, training=None, mask=None):
         if self.axis not in (-1, 3) or len(inputs.shape) != 4 or self.synchronized:
@@ -118,18 +127,38 @@ class FusedBatchNorm(layers.BatchNormalization):
             x = tf.cast(x, tf.float32)
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([x.shape[-1]], tf.float32)
         beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([x.shape[-1]], tf.float32)
-        if training:
+        if training and self.replica_sum is not None:
+            y = self._global_batch_norm(x, gamma, beta)
+        elif training:
             y, mean, var = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=self.epsilon,
                                                             data_format="NHWC", is_training=True)
-            m = self.momentum
-            self.moving_mean.assign(self.moving_mean * m + tf.cast(mean, self.moving_mean.dtype) * (1 - m))
-            self.moving_variance.assign(self.moving_variance * m + tf.cast(var, self.moving_variance.dtype) * (1 - m))
+            self._update_moving(mean, var)
         else:
             y, _, _ = tf.compat.v1.nn.fused_batch_norm(
                 x, gamma, beta, mean=tf.cast(self.moving_mean, tf.float32),
                 variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon, data_format="NHWC",
                 is_training=False)
         return tf.cast(y, self.compute_dtype)
+
+    def _update_moving(self, mean: tf.Tensor, unbiased_var: tf.Tensor) -> None:
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + tf.cast(mean, self.moving_mean.dtype) * (1 - m))
+        self.moving_variance.assign(
+            self.moving_variance * m + tf.cast(unbiased_var, self.moving_variance.dtype) * (1 - m))
+
+    def _global_batch_norm(self, x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
+        """x (B, H, W, C) float32 normalised with the mean and variance of every replica's (B, H, W),
+        combined from each replica's own moments in one collective (Chan et al.'s pairwise rule):
+        sums of n * mean, of n * variance and of n * mean^2, so the only cancellation left is in
+        the spread of the replicas' means, not in a float32 sum of squares of the whole batch."""
+        local_mean, local_var = tf.nn.moments(x, axes=[0, 1, 2])
+        k = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)  # this replica's values per channel
+        sum_mean, sum_var, sum_mean_sq, n = self.replica_sum(
+            [k * local_mean, k * local_var, k * tf.square(local_mean), k])
+        mean = sum_mean / n
+        var = tf.maximum(sum_var / n + (sum_mean_sq / n - tf.square(mean)), 0.0)
+        self._update_moving(mean, var * n / tf.maximum(n - 1.0, 1.0))
+        return tf.nn.batch_normalization(x, mean, var, beta, gamma, self.epsilon)
 
 
 @keras.saving.register_keras_serializable(package="unet_dist")

@@ -25,7 +25,7 @@ from unet_dist.distribute import Runtime, make_runtime
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
-from unet_dist.model import build_unet
+from unet_dist.model import FusedBatchNorm, build_unet
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import build_optimizer, scaled_learning_rate
 
@@ -173,6 +173,11 @@ def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
     with runtime.scope():
         # Patch training feeds patches and evaluates whole images: one fully convolutional model.
         model = build_unet(cfg.model, None if cfg.data.patch_size else tuple(cfg.data.image_size))
+        if cfg.model.sync_batch_norm:
+            # Also with one replica, so that one process computes exactly what N replicas do.
+            for layer in model.layers:
+                if isinstance(layer, FusedBatchNorm):
+                    layer.replica_sum = runtime.replica_sum
         optimizer = precision.wrap_optimizer(build_optimizer(cfg.optim, peak_lr, cfg.train.steps), cfg.runtime)
         # Keras 3 under strategy.run: optimizer variables must exist before the first traced step.
         optimizer.build(model.trainable_variables)
@@ -287,7 +292,8 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
         f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
         f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
         f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
-        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, threads {runtime.threads[0]}+{runtime.threads[1]} "
+        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, "
+        f"{'synchronized batch norm, ' if cfg.model.sync_batch_norm else ''}threads {runtime.threads[0]}+{runtime.threads[1]} "
         f"on {_cpu_list(runtime.cpus)}; "
         + (f"resuming at step {start}" if start else "starting at step 0") + f" of {cfg.train.steps}")
 
