@@ -111,8 +111,7 @@ class FusedBatchNorm(layers.BatchNormalization):
     the global batch. `replica_sum(list of tensors) -> list` sums tensors over every replica of the
     step and passes gradients back the same way (`Runtime.replica_sum`); the trainer sets it, and
     it is not saved with the model (prediction uses the moving statistics). Keras' own
-    `synchronized=True` works under tf.distribute only; this works under every backend, with the
-    same arithmetic on one replica as on many.
+    `synchronized=True` works under tf.distribute only; this works under every backend.
     """
 
     replica_sum = None

@@ -173,8 +173,8 @@ def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
     with runtime.scope():
         # Patch training feeds patches and evaluates whole images: one fully convolutional model.
         model = build_unet(cfg.model, None if cfg.data.patch_size else tuple(cfg.data.image_size))
-        if cfg.model.sync_batch_norm:
-            # Also with one replica, so that one process computes exactly what N replicas do.
+        if cfg.model.sync_batch_norm and runtime.num_replicas > 1:
+            # One replica keeps the fused kernel: the same statistics, and no collective to wait for.
             for layer in model.layers:
                 if isinstance(layer, FusedBatchNorm):
                     layer.replica_sum = runtime.replica_sum
