@@ -41,6 +41,14 @@ def test_bad_values_name_the_key(override, words):
         assert w in msg, msg
 
 
+def test_sync_batch_norm_needs_batch_norm_and_no_xla():
+    with pytest.raises(ConfigError, match="model.sync_batch_norm: .*batch_norm is false"):
+        load_config(None, ["model.sync_batch_norm=true", "model.batch_norm=false"])
+    with pytest.raises(ConfigError, match="model.sync_batch_norm: .*runtime.xla is true"):
+        load_config(None, ["model.sync_batch_norm=true", "runtime.xla=true"])
+    assert load_config(None, ["model.sync_batch_norm=true"]).model.sync_batch_norm
+
+
 def test_rot90_needs_a_square_training_input():
     with pytest.raises(ConfigError, match="data.augment.rot90"):
         load_config(None, ["data.augment.rot90=true", "data.image_size=[256, 320]"])

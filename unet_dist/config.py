@@ -309,6 +309,10 @@ def validate(cfg: Config) -> None:
     need(0 < m.bn_momentum < 1, "model.bn_momentum", "0 < bn_momentum < 1", m.bn_momentum)
     need(m.batch_norm or not m.sync_batch_norm, "model.sync_batch_norm", "false when model.batch_norm is false",
          m.sync_batch_norm)
+    # The statistics' collectives sit inside the forward pass, which runtime.xla compiles; Horovod's
+    # ops have no XLA kernels.
+    need(not (m.sync_batch_norm and r.xla), "model.sync_batch_norm",
+         "false when runtime.xla is true (its collectives cannot be compiled by XLA)", m.sync_batch_norm)
     need(0 <= m.dropout < 1, "model.dropout", "0 <= dropout < 1", m.dropout)
     need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
     need(m.up_filters is None or (len(m.up_filters) == m.depth and all(f > 0 for f in m.up_filters)),
