@@ -41,6 +41,12 @@ def _check(proc):
     return proc
 
 
+def python_run(*args, timeout=600):
+    """One process: `python ARGS`."""
+    return _check(subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                                 text=True, timeout=timeout))
+
+
 def horovodrun(*args, np_=2, timeout=600):
     cmd = [str(HOROVODRUN), "-np", str(np_), "--gloo", "-H", f"localhost:{np_}", sys.executable, *args]
     return _check(subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout))
@@ -95,16 +101,13 @@ def _assert_same_run(ref, other, name, rtol=1e-5):
 @pytest.fixture(scope="module")
 def single_run(shards, tmp_path_factory):
     w = tmp_path_factory.mktemp("single") / "w"
-    _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=single"])], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600))
+    python_run(*_args(shards, w, EQUIV + ["runtime.strategy=single"]))
     return w
 
 
 def test_mirrored_two_logical_cpus_equals_one_device(shards, single_run, tmp_path):
     w = tmp_path / "w"
-    proc = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=mirrored",
-                                                                             "runtime.cpu_devices=2"])],
-                                 cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600))
+    proc = python_run(*_args(shards, w, EQUIV + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"]))
     assert "replicas 2" in proc.stdout
     _assert_same_run(single_run, w, "mirrored")
 
@@ -141,8 +144,7 @@ def test_multiworker_two_workers_equals_one_device(shards, single_run, tmp_path)
 @pytest.fixture(scope="module")
 def single_run_sync_bn(shards, tmp_path_factory):
     w = tmp_path_factory.mktemp("single_sync_bn") / "w"
-    _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV_SYNC_BN + ["runtime.strategy=single"])],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600))
+    python_run(*_args(shards, w, EQUIV_SYNC_BN + ["runtime.strategy=single"]))
     return w
 
 
@@ -156,15 +158,12 @@ def test_sync_batch_norm_gives_the_same_model_on_two_replicas(backend, shards, s
     if backend == "horovod" and not HOROVODRUN.exists():
         pytest.skip("Horovod not installed (run make setup)")
     w = tmp_path / "w"
-    args = _args(shards, w, EQUIV_SYNC_BN)
     if backend == "mirrored":
-        out = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV_SYNC_BN + [
-            "runtime.strategy=mirrored", "runtime.cpu_devices=2"])], cwd=ROOT, env=subprocess_env(),
-            capture_output=True, text=True, timeout=600)).stdout
+        out = python_run(*_args(shards, w, EQUIV_SYNC_BN + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"])).stdout
     elif backend == "horovod":
-        out = horovodrun(*args).stdout
+        out = horovodrun(*_args(shards, w, EQUIV_SYNC_BN)).stdout
     else:
-        out = multiworker(*args)[0].stdout
+        out = multiworker(*_args(shards, w, EQUIV_SYNC_BN))[0].stdout
     assert "replicas 2" in out and "synchronized batch norm" in out, out
     _assert_same_run(single_run_sync_bn, w, f"{backend}, synchronized batch norm", rtol=2e-5)
 
@@ -211,8 +210,7 @@ def test_resume_across_world_sizes(shards, single_run, tmp_path):
     # 3 steps on 2 Horovod ranks, then steps 4-5 on one process: the same run as 5 steps on one.
     w = tmp_path / "w"
     horovodrun(*_args(shards, w, EQUIV + ["train.steps=3", "train.checkpoint_every_steps=3"]))
-    proc = _check(subprocess.run([sys.executable, *_args(shards, w, EQUIV + ["runtime.strategy=single"])],
-                                 cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600))
+    proc = python_run(*_args(shards, w, EQUIV + ["runtime.strategy=single"]))
     assert "resuming at step 3" in proc.stdout and "world_size 1" in proc.stdout
     _assert_same_run(single_run, w, "horovod 2 -> single")
 

@@ -107,8 +107,8 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy):
 
 
 def test_synchronized_batch_norm_on_one_replica_matches_the_fused_kernel():
-    # model.sync_batch_norm computes the batch statistics from per-channel sums (one collective);
-    # on one replica it must give what the fused kernel gives: output, gradients, moving statistics.
+    # model.sync_batch_norm combines every replica's moments (one collective); on one replica it
+    # must give what the fused kernel gives: output, gradients, moving statistics.
     import tensorflow as tf
 
     from unet_dist.model import FusedBatchNorm
