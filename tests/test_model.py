@@ -106,19 +106,22 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy):
                                np.asarray(ref(x, training=False), np.float32), atol=0.05, rtol=0.05)
 
 
-def test_synchronized_batch_norm_on_one_replica_matches_the_fused_kernel():
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_synchronized_batch_norm_on_one_replica_matches_the_fused_kernel(policy):
     # model.sync_batch_norm combines every replica's moments (one collective); on one replica it
-    # must give what the fused kernel gives: output, gradients, moving statistics.
+    # must give what the fused kernel gives: output, gradients, moving statistics. mixed_float16
+    # is the GPU precision: its float16 activations must reach the collective as float32.
     import tensorflow as tf
 
     from unet_dist.model import FusedBatchNorm
 
-    keras.mixed_precision.set_global_policy("float32")
-    x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (4, 8, 8, 5)).astype(np.float32))
+    keras.mixed_precision.set_global_policy(policy)
+    dtype = keras.mixed_precision.dtype_policy().compute_dtype
+    x = tf.cast(np.random.default_rng(1).normal(2.0, 3.0, (4, 8, 8, 5)).astype(np.float32), dtype)
     fused, synced = FusedBatchNorm(momentum=0.9), FusedBatchNorm(momentum=0.9)
     calls = []
     synced.replica_sum = lambda ts: calls.append(len(ts)) or list(ts)
-    upstream = tf.constant(np.random.default_rng(2).normal(size=(4, 8, 8, 5)).astype(np.float32))
+    upstream = tf.cast(np.random.default_rng(2).normal(size=(4, 8, 8, 5)).astype(np.float32), dtype)
     results = []
     for layer in (fused, synced):
         layer.build(x.shape)
@@ -130,7 +133,11 @@ def test_synchronized_batch_norm_on_one_replica_matches_the_fused_kernel():
             loss = tf.reduce_sum(y * upstream)
         results.append([y, *tape.gradient(loss, [x, layer.gamma, layer.beta])])
     assert calls == [4]  # the moments and the count in one collective
+    # 16-bit outputs and input gradients are rounded to 8 (bfloat16) or 11 (float16) bits.
+    tol = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
     for a, b, name in zip(*results, ["output", "d/dx", "d/dgamma", "d/dbeta"], strict=True):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
-    np.testing.assert_allclose(synced.moving_mean.numpy(), fused.moving_mean.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(synced.moving_variance.numpy(), fused.moving_variance.numpy(), rtol=1e-5)
+        assert b.dtype == a.dtype, name
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=tol, atol=tol,
+                                   err_msg=name)
+    np.testing.assert_allclose(synced.moving_mean.numpy(), fused.moving_mean.numpy(), rtol=tol / 10)
+    np.testing.assert_allclose(synced.moving_variance.numpy(), fused.moving_variance.numpy(), rtol=tol / 10)
