@@ -1,6 +1,12 @@
-"""The benchmark helpers that turn raw measurements into the numbers we publish."""
+"""The benchmark helpers that turn raw measurements into the numbers we publish, and the scaling bench."""
 
+import json
+import subprocess
+import sys
+
+import pytest
 import tensorflow as tf
+from conftest import ROOT, subprocess_env
 
 from unet_dist.perf.profile import kernel_seconds, kind_of
 
@@ -30,3 +36,21 @@ def test_kernel_seconds_reads_a_real_trace(tmp_path):
     seconds = kernel_seconds(tmp_path)
     matmul = sum(v for k, v in seconds.items() if "MatMul" in k)
     assert matmul > 0, dict(seconds)
+
+
+@pytest.mark.dist
+def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
+    # The published scaling table comes from this command; here with a tiny model, 2 timed steps.
+    tiny = ["data.image_size=[64, 64]", "model.depth=2", "model.base_filters=4", "optim.name=sgd"]
+    cmd = [sys.executable, "-m", "unet_dist.bench", "scaling", "--config", "configs/demo.yaml", "--steps", "2",
+           "--repeats", "1", "--per-replica-batch", "2", "--backends", "multiworker"]
+    for o in tiny:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["config"] == "configs/demo.yaml" and res["example_size"] == [64, 64]
+    assert res["per_process_batch"] == 2 and res["precision"] == "float32"
+    for backend in ("multiworker", "independent"):
+        assert [len(res["runs"][backend][n]) for n in ("1", "2")] == [1, 1]
+        assert res["images_per_s"][f"{backend}_efficiency"] > 0

@@ -4,7 +4,7 @@
     python -m unet_dist.bench train --data DATA --config configs/pets_seed.yaml [--steps 10]
     python -m unet_dist.bench flops --data DATA --config configs/pets_seed.yaml
     python -m unet_dist.bench profile --data DATA --config configs/pets_seed.yaml [--steps 5]
-    python -m unet_dist.bench scaling [--steps 20] [--repeats 3] [--per-replica-batch 8]
+    python -m unet_dist.bench scaling [--steps 20] [--repeats 3] [--per-replica-batch 8] [--config CONFIG]
     python -m unet_dist.bench memory --data DATA
     python -m unet_dist.bench tta --data DATA [--target 0.85] [--every 25] [--repeats 1]
     python -m unet_dist.bench report --data DATA256 --demo-data DATA128 --out docs   # all of them
@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("scaling", help="weak scaling, 1 vs 2 processes, Horovod and MultiWorkerMirrored")
     ps.add_argument("--steps", type=int, default=20)
     ps.add_argument("--per-replica-batch", type=int, default=8)
+    ps.add_argument("--config", type=Path, help="train this config's model, size, precision, optimizer and loss "
+                                                "(default: the demo-size U-Net in float32)")
     ps.add_argument("--backends", nargs="+", default=["horovod", "multiworker"])
     ps.add_argument("--repeats", type=int, default=3, help="1- and 2-process runs per backend, alternating")
     ps.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -67,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--backend", required=True)
     pw.add_argument("--steps", type=int, default=20)
     pw.add_argument("--per-replica-batch", type=int, default=8)
+    pw.add_argument("--config", type=Path)
     pw.add_argument("--set", action="append", default=[])
     pm = sub.add_parser("memory", help="peak RSS of training and conversion")
     pm.add_argument("--data", type=Path, required=True)

@@ -28,6 +28,7 @@ def commands(args) -> dict[str, list[str]]:
         "flops": [*py, "flops", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "6"],
         "profile": [*py, "profile", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "5"],
         "scaling": [*py, "scaling", "--steps", "20", "--repeats", "3"],
+        "scaling_pets_seed": [*py, "scaling", "--config", "configs/pets_seed.yaml", "--steps", "20", "--repeats", "3"],
         "memory": [*py, "memory", "--data", demo],
         "tta": [*py, "tta", "--data", demo, "--max-steps", "600", "--every", "10", "--repeats", "3"],
     }
@@ -63,6 +64,36 @@ def _bar(path: Path, title: str, labels: list[str], values: list[float], unit: s
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _scaling_section(res: dict, title: str) -> list[str]:
+    r, runs = res["images_per_s"], res.get("runs", {})
+    settings = [x.split("=", 1) for x in res.get("model", []) + res.get("set", [])]
+    prec = res.get("precision") or dict(settings).get("runtime.precision", "float32")  # the last --set wins
+    h, w = res.get("example_size", [128, 128])
+    model = f"`{res['config']}`'s U-Net and training settings" if res.get("config") else "demo-size U-Net"
+    lines = [f"## {title}", "",
+             f"The train step on in-memory batches ({res['per_process_batch']} images of {h}x{w} per process, "
+             f"{model}, {prec}), one thread per process, each of 2 processes on its own core "
+             "(`runtime.pin_cpus`), Horovod with "
+             "`runtime.horovod_cycle_time_ms: 25` (see the notes below). Each process times every step; a "
+             "run's rate is the global batch over its median step. 1- and 2-process runs alternate, "
+             f"{res.get('repeats', 1)} of each; efficiency = median images/s(2) / (2 x median images/s(1)). "
+             "*independent* is two single-device processes at once with no communication: the machine's "
+             "own ceiling for two processes.", "",
+             "| backend | 1 process, images/s | 2 processes, images/s | efficiency | runs, 1 process | "
+             "runs, 2 processes |", "|---|---|---|---|---|---|"]
+    for b in ("horovod", "multiworker", "independent"):
+        if f"{b}_1" in r:
+            each = ["" if b not in runs else ", ".join(f"{x:.1f}" for x in runs[b][n]) for n in ("1", "2")]
+            lines.append(f"| {b} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.1%} | "
+                         f"{each[0]} | {each[1]} |")
+    if "independent_1" in r:
+        single = r["independent_1"]
+        lines += ["", "Against one plain single-device process (" + f"{single:.1f} images/s), the 2-process "
+                  "efficiency is " + ", ".join(f"{b} {r[f'{b}_2'] / (2 * single):.1%}"
+                                              for b in ("horovod", "multiworker") if f"{b}_2" in r) + "."]
+    return lines + ["", f"Command: `{res['command']}`", ""]
 
 
 def render(results: dict, out: Path) -> str:
@@ -148,33 +179,10 @@ def render(results: dict, out: Path) -> str:
             f"{k} {v * 1e3:.0f}" for k, v in list(r["top_kernels_s_per_step"].items())[:8]) + ".", "",
             f"Command: `{r['command']}`", ""]
 
-    if "scaling" in results:
-        res = results["scaling"]
-        r, runs = res["images_per_s"], res.get("runs", {})
-        settings = [s.split("=", 1) for s in res.get("model", []) + res.get("set", [])]
-        prec = dict(settings).get("runtime.precision", "float32")  # the last setting wins, as in --set
-        lines += ["## Weak scaling on this machine", "",
-                  f"The train step on in-memory batches ({res['per_process_batch']} images of 128x128 per process, "
-                  f"demo-size U-Net, {prec}), one thread per process, each of 2 processes on its own core "
-                  "(`runtime.pin_cpus`), Horovod with "
-                  "`runtime.horovod_cycle_time_ms: 25` (see the notes below). Each process times every step; a "
-                  "run's rate is the global batch over its median step. 1- and 2-process runs alternate, "
-                  f"{res.get('repeats', 1)} of each; efficiency = median images/s(2) / (2 x median images/s(1)). "
-                  "*independent* is two single-device processes at once with no communication: the machine's "
-                  "own ceiling for two processes.", "",
-                  "| backend | 1 process, images/s | 2 processes, images/s | efficiency | runs, 1 process | "
-                  "runs, 2 processes |", "|---|---|---|---|---|---|"]
-        for b in ("horovod", "multiworker", "independent"):
-            if f"{b}_1" in r:
-                each = ["" if b not in runs else ", ".join(f"{x:.1f}" for x in runs[b][n]) for n in ("1", "2")]
-                lines.append(f"| {b} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.1%} | "
-                             f"{each[0]} | {each[1]} |")
-        if "independent_1" in r:
-            single = r["independent_1"]
-            lines += ["", "Against one plain single-device process (" + f"{single:.1f} images/s), the 2-process "
-                      "efficiency is " + ", ".join(f"{b} {r[f'{b}_2'] / (2 * single):.1%}"
-                                                  for b in ("horovod", "multiworker") if f"{b}_2" in r) + "."]
-        lines += ["", f"Command: `{res['command']}`", ""]
+    for name, title in (("scaling", "Weak scaling on this machine"),
+                        ("scaling_pets_seed", "Weak scaling of `configs/pets_seed.yaml`")):
+        if name in results:
+            lines += _scaling_section(results[name], title)
 
     if "memory" in results:
         r = results["memory"]

@@ -13,11 +13,22 @@ import numpy as np
 
 from unet_dist.perf.common import machine
 
-# float32: the CPU default (configs/demo.yaml; measured faster here than mixed_bfloat16), so its
-# shorter step is the one the communication is measured against.
+# Without --config: the demo-size model. float32: the CPU default (configs/demo.yaml; measured faster
+# here than mixed_bfloat16), so its shorter step is the one the communication is measured against.
 SCALING_MODEL = ["model.depth=4", "model.base_filters=16", "data.image_size=[128, 128]",
-                 "runtime.precision=float32", "runtime.intra_op_threads=1", "runtime.inter_op_threads=1",
-                 "optim.name=adam", "runtime.horovod_cycle_time_ms=25"]
+                 "runtime.precision=float32", "optim.name=adam", "train.loss=bce"]
+# Every run, with or without --config: one thread per process, Horovod's cycle as recommended for
+# CPU ranks (docs/benchmarks.md).
+BENCH_RUNTIME = ["runtime.intra_op_threads=1", "runtime.inter_op_threads=1", "runtime.horovod_cycle_time_ms=25"]
+
+
+def _config(args, backend: str):
+    """The scaling run's config: --config (or the demo-size model), one thread, the backend, the batch."""
+    from unet_dist.config import load_config
+
+    return load_config(args.config, ([] if args.config else SCALING_MODEL) + BENCH_RUNTIME + [
+        f"runtime.strategy={backend}", "data.global_batch_size=null",
+        f"data.per_replica_batch_size={args.per_replica_batch}", *args.set])
 
 
 def worker(args) -> dict:
@@ -25,20 +36,17 @@ def worker(args) -> dict:
     import keras
     import tensorflow as tf
 
-    from unet_dist.config import load_config
     from unet_dist.distribute import make_runtime
     from unet_dist.losses import get_loss
     from unet_dist.trainer import build_model_and_optimizer, make_train_step
 
-    cfg = load_config(None, SCALING_MODEL + [f"runtime.strategy={args.backend}", "data.global_batch_size=null",
-                                             f"data.per_replica_batch_size={args.per_replica_batch}",
-                                             "train.loss=bce"] + list(args.set))
+    cfg = _config(args, args.backend)
     runtime = make_runtime(cfg)
     global_batch, per_replica = runtime.batch_sizes()
     keras.utils.set_random_seed(0)
-    model, opt = build_model_and_optimizer(cfg, runtime, 1e-3)
+    model, opt = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
     runtime.broadcast_state(model.variables + opt.variables)
-    h, w = cfg.data.image_size
+    h, w = cfg.data.patch_size or cfg.data.image_size  # what one training example is
     rng = np.random.default_rng(runtime.rank)
     batch = {"image": tf.constant(rng.random((per_replica, h, w, 3), np.float32)),
              "mask": tf.constant((rng.random((per_replica, h, w, 1)) > 0.5).astype(np.uint8))}
@@ -95,7 +103,9 @@ def run(args) -> dict:
     """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     worker = [sys.executable, "-m", "unet_dist.bench", "scaling-worker", "--steps", str(args.steps),
-              "--per-replica-batch", str(args.per_replica_batch), *sum((["--set", s] for s in args.set), [])]
+              "--per-replica-batch", str(args.per_replica_batch), *sum((["--set", s] for s in args.set), []),
+              *(["--config", str(args.config)] if args.config else [])]
+    cfg = _config(args, "single")  # what the workers will train, for the record
     runs: dict = {}
     results: dict = {}
     for backend in [*args.backends, "independent"]:
@@ -113,4 +123,6 @@ def run(args) -> dict:
         results[f"{backend}_efficiency"] = two / (2 * one)
     return {"bench": "scaling", "images_per_s": results, "runs": runs, "repeats": args.repeats,
             "per_process_batch": args.per_replica_batch, "steps": args.steps, "statistic": "median step",
-            "model": SCALING_MODEL, "set": list(args.set), **machine()}
+            "config": str(args.config) if args.config else None, "model": [] if args.config else SCALING_MODEL,
+            "set": list(args.set), "example_size": list(cfg.data.patch_size or cfg.data.image_size),
+            "precision": cfg.runtime.precision, **machine()}
