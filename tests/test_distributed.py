@@ -120,12 +120,20 @@ def test_horovod_two_processes_equals_one_device(shards, single_run, tmp_path):
     _assert_same_run(single_run, w, "horovod")
 
 
-@needs_horovod
-def test_horovod_fp16_allreduce_reports_the_loss_in_float32(shards, single_run, tmp_path):
+@pytest.mark.parametrize("backend", ["mirrored", "horovod", "multiworker"])
+def test_fp16_allreduce_reports_the_loss_in_float32(backend, shards, single_run, tmp_path):
     # Gradients travel in float16 (close to the float32 run), the reported loss does not: the first
     # step's loss comes before any update and matches to float32 precision.
+    if backend == "horovod" and not HOROVODRUN.exists():
+        pytest.skip("Horovod not installed (run make setup)")
     w = tmp_path / "w"
-    horovodrun(*_args(shards, w, EQUIV + ["runtime.fp16_allreduce=true"]))
+    over = EQUIV + ["runtime.fp16_allreduce=true"]
+    if backend == "mirrored":
+        python_run(*_args(shards, w, over + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"]))
+    elif backend == "horovod":
+        horovodrun(*_args(shards, w, over))
+    else:
+        multiworker(*_args(shards, w, over + ["runtime.allreduce_pack_mb=0.01"]))
     la, lb = _losses(single_run), _losses(w)
     np.testing.assert_allclose(lb[0], la[0], rtol=1e-6)
     np.testing.assert_allclose(lb, la, rtol=1e-2)

@@ -111,7 +111,7 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0 = this process's share of the node's cores
     inter_op_threads: int = 0
     pin_cpus: bool = True  # N processes on a node: each runs on its own 1/N of the CPUs it was given
-    fp16_allreduce: bool = False  # Horovod: compress gradients to fp16 on the wire
+    fp16_allreduce: bool = False  # gradients cross the wire in float16 (half the bytes; every backend)
     allreduce_pack_mb: float = 2.0  # tf.distribute: gradient all-reduce in packs this large (0 = one)
     horovod_cycle_time_ms: float | None = None  # Horovod's HOROVOD_CYCLE_TIME; null = its default. CPU: 25 (docs/benchmarks.md)
     stall_check_seconds: int = 60  # Horovod: warn when a rank has not joined a collective for this long
