@@ -127,8 +127,9 @@ class FusedBatchNorm(layers.BatchNormalization):
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([x.shape[-1]], tf.float32)
         beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([x.shape[-1]], tf.float32)
         if training and self.replica_sum is not None:
-            # float32 moments also under mixed_float16: they are summed over replicas, and n * mean^2
-            # of a 256x256 float16 activation map overflows float16's 65504.
+            # float32 moments also under mixed_float16: they are weighted by the count of values per
+            # channel (n = 524,288 for 8 images of 256x256) and summed over replicas, far past
+            # float16's largest value (65504).
             y = self._global_batch_norm(tf.cast(x, tf.float32), gamma, beta)
         elif training:
             y, mean, var = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=self.epsilon,
