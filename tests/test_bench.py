@@ -54,3 +54,13 @@ def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
     for backend in ("multiworker", "independent"):
         assert [len(res["runs"][backend][n]) for n in ("1", "2")] == [1, 1]
         assert res["images_per_s"][f"{backend}_efficiency"] > 0
+
+
+def test_bench_bad_input_is_one_line_naming_it(tmp_path):
+    for args, named in ((["scaling", "--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
+                        (["pipeline", "--data", str(tmp_path / "nothing")], "nothing")):
+        proc = subprocess.run([sys.executable, "-m", "unet_dist.bench", *args], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert last.startswith(f"bench {args[0]}: error:") and named in last, last

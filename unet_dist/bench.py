@@ -98,11 +98,17 @@ def main(argv=None) -> int:
 
         report(args)
         return 0
+    from unet_dist.config import ConfigError
+    from unet_dist.data.pipeline import DataError
     from unet_dist.perf import flops, memory, pipeline, profile, scaling, train, tta
 
     run = {"pipeline": pipeline.run, "train": train.run, "flops": flops.run, "profile": profile.run, "scaling": scaling.run,
            "scaling-worker": scaling.worker, "memory": memory.run, "tta": tta.run}[args.bench]
-    print(json.dumps(run(args)))
+    try:
+        print(json.dumps(run(args)))
+    except (ConfigError, DataError) as e:
+        print(f"bench {args.bench}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
