@@ -207,3 +207,12 @@ def test_masks_keep_palette_indices(tmp_path):
     assert np.array_equal(load_mask(tmp_path / "m.png"), arr)
     with pytest.raises(ConvertError):
         convert(tmp_path / "nope", tmp_path / "o")
+
+
+def test_a_missing_file_or_a_folder_is_not_called_corrupt(tmp_path):
+    from unet_dist.data.imageio import BadImage
+
+    with pytest.raises(BadImage, match=r"^cannot read \(No such file or directory\)$"):
+        load_rgb(tmp_path / "missing.png")
+    with pytest.raises(BadImage, match=r"^a folder, not an image$"):
+        load_rgb(tmp_path)

@@ -20,12 +20,16 @@ class BadImage(ValueError):
 
 def _open(path: Path) -> Image.Image:
     try:
-        if path.stat().st_size == 0:
-            raise BadImage("empty file")
+        size = path.stat().st_size
+    except OSError as e:  # missing, or no permission: not a corrupt image
+        raise BadImage(f"cannot read ({e.strerror})") from None
+    if path.is_dir():
+        raise BadImage("a folder, not an image")
+    if size == 0:
+        raise BadImage("empty file")
+    try:
         img = Image.open(path)
         img.load()  # decode now, so truncated data fails here rather than later
-    except BadImage:
-        raise
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:

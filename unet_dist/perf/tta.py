@@ -26,7 +26,10 @@ def _train(data: Path, workdir: Path, config: str, overrides: list[str], steps: 
            "--set", f"train.eval_every_steps={every}", "--set", "train.checkpoint_every_steps=100000"]
     for o in overrides:
         cmd += ["--set", o]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if proc.returncode != 0:  # the trainer's own one-line error is its last line
+        lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+        raise SystemExit(f"bench tta: training failed: {lines[-1]}")
     return json.loads((workdir / "summary.json").read_text())
 
 
