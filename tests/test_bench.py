@@ -59,7 +59,8 @@ def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
 def test_bench_bad_input_is_one_line_naming_it(tmp_path):
     for args, named in ((["scaling", "--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
                         (["pipeline", "--data", str(tmp_path / "nothing")], "nothing"),
-                        (["tta", "--data", str(tmp_path / "nothing")], "nothing")):  # from the trainer it runs
+                        (["tta", "--data", str(tmp_path / "nothing")], "nothing"),  # from the trainer it runs
+                        (["memory", "--data", str(tmp_path / "nothing")], "nothing")):
         proc = subprocess.run([sys.executable, "-m", "unet_dist.bench", *args], cwd=ROOT, env=subprocess_env(),
                               capture_output=True, text=True, timeout=300)
         last = proc.stderr.strip().splitlines()[-1]

@@ -34,6 +34,13 @@ def source_pairs(manifest: dict, source: Path | None) -> tuple[list[Path], Path]
     return images, masks
 
 
+def child_failed(bench: str, stderr: str, returncode: int) -> SystemExit:
+    """The error for a benchmark whose child (the trainer, the converter) failed: the child's own
+    last line, which for our entry points is its one-line error naming the bad file or key."""
+    lines = stderr.strip().splitlines() or [f"exit {returncode}"]
+    return SystemExit(f"bench {bench}: a child process failed: {lines[-1]}")
+
+
 def machine() -> dict:
     cpu = ""
     try:

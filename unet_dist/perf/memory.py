@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from unet_dist.perf.common import machine
+from unet_dist.perf.common import child_failed, machine
 
 # A child that runs a command and reports the peak RSS of everything it waited for (its children and
 # theirs): RUSAGE_CHILDREN's ru_maxrss is the largest single process, in KiB on Linux.
@@ -21,7 +21,7 @@ def peak_rss_mib(cmd: list[str]) -> float:
     out = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, env=env)
     kib, rc = out.stdout.split()[-2:]
     if rc != "0":
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        raise child_failed("memory", out.stderr, int(rc))
     return int(kib) / 1024
 
 

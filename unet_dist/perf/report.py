@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from unet_dist.perf.common import child_failed
+
 
 def commands(args) -> dict[str, list[str]]:
     py = ["python", "-m", "unet_dist.bench"]
@@ -39,8 +41,8 @@ def run_one(name: str, cmd: list[str], out: Path) -> dict:
     t = time.time()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # the benchmarks run before this one keep their JSON in OUT/bench
+        raise child_failed(f"report ({name})", proc.stderr, proc.returncode)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["command"] = shlex.join(cmd)
     result["bench_wall_s"] = time.time() - t

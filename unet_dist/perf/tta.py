@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from unet_dist.perf.common import machine
+from unet_dist.perf.common import child_failed, machine
 
 # The paper's recipe on the same data and model size: RMSprop (lr 1e-3, no momentum), binary
 # cross-entropy, batch 32, no augmentation, float32. Ours: configs/demo.yaml as it is.
@@ -27,9 +27,8 @@ def _train(data: Path, workdir: Path, config: str, overrides: list[str], steps: 
     for o in overrides:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    if proc.returncode != 0:  # the trainer's own one-line error is its last line
-        lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
-        raise SystemExit(f"bench tta: training failed: {lines[-1]}")
+    if proc.returncode != 0:
+        raise child_failed("tta", proc.stderr, proc.returncode)
     return json.loads((workdir / "summary.json").read_text())
 
 
