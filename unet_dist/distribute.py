@@ -233,7 +233,8 @@ class Runtime:
         """Inside `run_step`: sums this replica's gradients and the step's scalars (name -> scalar)
         over all replicas, in one collective: each collective is a round trip and, under Horovod,
         a negotiation cycle of its own (one instead of two saved 10-30 ms of a 360-460 ms
-        2-process CPU step in docs/benchmarks.md). Returns (summed gradients, summed scalars)."""
+        2-process CPU step in docs/benchmarks.md). With runtime.fp16_allreduce, two: a collective
+        holds one dtype, and the scalars stay float32. Returns (summed gradients, summed scalars)."""
         return grads, scalars
 
     def replica_sum(self, tensors: list) -> list:
