@@ -98,11 +98,28 @@ def _assert_same_run(ref, other, name, rtol=1e-5):
     assert diff / norm <= rtol, f"{name}: weights differ by {diff / norm:.2e} (relative); most in {worst}"
 
 
+def _one_process(shards, tmp_path_factory, name, overrides):
+    """The reference run of a module-scoped fixture: one process, one device."""
+    w = tmp_path_factory.mktemp(name) / "w"
+    python_run(*_args(shards, w, overrides + ["runtime.strategy=single"]))
+    return w
+
+
+def two_replicas(backend, data, workdir, overrides):
+    """Trains on 2 replicas: MirroredStrategy over 2 logical CPUs, horovodrun -np 2, or 2 TF_CONFIG
+    workers; returns the chief's stdout. Skips Horovod where it is not installed."""
+    if backend == "horovod" and not HOROVODRUN.exists():
+        pytest.skip("Horovod not installed (run make setup)")
+    if backend == "mirrored":
+        return python_run(*_args(data, workdir, overrides + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"])).stdout
+    if backend == "horovod":
+        return horovodrun(*_args(data, workdir, overrides)).stdout
+    return multiworker(*_args(data, workdir, overrides))[0].stdout
+
+
 @pytest.fixture(scope="module")
 def single_run(shards, tmp_path_factory):
-    w = tmp_path_factory.mktemp("single") / "w"
-    python_run(*_args(shards, w, EQUIV + ["runtime.strategy=single"]))
-    return w
+    return _one_process(shards, tmp_path_factory, "single", EQUIV)
 
 
 def test_mirrored_two_logical_cpus_equals_one_device(shards, single_run, tmp_path):
@@ -124,16 +141,9 @@ def test_horovod_two_processes_equals_one_device(shards, single_run, tmp_path):
 def test_fp16_allreduce_reports_the_loss_in_float32(backend, shards, single_run, tmp_path):
     # Gradients travel in float16 (close to the float32 run), the reported loss does not: the first
     # step's loss comes before any update and matches to float32 precision.
-    if backend == "horovod" and not HOROVODRUN.exists():
-        pytest.skip("Horovod not installed (run make setup)")
     w = tmp_path / "w"
-    over = EQUIV + ["runtime.fp16_allreduce=true"]
-    if backend == "mirrored":
-        python_run(*_args(shards, w, over + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"]))
-    elif backend == "horovod":
-        horovodrun(*_args(shards, w, over))
-    else:
-        multiworker(*_args(shards, w, over + ["runtime.allreduce_pack_mb=0.01"]))
+    packs = ["runtime.allreduce_pack_mb=0.01"] if backend == "multiworker" else []
+    two_replicas(backend, shards, w, EQUIV + ["runtime.fp16_allreduce=true"] + packs)
     la, lb = _losses(single_run), _losses(w)
     np.testing.assert_allclose(lb[0], la[0], rtol=1e-6)
     np.testing.assert_allclose(lb, la, rtol=1e-2)
@@ -151,9 +161,7 @@ def test_multiworker_two_workers_equals_one_device(shards, single_run, tmp_path)
 
 @pytest.fixture(scope="module")
 def single_run_sync_bn(shards, tmp_path_factory):
-    w = tmp_path_factory.mktemp("single_sync_bn") / "w"
-    python_run(*_args(shards, w, EQUIV_SYNC_BN + ["runtime.strategy=single"]))
-    return w
+    return _one_process(shards, tmp_path_factory, "single_sync_bn", EQUIV_SYNC_BN)
 
 
 @pytest.mark.parametrize("backend", ["mirrored", "horovod", "multiworker"])
@@ -163,15 +171,8 @@ def test_sync_batch_norm_gives_the_same_model_on_two_replicas(backend, shards, s
     # 2e-5 leaves room for other CPUs' float32 rounding (batch norm makes every sample's gradient
     # depend on the whole batch, and the betas' gradients are sums that nearly cancel). Per-replica
     # statistics (sync off) differ by 2e-2; the variance as a float32 sum of squares by 1.0e-4.
-    if backend == "horovod" and not HOROVODRUN.exists():
-        pytest.skip("Horovod not installed (run make setup)")
     w = tmp_path / "w"
-    if backend == "mirrored":
-        out = python_run(*_args(shards, w, EQUIV_SYNC_BN + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"])).stdout
-    elif backend == "horovod":
-        out = horovodrun(*_args(shards, w, EQUIV_SYNC_BN)).stdout
-    else:
-        out = multiworker(*_args(shards, w, EQUIV_SYNC_BN))[0].stdout
+    out = two_replicas(backend, shards, w, EQUIV_SYNC_BN)
     assert "replicas 2" in out and "synchronized batch norm" in out, out
     _assert_same_run(single_run_sync_bn, w, f"{backend}, synchronized batch norm", rtol=2e-5)
 
@@ -181,9 +182,7 @@ EQUIV_FP16 = EQUIV_SYNC_BN + ["runtime.precision=mixed_float16"]
 
 @pytest.fixture(scope="module")
 def single_run_fp16(shards, tmp_path_factory):
-    w = tmp_path_factory.mktemp("single_fp16") / "w"
-    python_run(*_args(shards, w, EQUIV_FP16 + ["runtime.strategy=single"]))
-    return w
+    return _one_process(shards, tmp_path_factory, "single_fp16", EQUIV_FP16)
 
 
 @pytest.mark.parametrize("backend", ["mirrored", "horovod"])
@@ -193,13 +192,8 @@ def test_mixed_float16_with_sync_batch_norm_on_two_replicas(backend, shards, sin
     # the model must match one process. Measured: 2.6e-4 in the losses and 2.2e-4 in the weights
     # (float16 activations; one process normalises in the float16 fused kernel, two replicas
     # combine float32 moments). With the inner optimizer summing again: 3.8e-2.
-    if backend == "horovod" and not HOROVODRUN.exists():
-        pytest.skip("Horovod not installed (run make setup)")
     w = tmp_path / "w"
-    if backend == "mirrored":
-        out = python_run(*_args(shards, w, EQUIV_FP16 + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"])).stdout
-    else:
-        out = horovodrun(*_args(shards, w, EQUIV_FP16)).stdout
+    out = two_replicas(backend, shards, w, EQUIV_FP16)
     assert "replicas 2" in out and "mixed_float16" in out, out
     _assert_same_run(single_run_fp16, w, f"{backend}, mixed_float16", rtol=1e-3)
 
