@@ -3,9 +3,10 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from unet_dist.config import load_config
-from unet_dist.inference import predict_tiled
+from unet_dist.inference import _reflect_indices, predict_tiled, resize_predict_fn
 from unet_dist.model import build_unet
 from unet_dist.shapes import output_size
 
@@ -55,3 +56,26 @@ def test_same_padding_tiles_agree_with_the_whole_image(size):
         return
     seamy = predict_tiled(model, img, cfg, overlap=0)
     assert np.abs(seamy[inner] - whole[inner]).max() > 1e-3
+
+
+def test_resize_prediction_when_the_context_is_wider_than_the_output():
+    # Depth 2, valid padding, 60 px tiles: 20 px out, 20 px of context per side, more than
+    # tf.pad's REFLECT allows. Resize mode (and the export, which uses it) must still work, and
+    # pad the way the tiles and np.pad do.
+    cfg = load_config(None, ["model.padding=valid", "model.depth=2", "model.base_filters=4",
+                             "data.image_size=[60, 60]", "model.batch_norm=false"])
+    keras.utils.set_random_seed(3)
+    model = build_unet(cfg.model, None)
+    image = (_image(45, 70) * 255).astype(np.uint8)
+    probs = resize_predict_fn(model, cfg)(image[None]).numpy()
+    assert probs.shape == (1, 45, 70, 1)
+    small = tf.image.resize(tf.image.convert_image_dtype(image[None], tf.float32), (20, 20)).numpy()
+    expected = model(np.pad(small, ((0, 0), (20, 20), (20, 20), (0, 0)), mode="reflect"), training=False)
+    np.testing.assert_allclose(probs, tf.image.resize(expected, (45, 70)).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_reflect_indices_pad_like_numpy_for_any_width(n):
+    for before, after in [(0, 0), (1, 3), (n, n + 1), (4 * n + 3, 7)]:
+        np.testing.assert_array_equal(np.arange(n)[_reflect_indices(n, before, after)],
+                                      np.pad(np.arange(n), (before, after), mode="reflect"))
