@@ -142,3 +142,41 @@ def test_patch_training_evaluates_whole_images(shards, tmp_path):
     events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [e["val_records"] for e in events if e["event"] == "eval"][-1] == json.loads(
         (shards / "manifest.json").read_text())["val"]["records"]
+
+
+@pytest.mark.parametrize("first,second", [("float32", "mixed_float16"), ("mixed_float16", "float32"),
+                                          ("mixed_float16", "mixed_float16")])
+def test_checkpoints_resume_under_another_precision(tmp_path, first, second):
+    # A run trained on a GPU in float16 continues on a CPU in float32, and the reverse: the
+    # optimizer's state is restored whether or not a loss-scale wrapper is around it, and the
+    # loss scale itself when both sides have one. (Saving the wrapper in the optimizer's place
+    # made the float32 <-> float16 restores fail on mismatched dtypes.)
+    from unet_dist.checkpoint import Checkpoints
+    from unet_dist.distribute import Runtime
+    from unet_dist.trainer import build_model_and_optimizer
+
+    def build(precision):
+        cfg = load_config(None, tiny_overrides() + [f"runtime.precision={precision}"])
+        model, opt = build_model_and_optimizer(cfg, Runtime(cfg, "test"), 1e-3)
+        return model, opt, Checkpoints(Runtime(cfg, "test"), tmp_path, model, opt, cfg)
+
+    model, opt, ckpts = build(first)
+    grads = [tf.random.stateless_normal(v.shape, seed=(i, 0)) for i, v in enumerate(model.trainable_variables)]
+    for _ in range(2):
+        opt.apply(grads, model.trainable_variables)
+    if first == "mixed_float16":
+        opt.dynamic_scale.assign(1024.0)
+    ckpts.save(2)
+    inner = getattr(opt, "inner_optimizer", opt)
+    saved = {"weights": [v.numpy() for v in model.weights], "optimizer": [v.numpy() for v in inner.variables]}
+
+    model2, opt2, ckpts2 = build(second)
+    assert ckpts2.restore_latest() == 2
+    inner2 = getattr(opt2, "inner_optimizer", opt2)
+    assert int(inner2.iterations.numpy()) == 2
+    for a, b in zip(saved["weights"], [v.numpy() for v in model2.weights], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(saved["optimizer"], [v.numpy() for v in inner2.variables], strict=True):
+        np.testing.assert_array_equal(a, b)
+    if second == "mixed_float16":
+        assert float(opt2.dynamic_scale.numpy()) == (1024.0 if first == "mixed_float16" else 32768.0)

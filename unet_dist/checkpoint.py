@@ -2,7 +2,8 @@
 
 A checkpoint holds model weights, optimizer state (including the step count that drives the LR
 schedule and, under mixed_float16, the loss scale) and our own step, and nothing that depends on
-the number of workers, so a run saved on N workers resumes on M.
+the number of workers or the precision, so a run saved on N workers resumes on M, and a float16
+run resumes in float32 and the reverse.
 The runtime decides who writes: the chief (single, mirrored, Horovod), or every worker with
 non-chief workers writing to a temporary folder (MultiWorkerMirroredStrategy).
 """
@@ -54,7 +55,14 @@ class Checkpoints:
         self.dir = Path(workdir) / "checkpoints"
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.best_iou = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_iou")
-        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, best_iou=self.best_iou)
+        # The optimizer's own state is saved as "optimizer" in every precision, and mixed_float16's
+        # loss-scale wrapper (its scale and step counter) beside it as "loss_scale", so a run
+        # resumes under another precision (trained on a GPU in float16, continued on a CPU in
+        # float32): the wrapper as "optimizer" moved the inner state one level down.
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        scale = {"loss_scale": optimizer} if inner is not optimizer else {}
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=inner, step=self.step, best_iou=self.best_iou,
+                                        **scale)
         self.cfg = cfg
         self._latest = self._best = None
         if runtime.saves():
