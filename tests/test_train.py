@@ -54,10 +54,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
     assert tf.train.latest_checkpoint(str(tmp_path / "w" / "checkpoints")).endswith("ckpt-2")
 
 
-def test_mismatched_model_or_classes_fail_before_work(shards, tmp_path):
+def test_mismatched_model_optimizer_or_classes_fail_before_work(shards, tmp_path):
     train(load_config(None, tiny_overrides(steps=1)), shards, tmp_path / "w")
     with pytest.raises(ConfigError, match="model.base_filters: checkpoint 4, config 8"):
         train(load_config(None, tiny_overrides(steps=2) + ["model.base_filters=8"]), shards, tmp_path / "w")
+    # Adam's state (two slots per variable) does not fit SGD with momentum (one) or RMSprop with
+    # momentum (two, in another order): one line, and the run's files stay as they were.
+    before = (tmp_path / "w" / "config.yaml").read_text()
+    for other in ("optim.name=sgd", "optim.name=rmsprop"):
+        with pytest.raises(ConfigError, match=r"ckpt-1 holds the state of another optimizer than this run's"):
+            train(load_config(None, tiny_overrides(steps=2) + [other, "optim.momentum=0.9"]), shards, tmp_path / "w")
+    assert (tmp_path / "w" / "config.yaml").read_text() == before
+    # AdamW keeps Adam's slots: it resumes.
+    assert train(load_config(None, tiny_overrides(steps=2) + ["optim.name=adamw"]), shards,
+                 tmp_path / "w")["start_step"] == 1
     with pytest.raises(ConfigError, match="model.num_classes is 3 .* has 2 classes"):
         train(load_config(None, tiny_overrides(steps=2) + ["model.num_classes=3", "train.loss=cce"]), shards,
               tmp_path / "w2")

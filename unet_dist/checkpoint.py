@@ -86,6 +86,32 @@ class Checkpoints:
             raise ConfigError(f"checkpoints in {self.dir} are of another model ({'; '.join(diff)}); "
                               f"use another --workdir or --no-resume")
 
+    def check_optimizer_state(self, path: str) -> None:
+        """Refuses, in one line, a checkpoint whose optimizer state does not fit this run's optimizer
+        (another optim.name, or SGD/RMSprop momentum switched on or off: other slot variables).
+
+        Keras lists an optimizer's variables in a fixed order, the iteration count first (saved as
+        optimizer/_iterations), then its slots per trainable variable (optimizer/_variables/i).
+        """
+        reader = tf.train.load_checkpoint(path)
+        shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+        ours = self.ckpt.optimizer.variables
+        saved = [int(k.split("/")[2]) for k in shapes if k.startswith("optimizer/_variables/")]
+        problem = None
+        if 1 + max(saved, default=0) != len(ours):
+            problem = f"{1 + max(saved, default=0)} optimizer variables there, {len(ours)} here"
+        else:
+            for i, v in enumerate(ours[1:], start=1):
+                key = f"optimizer/_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"
+                if key in shapes and (list(shapes[key]) != list(v.shape) or dtypes[key] != v.dtype):
+                    problem = (f"optimizer variable {i} is {dtypes[key].name}{shapes[key]} there, {v.path} "
+                               f"{v.dtype}{list(v.shape)} here")
+                    break
+        if problem:
+            raise ConfigError(f"checkpoint {path} holds the state of another optimizer than this run's "
+                              f"{type(self.ckpt.optimizer).__name__} ({problem}); resume with the optim.* settings "
+                              f"it was written with ({self.dir.parent / 'config.yaml'}), or use another --workdir or --no-resume")
+
     def latest_path(self) -> str | None:
         return tf.train.latest_checkpoint(str(self.dir))
 
@@ -95,6 +121,7 @@ class Checkpoints:
         path = self.latest_path()
         if path is None:
             return 0
+        self.check_optimizer_state(path)
         self.ckpt.restore(path).expect_partial()
         return int(self.step.numpy())
 
