@@ -184,3 +184,29 @@ def test_cli_reports_bad_input_in_one_line(shards, tmp_path):
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
     assert len(lines) == 1 and "nope" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_damaged_checkpoints_are_named_and_passed_over(shards, tmp_path, capsys):
+    from unet_dist.checkpoint import CheckpointError
+
+    over = tiny_overrides(steps=3) + ["train.checkpoint_every_steps=1"]
+    train(load_config(None, over), shards, tmp_path / "w")
+    ck = tmp_path / "w" / "checkpoints"
+    data3 = next(ck.glob("ckpt-3.data-*"))
+    damaged = bytearray(data3.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # same size, bad checksum
+    data3.write_bytes(bytes(damaged))
+    (ck / "ckpt-2.index").write_text("x")  # not a checkpoint index
+    capsys.readouterr()
+    summary = train(load_config(None, tiny_overrides(steps=4) + ["train.checkpoint_every_steps=1"]), shards,
+                    tmp_path / "w")
+    err = capsys.readouterr().err
+    assert summary["start_step"] == 1, err
+    assert f"checkpoint {ck / 'ckpt-3'} is unreadable (" in err and "Checksum does not match" in err
+    assert f"checkpoint {ck / 'ckpt-2'} is unreadable (file is too short" in err
+    assert f"resuming from {ck / 'ckpt-1'}, the newest readable checkpoint" in err
+    # None readable: one line naming each, and nothing is started over behind the user's back.
+    for index in ck.glob("ckpt-*.index"):
+        index.write_text("x")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be read: ckpt-4 \(.*\); .*ckpt-2 .*--no-resume"):
+        train(load_config(None, tiny_overrides(steps=6)), shards, tmp_path / "w")

@@ -11,7 +11,9 @@ non-chief workers writing to a temporary folder (MultiWorkerMirroredStrategy).
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import keras
@@ -36,7 +38,7 @@ def checkpoint_path(workdir: str | Path, which: str = "best") -> str:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions); names the folder and the last good one."""
+    """A checkpoint could not be written (disk full, permissions) or none could be read; names the files."""
 
 
 def check_free_space(workdir: Path, model: keras.Model, optimizer, keep: int) -> None:
@@ -116,14 +118,33 @@ class Checkpoints:
         return tf.train.latest_checkpoint(str(self.dir))
 
     def restore_latest(self) -> int:
-        """Restores the newest checkpoint in WORKDIR/checkpoints on every process; returns its step."""
+        """Restores the newest readable checkpoint in WORKDIR/checkpoints on every process; returns its step.
+
+        A damaged one (truncated, overwritten, bad checksum) is named and passed over for the one
+        before it: its steps are lost already, and a requeued job then goes on instead of failing
+        at every start. With none readable it stops: starting over is --no-resume's decision.
+        """
         self.check_compatible()
-        path = self.latest_path()
-        if path is None:
-            return 0
-        self.check_optimizer_state(path)
-        self.ckpt.restore(path).expect_partial()
-        return int(self.step.numpy())
+        state = tf.train.get_checkpoint_state(str(self.dir))
+        paths = list(reversed(state.all_model_checkpoint_paths)) if state else []
+        unreadable = []
+        for path in paths:
+            try:
+                self.check_optimizer_state(path)
+                self.ckpt.restore(path).expect_partial()
+            except (tf.errors.OpError, IndexError) as e:  # IndexError: a .data file cut short
+                message = (getattr(e, "message", None) or str(e)).strip()
+                reason = re.sub(r"^\{\{.*?\}\}\s*", "", message).splitlines()[0]  # drop TF's {{function_node}}
+                unreadable.append(f"{Path(path).name} ({reason})")
+                self.runtime.print(f"unet_dist: checkpoint {path} is unreadable ({reason}); trying the one before", file=sys.stderr)
+                continue
+            if unreadable:
+                self.runtime.print(f"unet_dist: resuming from {path}, the newest readable checkpoint", file=sys.stderr)
+            return int(self.step.numpy())
+        if unreadable:
+            raise CheckpointError(f"no checkpoint in {self.dir} can be read: {'; '.join(unreadable)}; "
+                                  "use --no-resume to start over (the run is moved aside) or another --workdir")
+        return 0
 
     def restore(self, path: str) -> None:
         self.ckpt.restore(path).expect_partial()
