@@ -10,6 +10,7 @@ non-chief workers writing to a temporary folder (MultiWorkerMirroredStrategy).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -38,7 +39,28 @@ def checkpoint_path(workdir: str | Path, which: str = "best") -> str:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions) or none could be read; names the files."""
+    """A checkpoint could not be written (disk full, permissions) or read (damaged); names the files."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def _unreadable(path: str):
+    """Turns TensorFlow's errors on reading checkpoint `path` into a CheckpointError naming it."""
+    try:
+        yield
+    except (tf.errors.OpError, IndexError) as e:  # IndexError: a .data file cut short
+        message = (getattr(e, "message", None) or str(e)).strip()
+        reason = re.sub(r"^\{\{.*?\}\}\s*", "", message).splitlines()[0]  # drop TF's {{function_node ...}}
+        raise CheckpointError(f"checkpoint {path} is unreadable ({reason})", reason) from None
+
+
+def read_checkpoint(ckpt: tf.train.Checkpoint, path: str) -> None:
+    """Restores `ckpt` from `path` (what it holds and `ckpt` lacks is ignored); CheckpointError if damaged."""
+    with _unreadable(path):
+        ckpt.restore(path).expect_partial()
 
 
 def check_free_space(workdir: Path, model: keras.Model, optimizer, keep: int) -> None:
@@ -95,7 +117,8 @@ class Checkpoints:
         Keras lists an optimizer's variables in a fixed order, the iteration count first (saved as
         optimizer/_iterations), then its slots per trainable variable (optimizer/_variables/i).
         """
-        reader = tf.train.load_checkpoint(path)
+        with _unreadable(path):
+            reader = tf.train.load_checkpoint(path)
         shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
         ours = self.ckpt.optimizer.variables
         saved = [int(k.split("/")[2]) for k in shapes if k.startswith("optimizer/_variables/")]
@@ -131,12 +154,10 @@ class Checkpoints:
         for path in paths:
             try:
                 self.check_optimizer_state(path)
-                self.ckpt.restore(path).expect_partial()
-            except (tf.errors.OpError, IndexError) as e:  # IndexError: a .data file cut short
-                message = (getattr(e, "message", None) or str(e)).strip()
-                reason = re.sub(r"^\{\{.*?\}\}\s*", "", message).splitlines()[0]  # drop TF's {{function_node}}
-                unreadable.append(f"{Path(path).name} ({reason})")
-                self.runtime.print(f"unet_dist: checkpoint {path} is unreadable ({reason}); trying the one before", file=sys.stderr)
+                read_checkpoint(self.ckpt, path)
+            except CheckpointError as e:
+                unreadable.append(f"{Path(path).name} ({e.reason})")
+                self.runtime.print(f"unet_dist: {e}; trying the one before", file=sys.stderr)
                 continue
             if unreadable:
                 self.runtime.print(f"unet_dist: resuming from {path}, the newest readable checkpoint", file=sys.stderr)
@@ -147,7 +168,7 @@ class Checkpoints:
         return 0
 
     def restore(self, path: str) -> None:
-        self.ckpt.restore(path).expect_partial()
+        read_checkpoint(self.ckpt, path)
 
     def save(self, step: int) -> None:
         self.step.assign(step)

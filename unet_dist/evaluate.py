@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         return 2
     if args.strategy:
         cfg.runtime.strategy = args.strategy
-    from unet_dist.checkpoint import Checkpoints, checkpoint_path
+    from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
     from unet_dist.distribute import make_runtime
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
@@ -46,7 +46,11 @@ def main(argv=None) -> int:
         return 2
     model, optimizer = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
     ckpts = Checkpoints(runtime, args.workdir, model, optimizer, cfg)
-    ckpts.restore(path)
+    try:
+        ckpts.restore(path)
+    except CheckpointError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     metrics, _ = evaluate(model, cfg, runtime, args.data, manifest)
     metrics.update({"checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
     if runtime.is_chief:

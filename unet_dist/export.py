@@ -21,11 +21,12 @@ def main(argv=None) -> int:
     add_workdir_args(p)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    from unet_dist.checkpoint import CheckpointError
     from unet_dist.inference import export_saved_model, load_trained
 
     try:
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     export_saved_model(model, cfg, args.out)

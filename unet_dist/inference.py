@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.checkpoint import checkpoint_path
+from unet_dist.checkpoint import checkpoint_path, read_checkpoint
 from unet_dist.config import Config, load_workdir_config
 from unet_dist.model import build_unet
 from unet_dist.shapes import output_size
@@ -33,7 +33,7 @@ def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model,
     keras.mixed_precision.set_global_policy("float32")  # inference in float32 whatever training used
     model = build_unet(cfg.model, None)
     path = checkpoint_path(workdir, which)
-    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    read_checkpoint(tf.train.Checkpoint(model=model), path)
     return model, cfg, path
 
 

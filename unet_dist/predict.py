@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto")
     args = p.parse_args(argv)
 
+    from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.imageio import BadImage, load_rgb
     from unet_dist.inference import (
         classes_from_probs,
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
 
     try:
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
