@@ -115,6 +115,12 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     bad = run_module("unet_dist.predict", "--workdir", str(tmp_path / "nope"), str(tmp_path / "gray.png"),
                      "--out", str(out))
     assert bad.returncode == 2 and "config.yaml not found" in bad.stderr
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "gray.png").write_bytes((tmp_path / "gray.png").read_bytes())
+    clash = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"),
+                       str(tmp_path / "sub" / "gray.png"), "--out", str(tmp_path / "clash"))
+    assert clash.returncode == 2 and "would both write gray_mask.png" in clash.stderr
+    assert not (tmp_path / "clash").exists()
     run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), check=True)
     from unet_dist.inference import classes_from_probs, load_trained, resize_predict_fn
 

@@ -42,6 +42,13 @@ def main(argv=None) -> int:
     p.add_argument("--overlap", type=int, help="context pixels per tile side, same padding (default tile/8)")
     p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto")
     args = p.parse_args(argv)
+    # Outputs are named by the image's stem: two images with one stem would overwrite each other.
+    first: dict[str, Path] = {}
+    for path in args.images:
+        if first.setdefault(path.stem, path) != path:
+            print(f"predict: error: {first[path.stem]} and {path} would both write {path.stem}_mask.png in "
+                  f"{args.out}; predict them into separate --out folders", file=sys.stderr)
+            return 2
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.imageio import BadImage, load_rgb
