@@ -135,7 +135,8 @@ class Checkpoints:
         if problem:
             raise ConfigError(f"checkpoint {path} holds the state of another optimizer than this run's "
                               f"{type(self.ckpt.optimizer).__name__} ({problem}); resume with the optim.* settings "
-                              f"it was written with ({self.dir.parent / 'config.yaml'}), or use another --workdir or --no-resume")
+                              f"it was written with ({self.dir.parent / 'config.yaml'}), or use another --workdir "
+                              "or --no-resume")
 
     def latest_path(self) -> str | None:
         return tf.train.latest_checkpoint(str(self.dir))
@@ -160,7 +161,8 @@ class Checkpoints:
                 self.runtime.print(f"unet_dist: {e}; trying the one before", file=sys.stderr)
                 continue
             if unreadable:
-                self.runtime.print(f"unet_dist: resuming from {path}, the newest readable checkpoint", file=sys.stderr)
+                self.runtime.print(f"unet_dist: resuming from {path}, the newest readable checkpoint",
+                                   file=sys.stderr)
             return int(self.step.numpy())
         if unreadable:
             raise CheckpointError(f"no checkpoint in {self.dir} can be read: {'; '.join(unreadable)}; "
