@@ -216,3 +216,30 @@ def test_a_missing_file_or_a_folder_is_not_called_corrupt(tmp_path):
         load_rgb(tmp_path / "missing.png")
     with pytest.raises(BadImage, match=r"^a folder, not an image$"):
         load_rgb(tmp_path)
+
+
+def test_no_empty_shards_and_overwrite_removes_the_earlier_set(tmp_path):
+    # 10 images, 3 of them val, into 8 shards: 7 train shards of one record each, none empty
+    # (an empty shard made the trainer stop with "shard ... is empty"), and the folder holds
+    # exactly the shards the manifest names, also after --overwrite with another shard count.
+    src = _pet_dir(tmp_path, n=10)
+    m = convert(src, tmp_path / "out", shards=8, val_fraction=0.3, seed=5, workers=1, progress=False)
+    assert m["train"]["shards"] == [f"train-0000{i}-of-00007.tfrecord" for i in range(7)]
+    assert m["train"]["records_per_shard"] == [1] * 7 and 0 not in m["train"]["bytes"]
+    m = convert(src, tmp_path / "out", shards=2, val_fraction=0.3, seed=5, workers=1, progress=False, overwrite=True)
+    on_disk = sorted(p.name for p in (tmp_path / "out").glob("*.tfrecord"))
+    assert on_disk == sorted(m["train"]["shards"] + m["val"]["shards"]) and len(m["train"]["shards"]) == 2
+    # A manifest of an earlier version, with an empty last shard, still loads and trains.
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (tmp_path / "out" / "train-00002-of-00002.tfrecord").write_bytes(b"")
+    for key, extra in (("shards", "train-00002-of-00002.tfrecord"), ("bytes", 0), ("records_per_shard", 0)):
+        manifest["train"][key].append(extra)
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    from unet_dist.config import load_config
+    from unet_dist.data.pipeline import Shard, load_manifest, train_dataset
+
+    cfg = load_config(None, ["data.image_size=[32, 32]", "model.depth=2"])
+    for index in (0, 1):  # file sharding over 2 workers; the empty shard holds nothing to share out
+        batch = next(iter(train_dataset(tmp_path / "out", cfg, 2, 4, Shard(index, 2),
+                                        manifest=load_manifest(tmp_path / "out"))))
+        assert batch["image"].shape == (2, 32, 32, 3)

@@ -157,6 +157,15 @@ def _example(rec: dict) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString()
 
 
+def _shards_named_in(manifest_path: Path) -> set[str]:
+    """The shard file names an existing manifest lists (none if it is missing or unreadable)."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return {Path(n).name for split in ("train", "val") for n in manifest[split]["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
 def convert(
     src: Path,
     out: Path,
@@ -243,6 +252,10 @@ def convert(
         num_classes = {"binary": 2, "trimap": 3}.get(classes) or int(np.max(np.nonzero(total)[0])) + 1
         if num_classes < 2:
             num_classes = 2
+        # Round robin fills the shards in order, so with fewer records than shards (small sets, files
+        # skipped) the empty ones are the last: they are dropped, and every shard holds records.
+        kept = {s: min(n, written[s]) for s, n in n_shards.items()}
+        names = {s: [shard_name(s, i, n) for i in range(n)] for s, n in kept.items()}
         manifest = {
             "format": 1,
             "source": str(src.resolve()),
@@ -255,25 +268,25 @@ def convert(
             "image_size": list(image_size) if image_size else None,
             "seed": seed,
             "val_fraction": val_fraction,
-            "train": {"records": written["train"], "shards": [shard_name("train", i, n_shards["train"])
-                                                               for i in range(n_shards["train"])]},
-            "val": {"records": written["val"], "shards": [shard_name("val", i, n_shards["val"])
-                                                           for i in range(n_shards["val"])] if written["val"] else []},
+            "train": {"records": written["train"], "shards": names["train"]},
+            "val": {"records": written["val"], "shards": names["val"]},
             "skipped": skipped,
             "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
         }
         for s, paths in tmp.items():
             # Byte sizes let the pipeline tell a truncated or replaced shard before training.
-            manifest[s]["bytes"] = [p.stat().st_size for p in paths] if manifest[s]["shards"] else []
-            manifest[s]["records_per_shard"] = per_shard[s] if manifest[s]["shards"] else []
-            for i, p in enumerate(paths):
-                if s == "val" and not written["val"]:
-                    p.unlink()
-                else:
-                    os.replace(p, out / shard_name(s, i, n_shards[s]))
+            manifest[s]["bytes"] = [p.stat().st_size for p in paths[: kept[s]]]
+            manifest[s]["records_per_shard"] = per_shard[s][: kept[s]]
+            for p, name in zip(paths[: kept[s]], names[s], strict=True):  # the empty ones: unlinked below
+                os.replace(p, out / name)
+        old_shards = _shards_named_in(out / "manifest.json")
         mtmp = out / f".manifest.json.tmp-{os.getpid()}"
         mtmp.write_text(json.dumps(manifest, indent=1))
         os.replace(mtmp, out / "manifest.json")
+        # --overwrite: the earlier set's shards that the new one did not replace go, now that the
+        # new set is complete (until here the earlier set was still whole).
+        for name in old_shards - set(names["train"]) - set(names["val"]):
+            (out / name).unlink(missing_ok=True)
         return manifest
     finally:
         for paths in tmp.values():

@@ -67,12 +67,14 @@ def load_manifest(data_dir: str | Path) -> dict:
         if key not in manifest:
             raise DataError(f"{path}: missing key {key!r}")
     for split in ("train", "val"):
-        sizes = manifest[split].get("bytes") or [None] * len(manifest[split]["shards"])
-        for name, size in zip(manifest[split]["shards"], sizes, strict=True):
+        names = manifest[split]["shards"]
+        sizes = manifest[split].get("bytes") or [None] * len(names)
+        counts = manifest[split].get("records_per_shard") or [manifest[split]["records"]] * len(names)
+        for name, size, count in zip(names, sizes, counts, strict=True):
             f = data_dir / name
             if not f.is_file():
                 raise DataError(f"{path} names shard {f}, which does not exist")
-            if f.stat().st_size == 0 and manifest[split]["records"]:
+            if f.stat().st_size == 0 and count:
                 raise DataError(f"shard {f} is empty but {path} says it holds records")
             if size is not None and f.stat().st_size != size:
                 raise DataError(f"shard {f} is {f.stat().st_size} bytes but {path} says {size}: truncated or "
@@ -205,7 +207,9 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     if global_batch % shard.count:
         raise ValueError(f"global batch {global_batch} is not divisible by {shard.count} input pipelines")
     per_pipeline = global_batch // shard.count
-    files = [str(data_dir / f) for f in manifest["train"]["shards"]]
+    counts = manifest["train"].get("records_per_shard") or [1] * len(manifest["train"]["shards"])
+    # Empty shards (written by earlier versions of convert) hold nothing to share out.
+    files = [str(data_dir / f) for f, n in zip(manifest["train"]["shards"], counts, strict=True) if n]
     per_record = not det and len(files) < shard.count
     if per_record:
         log.warning("only %d training shards for %d workers: sharding per record (every worker reads every "
