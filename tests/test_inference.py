@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from unet_dist.config import load_config
-from unet_dist.inference import _reflect_indices, predict_tiled, resize_predict_fn
+from unet_dist.inference import _reflect_indices, predict_tiled, resize_predict_fn, tiling
 from unet_dist.model import build_unet
 from unet_dist.shapes import output_size
 
@@ -79,3 +79,18 @@ def test_reflect_indices_pad_like_numpy_for_any_width(n):
     for before, after in [(0, 0), (1, 3), (n, n + 1), (4 * n + 3, 7)]:
         np.testing.assert_array_equal(np.arange(n)[_reflect_indices(n, before, after)],
                                       np.pad(np.arange(n), (before, after), mode="reflect"))
+
+
+@pytest.mark.parametrize("tile,overlap,message", [
+    (66, None, r"--tile 66: \[66, 66\] must be divisible by 2\^depth = 4"),
+    (0, None, "--tile 0: must be > 0"),
+    (64, -5, "--overlap -5: must be >= 0"),
+    (64, 30, r"--overlap 30 \(32 on the 4 px pooling grid\) leaves nothing of a 64x64 tile"),
+])
+def test_bad_tile_or_overlap_is_named(tile, overlap, message):
+    cfg = load_config(None, ["model.depth=2", "model.base_filters=4", "data.image_size=[64, 64]"])
+    with pytest.raises(ValueError, match=message):
+        tiling(cfg, (tile, tile), overlap)
+    valid = load_config(None, ["model.padding=valid", "model.depth=2", "data.image_size=[60, 60]"])
+    with pytest.raises(ValueError, match="--tile 61: 61 does not fit valid padding"):
+        tiling(valid, (61, 61))

@@ -121,6 +121,9 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
                        str(tmp_path / "sub" / "gray.png"), "--out", str(tmp_path / "clash"))
     assert clash.returncode == 2 and "would both write gray_mask.png" in clash.stderr
     assert not (tmp_path / "clash").exists()
+    bad_tile = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--mode", "tile",
+                          "--tile", "66", "--out", str(tmp_path / "badtile"))
+    assert bad_tile.returncode == 2 and "predict: error: --tile 66: [66, 66] must be divisible" in bad_tile.stderr
     run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), check=True)
     from unet_dist.inference import classes_from_probs, load_trained, resize_predict_fn
 

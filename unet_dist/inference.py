@@ -42,27 +42,39 @@ def trained_on_resized_data(workdir: Path) -> bool:
     return meta.exists() and json.loads(meta.read_text()).get("image_size") is not None
 
 
-def _geometry(cfg: Config, tile: tuple[int, int] | None, overlap: int) -> tuple[tuple, tuple, tuple]:
-    """(tile input size, model output size for it, kept output size per tile)."""
+def tiling(cfg: Config, tile: tuple[int, int] | None = None, overlap: int | None = None) -> tuple[tuple, tuple, tuple]:
+    """(tile input size, model output size for it, kept output size per tile) for overlap-tile prediction.
+
+    tile defaults to the training size, overlap (same padding; context pixels per tile side) to
+    tile / 8, rounded up to the pooling grid. Raises ValueError naming --tile or --overlap when the
+    network cannot take the tile or the overlap leaves nothing of it.
+    """
     t = tuple(tile or cfg.data.image_size)
-    out = output_size(t, cfg.model.depth, cfg.model.padding)
-    if cfg.model.padding == "valid":
+    if min(t) < 1:
+        raise ValueError(f"--tile {t[0]}: must be > 0")
+    try:
+        out = output_size(t, cfg.model.depth, cfg.model.padding)
+    except ValueError as e:
+        raise ValueError(f"--tile {t[0]}: {e}") from None
+    if cfg.model.padding == "valid":  # the network's own context: no overlap to choose
         return t, out, out
-    keep = (t[0] - 2 * overlap, t[1] - 2 * overlap)
+    overlap = t[0] // 8 if overlap is None else overlap
+    if overlap < 0:
+        raise ValueError(f"--overlap {overlap}: must be >= 0")
+    # Keep tile origins on the pooling grid, so tiles pool the same pixels together as the whole image.
+    step = 2**cfg.model.depth
+    grid = -(-overlap // step) * step
+    keep = (t[0] - 2 * grid, t[1] - 2 * grid)
     if min(keep) < 1:
-        raise ValueError(f"--overlap {overlap} leaves nothing of a {t[0]}x{t[1]} tile")
+        raise ValueError(f"--overlap {overlap} ({grid} on the {step} px pooling grid) leaves nothing of a "
+                         f"{t[0]}x{t[1]} tile")
     return t, out, keep
 
 
 def predict_tiled(model: keras.Model, image: np.ndarray, cfg: Config, tile: tuple[int, int] | None = None,
                   overlap: int | None = None, batch: int = 4) -> np.ndarray:
     """Overlap-tile prediction. image (H, W, 3) float32 in [0, 1] -> probabilities (H, W, U)."""
-    t = tuple(tile or cfg.data.image_size)
-    overlap = t[0] // 8 if overlap is None else overlap
-    # Keep tile origins on the pooling grid, so tiles pool the same pixels together as the whole image.
-    step = 2**cfg.model.depth
-    overlap = -(-overlap // step) * step
-    (th, tw), (oh, ow), (kh, kw) = _geometry(cfg, t, overlap)
+    (th, tw), (oh, ow), (kh, kw) = tiling(cfg, tile, overlap)
     H, W = image.shape[:2]
     ny, nx = -(-H // kh), -(-W // kw)
     # Context around the kept region of each tile, per side.

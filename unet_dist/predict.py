@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         load_trained,
         predict_tiled,
         resize_predict_fn,
+        tiling,
         trained_on_resized_data,
     )
 
@@ -69,7 +70,13 @@ def main(argv=None) -> int:
     mode = args.mode
     if mode == "auto":
         mode = "resize" if trained_on_resized_data(args.workdir) else "tile"
-    tile = (args.tile, args.tile) if args.tile else None
+    tile = (args.tile, args.tile) if args.tile is not None else None
+    if mode == "tile":
+        try:
+            tiling(cfg, tile, args.overlap)
+        except ValueError as e:
+            print(f"predict: error: {e}", file=sys.stderr)
+            return 2
     resize_fn = resize_predict_fn(model, cfg)
     failed = 0
     for path in args.images:
