@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -374,6 +375,19 @@ def add_workdir_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="a training run's --workdir")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                         help="the best-val-IoU checkpoint or the latest one")
+
+
+def writable_dir(path: Path, flag: str) -> None:
+    """Creates folder `path` (and its parents) and checks it can be written, before any work;
+    ConfigError naming `flag` otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: not a writable folder ({e.strerror})") from None
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from unet_dist.config import ConfigError, add_workdir_args, load_workdir_config
+from unet_dist.config import ConfigError, add_workdir_args, load_workdir_config, writable_dir
 
 
 def main(argv=None) -> int:
@@ -24,8 +24,12 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    out = args.out or args.workdir / "eval.json"
     try:
         cfg = load_workdir_config(args.workdir)
+        if out.is_dir():
+            raise ConfigError(f"--out {out}: a folder; give the file to write the metrics to")
+        writable_dir(out.parent, "--out")  # before the evaluation, so its result has somewhere to go
     except ConfigError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -54,9 +58,8 @@ def main(argv=None) -> int:
     metrics, _ = evaluate(model, cfg, runtime, args.data, manifest)
     metrics.update({"checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
     if runtime.is_chief:
-        out = args.out or args.workdir / "eval.json"
-        out.write_text(json.dumps(metrics, indent=1))
         print(json.dumps(metrics))
+        out.write_text(json.dumps(metrics, indent=1))
     return 0
 
 

@@ -9,10 +9,15 @@ Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
-from unet_dist.config import ConfigError, add_workdir_args
+from unet_dist.config import ConfigError, add_workdir_args, writable_dir
+
+# What tf.saved_model writes into its folder.
+SAVED_MODEL_FILES = {"saved_model.pb", "variables", "assets", "fingerprint.pb"}
 
 
 def main(argv=None) -> int:
@@ -24,13 +29,27 @@ def main(argv=None) -> int:
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.inference import export_saved_model, load_trained
 
+    out = args.out
     try:
+        # OUT is new, empty, or an earlier export (a SavedModel and nothing else), which is replaced;
+        # anything else stays untouched.
+        if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= SAVED_MODEL_FILES):
+            raise ConfigError(f"--out {out}: exists and holds more than an earlier export; give a new or empty folder")
+        writable_dir(out.parent, "--out")
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
     except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
-    export_saved_model(model, cfg, args.out)
-    print(f"export: SavedModel from {ckpt} -> {args.out}")
+    # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        export_saved_model(model, cfg, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"export: SavedModel from {ckpt} -> {out}")
     return 0
 
 

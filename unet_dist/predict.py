@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unet_dist.config import ConfigError, add_workdir_args
+from unet_dist.config import ConfigError, add_workdir_args, writable_dir
 
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 
@@ -62,11 +62,11 @@ def main(argv=None) -> int:
     )
 
     try:
+        writable_dir(args.out, "--out")
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     mode = args.mode
     if mode == "auto":
         mode = "resize" if trained_on_resized_data(args.workdir) else "tile"

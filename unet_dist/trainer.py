@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import tensorflow as tf
 
 from unet_dist import precision
 from unet_dist.checkpoint import Checkpoints, check_free_space
-from unet_dist.config import Config, ConfigError, dump_config
+from unet_dist.config import Config, ConfigError, dump_config, writable_dir
 from unet_dist.data.pipeline import DataError, eval_dataset, load_manifest, lost_records, train_dataset
 from unet_dist.distribute import Runtime, make_runtime
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
@@ -52,13 +51,7 @@ def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
     workdir = Path(workdir)
     if not runtime.is_chief:
         return
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror})") from None
+    writable_dir(workdir, "--workdir")
     if not resume and (workdir / "checkpoints").exists():
         # --no-resume starts over without destroying the earlier run: move it aside.
         old = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
