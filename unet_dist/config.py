@@ -387,7 +387,7 @@ def writable_dir(path: Path, flag: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: not a writable folder ({e.strerror})") from None
+        raise ConfigError(f"{flag} {path}: not writable ({e.strerror})") from None
 
 
 def dump_config(cfg: Config, path: Path) -> None:
