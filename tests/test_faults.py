@@ -208,7 +208,8 @@ def test_damaged_checkpoints_are_named_and_passed_over(shards, tmp_path, capsys)
     # None readable: one line naming each, and nothing is started over behind the user's back.
     for index in ck.glob("ckpt-*.index"):
         index.write_text("x")
-    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be read: ckpt-4 \(file is too short.*\); .*ckpt-2 .*--no-resume"):
+    with pytest.raises(CheckpointError,
+                       match=r"no checkpoint in .* can be read: ckpt-4 \(file is too short.*\); .*ckpt-2 .*--no-resume"):
         train(load_config(None, tiny_overrides(steps=6)), shards, tmp_path / "w")
     # Evaluation, prediction and export name the damaged file in one line too.
     from unet_dist.inference import load_trained

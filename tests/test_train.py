@@ -126,13 +126,14 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     assert bad_tile.returncode == 2 and "predict: error: --tile 66: [66, 66] must be divisible" in bad_tile.stderr
     # Output paths are checked before any work, and nothing the user put there is lost.
     (tmp_path / "afile").write_text("x")
-    for module, extra in (("unet_dist.predict", [str(tmp_path / "gray.png")]), ("unet_dist.evaluate", ["--data", str(shards)])):
+    for module, extra in (("unet_dist.predict", [str(tmp_path / "gray.png")]),
+                          ("unet_dist.evaluate", ["--data", str(shards)])):
         bad_out = run_module(module, "--workdir", str(w), *extra, "--out", str(tmp_path / "afile" / "x"))
         assert bad_out.returncode == 2 and "--out" in bad_out.stderr and "not writable" in bad_out.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     refused = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "mine"))
-    assert refused.returncode == 2 and "holds more than an earlier export" in refused.stderr
+    assert refused.returncode == 2 and "a folder holding more than an earlier export" in refused.stderr
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     for _ in range(2):  # the second export replaces the first
         run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), check=True)

@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     try:
         # OUT is new, empty, or an earlier export (a SavedModel and nothing else), which is replaced;
         # anything else stays untouched.
-        if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= SAVED_MODEL_FILES):
-            raise ConfigError(f"--out {out}: exists and holds more than an earlier export; give a new or empty folder")
+        if out.is_file() or (out.is_dir() and not {p.name for p in out.iterdir()} <= SAVED_MODEL_FILES):
+            what = "a file" if out.is_file() else "a folder holding more than an earlier export"
+            raise ConfigError(f"--out {out}: {what}; give a new or empty folder")
         writable_dir(out.parent, "--out")
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
     except (ConfigError, CheckpointError) as e:
