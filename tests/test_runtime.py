@@ -70,3 +70,14 @@ def test_local_rank_one_of_two_runs_every_thread_on_its_half(pin):
     assert out["cpus"] == half and out["intra"] == len(half)
     assert len(out["masks"]) > 3  # the main thread and TensorFlow's pools
     assert all(m == (half if pin else allowed) for m in out["masks"]), out["masks"]
+
+
+def test_slurm_cluster_outside_a_slurm_task_is_one_line(monkeypatch):
+    from unet_dist.config import ConfigError, load_config
+    from unet_dist.distribute import MultiWorkerRuntime
+
+    for var in ("TF_CONFIG", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(None, ["runtime.cluster=slurm"])
+    with pytest.raises(ConfigError, match="runtime.cluster is slurm, but this process is not a SLURM task"):
+        MultiWorkerRuntime(cfg, "test")

@@ -362,6 +362,10 @@ class MultiWorkerRuntime(MirroredRuntime):
     def __init__(self, cfg: Config, reason: str):
         resolver = None
         if "TF_CONFIG" not in os.environ and cfg.runtime.cluster == "slurm":
+            if "SLURM_PROCID" not in os.environ:
+                raise ConfigError("config key runtime.cluster is slurm, but this process is not a SLURM task (no "
+                                  "SLURM_PROCID): start it with srun, as launch/slurm_multiworker.sbatch does, or "
+                                  "set runtime.cluster=none")
             port_base = int(os.environ.get("UNET_DIST_PORT_BASE", "8888"))
             if shutil.which("nvidia-smi"):
                 resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)
