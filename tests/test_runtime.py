@@ -81,3 +81,18 @@ def test_slurm_cluster_outside_a_slurm_task_is_one_line(monkeypatch):
     cfg = load_config(None, ["runtime.cluster=slurm"])
     with pytest.raises(ConfigError, match="runtime.cluster is slurm, but this process is not a SLURM task"):
         MultiWorkerRuntime(cfg, "test")
+
+
+@pytest.mark.parametrize("tf_config,message", [
+    ("{bad", "TF_CONFIG is not JSON"),
+    ("[1]", "TF_CONFIG must be a JSON object"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+     r"TF_CONFIG: task worker 3 is not in its cluster \(worker: 1 tasks\)"),
+])
+def test_bad_tf_config_is_one_line(monkeypatch, tf_config, message):
+    from unet_dist.config import ConfigError, load_config
+    from unet_dist.distribute import choose_backend
+
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ConfigError, match=message):
+        choose_backend(load_config(None, []))

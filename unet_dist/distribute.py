@@ -38,6 +38,8 @@ def choose_backend(cfg: Config, num_gpus: int | None = None) -> tuple[str, str]:
     want = cfg.runtime.strategy
     if want not in STRATEGIES:
         raise ConfigError(f"config key runtime.strategy: got {want!r}; allowed: {', '.join(STRATEGIES)}")
+    if "TF_CONFIG" in os.environ:
+        _tf_config()  # one line for a bad one, before TensorFlow reads it
     if want != "auto":
         return want, "asked for by runtime.strategy"
     if "TF_CONFIG" in os.environ:
@@ -79,9 +81,29 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def _tf_config() -> dict:
+    """TF_CONFIG, parsed and checked: a JSON object whose task is one of its cluster's tasks."""
+    raw = os.environ["TF_CONFIG"]
+    try:
+        conf = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not JSON ({e}): {raw[:100]}") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"TF_CONFIG must be a JSON object with 'cluster' and 'task', got {raw[:100]}")
+    cluster, task = conf.get("cluster") or {}, conf.get("task") or {}
+    if cluster:
+        if not isinstance(cluster, dict) or not all(isinstance(a, list) for a in cluster.values()):
+            raise ConfigError(f"TF_CONFIG: 'cluster' must map task types to lists of host:port, got {cluster}")
+        kind, index = task.get("type"), task.get("index")
+        if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+            sizes = ", ".join(f"{k}: {len(a)}" for k, a in cluster.items())
+            raise ConfigError(f"TF_CONFIG: task {kind} {index} is not in its cluster ({sizes} tasks)")
+    return conf
+
+
 def _tf_config_local() -> tuple[int, int]:
     """(local rank, local size) of this TF_CONFIG task among the tasks on its host."""
-    tf_config = json.loads(os.environ["TF_CONFIG"])
+    tf_config = _tf_config()
     cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
     tasks = [(kind, i, addr.rsplit(":", 1)[0]) for kind, addrs in cluster.items() for i, addr in enumerate(addrs)]
     mine = next((t for t in tasks if t[:2] == (task.get("type"), task.get("index"))), None)

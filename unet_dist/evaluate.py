@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     from unet_dist.distribute import make_runtime
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
 
-    runtime = make_runtime(cfg)
     try:
+        runtime = make_runtime(cfg)
         manifest = load_manifest(args.data)
         check_data_matches(cfg, manifest, args.data)
         path = checkpoint_path(args.workdir, args.checkpoint)
