@@ -81,6 +81,10 @@ def test_slurm_cluster_outside_a_slurm_task_is_one_line(monkeypatch):
     cfg = load_config(None, ["runtime.cluster=slurm"])
     with pytest.raises(ConfigError, match="runtime.cluster is slurm, but this process is not a SLURM task"):
         MultiWorkerRuntime(cfg, "test")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("UNET_DIST_PORT_BASE", "88a")
+    with pytest.raises(ConfigError, match="UNET_DIST_PORT_BASE='88a': must be a port number"):
+        MultiWorkerRuntime(cfg, "test")
 
 
 @pytest.mark.parametrize("tf_config,message", [

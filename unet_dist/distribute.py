@@ -388,7 +388,10 @@ class MultiWorkerRuntime(MirroredRuntime):
                 raise ConfigError("config key runtime.cluster is slurm, but this process is not a SLURM task (no "
                                   "SLURM_PROCID): start it with srun, as launch/slurm_multiworker.sbatch does, or "
                                   "set runtime.cluster=none")
-            port_base = int(os.environ.get("UNET_DIST_PORT_BASE", "8888"))
+            port = os.environ.get("UNET_DIST_PORT_BASE", "8888")
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"UNET_DIST_PORT_BASE={port!r}: must be a port number (the first worker's)")
+            port_base = int(port)
             if shutil.which("nvidia-smi"):
                 resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)
             else:
