@@ -66,3 +66,10 @@ def test_bench_bad_input_is_one_line_naming_it(tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert last.startswith(f"bench {args[0]}: ") and "error: " in last and named in last, last
+    # Counts and sizes must be > 0 (--steps 0 divided by zero or failed in a child process).
+    from unet_dist.bench import parser
+
+    for args in (["scaling", "--steps", "0"], ["pipeline", "--data", "d", "--batches", "-1"],
+                 ["tta", "--data", "d", "--every", "x"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(args)

@@ -91,6 +91,12 @@ def test_exit_codes_and_summary_line(tmp_path):
     again = run_module("unet_dist.convert", str(src), str(tmp_path / "o1"))
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert (tmp_path / "o1" / "manifest.json").exists()
+    # OUT below a file: one line, for convert and for the synthetic-data writer.
+    (tmp_path / "afile").write_text("x")
+    for module, args in (("unet_dist.convert", [str(src)]), ("unet_dist.synthetic", ["-n", "1"])):
+        blocked = run_module(module, *args, str(tmp_path / "afile" / "out"))
+        assert blocked.returncode != 0 and "Traceback" not in blocked.stderr, blocked.stderr[-2000:]
+        assert f"OUT {tmp_path / 'afile' / 'out'}" in blocked.stderr
 
 
 def test_modes_exif_and_sizes(tmp_path):

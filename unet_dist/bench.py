@@ -32,6 +32,17 @@ from pathlib import Path
 VARIANTS = ["float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla"]
 
 
+def positive(text: str) -> int:
+    """argparse type for counts and sizes: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unet_dist.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,11 +50,11 @@ def parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("pipeline", help="tf.data pipeline vs the paper's PIL generator")
     pp.add_argument("--data", type=Path, required=True)
     pp.add_argument("--source", type=Path, help="the raw Pet-layout folder (default: the manifest's source)")
-    pp.add_argument("--batches", type=int, default=150)
+    pp.add_argument("--batches", type=positive, default=150)
     pp.add_argument("--augment", choices=("on", "off", "full"), default="on",
                     help="on: the config's augmentation (default: flips, zoom/crop, brightness, contrast); "
                          "full: plus rotation and elastic deformation")
-    pp.add_argument("--image-size", type=int, default=256)
+    pp.add_argument("--image-size", type=positive, default=256)
     pp.add_argument("--config", type=Path)
     pp.add_argument("--set", action="append", default=[])
     for name, help_ in (("train", "train-step images/s vs the paper's model.fit"),
@@ -53,35 +64,35 @@ def parser() -> argparse.ArgumentParser:
         pt.add_argument("--data", type=Path, required=True)
         pt.add_argument("--source", type=Path)
         pt.add_argument("--config", type=Path, default=Path("configs/pets_seed.yaml"))
-        pt.add_argument("--steps", type=int, default=5 if name == "profile" else 10)
+        pt.add_argument("--steps", type=positive, default=5 if name == "profile" else 10)
         pt.add_argument("--variants", nargs="+", default=VARIANTS if name == "train" else ["float32", "mixed_bfloat16"])
         pt.add_argument("--set", action="append", default=[])
     ps = sub.add_parser("scaling", help="weak scaling, 1 vs 2 processes, Horovod and MultiWorkerMirrored")
-    ps.add_argument("--steps", type=int, default=20)
-    ps.add_argument("--per-replica-batch", type=int, default=8)
+    ps.add_argument("--steps", type=positive, default=20)
+    ps.add_argument("--per-replica-batch", type=positive, default=8)
     ps.add_argument("--config", type=Path, help="train this config's model, size, precision, optimizer and loss "
                                                 "(default: the demo-size U-Net in float32)")
     ps.add_argument("--backends", nargs="+", default=["horovod", "multiworker"])
-    ps.add_argument("--repeats", type=int, default=3, help="1- and 2-process runs per backend, alternating")
+    ps.add_argument("--repeats", type=positive, default=3, help="1- and 2-process runs per backend, alternating")
     ps.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for every worker, e.g. runtime.pin_cpus=false")
     pw = sub.add_parser("scaling-worker", help=argparse.SUPPRESS)
     pw.add_argument("--backend", required=True)
-    pw.add_argument("--steps", type=int, default=20)
-    pw.add_argument("--per-replica-batch", type=int, default=8)
+    pw.add_argument("--steps", type=positive, default=20)
+    pw.add_argument("--per-replica-batch", type=positive, default=8)
     pw.add_argument("--config", type=Path)
     pw.add_argument("--set", action="append", default=[])
     pm = sub.add_parser("memory", help="peak RSS of training and conversion")
     pm.add_argument("--data", type=Path, required=True)
-    pm.add_argument("--steps", type=int, default=20)
-    pm.add_argument("--convert-sizes", type=int, nargs=2, default=[200, 2000])
+    pm.add_argument("--steps", type=positive, default=20)
+    pm.add_argument("--convert-sizes", type=positive, nargs=2, default=[200, 2000])
     pa = sub.add_parser("tta", help="time to a val IoU: ours vs the paper's recipe")
     pa.add_argument("--data", type=Path, required=True)
     pa.add_argument("--config", default="configs/demo.yaml")
     pa.add_argument("--target", type=float, default=0.85)
-    pa.add_argument("--every", type=int, default=25, help="evaluate every N steps")
-    pa.add_argument("--max-steps", type=int, default=1500)
-    pa.add_argument("--repeats", type=int, default=1, help="runs of each recipe, alternating; the median is reported")
+    pa.add_argument("--every", type=positive, default=25, help="evaluate every N steps")
+    pa.add_argument("--max-steps", type=positive, default=1500)
+    pa.add_argument("--repeats", type=positive, default=1, help="runs of each recipe, alternating; the median is reported")
     pr = sub.add_parser("report", help="run the benchmarks and write docs/benchmarks.md")
     pr.add_argument("--data", type=Path, required=True, help="shards converted at 256x256 (pipeline, train, flops)")
     pr.add_argument("--demo-data", type=Path, required=True, help="shards converted at 128x128 (memory, tta)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unet_dist.config import ConfigError, writable_dir
 from unet_dist.data.synthetic import write_dataset
 
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"-n must be >= 1, got {args.n}")
+    try:
+        writable_dir(args.out, "OUT")
+    except ConfigError as e:
+        p.error(str(e))
     write_dataset(args.out, args.n, args.seed)
     print(f"wrote {args.n} images to {args.out}/images and trimaps to {args.out}/annotations/trimaps")
 

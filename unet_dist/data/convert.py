@@ -205,7 +205,10 @@ def convert(
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     if (out / "manifest.json").exists() and not overwrite:
         raise ConvertError(f"{out} already holds a converted data set (manifest.json); pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"OUT {out}: cannot create it ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise ConvertError(f"OUT {out} is not writable")
 
