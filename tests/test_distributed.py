@@ -261,3 +261,9 @@ def test_launch_scripts_pass_arguments_through(shards, tmp_path, script):
     assert f"{script}: 2 processes" in proc.stdout + proc.stderr
     s = json.loads((w / "summary.json").read_text())
     assert s["world_size"] == 2 and "global batch 4 (2 per replica), lr" in proc.stdout
+    # A bad process count is one line from the script, before anything starts.
+    for np_value, said in (("two", "NP=two: must be a whole number"),
+                           ("0", "NP=0: no processes to start (HOSTFILE without slots=N?)")):
+        proc = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env={**env, "NP": np_value},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"{script}: {said}", proc.stderr[-2000:]
