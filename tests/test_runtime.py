@@ -90,6 +90,7 @@ def test_slurm_cluster_outside_a_slurm_task_is_one_line(monkeypatch):
 @pytest.mark.parametrize("tf_config,message", [
     ("{bad", "TF_CONFIG is not JSON"),
     ("[1]", "TF_CONFIG must be a JSON object"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": 0}', "TF_CONFIG: 'task' must be"),
     ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
      r"TF_CONFIG: task worker 3 is not in its cluster \(worker: 1 tasks\)"),
 ])

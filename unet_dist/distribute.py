@@ -90,10 +90,12 @@ def _tf_config() -> dict:
         raise ConfigError(f"TF_CONFIG is not JSON ({e}): {raw[:100]}") from None
     if not isinstance(conf, dict):
         raise ConfigError(f"TF_CONFIG must be a JSON object with 'cluster' and 'task', got {raw[:100]}")
-    cluster, task = conf.get("cluster") or {}, conf.get("task") or {}
+    cluster, task = conf.get("cluster") or {}, conf.get("task", {})
     if cluster:
         if not isinstance(cluster, dict) or not all(isinstance(a, list) for a in cluster.values()):
             raise ConfigError(f"TF_CONFIG: 'cluster' must map task types to lists of host:port, got {cluster}")
+        if not isinstance(task, dict):
+            raise ConfigError(f"TF_CONFIG: 'task' must be {{\"type\": ..., \"index\": ...}}, got {task}")
         kind, index = task.get("type"), task.get("index")
         if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
             sizes = ", ".join(f"{k}: {len(a)}" for k, a in cluster.items())
