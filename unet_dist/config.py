@@ -225,6 +225,16 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _parse_yaml(text: str, path: Path):
+    """yaml.safe_load, or a ConfigError naming the file and line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Builds a validated Config from defaults, an optional YAML file and `section.key=value` overrides."""
     cfg = Config()
@@ -234,12 +244,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = path.read_text()
         except OSError as e:
             raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+        raw = _parse_yaml(text, path) or {}
         try:
             _apply(cfg, raw, "")
         except ConfigError as e:
@@ -272,7 +277,10 @@ def load_workdir_config(workdir: str | Path) -> Config:
         text = path.read_text()
     except OSError:
         raise ConfigError(f"{path} not found: is {workdir} a training workdir?") from None
-    return config_from_dict(yaml.safe_load(text), str(path))
+    raw = _parse_yaml(text, path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: not a training run's config (no sections)")
+    return config_from_dict(raw, str(path))
 
 
 def validate(cfg: Config) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist.checkpoint import checkpoint_path, read_checkpoint
-from unet_dist.config import Config, load_workdir_config
+from unet_dist.config import Config, ConfigError, load_workdir_config
 from unet_dist.model import build_unet
 from unet_dist.shapes import output_size
 
@@ -38,8 +38,15 @@ def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model,
 
 
 def trained_on_resized_data(workdir: Path) -> bool:
+    """Whether WORKDIR's training data was resized at conversion (WORKDIR/data.json, from the manifest)."""
     meta = Path(workdir) / "data.json"
-    return meta.exists() and json.loads(meta.read_text()).get("image_size") is not None
+    if not meta.exists():
+        return False
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{meta}: unreadable ({e}); pass --mode tile or resize") from None
+    return isinstance(info, dict) and info.get("image_size") is not None
 
 
 def tiling(cfg: Config, tile: tuple[int, int] | None = None, overlap: int | None = None) -> tuple[tuple, tuple, tuple]:

@@ -69,7 +69,11 @@ def main(argv=None) -> int:
         return 2
     mode = args.mode
     if mode == "auto":
-        mode = "resize" if trained_on_resized_data(args.workdir) else "tile"
+        try:
+            mode = "resize" if trained_on_resized_data(args.workdir) else "tile"
+        except ConfigError as e:
+            print(f"predict: error: {e}", file=sys.stderr)
+            return 2
     tile = (args.tile, args.tile) if args.tile is not None else None
     if mode == "tile":
         try:
