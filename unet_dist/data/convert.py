@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unet_dist.config import ConfigError, writable_dir
 from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, load_mask, load_rgb
 
 LAYOUTS = ("oxford-pet", "folders")
@@ -206,11 +207,9 @@ def convert(
     if (out / "manifest.json").exists() and not overwrite:
         raise ConvertError(f"{out} already holds a converted data set (manifest.json); pass --overwrite to replace it")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConvertError(f"OUT {out}: cannot create it ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise ConvertError(f"OUT {out} is not writable")
+        writable_dir(out, "OUT")
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
 
     # Deterministic split: a seeded permutation of the sorted stems.
     order = np.random.default_rng(seed).permutation(len(pairs))
