@@ -40,10 +40,11 @@ def test_kernel_seconds_reads_a_real_trace(tmp_path):
 
 @pytest.mark.dist
 def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
-    # The published scaling table comes from this command; here with a tiny model, 2 timed steps.
+    # The published scaling table comes from this command; here with a tiny model, 2 rounds of 2
+    # synchronous and 2 chief-alone steps in one 2-process job.
     tiny = ["data.image_size=[64, 64]", "model.depth=2", "model.base_filters=4", "optim.name=sgd"]
     cmd = [sys.executable, "-m", "unet_dist.bench", "scaling", "--config", "configs/demo.yaml", "--steps", "2",
-           "--repeats", "1", "--per-replica-batch", "2", "--backends", "multiworker"]
+           "--rounds", "2", "--repeats", "1", "--per-replica-batch", "2", "--backends", "multiworker"]
     for o in tiny:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -51,9 +52,12 @@ def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["config"] == "configs/demo.yaml" and res["example_size"] == [64, 64]
     assert res["per_process_batch"] == 2 and res["precision"] == "float32"
-    for backend in ("multiworker", "independent"):
-        assert [len(res["runs"][backend][n]) for n in ("1", "2")] == [1, 1]
-        assert res["images_per_s"][f"{backend}_efficiency"] > 0
+    ips = res["images_per_s"]
+    assert ips["multiworker_rounds"]["n"] == 2 and len(res["runs"]["multiworker"]["efficiency"]) == 1
+    assert 0 < ips["multiworker_rounds"]["min"] <= ips["multiworker_efficiency"] <= ips["multiworker_rounds"]["max"]
+    assert ips["multiworker_2"] > 0 and ips["multiworker_1"] > 0
+    assert [len(res["runs"]["independent"][n]) for n in ("1", "2")] == [1, 1]
+    assert ips["independent_efficiency"] > 0
 
 
 def test_bench_bad_input_is_one_line_naming_it(tmp_path):

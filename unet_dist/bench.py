@@ -4,7 +4,7 @@
     python -m unet_dist.bench train --data DATA --config configs/pets_seed.yaml [--steps 10]
     python -m unet_dist.bench flops --data DATA --config configs/pets_seed.yaml
     python -m unet_dist.bench profile --data DATA --config configs/pets_seed.yaml [--steps 5]
-    python -m unet_dist.bench scaling [--steps 20] [--repeats 3] [--per-replica-batch 8] [--config CONFIG]
+    python -m unet_dist.bench scaling [--steps 10] [--rounds 8] [--repeats 3] [--per-replica-batch 8] [--config CONFIG]
     python -m unet_dist.bench memory --data DATA
     python -m unet_dist.bench tta --data DATA [--target 0.85] [--every 25] [--repeats 1]
     python -m unet_dist.bench report --data DATA256 --demo-data DATA128 --out docs   # all of them
@@ -17,7 +17,8 @@ flops: the model's FLOPs per training image, the achieved FLOP/s and the measure
 profile: the train step under the TF profiler, kernel time per step by kind (convolution, batch
 norm, ...), one inter-op thread so that the kinds add up to the step.
 scaling: weak scaling (in-memory batches, one thread per process), 1 vs 2 processes, Horovod and
-MultiWorkerMirroredStrategy: efficiency = ips(2) / (2 * ips(1)).
+MultiWorkerMirroredStrategy: efficiency = ips(2) / (2 * ips(1)), both measured in each 2-process job
+in alternating rounds (the chief also runs the 1-process step while the other rank waits).
 memory: peak RSS of training (demo, pets_seed) and of conversion at two data set sizes.
 tta: wall time to a val IoU, configs/demo.yaml against the paper's recipe (RMSprop, BCE).
 """
@@ -68,12 +69,13 @@ def parser() -> argparse.ArgumentParser:
         pt.add_argument("--variants", nargs="+", default=VARIANTS if name == "train" else ["float32", "mixed_bfloat16"])
         pt.add_argument("--set", action="append", default=[])
     ps = sub.add_parser("scaling", help="weak scaling, 1 vs 2 processes, Horovod and MultiWorkerMirrored")
-    ps.add_argument("--steps", type=positive, default=20)
     ps.add_argument("--per-replica-batch", type=positive, default=8)
     ps.add_argument("--config", type=Path, help="train this config's model, size, precision, optimizer and loss "
                                                 "(default: the demo-size U-Net in float32)")
     ps.add_argument("--backends", nargs="+", default=["horovod", "multiworker"])
-    ps.add_argument("--repeats", type=positive, default=3, help="1- and 2-process runs per backend, alternating")
+    ps.add_argument("--steps", type=positive, default=10, help="timed steps of each kind per round")
+    ps.add_argument("--rounds", type=positive, default=8, help="rounds of synchronous and 1-process steps per job")
+    ps.add_argument("--repeats", type=positive, default=3, help="2-process jobs per backend")
     ps.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for every worker, e.g. runtime.pin_cpus=false")
     pw = sub.add_parser("scaling-worker", help=argparse.SUPPRESS)
@@ -82,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--per-replica-batch", type=positive, default=8)
     pw.add_argument("--config", type=Path)
     pw.add_argument("--set", action="append", default=[])
+    pw.add_argument("--rounds", type=int, default=0)
+    pw.add_argument("--pause-dir")
     pm = sub.add_parser("memory", help="peak RSS of training and conversion")
     pm.add_argument("--data", type=Path, required=True)
     pm.add_argument("--steps", type=positive, default=20)

@@ -29,8 +29,9 @@ def commands(args) -> dict[str, list[str]]:
                        "--set", "data.image_size=[256, 256]"],
         "flops": [*py, "flops", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "6"],
         "profile": [*py, "profile", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "5"],
-        "scaling": [*py, "scaling", "--steps", "20", "--repeats", "3"],
-        "scaling_pets_seed": [*py, "scaling", "--config", "configs/pets_seed.yaml", "--steps", "20", "--repeats", "3"],
+        "scaling": [*py, "scaling"],
+        "scaling_pets_seed": [*py, "scaling", "--config", "configs/pets_seed.yaml"],
+        "scaling_fp16": [*py, "scaling", "--backends", "multiworker", "--set", "runtime.fp16_allreduce=true"],
         "memory": [*py, "memory", "--data", demo],
         "tta": [*py, "tta", "--data", demo, "--max-steps", "600", "--every", "10", "--repeats", "3"],
     }
@@ -77,24 +78,27 @@ def _scaling_section(res: dict, title: str) -> list[str]:
     lines = [f"## {title}", "",
              f"The train step on in-memory batches ({res['per_process_batch']} images of {h}x{w} per process, "
              f"{model}, {prec}), one thread per process, each of 2 processes on its own core "
-             "(`runtime.pin_cpus`), Horovod with "
-             "`runtime.horovod_cycle_time_ms: 25` (see the notes below). Each process times every step; a "
-             "run's rate is the global batch over its median step. 1- and 2-process runs alternate, "
-             f"{res.get('repeats', 1)} of each; efficiency = median images/s(2) / (2 x median images/s(1)). "
-             "*independent* is two single-device processes at once with no communication: the machine's "
-             "own ceiling for two processes.", "",
-             "| backend | 1 process, images/s | 2 processes, images/s | efficiency | runs, 1 process | "
-             "runs, 2 processes |", "|---|---|---|---|---|---|"]
+             "(`runtime.pin_cpus`), Horovod over Gloo with `runtime.horovod_cycle_time_ms: "
+             f"{dict(settings).get('runtime.horovod_cycle_time_ms', '25')}` (see the notes below). Each backend ran {res['repeats']} 2-process jobs of {res['rounds']} rounds: "
+             f"{res['steps']} synchronous steps, then {res['steps']} steps of the chief alone (a single-device "
+             "model in the same process) while the other rank waits outside any collective with its core "
+             "idle, as in a 1-process run. Alternating in rounds of a few seconds makes the VM's drift (below) "
+             "hit both alike. Each step is timed; efficiency = median over all rounds of (median step alone / "
+             "median synchronous step), which is images/s(2) / (2 x images/s(1)). *independent* is 1 and 2 "
+             "single-device processes at once with no communication, in alternating jobs: the machine's own "
+             "ceiling for two busy cores." + (f" Overrides: `{' '.join(res['set'])}`." if res.get("set") else ""), "",
+             "| backend | 1 process, images/s | 2 processes, images/s | efficiency | rounds: quartiles, range | "
+             "jobs: efficiency (or images/s, 1 / 2 processes) |", "|---|---|---|---|---|---|"]
     for b in ("horovod", "multiworker", "independent"):
-        if f"{b}_1" in r:
-            each = ["" if b not in runs else ", ".join(f"{x:.1f}" for x in runs[b][n]) for n in ("1", "2")]
-            lines.append(f"| {b} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.1%} | "
-                         f"{each[0]} | {each[1]} |")
-    if "independent_1" in r:
-        single = r["independent_1"]
-        lines += ["", "Against one plain single-device process (" + f"{single:.1f} images/s), the 2-process "
-                  "efficiency is " + ", ".join(f"{b} {r[f'{b}_2'] / (2 * single):.1%}"
-                                              for b in ("horovod", "multiworker") if f"{b}_2" in r) + "."]
+        if f"{b}_1" not in r:
+            continue
+        rounds = r.get(f"{b}_rounds")
+        spread = (f"{rounds['quartiles'][0]:.1%}-{rounds['quartiles'][1]:.1%}, {rounds['min']:.1%}-"
+                  f"{rounds['max']:.1%} ({rounds['n']})" if rounds else "")
+        jobs = (", ".join(f"{e:.1%}" for e in runs[b]["efficiency"]) if "efficiency" in runs.get(b, {})
+                else " / ".join(", ".join(f"{x:.1f}" for x in runs[b][n]) for n in ("1", "2")))
+        lines.append(f"| {b} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.1%} | {spread} | "
+                     f"{jobs} |")
     return lines + ["", f"Command: `{res['command']}`", ""]
 
 
@@ -182,7 +186,8 @@ def render(results: dict, out: Path) -> str:
             f"Command: `{r['command']}`", ""]
 
     for name, title in (("scaling", "Weak scaling on this machine"),
-                        ("scaling_pets_seed", "Weak scaling of `configs/pets_seed.yaml`")):
+                        ("scaling_pets_seed", "Weak scaling of `configs/pets_seed.yaml`"),
+                        ("scaling_fp16", "Weak scaling with float16 gradients (`runtime.fp16_allreduce: true`)")):
         if name in results:
             lines += _scaling_section(results[name], title)
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +32,26 @@ def _config(args, backend: str):
         f"data.per_replica_batch_size={args.per_replica_batch}", *args.set])
 
 
+def _timed(step, batches, n: int) -> list[float]:
+    """n steps, each timed on its own: reading the loss makes the step finish on every rank."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        float(step(next(batches))["loss"])
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def worker(args) -> dict:
-    """One process of a scaling run: the train step on an in-memory batch, timed after warm-up."""
+    """One process of a scaling run: the train step on an in-memory batch, timed after warm-up.
+
+    With --rounds and more than one process: `rounds` rounds of `steps` synchronous steps, each
+    followed by `steps` steps of the chief alone (`_alone_step`: a single-device model and step
+    in this process) while the other ranks wait outside any collective, polling for a file in
+    --pause-dir, so that their cores idle as in a 1-process run and no pending collective keeps
+    the chief's Horovod thread negotiating. Returns the chief's median step of each kind per round.
+    Otherwise `steps` timed steps.
+    """
     import keras
     import tensorflow as tf
 
@@ -52,19 +71,44 @@ def worker(args) -> dict:
              "mask": tf.constant((rng.random((per_replica, h, w, 1)) > 0.5).astype(np.uint8))}
     data = iter(runtime.distribute(lambda shard, b: tf.data.Dataset.from_tensors(batch).repeat()))
     step = make_train_step(model, opt, get_loss(cfg.train), runtime, global_batch, False)
-    for _ in range(3):
-        float(step(next(data))["loss"])
-    # Each step timed on its own (the loss is read, so the step is finished on every rank): the
-    # median step ignores the bursts in which this shared 2-core VM runs other work, which moved
-    # whole-run means by 10 points between identical runs.
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        float(step(next(data))["loss"])
-        times.append(time.perf_counter() - t)
-    return {"bench": "scaling_worker", "backend": args.backend, "world_size": runtime.world_size,
-            "images_per_s": global_batch / float(np.median(times)),
-            "mean_images_per_s": global_batch * len(times) / sum(times), "chief": runtime.is_chief}
+    _timed(step, data, 3)
+    out = {"bench": "scaling_worker", "backend": args.backend, "world_size": runtime.world_size,
+           "chief": runtime.is_chief}
+    if not (args.rounds and runtime.world_size > 1):
+        # The median step ignores the bursts in which this shared 2-core VM runs other work, which
+        # moved whole-run means by 10 points between identical runs.
+        times = _timed(step, data, args.steps)
+        return {**out, "images_per_s": global_batch / float(np.median(times))}
+    alone = _alone_step(cfg, batch) if runtime.is_chief else None
+    runtime.barrier()
+    pause, rounds = Path(args.pause_dir), []
+    for k in range(args.rounds):
+        sync = _timed(step, data, args.steps)
+        if runtime.is_chief:
+            solo = _timed(*alone, args.steps)
+            rounds.append({"sync_s": float(np.median(sync)), "alone_s": float(np.median(solo))})
+            (pause / f"round-{k}").touch()
+        else:
+            while not (pause / f"round-{k}").exists():
+                time.sleep(0.005)
+    return {**out, "rounds": rounds, "per_replica_batch": per_replica}
+
+
+def _alone_step(cfg, batch) -> tuple:
+    """(step, batches) of a single-device model of the same config, warmed up: what one process
+    alone would run."""
+    import tensorflow as tf
+
+    from unet_dist.distribute import Runtime
+    from unet_dist.losses import get_loss
+    from unet_dist.trainer import build_model_and_optimizer, make_train_step
+
+    single = Runtime(cfg, "alone, for the 1-process step")
+    model, opt = build_model_and_optimizer(cfg, single, cfg.optim.learning_rate)
+    step = make_train_step(model, opt, get_loss(cfg.train), single, int(batch["image"].shape[0]), False)
+    batches = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    _timed(step, batches, 3)
+    return step, batches
 
 
 def _launch(backend: str, n: int, worker: list[str], env: dict) -> list[dict]:
@@ -97,9 +141,13 @@ def _launch(backend: str, n: int, worker: list[str], env: dict) -> list[dict]:
 def run(args) -> dict:
     """Weak scaling: the same per-process batch on 1 and 2 processes, one thread each.
 
-    Each backend runs 1 and 2 processes alternately, `repeats` times; the efficiency is that of the
-    medians, median ips(2) / (2 median ips(1)), and every run's numbers are kept. The same is
-    measured for two independent processes (no communication) as the machine's ceiling.
+    Horovod and MultiWorker: `repeats` 2-process jobs of `rounds` rounds each (see `worker`): every
+    round times `steps` synchronous steps and then the chief's 1-process step in the same job, so
+    that the VM's drift (a core's speed moves by up to 40% over minutes, see docs/benchmarks.md)
+    hits both alike. The efficiency is the median over all rounds of alone / synchronous step time
+    (weak scaling: images/s(2) / (2 images/s(1)) at the same per-process batch).
+    independent: 1 and 2 single-device processes with no communication in alternating jobs, the
+    machine's own ceiling for two busy cores.
     """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     worker = [sys.executable, "-m", "unet_dist.bench", "scaling-worker", "--steps", str(args.steps),
@@ -108,21 +156,39 @@ def run(args) -> dict:
     cfg = _config(args, "single")  # what the workers will train, for the record
     runs: dict = {}
     results: dict = {}
-    for backend in [*args.backends, "independent"]:
+    for backend in args.backends:
+        rows: list[dict] = []
         for rep in range(args.repeats):
-            for n in (1, 2):
-                rows = _launch(backend, n, worker, env)
-                # Synchronous backends: the chief's rate is the job's. Independent: the total.
-                ips = (sum(r["images_per_s"] for r in rows) if backend == "independent"
-                       else next(r for r in rows if r["chief"])["images_per_s"])
-                runs.setdefault(backend, {}).setdefault(str(n), []).append(ips)
-                print(f"bench scaling: {backend} x{n} (run {rep + 1}/{args.repeats}): {ips:.2f} images/s",
-                      file=sys.stderr, flush=True)
-        one, two = (float(np.median(runs[backend][k])) for k in ("1", "2"))
-        results[f"{backend}_1"], results[f"{backend}_2"] = one, two
-        results[f"{backend}_efficiency"] = two / (2 * one)
-    return {"bench": "scaling", "images_per_s": results, "runs": runs, "repeats": args.repeats,
-            "per_process_batch": args.per_replica_batch, "steps": args.steps, "statistic": "median step",
+            with tempfile.TemporaryDirectory() as pause:
+                chief = next(r for r in _launch(backend, 2, [*worker, "--rounds", str(args.rounds),
+                                                             "--pause-dir", pause], env) if r["chief"])
+            rows += chief["rounds"]
+            runs.setdefault(backend, {"1": [], "2": [], "efficiency": []})
+            job = {k: float(np.median([r[f"{k}_s"] for r in chief["rounds"]])) for k in ("alone", "sync")}
+            runs[backend]["1"].append(args.per_replica_batch / job["alone"])
+            runs[backend]["2"].append(2 * args.per_replica_batch / job["sync"])
+            runs[backend]["efficiency"].append(float(np.median([r["alone_s"] / r["sync_s"]
+                                                                for r in chief["rounds"]])))
+            print(f"bench scaling: {backend} (job {rep + 1}/{args.repeats}): alone {runs[backend]['1'][-1]:.2f}, "
+                  f"2 processes {runs[backend]['2'][-1]:.2f} images/s, efficiency {runs[backend]['efficiency'][-1]:.1%}",
+                  file=sys.stderr, flush=True)
+        ratios = [r["alone_s"] / r["sync_s"] for r in rows]
+        results[f"{backend}_1"] = args.per_replica_batch / float(np.median([r["alone_s"] for r in rows]))
+        results[f"{backend}_2"] = 2 * args.per_replica_batch / float(np.median([r["sync_s"] for r in rows]))
+        results[f"{backend}_efficiency"] = float(np.median(ratios))
+        results[f"{backend}_rounds"] = {"n": len(ratios), "min": min(ratios), "max": max(ratios),
+                                        "quartiles": [float(q) for q in np.percentile(ratios, [25, 75])]}
+    for rep in range(args.repeats):
+        for n in (1, 2):
+            ips = sum(r["images_per_s"] for r in _launch("independent", n, worker, env))
+            runs.setdefault("independent", {"1": [], "2": []})[str(n)].append(ips)
+            print(f"bench scaling: independent x{n} (run {rep + 1}/{args.repeats}): {ips:.2f} images/s",
+                  file=sys.stderr, flush=True)
+    one, two = (float(np.median(runs["independent"][k])) for k in ("1", "2"))
+    results["independent_1"], results["independent_2"], results["independent_efficiency"] = one, two, two / (2 * one)
+    return {"bench": "scaling", "method": "paired rounds", "images_per_s": results, "runs": runs,
+            "repeats": args.repeats, "rounds": args.rounds, "per_process_batch": args.per_replica_batch,
+            "steps": args.steps, "statistic": "median step",
             "config": str(args.config) if args.config else None, "model": [] if args.config else SCALING_MODEL,
             "set": list(args.set), "example_size": list(cfg.data.patch_size or cfg.data.image_size),
             "precision": cfg.runtime.precision, **machine()}
