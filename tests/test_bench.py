@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import tensorflow as tf
 from conftest import ROOT, subprocess_env
 
 from unet_dist.perf.profile import kernel_seconds, kind_of
+from unet_dist.perf.scaling import _wait_for
 
 
 def test_kernel_kinds():
@@ -58,6 +60,15 @@ def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
     assert ips["multiworker_2"] > 0 and ips["multiworker_1"] > 0
     assert [len(res["runs"]["independent"][n]) for n in ("1", "2")] == [1, 1]
     assert ips["independent_efficiency"] > 0
+
+
+def test_scaling_waiting_rank_stops_when_the_chief_never_signals(tmp_path):
+    # A rank waiting out the chief's 1-process steps is in no collective that would fail if the
+    # chief died; it must not wait for ever.
+    (tmp_path / "round-0").touch()
+    _wait_for(tmp_path / "round-0", deadline=time.time())  # already there: returns at once
+    with pytest.raises(SystemExit, match="round-1"):
+        _wait_for(tmp_path / "round-1", deadline=time.time() + 0.05)
 
 
 def test_bench_bad_input_is_one_line_naming_it(tmp_path):

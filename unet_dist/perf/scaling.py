@@ -89,9 +89,17 @@ def worker(args) -> dict:
             rounds.append({"sync_s": float(np.median(sync)), "alone_s": float(np.median(solo))})
             (pause / f"round-{k}").touch()
         else:
-            while not (pause / f"round-{k}").exists():
-                time.sleep(0.005)
-    return {**out, "rounds": rounds, "per_replica_batch": per_replica}
+            _wait_for(pause / f"round-{k}", deadline=time.time() + 60 + 20 * sum(sync))
+    return {**out, "rounds": rounds}
+
+
+def _wait_for(path: Path, deadline: float) -> None:
+    """Polls for `path` without using a core; a chief that dies mid-round would otherwise leave the
+    other ranks here for ever (they are in no collective that would fail)."""
+    while not path.exists():
+        if time.time() > deadline:
+            raise SystemExit(f"bench scaling: the chief did not finish its steps alone ({path.name}); stopped")
+        time.sleep(0.005)
 
 
 def _alone_step(cfg, batch) -> tuple:
