@@ -75,11 +75,14 @@ def _scaling_section(res: dict, title: str) -> list[str]:
     prec = res.get("precision") or dict(settings).get("runtime.precision", "float32")  # the last --set wins
     h, w = res.get("example_size", [128, 128])
     model = f"`{res['config']}`'s U-Net and training settings" if res.get("config") else "demo-size U-Net"
+    horovod = (", Horovod over Gloo with `runtime.horovod_cycle_time_ms: "
+               f"{dict(settings).get('runtime.horovod_cycle_time_ms', '25')}` (see the notes below)"
+               if "horovod_1" in r else "")
     lines = [f"## {title}", "",
              f"The train step on in-memory batches ({res['per_process_batch']} images of {h}x{w} per process, "
              f"{model}, {prec}), one thread per process, each of 2 processes on its own core "
-             "(`runtime.pin_cpus`), Horovod over Gloo with `runtime.horovod_cycle_time_ms: "
-             f"{dict(settings).get('runtime.horovod_cycle_time_ms', '25')}` (see the notes below). Each backend ran {res['repeats']} 2-process jobs of {res['rounds']} rounds: "
+             f"(`runtime.pin_cpus`){horovod}. Each backend ran {res['repeats']} 2-process jobs of {res['rounds']} "
+             "rounds: "
              f"{res['steps']} synchronous steps, then {res['steps']} steps of the chief alone (a single-device "
              "model in the same process) while the other rank waits outside any collective with its core "
              "idle, as in a 1-process run. Alternating in rounds of a few seconds makes the VM's drift (below) "
