@@ -146,6 +146,14 @@ def _launch(backend: str, n: int, worker: list[str], env: dict) -> list[dict]:
     return [json.loads(line.split(">:", 1)[-1]) for line in out.splitlines() if '"scaling_worker"' in line]
 
 
+def _summary(rounds: list[dict], per_process_batch: int) -> dict:
+    """Of paired rounds: images/s of 1 process ("1") and of 2 ("2") from the median steps, and the
+    efficiency, the median of the rounds' alone / synchronous step ratios."""
+    return {"1": per_process_batch / float(np.median([r["alone_s"] for r in rounds])),
+            "2": 2 * per_process_batch / float(np.median([r["sync_s"] for r in rounds])),
+            "efficiency": float(np.median([r["alone_s"] / r["sync_s"] for r in rounds]))}
+
+
 def run(args) -> dict:
     """Weak scaling: the same per-process batch on 1 and 2 processes, one thread each.
 
@@ -171,21 +179,18 @@ def run(args) -> dict:
                 chief = next(r for r in _launch(backend, 2, [*worker, "--rounds", str(args.rounds),
                                                              "--pause-dir", pause], env) if r["chief"])
             rows += chief["rounds"]
-            runs.setdefault(backend, {"1": [], "2": [], "efficiency": []})
-            job = {k: float(np.median([r[f"{k}_s"] for r in chief["rounds"]])) for k in ("alone", "sync")}
-            runs[backend]["1"].append(args.per_replica_batch / job["alone"])
-            runs[backend]["2"].append(2 * args.per_replica_batch / job["sync"])
-            runs[backend]["efficiency"].append(float(np.median([r["alone_s"] / r["sync_s"]
-                                                                for r in chief["rounds"]])))
-            print(f"bench scaling: {backend} (job {rep + 1}/{args.repeats}): alone {runs[backend]['1'][-1]:.2f}, "
-                  f"2 processes {runs[backend]['2'][-1]:.2f} images/s, efficiency {runs[backend]['efficiency'][-1]:.1%}",
+            job = _summary(chief["rounds"], args.per_replica_batch)
+            for k, v in job.items():
+                runs.setdefault(backend, {"1": [], "2": [], "efficiency": []})[k].append(v)
+            print(f"bench scaling: {backend} (job {rep + 1}/{args.repeats}): alone {job['1']:.2f}, "
+                  f"2 processes {job['2']:.2f} images/s, efficiency {job['efficiency']:.1%}",
                   file=sys.stderr, flush=True)
+        total = _summary(rows, args.per_replica_batch)
         ratios = [r["alone_s"] / r["sync_s"] for r in rows]
-        results[f"{backend}_1"] = args.per_replica_batch / float(np.median([r["alone_s"] for r in rows]))
-        results[f"{backend}_2"] = 2 * args.per_replica_batch / float(np.median([r["sync_s"] for r in rows]))
-        results[f"{backend}_efficiency"] = float(np.median(ratios))
-        results[f"{backend}_rounds"] = {"n": len(ratios), "min": min(ratios), "max": max(ratios),
-                                        "quartiles": [float(q) for q in np.percentile(ratios, [25, 75])]}
+        results.update({f"{backend}_1": total["1"], f"{backend}_2": total["2"],
+                        f"{backend}_efficiency": total["efficiency"],
+                        f"{backend}_rounds": {"n": len(ratios), "min": min(ratios), "max": max(ratios),
+                                              "quartiles": [float(q) for q in np.percentile(ratios, [25, 75])]}})
     for rep in range(args.repeats):
         for n in (1, 2):
             ips = sum(r["images_per_s"] for r in _launch("independent", n, worker, env))
