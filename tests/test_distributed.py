@@ -137,6 +137,18 @@ def test_horovod_two_processes_equals_one_device(shards, single_run, tmp_path):
     _assert_same_run(single_run, w, "horovod")
 
 
+@needs_horovod
+def test_horovod_three_processes_equals_one_device(shards, tmp_path_factory, tmp_path):
+    # Deterministic with more than 2 ranks: the gradients go in one grouped allreduce (one fused
+    # layout, so the same ring order in every run); 2 ranks take the per-gradient path above.
+    overrides = EQUIV + ["data.global_batch_size=6"]
+    ref = _one_process(shards, tmp_path_factory, "single_batch6", overrides)
+    w = tmp_path / "w"
+    proc = horovodrun(*_args(shards, w, overrides), np_=3)
+    assert "world_size 3" in proc.stdout
+    _assert_same_run(ref, w, "horovod, 3 processes")
+
+
 @pytest.mark.parametrize("backend", ["mirrored", "horovod", "multiworker"])
 def test_fp16_allreduce_reports_the_loss_in_float32(backend, shards, single_run, tmp_path):
     # Gradients travel in float16 (close to the float32 run), the reported loss does not: the first

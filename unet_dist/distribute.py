@@ -255,10 +255,10 @@ class Runtime:
 
     def reduce_step(self, grads: list, scalars: dict) -> tuple[list, dict]:
         """Inside `run_step`: sums this replica's gradients and the step's scalars (name -> scalar)
-        over all replicas, in one collective: each collective is a round trip and, under Horovod,
-        a negotiation cycle of its own (one instead of two saved 10-30 ms of a 360-460 ms
-        2-process CPU step in docs/benchmarks.md). With runtime.fp16_allreduce, two: a collective
-        holds one dtype, and the scalars stay float32. Returns (summed gradients, summed scalars)."""
+        over all replicas, in as few round trips as the backend allows while letting the last
+        layers' gradients travel before backprop has reached the first layers (tf.distribute: one
+        all-reduce in packs; Horovod: per-gradient allreduces that it fuses per cycle).
+        Returns (summed gradients, summed scalars)."""
         return grads, scalars
 
     def replica_sum(self, tensors: list) -> list:
@@ -444,7 +444,7 @@ class MultiWorkerRuntime(MirroredRuntime):
 
 
 class HorovodRuntime(Runtime):
-    """Horovod: one process per device, gradients summed with grouped allreduce."""
+    """Horovod: one process per device, gradients summed with allreduce (`reduce_step`)."""
 
     name = "horovod"
 
@@ -480,15 +480,21 @@ class HorovodRuntime(Runtime):
     def reduce_step(self, grads, scalars):
         # Horovod: each rank's loss is already divided by the global batch, so the sum is the mean
         # gradient. Keras 3 variables break DistributedGradientTape (stack-facts.md): reduce directly.
+        # The scalars (from the forward pass) go first and in float32: float16 suits gradients on
+        # the wire, not the loss (3 digits; inf above 65504).
         packed = _Packed()
-        vector = packed.pack(scalars)
-        if self.compression is self.hvd.Compression.none:
-            *grads, vector = self.hvd.grouped_allreduce([*grads, vector], op=self.hvd.Sum)
-        else:
-            # float16 suits gradients on the wire, not the loss (3 digits; inf above 65504), and a
-            # Horovod group holds one dtype: the scalars go in a float32 allreduce of their own.
+        vector = self.hvd.allreduce(packed.pack(scalars), op=self.hvd.Sum, name="report")
+        if self.cfg.runtime.deterministic and self.world_size > 2:
+            # One group has one fused layout, so each value is summed in the same ring order in
+            # every run; with 2 ranks a + b == b + a whatever the layout.
             grads = self.hvd.grouped_allreduce(grads, op=self.hvd.Sum, compression=self.compression)
-            vector = self.hvd.allreduce(vector, op=self.hvd.Sum, name="report")
+        else:
+            # One allreduce per gradient: each is enqueued as backprop produces it and Horovod fuses
+            # those ready in the same cycle, so the last layers' gradients are negotiated and summed
+            # while the first layers' are still computed. A single group waits for the last
+            # gradient and then for a whole negotiation cycle (docs/benchmarks_notes.md: 2-5
+            # points of 2-process efficiency on CPU, in-job comparisons).
+            grads = [self.hvd.allreduce(g, op=self.hvd.Sum, compression=self.compression) for g in grads]
         return grads, packed.unpack(vector)
 
     def replica_sum(self, tensors):
