@@ -492,7 +492,7 @@ class HorovodRuntime(Runtime):
             # One allreduce per gradient: each is enqueued as backprop produces it and Horovod fuses
             # those ready in the same cycle, so the last layers' gradients are negotiated and summed
             # while the first layers' are still computed. A single group waits for the last
-            # gradient and then for a whole negotiation cycle (docs/benchmarks_notes.md: 2-5
+            # gradient and then for a whole negotiation cycle (docs/benchmarks_notes.md: 0.8-4.7
             # points of 2-process efficiency on CPU, in-job comparisons).
             grads = [self.hvd.allreduce(g, op=self.hvd.Sum, compression=self.compression) for g in grads]
         return grads, packed.unpack(vector)
