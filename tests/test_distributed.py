@@ -223,6 +223,7 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
     assert f"on CPUs {','.join(map(str, half))};" in proc.stdout or len(half) > 8, proc.stdout
     s = json.loads((w / "summary.json").read_text())
     assert s["world_size"] == 2 and s["strategy"] == "horovod" and s["global_batch_size"] == 4
+    assert 0 <= s["input_wait_fraction"] <= 1 and s["input_bound"] in ("no", "moderately", "highly"), s
     assert [r["step"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
             if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
     # A 2-worker evaluation of the checkpoint equals a 1-worker one: summed confusion matrices.

@@ -73,6 +73,7 @@ def test_sbatch_runs_with_two_tasks(slurm, shards, tmp_path, script, strategy):
     assert state == "COMPLETED", _log(w)[-4000:]
     s = json.loads((w / "run" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["strategy"] == strategy, s
+    assert 0 <= s["input_wait_fraction"] <= 1, s  # gathered from both tasks
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, shards, tmp_path):

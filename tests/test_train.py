@@ -1,6 +1,7 @@
 """Training on one process: it learns, it resumes exactly, it stops on NaN, it predicts and exports."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import tensorflow as tf
 from conftest import model_weights, run_module, scale_loss_after, tiny_overrides
 
 from unet_dist.config import ConfigError, load_config
+from unet_dist.input_bound import InputClock, classify, worst_over_processes
 from unet_dist.trainer import TrainingError, train
 
 
@@ -24,10 +26,73 @@ def test_training_learns(shards, tmp_path):
     losses = [e["loss"] for e in events if e["event"] == "train"]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
     for key in ("steps", "best_val_iou", "final_val_iou", "wall_s", "images_per_s", "world_size",
-                "global_batch_size", "precision"):
+                "global_batch_size", "precision", "input_wait_fraction", "input_bound"):
         assert key in s
     assert (tmp_path / "w" / "learning_curves.png").exists()
     assert list((tmp_path / "w" / "tensorboard").iterdir())
+
+
+def test_input_clock_and_its_verdict():
+    assert [classify(f) for f in (None, 0.0, 0.049, 0.05, 0.199, 0.2, 1.0)] == [
+        None, "no", "no", "moderately", "moderately", "highly", "highly"]
+    clock = InputClock()
+    for wait in (0.2, 0.02, 0.0):  # the first step (buffers, tracing) is left out
+        with clock.waiting():
+            time.sleep(wait)
+        time.sleep(0.02)  # the step itself
+        clock.step_done()
+    assert 0.2 < clock.window() < 0.8  # (0.02 + 0) / (0.04 + 0.02), give or take the sleeps
+    assert clock.window() is None  # a new window, no step in it yet
+    assert clock.fraction() < 0.8 and clock.step_s < 0.2
+
+
+def test_the_slowest_process_input_is_reported():
+    class Rank1Of2:  # the other process waited 30% of 10 s
+        rank, world_size = 1, 2
+
+        def allreduce_sum(self, value):
+            return value + np.array([3.0, 10.0, 0.0, 0.0])
+
+    clock = InputClock()
+    clock.wait_s, clock.step_s = 1.0, 10.0
+    assert worst_over_processes(clock, Rank1Of2()) == pytest.approx(0.3)
+    clock.wait_s = 5.0
+    assert worst_over_processes(clock, Rank1Of2()) == pytest.approx(0.5)
+
+
+def _with_input(monkeypatch, wrap):
+    """The trainer's training batches, passed through wrap(dataset) -> dataset."""
+    import unet_dist.trainer
+
+    real = unet_dist.trainer.train_dataset
+    monkeypatch.setattr(unet_dist.trainer, "train_dataset", lambda *a, **k: wrap(real(*a, **k)))
+
+
+def test_a_slow_input_pipeline_is_flagged(shards, tmp_path, monkeypatch, capsys):
+    # 0.15 s per batch, one batch at a time: far slower than this tiny model's step.
+    def slow(image):
+        time.sleep(0.15)
+        return image
+
+    _with_input(monkeypatch, lambda ds: ds.map(
+        lambda b: {**b, "image": tf.numpy_function(slow, [b["image"]], tf.float32, stateful=True)}))
+    s = train(load_config(None, tiny_overrides(steps=7) + ["train.log_every_steps=3"]), shards, tmp_path / "w")
+    assert s["input_bound"] == "highly" and s["input_wait_fraction"] > 0.5, s
+    waits = [e["input_wait"] for e in map(json.loads, (tmp_path / "w" / "metrics.jsonl").read_text().splitlines())
+             if e["event"] == "train"]
+    assert len(waits) == 3 and min(waits) > 0.5, waits
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("input-bound: ") == 2, out  # the warning once, and the summary line
+
+
+def test_a_pipeline_that_keeps_ahead_is_not_flagged(shards, tmp_path, monkeypatch, capsys):
+    # One batch held in memory: getting the next one costs next to nothing against a train step.
+    _with_input(monkeypatch, lambda ds: ds.take(1).cache().repeat().prefetch(2))
+    over = tiny_overrides(steps=12) + ["train.log_every_steps=4", "model.depth=3", "model.base_filters=16"]
+    s = train(load_config(None, over), shards, tmp_path / "w")
+    assert s["input_bound"] == "no" and s["input_wait_fraction"] < 0.05, s
+    out = capsys.readouterr()
+    assert "input-bound" not in out.out + out.err
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path):

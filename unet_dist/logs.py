@@ -62,15 +62,20 @@ class Logger:
         if self._bar is not None:
             self._bar.update(n)
 
-    def train(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
+    def train(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float,
+              input_wait: float | None = None) -> None:
+        """input_wait: the share of the steps' time since the last event spent waiting for batches
+        (input_bound.InputClock), None when no step was timed."""
         if not self.enabled:
             return
         self._write({"event": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                     "images_per_s": images_per_s, "time": time.time()})
+                     "images_per_s": images_per_s, "input_wait": input_wait, "time": time.time()})
         with self._writer.as_default(step=step):
             tf.summary.scalar("train/loss", loss)
             tf.summary.scalar("train/lr", lr)
             tf.summary.scalar("train/images_per_s", images_per_s)
+            if input_wait is not None:
+                tf.summary.scalar("train/input_wait", input_wait)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
 

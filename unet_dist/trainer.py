@@ -21,6 +21,7 @@ from unet_dist.checkpoint import Checkpoints, check_free_space
 from unet_dist.config import Config, ConfigError, dump_config, writable_dir
 from unet_dist.data.pipeline import DataError, eval_dataset, load_manifest, lost_records, train_dataset
 from unet_dist.distribute import Runtime, make_runtime
+from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
@@ -221,6 +222,8 @@ class TrainLoop:
         self.last_eval: dict = {}
         self.reached: tuple[int, float] | None = None
         self.images = 0
+        self.input = InputClock()  # this process's wait for batches
+        self._warned_input = False
         self.t_start = self._window_t = time.time()
         self._window_steps = 0
 
@@ -228,13 +231,17 @@ class TrainLoop:
         cfg = self.cfg.train
         with PreemptionWatcher() as watcher:
             for step in range(start + 1, total + 1):
-                out = step_fn(next_batch_fn(step), tf.constant(1.0 if watcher.requested else 0.0))
-                loss = float(out["loss"])
-                self.guard.check(step, loss, float(out["nonfinite"]) > 0)
+                with self.input.waiting():
+                    batch = next_batch_fn(step)
+                # Reading the outputs on the host waits for the step, so the clock sees its whole time.
+                out = {k: float(v) for k, v in step_fn(batch, tf.constant(1.0 if watcher.requested else 0.0)).items()}
+                self.input.step_done()
+                loss = out["loss"]
+                self.guard.check(step, loss, out["nonfinite"] > 0)
                 self._window_steps += 1
                 self.images += self.global_batch
                 self.logger.advance()
-                stop = float(out["stop"]) > 0  # some rank was signalled: all stop here, after this step
+                stop = out["stop"] > 0  # some rank was signalled: all stop here, after this step
                 if step % cfg.log_every_steps == 0 or step == total or stop:
                     self._log(step, loss)
                 if stop:
@@ -249,7 +256,12 @@ class TrainLoop:
     def _log(self, step: int, loss: float) -> None:
         now = time.time()
         ips = self._window_steps * self.global_batch / max(now - self._window_t, 1e-9)
-        self.logger.train(step, (step - 1) // self.steps_per_epoch, loss, float(self.optimizer.learning_rate), ips)
+        wait = self.input.window()
+        self.logger.train(step, (step - 1) // self.steps_per_epoch, loss, float(self.optimizer.learning_rate), ips,
+                          wait)
+        if classify(wait) == "highly" and not self._warned_input:
+            self._warned_input = True  # once a run; metrics.jsonl has every window's share
+            self.logger.message(advice(step, wait))
         if self.guard.skipped:
             self.logger.message(f"step {step}: {self.guard.skipped} steps skipped so far (float16 overflow)")
         self._window_t, self._window_steps = now, 0
@@ -343,6 +355,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     last_eval, reached = loop.last_eval, loop.reached
     if not last_eval and start >= total:
         last_eval, _ = loop.evaluator()
+    input_wait = worst_over_processes(loop.input, runtime)
     summary = {
         "steps": reached[0] if reached else total,
         "start_step": start,
@@ -367,11 +380,16 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "target_val_iou": cfg.train.target_val_iou,
         "target_reached_at_step": reached[0] if reached else None,
         "time_to_target_s": reached[1] if reached else None,
+        # The largest share of step time any process spent waiting for its next batch.
+        "input_wait_fraction": input_wait,
+        "input_bound": classify(input_wait),
     }
     if runtime.is_chief:
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
     runtime.print(f"train: done: {summary['steps']} steps, final val IoU {summary['final_val_iou']:.4f}, best "
-                  f"{summary['best_val_iou']:.4f}, {summary['images_per_s']:.1f} images/s; results in {workdir}")
+                  f"{summary['best_val_iou']:.4f}, {summary['images_per_s']:.1f} images/s"
+                  + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
+                     if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
     runtime.barrier()
     return summary
