@@ -62,6 +62,24 @@ def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
     assert ips["independent_efficiency"] > 0
 
 
+def test_pipeline_bench_says_whether_training_waits_for_it(shards, tmp_path):
+    from unet_dist.perf.report import render
+
+    cmd = [sys.executable, "-m", "unet_dist.bench", "pipeline", "--data", str(shards), "--batches", "3",
+           "--image-size", "64", "--train-steps", "2", "--set", "model.depth=2", "--set", "model.base_filters=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    fed = res["fed_train"]
+    assert fed["steps"] == 2 and fed["images_per_s"] > 0 and 0 <= fed["input_wait_fraction"] <= 1, fed
+    assert fed["input_bound"] in ("no", "moderately", "highly")
+    assert res["headroom"] == pytest.approx(res["images_per_s"] / fed["images_per_s"])
+    (tmp_path / "bench").mkdir()
+    row = next(line for line in render({"pipeline": {**res, "command": "x"}}, tmp_path).splitlines()
+               if line.startswith("| on "))
+    assert f"{fed['input_wait_fraction']:.2%}: " in row and "input-bound" in row, row
+
+
 def test_scaling_waiting_rank_stops_when_the_chief_never_signals(tmp_path):
     # A rank waiting out the chief's 1-process steps is in no collective that would fail if the
     # chief died; it must not wait for ever.

@@ -1,6 +1,6 @@
 """Benchmarks; each subcommand prints JSON as its last line. docs/benchmarks.md comes from `report`.
 
-    python -m unet_dist.bench pipeline --data DATA [--batches 150] [--augment on|off|full]
+    python -m unet_dist.bench pipeline --data DATA [--batches 150] [--augment on|off|full] [--train-steps 10]
     python -m unet_dist.bench train --data DATA --config configs/pets_seed.yaml [--steps 10]
     python -m unet_dist.bench flops --data DATA --config configs/pets_seed.yaml
     python -m unet_dist.bench profile --data DATA --config configs/pets_seed.yaml [--steps 5]
@@ -10,7 +10,8 @@
     python -m unet_dist.bench report --data DATA256 --demo-data DATA128 --out docs   # all of them
 
 pipeline: images/s of our tf.data pipeline against the paper's PIL generator (open, resize, numpy
-per image; batch 8; no augmentation), on the same source images in the same run.
+per image; batch 8; no augmentation), on the same source images in the same run; then the config's
+train step fed by the pipeline: the share of its time spent waiting for batches (input-bound?).
 train: images/s of our train step (float32, mixed_bfloat16, with and without XLA) against the
 paper's own Keras code (model.fit on its PIL generator), same model, data and batch, in one run.
 flops: the model's FLOPs per training image, the achieved FLOP/s and the measured matmul peak.
@@ -56,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
                     help="on: the config's augmentation (default: flips, zoom/crop, brightness, contrast); "
                          "full: plus rotation and elastic deformation")
     pp.add_argument("--image-size", type=positive, default=256)
+    pp.add_argument("--train-steps", type=positive, default=10,
+                    help="steps of the config's train step fed by the pipeline (is it input-bound?)")
     pp.add_argument("--config", type=Path)
     pp.add_argument("--set", action="append", default=[])
     for name, help_ in (("train", "train-step images/s vs the paper's model.fit"),

@@ -1,8 +1,29 @@
-"""Input pipeline throughput against the paper's PIL generator, on the same images in one run."""
+"""Input pipeline throughput against the paper's PIL generator, on the same images in one run, and
+whether the pipeline keeps ahead of the train step it feeds."""
 
 from __future__ import annotations
 
 from unet_dist.perf.common import machine, paper_generator, source_pairs, time_iter
+
+
+def fed_training(cfg, data_dir, manifest: dict, steps: int) -> dict:
+    """The config's train step fed by the pipeline, as in the trainer, both sharing this process's
+    cores: the share of each step spent waiting for the next batch (input_bound.InputClock) says
+    whether the pipeline keeps ahead, which its rate alone (no training beside it) does not."""
+    from unet_dist.data.pipeline import Shard, train_dataset
+    from unet_dist.input_bound import InputClock, classify
+    from unet_dist.perf.train import prepared_step
+
+    step, _, batch, _ = prepared_step(cfg, data_dir, manifest)
+    batches, clock = iter(train_dataset(data_dir, cfg, batch, batch, Shard(0, 1), manifest=manifest)), InputClock()
+    for _ in range(steps + 1):  # the clock leaves out the first (the pipeline's buffers filling)
+        with clock.waiting():
+            b = next(batches)
+        float(step(b)["loss"])
+        clock.step_done()
+    frac = clock.fraction()
+    return {"steps": steps, "images_per_s": steps * batch / clock.step_s, "input_wait_fraction": frac,
+            "input_bound": classify(frac)}
 
 
 def run(args) -> dict:
@@ -21,12 +42,12 @@ def run(args) -> dict:
     ds = train_dataset(args.data, cfg, batch, batch, Shard(0, 1), manifest=manifest)
     it = iter(ds)
     ours = time_iter(it, args.batches, warmup=20)  # let AUTOTUNE settle
+    del it  # its prefetching threads would compete with what is measured next
     images, masks = source_pairs(manifest, args.source)
     gen = paper_generator(images, masks, batch, size)
     paper = time_iter(gen, args.batches, warmup=1)
     ours_ips, paper_ips = args.batches * batch / ours, args.batches * batch / paper
+    fed = fed_training(cfg, args.data, manifest, args.train_steps)
     return {"bench": "pipeline", "images_per_s": ours_ips, "paper_pil_images_per_s": paper_ips,
             "speedup": ours_ips / paper_ips, "augment": args.augment, "image_size": size, "batch": batch,
-            "batches": args.batches, **machine()}
-
-
+            "batches": args.batches, "fed_train": fed, "headroom": ours_ips / fed["images_per_s"], **machine()}
