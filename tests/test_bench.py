@@ -80,6 +80,18 @@ def test_pipeline_bench_says_whether_training_waits_for_it(shards, tmp_path):
     assert f"{fed['input_wait_fraction']:.2%}: " in row and "input-bound" in row, row
 
 
+def test_report_names_each_machine_when_benchmarks_ran_on_several():
+    from unet_dist.perf.report import _machines
+
+    intel = {"cpus": 2, "cpu": "Intel Xeon", "machine": "x86_64", "python": "3.11.7"}
+    amd = {**intel, "cpu": "AMD EPYC"}
+    one = _machines({"a": {**intel, "date": "d1"}, "b": {**intel, "date": "d1"}})
+    assert one.startswith("Machine: 2 CPU cores (Intel Xeon)") and one.endswith("Date: d1.")
+    two = _machines({"a": {**intel, "date": "d1"}, "b": {**intel, "date": "d2"}, "c": {**amd, "date": "d3"}})
+    assert "(Intel Xeon), x86_64, Python 3.11.7, no GPU. Dates: d1 (a); d2 (b)." in two
+    assert "(AMD EPYC), x86_64, Python 3.11.7, no GPU. Dates: d3 (c)." in two
+
+
 def test_scaling_waiting_rank_stops_when_the_chief_never_signals(tmp_path):
     # A rank waiting out the chief's 1-process steps is in no collective that would fail if the
     # chief died; it must not wait for ever.

@@ -105,6 +105,27 @@ def _scaling_section(res: dict, title: str) -> list[str]:
     return lines + ["", f"Command: `{res['command']}`", ""]
 
 
+def _machines(results: dict) -> str:
+    """The machine and dates of the runs. Benchmarks re-run later (--only) may have run on another
+    of these VMs, whose CPUs differ from session to session: then each machine is named with the
+    benchmarks it ran, and numbers compare within a table, not across machines."""
+    groups: dict[str, dict[str, list[str]]] = {}  # machine -> date -> benchmarks
+    for name, r in results.items():
+        where = f"{r.get('cpus')} CPU cores ({r.get('cpu', '?')}), {r.get('machine')}, Python {r.get('python')}, no GPU"
+        groups.setdefault(where, {}).setdefault(str(r.get("date")), []).append(name)
+
+    def dates(by_date: dict, name_them: bool) -> str:
+        if len(by_date) == 1 and not name_them:
+            return f"Date: {next(iter(by_date))}"
+        return "Dates: " + "; ".join(f"{d} ({', '.join(names)})" for d, names in sorted(by_date.items()))
+
+    if len(groups) == 1:
+        where, by_date = next(iter(groups.items()))
+        return f"Machine: {where}. {dates(by_date, False)}."
+    return ("Machines (these VMs' CPUs differ from session to session: compare numbers within a table, not "
+            "across machines): " + " ".join(f"{where}. {dates(by_date, True)}." for where, by_date in groups.items()))
+
+
 def render(results: dict, out: Path) -> str:
     """docs/benchmarks.md from the results; writes the plots beside it."""
     lines = ["# Benchmarks", "",
@@ -114,10 +135,7 @@ def render(results: dict, out: Path) -> str:
              "Data: `python -m unet_dist.synthetic runs/bench/raw -n 300 --seed 1` then `python -m unet_dist.convert "
              "runs/bench/raw runs/bench/data256 --image-size 256` (the `--data` below; source images 240-500 px "
              "a side, like the Pet photos), and the demo's `runs/demo/data` (128x128, from `make demo`).", ""]
-    any_result = next(iter(results.values()))
-    lines += [f"Machine: {any_result.get('cpus')} CPU cores ({any_result.get('cpu', '?')}), "
-              f"{any_result.get('machine')}, Python {any_result.get('python')}, no GPU. Date: {any_result.get('date')}.",
-              "", "**GPU numbers are not yet measured**: no GPU was available to this project. The same commands "
+    lines += [_machines(results), "", "**GPU numbers are not yet measured**: no GPU was available to this project. The same commands "
               "run unchanged on a GPU (mixed_float16 with loss scaling, XLA, one GPU per Horovod rank).", ""]
 
     pipe = {k: results[k] for k in ("pipeline", "pipeline_off", "pipeline_full") if k in results}
