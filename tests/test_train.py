@@ -95,6 +95,33 @@ def test_a_pipeline_that_keeps_ahead_is_not_flagged(shards, tmp_path, monkeypatc
     assert "input-bound" not in out.out + out.err
 
 
+def test_cpu_bfloat16_is_read_from_the_cpu_flags():
+    from unet_dist.precision import cpu_bf16_flag
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512vl\n\nprocessor\t: 1\n"
+    assert cpu_bf16_flag(zen4) == "avx512_bf16"
+    assert cpu_bf16_flag("flags\t\t: fpu avx512f amx_tile amx_bf16\n") == "amx_bf16"
+    assert cpu_bf16_flag("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n") is None  # e.g. Cascade Lake
+    assert cpu_bf16_flag("Features\t: fp asimd sve bf16 i8mm\n") == "bf16"  # Arm (Graviton 3)
+    assert cpu_bf16_flag("") is None
+
+
+def test_auto_precision_is_resolved_for_this_machine_and_recorded(shards, tmp_path, capsys):
+    from unet_dist.precision import cpu_bf16_flag
+
+    expected = "mixed_bfloat16" if cpu_bf16_flag() else "float32"  # no GPU on the test machines
+    over = [o for o in tiny_overrides(steps=2) if not o.startswith("runtime.precision")]
+    cfg = load_config(None, over)
+    assert cfg.runtime.precision == "auto"  # the default
+    s = train(cfg, shards, tmp_path / "w")
+    assert s["precision"] == expected
+    assert load_config(tmp_path / "w" / "config.yaml").runtime.precision == expected  # what ran, for resume/predict
+    assert f"precision {expected} (auto: no GPU; the CPU " in capsys.readouterr().out
+    # A policy the config names is kept, whatever the machine.
+    s = train(load_config(None, over + ["runtime.precision=float32", "train.steps=3"]), shards, tmp_path / "w")
+    assert s["precision"] == "float32" and s["start_step"] == 2
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path):
     over = tiny_overrides(steps=6) + ["runtime.deterministic=true", "train.checkpoint_every_steps=3",
                                       "data.augment.elastic=true", "optim.name=sgd", "optim.momentum=0.9",

@@ -104,7 +104,7 @@ class RuntimeConfig:
     """Where and how the step runs."""
 
     strategy: Literal["auto", "single", "mirrored", "multiworker", "horovod"] = "auto"
-    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: mixed_float16 on tensor-core GPUs, mixed_bfloat16 on CPUs with native bfloat16, else float32
     xla: bool = False
     deterministic: bool = False
     seed: int = 0

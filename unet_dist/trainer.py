@@ -163,6 +163,7 @@ def next_batch(batches, data_dir: Path, manifest: dict, step: int):
 
 
 def build_model_and_optimizer(cfg: Config, runtime: Runtime, peak_lr: float):
+    precision.resolve(cfg.runtime)  # runtime.precision 'auto' -> this machine's (train() resolved it already)
     precision.set_policy(cfg.runtime.precision)
     with runtime.scope():
         # Patch training feeds patches and evaluates whole images: one fully convolutional model.
@@ -290,14 +291,16 @@ def _cpu_list(cpus: list[int]) -> str:
     return f"{len(cpus)} CPUs ({cpus[0]}..{cpus[-1]})"
 
 
-def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int, peak_lr: float, start: int) -> None:
-    """The start line: backend and why, world size, batch and learning rate after scaling."""
+def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int, peak_lr: float, start: int,
+             precision_why: str | None = None) -> None:
+    """The start line: backend and why, world size, batch and learning rate after scaling, precision
+    (and why, when runtime.precision was auto)."""
     runtime.print(
         f"unet_dist: strategy {runtime.name} ({runtime.reason}); world_size {runtime.world_size}, "
         f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
         f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
         f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
-        f"{cfg.runtime.precision}, xla {cfg.runtime.xla}, "
+        f"{cfg.runtime.precision}{f' ({precision_why})' if precision_why else ''}, xla {cfg.runtime.xla}, "
         f"{'synchronized batch norm, ' if cfg.model.sync_batch_norm else ''}threads {runtime.threads[0]}+{runtime.threads[1]} "
         f"on {_cpu_list(runtime.cpus)}; "
         + (f"resuming at step {start}" if start else "starting at step 0") + f" of {cfg.train.steps}")
@@ -315,6 +318,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     """Trains to cfg.train.steps (resuming from WORKDIR's latest checkpoint) and returns summary.json."""
     data_dir, workdir = Path(data_dir), Path(workdir)
     runtime = runtime or make_runtime(cfg)
+    precision_why = precision.resolve(cfg.runtime)  # before config.yaml records what runs
     manifest = load_manifest(data_dir)
     check_data_matches(cfg, manifest, data_dir)
     prepare_workdir(workdir, runtime, resume)
@@ -335,7 +339,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         runtime.print(f"unet_dist: skipping {lost} unreadable of {manifest['train']['records']} training records")
     runtime.broadcast_state(model.variables + optimizer.variables)
     total = cfg.train.steps
-    announce(cfg, runtime, global_batch, per_replica, peak_lr, start)
+    announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why)
     if runtime.is_chief:
         write_run_files(cfg, workdir, data_dir, manifest)
     if start >= total:

@@ -169,7 +169,10 @@ def run(args) -> dict:
     worker = [sys.executable, "-m", "unet_dist.bench", "scaling-worker", "--steps", str(args.steps),
               "--per-replica-batch", str(args.per_replica_batch), *sum((["--set", s] for s in args.set), []),
               *(["--config", str(args.config)] if args.config else [])]
+    from unet_dist import precision
+
     cfg = _config(args, "single")  # what the workers will train, for the record
+    precision.resolve(cfg.runtime)  # as each worker will ('auto' on the same machine)
     runs: dict = {}
     results: dict = {}
     for backend in args.backends:
