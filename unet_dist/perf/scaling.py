@@ -14,8 +14,8 @@ import numpy as np
 
 from unet_dist.perf.common import machine
 
-# Without --config: the demo-size model. float32: the CPU default (configs/demo.yaml; measured faster
-# here than mixed_bfloat16), so its shorter step is the one the communication is measured against.
+# Without --config: the demo-size model, in float32 on every machine (not runtime.precision's auto,
+# which picks bfloat16 where the CPU has it) so that tables from different VMs measure the same step.
 SCALING_MODEL = ["model.depth=4", "model.base_filters=16", "data.image_size=[128, 128]",
                  "runtime.precision=float32", "optim.name=adam", "train.loss=bce"]
 # Every run, with or without --config: one thread per process, Horovod's cycle as recommended for
