@@ -95,6 +95,19 @@ def test_report_names_each_machine_when_benchmarks_ran_on_several():
     assert "(AMD EPYC), x86_64, Python 3.11.7, no GPU. Dates: d3 (c)." in two
 
 
+def test_report_says_which_precision_each_recipe_trained_in(tmp_path):
+    from unet_dist.perf.report import render
+
+    def run(t, precision):
+        return {"time_to_target_s": t, "steps": 50, "wall_s": t, "best_val_iou": 0.86, "precision": precision}
+
+    tta = {"target_val_iou": 0.85, "config": "configs/demo.yaml", "every": 10, "repeats": 1, "speedup": 2.0,
+           "ours": run(30.0, "mixed_bfloat16"), "paper_recipe": run(60.0, "float32"), "command": "x",
+           "runs": {"ours": [run(30.0, "mixed_bfloat16")], "paper_recipe": [run(60.0, "float32")]}}
+    text = render({"tta": tta}, tmp_path)
+    assert "| ours (mixed_bfloat16) | 30 | 50 |" in text and "| paper recipe (float32) | 60 | 50 |" in text
+
+
 def test_scaling_waiting_rank_stops_when_the_chief_never_signals(tmp_path):
     # A rank waiting out the chief's 1-process steps is in no collective that would fail if the
     # chief died; it must not wait for ever.

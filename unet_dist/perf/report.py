@@ -238,14 +238,16 @@ def render(results: dict, out: Path) -> str:
                   f"Wall time (evaluations every {r.get('every', 25)} steps included) until val IoU >= "
                   f"{r['target_val_iou']} on the demo data, `{r['config']}` against the paper's recipe run by our "
                   "trainer on the same data and model (RMSprop lr 1e-3, binary cross-entropy, batch 32, float32, no "
-                  f"augmentation). Each recipe ran {reps} time(s), alternating; the row is its median run.", "",
+                  f"augmentation). Ours is the config as it is, its `runtime.precision` included. Each recipe ran {reps} "
+                  "time(s), alternating; the row is its median run.", "",
                   "| recipe | time to target, s | steps | best val IoU | every run, s |", "|---|---|---|---|---|"]
         for name in ("ours", "paper_recipe"):
             x = r[name]
             t = f"{x['time_to_target_s']:.0f}" if x["time_to_target_s"] else f"not reached in {x['wall_s']:.0f}"
             each = ", ".join(f"{y['time_to_target_s']:.0f}" if y["time_to_target_s"] else "-"
                              for y in r.get("runs", {}).get(name, []))
-            lines.append(f"| {name.replace('_', ' ')} | {t} | {x['steps'] or '-'} | {x['best_val_iou']:.4f} | {each} |")
+            label = name.replace("_", " ") + (f" ({x['precision']})" if "precision" in x else "")  # absent before
+            lines.append(f"| {label} | {t} | {x['steps'] or '-'} | {x['best_val_iou']:.4f} | {each} |")
         ratio = (f"{r['speedup']:.2f}x" if "speedup" in r else
                  f"at least {r['speedup_at_least']:.2f}x" if "speedup_at_least" in r else "n/a")
         lines += ["", f"Ratio: {ratio}.", "", f"Command: `{r['command']}`", ""]

@@ -45,7 +45,8 @@ def run(args) -> dict:
                 s = _train(args.data, Path(tmp) / f"{name}{rep}", args.config, overrides, args.max_steps,
                            args.target, args.every)
                 row = {"time_to_target_s": s["time_to_target_s"], "steps": s["target_reached_at_step"],
-                       "wall_s": s["wall_s"], "best_val_iou": s["best_val_iou"]}
+                       "wall_s": s["wall_s"], "best_val_iou": s["best_val_iou"],
+                       "precision": s["precision"]}  # ours: demo.yaml's auto, resolved for this machine
                 res["runs"][name].append(row)
                 print(f"bench tta: {name} (run {rep + 1}/{args.repeats}): {row}", file=sys.stderr, flush=True)
     for name, rows in res["runs"].items():
