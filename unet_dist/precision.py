@@ -11,7 +11,7 @@ import keras
 from unet_dist.config import RuntimeConfig
 
 # x86: AVX512-BF16 (AMD Zen 4, Intel Cooper Lake) or AMX-BF16 (Intel Sapphire Rapids); Arm: BF16.
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
@@ -25,7 +25,7 @@ def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags = value.split()
-            for flag in (*_BF16_FLAGS, "bf16"):
+            for flag in _BF16_FLAGS:
                 if flag in flags:
                     return flag
             return None
@@ -38,7 +38,7 @@ def resolve(cfg: RuntimeConfig) -> str | None:
 
     auto: mixed_float16 on a GPU with tensor cores (compute capability 7.0 or later), loss scaled;
     mixed_bfloat16 on a CPU with native bfloat16 instructions; float32 otherwise. On the 2-core
-    VMs of docs/benchmarks.md the demo model's step ran 1.43x faster in mixed_bfloat16 on an AMD
+    VMs of docs/benchmarks.md the demo model's step ran 1.57x faster in mixed_bfloat16 on an AMD
     EPYC with avx512_bf16 and 0.65x as fast on an Intel Xeon without it (emulated conversions).
     Each process resolves for its own machine: a checkpoint resumes under any precision.
     """
