@@ -101,3 +101,32 @@ def test_bad_tf_config_is_one_line(monkeypatch, tf_config, message):
     monkeypatch.setenv("TF_CONFIG", tf_config)
     with pytest.raises(ConfigError, match=message):
         choose_backend(load_config(None, []))
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_horovod_on_cpu_lets_open_mpi_yield_the_core_before_mpi_init(monkeypatch, preset, expected):
+    # Open MPI reads its MCA variables once, at MPI_Init inside hvd.init(). Busy-polling on the core
+    # that computes the step cost 13 points of 2-process efficiency (docs/benchmarks.md); a value
+    # the user or launcher set wins.
+    import types
+
+    from unet_dist.config import load_config
+    from unet_dist.distribute import HorovodRuntime
+
+    horovod = pytest.importorskip("horovod")
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # a CPU node
+    # The runtime sets Horovod's variables too: keep them all out of this process's environment.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "OMPI_MCA_mpi_yield_when_idle"})
+    seen = {}
+    fake = types.SimpleNamespace(
+        init=lambda: seen.setdefault("at_init", os.environ.get("OMPI_MCA_mpi_yield_when_idle")),
+        rank=lambda: 0, size=lambda: 1, local_rank=lambda: 0, local_size=lambda: 1,
+        Compression=types.SimpleNamespace(fp16="fp16", none="none"))
+    monkeypatch.setitem(sys.modules, "horovod.tensorflow", fake)
+    monkeypatch.setattr(horovod, "tensorflow", fake, raising=False)
+    if preset is not None:
+        os.environ["OMPI_MCA_mpi_yield_when_idle"] = preset
+    HorovodRuntime(load_config(None, ["runtime.strategy=horovod"]), "test")
+    assert seen["at_init"] == expected

@@ -79,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--steps", type=positive, default=10, help="timed steps of each kind per round")
     ps.add_argument("--rounds", type=positive, default=8, help="rounds of synchronous and 1-process steps per job")
     ps.add_argument("--repeats", type=positive, default=3, help="2-process jobs per backend")
+    ps.add_argument("--horovod-controller", choices=["mpi", "gloo"], default="mpi",
+                    help="horovodrun --mpi or --gloo (horovodrun itself picks MPI where Horovod has it)")
     ps.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for every worker, e.g. runtime.pin_cpus=false")
     pw = sub.add_parser("scaling-worker", help=argparse.SUPPRESS)

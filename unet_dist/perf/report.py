@@ -75,7 +75,9 @@ def _scaling_section(res: dict, title: str) -> list[str]:
     prec = res.get("precision") or dict(settings).get("runtime.precision", "float32")  # the last --set wins
     h, w = res.get("example_size", [128, 128])
     model = f"`{res['config']}`'s U-Net and training settings" if res.get("config") else "demo-size U-Net"
-    horovod = (", Horovod over Gloo with `runtime.horovod_cycle_time_ms: "
+    over = {"mpi": "Open MPI (`horovodrun --mpi`; on CPU ranks Open MPI yields the core between polls)",
+            "gloo": "Gloo (`horovodrun --gloo`)"}[res.get("horovod_controller", "gloo")]  # Gloo before it was recorded
+    horovod = (f", Horovod over {over} with `runtime.horovod_cycle_time_ms: "
                f"{dict(settings).get('runtime.horovod_cycle_time_ms', '25')}` (see the notes below)"
                if "horovod_1" in r else "")
     lines = [f"## {title}", "",

@@ -119,17 +119,18 @@ def _alone_step(cfg, batch) -> tuple:
     return step, batches
 
 
-def _launch(backend: str, n: int, worker: list[str], env: dict) -> list[dict]:
+def _launch(backend: str, n: int, worker: list[str], env: dict, controller: str = "mpi") -> list[dict]:
     """Runs `n` processes of the scaling worker; returns every rank's result.
 
     backend "independent": n single-device processes at once with no communication, the
     machine's own ceiling for n processes (shared memory bandwidth and caches, other tenants).
+    controller: Horovod's, "mpi" or "gloo" (horovodrun --mpi / --gloo).
     """
     from unet_dist.distribute import free_ports
 
     if backend == "horovod":
         horovodrun = str(Path(sys.executable).parent / "horovodrun")
-        cmd = [horovodrun, "-np", str(n), "--gloo", "-H", f"localhost:{n}", *worker, "--backend", "horovod"]
+        cmd = [horovodrun, "-np", str(n), f"--{controller}", "-H", f"localhost:{n}", *worker, "--backend", "horovod"]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     else:
         envs = [env] * n
@@ -143,7 +144,10 @@ def _launch(backend: str, n: int, worker: list[str], env: dict) -> list[dict]:
         out = "".join(p.communicate()[0] for p in procs)
         if any(p.returncode for p in procs):
             raise SystemExit(f"bench scaling: a {backend} worker failed (exit {[p.returncode for p in procs]})")
-    return [json.loads(line.split(">:", 1)[-1]) for line in out.splitlines() if '"scaling_worker"' in line]
+    # Each rank's line, after horovodrun's "[1,0]<stdout>:" tag; under --mpi Open MPI may end it with
+    # the next tag, so read one JSON object and ignore what follows.
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(line, line.index("{"))[0] for line in out.splitlines() if '"scaling_worker"' in line]
 
 
 def _summary(rounds: list[dict], per_process_batch: int) -> dict:
@@ -180,7 +184,8 @@ def run(args) -> dict:
         for rep in range(args.repeats):
             with tempfile.TemporaryDirectory() as pause:
                 chief = next(r for r in _launch(backend, 2, [*worker, "--rounds", str(args.rounds),
-                                                             "--pause-dir", pause], env) if r["chief"])
+                                                             "--pause-dir", pause], env, args.horovod_controller)
+                             if r["chief"])
             rows += chief["rounds"]
             job = _summary(chief["rounds"], args.per_replica_batch)
             for k, v in job.items():
@@ -207,4 +212,5 @@ def run(args) -> dict:
             "steps": args.steps, "statistic": "median step",
             "config": str(args.config) if args.config else None, "model": [] if args.config else SCALING_MODEL,
             "set": list(args.set), "example_size": list(cfg.data.patch_size or cfg.data.image_size),
-            "precision": cfg.runtime.precision, **machine()}
+            "precision": cfg.runtime.precision,
+            **({"horovod_controller": args.horovod_controller} if "horovod" in args.backends else {}), **machine()}
