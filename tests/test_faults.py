@@ -82,6 +82,24 @@ def test_kill_while_writing_checkpoints_keeps_the_latest_restorable(shards, tmp_
     assert done.returncode == 0 and "resuming at step" in done.stdout, done.stderr[-2000:]
 
 
+def test_run_resumes_past_a_model_json_cut_short_by_a_kill(shards, tmp_path):
+    # An older version wrote checkpoints/model.json in place at every save, so a kill could leave it
+    # empty (seen in test_kill_while_writing_...): resume names it and goes on, and the next save
+    # writes it whole again.
+    w = tmp_path / "w"
+    first = subprocess.run(_cmd(shards, w, OVER, "train.steps=5"), cwd=ROOT, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    signature = w / "checkpoints" / "model.json"
+    whole = json.loads(signature.read_text())
+    signature.write_text("")
+    again = subprocess.run(_cmd(shards, w, OVER, "train.steps=10"), cwd=ROOT, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resuming at step 5" in again.stdout, again.stderr[-2000:]
+    assert "model.json is unreadable" in again.stderr
+    assert json.loads(signature.read_text()) == whole
+
+
 def _copy(shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)

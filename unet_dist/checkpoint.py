@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from unet_dist.config import Config, ConfigError
 from unet_dist.distribute import Runtime
+from unet_dist.logs import atomic_write_text
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
 MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes")
@@ -103,7 +104,14 @@ class Checkpoints:
         path = self.dir / "model.json"
         if not path.exists():
             return
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            # Written by an older version that a kill could catch mid-write (empty or cut short). The
+            # restore below still checks the optimizer state, and the next save rewrites the file.
+            self.runtime.print(f"unet_dist: {path} is unreadable ({type(e).__name__}); not checking the model "
+                               "settings against it", file=sys.stderr)
+            return
         diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
                 for k, v in self._model_signature().items() if saved.get(k) != v]
         if diff:
@@ -185,7 +193,8 @@ class Checkpoints:
                                   f"{self.latest_path() or 'none'}") from None
         self.runtime.cleanup_save_dir(self.dir)
         if self.runtime.is_chief:
-            (self.dir / "model.json").write_text(json.dumps(self._model_signature()))
+            # Atomic: a run killed while writing it must still resume (check_compatible reads it).
+            atomic_write_text(self.dir / "model.json", json.dumps(self._model_signature()))
 
     def save_best(self, step: int, iou: float) -> bool:
         """Saves when `iou` beats the best so far; returns whether it did."""
