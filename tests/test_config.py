@@ -22,6 +22,8 @@ def test_defaults_and_presets_load():
         ("model.padding=reflect", ["model.padding", "'same'"]),
         ("data.image_size=[250, 256]", ["data.image_size", "divisible by 2^depth = 16"]),
         ("runtime.precision=fp8", ["runtime.precision", "mixed_bfloat16"]),
+        ("runtime.fp16_allreduce=true", ["runtime.fp16_allreduce was renamed", "runtime.allreduce_dtype"]),
+        ("runtime.allreduce_dtype=int8", ["runtime.allreduce_dtype", "'bfloat16'"]),
         ("optim.learning_rate=-1", ["optim.learning_rate"]),
         ("train.steps=0", ["train.steps"]),
         ("model.batch_norm=yes please", ["model.batch_norm", "bool"]),

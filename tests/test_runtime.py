@@ -130,3 +130,35 @@ def test_horovod_on_cpu_lets_open_mpi_yield_the_core_before_mpi_init(monkeypatch
         os.environ["OMPI_MCA_mpi_yield_when_idle"] = preset
     HorovodRuntime(load_config(None, ["runtime.strategy=horovod"]), "test")
     assert seen["at_init"] == expected
+
+
+@pytest.mark.parametrize("precision, backend, want, expected", [
+    ("float32", "multiworker", "auto", "float32"),
+    ("mixed_bfloat16", "multiworker", "auto", "bfloat16"),
+    ("mixed_bfloat16", "mirrored", "auto", "bfloat16"),
+    ("mixed_bfloat16", "horovod", "auto", "float32"),  # Horovod has no bfloat16 allreduce
+    ("mixed_float16", "horovod", "auto", "float16"),  # loss-scaled gradients
+    ("mixed_float16", "mirrored", "auto", "float16"),
+    ("float32", "multiworker", "bfloat16", "bfloat16"),
+    ("mixed_bfloat16", "multiworker", "float32", "float32"),
+])
+def test_gradients_cross_the_wire_in_the_compute_dtype_unless_set(precision, backend, want, expected):
+    from unet_dist.config import load_config
+    from unet_dist.distribute import wire_dtype
+
+    cfg = load_config(None, [f"runtime.precision={precision}", f"runtime.allreduce_dtype={want}"])
+    assert wire_dtype(cfg, backend) == expected
+
+
+def test_horovod_asked_for_bfloat16_gradients_is_one_line(monkeypatch):
+    from unet_dist.config import ConfigError, load_config
+    from unet_dist.distribute import HorovodRuntime
+
+    horovod = pytest.importorskip("horovod")
+    import types
+
+    fake = types.SimpleNamespace(init=lambda: pytest.fail("hvd.init before the config was checked"))
+    monkeypatch.setitem(sys.modules, "horovod.tensorflow", fake)
+    monkeypatch.setattr(horovod, "tensorflow", fake, raising=False)
+    with pytest.raises(ConfigError, match=r"^config key runtime.allreduce_dtype: bfloat16 is not supported by Horovod"):
+        HorovodRuntime(load_config(None, ["runtime.strategy=horovod", "runtime.allreduce_dtype=bfloat16"]), "test")

@@ -112,7 +112,7 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0 = this process's share of the node's cores
     inter_op_threads: int = 0
     pin_cpus: bool = True  # N processes on a node: each runs on its own 1/N of the CPUs it was given
-    fp16_allreduce: bool = False  # gradients cross the wire in float16 (half the bytes; every backend)
+    allreduce_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # gradients on the wire; auto: the precision's compute dtype (Horovod: float32 under bfloat16)
     allreduce_pack_mb: float = 2.0  # tf.distribute: gradient all-reduce in packs this large (0 = one)
     horovod_cycle_time_ms: float | None = None  # Horovod's HOROVOD_CYCLE_TIME; null = its default. CPU: 25 (docs/benchmarks.md)
     stall_check_seconds: int = 60  # Horovod: warn when a rank has not joined a collective for this long
@@ -198,6 +198,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key {key}: got {value!r}; allowed: {_type_name(tp)}")
 
 
+# Keys of earlier versions, and what says the same now.
+_RENAMED = {"runtime.fp16_allreduce": "runtime.allreduce_dtype (float16 for true, float32 for false)"}
+
+
 def _apply(obj: Any, mapping: dict[str, Any], prefix: str) -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {mapping!r}")
@@ -206,6 +210,8 @@ def _apply(obj: Any, mapping: dict[str, Any], prefix: str) -> None:
     for key, value in mapping.items():
         full = f"{prefix}{key}"
         if key not in names:
+            if full in _RENAMED:
+                raise ConfigError(f"config key {full} was renamed: use {_RENAMED[full]}")
             raise ConfigError(f"unknown config key {full}; allowed in {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

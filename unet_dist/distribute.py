@@ -195,6 +195,23 @@ def _gpu_memory_growth(gpus) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
+def wire_dtype(cfg: Config, backend: str) -> str:
+    """float32, float16 or bfloat16: runtime.allreduce_dtype, with 'auto' resolved for
+    runtime.precision (already resolved itself) and the backend."""
+    want = cfg.runtime.allreduce_dtype
+    if want == "auto":
+        # The dtype the step computes in (as PyTorch FSDP's reduce_dtype follows its param_dtype).
+        # Under mixed_bfloat16 a conv kernel's gradient is the float32 cast of a bfloat16 one, so
+        # sending it as bfloat16 loses nothing; only the sum is rounded (8 significant bits). Under
+        # mixed_float16 the gradients are still loss-scaled when summed (apply() unscales them), so
+        # small ones survive float16, and an overflow on the wire is caught like any other: the
+        # scale halves and the step is skipped.
+        want = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(cfg.runtime.precision, "float32")
+        if backend == "horovod" and want == "bfloat16":
+            want = "float32"  # Horovod 0.28 has no bfloat16 allreduce
+    return want
+
+
 class Runtime:
     """The single-device runtime; the others override what differs."""
 
@@ -260,6 +277,11 @@ class Runtime:
         all-reduce in packs; Horovod: per-gradient allreduces that it fuses per cycle).
         Returns (summed gradients, summed scalars)."""
         return grads, scalars
+
+    def wire_dtype(self) -> str:
+        """The dtype this backend's gradients cross the wire in (`wire_dtype`); call after
+        precision.resolve. One process sends nothing; this is what it would send."""
+        return wire_dtype(self.cfg, self.name)
 
     def replica_sum(self, tensors: list) -> list:
         """Inside `run_step`, in the forward pass: sums float32 tensors over all replicas, one
@@ -347,15 +369,19 @@ class MirroredRuntime(Runtime):
         options = tf.distribute.experimental.CommunicationOptions(
             bytes_per_pack=int(self.cfg.runtime.allreduce_pack_mb * 2**20))
         ctx, vector = tf.distribute.get_replica_context(), packed.pack(scalars)
-        if not self.cfg.runtime.fp16_allreduce:
+        wire = self.wire_dtype()
+        if wire == "float32":
             *grads, vector = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [*grads, vector], options=options)
             return grads, packed.unpack(vector)
-        # float16 on the wire halves the bytes (the all-reduce of 6.7 M gradients between two CPU
-        # workers: 60 -> 32 ms, docs/benchmarks.md). A pack holds one dtype, and the scalars stay
-        # float32 (the loss in float16 has 3 digits): they go in a small collective of their own.
-        wire = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.cast(g, tf.float16) for g in grads], options=options)
+        # 16 bits on the wire halve the bytes (the all-reduce of 6.7 M gradients between two CPU
+        # workers: 58-66 ms in float32, 31-34 in float16, 35-38 in bfloat16, docs/benchmarks.md). A
+        # pack holds one dtype, and the scalars stay float32 (the loss in 16 bits has 3 digits or
+        # fewer): they go in a small collective of their own, issued first. Collectives run in the
+        # order they are issued, so it runs as soon as the forward pass has the loss, during
+        # backprop, instead of adding a round trip after the last gradient pack.
         vector = ctx.all_reduce(tf.distribute.ReduceOp.SUM, vector)
-        return [tf.cast(w, g.dtype) for w, g in zip(wire, grads, strict=True)], packed.unpack(vector)
+        sent = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.cast(g, wire) for g in grads], options=options)
+        return [tf.cast(w, g.dtype) for w, g in zip(sent, grads, strict=True)], packed.unpack(vector)
 
     def replica_sum(self, tensors):
         # all_reduce's SUM has a custom gradient that all-reduces the incoming gradients.
@@ -450,6 +476,9 @@ class HorovodRuntime(Runtime):
 
     def __init__(self, cfg: Config, reason: str):
         super().__init__(cfg, reason)
+        if cfg.runtime.allreduce_dtype == "bfloat16":
+            raise ConfigError("config key runtime.allreduce_dtype: bfloat16 is not supported by Horovod (its allreduce "
+                              "takes float16 or float32); use float16, float32 or auto")
         import horovod.tensorflow as hvd
 
         # Horovod: a rank that stops answering (hung, stopped, lost) ends the job after the stall
@@ -478,7 +507,6 @@ class HorovodRuntime(Runtime):
             # Horovod: pin one GPU per local rank.
             tf.config.set_visible_devices(gpus[self.local_rank % len(gpus)], "GPU")
             _gpu_memory_growth([gpus[self.local_rank % len(gpus)]])
-        self.compression = hvd.Compression.fp16 if cfg.runtime.fp16_allreduce else hvd.Compression.none
 
     def distribute(self, dataset_fn):
         _, per_replica = self.batch_sizes()
@@ -491,17 +519,18 @@ class HorovodRuntime(Runtime):
         # the wire, not the loss (3 digits; inf above 65504).
         packed = _Packed()
         vector = self.hvd.allreduce(packed.pack(scalars), op=self.hvd.Sum, name="report")
+        compression = self.hvd.Compression.fp16 if self.wire_dtype() == "float16" else self.hvd.Compression.none
         if self.cfg.runtime.deterministic and self.world_size > 2:
             # One group has one fused layout, so each value is summed in the same ring order in
             # every run; with 2 ranks a + b == b + a whatever the layout.
-            grads = self.hvd.grouped_allreduce(grads, op=self.hvd.Sum, compression=self.compression)
+            grads = self.hvd.grouped_allreduce(grads, op=self.hvd.Sum, compression=compression)
         else:
             # One allreduce per gradient: each is enqueued as backprop produces it and Horovod fuses
             # those ready in the same cycle, so the last layers' gradients are negotiated and summed
             # while the first layers' are still computed. A single group waits for the last
             # gradient and then for a whole negotiation cycle (docs/benchmarks_notes.md: 0.8-4.7
             # points of 2-process efficiency on CPU, in-job comparisons).
-            grads = [self.hvd.allreduce(g, op=self.hvd.Sum, compression=self.compression) for g in grads]
+            grads = [self.hvd.allreduce(g, op=self.hvd.Sum, compression=compression) for g in grads]
         return grads, packed.unpack(vector)
 
     def replica_sum(self, tensors):

@@ -300,7 +300,8 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
         f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
         f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
         f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
-        f"{cfg.runtime.precision}{f' ({precision_why})' if precision_why else ''}, xla {cfg.runtime.xla}, "
+        f"{cfg.runtime.precision}{f' ({precision_why})' if precision_why else ''}, "
+        f"{f'gradients summed in {runtime.wire_dtype()}, ' if runtime.num_replicas > 1 else ''}xla {cfg.runtime.xla}, "
         f"{'synchronized batch norm, ' if cfg.model.sync_batch_norm else ''}threads {runtime.threads[0]}+{runtime.threads[1]} "
         f"on {_cpu_list(runtime.cpus)}; "
         + (f"resuming at step {start}" if start else "starting at step 0") + f" of {cfg.train.steps}")
@@ -377,6 +378,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "lr_scaling": cfg.optim.lr_scaling,
         "warmup_steps": cfg.optim.warmup_steps,
         "precision": cfg.runtime.precision,
+        "allreduce_dtype": runtime.wire_dtype(),
         "xla": cfg.runtime.xla,
         "strategy": runtime.name,
         "skipped_steps": loop.guard.skipped,

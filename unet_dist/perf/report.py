@@ -31,7 +31,8 @@ def commands(args) -> dict[str, list[str]]:
         "profile": [*py, "profile", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "5"],
         "scaling": [*py, "scaling"],
         "scaling_pets_seed": [*py, "scaling", "--config", "configs/pets_seed.yaml"],
-        "scaling_fp16": [*py, "scaling", "--backends", "multiworker", "--set", "runtime.fp16_allreduce=true"],
+        "scaling_fp16": [*py, "scaling", "--backends", "multiworker", "--set", "runtime.allreduce_dtype=float16"],
+        "scaling_auto": [*py, "scaling", "--set", "runtime.precision=auto"],
         "memory": [*py, "memory", "--data", demo],
         "tta": [*py, "tta", "--data", demo, "--max-steps", "600", "--every", "10", "--repeats", "3"],
     }
@@ -102,7 +103,9 @@ def _scaling_section(res: dict, title: str) -> list[str]:
                   f"{rounds['max']:.1%} ({rounds['n']})" if rounds else "")
         jobs = (", ".join(f"{e:.1%}" for e in runs[b]["efficiency"]) if "efficiency" in runs.get(b, {})
                 else " / ".join(", ".join(f"{x:.1f}" for x in runs[b][n]) for n in ("1", "2")))
-        lines.append(f"| {b} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.1%} | {spread} | "
+        wire = res.get("allreduce_dtype", {}).get(b)  # recorded since gradients could be summed in 16 bits
+        label = f"{b} ({wire} gradients)" if wire else b
+        lines.append(f"| {label} | {r[f'{b}_1']:.1f} | {r[f'{b}_2']:.1f} | {r[f'{b}_efficiency']:.1%} | {spread} | "
                      f"{jobs} |")
     return lines + ["", f"Command: `{res['command']}`", ""]
 
@@ -219,7 +222,8 @@ def render(results: dict, out: Path) -> str:
 
     for name, title in (("scaling", "Weak scaling on this machine"),
                         ("scaling_pets_seed", "Weak scaling of `configs/pets_seed.yaml`"),
-                        ("scaling_fp16", "Weak scaling with float16 gradients (`runtime.fp16_allreduce: true`)")):
+                        ("scaling_fp16", "Weak scaling with float16 gradients (`runtime.allreduce_dtype: float16`)"),
+                        ("scaling_auto", "Weak scaling at the configs' precision (`runtime.precision: auto`)")):
         if name in results:
             lines += _scaling_section(results[name], title)
 

@@ -174,6 +174,7 @@ def run(args) -> dict:
               "--per-replica-batch", str(args.per_replica_batch), *sum((["--set", s] for s in args.set), []),
               *(["--config", str(args.config)] if args.config else [])]
     from unet_dist import precision
+    from unet_dist.distribute import wire_dtype
 
     cfg = _config(args, "single")  # what the workers will train, for the record
     precision.resolve(cfg.runtime)  # as each worker will ('auto' on the same machine)
@@ -213,4 +214,5 @@ def run(args) -> dict:
             "config": str(args.config) if args.config else None, "model": [] if args.config else SCALING_MODEL,
             "set": list(args.set), "example_size": list(cfg.data.patch_size or cfg.data.image_size),
             "precision": cfg.runtime.precision,
+            "allreduce_dtype": {b: wire_dtype(cfg, b) for b in args.backends if b != "independent"},
             **({"horovod_controller": args.horovod_controller} if "horovod" in args.backends else {}), **machine()}
