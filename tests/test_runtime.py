@@ -162,3 +162,25 @@ def test_horovod_asked_for_bfloat16_gradients_is_one_line(monkeypatch):
     monkeypatch.setattr(horovod, "tensorflow", fake, raising=False)
     with pytest.raises(ConfigError, match=r"^config key runtime.allreduce_dtype: bfloat16 is not supported by Horovod"):
         HorovodRuntime(load_config(None, ["runtime.strategy=horovod", "runtime.allreduce_dtype=bfloat16"]), "test")
+
+
+def test_under_mixed_bfloat16_convolution_gradients_are_bfloat16_values():
+    # Why `allreduce_dtype: auto` sends bfloat16 under mixed_bfloat16: casting a convolution's
+    # gradient to bfloat16 for the wire loses nothing (it is the float32 cast of a bfloat16 one).
+    # Batch norm and the float32 output layer are rounded; so is every sum.
+    import keras
+    import tensorflow as tf
+
+    from unet_dist.config import load_config
+    from unet_dist.model import build_unet
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_unet(load_config(None, ["model.depth=2", "model.base_filters=4"]).model, (32, 32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.cast(model(tf.random.uniform([2, 32, 32, 3]), training=True), tf.float32) ** 2)
+    grads = tape.gradient(loss, model.trainable_variables)
+    convs = [(v.path, g) for v, g in zip(model.trainable_variables, grads, strict=True)
+             if v.path.endswith("kernel") and not v.path.startswith("logits")]
+    assert len(convs) >= 8
+    for path, g in convs:
+        assert g.dtype == tf.float32 and bool(tf.reduce_all(tf.cast(tf.cast(g, tf.bfloat16), tf.float32) == g)), path
