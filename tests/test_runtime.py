@@ -103,6 +103,13 @@ def test_bad_tf_config_is_one_line(monkeypatch, tf_config, message):
         choose_backend(load_config(None, []))
 
 
+def _fake_horovod(monkeypatch, fake) -> None:
+    """Makes `import horovod.tensorflow as hvd` give `fake` (skips where Horovod is not installed)."""
+    horovod = pytest.importorskip("horovod")
+    monkeypatch.setitem(sys.modules, "horovod.tensorflow", fake)
+    monkeypatch.setattr(horovod, "tensorflow", fake, raising=False)
+
+
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
 def test_horovod_on_cpu_lets_open_mpi_yield_the_core_before_mpi_init(monkeypatch, preset, expected):
     # Open MPI reads its MCA variables once, at MPI_Init inside hvd.init(). Busy-polling on the core
@@ -110,22 +117,18 @@ def test_horovod_on_cpu_lets_open_mpi_yield_the_core_before_mpi_init(monkeypatch
     # the user or launcher set wins.
     import types
 
+    import tensorflow as tf
+
     from unet_dist.config import load_config
     from unet_dist.distribute import HorovodRuntime
-
-    horovod = pytest.importorskip("horovod")
-    import tensorflow as tf
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # a CPU node
     # The runtime sets Horovod's variables too: keep them all out of this process's environment.
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "OMPI_MCA_mpi_yield_when_idle"})
     seen = {}
-    fake = types.SimpleNamespace(
+    _fake_horovod(monkeypatch, types.SimpleNamespace(
         init=lambda: seen.setdefault("at_init", os.environ.get("OMPI_MCA_mpi_yield_when_idle")),
-        rank=lambda: 0, size=lambda: 1, local_rank=lambda: 0, local_size=lambda: 1,
-        Compression=types.SimpleNamespace(fp16="fp16", none="none"))
-    monkeypatch.setitem(sys.modules, "horovod.tensorflow", fake)
-    monkeypatch.setattr(horovod, "tensorflow", fake, raising=False)
+        rank=lambda: 0, size=lambda: 1, local_rank=lambda: 0, local_size=lambda: 1))
     if preset is not None:
         os.environ["OMPI_MCA_mpi_yield_when_idle"] = preset
     HorovodRuntime(load_config(None, ["runtime.strategy=horovod"]), "test")
@@ -151,15 +154,12 @@ def test_gradients_cross_the_wire_in_the_compute_dtype_unless_set(precision, bac
 
 
 def test_horovod_asked_for_bfloat16_gradients_is_one_line(monkeypatch):
+    import types
+
     from unet_dist.config import ConfigError, load_config
     from unet_dist.distribute import HorovodRuntime
 
-    horovod = pytest.importorskip("horovod")
-    import types
-
-    fake = types.SimpleNamespace(init=lambda: pytest.fail("hvd.init before the config was checked"))
-    monkeypatch.setitem(sys.modules, "horovod.tensorflow", fake)
-    monkeypatch.setattr(horovod, "tensorflow", fake, raising=False)
+    _fake_horovod(monkeypatch, types.SimpleNamespace(init=lambda: pytest.fail("hvd.init before the config was checked")))
     with pytest.raises(ConfigError, match=r"^config key runtime.allreduce_dtype: bfloat16 is not supported by Horovod"):
         HorovodRuntime(load_config(None, ["runtime.strategy=horovod", "runtime.allreduce_dtype=bfloat16"]), "test")
 
