@@ -3,12 +3,16 @@ import pytest
 from unet_dist.config import ConfigError, load_config
 
 
-def test_defaults_and_presets_load():
+def test_defaults_and_presets_load_and_read_back_from_a_runs_config_yaml(tmp_path):
+    # A run's config.yaml (config_yaml) is what resume, evaluate, predict and export load.
     from pathlib import Path
 
-    load_config()
-    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
-        load_config(path)
+    from unet_dist.config import config_yaml
+
+    presets = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    for cfg in [load_config(), *map(load_config, presets)]:
+        (tmp_path / "config.yaml").write_text(config_yaml(cfg))
+        assert load_config(tmp_path / "config.yaml") == cfg
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,7 @@ class Checkpoints:
                                         **scale)
         self.cfg = cfg
         self._latest = self._best = None
+        self._signature_written = False
         if runtime.saves():
             self._latest = tf.train.CheckpointManager(self.ckpt, str(runtime.save_dir(self.dir)),
                                                       max_to_keep=cfg.train.keep_checkpoints)
@@ -192,9 +193,11 @@ class Checkpoints:
                                   f"{getattr(e, 'message', e)}; the latest complete one is "
                                   f"{self.latest_path() or 'none'}") from None
         self.runtime.cleanup_save_dir(self.dir)
-        if self.runtime.is_chief:
+        if self.runtime.is_chief and not self._signature_written:
             # Atomic: a run killed while writing it must still resume (check_compatible reads it).
+            # Once per run: the model settings cannot change within one.
             atomic_write_text(self.dir / "model.json", json.dumps(self._model_signature()))
+            self._signature_written = True
 
     def save_best(self, step: int, iou: float) -> bool:
         """Saves when `iou` beats the best so far; returns whether it did."""

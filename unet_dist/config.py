@@ -404,5 +404,6 @@ def writable_dir(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: not writable ({e.strerror})") from None
 
 
-def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def config_yaml(cfg: Config) -> str:
+    """The config as YAML that load_config reads back to an equal Config (the run's config.yaml)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

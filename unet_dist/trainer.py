@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from unet_dist import precision
 from unet_dist.checkpoint import Checkpoints, check_free_space
-from unet_dist.config import Config, ConfigError, dump_config, writable_dir
+from unet_dist.config import Config, ConfigError, config_yaml, writable_dir
 from unet_dist.data.pipeline import DataError, eval_dataset, load_manifest, lost_records, train_dataset
 from unet_dist.distribute import Runtime, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
@@ -309,7 +309,7 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
 
 def write_run_files(cfg: Config, workdir: Path, data_dir: Path, manifest: dict) -> None:
     """config.yaml, and data.json: what prediction needs to know of the data (resized at conversion?)."""
-    dump_config(cfg, workdir / "config.yaml")
+    atomic_write_text(workdir / "config.yaml", config_yaml(cfg))
     data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size")}
     atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
 

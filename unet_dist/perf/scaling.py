@@ -119,12 +119,12 @@ def _alone_step(cfg, batch) -> tuple:
     return step, batches
 
 
-def _launch(backend: str, n: int, worker: list[str], env: dict, controller: str = "mpi") -> list[dict]:
+def _launch(backend: str, n: int, worker: list[str], env: dict, controller: str | None = None) -> list[dict]:
     """Runs `n` processes of the scaling worker; returns every rank's result.
 
     backend "independent": n single-device processes at once with no communication, the
     machine's own ceiling for n processes (shared memory bandwidth and caches, other tenants).
-    controller: Horovod's, "mpi" or "gloo" (horovodrun --mpi / --gloo).
+    controller: Horovod's, "mpi" or "gloo" (horovodrun --mpi / --gloo); only read for "horovod".
     """
     from unet_dist.distribute import free_ports
 
