@@ -122,7 +122,7 @@ def test_auto_precision_is_resolved_for_this_machine_and_recorded(shards, tmp_pa
     assert s["precision"] == "float32" and s["start_step"] == 2
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path):
+def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path, capsys):
     over = tiny_overrides(steps=6) + ["runtime.deterministic=true", "train.checkpoint_every_steps=3",
                                       "data.augment.elastic=true", "optim.name=sgd", "optim.momentum=0.9",
                                       "optim.schedule=cosine", "optim.warmup_steps=2"]
@@ -136,6 +136,14 @@ def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # no gap, no repeat across the resume
+    # Run again with nothing left to train: evaluated, and the trained run's files are kept.
+    files = {n: (tmp_path / "straight" / n).read_bytes() for n in ("summary.json", "config.yaml", "metrics.jsonl")}
+    capsys.readouterr()
+    again = train(load_config(None, over), shards, tmp_path / "straight")
+    assert again["start_step"] == 6 and again["final_val_iou"] is not None
+    assert {n: (tmp_path / "straight" / n).read_bytes() for n in files} == files
+    assert json.loads(files["summary.json"])["images_per_s"] > 0
+    assert "keeping the config.yaml and summary.json of the run that trained it" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):

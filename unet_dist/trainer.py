@@ -316,7 +316,11 @@ def write_run_files(cfg: Config, workdir: Path, data_dir: Path, manifest: dict) 
 
 def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool = True,
           runtime: Runtime | None = None) -> dict:
-    """Trains to cfg.train.steps (resuming from WORKDIR's latest checkpoint) and returns summary.json."""
+    """Trains to cfg.train.steps (resuming from WORKDIR's latest checkpoint) and returns summary.json.
+
+    A WORKDIR already trained to cfg.train.steps is evaluated, and its config.yaml and summary.json
+    stay those of the run that trained it; the summary returned is this call's (start_step, no speed).
+    """
     data_dir, workdir = Path(data_dir), Path(workdir)
     runtime = runtime or make_runtime(cfg)
     precision_why = precision.resolve(cfg.runtime)  # before config.yaml records what runs
@@ -341,10 +345,15 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     runtime.broadcast_state(model.variables + optimizer.variables)
     total = cfg.train.steps
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why)
-    if runtime.is_chief:
+    # Nothing to train (a rerun, a requeued job that had finished): evaluate, and keep the files of
+    # the run that trained it, whose summary.json has its speed and time to target.
+    keep = start >= total and (workdir / "summary.json").exists()
+    if runtime.is_chief and not keep:
         write_run_files(cfg, workdir, data_dir, manifest)
     if start >= total:
-        runtime.print(f"unet_dist: {workdir} is already trained to step {start} (train.steps {total})")
+        runtime.print(f"unet_dist: {workdir} is already trained to step {start} (train.steps {total})"
+                      + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
+                         if keep else ""))
 
     step_fn = make_train_step(model, optimizer, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla)
     batches = iter(runtime.distribute(
@@ -390,11 +399,12 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "input_wait_fraction": input_wait,
         "input_bound": classify(input_wait),
     }
-    if runtime.is_chief:
+    if runtime.is_chief and not keep:
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
     runtime.print(f"train: done: {summary['steps']} steps, final val IoU {summary['final_val_iou']:.4f}, best "
-                  f"{summary['best_val_iou']:.4f}, {summary['images_per_s']:.1f} images/s"
+                  f"{summary['best_val_iou']:.4f}"
+                  + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
                   + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
                      if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
     runtime.barrier()
