@@ -215,6 +215,34 @@ def test_mixed_float16_with_sync_batch_norm_on_two_replicas(backend, shards, sin
     _assert_same_run(single_run_fp16, w, f"{backend}, mixed_float16", rtol=2e-3)
 
 
+MIRRORED_AVERAGE = """
+import json
+import keras
+import tensorflow as tf
+from unet_dist.config import load_config
+from unet_dist.distribute import make_runtime
+from unet_dist.model import FusedBatchNorm, moving_statistics
+
+rt = make_runtime(load_config(None, ["runtime.strategy=mirrored", "runtime.cpu_devices=2"]))
+with rt.strategy.scope():
+    x = keras.Input((2, 2, 3))
+    model = keras.Model(x, FusedBatchNorm(momentum=0.0)(x))
+batches = rt.strategy.experimental_distribute_values_from_function(
+    lambda ctx: tf.fill([1, 2, 2, 3], 10.0 * (ctx.replica_id_in_sync_group + 1)))
+tf.function(lambda b: rt.strategy.run(lambda b: model(b, training=True), args=(b,)))(batches)
+copies = lambda: [float(c.numpy()[0]) for c in rt.strategy.experimental_local_results(moving_statistics(model)[0].value)]
+before = copies()
+rt.average_replicas(moving_statistics(model))
+print(json.dumps([before, copies()]))
+"""
+
+
+def test_mirrored_average_replicas_sets_every_copy_to_the_mean():
+    # Each replica's moving mean is its own batch's (10 and 20); averaged, both copies hold 15.
+    proc = python_run("-c", MIRRORED_AVERAGE)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[10.0, 20.0], [15.0, 15.0]]
+
+
 @needs_horovod
 def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
     w = tmp_path / "w"
@@ -241,6 +269,24 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
     assert e1["val_records"] == e2["val_records"]
     for k in ("val_iou", "val_dice", "val_pixel_acc", "val_loss"):
         assert abs(e1[k] - e2[k]) < 1e-6, (k, e1[k], e2[k])
+    # The training's last evaluation saw the model it saved: the ranks' mean of batch norm's moving
+    # statistics, which each rank updates from its own batch (not rank 0's copy on half the images).
+    assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
+
+
+def test_evaluated_and_saved_batch_norm_statistics_are_the_replicas_mean(shards, tmp_path):
+    # Without sync batch norm each worker's moving statistics come from its own batches; the
+    # training's last evaluation and the saved checkpoint must both hold their mean, so a
+    # 1-process evaluation of the checkpoint gives the training's figures (Horovod: the
+    # horovodrun end-to-end test).
+    w = tmp_path / "w"
+    two_replicas("multiworker", shards, w, tiny_overrides(steps=4))
+    s = json.loads((w / "summary.json").read_text())
+    run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
+               "--out", str(tmp_path / "eval1.json"), "--strategy", "single", check=True)
+    e1 = json.loads((tmp_path / "eval1.json").read_text())
+    assert s["num_replicas"] == 2 and e1["world_size"] == 1
+    assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
 
 
 @needs_horovod

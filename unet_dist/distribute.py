@@ -301,6 +301,11 @@ class Runtime:
     def broadcast_state(self, variables: list) -> None:
         """Makes every process start from rank 0's values (Horovod only; tf.distribute syncs itself)."""
 
+    def average_replicas(self, variables: list) -> None:
+        """Sets each float32 variable to its mean over every replica's copy (every process must
+        call it): for state each replica updates on its own, batch norm's moving statistics, before
+        they are evaluated or saved. One collective."""
+
     def barrier(self) -> None:
         pass
 
@@ -351,6 +356,7 @@ class MirroredRuntime(Runtime):
                 devices = [d.name for d in tf.config.list_logical_devices("CPU")]
             strategy = tf.distribute.MirroredStrategy(devices=devices)
         self.strategy = strategy
+        self._averager = None
 
     def distribute(self, dataset_fn):
         _, per_replica = self.batch_sizes()
@@ -388,6 +394,26 @@ class MirroredRuntime(Runtime):
     def replica_sum(self, tensors):
         # all_reduce's SUM has a custom gradient that all-reduces the incoming gradients.
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, list(tensors))
+
+    def average_replicas(self, variables):
+        if not variables or self.num_replicas == 1:
+            return
+        if self._averager is None:  # traced once: the trainer passes the same variables each time
+            sizes = [int(np.prod(v.shape)) for v in variables]
+
+            @tf.function
+            def average():
+                # A MirroredVariable read in replica context is that replica's copy; assigned in
+                # cross-replica context, every copy (of every worker) takes the value.
+                def local():
+                    return tf.concat([tf.reshape(tf.convert_to_tensor(v.value), [-1]) for v in variables], 0)
+
+                mean = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, self.strategy.run(local), axis=None)
+                for v, part in zip(variables, tf.split(mean, sizes), strict=True):
+                    v.assign(tf.reshape(part, v.shape))
+
+            self._averager = average
+        self._averager()
 
     def adopt_optimizer(self, optimizer):
         # Keras 3 sums the gradients over replicas itself inside apply(), in a collective of its own
@@ -543,6 +569,14 @@ class HorovodRuntime(Runtime):
         value = np.asarray(value)
         out = self.hvd.allreduce(tf.constant(value.astype(np.float64)), op=self.hvd.Sum, name="host_sum")
         return out.numpy().astype(value.dtype)
+
+    def average_replicas(self, variables):
+        if not variables or self.world_size == 1:
+            return
+        flat = tf.concat([tf.reshape(tf.convert_to_tensor(v.value), [-1]) for v in variables], 0)
+        mean = self.hvd.allreduce(flat, op=self.hvd.Average, name="average_replicas")
+        for v, part in zip(variables, tf.split(mean, [int(np.prod(v.shape)) for v in variables]), strict=True):
+            v.assign(tf.reshape(part, v.shape))
 
     def broadcast_state(self, variables):
         # Horovod: start every rank from rank 0's weights and optimizer state (also after a restore).

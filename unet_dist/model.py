@@ -87,6 +87,12 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
     return model
 
 
+def moving_statistics(model: keras.Model) -> list:
+    """Batch norm's moving means and variances (float32 vectors of channels). Each replica updates
+    its own copy from its own batch (model.sync_batch_norm off), so the copies drift apart."""
+    return [v for v in model.non_trainable_variables if v.name in ("moving_mean", "moving_variance")]
+
+
 def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
     for j in range(2):
         x = layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,

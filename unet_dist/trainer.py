@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -25,7 +26,7 @@ from unet_dist.input_bound import InputClock, advice, classify, worst_over_proce
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
-from unet_dist.model import FusedBatchNorm, build_unet
+from unet_dist.model import FusedBatchNorm, build_unet, moving_statistics
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import build_optimizer, scaled_learning_rate
 
@@ -216,8 +217,9 @@ class TrainLoop:
     """
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator, logger: Logger, optimizer,
-                 global_batch: int, steps_per_epoch: int):
+                 global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None] = lambda: None):
         self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
+        self.average_statistics = average_statistics
         self.optimizer, self.global_batch, self.steps_per_epoch = optimizer, global_batch, steps_per_epoch
         self.guard = StepGuard(cfg, optimizer, ckpts)
         self.last_eval: dict = {}
@@ -243,15 +245,21 @@ class TrainLoop:
                 self.images += self.global_batch
                 self.logger.advance()
                 stop = out["stop"] > 0  # some rank was signalled: all stop here, after this step
+                save = stop or step % cfg.checkpoint_every_steps == 0 or step == total
+                evaluate = step % cfg.eval_every_steps == 0 or step == total
+                if save or evaluate:
+                    # What is evaluated and saved is the replicas' mean of batch norm's moving
+                    # statistics, not the chief's copy alone (every rank reaches this step).
+                    self.average_statistics()
                 if step % cfg.log_every_steps == 0 or step == total or stop:
                     self._log(step, loss)
                 if stop:
                     self.ckpts.save(step)
                     self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
                     raise Preempted(step, watcher.signame or "a signal to another rank")
-                if step % cfg.checkpoint_every_steps == 0 or step == total:
+                if save:
                     self.ckpts.save(step)
-                if (step % cfg.eval_every_steps == 0 or step == total) and self._evaluate(step):
+                if evaluate and self._evaluate(step):
                     break
 
     def _log(self, step: int, loss: float) -> None:
@@ -332,6 +340,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     global_batch, per_replica = runtime.batch_sizes()
     peak_lr = scaled_learning_rate(cfg.optim, global_batch)
     model, optimizer = build_model_and_optimizer(cfg, runtime, peak_lr)
+    stats = moving_statistics(model)
     ckpts = Checkpoints(runtime, workdir, model, optimizer, cfg)
     if runtime.is_chief:
         check_free_space(workdir, model, optimizer, cfg.train.keep_checkpoints)
@@ -360,7 +369,8 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
     loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest),
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
-                     steps_per_epoch=max(1, manifest["train"]["records"] // global_batch))
+                     steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
+                     average_statistics=lambda: runtime.average_replicas(stats))
     try:
         loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
     finally:
