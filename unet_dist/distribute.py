@@ -322,6 +322,17 @@ class Runtime:
         pass
 
 
+def _flatten(variables: list) -> tf.Tensor:
+    """The variables' values, concatenated into one float32 vector (one collective for all)."""
+    return tf.concat([tf.reshape(tf.convert_to_tensor(v.value), [-1]) for v in variables], 0)
+
+
+def _assign_flat(variables: list, flat: tf.Tensor) -> None:
+    """Assigns `_flatten`'s layout back: each variable its slice, in its shape."""
+    for v, part in zip(variables, tf.split(flat, [int(np.prod(v.shape)) for v in variables]), strict=True):
+        v.assign(tf.reshape(part, v.shape))
+
+
 class _Packed:
     """Named scalars as one (n,) float32 vector, so that summing them over replicas takes one
     collective, not one per key (or none of its own: `reduce_step` adds it to the gradients').
@@ -399,18 +410,12 @@ class MirroredRuntime(Runtime):
         if not variables or self.num_replicas == 1:
             return
         if self._averager is None:  # traced once: the trainer passes the same variables each time
-            sizes = [int(np.prod(v.shape)) for v in variables]
-
             @tf.function
             def average():
                 # A MirroredVariable read in replica context is that replica's copy; assigned in
                 # cross-replica context, every copy (of every worker) takes the value.
-                def local():
-                    return tf.concat([tf.reshape(tf.convert_to_tensor(v.value), [-1]) for v in variables], 0)
-
-                mean = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, self.strategy.run(local), axis=None)
-                for v, part in zip(variables, tf.split(mean, sizes), strict=True):
-                    v.assign(tf.reshape(part, v.shape))
+                local = self.strategy.run(lambda: _flatten(variables))
+                _assign_flat(variables, self.strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None))
 
             self._averager = average
         self._averager()
@@ -573,10 +578,7 @@ class HorovodRuntime(Runtime):
     def average_replicas(self, variables):
         if not variables or self.world_size == 1:
             return
-        flat = tf.concat([tf.reshape(tf.convert_to_tensor(v.value), [-1]) for v in variables], 0)
-        mean = self.hvd.allreduce(flat, op=self.hvd.Average, name="average_replicas")
-        for v, part in zip(variables, tf.split(mean, [int(np.prod(v.shape)) for v in variables]), strict=True):
-            v.assign(tf.reshape(part, v.shape))
+        _assign_flat(variables, self.hvd.allreduce(_flatten(variables), op=self.hvd.Average, name="average_replicas"))
 
     def broadcast_state(self, variables):
         # Horovod: start every rank from rank 0's weights and optimizer state (also after a restore).
