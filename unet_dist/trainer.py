@@ -210,6 +210,7 @@ class StepGuard:
 class TrainLoop:
     """Steps start+1 .. total of a run: log, checkpoint, evaluate, stop at train.target_val_iou or
     when any rank is asked to stop (preemption: checkpoint, then raise Preempted).
+    `average_statistics()` runs on every rank before each checkpoint and evaluation.
 
     Create it right before `run`: its clock (t_start) starts then. After `run`: last_eval (the last
     metrics), reached ((step, seconds since t_start) when the target was met) and images (trained
@@ -217,7 +218,7 @@ class TrainLoop:
     """
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator, logger: Logger, optimizer,
-                 global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None] = lambda: None):
+                 global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None]):
         self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
         self.average_statistics = average_statistics
         self.optimizer, self.global_batch, self.steps_per_epoch = optimizer, global_batch, steps_per_epoch
@@ -253,12 +254,11 @@ class TrainLoop:
                     self.average_statistics()
                 if step % cfg.log_every_steps == 0 or step == total or stop:
                     self._log(step, loss)
-                if stop:
-                    self.ckpts.save(step)
-                    self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
-                    raise Preempted(step, watcher.signame or "a signal to another rank")
                 if save:
                     self.ckpts.save(step)
+                if stop:
+                    self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
+                    raise Preempted(step, watcher.signame or "a signal to another rank")
                 if evaluate and self._evaluate(step):
                     break
 
