@@ -134,3 +134,20 @@ def test_bench_bad_input_is_one_line_naming_it(tmp_path):
                  ["tta", "--data", "d", "--every", "x"]):
         with pytest.raises(SystemExit):
             parser().parse_args(args)
+
+
+def test_benchmarks_md_is_the_report_of_its_results_and_notes(tmp_path):
+    # docs/benchmarks.md is written by `bench report` from docs/bench/*.json and
+    # docs/benchmarks_notes.md: a paragraph added to the rendered file alone is lost at the next run.
+    import argparse
+    import shutil
+    from pathlib import Path
+
+    from unet_dist.perf.report import run
+
+    shutil.copytree(ROOT / "docs" / "bench", tmp_path / "bench")
+    shutil.copy(ROOT / "docs" / "benchmarks_notes.md", tmp_path)
+    run(argparse.Namespace(out=tmp_path, render_only=True, only=None, data=Path("DATA"), demo_data=Path("DEMO")))
+    assert (tmp_path / "benchmarks.md").read_text() == (ROOT / "docs" / "benchmarks.md").read_text(), (
+        "docs/benchmarks.md differs from its render: edit docs/benchmarks_notes.md, then run "
+        "python -m unet_dist.bench report --render-only --out docs --data DATA --demo-data DEMO")
