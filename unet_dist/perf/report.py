@@ -1,7 +1,9 @@
 """Runs the benchmarks, one fresh process each, and writes docs/benchmarks.md with tables and plots.
 
 Each benchmark's JSON is kept in OUT/bench/NAME.json with the exact command that produced it, so
-the report can be re-rendered (--render-only) or one benchmark re-run (--only NAME).
+the report can be re-rendered (--render-only) or one benchmark re-run (--only NAME). Written
+findings go in OUT/benchmarks_notes.md, which is appended to the tables: never edit the rendered
+OUT/benchmarks.md itself (a test checks that docs/benchmarks.md is its render).
 """
 
 from __future__ import annotations
