@@ -126,7 +126,12 @@ def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path, capsy
     over = tiny_overrides(steps=6) + ["runtime.deterministic=true", "train.checkpoint_every_steps=3",
                                       "data.augment.elastic=true", "optim.name=sgd", "optim.momentum=0.9",
                                       "optim.schedule=cosine", "optim.warmup_steps=2"]
-    train(load_config(None, over), shards, tmp_path / "straight")
+    first = train(load_config(None, over), shards, tmp_path / "straight")
+    # Step 6 evaluates and saves: its checkpoint holds the best IoU of that evaluation, so a run
+    # resumed from it does not take a worse model for a new best.
+    latest = tf.train.latest_checkpoint(str(tmp_path / "straight" / "checkpoints"))
+    saved_best = tf.train.load_checkpoint(latest).get_tensor("best_iou/.ATTRIBUTES/VARIABLE_VALUE")
+    assert latest.endswith("ckpt-6") and saved_best == pytest.approx(first["best_val_iou"]) and saved_best >= 0
     train(load_config(None, over + ["train.steps=3"]), shards, tmp_path / "split")
     s = train(load_config(None, over), shards, tmp_path / "split")
     assert s["start_step"] == 3

@@ -208,7 +208,7 @@ class StepGuard:
 
 
 class TrainLoop:
-    """Steps start+1 .. total of a run: log, checkpoint, evaluate, stop at train.target_val_iou or
+    """Steps start+1 .. total of a run: log, evaluate, checkpoint, stop at train.target_val_iou or
     when any rank is asked to stop (preemption: checkpoint, then raise Preempted).
     `average_statistics()` runs on every rank before each checkpoint and evaluation.
 
@@ -254,12 +254,17 @@ class TrainLoop:
                     self.average_statistics()
                 if step % cfg.log_every_steps == 0 or step == total or stop:
                     self._log(step, loss)
-                if save:
+                if stop:  # save at once, in the grace period: no evaluation first
                     self.ckpts.save(step)
-                if stop:
                     self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
                     raise Preempted(step, watcher.signame or "a signal to another rank")
-                if evaluate and self._evaluate(step):
+                # Evaluate before saving, so that this step's checkpoint holds the best IoU its own
+                # evaluation may have raised: a run resumed from it must not take a worse model
+                # than the saved best for a new best.
+                reached = evaluate and self._evaluate(step)
+                if save or reached:
+                    self.ckpts.save(step)
+                if reached:
                     break
 
     def _log(self, step: int, loss: float) -> None:
@@ -289,7 +294,6 @@ class TrainLoop:
         self.reached = (step, time.time() - self.t_start)
         self.logger.message(f"step {step}: val IoU {self.last_eval['val_iou']:.4f} >= train.target_val_iou {target}; "
                             f"stopping after {self.reached[1]:.0f} s")
-        self.ckpts.save(step)
         return True
 
 
