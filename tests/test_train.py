@@ -317,3 +317,13 @@ def test_checkpoints_resume_under_another_precision(tmp_path, first, second):
         np.testing.assert_array_equal(a, b)
     if second == "mixed_float16":
         assert float(opt2.dynamic_scale.numpy()) == (1024.0 if first == "mixed_float16" else 32768.0)
+
+
+def test_training_stops_at_the_target_val_iou_with_a_checkpoint(shards, tmp_path):
+    # Any IoU reaches a target this low: the first evaluation (step 2) stops the run and saves it.
+    cfg = load_config(None, tiny_overrides(steps=10) + ["train.eval_every_steps=2", "train.target_val_iou=0.001"])
+    s = train(cfg, shards, tmp_path / "w")
+    assert s["steps"] == s["target_reached_at_step"] == 2 and 0 < s["time_to_target_s"] <= s["wall_s"], s
+    assert tf.train.latest_checkpoint(str(tmp_path / "w" / "checkpoints")).endswith("ckpt-2")
+    events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert max(e["step"] for e in events if e["event"] == "train") == 2
