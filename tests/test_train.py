@@ -197,6 +197,7 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     assert "resuming at step 3" in again.stdout
     ev = run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), check=True)
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert json.loads((w / "eval.json").read_text()) == metrics and not list(w.glob(".eval.json.*"))
     assert metrics["val_records"] == json.loads((shards / "manifest.json").read_text())["val"]["records"]
     assert abs(metrics["val_iou"] - summary["final_val_iou"]) < 1e-6 or metrics["step"] != 3
     # Predict on odd sizes and modes.

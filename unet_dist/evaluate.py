@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
     from unet_dist.distribute import make_runtime
+    from unet_dist.logs import atomic_write_text
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
 
     try:
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     metrics.update({"checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
     if runtime.is_chief:
         print(json.dumps(metrics))
-        out.write_text(json.dumps(metrics, indent=1))
+        atomic_write_text(out, json.dumps(metrics, indent=1))  # a kill mid-write keeps the earlier file
     return 0
 
 
