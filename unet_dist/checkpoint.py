@@ -172,11 +172,29 @@ class Checkpoints:
             if unreadable:
                 self.runtime.print(f"unet_dist: resuming from {path}, the newest readable checkpoint",
                                    file=sys.stderr)
+            self._adopt_best_iou()
             return int(self.step.numpy())
         if unreadable:
             raise CheckpointError(f"no checkpoint in {self.dir} can be read: {'; '.join(unreadable)}; "
                                   "use --no-resume to start over (the run is moved aside) or another --workdir")
         return 0
+
+    def _adopt_best_iou(self) -> None:
+        """Takes the best checkpoint's IoU when it is higher than the restored one. A checkpoint is
+        saved before its step's evaluation, so it holds the best IoU from before it; resuming
+        with that lower value would let a worse model replace the saved best."""
+        path = tf.train.latest_checkpoint(str(self.dir / "best"))
+        if path is None:
+            return
+        try:
+            with _unreadable(path):
+                best = float(tf.train.load_checkpoint(path).get_tensor("best_iou/.ATTRIBUTES/VARIABLE_VALUE"))
+        except CheckpointError as e:  # damaged: the latest checkpoint's value is what is left
+            self.runtime.print(f"unet_dist: {e}; a new best is judged against the best IoU in the latest "
+                               "checkpoint", file=sys.stderr)
+            return
+        if best > float(self.best_iou.numpy()):
+            self.best_iou.assign(best)
 
     def restore(self, path: str) -> None:
         read_checkpoint(self.ckpt, path)

@@ -208,7 +208,7 @@ class StepGuard:
 
 
 class TrainLoop:
-    """Steps start+1 .. total of a run: log, evaluate, checkpoint, stop at train.target_val_iou or
+    """Steps start+1 .. total of a run: log, checkpoint, evaluate, stop at train.target_val_iou or
     when any rank is asked to stop (preemption: checkpoint, then raise Preempted).
     `average_statistics()` runs on every rank before each checkpoint and evaluation.
 
@@ -254,17 +254,16 @@ class TrainLoop:
                     self.average_statistics()
                 if step % cfg.log_every_steps == 0 or step == total or stop:
                     self._log(step, loss)
-                if stop:  # save at once, in the grace period: no evaluation first
+                # Saved before evaluating: the steps are kept even if the evaluation fails. The best
+                # IoU that evaluation may raise is in the best checkpoint, where a resume reads it.
+                if save:
                     self.ckpts.save(step)
+                if stop:
                     self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
                     raise Preempted(step, watcher.signame or "a signal to another rank")
-                # Evaluate before saving, so that this step's checkpoint holds the best IoU its own
-                # evaluation may have raised: a run resumed from it must not take a worse model
-                # than the saved best for a new best.
-                reached = evaluate and self._evaluate(step)
-                if save or reached:
-                    self.ckpts.save(step)
-                if reached:
+                if evaluate and self._evaluate(step):
+                    if not save:  # the run ends here: its last step is the latest checkpoint
+                        self.ckpts.save(step)
                     break
 
     def _log(self, step: int, loss: float) -> None:
