@@ -186,14 +186,14 @@ class Checkpoints:
         path = tf.train.latest_checkpoint(str(self.dir / "best"))
         if path is None:
             return
+        best = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
         try:
-            with _unreadable(path):
-                best = float(tf.train.load_checkpoint(path).get_tensor("best_iou/.ATTRIBUTES/VARIABLE_VALUE"))
+            read_checkpoint(tf.train.Checkpoint(best_iou=best), path)
         except CheckpointError as e:  # damaged: the latest checkpoint's value is what is left
             self.runtime.print(f"unet_dist: {e}; a new best is judged against the best IoU in the latest "
                                "checkpoint", file=sys.stderr)
             return
-        if best > float(self.best_iou.numpy()):
+        if float(best.numpy()) > float(self.best_iou.numpy()):
             self.best_iou.assign(best)
 
     def restore(self, path: str) -> None:
