@@ -277,6 +277,17 @@ def test_patch_training_evaluates_whole_images(shards, tmp_path):
         (shards / "manifest.json").read_text())["val"]["records"]
 
 
+def _model_and_checkpoints(workdir, precision: str = "float32"):
+    """(model, optimizer, Checkpoints of WORKDIR) of the tiny U-Net, built as training builds them."""
+    from unet_dist.checkpoint import Checkpoints
+    from unet_dist.distribute import Runtime
+    from unet_dist.trainer import build_model_and_optimizer
+
+    cfg = load_config(None, tiny_overrides() + [f"runtime.precision={precision}"])
+    model, opt = build_model_and_optimizer(cfg, Runtime(cfg, "test"), 1e-3)
+    return model, opt, Checkpoints(Runtime(cfg, "test"), workdir, model, opt, cfg)
+
+
 @pytest.mark.parametrize("first,second", [("float32", "mixed_float16"), ("mixed_float16", "float32"),
                                           ("mixed_float16", "mixed_float16")])
 def test_checkpoints_resume_under_another_precision(tmp_path, first, second):
@@ -284,16 +295,7 @@ def test_checkpoints_resume_under_another_precision(tmp_path, first, second):
     # optimizer's state is restored whether or not a loss-scale wrapper is around it, and the
     # loss scale itself when both sides have one. (Saving the wrapper in the optimizer's place
     # made the float32 <-> float16 restores fail on mismatched dtypes.)
-    from unet_dist.checkpoint import Checkpoints
-    from unet_dist.distribute import Runtime
-    from unet_dist.trainer import build_model_and_optimizer
-
-    def build(precision):
-        cfg = load_config(None, tiny_overrides() + [f"runtime.precision={precision}"])
-        model, opt = build_model_and_optimizer(cfg, Runtime(cfg, "test"), 1e-3)
-        return model, opt, Checkpoints(Runtime(cfg, "test"), tmp_path, model, opt, cfg)
-
-    model, opt, ckpts = build(first)
+    model, opt, ckpts = _model_and_checkpoints(tmp_path, first)
     grads = [tf.random.stateless_normal(v.shape, seed=(i, 0)) for i, v in enumerate(model.trainable_variables)]
     for _ in range(2):
         opt.apply(grads, model.trainable_variables)
@@ -303,7 +305,7 @@ def test_checkpoints_resume_under_another_precision(tmp_path, first, second):
     inner = getattr(opt, "inner_optimizer", opt)
     saved = {"weights": [v.numpy() for v in model.weights], "optimizer": [v.numpy() for v in inner.variables]}
 
-    model2, opt2, ckpts2 = build(second)
+    model2, opt2, ckpts2 = _model_and_checkpoints(tmp_path, second)
     assert ckpts2.restore_latest() == 2
     inner2 = getattr(opt2, "inner_optimizer", opt2)
     assert int(inner2.iterations.numpy()) == 2
@@ -329,19 +331,10 @@ def test_a_resumed_run_judges_a_new_best_against_the_best_so_far(tmp_path):
     # The training loop saves a step before evaluating it, so the latest checkpoint holds the best
     # IoU from before that evaluation and the best checkpoint the one after. A resume must take the
     # higher, or a worse model replaces the saved best.
-    from unet_dist.checkpoint import Checkpoints
-    from unet_dist.distribute import Runtime
-    from unet_dist.trainer import build_model_and_optimizer
-
-    def build():
-        cfg = load_config(None, tiny_overrides())
-        model, opt = build_model_and_optimizer(cfg, Runtime(cfg, "test"), 1e-3)
-        return Checkpoints(Runtime(cfg, "test"), tmp_path, model, opt, cfg)
-
-    ckpts = build()
+    *_, ckpts = _model_and_checkpoints(tmp_path)
     ckpts.save(2)
     assert ckpts.save_best(2, 0.7)
-    resumed = build()
+    *_, resumed = _model_and_checkpoints(tmp_path)
     assert resumed.restore_latest() == 2 and float(resumed.best_iou.numpy()) == pytest.approx(0.7)
     assert not resumed.save_best(4, 0.6)
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "best")).endswith("best-2")
