@@ -36,6 +36,12 @@ def test_defaults_and_presets_load_and_read_back_from_a_runs_config_yaml(tmp_pat
         ("model.up_filters=[4, 2]", ["model.up_filters"]),
         ("data.patch_size=[512, 128]", ["data.patch_size", "0 < h <= 256"]),
         ("data.patch_size=[120, 128]", ["data.patch_size", "divisible by 2^depth = 16"]),
+        ("runtime.seed=-1", ["runtime.seed", "2**32 - 1"]),
+        ("runtime.seed=4294967296", ["runtime.seed"]),
+        ("train.focal_gamma=-1", ["train.focal_gamma", ">= 0"]),
+        ("train.weight_w0=-10", ["train.weight_w0", ">= 0"]),
+        ("optim.power=0", ["optim.power", "> 0"]),
+        ("optim.step_factor=0", ["optim.step_factor", "> 0"]),
     ],
 )
 def test_bad_values_name_the_key(override, words):

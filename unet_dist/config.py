@@ -355,9 +355,12 @@ def validate(cfg: Config) -> None:
     need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
     need(0 <= o.end_learning_rate_factor <= 1, "optim.end_learning_rate_factor", "0 to 1", o.end_learning_rate_factor)
     need(o.reference_batch_size > 0, "optim.reference_batch_size", "> 0", o.reference_batch_size)
+    need(o.power > 0, "optim.power", "> 0", o.power)
+    need(o.step_factor > 0, "optim.step_factor", "> 0", o.step_factor)
     need(all(0 < b < 1 for b in o.step_boundaries) and o.step_boundaries == sorted(o.step_boundaries),
          "optim.step_boundaries", "increasing fractions of training in (0, 1)", o.step_boundaries)
 
+    need(0 <= r.seed < 2**32, "runtime.seed", "0 to 2**32 - 1 (numpy's seed range)", r.seed)
     need(r.intra_op_threads >= 0, "runtime.intra_op_threads", ">= 0 (0 = auto)", r.intra_op_threads)
     need(r.allreduce_pack_mb >= 0, "runtime.allreduce_pack_mb", ">= 0", r.allreduce_pack_mb)
     need(r.horovod_cycle_time_ms is None or r.horovod_cycle_time_ms > 0, "runtime.horovod_cycle_time_ms",
@@ -376,6 +379,8 @@ def validate(cfg: Config) -> None:
     need(t.target_val_iou is None or 0 < t.target_val_iou <= 1, "train.target_val_iou", "null or in (0, 1]",
          t.target_val_iou)
     need(t.weight_sigma > 0, "train.weight_sigma", "> 0", t.weight_sigma)
+    need(t.weight_w0 >= 0, "train.weight_w0", ">= 0", t.weight_w0)
+    need(t.focal_gamma >= 0, "train.focal_gamma", ">= 0", t.focal_gamma)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
