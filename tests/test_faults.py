@@ -130,6 +130,27 @@ def test_corrupt_shard_is_named_and_skipping_is_opt_in(shards, tmp_path):
     assert 0 < s["lost_records"] < m["train"]["records_per_shard"][1] + 1
 
 
+def test_corrupt_val_shard_is_named_in_one_line_after_the_checkpoint(shards, tmp_path, capsys):
+    copy, m = _copy(shards, tmp_path)
+    victim = copy / m["val"]["shards"][0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    victim.write_bytes(bytes(data))
+    over = tiny_overrides(steps=4) + ["train.eval_every_steps=2", "train.checkpoint_every_steps=2"]
+    # Validation records are never skipped: metrics must count every one.
+    with pytest.raises(DataError, match=rf"validation data unreadable: .*{victim.name}: corrupt after \d+ records, "
+                                        r"\d+ lost \(corrupted record at \d+\); convert again$"):
+        train(load_config(None, over + ["data.skip_corrupt_records=true"]), copy, tmp_path / "w")
+    assert (tmp_path / "w" / "checkpoints" / "ckpt-2.index").exists()  # saved before the evaluation failed
+    from unet_dist import evaluate
+
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(tmp_path / "w"), "--data", str(copy), "--checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate: error: validation data unreadable: ") and victim.name in err[0]
+    assert not (tmp_path / "w" / "eval.json").exists()
+
+
 def test_too_many_skipped_float16_steps_stop_with_a_message(shards, tmp_path, monkeypatch):
     scale_loss_after(monkeypatch, 2, 1e30)  # finite loss, gradients overflow float16 from step 3 on
     cfg = load_config(None, tiny_overrides(steps=30) + ["runtime.precision=mixed_float16", "train.max_skipped_steps=4"])

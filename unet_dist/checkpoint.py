@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import tensorflow as tf
 
 from unet_dist.config import Config, ConfigError
 from unet_dist.distribute import Runtime
+from unet_dist.errors import tf_reason
 from unet_dist.logs import atomic_write_text
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
@@ -53,8 +53,7 @@ def _unreadable(path: str):
     try:
         yield
     except (tf.errors.OpError, IndexError) as e:  # IndexError: a .data file cut short
-        message = (getattr(e, "message", None) or str(e)).strip()
-        reason = re.sub(r"^\{\{.*?\}\}\s*", "", message).splitlines()[0]  # drop TF's {{function_node ...}}
+        reason = tf_reason(e)
         raise CheckpointError(f"checkpoint {path} is unreadable ({reason})", reason) from None
 
 

@@ -56,7 +56,11 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    metrics, _ = evaluate(model, cfg, runtime, args.data, manifest)
+    try:
+        metrics, _ = evaluate(model, cfg, runtime, args.data, manifest)
+    except DataError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     metrics.update({"checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
     if runtime.is_chief:
         print(json.dumps(metrics))

@@ -20,7 +20,14 @@ import tensorflow as tf
 from unet_dist import precision
 from unet_dist.checkpoint import Checkpoints, check_free_space
 from unet_dist.config import Config, ConfigError, config_yaml, writable_dir
-from unet_dist.data.pipeline import DataError, eval_dataset, load_manifest, lost_records, train_dataset
+from unet_dist.data.pipeline import (
+    DataError,
+    eval_dataset,
+    load_manifest,
+    lost_records,
+    train_dataset,
+    unreadable_record,
+)
 from unet_dist.distribute import Runtime, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
@@ -111,6 +118,7 @@ class Evaluator:
     def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict):
         self.k = k = manifest["num_classes"]
         self.runtime = runtime
+        self.data_dir, self.manifest = data_dir, manifest
         _, per_replica = runtime.batch_sizes()
         self.dataset = eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest)
 
@@ -128,14 +136,19 @@ class Evaluator:
         cm = np.zeros((k, k), np.float64)
         loss_sum, count = 0.0, 0
         panel = np.zeros((0, 1, 1, 3), np.uint8)
-        for batch in self.dataset:
-            c, ls, n, pred = self.eval_step(batch)
-            cm += c.numpy()
-            loss_sum += float(ls)
-            count += int(n)
-            if panels and panel.shape[0] == 0:
-                panel = panel_rows(batch["image"].numpy()[:panels], batch["mask"].numpy()[:panels, ..., 0],
-                                   pred.numpy()[:panels], k)
+        try:
+            for batch in self.dataset:
+                c, ls, n, pred = self.eval_step(batch)
+                cm += c.numpy()
+                loss_sum += float(ls)
+                count += int(n)
+                if panels and panel.shape[0] == 0:
+                    panel = panel_rows(batch["image"].numpy()[:panels], batch["mask"].numpy()[:panels, ..., 0],
+                                       pred.numpy()[:panels], k)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            # Never skipped (data.skip_corrupt_records is for training): metrics must count every val record.
+            raise DataError(f"validation data unreadable: {unreadable_record(self.data_dir, self.manifest, 'val', e)}"
+                            "; convert again") from None
         total = self.runtime.allreduce_sum(np.concatenate([cm.ravel(), [loss_sum, count]]))
         cm, loss_sum, count = total[: k * k].reshape(k, k), total[-2], total[-1]
         s = scores(cm)
@@ -157,8 +170,7 @@ def next_batch(batches, data_dir: Path, manifest: dict, step: int):
     try:
         return next(batches)
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        _, lines = lost_records(data_dir, manifest)
-        where = lines[0] if lines else f"a record that does not decode ({e.message.splitlines()[0]})"
+        where = unreadable_record(data_dir, manifest, "train", e)
         raise DataError(f"training data unreadable at step {step}: {where}; convert again, or set "
                         f"data.skip_corrupt_records=true to skip what cannot be read") from None
 

@@ -10,8 +10,8 @@ Equal steps by construction: the training stream repeats forever and the trainer
 number of batches, so no worker runs out of data before another.
 
 Resume: element i of the (seeded, repeated) record stream is augmented with the stateless seed
-(seed, i), whatever batch it lands in,, and a run resumed at step s skips the records of the first s steps before decoding, so
-the data order continues exactly where it stopped in deterministic mode.
+(seed, i), whatever batch it lands in, and a run resumed at step s skips the records of the first s
+steps before decoding, so the data order continues exactly where it stopped in deterministic mode.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from unet_dist.config import Config
 from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
+from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def corrupt_shards(files: list[str]) -> list[tuple[str, int, str]]:
             for _ in tf.data.TFRecordDataset(f):
                 n += 1
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as e:
-            bad.append((f, n, e.message.splitlines()[0]))
+            bad.append((f, n, tf_reason(e)))
     return bad
 
 
@@ -108,6 +109,13 @@ def lost_records(data_dir: Path, manifest: dict, split: str = "train") -> tuple[
         lost += missing
         lines.append(f"{f}: corrupt after {n} records, {missing} lost ({err})")
     return lost, lines
+
+
+def unreadable_record(data_dir: Path, manifest: dict, split: str, error: tf.errors.OpError) -> str:
+    """What a read of `split` failed on, for a one-line message: the first corrupt shard (found by
+    reading every shard of the split), else the record that does not decode and TF's reason."""
+    _, lines = lost_records(data_dir, manifest, split)
+    return lines[0] if lines else f"a record that does not decode ({tf_reason(error)})"
 
 
 def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
