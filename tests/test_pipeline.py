@@ -1,6 +1,9 @@
+import subprocess
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import PY, ROOT, subprocess_env
 
 from unet_dist.config import AugmentConfig, load_config
 from unet_dist.data.augment import augment
@@ -94,6 +97,23 @@ def test_deterministic_mode_is_world_size_independent_and_resumable(shards):
     resumed = [b["image"].numpy() for b in train_dataset(shards, cfg, 4, 4, Shard(0, 1), start_step=3).take(3)]
     for s in range(3):
         np.testing.assert_array_equal(resumed[s], one[3 + s])
+
+
+def test_a_shuffle_buffer_beyond_the_data_shuffles_it_whole(shards):
+    # In a child: a buffer of 10**11 used to crash the process (tf.data reserves what it is given).
+    code = f"""
+import numpy as np
+from unet_dist.config import load_config
+from unet_dist.data.pipeline import train_dataset, load_manifest
+n = load_manifest({str(shards)!r})["train"]["records"]
+masks = [[b["mask"].numpy() for b in train_dataset({str(shards)!r}, load_config(None, [
+    "runtime.deterministic=true", "data.image_size=[64, 64]", "model.depth=2", f"data.shuffle_buffer={{size}}"]),
+    4, 4).take(4)] for size in (n, 10**11)]
+print("same" if all(np.array_equal(a, b) for a, b in zip(*masks)) else "different")
+"""
+    proc = subprocess.run([PY, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
 
 
 def test_eval_sees_every_record_exactly_once(shards):

@@ -234,7 +234,10 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
                        num_parallel_calls=AUTOTUNE, deterministic=det or per_record)
     if per_record:
         ds = ds.shard(shard.count, shard.index)
-    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + 1).repeat()
+    # A buffer as large as the stream already shuffles it whole (the same order for any larger one);
+    # tf.data reserves what it is given, and a huge value crashed the process.
+    buffer = max(1, min(cfg.data.shuffle_buffer, manifest["train"]["records"]))
+    ds = ds.shuffle(buffer, seed=seed + 1).repeat()
     ds = ds.enumerate()  # (global index in this stream, record)
     if det:
         ds = ds.skip(start_step * global_batch)  # raw records only: cheap, no decoding
