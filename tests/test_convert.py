@@ -215,6 +215,18 @@ def test_masks_keep_palette_indices(tmp_path):
         convert(tmp_path / "nope", tmp_path / "o")
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    ({"shards": 0}, "--shards 0: must be >= 1"), ({"val_fraction": 1.0}, "--val-fraction 1.0: must be in [0, 1)"),
+    ({"workers": 0}, "--workers 0: must be >= 1"), ({"seed": -1}, "--seed -1: must be >= 0"),
+])
+def test_bad_arguments_are_named_before_work(tmp_path, kwargs, words):
+    src = _pet_dir(tmp_path, n=2)
+    with pytest.raises(ConvertError) as e:
+        convert(src, tmp_path / "o", **kwargs)
+    assert str(e.value) == words
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_missing_file_or_a_folder_is_not_called_corrupt(tmp_path):
     from unet_dist.data.imageio import BadImage
 

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"-n must be >= 1, got {args.n}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     try:
         writable_dir(args.out, "OUT")
     except ConfigError as e:

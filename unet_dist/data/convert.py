@@ -197,6 +197,8 @@ def convert(
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if workers < 1:
         raise ConvertError(f"--workers {workers}: must be >= 1")
+    if seed < 0:
+        raise ConvertError(f"--seed {seed}: must be >= 0")
     if image_size is not None and min(image_size) < 1:
         raise ConvertError(f"--image-size {image_size}: must be positive")
     if not src.is_dir():
