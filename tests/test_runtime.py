@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import ROOT, subprocess_env
 
+from unet_dist.config import ConfigError
 from unet_dist.distribute import _local_rank_from_env, _local_size_from_env, cpu_share
 
 
@@ -41,6 +42,16 @@ def test_local_rank_and_size_of_tf_config_workers_count_only_this_host(monkeypat
     assert (_local_rank_from_env(), _local_size_from_env()) == (0, 1)
     monkeypatch.setenv("HOROVOD_LOCAL_RANK", "1")  # a launcher's own variable wins
     assert _local_rank_from_env() == 1
+    # A variable that is not a number is named in one line (the trainer prints it and exits).
+    monkeypatch.setenv("UNET_DIST_LOCAL_SIZE", "two")
+    with pytest.raises(ConfigError, match=r"^environment variable UNET_DIST_LOCAL_SIZE='two': expected an integer$"):
+        _local_size_from_env()
+    monkeypatch.delenv("UNET_DIST_LOCAL_SIZE")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "x(2)")
+    with pytest.raises(ConfigError, match=r"SLURM_TASKS_PER_NODE='x\(2\)'"):
+        _local_size_from_env()
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2(x3)")
+    assert _local_size_from_env() == 2
 
 
 PIN_PROBE = """

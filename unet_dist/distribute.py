@@ -47,7 +47,7 @@ def choose_backend(cfg: Config, num_gpus: int | None = None) -> tuple[str, str]:
     if cfg.runtime.cluster == "slurm":
         return "multiworker", "runtime.cluster is slurm"
     launched = [v for v in _HOROVOD_ENV if v in os.environ]
-    if not launched and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+    if not launched and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and _env_int("SLURM_NTASKS") > 1:
         launched = ["SLURM_PROCID"]
     if launched:
         if _horovod_available():
@@ -115,14 +115,24 @@ def _tf_config_local() -> tuple[int, int]:
     return here.index(mine), len(here)
 
 
+def _env_int(var: str, text: str | None = None) -> int:
+    """An integer environment variable (or `text`, the part of it that holds one); ConfigError naming it."""
+    value = os.environ[var]
+    try:
+        return int(value if text is None else text)
+    except ValueError:
+        raise ConfigError(f"environment variable {var}={value!r}: expected an integer") from None
+
+
 def _local_size_from_env() -> int:
     for var in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "UNET_DIST_LOCAL_SIZE"):
         if var in os.environ:
-            return max(1, int(os.environ[var]))
+            return max(1, _env_int(var))
     if "SLURM_NTASKS_PER_NODE" in os.environ:
-        return max(1, int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0]))
+        return max(1, _env_int("SLURM_NTASKS_PER_NODE", os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0]))
     if "SLURM_TASKS_PER_NODE" in os.environ:  # e.g. "2(x3)" or "2,1"
-        return max(1, int(os.environ["SLURM_TASKS_PER_NODE"].split("(")[0].split(",")[0]))
+        var = "SLURM_TASKS_PER_NODE"
+        return max(1, _env_int(var, os.environ[var].split("(")[0].split(",")[0]))
     if "TF_CONFIG" in os.environ:  # workers of one cluster on the same host share its cores
         return _tf_config_local()[1]
     return 1
@@ -132,7 +142,7 @@ def _local_rank_from_env() -> int:
     for var in ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "UNET_DIST_LOCAL_RANK",
                 "SLURM_LOCALID"):
         if var in os.environ:
-            return int(os.environ[var])
+            return _env_int(var)
     if "TF_CONFIG" in os.environ:
         return _tf_config_local()[0]
     return 0
