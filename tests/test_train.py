@@ -338,3 +338,26 @@ def test_a_resumed_run_judges_a_new_best_against_the_best_so_far(tmp_path):
     assert resumed.restore_latest() == 2 and float(resumed.best_iou.numpy()) == pytest.approx(0.7)
     assert not resumed.save_best(4, 0.6)
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "best")).endswith("best-2")
+
+
+def test_no_resume_moves_the_earlier_run_aside_usable(shards, tmp_path, monkeypatch):
+    import unet_dist.trainer as T
+    from unet_dist.distribute import Runtime
+    from unet_dist.inference import load_trained
+
+    cfg = load_config(None, tiny_overrides(steps=2))
+    train(cfg, shards, tmp_path / "w")
+    monkeypatch.setattr(T.time, "strftime", lambda fmt: "previous-20261202-120000")
+    T.prepare_workdir(tmp_path / "w", Runtime(cfg, "test"), resume=False)
+    old = tmp_path / "w" / "previous-20261202-120000"
+    for name in ("checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "data.json"):
+        assert (old / name).exists() and not (tmp_path / "w" / name).exists(), name
+    # What evaluate, predict and export need to use the moved run: its own config and checkpoints.
+    model, moved_cfg, path = load_trained(old, "latest")
+    assert moved_cfg.model.base_filters == 4 and path.endswith("ckpt-2")
+    # A second restart in the same second gets a folder of its own.
+    (tmp_path / "w" / "checkpoints").mkdir()
+    (tmp_path / "w" / "config.yaml").write_text("second")
+    T.prepare_workdir(tmp_path / "w", Runtime(cfg, "test"), resume=False)
+    assert (old.parent / f"{old.name}-2" / "config.yaml").read_text() == "second"
+    assert (old / "config.yaml").read_text() != "second"

@@ -62,10 +62,17 @@ def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
         return
     writable_dir(workdir, "--workdir")
     if not resume and (workdir / "checkpoints").exists():
-        # --no-resume starts over without destroying the earlier run: move it aside.
-        old = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
+        # --no-resume starts over without destroying the earlier run: move it aside, with the
+        # config.yaml and data.json that evaluate, predict and export need to use its checkpoints.
+        stamp = time.strftime("previous-%Y%m%d-%H%M%S")
+        old = workdir / stamp
+        n = 1
+        while old.exists():  # two restarts in one second
+            n += 1
+            old = workdir / f"{stamp}-{n}"
         old.mkdir()
-        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "learning_curves.png"):
+        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "learning_curves.png",
+                     "config.yaml", "data.json", "eval.json"):
             if (workdir / name).exists():
                 shutil.move(str(workdir / name), str(old / name))
         print(f"--no-resume: moved the earlier run in {workdir} to {old}", flush=True)
