@@ -94,3 +94,27 @@ def test_bad_tile_or_overlap_is_named(tile, overlap, message):
     valid = load_config(None, ["model.padding=valid", "model.depth=2", "data.image_size=[60, 60]"])
     with pytest.raises(ValueError, match="--tile 61: 61 does not fit valid padding"):
         tiling(valid, (61, 61))
+
+
+def test_an_interrupted_prediction_leaves_the_earlier_outputs_whole(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    import unet_dist.logs
+    from unet_dist.predict import save_outputs
+
+    image = np.full((6, 8, 3), 200, np.uint8)
+    save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "a")
+    before = (tmp_path / "a_mask.png").read_bytes()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # as if the process were stopped between writing and renaming
+
+    monkeypatch.setattr(unet_dist.logs.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_outputs(image, np.zeros((6, 8), np.uint8), tmp_path, "a")
+    monkeypatch.setattr(unet_dist.logs.os, "replace", os.replace)
+    assert (tmp_path / "a_mask.png").read_bytes() == before
+    assert np.asarray(Image.open(tmp_path / "a_mask.png")).max() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_mask.png", "a_overlay.png"]  # no temporary left

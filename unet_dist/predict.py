@@ -11,6 +11,7 @@ overlap-tile prediction for images larger than the training size.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -22,14 +23,22 @@ from unet_dist.config import ConfigError, add_workdir_args, writable_dir
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 
 
+def _save_png(image: Image.Image, path: Path) -> None:
+    from unet_dist.logs import atomic_write_bytes  # loads TensorFlow: after the arguments are checked
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())  # an interrupted run leaves an earlier prediction whole
+
+
 def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -> None:
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(PALETTE + [128] * (768 - len(PALETTE)))
-    mask.save(out / f"{stem}_mask.png")
+    _save_png(mask, out / f"{stem}_mask.png")
     fg = (classes > 0)[..., None]
     shown = np.asarray(mask.convert("RGB"))
     panel = np.concatenate([image, shown, (image * fg).astype(np.uint8)], axis=1)
-    Image.fromarray(panel).save(out / f"{stem}_overlay.png")
+    _save_png(Image.fromarray(panel), out / f"{stem}_overlay.png")
 
 
 def main(argv=None) -> int:
