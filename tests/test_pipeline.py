@@ -142,6 +142,30 @@ def test_missing_or_mismatched_data_is_named(tmp_path, shards):
         load_manifest(copy)
 
 
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: [1], "the top level must be an object, got [1]"),
+    (lambda m: {**m, "num_classes": "two"}, 'num_classes must be an integer >= 2, got "two"'),
+    (lambda m: {**m, "train": [1, 2]}, 'train must be an object with "shards" and "records", got [1, 2]'),
+    (lambda m: {**m, "val": {}}, "val.shards must be a list of file names, got null"),
+    (lambda m: {**m, "train": {**m["train"], "records": None}}, "train.records must be an integer >= 0, got null"),
+    (lambda m: {**m, "train": {**m["train"], "records_per_shard": [1]}},
+     "train.records_per_shard must be a list of {n} counts (one per shard), got [1]"),
+])
+def test_a_manifest_of_another_shape_is_named_in_one_line(tmp_path, shards, edit, words):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(edit(m)))
+    with pytest.raises(DataError) as e:
+        load_manifest(copy)
+    words = words.replace("{n}", str(len(m["train"]["shards"])))
+    assert str(e.value) == f"{copy / 'manifest.json'}: {words}; convert again"
+
+
 def test_nearest_resampling_keeps_class_ids_and_identity():
     from unet_dist.data.augment import nearest
 

@@ -64,9 +64,7 @@ def load_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"{path} not found: convert the data first (python -m unet_dist.convert SRC {data_dir})") from None
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable manifest ({e})") from None
-    for key in ("num_classes", "train", "val"):
-        if key not in manifest:
-            raise DataError(f"{path}: missing key {key!r}")
+    _check_manifest(manifest, path)
     for split in ("train", "val"):
         names = manifest[split]["shards"]
         sizes = manifest[split].get("bytes") or [None] * len(names)
@@ -83,6 +81,37 @@ def load_manifest(data_dir: str | Path) -> dict:
     if not manifest["train"]["shards"]:
         raise DataError(f"{path}: no training shards")
     return manifest
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """The structure `convert` writes, or a DataError naming the first key that differs (a manifest
+    edited by hand, or written by something else)."""
+
+    def bad(key: str, want: str, got) -> DataError:
+        return DataError(f"{path}: {key} must be {want}, got {json.dumps(got)[:80]}; convert again")
+
+    if not isinstance(manifest, dict):
+        raise bad("the top level", "an object", manifest)
+    for key in ("num_classes", "train", "val"):
+        if key not in manifest:
+            raise DataError(f"{path}: missing key {key!r}")
+    k = manifest["num_classes"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        raise bad("num_classes", "an integer >= 2", k)
+    for split in ("train", "val"):
+        part = manifest[split]
+        if not isinstance(part, dict):
+            raise bad(split, 'an object with "shards" and "records"', part)
+        shards, records = part.get("shards"), part.get("records")
+        if not isinstance(shards, list) or not all(isinstance(n, str) for n in shards):
+            raise bad(f"{split}.shards", "a list of file names", shards)
+        if not isinstance(records, int) or records < 0:
+            raise bad(f"{split}.records", "an integer >= 0", records)
+        for key in ("bytes", "records_per_shard"):  # optional (older manifests): one count per shard
+            v = part.get(key)
+            if v is not None and (not isinstance(v, list) or len(v) != len(shards)
+                                  or not all(isinstance(n, int) and n >= 0 for n in v)):
+                raise bad(f"{split}.{key}", f"a list of {len(shards)} counts (one per shard)", v)
 
 
 def corrupt_shards(files: list[str]) -> list[tuple[str, int, str]]:
