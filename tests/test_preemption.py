@@ -96,3 +96,21 @@ def test_sigterm_single_process_exits_75_with_checkpoint(shards, tmp_path):
     assert proc.returncode == 75, err[-2000:]
     stopped = _train_steps(w)[-1]
     assert (w / "checkpoints" / f"ckpt-{stopped}.index").exists()
+
+
+def test_ctrl_c_stops_at_a_saved_step_and_the_rerun_resumes(shards, tmp_path):
+    w = tmp_path / "w"
+    cmd = _train_cmd(shards, w) + ["--set", "runtime.strategy=single"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_step(w, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and "Traceback" not in err, err[-2000:]
+    assert "SIGINT received" in err and "Ctrl-C again to stop at once" in err
+    stopped = _train_steps(w)[-1]
+    assert f"stopped at step {stopped} on SIGINT; checkpoint saved" in err
+    assert (w / "checkpoints" / f"ckpt-{stopped}.index").exists()
+    again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"resuming at step {stopped}" in again.stdout, again.stderr[-2000:]
+    assert _train_steps(w) == list(range(1, 61))

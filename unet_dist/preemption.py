@@ -1,5 +1,7 @@
 """Preemption: SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (scancel, the limit
-itself) ask training to stop at a step every rank agrees on, save, and exit to be requeued.
+itself) ask training to stop at a step every rank agrees on, save, and exit to be requeued. Ctrl-C
+(SIGINT) does the same once, so an interactive run stops with its steps saved; a second Ctrl-C
+interrupts at once.
 
 Every rank installs the handler; the flag rides along with each step's reported numbers, summed
 over all replicas (see trainer.make_train_step), so the first step at which any rank has seen a
@@ -27,7 +29,7 @@ class Preempted(Exception):
 class PreemptionWatcher:
     """Installs handlers for SIGUSR1 and SIGTERM while training; `requested` turns true on either."""
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
+    SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
     def __init__(self):
         self.requested = False
@@ -37,8 +39,12 @@ class PreemptionWatcher:
     def _handle(self, signum, frame):
         self.requested = True
         self.signame = signal.Signals(signum).name
-        print(f"unet_dist: {self.signame} received; stopping at the next step all ranks agree on", file=sys.stderr,
-              flush=True)
+        again = ""
+        if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt: a way out that does not wait
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            again = " (Ctrl-C again to stop at once, without saving)"
+        print(f"unet_dist: {self.signame} received; stopping at the next step all ranks agree on{again}",
+              file=sys.stderr, flush=True)
 
     def __enter__(self):
         for name in self.SIGNALS:
