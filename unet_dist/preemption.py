@@ -27,7 +27,7 @@ class Preempted(Exception):
 
 
 class PreemptionWatcher:
-    """Installs handlers for SIGUSR1 and SIGTERM while training; `requested` turns true on either."""
+    """Installs handlers for SIGUSR1, SIGTERM and SIGINT while training; `requested` turns true on any."""
 
     SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
