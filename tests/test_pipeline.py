@@ -129,6 +129,9 @@ def test_eval_sees_every_record_exactly_once(shards):
 def test_missing_or_mismatched_data_is_named(tmp_path, shards):
     with pytest.raises(DataError, match="does not exist"):
         load_manifest(tmp_path / "nope")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="afile is a file, not a folder"):
+        load_manifest(tmp_path / "afile")
     with pytest.raises(DataError, match="manifest.json not found"):
         load_manifest(tmp_path)
     import json

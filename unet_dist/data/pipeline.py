@@ -57,7 +57,8 @@ def load_manifest(data_dir: str | Path) -> dict:
     data_dir = Path(data_dir)
     path = data_dir / "manifest.json"
     if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist")
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise DataError(f"data folder {data_dir} {what}")
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
