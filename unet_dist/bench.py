@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--per-replica-batch", type=positive, default=8)
     ps.add_argument("--config", type=Path, help="train this config's model, size, precision, optimizer and loss "
                                                 "(default: the demo-size U-Net in float32)")
-    ps.add_argument("--backends", nargs="+", default=["horovod", "multiworker"])
+    ps.add_argument("--backends", nargs="+", choices=["horovod", "multiworker"], default=["horovod", "multiworker"])
     ps.add_argument("--steps", type=positive, default=10, help="timed steps of each kind per round")
     ps.add_argument("--rounds", type=positive, default=8, help="rounds of synchronous and 1-process steps per job")
     ps.add_argument("--repeats", type=positive, default=3, help="2-process jobs per backend")
