@@ -131,7 +131,8 @@ def test_bench_bad_input_is_one_line_naming_it(tmp_path):
     from unet_dist.bench import parser
 
     for args in (["scaling", "--steps", "0"], ["pipeline", "--data", "d", "--batches", "-1"],
-                 ["tta", "--data", "d", "--every", "x"], ["scaling", "--backends", "mirrored"]):
+                 ["tta", "--data", "d", "--every", "x"], ["scaling", "--backends", "mirrored"],
+                 ["train", "--data", "d", "--variants", "float32+jit"]):
         with pytest.raises(SystemExit):
             parser().parse_args(args)
 

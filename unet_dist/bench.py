@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 
 VARIANTS = ["float32", "mixed_bfloat16", "float32+xla", "mixed_bfloat16+xla"]
+# What --variants takes: a precision, optionally with XLA (mixed_float16 for GPUs).
+ALL_VARIANTS = [p + x for p in ("float32", "mixed_bfloat16", "mixed_float16") for x in ("", "+xla")]
 
 
 def positive(text: str) -> int:
@@ -69,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
         pt.add_argument("--source", type=Path)
         pt.add_argument("--config", type=Path, default=Path("configs/pets_seed.yaml"))
         pt.add_argument("--steps", type=positive, default=5 if name == "profile" else 10)
-        pt.add_argument("--variants", nargs="+", default=VARIANTS if name == "train" else ["float32", "mixed_bfloat16"])
+        pt.add_argument("--variants", nargs="+", choices=ALL_VARIANTS,
+                        default=VARIANTS if name == "train" else ["float32", "mixed_bfloat16"])
         pt.add_argument("--set", action="append", default=[])
     ps = sub.add_parser("scaling", help="weak scaling, 1 vs 2 processes, Horovod and MultiWorkerMirrored")
     ps.add_argument("--per-replica-batch", type=positive, default=8)
