@@ -86,6 +86,22 @@ def test_file_sharding_gives_disjoint_records_and_equal_steps(shards):
         assert len(list(train_dataset(shards, cfg, 2, 4, Shard(i, 2)).take(100))) == 100
 
 
+def test_per_record_sharding_with_fewer_shards_than_workers(shards):
+    # Fewer shard files than workers: every worker reads every file and keeps every n-th record.
+    cfg = load_config(None, PLAIN)
+    m = load_manifest(shards)
+    n, files = m["train"]["records"], len(m["train"]["shards"])
+    count = files + 1
+    # About one pass each: together the workers see every record (the parallel map may let a sample of
+    # the next pass overtake one of this pass, so exact disjointness is not asserted).
+    seen = [set(_keys(train_dataset(shards, cfg, 1, count, Shard(i, count)).take(2 * n // count)))
+            for i in range(count)]
+    assert all(seen) and set().union(*seen) == set(_keys(train_dataset(shards, cfg, 1, 1).take(3 * n)))
+    # Fewer records than workers: a worker would have nothing to read; one line says so.
+    with pytest.raises(DataError, match=rf"{n} training records for {n + 1} input pipelines .* at least one"):
+        train_dataset(shards, cfg, 1, n + 1, Shard(n, n + 1))
+
+
 def test_deterministic_mode_is_world_size_independent_and_resumable(shards):
     cfg = load_config(None, ["runtime.deterministic=true", "data.image_size=[64, 64]", "model.depth=2",
                              "data.augment.elastic=true"])

@@ -249,6 +249,9 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     # Empty shards (written by earlier versions of convert) hold nothing to share out.
     files = [str(data_dir / f) for f, n in zip(manifest["train"]["shards"], counts, strict=True) if n]
     per_record = not det and len(files) < shard.count
+    if per_record and manifest["train"]["records"] < shard.count:
+        raise DataError(f"{data_dir}: {manifest['train']['records']} training records for {shard.count} input "
+                        "pipelines (workers): each needs at least one; train on fewer workers or convert more data")
     if per_record:
         log.warning("only %d training shards for %d workers: sharding per record (every worker reads every "
                     "shard); convert with --shards >= %d for file sharding", len(files), shard.count, shard.count)
