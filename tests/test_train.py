@@ -361,3 +361,26 @@ def test_no_resume_moves_the_earlier_run_aside_usable(shards, tmp_path, monkeypa
     T.prepare_workdir(tmp_path / "w", Runtime(cfg, "test"), resume=False)
     assert (old.parent / f"{old.name}-2" / "config.yaml").read_text() == "second"
     assert (old / "config.yaml").read_text() != "second"
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last(tmp_path, monkeypatch):
+    import errno
+
+    from unet_dist.checkpoint import CheckpointError
+
+    *_, ckpts = _model_and_checkpoints(tmp_path)
+    ckpts.save(1)
+    assert ckpts.save_best(1, 0.5)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for manager in (ckpts._latest, ckpts._best):
+        monkeypatch.setattr(manager, "save", full)
+    with pytest.raises(CheckpointError, match=r"^could not write the checkpoint of step 2 to .*checkpoints: .*No "
+                                              r"space left on device.*; the latest complete one there is .*ckpt-1$"):
+        ckpts.save(2)
+    with pytest.raises(CheckpointError, match=r"^could not write the checkpoint of step 2 to .*checkpoints/best: "
+                                              r".*No space left.*; the latest complete one there is .*best-1$"):
+        ckpts.save_best(2, 0.9)
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-1")

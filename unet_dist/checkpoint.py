@@ -198,18 +198,21 @@ class Checkpoints:
     def restore(self, path: str) -> None:
         read_checkpoint(self.ckpt, path)
 
+    def _write(self, manager: tf.train.CheckpointManager, step: int, directory: Path, last_good: str | None) -> None:
+        """manager.save(step); a failed write (disk full, permissions) is a CheckpointError naming the
+        folder and the last complete checkpoint, which a failed write never replaces."""
+        try:
+            manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as e:
+            raise CheckpointError(f"could not write the checkpoint of step {step} to {directory}: {tf_reason(e)}; "
+                                  f"the latest complete one there is {last_good or 'none'}") from None
+        self.runtime.cleanup_save_dir(directory)
+
     def save(self, step: int) -> None:
         self.step.assign(step)
         if self._latest is None:
             return
-        try:
-            self._latest.save(checkpoint_number=step)
-        except (OSError, tf.errors.OpError) as e:
-            # The previous checkpoint is complete and stays the latest: a failed write never replaces it.
-            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.dir}: "
-                                  f"{getattr(e, 'message', e)}; the latest complete one is "
-                                  f"{self.latest_path() or 'none'}") from None
-        self.runtime.cleanup_save_dir(self.dir)
+        self._write(self._latest, step, self.dir, self.latest_path())
         if self.runtime.is_chief and not self._signature_written:
             # Atomic: a run killed while writing it must still resume (check_compatible reads it).
             # Once per run: the model settings cannot change within one.
@@ -223,6 +226,6 @@ class Checkpoints:
         self.best_iou.assign(iou)
         self.step.assign(step)
         if self._best is not None:
-            self._best.save(checkpoint_number=step)
-            self.runtime.cleanup_save_dir(self.dir / "best")
+            best = self.dir / "best"
+            self._write(self._best, step, best, tf.train.latest_checkpoint(str(best)))
         return True
