@@ -92,8 +92,8 @@ def test_per_record_sharding_with_fewer_shards_than_workers(shards):
     m = load_manifest(shards)
     n, files = m["train"]["records"], len(m["train"]["shards"])
     count = files + 1
-    # About one pass each: together the workers see every record (the parallel map may let a sample of
-    # the next pass overtake one of this pass, so exact disjointness is not asserted).
+    # Two passes over each worker's share: together the workers see every record (the parallel map
+    # may let a sample of the next pass overtake one of this pass, so exact disjointness is not asserted).
     seen = [set(_keys(train_dataset(shards, cfg, 1, count, Shard(i, count)).take(2 * n // count)))
             for i in range(count)]
     assert all(seen) and set().union(*seen) == set(_keys(train_dataset(shards, cfg, 1, 1).take(3 * n)))
@@ -159,7 +159,6 @@ def test_missing_or_mismatched_data_is_named(tmp_path, shards):
     (copy / m["train"]["shards"][1]).unlink()
     with pytest.raises(DataError, match=m["train"]["shards"][1]):
         load_manifest(copy)
-
 
 
 @pytest.mark.parametrize("edit, words", [

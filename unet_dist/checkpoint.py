@@ -198,21 +198,23 @@ class Checkpoints:
     def restore(self, path: str) -> None:
         read_checkpoint(self.ckpt, path)
 
-    def _write(self, manager: tf.train.CheckpointManager, step: int, directory: Path, last_good: str | None) -> None:
-        """manager.save(step); a failed write (disk full, permissions) is a CheckpointError naming the
-        folder and the last complete checkpoint, which a failed write never replaces."""
+    def _write(self, manager: tf.train.CheckpointManager, step: int, directory: Path) -> None:
+        """manager.save(step) for `directory`; a failed write (disk full, permissions) is a
+        CheckpointError naming the folder and its last complete checkpoint, which a failed write
+        never replaces."""
         try:
             manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as e:
+            last = tf.train.latest_checkpoint(str(directory))
             raise CheckpointError(f"could not write the checkpoint of step {step} to {directory}: {tf_reason(e)}; "
-                                  f"the latest complete one there is {last_good or 'none'}") from None
+                                  f"the latest complete one there is {last or 'none'}") from None
         self.runtime.cleanup_save_dir(directory)
 
     def save(self, step: int) -> None:
         self.step.assign(step)
         if self._latest is None:
             return
-        self._write(self._latest, step, self.dir, self.latest_path())
+        self._write(self._latest, step, self.dir)
         if self.runtime.is_chief and not self._signature_written:
             # Atomic: a run killed while writing it must still resume (check_compatible reads it).
             # Once per run: the model settings cannot change within one.
@@ -226,6 +228,5 @@ class Checkpoints:
         self.best_iou.assign(iou)
         self.step.assign(step)
         if self._best is not None:
-            best = self.dir / "best"
-            self._write(self._best, step, best, tf.train.latest_checkpoint(str(best)))
+            self._write(self._best, step, self.dir / "best")
         return True
