@@ -181,9 +181,30 @@ def test_folders_layout_binary_255_and_multiclass(tmp_path):
         mask = np.zeros((16, 16), np.uint8)
         mask[:4], mask[4:8] = 1, 4
         Image.fromarray(mask).save(src / "masks" / f"s{i}.png")
-    mc = convert(src, tmp_path / "mc", layout="folders", classes="multiclass", shards=1, val_fraction=0, workers=1,
-                 progress=False)
-    assert mc["num_classes"] == 5
+    kw = {"layout": "folders", "classes": "multiclass", "shards": 1, "val_fraction": 0, "workers": 1,
+          "progress": False}
+    # Ids 0, 1 and 4: a gap is refused, with the key that accepts it, and nothing is written.
+    with pytest.raises(ConvertError, match=r"class ids \[0, 1, 4\] but never 2, 3: multiclass ids run 0\.\.N-1; "
+                                           r"if those classes .* pass --num-classes 5$"):
+        convert(src, tmp_path / "mc", **kw)
+    assert not (tmp_path / "mc" / "manifest.json").exists()
+    mc = convert(src, tmp_path / "mc", num_classes=5, **kw)
+    assert mc["num_classes"] == 5 and mc["class_pixel_fraction"] == [0.5, 0.25, 0, 0, 0.25]
+    # A mask with an id at or above --num-classes is skipped and named (the others convert).
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:4] = 7
+    Image.fromarray(mask).save(src / "masks" / "s0.png")
+    mc = convert(src, tmp_path / "mc", num_classes=5, overwrite=True, **kw)
+    assert mc["train"]["records"] == 2
+    assert mc["skipped"] == [{"file": str(src / "images" / "s0.png"),
+                              "reason": f"mask {src / 'masks' / 's0.png'}: class ids [7] are not below --num-classes 5"}]
+    # 0/255 masks as multiclass would be a 256-class model: refused, pointing at --classes binary.
+    for i in range(3):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[:8] = 255
+        Image.fromarray(mask).save(src / "masks" / f"s{i}.png")
+    with pytest.raises(ConvertError, match=r"\(0/255 masks are two classes: --classes binary\)"):
+        convert(src, tmp_path / "mc255", **kw)
 
 
 def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch):
@@ -218,6 +239,8 @@ def test_masks_keep_palette_indices(tmp_path):
 @pytest.mark.parametrize("kwargs, words", [
     ({"shards": 0}, "--shards 0: must be >= 1"), ({"val_fraction": 1.0}, "--val-fraction 1.0: must be in [0, 1)"),
     ({"workers": 0}, "--workers 0: must be >= 1"), ({"seed": -1}, "--seed -1: must be >= 0"),
+    ({"num_classes": 3}, "--num-classes is for --classes multiclass; binary has a fixed number"),
+    ({"num_classes": 1, "classes": "multiclass", "layout": "folders"}, "--num-classes 1: must be in [2, 256]"),
 ])
 def test_bad_arguments_are_named_before_work(tmp_path, kwargs, words):
     src = _pet_dir(tmp_path, n=2)

@@ -41,6 +41,7 @@ class Task:
     layout: str
     classes: str
     size: tuple[int, int] | None  # (H, W) to resize to, or None to keep
+    num_classes: int | None = None  # multiclass: ids must be below it (None: any id up to 255)
 
 
 def shard_name(split: str, i: int, n: int) -> str:
@@ -78,7 +79,7 @@ def _find_pairs(src: Path, layout: str) -> tuple[list[tuple[str, Path, Path]], l
     return pairs, skipped
 
 
-def _class_ids(mask: np.ndarray, layout: str, classes: str) -> np.ndarray:
+def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | None = None) -> np.ndarray:
     values = np.unique(mask)
     if layout == "oxford-pet":
         bad = [int(v) for v in values if int(v) not in TRIMAP_TO_CLASS]
@@ -96,7 +97,28 @@ def _class_ids(mask: np.ndarray, layout: str, classes: str) -> np.ndarray:
         if set(values.tolist()) <= {0, 255}:
             return (mask == 255).astype(np.uint8)
         raise BadImage(f"binary mask values must be 0/1 or 0/255, found {values.tolist()[:8]}")
+    if num_classes is not None and int(values[-1]) >= num_classes:
+        raise BadImage(f"class ids {[int(v) for v in values if v >= num_classes][:8]} are not below "
+                       f"--num-classes {num_classes}")
     return mask
+
+
+def _check_class_ids(present: list[int], num_classes: int | None) -> int:
+    """multiclass: the number of classes, from the ids found in the masks (sorted) or as given.
+    Ids must run 0..N-1, as nnU-Net requires: a gap is far more often a mask format (0/255 for two
+    classes would make a 256-class model) than classes missing from the data, which --num-classes states.
+    """
+    if num_classes is not None:
+        return num_classes
+    n = present[-1] + 1 if present else 2
+    missing = sorted(set(range(n)) - set(present))
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        hint = " (0/255 masks are two classes: --classes binary)" if present == [0, 255] else ""
+        raise ConvertError(f"the masks hold class ids {present[:8]}{' ...' if len(present) > 8 else ''} but "
+                           f"never {shown}: multiclass ids run 0..N-1{hint}; if those classes are only absent "
+                           f"from these images, pass --num-classes {n}")
+    return max(n, 2)
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:
@@ -121,7 +143,7 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
     if mask.shape != image.shape[:2]:
         return task, None, f"mask {task.mask} is {mask.shape[1]}x{mask.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"
     try:
-        mask = _class_ids(mask, task.layout, task.classes)
+        mask = _class_ids(mask, task.layout, task.classes, task.num_classes)
     except BadImage as e:
         return task, None, f"mask {task.mask}: {e}"
     if task.size is not None:
@@ -179,6 +201,7 @@ def convert(
     workers: int = 2,
     overwrite: bool = False,
     progress: bool | None = None,
+    num_classes: int | None = None,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json)."""
     import tensorflow as tf
@@ -191,6 +214,10 @@ def convert(
         raise ConvertError("--classes trimap needs --layout oxford-pet")
     if classes == "multiclass" and layout != "folders":
         raise ConvertError("--classes multiclass needs --layout folders")
+    if num_classes is not None and classes != "multiclass":
+        raise ConvertError(f"--num-classes is for --classes multiclass; {classes} has a fixed number")
+    if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
+        raise ConvertError(f"--num-classes {num_classes}: must be in [2, {MAX_CLASSES}]")
     if shards < 1:
         raise ConvertError(f"--shards {shards}: must be >= 1")
     if not 0 <= val_fraction < 1:
@@ -220,7 +247,7 @@ def convert(
         n_val = min(max(n_val, 1), len(pairs) - 1)
     split_of = {int(k): ("val" if j < n_val else "train") for j, k in enumerate(order)}
     tasks = [
-        Task(j, split_of[int(k)], str(pairs[k][1]), str(pairs[k][2]), layout, classes, image_size)
+        Task(j, split_of[int(k)], str(pairs[k][1]), str(pairs[k][2]), layout, classes, image_size, num_classes)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -253,9 +280,8 @@ def convert(
         if written["train"] == 0:
             raise ConvertError(f"every training sample in {src} was skipped; lower --val-fraction or fix the files")
         total = counts["train"] + counts["val"]
-        num_classes = {"binary": 2, "trimap": 3}.get(classes) or int(np.max(np.nonzero(total)[0])) + 1
-        if num_classes < 2:
-            num_classes = 2
+        num_classes = {"binary": 2, "trimap": 3}.get(classes) or _check_class_ids(np.nonzero(total)[0].tolist(),
+                                                                                   num_classes)
         # Round robin fills the shards in order, so with fewer records than shards (small sets, files
         # skipped) the empty ones are the last: they are dropped, and every shard holds records.
         kept = {s: min(n, written[s]) for s, n in n_shards.items()}
