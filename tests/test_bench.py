@@ -132,9 +132,16 @@ def test_bench_bad_input_is_one_line_naming_it(tmp_path):
 
     for args in (["scaling", "--steps", "0"], ["pipeline", "--data", "d", "--batches", "-1"],
                  ["tta", "--data", "d", "--every", "x"], ["scaling", "--backends", "mirrored"],
-                 ["train", "--data", "d", "--variants", "float32+jit"]):
+                 ["train", "--data", "d", "--variants", "float32+jit"], ["tta", "--data", "d", "--target", "1.5"]):
         with pytest.raises(SystemExit):
             parser().parse_args(args)
+    # A benchmark name that report --only does not know stops before anything runs or is written
+    # (it re-rendered docs/benchmarks.md from the stored results and said nothing).
+    proc = subprocess.run([sys.executable, "-m", "unet_dist.bench", "report", "--data", "d", "--demo-data", "d",
+                           "--out", str(tmp_path / "docs"), "--only", "scaling", "sclaing"], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--only sclaing: no such benchmark" in proc.stderr, proc.stderr
+    assert not (tmp_path / "docs").exists()
 
 
 def test_benchmarks_md_is_the_report_of_its_results_and_notes(tmp_path):

@@ -47,6 +47,17 @@ def positive(text: str) -> int:
     return value
 
 
+def iou(text: str) -> float:
+    """argparse type for a target IoU: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be in (0, 1]")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unet_dist.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("tta", help="time to a val IoU: ours vs the paper's recipe")
     pa.add_argument("--data", type=Path, required=True)
     pa.add_argument("--config", default="configs/demo.yaml")
-    pa.add_argument("--target", type=float, default=0.85)
+    pa.add_argument("--target", type=iou, default=0.85)
     pa.add_argument("--every", type=positive, default=25, help="evaluate every N steps")
     pa.add_argument("--max-steps", type=positive, default=1500)
     pa.add_argument("--repeats", type=positive, default=1, help="runs of each recipe, alternating; the median is reported")
@@ -115,10 +126,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.bench == "report":
+        from unet_dist.perf.report import commands
         from unet_dist.perf.report import run as report
 
+        names = list(commands(args))
+        unknown = [n for n in args.only or () if n not in names]
+        if unknown:  # before anything runs: a typo would re-render the report without running anything
+            p.error(f"report --only {' '.join(unknown)}: no such benchmark; the benchmarks are {', '.join(names)}")
         report(args)
         return 0
     from unet_dist.config import ConfigError
