@@ -204,8 +204,10 @@ def test_bad_workdir_and_data_fail_in_one_line_before_work(shards, tmp_path, mon
     cfg = load_config(None, tiny_overrides(steps=2))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match="--workdir .* not writable"):
+    with pytest.raises(ConfigError, match=f"^--workdir {blocker / 'w'}: {blocker} is a file, not a folder$"):
         train(cfg, shards, blocker / "w")
+    with pytest.raises(ConfigError, match=f"^--workdir {blocker}: is a file, not a folder$"):
+        train(cfg, shards, blocker)
     with pytest.raises(DataError, match="does not exist"):
         train(cfg, tmp_path / "missing", tmp_path / "w")
     import unet_dist.checkpoint as C

@@ -230,7 +230,9 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     for module, extra in (("unet_dist.predict", [str(tmp_path / "gray.png")]),
                           ("unet_dist.evaluate", ["--data", str(shards)])):
         bad_out = run_module(module, "--workdir", str(w), *extra, "--out", str(tmp_path / "afile" / "x"))
-        assert bad_out.returncode == 2 and "--out" in bad_out.stderr and "not writable" in bad_out.stderr
+        last = bad_out.stderr.strip().splitlines()[-1]
+        assert bad_out.returncode == 2 and last.startswith(f"{module[10:]}: error: --out {tmp_path / 'afile'}") \
+            and last.endswith("is a file, not a folder"), bad_out.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     refused = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "mine"))

@@ -406,6 +406,11 @@ def writable_dir(path: Path, flag: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        # mkdir says only "File exists" when the path, or a folder above it, is a file.
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            where = "" if blocking == path else f"{blocking} "
+            raise ConfigError(f"{flag} {path}: {where}is a file, not a folder") from None
         raise ConfigError(f"{flag} {path}: not writable ({e.strerror})") from None
 
 
