@@ -97,6 +97,14 @@ def test_exit_codes_and_summary_line(tmp_path):
         blocked = run_module(module, *args, str(tmp_path / "afile" / "out"))
         assert blocked.returncode != 0 and "Traceback" not in blocked.stderr, blocked.stderr[-2000:]
         assert f"OUT {tmp_path / 'afile' / 'out'}" in blocked.stderr
+    # The synthetic writer replaces an earlier synthetic set (a smaller one keeps none of its extra
+    # samples) and refuses a folder of other images, which it would have mixed into.
+    run_module("unet_dist.synthetic", str(tmp_path / "syn"), "-n", "3", check=True)
+    run_module("unet_dist.synthetic", str(tmp_path / "syn"), "-n", "2", "--seed", "1", check=True)
+    assert sorted(p.name for p in (tmp_path / "syn" / "images").iterdir()) == ["synth_00000.jpg", "synth_00001.jpg"]
+    mixed = run_module("unet_dist.synthetic", str(src), "-n", "1")
+    assert mixed.returncode == 2 and f"OUT {src} holds files this command did not write" in mixed.stderr
+    assert not list(src.glob("*/synth_*")) and not list(src.glob("*/*/synth_*"))
 
 
 def test_modes_exif_and_sizes(tmp_path):

@@ -1,6 +1,8 @@
 """Writes a synthetic segmentation set in the Oxford-IIIT Pet layout.
 
     python -m unet_dist.synthetic OUT -n 400 --seed 0
+
+OUT is new, or an earlier synthetic set, which is replaced; a folder holding other images is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         writable_dir(args.out, "OUT")
     except ConfigError as e:
         p.error(str(e))
-    write_dataset(args.out, args.n, args.seed)
+    try:
+        write_dataset(args.out, args.n, args.seed)
+    except ValueError as e:
+        p.error(f"OUT {e}")
     print(f"wrote {args.n} images to {args.out}/images and trimaps to {args.out}/annotations/trimaps")
 
 

@@ -8,6 +8,7 @@ not colour. Trimaps follow the real set: 1 = pet, 2 = background, 3 = a border b
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +76,28 @@ def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 5
     return image, trimap
 
 
+STEM = re.compile(r"synth_\d{5}\.(jpg|png)")
+
+
+def foreign_files(out: Path) -> list[Path]:
+    """Files in OUT's images/ and annotations/trimaps/ that write_dataset did not write."""
+    folders = [Path(out) / "images", Path(out) / "annotations" / "trimaps"]
+    return sorted(p for d in folders if d.is_dir() for p in d.iterdir() if not STEM.fullmatch(p.name))
+
+
 def write_dataset(out: Path, n: int, seed: int = 0) -> None:
-    """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout)."""
+    """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout), replacing
+    an earlier synthetic set there (a smaller set must not keep the earlier one's extra samples).
+    Refuses (ValueError) a folder holding other files: they would be mixed into the set."""
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "annotations" / "trimaps").mkdir(parents=True, exist_ok=True)
+    other = foreign_files(out)
+    if other:
+        raise ValueError(f"{out} holds files this command did not write (such as {other[0]}): synthetic samples "
+                         "would be mixed into them; give a new folder")
+    for folder in (out / "images", out / "annotations" / "trimaps"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in folder.iterdir():
+            p.unlink()
     rng = np.random.default_rng(seed)
     for i in range(n):
         image, trimap = make_sample(rng)
