@@ -386,3 +386,29 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last(tmp_
                                               r".*No space left.*; the latest complete one there is .*best-1$"):
         ckpts.save_best(2, 0.9)
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-1")
+
+
+def test_data_without_a_validation_split_trains_without_evaluating(pet_src, tmp_path):
+    # --val-fraction 0 (a final model on every image): training used to stop at its first
+    # evaluation with "no val shards"; it now trains, evaluates nothing and keeps no best checkpoint.
+    from unet_dist.data.convert import convert
+    from unet_dist.inference import load_trained
+
+    data, w = tmp_path / "all", tmp_path / "w"
+    convert(pet_src, data, image_size=(64, 64), shards=2, val_fraction=0, workers=1, progress=False)
+    with pytest.raises(ConfigError, match=r"train.target_val_iou needs a validation split, but .* no val records"):
+        train(load_config(None, tiny_overrides(steps=3) + ["train.target_val_iou=0.5"]), data, w)
+    assert not w.exists()  # refused before any work
+    s = train(load_config(None, tiny_overrides(steps=3) + ["train.eval_every_steps=1",
+                                                           "train.checkpoint_every_steps=2"]), data, w)
+    assert s["steps"] == 3 and s["final_val_iou"] is None and s["best_val_iou"] is None
+    events = [json.loads(line)["event"] for line in (w / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("train") == 3 and "eval" not in events
+    assert sorted(p.name for p in (w / "checkpoints").glob("ckpt-*.index")) == ["ckpt-2.index", "ckpt-3.index"]
+    assert not list((w / "checkpoints").glob("best/*.index"))
+    assert load_trained(w)[2].endswith("ckpt-3")  # predict and export: 'best' falls back to the latest
+    again = train(load_config(None, tiny_overrides(steps=3)), data, w)  # already trained: nothing to evaluate
+    assert again["start_step"] == 3 and again["final_val_iou"] is None
+    ev = run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(data))
+    assert ev.returncode == 2 and ev.stderr.strip().splitlines()[-1] == (
+        f"evaluate: error: {data}/manifest.json: no val shards (convert with --val-fraction > 0)"), ev.stderr

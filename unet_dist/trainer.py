@@ -231,12 +231,13 @@ class TrainLoop:
     when any rank is asked to stop (preemption: checkpoint, then raise Preempted).
     `average_statistics()` runs on every rank before each checkpoint and evaluation.
 
+    evaluator None: data without a validation split, trained without evaluating.
     Create it right before `run`: its clock (t_start) starts then. After `run`: last_eval (the last
     metrics), reached ((step, seconds since t_start) when the target was met) and images (trained
     in this call).
     """
 
-    def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator, logger: Logger, optimizer,
+    def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator | None, logger: Logger, optimizer,
                  global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None]):
         self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
         self.average_statistics = average_statistics
@@ -266,7 +267,7 @@ class TrainLoop:
                 self.logger.advance()
                 stop = out["stop"] > 0  # some rank was signalled: all stop here, after this step
                 save = stop or step % cfg.checkpoint_every_steps == 0 or step == total
-                evaluate = step % cfg.eval_every_steps == 0 or step == total
+                evaluate = self.evaluator is not None and (step % cfg.eval_every_steps == 0 or step == total)
                 if save or evaluate:
                     # What is evaluated and saved is the replicas' mean of batch norm's moving
                     # statistics, not the chief's copy alone (every rank reaches this step).
@@ -356,6 +357,12 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     precision_why = precision.resolve(cfg.runtime)  # before config.yaml records what runs
     manifest = load_manifest(data_dir)
     check_data_matches(cfg, manifest, data_dir)
+    # Data converted with --val-fraction 0 (a final model on every image, as nnU-Net's fold "all"):
+    # train without evaluating; there is no best checkpoint, and predict and export take the latest.
+    validate = manifest["val"]["records"] > 0
+    if not validate and cfg.train.target_val_iou is not None:
+        raise ConfigError(f"config key train.target_val_iou needs a validation split, but {data_dir}/manifest.json "
+                          "has no val records; convert with --val-fraction > 0, or leave the key unset")
     prepare_workdir(workdir, runtime, resume)
     runtime.barrier()
     seed_everything(cfg)
@@ -376,6 +383,9 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     runtime.broadcast_state(model.variables + optimizer.variables)
     total = cfg.train.steps
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why)
+    if not validate:
+        runtime.print(f"unet_dist: {data_dir} has no validation split (converted with --val-fraction 0): training "
+                      "without evaluation; no best checkpoint is kept, so predict and export use the latest")
     # Nothing to train (a rerun, a requeued job that had finished): evaluate, and keep the files of
     # the run that trained it, whose summary.json has its speed and time to target.
     keep = start >= total and (workdir / "summary.json").exists()
@@ -389,7 +399,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     step_fn = make_train_step(model, optimizer, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla)
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
-    loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest),
+    loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
                      average_statistics=lambda: runtime.average_replicas(stats))
@@ -399,13 +409,13 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         loop.logger.close()
     wall = time.time() - loop.t_start
     last_eval, reached = loop.last_eval, loop.reached
-    if not last_eval and start >= total:
+    if not last_eval and start >= total and validate:
         last_eval, _ = loop.evaluator()
     input_wait = worst_over_processes(loop.input, runtime)
     summary = {
         "steps": reached[0] if reached else total,
         "start_step": start,
-        "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)),
+        "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)) if validate else None,
         "final_val_iou": last_eval.get("val_iou"),
         "final_val_dice": last_eval.get("val_dice"),
         "final_val_loss": last_eval.get("val_loss"),
@@ -434,8 +444,9 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     if runtime.is_chief and not keep:
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
-    runtime.print(f"train: done: {summary['steps']} steps, final val IoU {summary['final_val_iou']:.4f}, best "
-                  f"{summary['best_val_iou']:.4f}"
+    ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {summary['best_val_iou']:.4f}" if validate
+            else "no validation split")
+    runtime.print(f"train: done: {summary['steps']} steps, {ious}"
                   + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
                   + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
                      if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
