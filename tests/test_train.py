@@ -213,6 +213,18 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
             mask = Image.open(out / mode / f"{stem}_mask.png")
             assert mask.size == (shape[1], shape[0]), (mode, stem)
             assert (out / mode / f"{stem}_overlay.png").exists()
+    # A folder stands for the image files directly in it (the .txt and the subfolder are not images).
+    (tmp_path / "folder" / "deeper").mkdir(parents=True)
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(img).save(tmp_path / "folder" / name)
+    (tmp_path / "folder" / "notes.txt").write_text("x")
+    run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out", str(out / "folder"),
+               check=True)
+    assert sorted(p.name for p in (out / "folder").iterdir()) == ["a_mask.png", "a_overlay.png", "b_mask.png",
+                                                                  "b_overlay.png"]
+    empty = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder" / "deeper"), "--out",
+                       str(out / "empty"))
+    assert empty.returncode == 2 and "deeper: a folder without image files (.bmp" in empty.stderr, empty.stderr
     bad = run_module("unet_dist.predict", "--workdir", str(tmp_path / "nope"), str(tmp_path / "gray.png"),
                      "--out", str(out))
     assert bad.returncode == 2 and "config.yaml not found" in bad.stderr

@@ -1,6 +1,9 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
-    python -m unet_dist.predict --workdir RUN IMAGE... --out PRED [--tile 256 --overlap 32] [--mode auto|tile|resize]
+    python -m unet_dist.predict --workdir RUN IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
+        [--mode auto|tile|resize]
+
+A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders).
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask).
@@ -41,19 +44,42 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -
     _save_png(Image.fromarray(panel), out / f"{stem}_overlay.png")
 
 
+def expand_folders(paths: list[Path]) -> list[Path]:
+    """The paths given, with each folder replaced by the image files directly in it (sorted by name,
+    hidden files left out). Raises ConfigError for a folder without any."""
+    from unet_dist.data.imageio import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            out.append(path)
+            continue
+        found = sorted(f for f in path.iterdir()
+                       if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        out += found
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir_args(p)
-    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tile", type=int, help="tile size (default: the training image size)")
     p.add_argument("--overlap", type=int, help="context pixels per tile side, same padding (default tile/8)")
     p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto")
     args = p.parse_args(argv)
+    try:
+        images = expand_folders(args.images)
+    except ConfigError as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
     # Outputs are named by the image's stem: two images with one stem would overwrite each other.
     first: dict[str, Path] = {}
-    for path in args.images:
+    for path in images:
         if first.setdefault(path.stem, path) != path:
             print(f"predict: error: {first[path.stem]} and {path} would both write {path.stem}_mask.png in "
                   f"{args.out}; predict them into separate --out folders", file=sys.stderr)
@@ -92,7 +118,7 @@ def main(argv=None) -> int:
             return 2
     resize_fn = resize_predict_fn(model, cfg)
     failed = 0
-    for path in args.images:
+    for path in images:
         try:
             image = load_rgb(path)
         except (BadImage, OSError) as e:
@@ -104,8 +130,8 @@ def main(argv=None) -> int:
         else:
             probs = predict_tiled(model, image.astype(np.float32) / 255.0, cfg, tile, args.overlap)
         save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
-    print(f"predict: {len(args.images) - failed} images ({mode} mode, checkpoint {ckpt}) -> {args.out}")
-    return 1 if failed == len(args.images) else 0
+    print(f"predict: {len(images) - failed} images ({mode} mode, checkpoint {ckpt}) -> {args.out}")
+    return 1 if failed == len(images) else 0
 
 
 if __name__ == "__main__":
