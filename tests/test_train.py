@@ -424,3 +424,9 @@ def test_data_without_a_validation_split_trains_without_evaluating(pet_src, tmp_
     ev = run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(data))
     assert ev.returncode == 2 and ev.stderr.strip().splitlines()[-1] == (
         f"evaluate: error: {data}/manifest.json: no val shards (convert with --val-fraction > 0)"), ev.stderr
+    # --split train evaluates every training record: how a test set converted with --val-fraction 0
+    # is scored. Its own file, so eval.json (the validation result) is never overwritten by it.
+    ev = run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(data), "--split", "train", check=True)
+    metrics = json.loads((w / "eval_train.json").read_text())
+    assert metrics == json.loads(ev.stdout.strip().splitlines()[-1]) and not (w / "eval.json").exists()
+    assert metrics["split"] == "train" and metrics["val_records"] == 48 and 0 <= metrics["val_iou"] <= 1

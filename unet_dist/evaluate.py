@@ -1,9 +1,12 @@
 """Evaluates a trained workdir on the val split of converted data, on any backend.
 
-    python -m unet_dist.evaluate --workdir RUN --data DATA [--checkpoint best|latest] [--out FILE]
+    python -m unet_dist.evaluate --workdir RUN --data DATA [--checkpoint best|latest] [--split val|train]
+        [--out FILE]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
 
-Prints the metrics as JSON and writes them to WORKDIR/eval.json (or --out).
+Prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json), or
+--out. --split train evaluates every training record (no augmentation): a held-out test set converted
+with --val-fraction 0, or the training fit itself. The metric keys keep their val_ prefix either way.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ def main(argv=None) -> int:
     add_workdir_args(p)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"))
+    p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    out = args.out or args.workdir / "eval.json"
+    out = args.out or args.workdir / ("eval.json" if args.split == "val" else f"eval_{args.split}.json")
     try:
         cfg = load_workdir_config(args.workdir)
         if out.is_dir():
@@ -57,11 +61,11 @@ def main(argv=None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     try:
-        metrics, _ = evaluate(model, cfg, runtime, args.data, manifest)
+        metrics, _ = evaluate(model, cfg, runtime, args.data, manifest, split=args.split)
     except DataError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    metrics.update({"checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
+    metrics.update({"split": args.split, "checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
     if runtime.is_chief:
         print(json.dumps(metrics))
         atomic_write_text(out, json.dumps(metrics, indent=1))  # a kill mid-write keeps the earlier file

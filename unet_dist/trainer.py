@@ -72,7 +72,7 @@ def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
             old = workdir / f"{stamp}-{n}"
         old.mkdir()
         for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "learning_curves.png",
-                     "config.yaml", "data.json", "eval.json"):
+                     "config.yaml", "data.json", "eval.json", "eval_train.json"):
             if (workdir / name).exists():
                 shutil.move(str(workdir / name), str(old / name))
         print(f"--no-resume: moved the earlier run in {workdir} to {old}", flush=True)
@@ -122,12 +122,12 @@ class Evaluator:
     process).
     """
 
-    def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict):
+    def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, split: str = "val"):
         self.k = k = manifest["num_classes"]
         self.runtime = runtime
-        self.data_dir, self.manifest = data_dir, manifest
+        self.data_dir, self.manifest, self.split = data_dir, manifest, split
         _, per_replica = runtime.batch_sizes()
-        self.dataset = eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest)
+        self.dataset = eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest, split)
 
         @tf.function(reduce_retracing=True)  # the last batch may be smaller: one more trace, not one per size
         def eval_step(batch):
@@ -154,7 +154,8 @@ class Evaluator:
                                        pred.numpy()[:panels], k)
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
             # Never skipped (data.skip_corrupt_records is for training): metrics must count every val record.
-            raise DataError(f"validation data unreadable: {unreadable_record(self.data_dir, self.manifest, 'val', e)}"
+            what = {"val": "validation", "train": "training"}[self.split]
+            raise DataError(f"{what} data unreadable: {unreadable_record(self.data_dir, self.manifest, self.split, e)}"
                             "; convert again") from None
         total = self.runtime.allreduce_sum(np.concatenate([cm.ravel(), [loss_sum, count]]))
         cm, loss_sum, count = total[: k * k].reshape(k, k), total[-2], total[-1]
@@ -167,9 +168,10 @@ class Evaluator:
         return metrics, panel
 
 
-def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, panels: int = 0):
-    """One evaluation (`Evaluator`) of `model` on the val split: (metrics, panel)."""
-    return Evaluator(model, cfg, runtime, data_dir, manifest)(panels)
+def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, panels: int = 0,
+             split: str = "val"):
+    """One evaluation (`Evaluator`) of `model` on `split` (val or train): (metrics, panel)."""
+    return Evaluator(model, cfg, runtime, data_dir, manifest, split)(panels)
 
 
 def next_batch(batches, data_dir: Path, manifest: dict, step: int):
