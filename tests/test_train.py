@@ -430,3 +430,45 @@ def test_data_without_a_validation_split_trains_without_evaluating(pet_src, tmp_
     metrics = json.loads((w / "eval_train.json").read_text())
     assert metrics == json.loads(ev.stdout.strip().splitlines()[-1]) and not (w / "eval.json").exists()
     assert metrics["split"] == "train" and metrics["val_records"] == 48 and 0 <= metrics["val_iou"] <= 1
+
+
+def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_path, capsys):
+    # Fine-tuning: a new run starts from another run's weights (best, else latest checkpoint) with a
+    # fresh optimizer and step 0. Only model.num_classes may differ; the output layer then starts new.
+    from unet_dist.checkpoint import init_weights
+    from unet_dist.inference import load_trained
+    from unet_dist.model import build_unet
+
+    src = tmp_path / "src"
+    train(load_config(None, tiny_overrides(steps=2)), shards, src)
+    trained, _, path = load_trained(src)
+    theirs = {layer.name: layer.get_weights() for layer in trained.layers}
+
+    def copied(model):
+        return {layer.name for layer in model.layers if layer.weights
+                and all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), theirs[layer.name], strict=True))}
+
+    with_weights = {layer.name for layer in trained.layers if layer.weights}
+    same = build_unet(load_config(None, tiny_overrides()).model, (64, 64))
+    assert copied(same) == set()  # freshly initialised
+    assert init_weights(same, src) == f"weights of {len(with_weights)} layers from {path}"
+    assert copied(same) == with_weights
+    three = build_unet(load_config(None, tiny_overrides() + ["model.num_classes=3", "train.loss=cce"]).model, (64, 64))
+    line = init_weights(three, src)
+    assert line.endswith("; the output layer starts new (1 units there, 3 here)")
+    assert copied(three) == with_weights - {"logits"}
+    wider = build_unet(load_config(None, tiny_overrides() + ["model.base_filters=8"]).model, (64, 64))
+    with pytest.raises(ConfigError, match=rf"^train.init_from {src}: its model is not this one \(layer down0_conv0: "
+                                          r"\[\(3, 3, 3, 4\)\] there, \[\(3, 3, 3, 8\)\] here; .*only model.num_classes"):
+        init_weights(wider, src)
+    assert copied(wider) == set()  # nothing copied before the check
+    with pytest.raises(ConfigError, match=rf"^train.init_from {tmp_path}: .*config.yaml not found"):
+        init_weights(same, tmp_path)
+    # Through the trainer: the run says where its weights came from; a resumed run does not re-read them.
+    cfg = load_config(None, tiny_overrides(steps=1) + [f"train.init_from={src}"])
+    capsys.readouterr()
+    train(cfg, shards, tmp_path / "tuned")
+    assert f"unet_dist: train.init_from: weights of {len(with_weights)} layers from {path}" in capsys.readouterr().out
+    cfg.train.steps = 2
+    assert train(cfg, shards, tmp_path / "tuned")["start_step"] == 1
+    assert "train.init_from" not in capsys.readouterr().out

@@ -73,6 +73,46 @@ def check_free_space(workdir: Path, model: keras.Model, optimizer, keep: int) ->
                           f"{need / 2**20:.1f} MiB ({keep} kept + best + one being written)")
 
 
+def init_weights(model: keras.Model, source: str | Path) -> str:
+    """Copies the weights of workdir SOURCE's best (else latest) checkpoint into `model`, layer by
+    layer by name: a run that starts from trained weights (fine-tuning, another data set). The
+    output layer starts as initialised when its shape differs (another model.num_classes); any other
+    layer that is missing there or of another shape is a ConfigError naming it, before anything is
+    copied. Only weights move: the optimizer, the step and the learning-rate schedule start fresh.
+    Returns the line to print.
+    """
+    from unet_dist.config import load_workdir_config
+    from unet_dist.model import build_unet
+
+    key = f"train.init_from {source}"
+    try:
+        src_cfg = load_workdir_config(source)
+        path = checkpoint_path(source, "best")
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    theirs = build_unet(src_cfg.model, None)  # variables are float32 under every precision policy
+    read_checkpoint(tf.train.Checkpoint(model=theirs), path)
+    by_name = {layer.name: layer for layer in theirs.layers if layer.weights}
+    pairs, new, problems = [], [], []
+    for layer in (x for x in model.layers if x.weights):
+        src = by_name.get(layer.name)
+        ours_shape = [tuple(w.shape) for w in layer.weights]
+        their_shape = [tuple(w.shape) for w in src.weights] if src is not None else None
+        if their_shape == ours_shape:
+            pairs.append((layer, src))
+        elif layer.name == "logits" and src is not None:
+            new.append(f"the output layer starts new ({their_shape[0][-1]} units there, {ours_shape[0][-1]} here)")
+        else:
+            problems.append(f"layer {layer.name}: {their_shape or 'absent'} there, {ours_shape} here")
+    if problems:
+        more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
+        raise ConfigError(f"{key}: its model is not this one ({'; '.join(problems[:2])}{more}); only "
+                          f"model.num_classes may differ (see {Path(source) / 'config.yaml'})")
+    for layer, src in pairs:
+        layer.set_weights(src.get_weights())
+    return f"weights of {len(pairs)} layers from {path}" + (f"; {new[0]}" if new else "")
+
+
 class Checkpoints:
     def __init__(self, runtime: Runtime, workdir: Path, model: keras.Model, optimizer, cfg: Config):
         self.runtime = runtime

@@ -136,6 +136,7 @@ class TrainConfig:
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
+    init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes may differ, the output layer then starts new
 
 
 @dataclass
@@ -381,6 +382,7 @@ def validate(cfg: Config) -> None:
     need(t.weight_sigma > 0, "train.weight_sigma", "> 0", t.weight_sigma)
     need(t.weight_w0 >= 0, "train.weight_w0", ">= 0", t.weight_w0)
     need(t.focal_gamma >= 0, "train.focal_gamma", ">= 0", t.focal_gamma)
+    need(t.init_from is None or t.init_from.strip() != "", "train.init_from", "null or a workdir", t.init_from)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="total training steps (overrides train.steps)")
     p.add_argument("--deterministic", action="store_true", help="fixed seeds and ordered data: reproducible runs")
     p.add_argument("--no-resume", action="store_true", help="start over (an earlier run is moved aside)")
+    p.add_argument("--init-from", metavar="RUN", help="start from the weights of another run's workdir "
+                   "(train.init_from: fine-tuning)")
     p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"),
                    help="overrides runtime.strategy")
     return p.parse_args(argv)
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
         overrides.append("runtime.deterministic=true")
     if args.strategy:
         overrides.append(f"runtime.strategy={args.strategy}")
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist import precision
-from unet_dist.checkpoint import Checkpoints, check_free_space
+from unet_dist.checkpoint import Checkpoints, check_free_space, init_weights
 from unet_dist.config import Config, ConfigError, config_yaml, writable_dir
 from unet_dist.data.pipeline import (
     DataError,
@@ -376,6 +376,8 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     if runtime.is_chief:
         check_free_space(workdir, model, optimizer, cfg.train.keep_checkpoints)
     start = ckpts.restore_latest() if resume else 0
+    if start == 0 and cfg.train.init_from:  # every rank reads them: the strategies then hold the same copy
+        runtime.print(f"unet_dist: train.init_from: {init_weights(model, cfg.train.init_from)}")
     lost = 0
     if cfg.data.skip_corrupt_records:
         lost, lines = lost_records(data_dir, manifest)
