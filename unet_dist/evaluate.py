@@ -1,4 +1,4 @@
-"""Evaluates a trained workdir on the val split of converted data, on any backend.
+"""Evaluates a trained workdir on the val (or train) split of converted data, on any backend.
 
     python -m unet_dist.evaluate --workdir RUN --data DATA [--checkpoint best|latest] [--split val|train]
         [--out FILE]
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    metrics.update({"split": args.split, "checkpoint": path, "step": int(ckpts.step.numpy()), "world_size": runtime.world_size})
+    metrics.update({"split": args.split, "checkpoint": path, "step": int(ckpts.step.numpy()),
+                    "world_size": runtime.world_size})
     if runtime.is_chief:
         print(json.dumps(metrics))
         atomic_write_text(out, json.dumps(metrics, indent=1))  # a kill mid-write keeps the earlier file
