@@ -78,10 +78,17 @@ def tiling(cfg: Config, tile: tuple[int, int] | None = None, overlap: int | None
     return t, out, keep
 
 
-def predict_tiled(model: keras.Model, image: np.ndarray, cfg: Config, tile: tuple[int, int] | None = None,
-                  overlap: int | None = None, batch: int = 4) -> np.ndarray:
-    """Overlap-tile prediction. image (H, W, 3) float32 in [0, 1] -> probabilities (H, W, U)."""
+def predict_tiled(model, image: np.ndarray, cfg: Config, tile: tuple[int, int] | None = None,
+                  overlap: int | None = None, batch: int | None = None) -> np.ndarray:
+    """Overlap-tile prediction. image (H, W, 3) float32 in [0, 1] -> probabilities (H, W, U).
+
+    model: the Keras model, or `traced(model)` when predicting many images (an eager call of the
+    model costs tens of milliseconds over its compute on a CPU, for every batch of tiles).
+    batch: tiles per call; default about 2^20 input pixels (16 tiles of 256x256, 3 of 572x572), which
+    bounds the activations held at once for wide models.
+    """
     (th, tw), (oh, ow), (kh, kw) = tiling(cfg, tile, overlap)
+    batch = batch or max(1, 2**20 // (th * tw))
     H, W = image.shape[:2]
     ny, nx = -(-H // kh), -(-W // kw)
     # Context around the kept region of each tile, per side.
@@ -94,12 +101,18 @@ def predict_tiled(model: keras.Model, image: np.ndarray, cfg: Config, tile: tupl
     for b in range(0, len(origins), batch):
         chunk = origins[b : b + batch]
         tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
-        probs = model(tiles, training=False).numpy()  # (n, oh, ow, U)
+        probs = np.asarray(model(tiles, training=False))  # (n, oh, ow, U)
         if canvas is None:
             canvas = np.zeros((ny * kh, nx * kw, probs.shape[-1]), np.float32)
         for (y, x), p in zip(chunk, probs, strict=True):
             canvas[y : y + kh, x : x + kw] = p[crop_y : crop_y + kh, crop_x : crop_x + kw]
     return canvas[:H, :W]
+
+
+def traced(fn):
+    """`fn` (the model, or `resize_predict_fn`'s function) as one traced function, for any batch and
+    image size: after the first sizes it traces once with unknown dimensions, not once per size."""
+    return tf.function(fn, reduce_retracing=True)
 
 
 def _reflect_indices(n: int, before: int, after: int) -> np.ndarray:

@@ -93,6 +93,7 @@ def main(argv=None) -> int:
         predict_tiled,
         resize_predict_fn,
         tiling,
+        traced,
         trained_on_resized_data,
     )
 
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"predict: error: {e}", file=sys.stderr)
             return 2
-    resize_fn = resize_predict_fn(model, cfg)
+    resize_fn = traced(resize_predict_fn(model, cfg))
+    infer = traced(model)
     failed = 0
     for path in images:
         try:
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
         if mode == "resize":
             probs = resize_fn(image[None])[0].numpy()
         else:
-            probs = predict_tiled(model, image.astype(np.float32) / 255.0, cfg, tile, args.overlap)
+            probs = predict_tiled(infer, image.astype(np.float32) / 255.0, cfg, tile, args.overlap)
         save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
     print(f"predict: {len(images) - failed} images ({mode} mode, checkpoint {ckpt}) -> {args.out}")
     return 1 if failed == len(images) else 0
