@@ -128,7 +128,7 @@ def test_default_yaml_matches_the_dataclasses():
 def test_damaged_workdir_files_are_one_line(tmp_path):
     # evaluate, predict and export read WORKDIR/config.yaml and data.json: damaged, they are named.
     from unet_dist.config import load_workdir_config
-    from unet_dist.inference import trained_on_resized_data
+    from unet_dist.inference import auto_mode
 
     (tmp_path / "config.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"config.yaml line 2: not valid YAML"):
@@ -138,4 +138,4 @@ def test_damaged_workdir_files_are_one_line(tmp_path):
         load_workdir_config(tmp_path)
     (tmp_path / "data.json").write_text("{")
     with pytest.raises(ConfigError, match=r"data.json: unreadable .*--mode tile or resize"):
-        trained_on_resized_data(tmp_path)
+        auto_mode(tmp_path, load_config(None))

@@ -69,6 +69,8 @@ def test_each_bad_file_kind_is_skipped_with_its_reason(tmp_path):
     assert "[7]" in reasons["badtrimap.jpg"]
     assert len(m["skipped"]) == 7
     assert m["train"]["records"] == 3
+    # The records' sizes (predict --mode auto reads them): every kept image here is 50x40.
+    assert m["record_size"] == {"min": [40, 50], "max": [40, 50]}
 
 
 def test_exit_codes_and_summary_line(tmp_path):

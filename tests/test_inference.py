@@ -120,3 +120,26 @@ def test_an_interrupted_prediction_leaves_the_earlier_outputs_whole(tmp_path, mo
     assert (tmp_path / "a_mask.png").read_bytes() == before
     assert np.asarray(Image.open(tmp_path / "a_mask.png")).max() == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_mask.png", "a_overlay.png"]  # no temporary left
+
+
+def test_auto_mode_predicts_at_the_scale_training_saw(tmp_path):
+    # Training resizes every image to data.image_size, so --mode auto must resize unless the images
+    # already were that size (then tiles keep their pixel scale). It used to tile whenever the data
+    # was not resized at conversion: images of other sizes were then predicted at another scale.
+    import json
+
+    from unet_dist.inference import auto_mode
+
+    cfg = load_config(None, ["data.image_size=[128, 128]"])
+
+    def mode(info):
+        (tmp_path / "data.json").write_text(json.dumps(info))
+        return auto_mode(tmp_path, cfg)
+
+    assert mode({"image_size": [256, 256]})[0] == "resize"  # resized at conversion
+    assert mode({"image_size": None, "record_size": {"min": [128, 128], "max": [128, 128]}}) == (
+        "tile", "every training image was [128, 128], the model's input size: tiles keep their pixel scale")
+    assert mode({"image_size": None, "record_size": {"min": [240, 250], "max": [500, 480]}}) == (
+        "resize", "the training images ([240, 250] to [500, 480]) were resized to [128, 128] in training")
+    assert mode({"image_size": None, "record_size": {"min": [512, 512], "max": [512, 512]}})[0] == "resize"
+    assert mode({"image_size": None})[0] == "tile"  # converted before sizes were recorded: as before

@@ -37,16 +37,33 @@ def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model,
     return model, cfg, path
 
 
-def trained_on_resized_data(workdir: Path) -> bool:
-    """Whether WORKDIR's training data was resized at conversion (WORKDIR/data.json, from the manifest)."""
+def auto_mode(workdir: Path, cfg: Config) -> tuple[str, str]:
+    """predict --mode auto: ('resize' or 'tile', why), from WORKDIR/data.json (the manifest's sizes).
+
+    Training sees every image resized to data.image_size (patches are windows at that scale), so
+    prediction must see that scale too: resize, unless every training image already was
+    data.image_size, in which case the model learnt the images' own pixel scale and overlap-tile
+    prediction keeps it for images of any size (the 2015 U-Net's setting).
+    """
     meta = Path(workdir) / "data.json"
     if not meta.exists():
-        return False
+        return "tile", f"{meta} not found"
     try:
         info = json.loads(meta.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not an object")
     except (OSError, ValueError) as e:
         raise ConfigError(f"{meta}: unreadable ({e}); pass --mode tile or resize") from None
-    return isinstance(info, dict) and info.get("image_size") is not None
+    size = list(cfg.data.image_size)
+    if info.get("image_size") is not None:
+        return "resize", f"the training data was resized to {info['image_size']} at conversion"
+    sizes = info.get("record_size")
+    if not isinstance(sizes, dict):  # converted before the manifest recorded sizes
+        return "tile", "the training data was not resized at conversion"
+    if sizes.get("min") == sizes.get("max") == size:
+        return "tile", f"every training image was {size}, the model's input size: tiles keep their pixel scale"
+    return "resize", (f"the training images ({sizes.get('min')} to {sizes.get('max')}) were resized to {size} "
+                      "in training")
 
 
 def tiling(cfg: Config, tile: tuple[int, int] | None = None, overlap: int | None = None) -> tuple[tuple, tuple, tuple]:

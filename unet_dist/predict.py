@@ -7,8 +7,9 @@ A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...;
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask).
---mode auto resizes when the model was trained on data resized at conversion, and otherwise uses
-overlap-tile prediction for images larger than the training size.
+--mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
+mode, unless every training image already was data.image_size (then overlap-tile at the images' own
+pixel scale, for images of any size). It prints which mode and why.
 """
 
 from __future__ import annotations
@@ -88,13 +89,13 @@ def main(argv=None) -> int:
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.imageio import BadImage, load_rgb
     from unet_dist.inference import (
+        auto_mode,
         classes_from_probs,
         load_trained,
         predict_tiled,
         resize_predict_fn,
         tiling,
         traced,
-        trained_on_resized_data,
     )
 
     try:
@@ -103,10 +104,10 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
-    mode = args.mode
+    mode, why = args.mode, "as --mode asks"
     if mode == "auto":
         try:
-            mode = "resize" if trained_on_resized_data(args.workdir) else "tile"
+            mode, why = auto_mode(args.workdir, cfg)
         except ConfigError as e:
             print(f"predict: error: {e}", file=sys.stderr)
             return 2
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         else:
             probs = predict_tiled(infer, image.astype(np.float32) / 255.0, cfg, tile, args.overlap)
         save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
-    print(f"predict: {len(images) - failed} images ({mode} mode, checkpoint {ckpt}) -> {args.out}")
+    print(f"predict: {len(images) - failed} images ({mode} mode: {why}; checkpoint {ckpt}) -> {args.out}")
     return 1 if failed == len(images) else 0
 
 

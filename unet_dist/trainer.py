@@ -343,7 +343,8 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
 def write_run_files(cfg: Config, workdir: Path, data_dir: Path, manifest: dict) -> None:
     """config.yaml, and data.json: what prediction needs to know of the data (resized at conversion?)."""
     atomic_write_text(workdir / "config.yaml", config_yaml(cfg))
-    data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size")}
+    data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size",
+                                              "record_size")}
     atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
 
 

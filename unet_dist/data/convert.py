@@ -254,6 +254,7 @@ def convert(
     tmp = {s: [out / f".{shard_name(s, i, n)}.tmp-{os.getpid()}" for i in range(n)] for s, n in n_shards.items()}
     writers = {s: [tf.io.TFRecordWriter(str(p)) for p in paths] for s, paths in tmp.items()}
     written = {"train": 0, "val": 0}
+    sizes = []  # (height, width) of every record: whether the images share one pixel scale (prediction)
     per_shard = {s: [0] * n for s, n in n_shards.items()}
     counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
     try:
@@ -271,6 +272,7 @@ def convert(
                 per_shard[s][written[s] % n_shards[s]] += 1
                 written[s] += 1
                 counts[s] += rec["counts"]
+                sizes.append((rec["height"], rec["width"]))
         for ws in writers.values():
             for w in ws:
                 w.close()
@@ -301,6 +303,8 @@ def convert(
             "train": {"records": written["train"], "shards": names["train"]},
             "val": {"records": written["val"], "shards": names["val"]},
             "skipped": skipped,
+            "record_size": {"min": [int(v) for v in np.min(sizes, axis=0)],
+                            "max": [int(v) for v in np.max(sizes, axis=0)]},
             "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
         }
         for s, paths in tmp.items():
