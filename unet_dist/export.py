@@ -4,6 +4,10 @@
 
 Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H, W),
 "probabilities": float32 (B, H, W, U)}. Load with tf.saved_model.load(EXPORT).serve(images).
+The images are resized to data.image_size and the result back, as `predict --mode resize`: the scale
+training saw for every data set whose images were not all data.image_size. A model trained on images
+that all were (and so at their own pixel scale) is served at that scale by `predict` (overlap tiles),
+not by this signature.
 """
 
 from __future__ import annotations
