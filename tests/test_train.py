@@ -410,6 +410,8 @@ def test_data_without_a_validation_split_trains_without_evaluating(pet_src, tmp_
     convert(pet_src, data, image_size=(64, 64), shards=2, val_fraction=0, workers=1, progress=False)
     with pytest.raises(ConfigError, match=r"train.target_val_iou needs a validation split, but .* no val records"):
         train(load_config(None, tiny_overrides(steps=3) + ["train.target_val_iou=0.5"]), data, w)
+    with pytest.raises(ConfigError, match=r"train.early_stop_patience needs a validation split"):
+        train(load_config(None, tiny_overrides(steps=3) + ["train.early_stop_patience=2"]), data, w)
     assert not w.exists()  # refused before any work
     s = train(load_config(None, tiny_overrides(steps=3) + ["train.eval_every_steps=1",
                                                            "train.checkpoint_every_steps=2"]), data, w)
@@ -472,3 +474,28 @@ def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_pat
     cfg.train.steps = 2
     assert train(cfg, shards, tmp_path / "tuned")["start_step"] == 1
     assert "train.init_from" not in capsys.readouterr().out
+
+
+def test_early_stop_patience_stops_after_evaluations_without_a_new_best(shards, tmp_path, monkeypatch, capsys):
+    # Evaluations every step with val IoUs 0.5, 0.6, 0.55, 0.58, 0.7, ...: with patience 2 the run
+    # stops at step 4 (two evaluations after the best of step 2), saves that step, and says so.
+    import unet_dist.trainer as T
+
+    ious = iter([0.5, 0.6, 0.55, 0.58, 0.7, 0.8, 0.9, 0.95])
+
+    def fake(self, panels=0):
+        iou = next(ious)
+        return {"val_loss": 1 - iou, "val_iou": iou, "val_dice": iou, "val_pixel_acc": iou}, np.zeros((0, 1, 1, 3),
+                                                                                                      np.uint8)
+
+    monkeypatch.setattr(T.Evaluator, "__call__", fake)
+    cfg = load_config(None, tiny_overrides(steps=8) + ["train.eval_every_steps=1", "train.early_stop_patience=2"])
+    s = train(cfg, shards, tmp_path / "w")
+    assert s["steps"] == 4 and s["early_stopped_at_step"] == 4 and s["best_val_iou"] == 0.6
+    assert s["final_val_iou"] == 0.58 and s["target_reached_at_step"] is None
+    events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3, 4]
+    assert "step 4: no new best val IoU in 2 evaluations (train.early_stop_patience); stopping, best 0.6000" \
+        in capsys.readouterr().out
+    assert (tmp_path / "w" / "checkpoints" / "ckpt-4.index").exists()
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints" / "best").glob("*.index")) == ["best-2.index"]

@@ -135,6 +135,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
+    early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best val IoU (0: off; the count restarts when a run resumes)
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
     init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes may differ, the output layer then starts new
 
@@ -376,6 +377,7 @@ def validate(cfg: Config) -> None:
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_skipped_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
     need(t.image_panels >= 0, "train.image_panels", ">= 0", t.image_panels)
+    need(t.early_stop_patience >= 0, "train.early_stop_patience", ">= 0 (0 = off)", t.early_stop_patience)
     need(t.loss not in ("bce",) or m.num_classes == 2, "train.loss", "'bce' only with model.num_classes 2; use 'cce'", t.loss)
     need(t.target_val_iou is None or 0 < t.target_val_iou <= 1, "train.target_val_iou", "null or in (0, 1]",
          t.target_val_iou)

@@ -235,8 +235,8 @@ class TrainLoop:
 
     evaluator None: data without a validation split, trained without evaluating.
     Create it right before `run`: its clock (t_start) starts then. After `run`: last_eval (the last
-    metrics), reached ((step, seconds since t_start) when the target was met) and images (trained
-    in this call).
+    metrics), reached ((step, seconds since t_start) when the target was met), early_stop (the step
+    train.early_stop_patience stopped at, or None) and images (trained in this call).
     """
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator | None, logger: Logger, optimizer,
@@ -247,6 +247,8 @@ class TrainLoop:
         self.guard = StepGuard(cfg, optimizer, ckpts)
         self.last_eval: dict = {}
         self.reached: tuple[int, float] | None = None
+        self.early_stop: int | None = None
+        self._since_best = 0  # evaluations since the last new best val IoU
         self.images = 0
         self.input = InputClock()  # this process's wait for batches
         self._warned_input = False
@@ -302,13 +304,23 @@ class TrainLoop:
         self._window_t, self._window_steps = now, 0
 
     def _evaluate(self, step: int) -> bool:
-        """Evaluates, logs, keeps the best checkpoint; True when val IoU reached the target."""
+        """Evaluates, logs, keeps the best checkpoint; True when the run should stop here: val IoU
+        reached the target, or train.early_stop_patience evaluations brought no new best. Every rank
+        decides alike: the metrics are summed over all of them."""
         started = time.time()
         self.last_eval, panel = self.evaluator(self.cfg.train.image_panels)
         self.logger.eval(step, self.last_eval)
         self.logger.images(step, panel)
-        self.ckpts.save_best(step, self.last_eval["val_iou"])
+        improved = self.ckpts.save_best(step, self.last_eval["val_iou"])
         self._window_t += time.time() - started  # evaluation time is not training throughput
+        self._since_best = 0 if improved else self._since_best + 1
+        patience = self.cfg.train.early_stop_patience
+        if patience and self._since_best >= patience:
+            self.early_stop = step
+            self.logger.message(f"step {step}: no new best val IoU in {patience} evaluations "
+                                f"(train.early_stop_patience); stopping, best {float(self.ckpts.best_iou.numpy()):.4f} "
+                                f"is in {self.ckpts.dir / 'best'}")
+            return True
         target = self.cfg.train.target_val_iou
         if target is None or self.last_eval["val_iou"] < target:
             return False
@@ -363,8 +375,9 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     # Data converted with --val-fraction 0 (a final model on every image, as nnU-Net's fold "all"):
     # train without evaluating; there is no best checkpoint, and predict and export take the latest.
     validate = manifest["val"]["records"] > 0
-    if not validate and cfg.train.target_val_iou is not None:
-        raise ConfigError(f"config key train.target_val_iou needs a validation split, but {data_dir}/manifest.json "
+    if not validate and (cfg.train.target_val_iou is not None or cfg.train.early_stop_patience):
+        key = "target_val_iou" if cfg.train.target_val_iou is not None else "early_stop_patience"
+        raise ConfigError(f"config key train.{key} needs a validation split, but {data_dir}/manifest.json "
                           "has no val records; convert with --val-fraction > 0, or leave the key unset")
     prepare_workdir(workdir, runtime, resume)
     runtime.barrier()
@@ -418,7 +431,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         last_eval, _ = loop.evaluator()
     input_wait = worst_over_processes(loop.input, runtime)
     summary = {
-        "steps": reached[0] if reached else total,
+        "steps": reached[0] if reached else loop.early_stop or total,
         "start_step": start,
         "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)) if validate else None,
         "final_val_iou": last_eval.get("val_iou"),
@@ -442,6 +455,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
         "target_val_iou": cfg.train.target_val_iou,
         "target_reached_at_step": reached[0] if reached else None,
         "time_to_target_s": reached[1] if reached else None,
+        "early_stopped_at_step": loop.early_stop,
         # The largest share of step time any process spent waiting for its next batch.
         "input_wait_fraction": input_wait,
         "input_bound": classify(input_wait),
