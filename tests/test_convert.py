@@ -294,3 +294,28 @@ def test_no_empty_shards_and_overwrite_removes_the_earlier_set(tmp_path):
         batch = next(iter(train_dataset(tmp_path / "out", cfg, 2, 4, Shard(index, 2),
                                         manifest=load_manifest(tmp_path / "out"))))
         assert batch["image"].shape == (2, 32, 32, 3)
+
+
+def test_masks_named_with_a_suffix_and_gif_masks(tmp_path):
+    # Many data sets name the mask of X.jpg X_mask.gif (Carvana) or X_mask.png: --mask-suffix pairs
+    # them, and GIF palette masks keep their indices.
+    src = tmp_path / "f"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(src / "images" / f"car{i}.jpg")
+        mask = np.zeros((16, 16), np.uint8)
+        mask[:, :6] = 1
+        Image.fromarray(mask, "P").save(src / "masks" / f"car{i}_mask.gif")
+    kw = {"layout": "folders", "shards": 1, "val_fraction": 0, "workers": 1, "progress": False}
+    with pytest.raises(ConvertError, match="no image with a mask found"):
+        convert(src, tmp_path / "o", **kw)
+    m = convert(src, tmp_path / "o", mask_suffix="_mask", **kw)
+    assert m["train"]["records"] == 3 and m["num_classes"] == 2 and not m["skipped"]
+    mask = tf.io.decode_png(_records(tmp_path / "o", "train")[0]["mask"]).numpy()[..., 0]
+    assert (mask[:, :6] == 1).all() and (mask[:, 6:] == 0).all()
+    with pytest.raises(ConvertError, match=r"--mask-suffix '_mask.png': the end of a file stem"):
+        convert(src, tmp_path / "o2", mask_suffix="_mask.png", **kw)
+    cli = run_module("unet_dist.convert", str(src), str(tmp_path / "o3"), "--layout", "folders", "--mask-suffix",
+                     "_mask", "--val-fraction", "0.34", "--workers", "1")
+    assert cli.returncode == 0 and "2 train and 1 val records" in cli.stdout, cli.stderr

@@ -2,12 +2,12 @@
 
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
-        [--num-classes N]
+        [--num-classes N] [--mask-suffix S]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
 class ids 0..N-1, or 0/255 when --classes binary; --num-classes N when some ids do not occur in the
-masks). Bad files are skipped and listed in manifest.json.
+masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are skipped and listed in manifest.json.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", choices=CLASS_MODES, default="binary")
     p.add_argument("--num-classes", type=int, default=None,
                    help="multiclass: the number of classes (default: the highest id in the masks + 1)")
+    p.add_argument("--mask-suffix", default="", help="the mask of image X.* is X<suffix>.* (e.g. _mask)")
     p.add_argument("--image-size", type=parse_size, default=None, help="resize to H[xW]; default keeps sizes")
     p.add_argument("--shards", type=int, default=8, help="training shards (val gets up to as many)")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = convert(args.src, args.out, layout=args.layout, classes=args.classes, image_size=args.image_size,
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
-                    overwrite=args.overwrite, num_classes=args.num_classes)
+                    overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

@@ -48,8 +48,9 @@ def shard_name(split: str, i: int, n: int) -> str:
     return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
 
 
-def _find_pairs(src: Path, layout: str) -> tuple[list[tuple[str, Path, Path]], list[dict]]:
-    """Lists (stem, image, mask) pairs and the files skipped while pairing."""
+def _find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[tuple[str, Path, Path]], list[dict]]:
+    """Lists (stem, image, mask) pairs and the files skipped while pairing. The mask of image X.* is
+    X{mask_suffix}.* in the masks folder (many data sets name it X_mask.png or X_mask.gif)."""
     if layout not in LAYOUTS:
         raise ConvertError(f"--layout {layout!r}: allowed {', '.join(LAYOUTS)}")
     images_dir = src / "images"
@@ -71,11 +72,11 @@ def _find_pairs(src: Path, layout: str) -> tuple[list[tuple[str, Path, Path]], l
             skipped.append({"file": str(p), "reason": f"not an image file ({p.suffix or 'no extension'})"})
         elif p.stem in seen:
             skipped.append({"file": str(p), "reason": "another image has the same stem"})
-        elif p.stem not in masks:
-            skipped.append({"file": str(p), "reason": f"no mask named {p.stem}.* in {masks_dir}"})
+        elif p.stem + mask_suffix not in masks:
+            skipped.append({"file": str(p), "reason": f"no mask named {p.stem}{mask_suffix}.* in {masks_dir}"})
         else:
             seen.add(p.stem)
-            pairs.append((p.stem, p, masks[p.stem]))
+            pairs.append((p.stem, p, masks[p.stem + mask_suffix]))
     return pairs, skipped
 
 
@@ -202,6 +203,7 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
     num_classes: int | None = None,
+    mask_suffix: str = "",
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json)."""
     import tensorflow as tf
@@ -230,7 +232,10 @@ def convert(
         raise ConvertError(f"--image-size {image_size}: must be positive")
     if not src.is_dir():
         raise ConvertError(f"SRC {src} is not a folder")
-    pairs, skipped = _find_pairs(src, layout)
+    if "/" in mask_suffix or mask_suffix.startswith(".") or Path("x" + mask_suffix).suffix.lower() in IMAGE_SUFFIXES:
+        raise ConvertError(f"--mask-suffix {mask_suffix!r}: the end of a file stem, such as _mask (no folder, "
+                           "no extension)")
+    pairs, skipped = _find_pairs(src, layout, mask_suffix)
     if not pairs:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     if (out / "manifest.json").exists() and not overwrite:
