@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.config import Config, ConfigError
+from unet_dist.config import Config, ConfigError, load_workdir_config
 from unet_dist.distribute import Runtime
 from unet_dist.errors import tf_reason
 from unet_dist.logs import atomic_write_text
@@ -73,6 +73,20 @@ def check_free_space(workdir: Path, model: keras.Model, optimizer, keep: int) ->
                           f"{need / 2**20:.1f} MiB ({keep} kept + best + one being written)")
 
 
+def restore_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model, Config, str]:
+    """(WORKDIR's fully convolutional model with the weights of its checkpoint `which`, its config,
+    the checkpoint path), built under the current Keras dtype policy (variables are float32 under
+    every policy). which: 'best' (by val IoU; falls back to the latest) or 'latest'. ConfigError
+    when WORKDIR has no config.yaml or no checkpoint, CheckpointError when it is damaged."""
+    from unet_dist.model import build_unet
+
+    cfg = load_workdir_config(workdir)
+    path = checkpoint_path(workdir, which)
+    model = build_unet(cfg.model, None)
+    read_checkpoint(tf.train.Checkpoint(model=model), path)
+    return model, cfg, path
+
+
 def init_weights(model: keras.Model, source: str | Path) -> str:
     """Copies the weights of workdir SOURCE's best (else latest) checkpoint into `model`, layer by
     layer by name: a run that starts from trained weights (fine-tuning, another data set). The
@@ -81,17 +95,11 @@ def init_weights(model: keras.Model, source: str | Path) -> str:
     copied. Only weights move: the optimizer, the step and the learning-rate schedule start fresh.
     Returns the line to print.
     """
-    from unet_dist.config import load_workdir_config
-    from unet_dist.model import build_unet
-
     key = f"train.init_from {source}"
     try:
-        src_cfg = load_workdir_config(source)
-        path = checkpoint_path(source, "best")
+        theirs, _, path = restore_trained(source, "best")
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
-    theirs = build_unet(src_cfg.model, None)  # variables are float32 under every precision policy
-    read_checkpoint(tf.train.Checkpoint(model=theirs), path)
     by_name = {layer.name: layer for layer in theirs.layers if layer.weights}
     pairs, new, problems = [], [], []
     for layer in (x for x in model.layers if x.weights):

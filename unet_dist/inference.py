@@ -18,9 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.checkpoint import checkpoint_path, read_checkpoint
-from unet_dist.config import Config, ConfigError, load_workdir_config
-from unet_dist.model import build_unet
+from unet_dist.checkpoint import restore_trained
+from unet_dist.config import Config, ConfigError
 from unet_dist.shapes import output_size
 
 
@@ -29,12 +28,8 @@ def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model,
 
     which: 'best' (by val IoU; falls back to the latest) or 'latest'.
     """
-    cfg = load_workdir_config(workdir)
     keras.mixed_precision.set_global_policy("float32")  # inference in float32 whatever training used
-    model = build_unet(cfg.model, None)
-    path = checkpoint_path(workdir, which)
-    read_checkpoint(tf.train.Checkpoint(model=model), path)
-    return model, cfg, path
+    return restore_trained(workdir, which)
 
 
 def auto_mode(workdir: Path, cfg: Config) -> tuple[str, str]:
