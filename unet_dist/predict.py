@@ -48,15 +48,14 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -
 def expand_folders(paths: list[Path]) -> list[Path]:
     """The paths given, with each folder replaced by the image files directly in it (sorted by name,
     hidden files left out). Raises ConfigError for a folder without any."""
-    from unet_dist.data.imageio import IMAGE_SUFFIXES
+    from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
 
     out: list[Path] = []
     for path in paths:
         if not path.is_dir():
             out.append(path)
             continue
-        found = sorted(f for f in path.iterdir()
-                       if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+        found = image_files(path)
         if not found:
             raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         out += found

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from unet_dist.config import ConfigError, writable_dir
-from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, load_mask, load_rgb
+from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, image_files, load_mask, load_rgb
 
 LAYOUTS = ("oxford-pet", "folders")
 CLASS_MODES = ("binary", "trimap", "multiclass")
@@ -59,10 +59,8 @@ def _find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[tup
         if not d.is_dir():
             raise ConvertError(f"{src} is not a {layout} data set: {d} is missing")
     masks: dict[str, Path] = {}
-    for p in sorted(masks_dir.iterdir()):
-        # The real Pet set ships macOS "._*" resource forks beside its trimaps: never masks.
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
-            masks.setdefault(p.stem, p)
+    for p in image_files(masks_dir):
+        masks.setdefault(p.stem, p)
     pairs, skipped = [], []
     seen: set[str] = set()
     for p in sorted(images_dir.iterdir()):
@@ -232,7 +230,8 @@ def convert(
         raise ConvertError(f"--image-size {image_size}: must be positive")
     if not src.is_dir():
         raise ConvertError(f"SRC {src} is not a folder")
-    if "/" in mask_suffix or mask_suffix.startswith(".") or Path("x" + mask_suffix).suffix.lower() in IMAGE_SUFFIXES:
+    if ("/" in mask_suffix or mask_suffix.startswith(".")
+            or Path("x" + mask_suffix).suffix.lower() in IMAGE_SUFFIXES):
         raise ConvertError(f"--mask-suffix {mask_suffix!r}: the end of a file stem, such as _mask (no folder, "
                            "no extension)")
     pairs, skipped = _find_pairs(src, layout, mask_suffix)

@@ -14,6 +14,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # GIF: e.g. Carvana's masks
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The files directly in `folder` with an image suffix, sorted by name. Hidden files are left
+    out: the real Pet set ships macOS "._*" resource forks beside its trimaps, never images."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 class BadImage(ValueError):
     """A file that cannot be used; the message is the reason, shown with the file name."""
 
