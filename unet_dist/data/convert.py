@@ -258,7 +258,9 @@ def convert(
     tmp = {s: [out / f".{shard_name(s, i, n)}.tmp-{os.getpid()}" for i in range(n)] for s, n in n_shards.items()}
     writers = {s: [tf.io.TFRecordWriter(str(p)) for p in paths] for s, paths in tmp.items()}
     written = {"train": 0, "val": 0}
-    sizes = []  # (height, width) of every record: whether the images share one pixel scale (prediction)
+    # The smallest and largest (height, width) of the records: whether the images share one pixel
+    # scale (predict --mode auto). Running bounds, so memory does not grow with the data set.
+    size_min, size_max = np.full(2, np.iinfo(np.int64).max), np.zeros(2, np.int64)
     per_shard = {s: [0] * n for s, n in n_shards.items()}
     counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
     try:
@@ -276,7 +278,8 @@ def convert(
                 per_shard[s][written[s] % n_shards[s]] += 1
                 written[s] += 1
                 counts[s] += rec["counts"]
-                sizes.append((rec["height"], rec["width"]))
+                size_min = np.minimum(size_min, (rec["height"], rec["width"]))
+                size_max = np.maximum(size_max, (rec["height"], rec["width"]))
         for ws in writers.values():
             for w in ws:
                 w.close()
@@ -307,8 +310,7 @@ def convert(
             "train": {"records": written["train"], "shards": names["train"]},
             "val": {"records": written["val"], "shards": names["val"]},
             "skipped": skipped,
-            "record_size": {"min": [int(v) for v in np.min(sizes, axis=0)],
-                            "max": [int(v) for v in np.max(sizes, axis=0)]},
+            "record_size": {"min": size_min.tolist(), "max": size_max.tolist()},
             "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
         }
         for s, paths in tmp.items():
