@@ -6,16 +6,24 @@ import pytest
 import tensorflow as tf
 
 from unet_dist.config import load_config
-from unet_dist.inference import _reflect_indices, predict_tiled, resize_predict_fn, tiling, traced
+from unet_dist.inference import _reflect_indices, resize_predict_fn, tile_predict_fn, tiling, traced
 from unet_dist.model import build_unet
 from unet_dist.shapes import output_size
 
 
 def _image(h, w):
+    """A float32 (h, w, 3) image in [0, 1] whose values are whole uint8 steps (value * 255 is exact)."""
     yy, xx = np.mgrid[0:h, 0:w]
     rng = np.random.default_rng(0)
-    return np.clip(np.dstack([np.sin(yy / 7), np.cos(xx / 5), np.sin((xx + yy) / 9)]) * 0.4 + 0.5
-                   + rng.normal(0, 0.05, (h, w, 3)), 0, 1).astype(np.float32)
+    image = np.clip(np.dstack([np.sin(yy / 7), np.cos(xx / 5), np.sin((xx + yy) / 9)]) * 0.4 + 0.5
+                    + rng.normal(0, 0.05, (h, w, 3)), 0, 1)
+    return (np.round(image * 255) / 255).astype(np.float32)
+
+
+def predict_tiled(model, image, cfg, **kw):
+    """tile_predict_fn on one float image in [0, 1] (as uint8, exactly) -> (H, W, U) numpy."""
+    fn = tile_predict_fn(model, cfg, **kw)
+    return fn(tf.constant(np.round(image * 255).astype(np.uint8))[None])[0].numpy()
 
 
 def test_valid_padding_tiles_equal_the_whole_image():
@@ -33,6 +41,19 @@ def test_valid_padding_tiles_equal_the_whole_image():
     tiled = predict_tiled(model, img, cfg)
     assert tiled.shape == whole.shape == (H, W, 1)
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    # Batches of 4 of the 6 tiles (the last batch smaller), traced for unknown sizes, give the same.
+    fn = traced(tile_predict_fn(model, cfg, batch=4))
+    batch = tf.constant(np.round(np.stack([img, img[::-1]]) * 255).astype(np.uint8))
+    both = fn(batch).numpy()
+    np.testing.assert_allclose(both[0], whole, atol=1e-5)
+    np.testing.assert_allclose(both[1], predict_tiled(model, img[::-1], cfg), atol=1e-5)
+    # An image smaller than one tile's output, with context wider than the image itself: one tile.
+    h, w = o // 3, o // 2
+    small = _image(h, w)
+    one = model(np.pad(small, ((c, 60 - c - h), (c, 60 - c - w), (0, 0)), mode="reflect")[None], training=False)
+    assert c > w
+    np.testing.assert_allclose(fn(tf.constant(np.round(small * 255).astype(np.uint8))[None])[0].numpy(),
+                               one.numpy()[0, :h, :w], atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (100, 150)])
@@ -51,8 +72,8 @@ def test_same_padding_tiles_agree_with_the_whole_image(size):
     # padding and the tiles see mirrored pixels) tiles and whole image agree to float precision.
     inner = (slice(28, -28), slice(28, -28))
     np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-5)
-    # predict's traced model, in batches of 3 tiles (the last one smaller), gives the same.
-    np.testing.assert_allclose(predict_tiled(traced(model), img, cfg, overlap=28, batch=3), tiled, atol=1e-5)
+    # In batches of 3 tiles (the last one smaller), the same.
+    np.testing.assert_allclose(predict_tiled(model, img, cfg, overlap=28, batch=3), tiled, atol=1e-5)
     # ...while tiles without overlap show seams (when there is more than one tile): the check can tell.
     if max(size) <= 64:
         return
@@ -68,7 +89,7 @@ def test_resize_prediction_when_the_context_is_wider_than_the_output():
                              "data.image_size=[60, 60]", "model.batch_norm=false"])
     keras.utils.set_random_seed(3)
     model = build_unet(cfg.model, None)
-    image = (_image(45, 70) * 255).astype(np.uint8)
+    image = np.round(_image(45, 70) * 255).astype(np.uint8)
     probs = resize_predict_fn(model, cfg)(image[None]).numpy()
     assert probs.shape == (1, 45, 70, 1)
     small = tf.image.resize(tf.image.convert_image_dtype(image[None], tf.float32), (20, 20)).numpy()

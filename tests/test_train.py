@@ -250,19 +250,29 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     refused = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "mine"))
     assert refused.returncode == 2 and "a folder holding more than an earlier export" in refused.stderr
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-    for _ in range(2):  # the second export replaces the first
-        run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), check=True)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp")]
-    from unet_dist.inference import classes_from_probs, load_trained, resize_predict_fn
+    from unet_dist.inference import classes_from_probs, load_trained, resize_predict_fn, tile_predict_fn
 
     model, cfg, _ = load_trained(w)
-    loaded = tf.saved_model.load(str(tmp_path / "export"))
     images = np.random.default_rng(0).integers(0, 255, (2, 70, 90, 3), dtype=np.uint8)
-    served = loaded.serve(tf.constant(images))
-    expect = resize_predict_fn(model, cfg)(tf.constant(images))
-    assert served["mask"].shape == (2, 70, 90)
-    np.testing.assert_allclose(served["probabilities"].numpy(), expect.numpy(), atol=1e-5)
-    np.testing.assert_array_equal(served["mask"].numpy(), classes_from_probs(expect).numpy())
+    # auto takes resize here (the data was resized at conversion); the second export, in tile mode,
+    # replaces the first, and serves what predict's tiles give.
+    for flags, says, fn in (([], "resize mode: the training data was resized", resize_predict_fn(model, cfg)),
+                            (["--mode", "tile", "--overlap", "8"], "tile mode: as --mode asks",
+                             tile_predict_fn(model, cfg, overlap=8))):
+        done = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), *flags,
+                          check=True)
+        assert says in done.stdout, done.stdout
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp")]
+        loaded = tf.saved_model.load(str(tmp_path / "export"))  # held: serve needs its variables alive
+        served = loaded.serve(tf.constant(images))
+        expect = fn(tf.constant(images))
+        assert served["mask"].shape == (2, 70, 90)
+        np.testing.assert_allclose(served["probabilities"].numpy(), expect.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(served["mask"].numpy(), classes_from_probs(expect).numpy())
+    bad_overlap = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"),
+                             "--mode", "tile", "--overlap", "-1")
+    assert bad_overlap.returncode == 2 and "export: error: --overlap -1: must be >= 0" in bad_overlap.stderr
+    assert (tmp_path / "export" / "saved_model.pb").exists()  # the earlier export is left whole
 
 
 def test_evaluator_traces_its_step_once(shards):

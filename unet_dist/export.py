@@ -1,13 +1,13 @@
 """Exports a trained workdir as a SavedModel for serving.
 
-    python -m unet_dist.export --workdir RUN --out EXPORT
+    python -m unet_dist.export --workdir RUN --out EXPORT [--mode auto|tile|resize] [--tile N --overlap P]
 
 Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H, W),
 "probabilities": float32 (B, H, W, U)}. Load with tf.saved_model.load(EXPORT).serve(images).
-The images are resized to data.image_size and the result back, as `predict --mode resize`: the scale
-training saw for every data set whose images were not all data.image_size. A model trained on images
-that all were (and so at their own pixel scale) is served at that scale by `predict` (overlap tiles),
-not by this signature.
+It predicts the way `predict` does with the same --mode, --tile and --overlap (the same TF
+function): auto resizes each image to data.image_size and the result back, unless every training
+image already was data.image_size, and then cuts overlap tiles at the images' own pixel scale.
+It prints which mode it took and why.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from unet_dist.config import ConfigError, add_workdir_args, writable_dir
+from unet_dist.predict import add_mode_args
 
 # What tf.saved_model writes into its folder.
 SAVED_MODEL_FILES = {"saved_model.pb", "variables", "assets", "fingerprint.pb"}
@@ -29,9 +30,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir_args(p)
     p.add_argument("--out", type=Path, required=True)
+    add_mode_args(p)
     args = p.parse_args(argv)
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.inference import export_saved_model, load_trained
+    from unet_dist.inference import export_saved_model, load_trained, prediction_fn
 
     out = args.out
     try:
@@ -42,19 +44,21 @@ def main(argv=None) -> int:
             raise ConfigError(f"--out {out}: {what}; give a new or empty folder")
         writable_dir(out.parent, "--out")
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
+        tile = (args.tile, args.tile) if args.tile is not None else None
+        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap)
     except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        export_saved_model(model, cfg, tmp)
+        export_saved_model(model, fn, tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"export: SavedModel from {ckpt} -> {out}")
+    print(f"export: SavedModel from {ckpt} ({mode} mode: {why}) -> {out}")
     return 0
 
 

@@ -7,15 +7,17 @@ Two ways to cover an image:
   own context ((input - output) / 2 per side); with same padding it is `overlap` pixels per side.
 - resize: the whole image is resized to the training size and the prediction resized back, which
   is how a model trained on resized data (the paper's Pet model) sees its inputs.
+Both are TF functions of a batch of uint8 images, so `predict` and the SavedModel `export` writes run
+the same code.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from unet_dist.checkpoint import restore_trained
@@ -90,55 +92,75 @@ def tiling(cfg: Config, tile: tuple[int, int] | None = None, overlap: int | None
     return t, out, keep
 
 
-def predict_tiled(model, image: np.ndarray, cfg: Config, tile: tuple[int, int] | None = None,
-                  overlap: int | None = None, batch: int | None = None) -> np.ndarray:
-    """Overlap-tile prediction. image (H, W, 3) float32 in [0, 1] -> probabilities (H, W, U).
+def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | None = None,
+                    overlap: int | None = None, batch: int | None = None):
+    """A TF function: uint8 images (B, H, W, 3) of any size -> probabilities (B, H, W, U) by overlap tiles.
 
-    model: the Keras model, or `traced(model)` when predicting many images (an eager call of the
-    model costs tens of milliseconds over its compute on a CPU, for every batch of tiles).
-    batch: tiles per call; default about 2^20 input pixels (16 tiles of 256x256, 3 of 572x572), which
-    bounds the activations held at once for wide models.
+    Each image is mirror-padded by the tiles' context and cut into overlapping tiles of `tiling`'s
+    size; each output pixel is taken from the centre of one tile. The tiles of all B images go
+    through the model `batch` at a time (default about 2^20 input pixels: 16 tiles of 256x256, 3 of
+    572x572), cut from the padded images inside the loop, so memory beyond the padded images and the
+    output is bounded by one batch of tiles however large the images. Raises ValueError naming
+    --tile or --overlap (from `tiling`).
     """
     (th, tw), (oh, ow), (kh, kw) = tiling(cfg, tile, overlap)
     batch = batch or max(1, 2**20 // (th * tw))
-    H, W = image.shape[:2]
-    ny, nx = -(-H // kh), -(-W // kw)
-    # Context around the kept region of each tile, per side.
-    top, left = (th - kh) // 2, (tw - kw) // 2
-    padded = np.pad(image, ((top, ny * kh - H + (th - kh - top)), (left, nx * kw - W + (tw - kw - left)), (0, 0)),
-                    mode="reflect")  # mirror padding: the network sees plausible context at borders
-    crop_y, crop_x = (oh - kh) // 2, (ow - kw) // 2
-    origins = [(i * kh, j * kw) for i in range(ny) for j in range(nx)]
-    canvas = None
-    for b in range(0, len(origins), batch):
-        chunk = origins[b : b + batch]
-        tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
-        probs = np.asarray(model(tiles, training=False))  # (n, oh, ow, U)
-        if canvas is None:
-            canvas = np.zeros((ny * kh, nx * kw, probs.shape[-1]), np.float32)
-        for (y, x), p in zip(chunk, probs, strict=True):
-            canvas[y : y + kh, x : x + kw] = p[crop_y : crop_y + kh, crop_x : crop_x + kw]
-    return canvas[:H, :W]
+    top, left = (th - kh) // 2, (tw - kw) // 2  # context above and left of each tile's kept part
+    cy, cx = (oh - kh) // 2, (ow - kw) // 2  # where the kept part sits in the model's output
+    units = model.output_shape[-1]
+
+    def fn(images):
+        x = tf.image.convert_image_dtype(images, tf.float32)
+        b, h, w = tf.unstack(tf.shape(x)[:3])
+        ny, nx = (h + kh - 1) // kh, (w + kw - 1) // kw
+        # Mirror padding: the network sees plausible context at the borders.
+        x = tf.gather(x, _reflect_indices(h, top, ny * kh - h + th - kh - top), axis=1)
+        x = tf.gather(x, _reflect_indices(w, left, nx * kw - w + tw - kw - left), axis=2)
+        n = b * ny * nx  # tiles, numbered image by image, row by row
+
+        def tiles(first):
+            j = tf.range(first, tf.minimum(first + batch, n))
+            k = j % (ny * nx)
+            rows = (k // nx * kh)[:, None] + tf.range(th)  # (m, th)
+            cols = (k % nx * kw)[:, None] + tf.range(tw)  # (m, tw)
+            m = tf.size(j)
+            index = tf.stack([tf.broadcast_to(j[:, None, None] // (ny * nx), [m, th, tw]),
+                              tf.broadcast_to(rows[:, :, None], [m, th, tw]),
+                              tf.broadcast_to(cols[:, None, :], [m, th, tw])], axis=-1)
+            return tf.gather_nd(x, index)  # (m, th, tw, 3)
+
+        def body(i, out):
+            probs = model(tiles(i * batch), training=False)
+            return i + 1, out.write(i, tf.cast(probs[:, cy : cy + kh, cx : cx + kw], tf.float32))
+
+        chunks = (n + batch - 1) // batch
+        out = tf.TensorArray(tf.float32, size=chunks, infer_shape=False, element_shape=[None, kh, kw, units])
+        # One batch at a time (parallel_iterations=1): that bounds the activations held at once.
+        _, out = tf.while_loop(lambda i, _: i < chunks, body, (0, out), parallel_iterations=1)
+        probs = tf.reshape(out.concat(), [b, ny, nx, kh, kw, units])
+        probs = tf.reshape(tf.transpose(probs, [0, 1, 3, 2, 4, 5]), [b, ny * kh, nx * kw, units])
+        return probs[:, :h, :w]
+
+    return fn
 
 
 def traced(fn):
-    """`fn` (the model, or `resize_predict_fn`'s function) as one traced function, for any batch and
-    image size: after the first sizes it traces once with unknown dimensions, not once per size."""
+    """`fn` (`tile_predict_fn`'s or `resize_predict_fn`'s function) as one traced function, for any batch
+    and image size: after the first sizes it traces once with unknown dimensions, not once per size."""
     return tf.function(fn, reduce_retracing=True)
 
 
-def _reflect_indices(n: int, before: int, after: int) -> np.ndarray:
+def _reflect_indices(n, before, after) -> tf.Tensor:
     """Indices into a length-n axis that mirror-pad it by `before` and `after` (numpy's "reflect").
 
+    n, before, after: ints or int32 scalars (an image size known only when the graph runs).
     tf.pad's REFLECT needs each pad smaller than the axis, but a valid-padding model's context can
     be wider than its output (a 252 px tile of a depth-4 net: 68 px out, 92 px of context per side).
     """
-    i = np.arange(-before, n + after)
-    if n == 1:
-        return np.zeros_like(i)
-    period = 2 * (n - 1)
-    i = np.abs(i) % period
-    return np.where(i >= n, period - i, i)
+    i = tf.range(-before, n + after)
+    period = tf.maximum(2 * (n - 1), 1)  # n == 1: every index is 0
+    i = tf.math.floormod(tf.abs(i), period)
+    return tf.where(i >= n, period - i, i)
 
 
 def resize_predict_fn(model: keras.Model, cfg: Config):
@@ -170,9 +192,27 @@ def classes_from_probs(probs):
     return tf.cast(tf.argmax(probs, axis=-1), tf.uint8)
 
 
-def export_saved_model(model: keras.Model, cfg: Config, out: str | Path) -> None:
-    """SavedModel with a `serve` signature: uint8 images (B, H, W, 3) of any size -> uint8 masks (B, H, W)."""
-    fn = resize_predict_fn(model, cfg)
+def prediction_fn(model: keras.Model, cfg: Config, workdir: str | Path, mode: str = "auto",
+                  tile: tuple[int, int] | None = None, overlap: int | None = None) -> tuple[Callable, str, str]:
+    """(TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U), the mode taken, why)
+    for predict's and export's --mode auto|tile|resize. tile and overlap apply to tile mode.
+
+    Raises ConfigError naming WORKDIR/data.json (auto), --tile or --overlap.
+    """
+    why = "as --mode asks"
+    if mode == "auto":
+        mode, why = auto_mode(workdir, cfg)
+    if mode == "resize":
+        return resize_predict_fn(model, cfg), mode, why
+    try:
+        return tile_predict_fn(model, cfg, tile, overlap), mode, why
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def export_saved_model(model: keras.Model, fn: Callable, out: str | Path) -> None:
+    """SavedModel with a `serve` signature: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 class
+    ids (B, H, W), "probabilities": float32 (B, H, W, U)}, by `fn` (a `prediction_fn` function)."""
     archive = keras.export.ExportArchive()
     archive.track(model)
 

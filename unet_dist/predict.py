@@ -62,15 +62,21 @@ def expand_folders(paths: list[Path]) -> list[Path]:
     return out
 
 
+def add_mode_args(p: argparse.ArgumentParser) -> None:
+    """predict's and export's --mode, --tile and --overlap (see `inference.prediction_fn`)."""
+    p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto",
+                   help="auto: the scale training saw (resize, unless every training image was data.image_size)")
+    p.add_argument("--tile", type=int, help="tile size (default: the training image size)")
+    p.add_argument("--overlap", type=int, help="context pixels per tile side, same padding (default tile/8)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir_args(p)
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tile", type=int, help="tile size (default: the training image size)")
-    p.add_argument("--overlap", type=int, help="context pixels per tile side, same padding (default tile/8)")
-    p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto")
+    add_mode_args(p)
     args = p.parse_args(argv)
     try:
         images = expand_folders(args.images)
@@ -87,38 +93,17 @@ def main(argv=None) -> int:
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.imageio import BadImage, load_rgb
-    from unet_dist.inference import (
-        auto_mode,
-        classes_from_probs,
-        load_trained,
-        predict_tiled,
-        resize_predict_fn,
-        tiling,
-        traced,
-    )
+    from unet_dist.inference import classes_from_probs, load_trained, prediction_fn, traced
 
+    tile = (args.tile, args.tile) if args.tile is not None else None
     try:
         writable_dir(args.out, "--out")
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
+        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap)
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
-    mode, why = args.mode, "as --mode asks"
-    if mode == "auto":
-        try:
-            mode, why = auto_mode(args.workdir, cfg)
-        except ConfigError as e:
-            print(f"predict: error: {e}", file=sys.stderr)
-            return 2
-    tile = (args.tile, args.tile) if args.tile is not None else None
-    if mode == "tile":
-        try:
-            tiling(cfg, tile, args.overlap)
-        except ValueError as e:
-            print(f"predict: error: {e}", file=sys.stderr)
-            return 2
-    resize_fn = traced(resize_predict_fn(model, cfg))
-    infer = traced(model)
+    fn = traced(fn)
     failed = 0
     for path in images:
         try:
@@ -127,10 +112,7 @@ def main(argv=None) -> int:
             print(f"predict: skipping {path}: {e}", file=sys.stderr)
             failed += 1
             continue
-        if mode == "resize":
-            probs = resize_fn(image[None])[0].numpy()
-        else:
-            probs = predict_tiled(infer, image.astype(np.float32) / 255.0, cfg, tile, args.overlap)
+        probs = fn(image[None])[0].numpy()
         save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
     print(f"predict: {len(images) - failed} images ({mode} mode: {why}; checkpoint {ckpt}) -> {args.out}")
     return 1 if failed == len(images) else 0
