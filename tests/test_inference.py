@@ -164,3 +164,22 @@ def test_auto_mode_predicts_at_the_scale_training_saw(tmp_path):
         "resize", "the training images ([240, 250] to [500, 480]) were resized to [128, 128] in training")
     assert mode({"image_size": None, "record_size": {"min": [512, 512], "max": [512, 512]}})[0] == "resize"
     assert mode({"image_size": None})[0] == "tile"  # converted before sizes were recorded: as before
+
+
+def test_flip_tta_averages_the_four_mirror_images_flipped_back():
+    from unet_dist.inference import mirrored
+
+    cfg = load_config(None, ["model.depth=2", "model.base_filters=4", "data.image_size=[32, 32]"])
+    keras.utils.set_random_seed(4)
+    model = build_unet(cfg.model, None)
+    images = np.round(np.stack([_image(40, 56), _image(40, 56)[::-1, ::-1]]) * 255).astype(np.uint8)
+    for fn in (resize_predict_fn(model, cfg), tile_predict_fn(model, cfg, overlap=4, batch=5)):
+        got = traced(mirrored(fn))(tf.constant(images)).numpy()
+        expect = np.mean([np.flip(fn(tf.constant(np.flip(images, axes).copy())).numpy(), axes)
+                          for axes in [(), (2,), (1,), (1, 2)]], axis=0)
+        assert got.shape == (2, 40, 56, 1)
+        np.testing.assert_allclose(got, expect, atol=1e-5)
+        # The mirror images predict differently (the net is not mirror-symmetric), so flipping
+        # them back is checked: without it the average would differ.
+        flipped_back = fn(tf.constant(images[:, ::-1].copy())).numpy()[:, ::-1]
+        assert np.abs(flipped_back - fn(tf.constant(images)).numpy()).max() > 1e-4

@@ -250,15 +250,16 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     refused = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "mine"))
     assert refused.returncode == 2 and "a folder holding more than an earlier export" in refused.stderr
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-    from unet_dist.inference import classes_from_probs, load_trained, resize_predict_fn, tile_predict_fn
+    from unet_dist.inference import classes_from_probs, load_trained, mirrored, resize_predict_fn, tile_predict_fn
 
     model, cfg, _ = load_trained(w)
     images = np.random.default_rng(0).integers(0, 255, (2, 70, 90, 3), dtype=np.uint8)
-    # auto takes resize here (the data was resized at conversion); the second export, in tile mode,
-    # replaces the first, and serves what predict's tiles give.
+    # auto takes resize here (the data was resized at conversion); the second export, in tile mode
+    # with test-time mirroring, replaces the first, and serves what predict's tiles give.
     for flags, says, fn in (([], "resize mode: the training data was resized", resize_predict_fn(model, cfg)),
-                            (["--mode", "tile", "--overlap", "8"], "tile mode: as --mode asks",
-                             tile_predict_fn(model, cfg, overlap=8))):
+                            (["--mode", "tile", "--overlap", "8", "--tta", "flip"],
+                             "tile mode: as --mode asks; averaged over 4 mirror images",
+                             mirrored(tile_predict_fn(model, cfg, overlap=8)))):
         done = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), *flags,
                           check=True)
         assert says in done.stdout, done.stdout

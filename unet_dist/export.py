@@ -1,10 +1,11 @@
 """Exports a trained workdir as a SavedModel for serving.
 
     python -m unet_dist.export --workdir RUN --out EXPORT [--mode auto|tile|resize] [--tile N --overlap P]
+        [--tta none|flip]
 
 Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H, W),
 "probabilities": float32 (B, H, W, U)}. Load with tf.saved_model.load(EXPORT).serve(images).
-It predicts the way `predict` does with the same --mode, --tile and --overlap (the same TF
+It predicts the way `predict` does with the same --mode, --tile, --overlap and --tta (the same TF
 function): auto resizes each image to data.image_size and the result back, unless every training
 image already was data.image_size, and then cuts overlap tiles at the images' own pixel scale.
 It prints which mode it took and why.
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         writable_dir(out.parent, "--out")
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
         tile = (args.tile, args.tile) if args.tile is not None else None
-        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap)
+        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap, args.tta)
     except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

@@ -192,10 +192,29 @@ def classes_from_probs(probs):
     return tf.cast(tf.argmax(probs, axis=-1), tf.uint8)
 
 
+def mirrored(fn: Callable) -> Callable:
+    """Test-time mirroring: `fn`'s probabilities averaged over the images and their three mirror
+    images (left-right, up-down, both), each flipped back, as nnU-Net predicts by default.
+
+    The four go through `fn` as one batch of 4B images (so tiles of all of them share batches);
+    4x the compute. It helps a model trained with flips (data.augment.flip), which has learnt
+    mirror images as well as the originals.
+    """
+    axes = [[], [2], [1], [1, 2]]
+
+    def averaged(images):
+        probs = tf.split(fn(tf.concat([tf.reverse(images, a) for a in axes], 0)), len(axes))
+        return tf.add_n([tf.reverse(p, a) for p, a in zip(probs, axes, strict=True)]) / len(axes)
+
+    return averaged
+
+
 def prediction_fn(model: keras.Model, cfg: Config, workdir: str | Path, mode: str = "auto",
-                  tile: tuple[int, int] | None = None, overlap: int | None = None) -> tuple[Callable, str, str]:
+                  tile: tuple[int, int] | None = None, overlap: int | None = None,
+                  tta: str = "none") -> tuple[Callable, str, str]:
     """(TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U), the mode taken, why)
-    for predict's and export's --mode auto|tile|resize. tile and overlap apply to tile mode.
+    for predict's and export's --mode auto|tile|resize and --tta none|flip. tile and overlap apply
+    to tile mode.
 
     Raises ConfigError naming WORKDIR/data.json (auto), --tile or --overlap.
     """
@@ -203,11 +222,17 @@ def prediction_fn(model: keras.Model, cfg: Config, workdir: str | Path, mode: st
     if mode == "auto":
         mode, why = auto_mode(workdir, cfg)
     if mode == "resize":
-        return resize_predict_fn(model, cfg), mode, why
-    try:
-        return tile_predict_fn(model, cfg, tile, overlap), mode, why
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        fn = resize_predict_fn(model, cfg)
+    else:
+        try:
+            fn = tile_predict_fn(model, cfg, tile, overlap)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if tta == "flip":
+        fn = mirrored(fn)
+        why += "; averaged over 4 mirror images" + ("" if cfg.data.augment.flip else
+                                                    " (this model was trained without flips)")
+    return fn, mode, why
 
 
 def export_saved_model(model: keras.Model, fn: Callable, out: str | Path) -> None:

@@ -1,7 +1,7 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
     python -m unet_dist.predict --workdir RUN IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
-        [--mode auto|tile|resize]
+        [--mode auto|tile|resize] [--tta none|flip]
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders).
 
@@ -63,11 +63,13 @@ def expand_folders(paths: list[Path]) -> list[Path]:
 
 
 def add_mode_args(p: argparse.ArgumentParser) -> None:
-    """predict's and export's --mode, --tile and --overlap (see `inference.prediction_fn`)."""
+    """predict's and export's --mode, --tile, --overlap and --tta (see `inference.prediction_fn`)."""
     p.add_argument("--mode", choices=("auto", "tile", "resize"), default="auto",
                    help="auto: the scale training saw (resize, unless every training image was data.image_size)")
     p.add_argument("--tile", type=int, help="tile size (default: the training image size)")
     p.add_argument("--overlap", type=int, help="context pixels per tile side, same padding (default tile/8)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average over the image and its 3 mirror images (4x the compute)")
 
 
 def main(argv=None) -> int:
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     try:
         writable_dir(args.out, "--out")
         model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
-        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap)
+        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap, args.tta)
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
