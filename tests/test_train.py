@@ -510,3 +510,54 @@ def test_early_stop_patience_stops_after_evaluations_without_a_new_best(shards, 
         in capsys.readouterr().out
     assert (tmp_path / "w" / "checkpoints" / "ckpt-4.index").exists()
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints" / "best").glob("*.index")) == ["best-2.index"]
+
+
+def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pet_src, tmp_path, capsys):
+    # evaluate --images: what predict would write, scored against the masks at the images' own sizes
+    # (the records of --data are the size conversion made them).
+    import shutil
+
+    from PIL import Image
+
+    from unet_dist.evaluate import main as evaluate_main
+    from unet_dist.metrics import scores
+    from unet_dist.predict import main as predict_main
+
+    w = tmp_path / "w"
+    train(load_config(None, tiny_overrides(steps=3)), shards, w)
+    src = tmp_path / "test"
+    (src / "images").mkdir(parents=True)
+    (src / "annotations" / "trimaps").mkdir(parents=True)
+    stems = sorted(p.stem for p in (pet_src / "images").iterdir())[:5]
+    for stem in stems:
+        shutil.copy(pet_src / "images" / f"{stem}.jpg", src / "images")
+        shutil.copy(pet_src / "annotations" / "trimaps" / f"{stem}.png", src / "annotations" / "trimaps")
+    shutil.copy(pet_src / "images" / f"{stems[0]}.jpg", src / "images" / "nomask.jpg")
+    shutil.copy(pet_src / "images" / f"{stems[0]}.jpg", src / "images" / "small.jpg")
+    Image.fromarray(np.ones((9, 9), np.uint8)).save(src / "annotations" / "trimaps" / "small.png")
+    capsys.readouterr()
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--tta", "flip"]) == 0
+    out, err = capsys.readouterr()
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics == json.loads((w / "eval_images.json").read_text())
+    assert (metrics["images"], metrics["skipped"], metrics["mode"], metrics["tta"]) == (5, 2, "resize", "flip")
+    assert f"skipping {src / 'images' / 'nomask.jpg'}: no mask named nomask.*" in err
+    assert f"skipping {src / 'images' / 'small.jpg'}: mask {src / 'annotations' / 'trimaps' / 'small.png'} is 9x9" in err
+    # The same as predict's masks (same mode and mirroring) scored by hand at full size.
+    assert predict_main(["--workdir", str(w), *(str(src / "images" / f"{s}.jpg") for s in stems),
+                         "--out", str(tmp_path / "pred"), "--tta", "flip"]) == 0
+    cm = np.zeros((2, 2), np.int64)
+    for stem in stems:
+        truth = (np.asarray(Image.open(src / "annotations" / "trimaps" / f"{stem}.png")) == 1).astype(int)
+        pred = np.asarray(Image.open(tmp_path / "pred" / f"{stem}_mask.png")).astype(int)
+        assert pred.shape == truth.shape and truth.shape != (64, 64)
+        cm += np.bincount((truth * 2 + pred).ravel(), minlength=4).reshape(2, 2)
+    assert metrics["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
+    # Bad input: a folder without labelled images, and flags of the other source.
+    assert evaluate_main(["--workdir", str(w), "--images", str(tmp_path / "pred")]) == 2
+    assert "is not a oxford-pet data set" in capsys.readouterr().err
+    for argv, message in ((["--images", str(src), "--split", "train"], "--split: not used with --images"),
+                          (["--data", str(shards), "--tta", "flip"], "--tta: not used with --data")):
+        with pytest.raises(SystemExit):
+            evaluate_main(["--workdir", str(w), *argv])
+        assert message in capsys.readouterr().err

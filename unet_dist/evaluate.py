@@ -1,12 +1,20 @@
-"""Evaluates a trained workdir on the val (or train) split of converted data, on any backend.
+"""Evaluates a trained workdir on converted data (on any backend), or on a folder of images and masks.
 
     python -m unet_dist.evaluate --workdir RUN --data DATA [--checkpoint best|latest] [--split val|train]
         [--out FILE]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
+    python -m unet_dist.evaluate --workdir RUN --images SRC [--layout oxford-pet|folders] [--mask-suffix S]
+        [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
 
-Prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json), or
---out. --split train evaluates every training record (no augmentation): a held-out test set converted
+--data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
+or --out. --split train evaluates every training record (no augmentation): a held-out test set converted
 with --val-fraction 0, or the training fit itself. The metric keys keep their val_ prefix either way.
+These records are the size conversion made them (data.image_size when it resized).
+
+--images: predicts every image of SRC (laid out as for convert; the layout and classes of the run's
+data by default) the way `predict` does with the same --mode, --tile, --overlap and --tta, and scores
+the masks at the images' own sizes, in one process. The metrics (unprefixed) go to
+WORKDIR/eval_images.json, or --out.
 """
 
 from __future__ import annotations
@@ -17,18 +25,91 @@ import sys
 from pathlib import Path
 
 from unet_dist.config import ConfigError, add_workdir_args, load_workdir_config, writable_dir
+from unet_dist.data.convert import LAYOUTS
+from unet_dist.predict import add_mode_args
+
+
+def evaluate_images(args: argparse.Namespace, out: Path) -> int:
+    """--images: each labelled image of args.images predicted as `predict` would, scored at its own size.
+
+    Metrics come from one confusion matrix summed over every pixel of every image (no average of
+    per-image scores), as the record evaluation does. An unreadable image or mask is skipped and named.
+    """
+    import numpy as np
+
+    from unet_dist.checkpoint import CheckpointError
+    from unet_dist.data.convert import ConvertError, find_pairs, load_pair
+    from unet_dist.data.imageio import BadImage
+    from unet_dist.inference import classes_from_probs, data_info, load_trained, prediction_fn, traced
+    from unet_dist.logs import atomic_write_text
+    from unet_dist.metrics import scores
+
+    try:
+        model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
+        info = data_info(args.workdir, "the run's classes are unknown")
+        if info is None or "classes" not in info:
+            raise ConfigError(f"{args.workdir / 'data.json'} (written by train) has no classes: the masks "
+                              "cannot be read as the run's classes")
+        layout = args.layout or info.get("layout", "oxford-pet")
+        pairs, skipped = find_pairs(args.images, layout, args.mask_suffix)
+        if not pairs:
+            raise ConfigError(f"--images {args.images}: no image with a mask ({layout} layout; "
+                              f"{len(skipped)} files skipped)")
+        tile = (args.tile, args.tile) if args.tile is not None else None
+        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap, args.tta)
+    except (ConfigError, ConvertError, CheckpointError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    for s in skipped:
+        print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
+    fn, k = traced(fn), cfg.model.num_classes
+    cm, scored = np.zeros((k, k), np.int64), 0
+    for _, image_path, mask_path in pairs:
+        try:
+            image, truth = load_pair(image_path, mask_path, layout, info["classes"], info.get("num_classes"))
+        except (BadImage, OSError) as e:
+            print(f"evaluate: skipping {image_path}: {e}", file=sys.stderr)
+            skipped.append({"file": str(image_path), "reason": str(e)})
+            continue
+        pred = np.asarray(classes_from_probs(fn(image[None])[0]), np.int64)
+        cm += np.bincount(truth.astype(np.int64).ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
+        scored += 1
+    if not scored:
+        print(f"evaluate: error: --images {args.images}: none of its {len(pairs)} images could be read",
+              file=sys.stderr)
+        return 1
+    metrics = {**scores(cm), "images": scored, "skipped": len(skipped), "source": str(args.images),
+               "mode": mode, "why": why, "tta": args.tta, "checkpoint": ckpt}
+    print(json.dumps(metrics))
+    atomic_write_text(out, json.dumps(metrics, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir_args(p)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"))
-    p.add_argument("--split", choices=("val", "train"), default="val")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="converted data: scores its val (or train) records")
+    source.add_argument("--images", type=Path, help="a folder of images and masks, scored at their own sizes")
     p.add_argument("--out", type=Path)
+    records = p.add_argument_group("with --data")
+    records.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"))
+    records.add_argument("--split", choices=("val", "train"))
+    images = p.add_argument_group("with --images")
+    images.add_argument("--layout", choices=LAYOUTS, help="SRC's layout (default: that of the run's data)")
+    images.add_argument("--mask-suffix", default="", help="masks named X<S>.* (as convert's)")
+    add_mode_args(images)
     args = p.parse_args(argv)
-    out = args.out or args.workdir / ("eval.json" if args.split == "val" else f"eval_{args.split}.json")
+    # Flags of the other source would be ignored: say so instead.
+    other = (["--strategy"] * bool(args.strategy) + ["--split"] * bool(args.split) if args.images else
+             ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix)
+             + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
+             + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none"))
+    if other:
+        p.error(f"{', '.join(other)}: not used with {'--images' if args.images else '--data'}")
+    name = "eval_images.json" if args.images else "eval.json" if args.split in (None, "val") else "eval_train.json"
+    out = args.out or args.workdir / name
     try:
         cfg = load_workdir_config(args.workdir)
         if out.is_dir():
@@ -37,6 +118,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    if args.images:
+        return evaluate_images(args, out)
+    args.split = args.split or "val"
     if args.strategy:
         cfg.runtime.strategy = args.strategy
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path

@@ -34,6 +34,21 @@ def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model,
     return restore_trained(workdir, which)
 
 
+def data_info(workdir: str | Path, hint: str) -> dict | None:
+    """WORKDIR/data.json, what training wrote of its data (the manifest's layout, classes and sizes),
+    or None when the run has none. Raises ConfigError naming the file, and `hint`, when unreadable."""
+    meta = Path(workdir) / "data.json"
+    if not meta.exists():
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{meta}: unreadable ({e}); {hint}") from None
+    return info
+
+
 def auto_mode(workdir: Path, cfg: Config) -> tuple[str, str]:
     """predict --mode auto: ('resize' or 'tile', why), from WORKDIR/data.json (the manifest's sizes).
 
@@ -42,15 +57,9 @@ def auto_mode(workdir: Path, cfg: Config) -> tuple[str, str]:
     data.image_size, in which case the model learnt the images' own pixel scale and overlap-tile
     prediction keeps it for images of any size (the 2015 U-Net's setting).
     """
-    meta = Path(workdir) / "data.json"
-    if not meta.exists():
-        return "tile", f"{meta} not found"
-    try:
-        info = json.loads(meta.read_text())
-        if not isinstance(info, dict):
-            raise ValueError("not an object")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{meta}: unreadable ({e}); pass --mode tile or resize") from None
+    info = data_info(workdir, "pass --mode tile or resize")
+    if info is None:
+        return "tile", f"{Path(workdir) / 'data.json'} not found"
     size = list(cfg.data.image_size)
     if info.get("image_size") is not None:
         return "resize", f"the training data was resized to {info['image_size']} at conversion"

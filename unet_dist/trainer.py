@@ -72,7 +72,7 @@ def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
             old = workdir / f"{stamp}-{n}"
         old.mkdir()
         for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "learning_curves.png",
-                     "config.yaml", "data.json", "eval.json", "eval_train.json"):
+                     "config.yaml", "data.json", "eval.json", "eval_train.json", "eval_images.json"):
             if (workdir / name).exists():
                 shutil.move(str(workdir / name), str(old / name))
         print(f"--no-resume: moved the earlier run in {workdir} to {old}", flush=True)

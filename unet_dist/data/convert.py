@@ -48,7 +48,7 @@ def shard_name(split: str, i: int, n: int) -> str:
     return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
 
 
-def _find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[tuple[str, Path, Path]], list[dict]]:
+def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[tuple[str, Path, Path]], list[dict]]:
     """Lists (stem, image, mask) pairs and the files skipped while pairing. The mask of image X.* is
     X{mask_suffix}.* in the masks folder (many data sets name it X_mask.png or X_mask.gif)."""
     if layout not in LAYOUTS:
@@ -129,22 +129,28 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
+              num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One labelled image at its own size: (uint8 (H, W, 3) image, uint8 (H, W) class ids), the mask's
+    values mapped to class ids as --layout and --classes say. Raises BadImage saying what is wrong
+    (naming the mask file when it is the mask)."""
+    image = load_rgb(image_path)
+    try:
+        mask = _class_ids(load_mask(mask_path), layout, classes, num_classes)
+    except BadImage as e:
+        raise BadImage(f"mask {mask_path}: {e}") from None
+    if mask.shape != image.shape[:2]:
+        raise BadImage(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is "
+                       f"{image.shape[1]}x{image.shape[0]}")
+    return image, mask
+
+
 def process(task: Task) -> tuple[Task, dict | None, str | None]:
     """Worker: (task, record fields, None) or (task, None, reason). Runs without TensorFlow."""
     try:
-        image = load_rgb(task.image)
+        image, mask = load_pair(task.image, task.mask, task.layout, task.classes, task.num_classes)
     except BadImage as e:
         return task, None, str(e)
-    try:
-        mask = load_mask(task.mask)
-    except BadImage as e:
-        return task, None, f"mask {task.mask}: {e}"
-    if mask.shape != image.shape[:2]:
-        return task, None, f"mask {task.mask} is {mask.shape[1]}x{mask.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"
-    try:
-        mask = _class_ids(mask, task.layout, task.classes, task.num_classes)
-    except BadImage as e:
-        return task, None, f"mask {task.mask}: {e}"
     if task.size is not None:
         h, w = task.size
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
@@ -234,7 +240,7 @@ def convert(
             or Path("x" + mask_suffix).suffix.lower() in IMAGE_SUFFIXES):
         raise ConvertError(f"--mask-suffix {mask_suffix!r}: the end of a file stem, such as _mask (no folder, "
                            "no extension)")
-    pairs, skipped = _find_pairs(src, layout, mask_suffix)
+    pairs, skipped = find_pairs(src, layout, mask_suffix)
     if not pairs:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     if (out / "manifest.json").exists() and not overwrite:
