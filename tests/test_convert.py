@@ -319,3 +319,32 @@ def test_masks_named_with_a_suffix_and_gif_masks(tmp_path):
     cli = run_module("unet_dist.convert", str(src), str(tmp_path / "o3"), "--layout", "folders", "--mask-suffix",
                      "_mask", "--val-fraction", "0.34", "--workers", "1")
     assert cli.returncode == 0 and "2 train and 1 val records" in cli.stdout, cli.stderr
+
+
+def test_folds_validate_on_every_image_exactly_once(tmp_path):
+    # --fold I/K: the K conversions of one SRC and seed deal the images into K val splits.
+    src = _pet_dir(tmp_path, n=11)
+    validated = []
+    for i in range(3):
+        m = convert(src, tmp_path / f"f{i}", shards=1, seed=4, workers=1, progress=False, fold=(i, 3))
+        val = [r["stem"].numpy().decode() for r in _records(tmp_path / f"f{i}", "val")]
+        train = [r["stem"].numpy().decode() for r in _records(tmp_path / f"f{i}", "train")]
+        assert set(val).isdisjoint(train) and len(val) + len(train) == 11
+        assert m["fold"] == [i, 3] and m["val"]["records"] == len(val) in (3, 4)
+        assert m["val_fraction"] == pytest.approx(len(val) / 11)
+        validated += val
+    assert sorted(validated) == sorted(f"ok_{i}" for i in range(11))
+    assert convert(src, tmp_path / "plain", shards=1, workers=1, progress=False)["fold"] is None
+    for fold, words in (((3, 3), "--fold 3/3: fold I of K needs K >= 2 and 0 <= I < K"),
+                        ((0, 1), "--fold 0/1: fold I of K needs K >= 2 and 0 <= I < K"),
+                        ((-1, 3), "--fold -1/3: fold I of K needs K >= 2 and 0 <= I < K"),
+                        ((0, 12), "--fold 0/12: 11 images cannot fill 12 folds")):
+        with pytest.raises(ConvertError) as e:
+            convert(src, tmp_path / "bad", workers=1, progress=False, fold=fold)
+        assert str(e.value) == words
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
+    both = run_module("unet_dist.convert", str(src), str(tmp_path / "x"), "--fold", "0/5", "--val-fraction", "0.1")
+    assert both.returncode == 2 and "--val-fraction: not allowed with argument --fold" in both.stderr, both.stderr
+    bad = run_module("unet_dist.convert", str(src), str(tmp_path / "x"), "--fold", "two")
+    assert bad.returncode == 2 and "--fold 'two': expected I/K, e.g. 0/5" in bad.stderr, bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -2,12 +2,15 @@
 
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
-        [--num-classes N] [--mask-suffix S]
+        [--num-classes N] [--mask-suffix S] [--fold I/K]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
 class ids 0..N-1, or 0/255 when --classes binary; --num-classes N when some ids do not occur in the
 masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are skipped and listed in manifest.json.
+--fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
+--seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
+RUN1 ...` averages them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def parse_fold(text: str) -> tuple[int, int]:
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fold {text!r}: expected I/K, e.g. 0/5 (fold 0 of 5)") from None
+    return i, k
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-suffix", default="", help="the mask of image X.* is X<suffix>.* (e.g. _mask)")
     p.add_argument("--image-size", type=parse_size, default=None, help="resize to H[xW]; default keeps sizes")
     p.add_argument("--shards", type=int, default=8, help="training shards (val gets up to as many)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.2)
+    split.add_argument("--fold", type=parse_fold, metavar="I/K",
+                       help="k-fold cross-validation: fold I of K is the val split (run I = 0..K-1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT")
@@ -49,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = convert(args.src, args.out, layout=args.layout, classes=args.classes, image_size=args.image_size,
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
-                    overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix)
+                    overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
+                    fold=args.fold)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

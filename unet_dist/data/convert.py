@@ -208,8 +208,14 @@ def convert(
     progress: bool | None = None,
     num_classes: int | None = None,
     mask_suffix: str = "",
+    fold: tuple[int, int] | None = None,
 ) -> dict:
-    """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json)."""
+    """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
+
+    fold (i, k): k-fold cross-validation in place of val_fraction. The seeded permutation of the
+    images is dealt into k folds and fold i is the val split, so the k conversions of one SRC and
+    seed (i = 0..k-1) validate on every image exactly once, as nnU-Net's five folds do.
+    """
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -228,6 +234,8 @@ def convert(
         raise ConvertError(f"--shards {shards}: must be >= 1")
     if not 0 <= val_fraction < 1:
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
+        raise ConvertError(f"--fold {fold[0]}/{fold[1]}: fold I of K needs K >= 2 and 0 <= I < K")
     if workers < 1:
         raise ConvertError(f"--workers {workers}: must be >= 1")
     if seed < 0:
@@ -243,6 +251,8 @@ def convert(
     pairs, skipped = find_pairs(src, layout, mask_suffix)
     if not pairs:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
+    if fold is not None and len(pairs) < fold[1]:
+        raise ConvertError(f"--fold {fold[0]}/{fold[1]}: {len(pairs)} images cannot fill {fold[1]} folds")
     if (out / "manifest.json").exists() and not overwrite:
         raise ConvertError(f"{out} already holds a converted data set (manifest.json); pass --overwrite to replace it")
     try:
@@ -252,10 +262,16 @@ def convert(
 
     # Deterministic split: a seeded permutation of the sorted stems.
     order = np.random.default_rng(seed).permutation(len(pairs))
-    n_val = int(round(len(pairs) * val_fraction))
-    if val_fraction > 0 and len(pairs) >= 2:
-        n_val = min(max(n_val, 1), len(pairs) - 1)
-    split_of = {int(k): ("val" if j < n_val else "train") for j, k in enumerate(order)}
+    if fold is not None:
+        in_val = [j % fold[1] == fold[0] for j in range(len(pairs))]  # dealt like cards: folds differ by 1 at most
+        val_fraction = sum(in_val) / len(pairs)
+    else:
+        n_val = int(round(len(pairs) * val_fraction))
+        if val_fraction > 0 and len(pairs) >= 2:
+            n_val = min(max(n_val, 1), len(pairs) - 1)
+        in_val = [j < n_val for j in range(len(pairs))]
+    n_val = sum(in_val)
+    split_of = {int(k): ("val" if in_val[j] else "train") for j, k in enumerate(order)}
     tasks = [
         Task(j, split_of[int(k)], str(pairs[k][1]), str(pairs[k][2]), layout, classes, image_size, num_classes)
         for j, k in enumerate(order)
@@ -313,6 +329,7 @@ def convert(
             "image_size": list(image_size) if image_size else None,
             "seed": seed,
             "val_fraction": val_fraction,
+            "fold": list(fold) if fold else None,
             "train": {"records": written["train"], "shards": names["train"]},
             "val": {"records": written["val"], "shards": names["val"]},
             "skipped": skipped,
