@@ -539,7 +539,11 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
     assert evaluate_main(["--workdir", str(w), "--images", str(src), "--tta", "flip"]) == 0
     out, err = capsys.readouterr()
     metrics = json.loads(out.strip().splitlines()[-1])
-    assert metrics == json.loads((w / "eval_images.json").read_text())
+    written = json.loads((w / "eval_images.json").read_text())
+    per_image = written.pop("per_image")
+    assert metrics == written
+    assert sorted(r["image"] for r in per_image) == sorted(str(src / "images" / f"{s}.jpg") for s in stems)
+    assert [r["iou"] for r in per_image] == sorted(r["iou"] for r in per_image)  # worst first
     assert (metrics["images"], metrics["skipped"], metrics["mode"], metrics["tta"]) == (5, 2, "resize", "flip")
     assert f"skipping {src / 'images' / 'nomask.jpg'}: no mask named nomask.*" in err
     assert f"skipping {src / 'images' / 'small.jpg'}: mask {src / 'annotations' / 'trimaps' / 'small.png'} is 9x9" in err
@@ -551,7 +555,10 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
         truth = (np.asarray(Image.open(src / "annotations" / "trimaps" / f"{stem}.png")) == 1).astype(int)
         pred = np.asarray(Image.open(tmp_path / "pred" / f"{stem}_mask.png")).astype(int)
         assert pred.shape == truth.shape and truth.shape != (64, 64)
-        cm += np.bincount((truth * 2 + pred).ravel(), minlength=4).reshape(2, 2)
+        one = np.bincount((truth * 2 + pred).ravel(), minlength=4).reshape(2, 2)
+        cm += one
+        mine = next(r for r in per_image if r["image"].endswith(f"{stem}.jpg"))
+        assert mine["fg_iou"] == pytest.approx(scores(one)["fg_iou"], abs=1e-12)
     assert metrics["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
     # Bad input: a folder without labelled images, and flags of the other source.
     assert evaluate_main(["--workdir", str(w), "--images", str(tmp_path / "pred")]) == 2
@@ -561,3 +568,53 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
         with pytest.raises(SystemExit):
             evaluate_main(["--workdir", str(w), *argv])
         assert message in capsys.readouterr().err
+
+
+def _each(flag, values):
+    return [v for value in values for v in (flag, str(value))]
+
+
+def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src, tmp_path, capsys):
+    # The folds of a cross-validation (or runs with other seeds) are used together: predict, export
+    # and evaluate --images average their probabilities, as nnU-Net ensembles its five folds.
+    from PIL import Image
+
+    from unet_dist.data.convert import convert
+    from unet_dist.evaluate import main as evaluate_main
+    from unet_dist.export import main as export_main
+    from unet_dist.inference import load_predictor
+    from unet_dist.predict import main as predict_main
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, w in enumerate(runs):
+        train(load_config(None, tiny_overrides(steps=2) + [f"runtime.seed={seed}"]), shards, w)
+    images = tf.constant(np.random.default_rng(0).integers(0, 255, (2, 50, 70, 3), dtype=np.uint8))
+    one = [load_predictor([w]).fn(images).numpy() for w in runs]
+    assert np.abs(one[0] - one[1]).max() > 1e-3  # two different models: the average is a real check
+    both = load_predictor(runs)
+    np.testing.assert_allclose(both.fn(images).numpy(), (one[0] + one[1]) / 2, atol=1e-6)
+    assert both.why.endswith("; averaged over 2 runs") and both.mode == "resize"
+    # The CLIs take several --workdir runs.
+    image = tmp_path / "x.png"
+    Image.fromarray(images.numpy()[0]).save(image)
+    capsys.readouterr()
+    assert predict_main([*_each("--workdir", runs), str(image), "--out", str(tmp_path / "pred")]) == 0
+    assert f"checkpoints {both.checkpoints[0]}, {both.checkpoints[1]}" in capsys.readouterr().out
+    mask = np.asarray(Image.open(tmp_path / "pred" / "x_mask.png"))
+    np.testing.assert_array_equal(mask, ((one[0] + one[1]) / 2 >= 0.5)[0, ..., 0])
+    assert export_main([*_each("--workdir", runs), "--out", str(tmp_path / "export")]) == 0
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    np.testing.assert_allclose(loaded.serve(images)["probabilities"].numpy(), (one[0] + one[1]) / 2, atol=1e-5)
+    assert evaluate_main([*_each("--workdir", runs), "--images", str(pet_src)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["images"] == 48 and metrics["checkpoints"] == both.checkpoints
+    assert (runs[0] / "eval_images.json").exists() and not (runs[1] / "eval_images.json").exists()
+    # Runs that predict other classes cannot be averaged; --data evaluates one run.
+    tri = tmp_path / "tri"
+    convert(pet_src, tri, classes="trimap", image_size=(64, 64), shards=1, workers=1, progress=False)
+    train(load_config(None, tiny_overrides(steps=1) + ["model.num_classes=3", "train.loss=cce"]), tri, tmp_path / "t")
+    with pytest.raises(ConfigError, match=r"--workdir .*/t: 3 classes, but .*/a has 2: an ensemble averages"):
+        load_predictor([runs[0], tmp_path / "t"])
+    with pytest.raises(SystemExit):
+        evaluate_main([*_each("--workdir", runs), "--data", str(shards)])
+    assert "--data evaluates one --workdir" in capsys.readouterr().err

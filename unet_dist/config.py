@@ -393,9 +393,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config value; repeatable (e.g. --set optim.learning_rate=0.01)")
 
 
-def add_workdir_args(parser: argparse.ArgumentParser) -> None:
-    """--workdir and --checkpoint: the trained run that evaluate, predict and export read."""
-    parser.add_argument("--workdir", type=Path, required=True, help="a training run's --workdir")
+def add_workdir_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """--workdir and --checkpoint: the trained run that evaluate, predict and export read.
+
+    many: --workdir may be repeated for several runs, whose predictions are averaged (args.workdir is
+    then a list). Repeated, not nargs="+", which would swallow predict's images.
+    """
+    parser.add_argument("--workdir", type=Path, required=True, action="append" if many else "store",
+                        help="a training run's --workdir" + ("; repeat it for several runs, whose "
+                                                             "predictions are averaged" if many else ""))
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                         help="the best-val-IoU checkpoint or the latest one")
 

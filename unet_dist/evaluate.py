@@ -3,8 +3,8 @@
     python -m unet_dist.evaluate --workdir RUN --data DATA [--checkpoint best|latest] [--split val|train]
         [--out FILE]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
-    python -m unet_dist.evaluate --workdir RUN --images SRC [--layout oxford-pet|folders] [--mask-suffix S]
-        [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
+    python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
+        [--mask-suffix S] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
 
 --data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
 or --out. --split train evaluates every training record (no augmentation): a held-out test set converted
@@ -13,8 +13,9 @@ These records are the size conversion made them (data.image_size when it resized
 
 --images: predicts every image of SRC (laid out as for convert; the layout and classes of the run's
 data by default) the way `predict` does with the same --mode, --tile, --overlap and --tta, and scores
-the masks at the images' own sizes, in one process. The metrics (unprefixed) go to
-WORKDIR/eval_images.json, or --out.
+the masks at the images' own sizes, in one process. Several runs (the folds of `convert --fold`)
+are scored as their averaged predictions. The metrics (unprefixed) go to the first run's
+eval_images.json, or --out.
 """
 
 from __future__ import annotations
@@ -26,44 +27,43 @@ from pathlib import Path
 
 from unet_dist.config import ConfigError, add_workdir_args, load_workdir_config, writable_dir
 from unet_dist.data.convert import LAYOUTS
-from unet_dist.predict import add_mode_args
+from unet_dist.predict import add_mode_args, predictor_options
 
 
 def evaluate_images(args: argparse.Namespace, out: Path) -> int:
     """--images: each labelled image of args.images predicted as `predict` would, scored at its own size.
 
     Metrics come from one confusion matrix summed over every pixel of every image (no average of
-    per-image scores), as the record evaluation does. An unreadable image or mask is skipped and named.
+    per-image scores), as the record evaluation does; the file also lists each image's own IoU, worst
+    first. An unreadable image or mask is skipped and named.
     """
     import numpy as np
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.convert import ConvertError, find_pairs, load_pair
     from unet_dist.data.imageio import BadImage
-    from unet_dist.inference import classes_from_probs, data_info, load_trained, prediction_fn, traced
+    from unet_dist.inference import classes_from_probs, data_info, load_predictor, traced
     from unet_dist.logs import atomic_write_text
     from unet_dist.metrics import scores
 
     try:
-        model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
-        info = data_info(args.workdir, "the run's classes are unknown")
+        info = data_info(args.workdir[0], "the run's classes are unknown")
         if info is None or "classes" not in info:
-            raise ConfigError(f"{args.workdir / 'data.json'} (written by train) has no classes: the masks "
+            raise ConfigError(f"{args.workdir[0] / 'data.json'} (written by train) has no classes: the masks "
                               "cannot be read as the run's classes")
         layout = args.layout or info.get("layout", "oxford-pet")
         pairs, skipped = find_pairs(args.images, layout, args.mask_suffix)
         if not pairs:
             raise ConfigError(f"--images {args.images}: no image with a mask ({layout} layout; "
                               f"{len(skipped)} files skipped)")
-        tile = (args.tile, args.tile) if args.tile is not None else None
-        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap, args.tta)
+        predictor = load_predictor(args.workdir, **predictor_options(args))
     except (ConfigError, ConvertError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     for s in skipped:
         print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
-    fn, k = traced(fn), cfg.model.num_classes
-    cm, scored = np.zeros((k, k), np.int64), 0
+    fn, k = traced(predictor.fn), predictor.cfg.model.num_classes
+    cm, per_image = np.zeros((k, k), np.int64), []
     for _, image_path, mask_path in pairs:
         try:
             image, truth = load_pair(image_path, mask_path, layout, info["classes"], info.get("num_classes"))
@@ -72,23 +72,28 @@ def evaluate_images(args: argparse.Namespace, out: Path) -> int:
             skipped.append({"file": str(image_path), "reason": str(e)})
             continue
         pred = np.asarray(classes_from_probs(fn(image[None])[0]), np.int64)
-        cm += np.bincount(truth.astype(np.int64).ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
-        scored += 1
-    if not scored:
+        one = np.bincount(truth.astype(np.int64).ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
+        cm += one
+        per_image.append({"image": str(image_path), **{key: v for key, v in scores(one).items()
+                                                       if key in ("iou", "fg_iou", "iou_per_class")}})
+    if not per_image:
         print(f"evaluate: error: --images {args.images}: none of its {len(pairs)} images could be read",
               file=sys.stderr)
         return 1
-    metrics = {**scores(cm), "images": scored, "skipped": len(skipped), "source": str(args.images),
-               "mode": mode, "why": why, "tta": args.tta, "checkpoint": ckpt}
+    metrics = {**scores(cm), "images": len(per_image), "skipped": len(skipped), "source": str(args.images),
+               "mode": predictor.mode, "why": predictor.why, "tta": args.tta,
+               "checkpoints": predictor.checkpoints}
     print(json.dumps(metrics))
-    atomic_write_text(out, json.dumps(metrics, indent=1))
+    # The file adds each image's own scores, worst first: where to look when the mean disappoints.
+    worst_first = sorted(per_image, key=lambda r: r["iou"])
+    atomic_write_text(out, json.dumps({**metrics, "per_image": worst_first}, indent=1))
     return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workdir_args(p)
+    add_workdir_args(p, many=True)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="converted data: scores its val (or train) records")
     source.add_argument("--images", type=Path, help="a folder of images and masks, scored at their own sizes")
@@ -108,10 +113,13 @@ def main(argv=None) -> int:
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none"))
     if other:
         p.error(f"{', '.join(other)}: not used with {'--images' if args.images else '--data'}")
+    if args.data and len(args.workdir) > 1:
+        p.error("--data evaluates one --workdir (--images scores several runs' averaged predictions)")
     name = "eval_images.json" if args.images else "eval.json" if args.split in (None, "val") else "eval_train.json"
-    out = args.out or args.workdir / name
+    workdir = args.workdir[0]  # where the result goes, and with --data the one run
+    out = args.out or workdir / name
     try:
-        cfg = load_workdir_config(args.workdir)
+        cfg = load_workdir_config(workdir)
         if out.is_dir():
             raise ConfigError(f"--out {out}: a folder; give the file to write the metrics to")
         writable_dir(out.parent, "--out")  # before the evaluation, so its result has somewhere to go
@@ -120,7 +128,7 @@ def main(argv=None) -> int:
         return 2
     if args.images:
         return evaluate_images(args, out)
-    args.split = args.split or "val"
+    args.split, args.workdir = args.split or "val", workdir
     if args.strategy:
         cfg.runtime.strategy = args.strategy
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path

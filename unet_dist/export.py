@@ -1,14 +1,15 @@
-"""Exports a trained workdir as a SavedModel for serving.
+"""Exports a trained workdir (or several, averaged) as a SavedModel for serving.
 
-    python -m unet_dist.export --workdir RUN --out EXPORT [--mode auto|tile|resize] [--tile N --overlap P]
-        [--tta none|flip]
+    python -m unet_dist.export --workdir RUN [--workdir RUN2 ...] --out EXPORT [--mode auto|tile|resize]
+        [--tile N --overlap P] [--tta none|flip]
 
 Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H, W),
 "probabilities": float32 (B, H, W, U)}. Load with tf.saved_model.load(EXPORT).serve(images).
 It predicts the way `predict` does with the same --mode, --tile, --overlap and --tta (the same TF
 function): auto resizes each image to data.image_size and the result back, unless every training
 image already was data.image_size, and then cuts overlap tiles at the images' own pixel scale.
-It prints which mode it took and why.
+It prints which mode it took and why. With several runs (the folds of `convert --fold`), the
+SavedModel holds every model and serves the average of their probabilities.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from unet_dist.config import ConfigError, add_workdir_args, writable_dir
-from unet_dist.predict import add_mode_args
+from unet_dist.predict import add_mode_args, predictor_options
 
 # What tf.saved_model writes into its folder.
 SAVED_MODEL_FILES = {"saved_model.pb", "variables", "assets", "fingerprint.pb"}
@@ -29,12 +30,12 @@ SAVED_MODEL_FILES = {"saved_model.pb", "variables", "assets", "fingerprint.pb"}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workdir_args(p)
+    add_workdir_args(p, many=True)
     p.add_argument("--out", type=Path, required=True)
     add_mode_args(p)
     args = p.parse_args(argv)
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.inference import export_saved_model, load_trained, prediction_fn
+    from unet_dist.inference import export_saved_model, load_predictor
 
     out = args.out
     try:
@@ -44,22 +45,20 @@ def main(argv=None) -> int:
             what = "a file" if out.is_file() else "a folder holding more than an earlier export"
             raise ConfigError(f"--out {out}: {what}; give a new or empty folder")
         writable_dir(out.parent, "--out")
-        model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
-        tile = (args.tile, args.tile) if args.tile is not None else None
-        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap, args.tta)
+        predictor = load_predictor(args.workdir, **predictor_options(args))
     except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        export_saved_model(model, fn, tmp)
+        export_saved_model(predictor.models, predictor.fn, tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"export: SavedModel from {ckpt} ({mode} mode: {why}) -> {out}")
+    print(f"export: SavedModel ({predictor.summary()}) -> {out}")
     return 0
 
 

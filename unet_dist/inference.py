@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -244,11 +245,63 @@ def prediction_fn(model: keras.Model, cfg: Config, workdir: str | Path, mode: st
     return fn, mode, why
 
 
-def export_saved_model(model: keras.Model, fn: Callable, out: str | Path) -> None:
+@dataclass
+class Predictor:
+    """What predict, export and evaluate --images run: one trained run, or several averaged."""
+
+    fn: Callable  # TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U), averaged over the runs
+    models: list[keras.Model]
+    cfg: Config  # the first run's
+    checkpoints: list[str]
+    mode: str  # resize, tile, or "per run" when auto chose differently for the runs
+    why: str
+
+    def summary(self) -> str:
+        """'MODE mode: WHY; checkpoint(s) ...', for the line predict, export and evaluate print."""
+        ckpts = self.checkpoints
+        return f"{self.mode} mode: {self.why}; checkpoint{'s' * (len(ckpts) > 1)} {', '.join(ckpts)}"
+
+
+def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto",
+                   tile: tuple[int, int] | None = None, overlap: int | None = None,
+                   tta: str = "none") -> Predictor:
+    """Each run's model and `prediction_fn`; with several runs (the folds of a cross-validation, or
+    runs with other seeds) their probabilities are averaged, as nnU-Net ensembles its five folds.
+    Each run keeps its own input size and auto mode: the average is taken at the image's own size.
+
+    Raises ConfigError (or CheckpointError) naming the run, and when the runs predict other classes.
+    """
+    models, cfgs, checkpoints, fns, modes = [], [], [], [], []
+    for workdir in workdirs:
+        model, cfg, ckpt = load_trained(workdir, which)
+        fn, run_mode, why = prediction_fn(model, cfg, workdir, mode, tile, overlap, tta)
+        if models and model.output_shape[-1] != models[0].output_shape[-1]:
+            raise ConfigError(f"--workdir {workdir}: {cfg.model.num_classes} classes, but {workdirs[0]} has "
+                              f"{cfgs[0].model.num_classes}: an ensemble averages the same classes")
+        models.append(model)
+        cfgs.append(cfg)
+        checkpoints.append(ckpt)
+        fns.append(fn)
+        modes.append((run_mode, why))
+    if len(set(modes)) == 1:
+        (mode, why), = set(modes)
+    else:
+        mode, why = "per run", "; ".join(f"{w}: {m} ({y})" for w, (m, y) in zip(workdirs, modes, strict=True))
+    if len(fns) == 1:
+        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why)
+
+    def averaged(images):
+        return tf.add_n([f(images) for f in fns]) / len(fns)
+
+    return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs")
+
+
+def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path) -> None:
     """SavedModel with a `serve` signature: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 class
-    ids (B, H, W), "probabilities": float32 (B, H, W, U)}, by `fn` (a `prediction_fn` function)."""
+    ids (B, H, W), "probabilities": float32 (B, H, W, U)}, by `fn` (a `Predictor`'s, over `models`)."""
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    for model in models:
+        archive.track(model)
 
     def serve(images):
         probs = fn(images)

@@ -1,6 +1,6 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
-    python -m unet_dist.predict --workdir RUN IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
+    python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
         [--mode auto|tile|resize] [--tta none|flip]
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders).
@@ -10,6 +10,7 @@ orientation) and PRED/<stem>_overlay.png (image | mask | image * mask).
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.
+--workdir repeated for several runs (the folds of `convert --fold`): their probabilities are averaged.
 """
 
 from __future__ import annotations
@@ -72,10 +73,16 @@ def add_mode_args(p: argparse.ArgumentParser) -> None:
                    help="flip: average over the image and its 3 mirror images (4x the compute)")
 
 
+def predictor_options(args: argparse.Namespace) -> dict:
+    """`inference.load_predictor`'s keyword arguments from the --checkpoint and `add_mode_args` flags."""
+    return {"which": args.checkpoint, "mode": args.mode, "overlap": args.overlap, "tta": args.tta,
+            "tile": (args.tile, args.tile) if args.tile is not None else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workdir_args(p)
+    add_workdir_args(p, many=True)
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, required=True)
     add_mode_args(p)
@@ -95,17 +102,15 @@ def main(argv=None) -> int:
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.imageio import BadImage, load_rgb
-    from unet_dist.inference import classes_from_probs, load_trained, prediction_fn, traced
+    from unet_dist.inference import classes_from_probs, load_predictor, traced
 
-    tile = (args.tile, args.tile) if args.tile is not None else None
     try:
         writable_dir(args.out, "--out")
-        model, cfg, ckpt = load_trained(args.workdir, args.checkpoint)
-        fn, mode, why = prediction_fn(model, cfg, args.workdir, args.mode, tile, args.overlap, args.tta)
+        predictor = load_predictor(args.workdir, **predictor_options(args))
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
-    fn = traced(fn)
+    fn = traced(predictor.fn)
     failed = 0
     for path in images:
         try:
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
             continue
         probs = fn(image[None])[0].numpy()
         save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
-    print(f"predict: {len(images) - failed} images ({mode} mode: {why}; checkpoint {ckpt}) -> {args.out}")
+    print(f"predict: {len(images) - failed} images ({predictor.summary()}) -> {args.out}")
     return 1 if failed == len(images) else 0
 
 
