@@ -92,7 +92,7 @@ def test_resize_prediction_when_the_context_is_wider_than_the_output():
     image = np.round(_image(45, 70) * 255).astype(np.uint8)
     probs = resize_predict_fn(model, cfg)(image[None]).numpy()
     assert probs.shape == (1, 45, 70, 1)
-    small = tf.image.resize(tf.image.convert_image_dtype(image[None], tf.float32), (20, 20)).numpy()
+    small = tf.image.resize(tf.image.convert_image_dtype(image[None], tf.float32), (20, 20), antialias=True).numpy()
     expected = model(np.pad(small, ((0, 0), (20, 20), (20, 20), (0, 0)), mode="reflect"), training=False)
     np.testing.assert_allclose(probs, tf.image.resize(expected, (45, 70)).numpy(), atol=1e-5)
 
@@ -183,3 +183,21 @@ def test_flip_tta_averages_the_four_mirror_images_flipped_back():
         # them back is checked: without it the average would differ.
         flipped_back = fn(tf.constant(images[:, ::-1].copy())).numpy()[:, ::-1]
         assert np.abs(flipped_back - fn(tf.constant(images)).numpy()).max() > 1e-4
+
+
+def test_resize_prediction_antialiases_as_conversion_does():
+    # A model trained on PIL-resized records must see PIL-like inputs: plain bilinear sampling of a
+    # large image aliased the synthetic pets' stripes (the demo model: mean IoU 0.91 -> 0.97 with it).
+    from PIL import Image
+
+    cfg = load_config(None, ["model.depth=2", "data.image_size=[128, 100]"])
+
+    def identity(x, training=False):  # the model's input, returned as its "probabilities"
+        return x
+
+    yy, xx = np.mgrid[0:384, 0:300]
+    image = np.dstack([(xx % 3 == 0) * 255, ((xx + yy) % 4 < 2) * 255, (yy % 3 == 1) * 255]).astype(np.uint8)
+    seen = resize_predict_fn(identity, cfg)(tf.constant(image[None])).numpy()[0]
+    pil = np.asarray(Image.fromarray(image).resize((100, 128), Image.BILINEAR))[None] / 255.0
+    expected = tf.image.resize(pil.astype(np.float32), (384, 300)).numpy()[0]
+    assert np.abs(seen - expected).max() < 0.01

@@ -177,7 +177,10 @@ def resize_predict_fn(model: keras.Model, cfg: Config):
     """A TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U) via the training size.
 
     The image is resized so that the model's *output* covers it (valid padding: mirror-padded by
-    the network's context), and the output is resized back to (H, W).
+    the network's context), and the output is resized back to (H, W). Downscaling is antialiased
+    (a triangle filter as wide as the scale), as PIL's resize at conversion and the training
+    pipeline's: without it, fine texture aliases into patterns training never showed. The demo model
+    scored mean IoU 0.9117 on 48 new 240-500 px images without antialiasing, 0.9724 with it.
     """
     th, tw = cfg.data.image_size
     oh, ow = output_size((th, tw), cfg.model.depth, cfg.model.padding)
@@ -185,7 +188,7 @@ def resize_predict_fn(model: keras.Model, cfg: Config):
 
     def fn(images):
         size = tf.shape(images)[1:3]
-        x = tf.image.resize(tf.image.convert_image_dtype(images, tf.float32), (oh, ow))
+        x = tf.image.resize(tf.image.convert_image_dtype(images, tf.float32), (oh, ow), antialias=True)
         if ph or pw:
             x = tf.gather(x, _reflect_indices(oh, ph, th - oh - ph), axis=1)
             x = tf.gather(x, _reflect_indices(ow, pw, tw - ow - pw), axis=2)
