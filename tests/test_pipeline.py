@@ -220,3 +220,29 @@ def test_patches_are_a_fraction_of_the_image_and_stay_aligned(shards):
     over = ["data.image_size=[64, 64]", "data.patch_size=[32, 32]", "model.depth=2"]
     batch = next(iter(train_dataset(shards, load_config(None, over), 2, 2)))
     assert batch["image"].shape == (2, 32, 32, 3) and batch["mask"].shape == (2, 32, 32, 1)
+
+
+def _texture(h, w):
+    """uint8 (h, w, 3): 3-px stripes, a 4-px checker diagonal and noise, all finer than a 3x downscale keeps."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(0).integers(0, 255, (h, w))
+    return np.dstack([(xx % 3 == 0) * 255, ((xx + yy) % 4 < 2) * 255, noise]).astype(np.uint8)
+
+
+def test_downscaling_is_antialiased_as_pil_resizes_at_conversion():
+    # Conversion resizes with PIL (antialiased); the pipeline used plain bilinear sampling, which
+    # turns fine texture into other patterns when it downscales: training then saw other images.
+    from PIL import Image
+
+    from unet_dist.data.augment import resize_pair
+
+    image = _texture(384, 300)
+    pil = np.asarray(Image.fromarray(image).resize((100, 128), Image.BILINEAR)) / 255.0
+    ours, mask = resize_pair(tf.constant(image), tf.zeros((384, 300, 1), tf.uint8), (128, 100))
+    assert ours.shape == (128, 100, 3) and mask.shape == (128, 100, 1)
+    assert np.abs(ours.numpy() - pil).max() < 0.01
+    assert np.abs(tf.image.resize(image, (128, 100)).numpy() / 255.0 - pil).max() > 0.3  # plain sampling aliases
+    # Upscaling keeps the plain bilinear kernel (antialiasing changes nothing there).
+    small = image[:40, :30]
+    up, _ = resize_pair(tf.constant(small), tf.zeros((40, 30, 1), tf.uint8), (128, 100))
+    np.testing.assert_allclose(up.numpy(), tf.image.resize(small, (128, 100)).numpy() / 255.0, atol=1e-6)
