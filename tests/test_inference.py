@@ -201,3 +201,18 @@ def test_resize_prediction_antialiases_as_conversion_does():
     pil = np.asarray(Image.fromarray(image).resize((100, 128), Image.BILINEAR))[None] / 255.0
     expected = tf.image.resize(pil.astype(np.float32), (384, 300)).numpy()[0]
     assert np.abs(seen - expected).max() < 0.01
+
+
+def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_path, capsys):
+    # predict --out INPUT, then predict INPUT again: the earlier masks and overlays are not images to predict.
+    from PIL import Image
+
+    from unet_dist.predict import expand_folders, save_outputs
+
+    image = np.full((6, 8, 3), 200, np.uint8)
+    for name in ("a.png", "b_mask.png"):  # b_mask.png has no overlay: the user's own image, kept
+        Image.fromarray(image).save(tmp_path / name)
+    save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "a")
+    assert [p.name for p in expand_folders([tmp_path])] == ["a.png", "b_mask.png"]
+    assert "leaving out 1 earlier predictions (X_mask.png with X_overlay.png)" in capsys.readouterr().err
+    assert expand_folders([tmp_path / "a_mask.png"]) == [tmp_path / "a_mask.png"]  # named, it is predicted

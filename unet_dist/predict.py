@@ -3,7 +3,8 @@
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
         [--mode auto|tile|resize] [--tta none|flip]
 
-A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders).
+A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
+less the X_mask.png and X_overlay.png pairs an earlier predict wrote there.
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask).
@@ -48,7 +49,9 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -
 
 def expand_folders(paths: list[Path]) -> list[Path]:
     """The paths given, with each folder replaced by the image files directly in it (sorted by name,
-    hidden files left out). Raises ConfigError for a folder without any."""
+    hidden files left out), less the outputs of an earlier predict into it (each X_mask.png that has
+    its X_overlay.png, and that overlay): predicting into the input folder and then predicting that
+    folder again must not predict the masks. Raises ConfigError for a folder without any image."""
     from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
 
     out: list[Path] = []
@@ -57,6 +60,15 @@ def expand_folders(paths: list[Path]) -> list[Path]:
             out.append(path)
             continue
         found = image_files(path)
+        names, earlier = {p.name for p in found}, set()
+        for name in names:
+            overlay = name.removesuffix("_mask.png") + "_overlay.png"
+            if name.endswith("_mask.png") and overlay in names:
+                earlier |= {name, overlay}
+        if earlier:
+            print(f"predict: {path}: leaving out {len(earlier) // 2} earlier predictions (X_mask.png with "
+                  "X_overlay.png)", file=sys.stderr)
+        found = [p for p in found if p.name not in earlier]
         if not found:
             raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         out += found
