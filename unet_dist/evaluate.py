@@ -42,9 +42,9 @@ def evaluate_images(args: argparse.Namespace, out: Path) -> int:
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.convert import ConvertError, find_pairs, load_pair
     from unet_dist.data.imageio import BadImage
-    from unet_dist.inference import classes_from_probs, data_info, load_predictor, traced
+    from unet_dist.inference import data_info, load_predictor, traced
     from unet_dist.logs import atomic_write_text
-    from unet_dist.metrics import scores
+    from unet_dist.metrics import confusion_matrix, predict_classes, scores
 
     try:
         info = data_info(args.workdir[0], "the run's classes are unknown")
@@ -71,8 +71,8 @@ def evaluate_images(args: argparse.Namespace, out: Path) -> int:
             print(f"evaluate: skipping {image_path}: {e}", file=sys.stderr)
             skipped.append({"file": str(image_path), "reason": str(e)})
             continue
-        pred = np.asarray(classes_from_probs(fn(image[None])[0]), np.int64)
-        one = np.bincount(truth.astype(np.int64).ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
+        # The record evaluation's own class rule and counting, at the image's size.
+        one = confusion_matrix(truth, predict_classes(fn(image[None])[0]), k).numpy()
         cm += one
         per_image.append({"image": str(image_path), **{key: v for key, v in scores(one).items()
                                                        if key in ("iou", "fg_iou", "iou_per_class")}})
