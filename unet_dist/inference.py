@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from unet_dist.checkpoint import restore_trained
 from unet_dist.config import Config, ConfigError
+from unet_dist.metrics import predict_classes
 from unet_dist.shapes import output_size
 
 
@@ -199,10 +200,9 @@ def resize_predict_fn(model: keras.Model, cfg: Config):
 
 
 def classes_from_probs(probs):
-    """(..., U) probabilities -> (...) uint8 class ids (works on numpy and tensors)."""
-    if probs.shape[-1] == 1:
-        return tf.cast(probs[..., 0] >= 0.5, tf.uint8)
-    return tf.cast(tf.argmax(probs, axis=-1), tf.uint8)
+    """(..., U) probabilities -> (...) uint8 class ids (works on numpy and tensors): the evaluation's
+    `metrics.predict_classes`, as uint8 for the mask PNGs and the SavedModel's masks."""
+    return tf.cast(predict_classes(probs), tf.uint8)
 
 
 def mirrored(fn: Callable) -> Callable:
