@@ -58,12 +58,17 @@ def mpirun(*args, np_=2, timeout=600):
     return _check(subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout))
 
 
-def multiworker(*args, workers=2, timeout=600):
+def multiworker(*args, workers=2, chief=False, timeout=600):
+    """`workers` TF_CONFIG tasks of one local cluster: all "worker", or (chief=True) a "chief" and
+    workers-1 of them, as Vertex AI and Kubeflow name them. Returns their CompletedProcesses, chief first."""
     ports = free_ports(workers)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    tasks = [("chief", 0)] * chief + [("worker", i) for i in range(workers - chief)]
+    cluster: dict = {}
+    for (kind, _), port in zip(tasks, ports, strict=True):
+        cluster.setdefault(kind, []).append(f"localhost:{port}")
     procs = []
-    for i in range(workers):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+    for kind, i in tasks:
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": kind, "index": i}})
         procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=subprocess_env(TF_CONFIG=tf_config),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
@@ -287,6 +292,21 @@ def test_evaluated_and_saved_batch_norm_statistics_are_the_replicas_mean(shards,
     e1 = json.loads((tmp_path / "eval1.json").read_text())
     assert s["num_replicas"] == 2 and e1["world_size"] == 1
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
+
+
+def test_a_tf_config_with_a_chief_counts_each_task_once(shards, tmp_path):
+    # TF_CONFIG with a "chief" beside the workers: the chief is rank 0 and worker 0 rank 1. Both
+    # used to be rank 0 of 1 and chief: each read every record and both wrote the result.
+    w = tmp_path / "w"
+    python_run(*_args(shards, w, tiny_overrides(steps=2)))  # auto: one process here, both tasks there
+    evaluate = ["-m", "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest"]
+    one = json.loads(python_run(*evaluate, "--strategy", "single").stdout.strip().splitlines()[-1])
+    chief, worker = multiworker(*evaluate, chief=True)
+    two = json.loads(chief.stdout.strip().splitlines()[-1])
+    assert worker.stdout.strip() == ""  # only the chief prints (and writes)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["val_records"] == one["val_records"] == 12
+    assert two["val_iou"] == pytest.approx(one["val_iou"], abs=1e-9)
 
 
 @needs_horovod

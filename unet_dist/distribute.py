@@ -474,13 +474,14 @@ class MultiWorkerRuntime(MirroredRuntime):
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         super().__init__(cfg, reason, strategy)
         resolver = strategy.cluster_resolver
-        self.rank = int(resolver.task_id or 0)
-        self.world_size = max(1, len(resolver.cluster_spec().as_dict().get("worker", [])) or 1)
-        self._chief = (resolver.task_type in ("chief", None)) or (resolver.task_type == "worker" and self.rank == 0)
-
-    @property
-    def is_chief(self) -> bool:
-        return self._chief
+        # Every "chief" and "worker" task computes (a TF_CONFIG may name one chief beside the
+        # workers, as Vertex AI's and Kubeflow's do): ranks count the chief first, as TensorFlow
+        # numbers the tasks of a collective. Worker 0 is the chief only where there is no chief.
+        spec = resolver.cluster_spec().as_dict()
+        tasks = [(kind, i) for kind in ("chief", "worker") for i in range(len(spec.get(kind, [])))]
+        me = (resolver.task_type, int(resolver.task_id or 0))
+        self.rank = tasks.index(me) if me in tasks else 0
+        self.world_size = max(1, len(tasks))
 
     def allreduce_sum(self, value):
         value = np.asarray(value)
