@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, model_weights, run_module, subprocess_env, tiny_overrides
+from PIL import Image
 
 from unet_dist.distribute import free_ports
 
@@ -277,6 +278,32 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
     # The training's last evaluation saw the model it saved: the ranks' mean of batch norm's moving
     # statistics, which each rank updates from its own batch (not rank 0's copy on half the images).
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
+
+
+@needs_horovod
+def test_predict_and_evaluate_images_on_two_processes_share_the_images(shards, pet_src, tmp_path):
+    # Started by horovodrun, predict and evaluate --images each take every other image (one GPU per
+    # rank on a GPU node) and give what one process gives; a corrupt image is skipped once.
+    w = tmp_path / "w"
+    python_run(*_args(shards, w, tiny_overrides(steps=2)))
+    src = tmp_path / "src"
+    shutil.copytree(pet_src, src)
+    (src / "images" / sorted(p.name for p in (src / "images").iterdir())[3]).write_bytes(b"not a jpeg")
+    for n, run in ((1, python_run), (2, horovodrun)):
+        proc = run("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), "--out", str(tmp_path / f"p{n}"))
+        assert proc.stdout.count("predict: 47 images") == 1, proc.stdout  # the chief's summary alone
+        assert proc.stderr.count("skipping") == 1, proc.stderr
+        run("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / f"e{n}.json"))
+    assert "on 2 processes" in proc.stdout
+    masks = sorted(p.name for p in (tmp_path / "p1").glob("*_mask.png"))
+    assert len(masks) == 47 and masks == sorted(p.name for p in (tmp_path / "p2").glob("*_mask.png"))
+    for name in masks:
+        a, b = (np.asarray(Image.open(tmp_path / d / name)) for d in ("p1", "p2"))
+        assert np.array_equal(a, b), name
+    e1, e2 = (json.loads((tmp_path / f"e{n}.json").read_text()) for n in (1, 2))
+    assert (e1.pop("world_size"), e2.pop("world_size")) == (1, 2)
+    assert (e1["images"], e1["skipped"]) == (47, 1)
+    assert e1 == e2  # every count, score and per-image row
 
 
 def test_evaluated_and_saved_batch_norm_statistics_are_the_replicas_mean(shards, tmp_path):

@@ -203,7 +203,7 @@ def test_resize_prediction_antialiases_as_conversion_does():
     assert np.abs(seen - expected).max() < 0.01
 
 
-def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_path, capsys):
+def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_path):
     # predict --out INPUT, then predict INPUT again: the earlier masks and overlays are not images to predict.
     from PIL import Image
 
@@ -213,6 +213,7 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     for name in ("a.png", "b_mask.png"):  # b_mask.png has no overlay: the user's own image, kept
         Image.fromarray(image).save(tmp_path / name)
     save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "a")
-    assert [p.name for p in expand_folders([tmp_path])] == ["a.png", "b_mask.png"]
-    assert "leaving out 1 earlier predictions (X_mask.png with X_overlay.png)" in capsys.readouterr().err
-    assert expand_folders([tmp_path / "a_mask.png"]) == [tmp_path / "a_mask.png"]  # named, it is predicted
+    found, notes = expand_folders([tmp_path])
+    assert [p.name for p in found] == ["a.png", "b_mask.png"]
+    assert notes == [f"predict: {tmp_path}: leaving out 1 earlier predictions (X_mask.png with X_overlay.png)"]
+    assert expand_folders([tmp_path / "a_mask.png"]) == ([tmp_path / "a_mask.png"], [])  # named, it is predicted

@@ -98,6 +98,20 @@ def test_slurm_cluster_outside_a_slurm_task_is_one_line(monkeypatch):
         MultiWorkerRuntime(cfg, "test")
 
 
+def test_commands_that_read_a_run_take_the_backend_from_how_they_were_started(monkeypatch):
+    # A run trained by launch/slurm_multiworker.sbatch saved strategy multiworker and cluster slurm;
+    # evaluate and predict of it on a login node, outside any SLURM task, run on one device.
+    from unet_dist.config import load_config
+    from unet_dist.distribute import _HOROVOD_ENV, make_trained_run_runtime
+
+    for var in ("TF_CONFIG", "SLURM_PROCID", *_HOROVOD_ENV):
+        monkeypatch.delenv(var, raising=False)
+    saved = ["runtime.strategy=multiworker", "runtime.cluster=slurm"]
+    assert make_trained_run_runtime(load_config(None, saved)).name == "single"
+    with pytest.raises(ConfigError, match="runtime.cluster is slurm, but this process is not a SLURM task"):
+        make_trained_run_runtime(load_config(None, saved), "multiworker")  # asked for: the run's cluster stands
+
+
 @pytest.mark.parametrize("tf_config,message", [
     ("{bad", "TF_CONFIG is not JSON"),
     ("[1]", "TF_CONFIG must be a JSON object"),

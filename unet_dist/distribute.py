@@ -629,3 +629,15 @@ def make_runtime(cfg: Config) -> Runtime:
     rt.threads, rt.cpus = tuple(threads), cpus
     rt.local_size = max(rt.local_size, local_size)
     return rt
+
+
+def make_trained_run_runtime(cfg: Config, strategy: str | None = None) -> Runtime:
+    """`make_runtime` for a command that reads a trained run (evaluate, predict): the backend follows
+    how this command was started, not how the training was. `cfg` is the run's config; its
+    runtime.strategy becomes `strategy` (a --strategy flag), else auto. Without a --strategy the
+    run's runtime.cluster is dropped too: a run trained by launch/slurm_multiworker.sbatch says
+    slurm, and `evaluate` on a login node, outside any SLURM task, would be refused."""
+    cfg.runtime.strategy = strategy or "auto"
+    if strategy is None:
+        cfg.runtime.cluster = "none"
+    return make_runtime(cfg)

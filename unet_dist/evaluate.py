@@ -5,6 +5,11 @@
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
         [--mask-suffix S] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
+    horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
+
+Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
+each scores its share and the counts are summed, so the metrics do not depend on the number of
+processes. The backend follows how evaluate was started (or --strategy), not how the run was trained.
 
 --data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
 or --out. --split train evaluates every training record (no augmentation): a held-out test set converted
@@ -13,7 +18,7 @@ These records are the size conversion made them (data.image_size when it resized
 
 --images: predicts every image of SRC (laid out as for convert; the layout and classes of the run's
 data by default) the way `predict` does with the same --mode, --tile, --overlap and --tta, and scores
-the masks at the images' own sizes, in one process. Several runs (the folds of `convert --fold`)
+the masks at the images' own sizes. Several runs (the folds of `convert --fold`)
 are scored as their averaged predictions. The metrics (unprefixed) go to the first run's
 eval_images.json, or --out.
 """
@@ -30,23 +35,26 @@ from unet_dist.data.convert import LAYOUTS
 from unet_dist.predict import add_mode_args, predictor_options
 
 
-def evaluate_images(args: argparse.Namespace, out: Path) -> int:
+def evaluate_images(args: argparse.Namespace, cfg, out: Path) -> int:
     """--images: each labelled image of args.images predicted as `predict` would, scored at its own size.
 
     Metrics come from one confusion matrix summed over every pixel of every image (no average of
     per-image scores), as the record evaluation does; the file also lists each image's own IoU, worst
-    first. An unreadable image or mask is skipped and named.
+    first. An unreadable image or mask is skipped and named. With N processes each predicts every
+    N-th image; their per-image confusion matrices are summed in one collective (K*K numbers an image).
     """
     import numpy as np
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.convert import ConvertError, find_pairs, load_pair
     from unet_dist.data.imageio import BadImage
+    from unet_dist.distribute import make_trained_run_runtime
     from unet_dist.inference import data_info, load_predictor, traced
     from unet_dist.logs import atomic_write_text
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
 
     try:
+        runtime = make_trained_run_runtime(cfg, args.strategy)
         info = data_info(args.workdir[0], "the run's classes are unknown")
         if info is None or "classes" not in info:
             raise ConfigError(f"{args.workdir[0] / 'data.json'} (written by train) has no classes: the masks "
@@ -60,29 +68,37 @@ def evaluate_images(args: argparse.Namespace, out: Path) -> int:
     except (ConfigError, ConvertError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    for s in skipped:
-        print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
+    if runtime.is_chief:  # the same list on every process
+        for s in skipped:
+            print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
     fn, k = traced(predictor.fn), predictor.cfg.model.num_classes
-    cm, per_image = np.zeros((k, k), np.int64), []
-    for _, image_path, mask_path in pairs:
+    shard = runtime.process_shard
+    # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
+    counts = np.zeros((len(pairs), k, k), np.float64)
+    for i in range(shard.index, len(pairs), shard.count):
+        _, image_path, mask_path = pairs[i]
         try:
             image, truth = load_pair(image_path, mask_path, layout, info["classes"], info.get("num_classes"))
         except (BadImage, OSError) as e:
             print(f"evaluate: skipping {image_path}: {e}", file=sys.stderr)
-            skipped.append({"file": str(image_path), "reason": str(e)})
             continue
         # The record evaluation's own class rule and counting, at the image's size.
-        one = confusion_matrix(truth, predict_classes(fn(image[None])[0]), k).numpy()
-        cm += one
-        per_image.append({"image": str(image_path), **{key: v for key, v in scores(one).items()
-                                                       if key in ("iou", "fg_iou", "iou_per_class")}})
-    if not per_image:
+        counts[i] = confusion_matrix(truth, predict_classes(fn(image[None])[0]), k).numpy()
+    counts = runtime.allreduce_sum(counts).astype(np.int64)
+    read = counts.sum(axis=(1, 2)) > 0  # every image that was read has pixels
+    if not read.any():
         print(f"evaluate: error: --images {args.images}: none of its {len(pairs)} images could be read",
               file=sys.stderr)
         return 1
-    metrics = {**scores(cm), "images": len(per_image), "skipped": len(skipped), "source": str(args.images),
-               "mode": predictor.mode, "why": predictor.why, "tta": args.tta,
-               "checkpoints": predictor.checkpoints}
+    if not runtime.is_chief:
+        return 0
+    per_image = [{"image": str(pairs[i][1]), **{key: v for key, v in scores(counts[i]).items()
+                                                 if key in ("iou", "fg_iou", "iou_per_class")}}
+                 for i in np.flatnonzero(read)]
+    metrics = {**scores(counts[read].sum(axis=0)), "images": len(per_image),
+               "skipped": len(skipped) + int((~read).sum()), "source": str(args.images), "mode": predictor.mode,
+               "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
+               "world_size": runtime.world_size}
     print(json.dumps(metrics))
     # The file adds each image's own scores, worst first: where to look when the mean disappoints.
     worst_first = sorted(per_image, key=lambda r: r["iou"])
@@ -98,8 +114,9 @@ def main(argv=None) -> int:
     source.add_argument("--data", type=Path, help="converted data: scores its val (or train) records")
     source.add_argument("--images", type=Path, help="a folder of images and masks, scored at their own sizes")
     p.add_argument("--out", type=Path)
+    p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"),
+                   help="the backend (default: auto, from how evaluate was started)")
     records = p.add_argument_group("with --data")
-    records.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"))
     records.add_argument("--split", choices=("val", "train"))
     images = p.add_argument_group("with --images")
     images.add_argument("--layout", choices=LAYOUTS, help="SRC's layout (default: that of the run's data)")
@@ -107,7 +124,7 @@ def main(argv=None) -> int:
     add_mode_args(images)
     args = p.parse_args(argv)
     # Flags of the other source would be ignored: say so instead.
-    other = (["--strategy"] * bool(args.strategy) + ["--split"] * bool(args.split) if args.images else
+    other = (["--split"] * bool(args.split) if args.images else
              ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none"))
@@ -127,18 +144,16 @@ def main(argv=None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if args.images:
-        return evaluate_images(args, out)
+        return evaluate_images(args, cfg, out)
     args.split, args.workdir = args.split or "val", workdir
-    if args.strategy:
-        cfg.runtime.strategy = args.strategy
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
-    from unet_dist.distribute import make_runtime
+    from unet_dist.distribute import make_trained_run_runtime
     from unet_dist.logs import atomic_write_text
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
 
     try:
-        runtime = make_runtime(cfg)
+        runtime = make_trained_run_runtime(cfg, args.strategy)
         manifest = load_manifest(args.data)
         check_data_matches(cfg, manifest, args.data)
         path = checkpoint_path(args.workdir, args.checkpoint)

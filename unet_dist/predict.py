@@ -1,7 +1,8 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
-        [--mode auto|tile|resize] [--tta none|flip]
+        [--mode auto|tile|resize] [--tta none|flip] [--strategy auto|single|horovod|...]
+    horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
 less the X_mask.png and X_overlay.png pairs an earlier predict wrote there.
@@ -12,6 +13,8 @@ orientation) and PRED/<stem>_overlay.png (image | mask | image * mask).
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.
 --workdir repeated for several runs (the folds of `convert --fold`): their probabilities are averaged.
+Started as N processes, each predicts every N-th image, on its own GPU where the node has them (the
+backend follows how predict was started, or --strategy, as in training).
 """
 
 from __future__ import annotations
@@ -47,14 +50,16 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -
     _save_png(Image.fromarray(panel), out / f"{stem}_overlay.png")
 
 
-def expand_folders(paths: list[Path]) -> list[Path]:
-    """The paths given, with each folder replaced by the image files directly in it (sorted by name,
+def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """(the paths given, with each folder replaced by the image files directly in it (sorted by name,
     hidden files left out), less the outputs of an earlier predict into it (each X_mask.png that has
     its X_overlay.png, and that overlay): predicting into the input folder and then predicting that
-    folder again must not predict the masks. Raises ConfigError for a folder without any image."""
+    folder again must not predict the masks; a line for each folder with such outputs).
+    Raises ConfigError for a folder without any image."""
     from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
 
     out: list[Path] = []
+    notes: list[str] = []
     for path in paths:
         if not path.is_dir():
             out.append(path)
@@ -66,13 +71,13 @@ def expand_folders(paths: list[Path]) -> list[Path]:
             if name.endswith("_mask.png") and overlay in names:
                 earlier |= {name, overlay}
         if earlier:
-            print(f"predict: {path}: leaving out {len(earlier) // 2} earlier predictions (X_mask.png with "
-                  "X_overlay.png)", file=sys.stderr)
+            notes.append(f"predict: {path}: leaving out {len(earlier) // 2} earlier predictions (X_mask.png with "
+                         "X_overlay.png)")
         found = [p for p in found if p.name not in earlier]
         if not found:
             raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         out += found
-    return out
+    return out, notes
 
 
 def add_mode_args(p: argparse.ArgumentParser) -> None:
@@ -98,9 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, required=True)
     add_mode_args(p)
+    p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"),
+                   help="the backend (default: auto, from how predict was started)")
     args = p.parse_args(argv)
     try:
-        images = expand_folders(args.images)
+        images, notes = expand_folders(args.images)
     except ConfigError as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -113,18 +120,24 @@ def main(argv=None) -> int:
             return 2
 
     from unet_dist.checkpoint import CheckpointError
+    from unet_dist.config import load_workdir_config
     from unet_dist.data.imageio import BadImage, load_rgb
+    from unet_dist.distribute import make_trained_run_runtime
     from unet_dist.inference import classes_from_probs, load_predictor, traced
 
     try:
+        runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy)
         writable_dir(args.out, "--out")
         predictor = load_predictor(args.workdir, **predictor_options(args))
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        runtime.print(note, file=sys.stderr)
     fn = traced(predictor.fn)
+    shard = runtime.process_shard
     failed = 0
-    for path in images:
+    for path in images[shard.index::shard.count]:  # each process every N-th image; no two write one file
         try:
             image = load_rgb(path)
         except (BadImage, OSError) as e:
@@ -133,7 +146,9 @@ def main(argv=None) -> int:
             continue
         probs = fn(image[None])[0].numpy()
         save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
-    print(f"predict: {len(images) - failed} images ({predictor.summary()}) -> {args.out}")
+    failed = int(runtime.allreduce_sum(np.array([failed], np.float64))[0])
+    processes = f" on {runtime.world_size} processes" * (runtime.world_size > 1)
+    runtime.print(f"predict: {len(images) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
     return 1 if failed == len(images) else 0
 
 
