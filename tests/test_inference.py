@@ -217,3 +217,23 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     assert [p.name for p in found] == ["a.png", "b_mask.png"]
     assert notes == [f"predict: {tmp_path}: leaving out 1 earlier predictions (X_mask.png with X_overlay.png)"]
     assert expand_folders([tmp_path / "a_mask.png"]) == ([tmp_path / "a_mask.png"], [])  # named, it is predicted
+
+
+def test_an_image_the_device_has_no_memory_for_is_one_line():
+    # TensorFlow's out-of-memory message is a page; predict and evaluate --images name the image in
+    # one line (PredictionError) and go on with the next, as for an unreadable one.
+    from unet_dist.inference import PredictionError, Predictor
+
+    def fn(images):
+        if images.shape[1] is None or images.shape[1] > 40:  # traced for the large image's size
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[...]\nHint: ...")
+        return tf.zeros(tf.concat([tf.shape(images)[:3], [1]], 0))
+
+    cfg = load_config(None, [])
+    for mode, need in (("tile", "a smaller --tile"), ("resize", "a device with more memory")):
+        predictor = Predictor(fn, [], cfg, ["ckpt"], mode, "as --mode asks")
+        assert predictor(np.zeros((30, 20, 3), np.uint8)).shape == (30, 20, 1)
+        with pytest.raises(PredictionError) as e:
+            predictor(np.zeros((50, 60, 3), np.uint8))
+        assert str(e.value) == (f"out of memory predicting a 50x60 image in {mode} mode; {need}, fewer --workdir "
+                                "runs or --tta none need less")

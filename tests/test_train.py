@@ -237,6 +237,10 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
     bad_tile = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--mode", "tile",
                           "--tile", "66", "--out", str(tmp_path / "badtile"))
     assert bad_tile.returncode == 2 and "predict: error: --tile 66: [66, 66] must be divisible" in bad_tile.stderr
+    unused = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--tile", "32",
+                        "--out", str(tmp_path / "unused"))  # auto takes resize here: no tiles
+    assert unused.returncode == 2 and "predict: error: --tile: used in tile mode only, and this is resize mode (the " \
+        "training data was resized" in unused.stderr, unused.stderr
     # Output paths are checked before any work, and nothing the user put there is lost.
     (tmp_path / "afile").write_text("x")
     for module, extra in (("unet_dist.predict", [str(tmp_path / "gray.png")]),

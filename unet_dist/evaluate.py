@@ -49,7 +49,7 @@ def evaluate_images(args: argparse.Namespace, cfg, out: Path) -> int:
     from unet_dist.data.convert import ConvertError, find_pairs, load_pair
     from unet_dist.data.imageio import BadImage
     from unet_dist.distribute import make_trained_run_runtime
-    from unet_dist.inference import data_info, load_predictor, traced
+    from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import atomic_write_text
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
 
@@ -71,7 +71,7 @@ def evaluate_images(args: argparse.Namespace, cfg, out: Path) -> int:
     if runtime.is_chief:  # the same list on every process
         for s in skipped:
             print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
-    fn, k = traced(predictor.fn), predictor.cfg.model.num_classes
+    k = predictor.cfg.model.num_classes
     shard = runtime.process_shard
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(pairs), k, k), np.float64)
@@ -79,11 +79,12 @@ def evaluate_images(args: argparse.Namespace, cfg, out: Path) -> int:
         _, image_path, mask_path = pairs[i]
         try:
             image, truth = load_pair(image_path, mask_path, layout, info["classes"], info.get("num_classes"))
-        except (BadImage, OSError) as e:
+            probs = predictor(image)
+        except (BadImage, OSError, PredictionError) as e:
             print(f"evaluate: skipping {image_path}: {e}", file=sys.stderr)
             continue
         # The record evaluation's own class rule and counting, at the image's size.
-        counts[i] = confusion_matrix(truth, predict_classes(fn(image[None])[0]), k).numpy()
+        counts[i] = confusion_matrix(truth, predict_classes(probs), k).numpy()
     counts = runtime.allreduce_sum(counts).astype(np.int64)
     read = counts.sum(axis=(1, 2)) > 0  # every image that was read has pixels
     if not read.any():

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from unet_dist.checkpoint import restore_trained
@@ -248,6 +249,10 @@ def prediction_fn(model: keras.Model, cfg: Config, workdir: str | Path, mode: st
     return fn, mode, why
 
 
+class PredictionError(Exception):
+    """One image could not be predicted (it does not fit in memory); the message says what needs less."""
+
+
 @dataclass
 class Predictor:
     """What predict, export and evaluate --images run: one trained run, or several averaged."""
@@ -258,6 +263,21 @@ class Predictor:
     checkpoints: list[str]
     mode: str  # resize, tile, or "per run" when auto chose differently for the runs
     why: str
+    _traced: Callable | None = field(default=None, init=False, repr=False)
+
+    def __call__(self, image: np.ndarray) -> tf.Tensor:
+        """(H, W, U) probabilities of one uint8 image (H, W, 3), by `fn` traced once for every size.
+        Raises PredictionError, one line, when the device runs out of memory for it: TensorFlow's
+        own message is a page, and the caller goes on with the next image."""
+        if self._traced is None:
+            self._traced = traced(self.fn)
+        try:
+            return self._traced(image[None])[0]
+        except tf.errors.ResourceExhaustedError:
+            h, w = image.shape[:2]
+            need = "a smaller --tile" if self.mode != "resize" else "a device with more memory"
+            raise PredictionError(f"out of memory predicting a {h}x{w} image in {self.mode} mode; {need}, fewer "
+                                  "--workdir runs or --tta none need less") from None
 
     def summary(self) -> str:
         """'MODE mode: WHY; checkpoint(s) ...', for the line predict, export and evaluate print."""
@@ -290,6 +310,11 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
         (mode, why), = set(modes)
     else:
         mode, why = "per run", "; ".join(f"{w}: {m} ({y})" for w, (m, y) in zip(workdirs, modes, strict=True))
+    if (tile is not None or overlap is not None) and all(m == "resize" for m, _ in modes):
+        # Resize mode has no tiles: taking the flag silently would hide that auto chose resize.
+        flag = "--tile" if tile is not None else "--overlap"
+        raise ConfigError(f"{flag}: used in tile mode only, and this is resize mode ({modes[0][1]}); "
+                          "add --mode tile to predict in tiles")
     if len(fns) == 1:
         return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why)
 

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     from unet_dist.config import load_workdir_config
     from unet_dist.data.imageio import BadImage, load_rgb
     from unet_dist.distribute import make_trained_run_runtime
-    from unet_dist.inference import classes_from_probs, load_predictor, traced
+    from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
 
     try:
         runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy)
@@ -134,17 +134,16 @@ def main(argv=None) -> int:
         return 2
     for note in notes:
         runtime.print(note, file=sys.stderr)
-    fn = traced(predictor.fn)
     shard = runtime.process_shard
     failed = 0
     for path in images[shard.index::shard.count]:  # each process every N-th image; no two write one file
         try:
             image = load_rgb(path)
-        except (BadImage, OSError) as e:
+            probs = predictor(image).numpy()
+        except (BadImage, OSError, PredictionError) as e:
             print(f"predict: skipping {path}: {e}", file=sys.stderr)
             failed += 1
             continue
-        probs = fn(image[None])[0].numpy()
         save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
     failed = int(runtime.allreduce_sum(np.array([failed], np.float64))[0])
     processes = f" on {runtime.world_size} processes" * (runtime.world_size > 1)
