@@ -250,7 +250,7 @@ def test_mirrored_average_replicas_sets_every_copy_to_the_mean():
 
 
 @needs_horovod
-def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
+def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path):
     w = tmp_path / "w"
     over = tiny_overrides(steps=6) + ["train.eval_every_steps=3", "train.checkpoint_every_steps=3"]
     proc = horovodrun("-m", "unet_dist.train", "--config", "configs/demo.yaml", "--data", str(shards),
@@ -278,23 +278,21 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, tmp_path):
     # The training's last evaluation saw the model it saved: the ranks' mean of batch norm's moving
     # statistics, which each rank updates from its own batch (not rank 0's copy on half the images).
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
+    # predict and evaluate --images take every other image on each rank (one GPU per rank on a GPU
+    # node) and give what one process gives; a corrupt image is skipped once.
+    from unet_dist.evaluate import main as evaluate_main
+    from unet_dist.predict import main as predict_main
 
-
-@needs_horovod
-def test_predict_and_evaluate_images_on_two_processes_share_the_images(shards, pet_src, tmp_path):
-    # Started by horovodrun, predict and evaluate --images each take every other image (one GPU per
-    # rank on a GPU node) and give what one process gives; a corrupt image is skipped once.
-    w = tmp_path / "w"
-    python_run(*_args(shards, w, tiny_overrides(steps=2)))
     src = tmp_path / "src"
     shutil.copytree(pet_src, src)
     (src / "images" / sorted(p.name for p in (src / "images").iterdir())[3]).write_bytes(b"not a jpeg")
-    for n, run in ((1, python_run), (2, horovodrun)):
-        proc = run("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), "--out", str(tmp_path / f"p{n}"))
-        assert proc.stdout.count("predict: 47 images") == 1, proc.stdout  # the chief's summary alone
-        assert proc.stderr.count("skipping") == 1, proc.stderr
-        run("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / f"e{n}.json"))
-    assert "on 2 processes" in proc.stdout
+    common = ["--workdir", str(w), "--strategy", "single"]
+    assert predict_main([*common, str(src / "images"), "--out", str(tmp_path / "p1")]) == 0
+    assert evaluate_main([*common, "--images", str(src), "--out", str(tmp_path / "e1.json")]) == 0
+    proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), "--out", str(tmp_path / "p2"))
+    assert proc.stdout.count("predict: 47 images on 2 processes") == 1, proc.stdout  # the chief's summary alone
+    assert proc.stderr.count("skipping") == 1, proc.stderr
+    horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / "e2.json"))
     masks = sorted(p.name for p in (tmp_path / "p1").glob("*_mask.png"))
     assert len(masks) == 47 and masks == sorted(p.name for p in (tmp_path / "p2").glob("*_mask.png"))
     for name in masks:
@@ -307,6 +305,7 @@ def test_predict_and_evaluate_images_on_two_processes_share_the_images(shards, p
 
 
 def test_evaluated_and_saved_batch_norm_statistics_are_the_replicas_mean(shards, tmp_path):
+    # (Also: a TF_CONFIG cluster with a chief task evaluates each record once.)
     # Without sync batch norm each worker's moving statistics come from its own batches; the
     # training's last evaluation and the saved checkpoint must both hold their mean, so a
     # 1-process evaluation of the checkpoint gives the training's figures (Horovod: the
@@ -319,21 +318,14 @@ def test_evaluated_and_saved_batch_norm_statistics_are_the_replicas_mean(shards,
     e1 = json.loads((tmp_path / "eval1.json").read_text())
     assert s["num_replicas"] == 2 and e1["world_size"] == 1
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
-
-
-def test_a_tf_config_with_a_chief_counts_each_task_once(shards, tmp_path):
-    # TF_CONFIG with a "chief" beside the workers: the chief is rank 0 and worker 0 rank 1. Both
+    # A TF_CONFIG with a "chief" beside the workers: the chief is rank 0 and worker 0 rank 1. Both
     # used to be rank 0 of 1 and chief: each read every record and both wrote the result.
-    w = tmp_path / "w"
-    python_run(*_args(shards, w, tiny_overrides(steps=2)))  # auto: one process here, both tasks there
-    evaluate = ["-m", "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest"]
-    one = json.loads(python_run(*evaluate, "--strategy", "single").stdout.strip().splitlines()[-1])
-    chief, worker = multiworker(*evaluate, chief=True)
-    two = json.loads(chief.stdout.strip().splitlines()[-1])
+    chief, worker = multiworker("-m", "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards),
+                                "--checkpoint", "latest", chief=True)
+    e2 = json.loads(chief.stdout.strip().splitlines()[-1])
     assert worker.stdout.strip() == ""  # only the chief prints (and writes)
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert two["val_records"] == one["val_records"] == 12
-    assert two["val_iou"] == pytest.approx(one["val_iou"], abs=1e-9)
+    assert e2["world_size"] == 2 and e2["val_records"] == e1["val_records"] == 12
+    assert e2["val_iou"] == pytest.approx(e1["val_iou"], abs=1e-9)
 
 
 @needs_horovod
