@@ -58,6 +58,26 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     return proc
 
 
+def run_main(capsys, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args...` run in this process through the module's main(), as a
+    CompletedProcess: for the error paths, whose exit code and one stderr line are what is tested,
+    without a child process's TensorFlow start-up (seconds each). SystemExit ends it as it would end
+    the interpreter: sys.exit("message") prints the message and exits 1."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([module, *args], code, out, err)
+
+
 def tiny_overrides(steps: int = 4) -> list[str]:
     """A U-Net small enough to train in seconds on the 64x64 fixture data."""
     return [

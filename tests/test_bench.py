@@ -7,7 +7,7 @@ import time
 
 import pytest
 import tensorflow as tf
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, run_main, subprocess_env
 
 from unet_dist.perf.profile import kernel_seconds, kind_of
 from unet_dist.perf.scaling import _wait_for
@@ -117,15 +117,14 @@ def test_scaling_waiting_rank_stops_when_the_chief_never_signals(tmp_path):
         _wait_for(tmp_path / "round-1", deadline=time.time() + 0.05)
 
 
-def test_bench_bad_input_is_one_line_naming_it(tmp_path):
+def test_bench_bad_input_is_one_line_naming_it(tmp_path, capsys):
     for args, named in ((["scaling", "--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
                         (["pipeline", "--data", str(tmp_path / "nothing")], "nothing"),
                         (["tta", "--data", str(tmp_path / "nothing")], "nothing"),  # from the trainer it runs
                         (["memory", "--data", str(tmp_path / "nothing")], "nothing")):
-        proc = subprocess.run([sys.executable, "-m", "unet_dist.bench", *args], cwd=ROOT, env=subprocess_env(),
-                              capture_output=True, text=True, timeout=300)
+        proc = run_main(capsys, "unet_dist.bench", *args)  # a traceback would fail the test
         last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.returncode != 0, proc.stderr[-2000:]
         assert last.startswith(f"bench {args[0]}: ") and "error: " in last and named in last, last
     # Counts and sizes must be > 0 (--steps 0 divided by zero or failed in a child process).
     from unet_dist.bench import parser
@@ -137,9 +136,8 @@ def test_bench_bad_input_is_one_line_naming_it(tmp_path):
             parser().parse_args(args)
     # A benchmark name that report --only does not know stops before anything runs or is written
     # (it re-rendered docs/benchmarks.md from the stored results and said nothing).
-    proc = subprocess.run([sys.executable, "-m", "unet_dist.bench", "report", "--data", "d", "--demo-data", "d",
-                           "--out", str(tmp_path / "docs"), "--only", "scaling", "sclaing"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    proc = run_main(capsys, "unet_dist.bench", "report", "--data", "d", "--demo-data", "d", "--out",
+                    str(tmp_path / "docs"), "--only", "scaling", "sclaing")
     assert proc.returncode == 2 and "--only sclaing: no such benchmark" in proc.stderr, proc.stderr
     assert not (tmp_path / "docs").exists()
 

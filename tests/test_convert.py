@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_module
+from conftest import run_main, run_module
 from PIL import Image
 
 from unet_dist.data.convert import ConvertError, convert
@@ -73,30 +73,30 @@ def test_each_bad_file_kind_is_skipped_with_its_reason(tmp_path):
     assert m["record_size"] == {"min": [40, 50], "max": [40, 50]}
 
 
-def test_exit_codes_and_summary_line(tmp_path):
+def test_exit_codes_and_summary_line(tmp_path, capsys):
     src = _pet_dir(tmp_path, n=2)
     (src / "images" / "x.mat").write_bytes(b"0")
     ok = run_module("unet_dist.convert", str(src), str(tmp_path / "o1"), "--shards", "1", "--workers", "1")
     assert ok.returncode == 0, ok.stderr
     assert "skipped 1 files" in ok.stderr and "x.mat" in ok.stderr
     # Not the named layout: non-zero, one clear line.
-    bad = run_module("unet_dist.convert", str(src), str(tmp_path / "o2"), "--layout", "folders")
+    bad = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "o2"), "--layout", "folders")
     assert bad.returncode != 0
     assert "is not a folders data set" in bad.stderr and "masks is missing" in bad.stderr
     # Nothing convertible.
     for f in (src / "images").glob("*.jpg"):
         f.write_bytes(b"")
-    none = run_module("unet_dist.convert", str(src), str(tmp_path / "o3"), "--workers", "1")
+    none = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "o3"), "--workers", "1")
     assert none.returncode != 0 and "could be converted" in none.stderr
     assert not (tmp_path / "o3" / "manifest.json").exists()
     # An existing conversion is not overwritten by accident.
-    again = run_module("unet_dist.convert", str(src), str(tmp_path / "o1"))
+    again = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "o1"))
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert (tmp_path / "o1" / "manifest.json").exists()
     # OUT below a file: one line, for convert and for the synthetic-data writer.
     (tmp_path / "afile").write_text("x")
     for module, args in (("unet_dist.convert", [str(src)]), ("unet_dist.synthetic", ["-n", "1"])):
-        blocked = run_module(module, *args, str(tmp_path / "afile" / "out"))
+        blocked = run_main(capsys, module, *args, str(tmp_path / "afile" / "out"))
         assert blocked.returncode != 0 and "Traceback" not in blocked.stderr, blocked.stderr[-2000:]
         assert f"OUT {tmp_path / 'afile' / 'out'}" in blocked.stderr
     # The synthetic writer replaces an earlier synthetic set (a smaller one keeps none of its extra
@@ -104,7 +104,7 @@ def test_exit_codes_and_summary_line(tmp_path):
     run_module("unet_dist.synthetic", str(tmp_path / "syn"), "-n", "3", check=True)
     run_module("unet_dist.synthetic", str(tmp_path / "syn"), "-n", "2", "--seed", "1", check=True)
     assert sorted(p.name for p in (tmp_path / "syn" / "images").iterdir()) == ["synth_00000.jpg", "synth_00001.jpg"]
-    mixed = run_module("unet_dist.synthetic", str(src), "-n", "1")
+    mixed = run_main(capsys, "unet_dist.synthetic", str(src), "-n", "1")
     assert mixed.returncode == 2 and f"OUT {src} holds files this command did not write" in mixed.stderr
     assert not list(src.glob("*/synth_*")) and not list(src.glob("*/*/synth_*"))
 

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import model_weights, run_module, scale_loss_after, tiny_overrides
+from conftest import model_weights, run_main, run_module, scale_loss_after, tiny_overrides
 
 from unet_dist.config import ConfigError, load_config
 from unet_dist.input_bound import InputClock, classify, worst_over_processes
@@ -180,7 +180,7 @@ def test_valid_padding_and_weighted_loss_train(shards, tmp_path):
     assert s["final_val_iou"] is not None
 
 
-def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
+def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys):
     w = tmp_path / "w"
     args = ["--data", str(shards), "--workdir", str(w), "--deterministic"]
     for o in tiny_overrides(steps=3):
@@ -222,36 +222,36 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
                check=True)
     assert sorted(p.name for p in (out / "folder").iterdir()) == ["a_mask.png", "a_overlay.png", "b_mask.png",
                                                                   "b_overlay.png"]
-    empty = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder" / "deeper"), "--out",
-                       str(out / "empty"))
+    empty = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder" / "deeper"), "--out",
+                     str(out / "empty"))
     assert empty.returncode == 2 and "deeper: a folder without image files (.bmp" in empty.stderr, empty.stderr
-    bad = run_module("unet_dist.predict", "--workdir", str(tmp_path / "nope"), str(tmp_path / "gray.png"),
-                     "--out", str(out))
+    bad = run_main(capsys, "unet_dist.predict", "--workdir", str(tmp_path / "nope"), str(tmp_path / "gray.png"),
+                   "--out", str(out))
     assert bad.returncode == 2 and "config.yaml not found" in bad.stderr
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "gray.png").write_bytes((tmp_path / "gray.png").read_bytes())
-    clash = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"),
-                       str(tmp_path / "sub" / "gray.png"), "--out", str(tmp_path / "clash"))
+    clash = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"),
+                     str(tmp_path / "sub" / "gray.png"), "--out", str(tmp_path / "clash"))
     assert clash.returncode == 2 and "would both write gray_mask.png" in clash.stderr
     assert not (tmp_path / "clash").exists()
-    bad_tile = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--mode", "tile",
-                          "--tile", "66", "--out", str(tmp_path / "badtile"))
+    bad_tile = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--mode", "tile",
+                        "--tile", "66", "--out", str(tmp_path / "badtile"))
     assert bad_tile.returncode == 2 and "predict: error: --tile 66: [66, 66] must be divisible" in bad_tile.stderr
-    unused = run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--tile", "32",
-                        "--out", str(tmp_path / "unused"))  # auto takes resize here: no tiles
+    unused = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--tile", "32",
+                      "--out", str(tmp_path / "unused"))  # auto takes resize here: no tiles
     assert unused.returncode == 2 and "predict: error: --tile: used in tile mode only, and this is resize mode (the " \
         "training data was resized" in unused.stderr, unused.stderr
     # Output paths are checked before any work, and nothing the user put there is lost.
     (tmp_path / "afile").write_text("x")
     for module, extra in (("unet_dist.predict", [str(tmp_path / "gray.png")]),
                           ("unet_dist.evaluate", ["--data", str(shards)])):
-        bad_out = run_module(module, "--workdir", str(w), *extra, "--out", str(tmp_path / "afile" / "x"))
+        bad_out = run_main(capsys, module, "--workdir", str(w), *extra, "--out", str(tmp_path / "afile" / "x"))
         last = bad_out.stderr.strip().splitlines()[-1]
         assert bad_out.returncode == 2 and last.startswith(f"{module[10:]}: error: --out {tmp_path / 'afile'}") \
             and last.endswith("is a file, not a folder"), bad_out.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    refused = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "mine"))
+    refused = run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "mine"))
     assert refused.returncode == 2 and "a folder holding more than an earlier export" in refused.stderr
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     from unet_dist.inference import classes_from_probs, load_trained, mirrored, resize_predict_fn, tile_predict_fn
@@ -274,8 +274,8 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path):
         assert served["mask"].shape == (2, 70, 90)
         np.testing.assert_allclose(served["probabilities"].numpy(), expect.numpy(), atol=1e-5)
         np.testing.assert_array_equal(served["mask"].numpy(), classes_from_probs(expect).numpy())
-    bad_overlap = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"),
-                             "--mode", "tile", "--overlap", "-1")
+    bad_overlap = run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"),
+                           "--mode", "tile", "--overlap", "-1")
     assert bad_overlap.returncode == 2 and "export: error: --overlap -1: must be >= 0" in bad_overlap.stderr
     assert (tmp_path / "export" / "saved_model.pb").exists()  # the earlier export is left whole
 
