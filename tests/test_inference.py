@@ -237,3 +237,41 @@ def test_an_image_the_device_has_no_memory_for_is_one_line():
             predictor(np.zeros((50, 60, 3), np.uint8))
         assert str(e.value) == (f"out of memory predicting a 50x60 image in {mode} mode; {need}, fewer --workdir "
                                 "runs or --tta none need less")
+
+
+def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(tmp_path, monkeypatch):
+    # predict encodes and writes on background threads while the next image is predicted; a write
+    # that fails (a full disk) is raised by the writer, after the writes already started are done.
+    from PIL import Image
+
+    import unet_dist.logs
+    from unet_dist.predict import Writer
+
+    image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    masks = [np.random.default_rng(i).integers(0, 2, (30, 40), dtype=np.uint8) for i in range(7)]
+    writer = Writer(tmp_path / "ok", threads=2)
+    (tmp_path / "ok").mkdir()
+    for i, m in enumerate(masks):
+        writer.put(image, m, f"im{i}")
+    writer.close()
+    for i, m in enumerate(masks):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "ok" / f"im{i}_mask.png")), m)
+        overlay = np.asarray(Image.open(tmp_path / "ok" / f"im{i}_overlay.png"))
+        assert overlay.shape == (30, 120, 3) and np.array_equal(overlay[:, :40], image)
+    real = unet_dist.logs.atomic_write_bytes
+
+    def full_disk(path, data):
+        if path.name.startswith("im3"):
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(unet_dist.logs, "atomic_write_bytes", full_disk)
+    (tmp_path / "full").mkdir()
+    writer = Writer(tmp_path / "full", threads=2)
+    with pytest.raises(OSError, match="No space left on device"):
+        for i, m in enumerate(masks):
+            writer.put(image, m, f"im{i}")
+        writer.close()
+    writer.close()  # what was started is finished
+    written = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert "im0_mask.png" in written and not [n for n in written if n.startswith("im3")], written

@@ -180,7 +180,7 @@ def test_valid_padding_and_weighted_loss_train(shards, tmp_path):
     assert s["final_val_iou"] is not None
 
 
-def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys):
+def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, monkeypatch):
     w = tmp_path / "w"
     args = ["--data", str(shards), "--workdir", str(w), "--deterministic"]
     for o in tiny_overrides(steps=3):
@@ -241,6 +241,18 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys):
                       "--out", str(tmp_path / "unused"))  # auto takes resize here: no tiles
     assert unused.returncode == 2 and "predict: error: --tile: used in tile mode only, and this is resize mode (the " \
         "training data was resized" in unused.stderr, unused.stderr
+    # A write that fails (a full disk) stops predict with one line (the writes are on background threads).
+    import unet_dist.logs
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(unet_dist.logs, "atomic_write_bytes", full_disk)
+        full = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--out",
+                        str(tmp_path / "full"))
+    assert full.returncode == 1 and full.stdout == "", full.stdout
+    assert f"predict: error: writing into {tmp_path / 'full'}: [Errno 28] No space left on device: " in full.stderr
     # Output paths are checked before any work, and nothing the user put there is lost.
     (tmp_path / "afile").write_text("x")
     for module, extra in (("unet_dist.predict", [str(tmp_path / "gray.png")]),

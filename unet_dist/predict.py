@@ -32,22 +32,53 @@ from unet_dist.config import ConfigError, add_workdir_args, writable_dir
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def _save_png(image: Image.Image, path: Path, compress_level: int = 6) -> None:
     from unet_dist.logs import atomic_write_bytes  # loads TensorFlow: after the arguments are checked
 
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=compress_level)
     atomic_write_bytes(path, buf.getvalue())  # an interrupted run leaves an earlier prediction whole
 
 
 def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -> None:
+    """OUT/STEM_mask.png (class ids as palette indices) and OUT/STEM_overlay.png (image | mask |
+    image * mask). Thread-safe: Pillow's encoder and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(PALETTE + [128] * (768 - len(PALETTE)))
     _save_png(mask, out / f"{stem}_mask.png")
     fg = (classes > 0)[..., None]
     shown = np.asarray(mask.convert("RGB"))
     panel = np.concatenate([image, shown, (image * fg).astype(np.uint8)], axis=1)
-    _save_png(Image.fromarray(panel), out / f"{stem}_overlay.png")
+    # zlib level 1: photos barely compress losslessly (a 486x403 overlay: 374 KiB against 362 at the
+    # default level 6), and it encodes in half the time (30 against 58 ms).
+    _save_png(Image.fromarray(panel), out / f"{stem}_overlay.png", compress_level=1)
+
+
+class Writer:
+    """Writes predictions (`save_outputs`) on background threads while the next image is predicted:
+    on a CPU the PNG encoding took longer than the demo model's prediction (2.1 against 1.7 s for
+    48 images), and on a GPU it is nearly all of the time. At most 2 * threads images wait, which
+    bounds the memory held. The first error (a full disk) is raised by `put` or `close`."""
+
+    def __init__(self, out: Path, threads: int = 2):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out, self.limit = out, 2 * threads
+        self.pool, self.pending = ThreadPoolExecutor(threads, thread_name_prefix="predict-writer"), deque()
+
+    def put(self, image: np.ndarray, classes: np.ndarray, stem: str) -> None:
+        self.pending.append(self.pool.submit(save_outputs, image, classes, self.out, stem))
+        while len(self.pending) > self.limit:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        """Waits for every write; the first error is raised after the others have finished."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -135,17 +166,33 @@ def main(argv=None) -> int:
     for note in notes:
         runtime.print(note, file=sys.stderr)
     shard = runtime.process_shard
-    failed = 0
-    for path in images[shard.index::shard.count]:  # each process every N-th image; no two write one file
+    failed, unwritten = 0, None
+    writer = Writer(args.out)
+    try:
+        for path in images[shard.index::shard.count]:  # each process every N-th image; no two write one file
+            try:
+                image = load_rgb(path)
+                probs = predictor(image).numpy()
+            except (BadImage, OSError, PredictionError) as e:
+                print(f"predict: skipping {path}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            writer.put(image, np.asarray(classes_from_probs(probs)), path.stem)
+    except OSError as e:  # a write failed (a full disk): the next images would fail the same way
+        unwritten = e
+    finally:
         try:
-            image = load_rgb(path)
-            probs = predictor(image).numpy()
-        except (BadImage, OSError, PredictionError) as e:
-            print(f"predict: skipping {path}: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        save_outputs(image, np.asarray(classes_from_probs(probs)), args.out, path.stem)
-    failed = int(runtime.allreduce_sum(np.array([failed], np.float64))[0])
+            writer.close()
+        except OSError as e:
+            unwritten = unwritten or e
+    if unwritten:
+        print(f"predict: error: writing into {args.out}: {unwritten}; the masks written before it are whole",
+              file=sys.stderr)
+    # Every process takes part in the sum, also one that stopped: the others would wait for it.
+    failed, stopped = runtime.allreduce_sum(np.array([failed, unwritten is not None], np.float64))
+    if stopped:
+        return 1
+    failed = int(failed)
     processes = f" on {runtime.world_size} processes" * (runtime.world_size > 1)
     runtime.print(f"predict: {len(images) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
     return 1 if failed == len(images) else 0
