@@ -30,12 +30,12 @@ import json
 import sys
 from pathlib import Path
 
-from unet_dist.config import ConfigError, add_workdir_args, load_workdir_config, writable_dir
+from unet_dist.config import Config, ConfigError, add_workdir_args, load_workdir_config, writable_dir
 from unet_dist.data.convert import LAYOUTS
 from unet_dist.predict import add_mode_args, predictor_options
 
 
-def evaluate_images(args: argparse.Namespace, cfg, out: Path) -> int:
+def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     """--images: each labelled image of args.images predicted as `predict` would, scored at its own size.
 
     Metrics come from one confusion matrix summed over every pixel of every image (no average of
