@@ -120,6 +120,10 @@ class RuntimeConfig:
     cpu_devices: int = 0  # mirrored without GPUs: split the CPU into N logical devices (tests, CPU nodes)
 
 
+# runtime.strategy's values, for the check of a config and the --strategy flags.
+STRATEGIES: tuple[str, ...] = typing.get_args(typing.get_type_hints(RuntimeConfig)["strategy"])
+
+
 @dataclass
 class TrainConfig:
     """Loop, loss, evaluation and checkpoints."""
@@ -404,6 +408,11 @@ def add_workdir_args(parser: argparse.ArgumentParser, many: bool = False) -> Non
                                                              "predictions are averaged" if many else ""))
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                         help="the best-val-IoU checkpoint or the latest one")
+
+
+def add_strategy_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """--strategy, one of runtime.strategy's values (`STRATEGIES`)."""
+    parser.add_argument("--strategy", choices=STRATEGIES, help=help)
 
 
 def writable_dir(path: Path, flag: str) -> None:

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.config import Config, ConfigError
+from unet_dist.config import STRATEGIES, Config, ConfigError
 from unet_dist.data.pipeline import Shard
 
-STRATEGIES = ("auto", "single", "mirrored", "multiworker", "horovod")
 # Variables set by the launchers Horovod supports: horovodrun (Gloo), Open MPI's mpirun, MPICH/PMI.
 _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 

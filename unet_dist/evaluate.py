@@ -30,7 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-from unet_dist.config import Config, ConfigError, add_workdir_args, load_workdir_config, writable_dir
+from unet_dist.config import Config, ConfigError, add_strategy_arg, add_workdir_args, load_workdir_config, writable_dir
 from unet_dist.data.convert import LAYOUTS
 from unet_dist.predict import add_mode_args, predictor_options
 
@@ -115,8 +115,7 @@ def main(argv=None) -> int:
     source.add_argument("--data", type=Path, help="converted data: scores its val (or train) records")
     source.add_argument("--images", type=Path, help="a folder of images and masks, scored at their own sizes")
     p.add_argument("--out", type=Path)
-    p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"),
-                   help="the backend (default: auto, from how evaluate was started)")
+    add_strategy_arg(p, "the backend (default: auto, from how evaluate was started)")
     records = p.add_argument_group("with --data")
     records.add_argument("--split", choices=("val", "train"))
     images = p.add_argument_group("with --images")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unet_dist.config import ConfigError, add_workdir_args, writable_dir
+from unet_dist.config import ConfigError, add_strategy_arg, add_workdir_args, writable_dir
 
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 
@@ -134,8 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, required=True)
     add_mode_args(p)
-    p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"),
-                   help="the backend (default: auto, from how predict was started)")
+    add_strategy_arg(p, "the backend (default: auto, from how predict was started)")
     args = p.parse_args(argv)
     try:
         images, notes = expand_folders(args.images)

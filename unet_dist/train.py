@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from unet_dist.config import ConfigError, add_config_args, load_config
+from unet_dist.config import ConfigError, add_config_args, add_strategy_arg, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,8 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-resume", action="store_true", help="start over (an earlier run is moved aside)")
     p.add_argument("--init-from", metavar="RUN", help="start from the weights of another run's workdir "
                    "(train.init_from: fine-tuning)")
-    p.add_argument("--strategy", choices=("auto", "single", "mirrored", "multiworker", "horovod"),
-                   help="overrides runtime.strategy")
+    add_strategy_arg(p, "overrides runtime.strategy")
     return p.parse_args(argv)
 
 
