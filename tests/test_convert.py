@@ -348,3 +348,61 @@ def test_folds_validate_on_every_image_exactly_once(tmp_path):
     bad = run_module("unet_dist.convert", str(src), str(tmp_path / "x"), "--fold", "two")
     assert bad.returncode == 2 and "--fold 'two': expected I/K, e.g. 0/5" in bad.stderr, bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_wide_and_float_images_are_scaled_per_image(tmp_path):
+    # 16-bit, 32-bit and float images map their 1st..99.8th percentiles to 0..255. A fixed divisor
+    # made a 12-bit camera image in a 16-bit file use 16 levels and a float image in [0, 1] black.
+    ramp = np.tile(np.linspace(0, 1, 300), (20, 1))
+    for name, values in [("twelve.png", (ramp * 4095).astype(np.uint16)), ("float.tif", ramp.astype(np.float32)),
+                         ("wide.tif", (ramp * 1e6 - 5e5).astype(np.int32))]:
+        Image.fromarray(values).save(tmp_path / name)
+        rgb = load_rgb(tmp_path / name)
+        assert rgb.shape == (20, 300, 3) and rgb.dtype == np.uint8, name
+        assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) > 200, name
+        assert np.all(np.diff(rgb[0, :, 0].astype(int)) >= 0), name  # the order of values is kept
+    spots = np.zeros((50, 50), np.uint16)
+    spots[3, 4] = 4000  # 1 pixel of 2,500: above the 99.8th percentile, so minimum and maximum scale it
+    Image.fromarray(spots).save(tmp_path / "spots.png")
+    assert load_rgb(tmp_path / "spots.png")[3, 4].tolist() == [255] * 3
+    Image.fromarray(np.full((5, 5), 7, np.uint16)).save(tmp_path / "flat.png")
+    assert load_rgb(tmp_path / "flat.png").max() == 0
+
+
+def test_a_tiff_stack_is_one_sample_per_page(tmp_path):
+    # EM and microscopy data come as multi-page TIFFs (the 2015 U-Net's ISBI 2012 set: one 30-page
+    # stack of slices and one of labels). Each page is a sample, named STEM_pNNN; a stack whose mask
+    # has another number of pages is skipped. Before, the first page alone was read, silently.
+    from unet_dist.data.imageio import BadImage
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    pages = [np.full((24, 32), 100 * (i + 1), np.uint16) for i in range(4)]
+    masks = [np.zeros((24, 32), np.uint8) for _ in range(4)]
+    for i, (page, mask) in enumerate(zip(pages, masks, strict=True)):
+        page[: 4 * (i + 1)] = 4095  # rows 0..4(i+1) bright, labelled 1: each page its own content
+        mask[: 4 * (i + 1)] = 1
+
+    def stack(arrays, path):
+        frames = [Image.fromarray(a) for a in arrays]
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+
+    stack(pages, src / "images" / "vol.tif")
+    stack(masks, src / "masks" / "vol.tif")
+    stack(pages[:3], src / "images" / "odd.tif")
+    stack(masks[:2], src / "masks" / "odd.tif")
+    Image.fromarray(pages[0]).save(src / "images" / "flat.tif")
+    Image.fromarray(masks[0]).save(src / "masks" / "flat.png")
+    m = convert(src, tmp_path / "out", layout="folders", shards=1, val_fraction=0.0, workers=1, progress=False)
+    assert m["skipped"] == [{"file": str(src / "images" / "odd.tif"),
+                             "reason": f"3 page(s), but its mask {src / 'masks' / 'odd.tif'} has 2"}]
+    recs = {r["stem"].numpy().decode(): r for r in _records(tmp_path / "out", "train")}
+    assert sorted(recs) == ["flat", "vol_p000", "vol_p001", "vol_p002", "vol_p003"]
+    for i in range(4):
+        image = tf.io.decode_jpeg(recs[f"vol_p{i:03d}"]["image"]).numpy()[..., 0]
+        mask = tf.io.decode_png(recs[f"vol_p{i:03d}"]["mask"]).numpy()[..., 0]
+        np.testing.assert_array_equal(mask, masks[i])
+        assert image[: 4 * (i + 1)].min() > 240 and image[4 * (i + 1):].max() < 15, i  # page i, scaled
+    with pytest.raises(BadImage, match=r"^no page 4 \(the file has 4\)$"):
+        load_rgb(src / "images" / "vol.tif", 4)

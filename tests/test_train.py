@@ -625,6 +625,25 @@ def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src,
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["images"] == 48 and metrics["checkpoints"] == both.checkpoints
     assert (runs[0] / "eval_images.json").exists() and not (runs[1] / "eval_images.json").exists()
+    # A multi-page TIFF (a microscopy stack) is predicted page by page, as STEM_pNNN, and evaluate
+    # --images scores each page against the same page of its mask stack.
+    stack = tmp_path / "stack"
+    (stack / "images").mkdir(parents=True)
+    (stack / "masks").mkdir()
+    pages = [Image.fromarray(a) for a in images.numpy()]
+    pages[0].save(stack / "images" / "vol.tif", save_all=True, append_images=pages[1:])
+    truth = [Image.fromarray((a[..., 0] > 127).astype(np.uint8)) for a in images.numpy()]
+    truth[0].save(stack / "masks" / "vol.tif", save_all=True, append_images=truth[1:])
+    assert predict_main([*_each("--workdir", runs), str(stack / "images"), "--out", str(tmp_path / "spred")]) == 0
+    assert sorted(p.name for p in (tmp_path / "spred").glob("*_mask.png")) == ["vol_p000_mask.png", "vol_p001_mask.png"]
+    for i in range(2):
+        mask = np.asarray(Image.open(tmp_path / "spred" / f"vol_p{i:03d}_mask.png"))
+        np.testing.assert_array_equal(mask, ((one[0] + one[1]) / 2 >= 0.5)[i, ..., 0])
+    capsys.readouterr()
+    assert evaluate_main([*_each("--workdir", runs), "--images", str(stack), "--layout", "folders",
+                          "--out", str(tmp_path / "stack.json")]) == 0
+    scored = json.loads((tmp_path / "stack.json").read_text())
+    assert scored["images"] == 2 and sorted(r["page"] for r in scored["per_image"]) == [0, 1]
     # Runs that predict other classes cannot be averaged; --data evaluates one run.
     tri = tmp_path / "tri"
     convert(pet_src, tri, classes="trimap", image_size=(64, 64), shards=1, workers=1, progress=False)

@@ -8,6 +8,7 @@ Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: 
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
 class ids 0..N-1, or 0/255 when --classes binary; --num-classes N when some ids do not occur in the
 masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are skipped and listed in manifest.json.
+A multi-page TIFF (an EM or microscopy stack) and its mask stack give one sample per page, X_p000, X_p001, ...
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.

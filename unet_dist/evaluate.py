@@ -76,12 +76,13 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(pairs), k, k), np.float64)
     for i in range(shard.index, len(pairs), shard.count):
-        _, image_path, mask_path = pairs[i]
+        sample = pairs[i]
         try:
-            image, truth = load_pair(image_path, mask_path, layout, info["classes"], info.get("num_classes"))
+            image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
+                                     sample.page)
             probs = predictor(image)
         except (BadImage, OSError, PredictionError) as e:
-            print(f"evaluate: skipping {image_path}: {e}", file=sys.stderr)
+            print(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
         # The record evaluation's own class rule and counting, at the image's size.
         counts[i] = confusion_matrix(truth, predict_classes(probs), k).numpy()
@@ -93,8 +94,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     if not runtime.is_chief:
         return 0
-    per_image = [{"image": str(pairs[i][1]), **{key: v for key, v in scores(counts[i]).items()
-                                                 if key in ("iou", "fg_iou", "iou_per_class")}}
+    per_image = [{"image": str(pairs[i].image), **({"page": pairs[i].page} if pairs[i].stacked else {}),
+                  **{key: v for key, v in scores(counts[i]).items() if key in ("iou", "fg_iou", "iou_per_class")}}
                  for i in np.flatnonzero(read)]
     metrics = {**scores(counts[read].sum(axis=0)), "images": len(per_image),
                "skipped": len(skipped) + int((~read).sum()), "source": str(args.images), "mode": predictor.mode,

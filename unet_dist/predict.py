@@ -8,7 +8,8 @@ A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...;
 less the X_mask.png and X_overlay.png pairs an earlier predict wrote there.
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
-orientation) and PRED/<stem>_overlay.png (image | mask | image * mask).
+orientation) and PRED/<stem>_overlay.png (image | mask | image * mask); for page 7 of a multi-page
+TIFF, <stem>_p007_mask.png and <stem>_p007_overlay.png.
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.
@@ -136,16 +137,19 @@ def main(argv=None) -> int:
     add_mode_args(p)
     add_strategy_arg(p, "the backend (default: auto, from how predict was started)")
     args = p.parse_args(argv)
+    from unet_dist.data.imageio import samples_of
+
     try:
         images, notes = expand_folders(args.images)
     except ConfigError as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
+    samples = [s for path in images for s in samples_of(path)]  # each page of a TIFF stack is an image
     # Outputs are named by the image's stem: two images with one stem would overwrite each other.
     first: dict[str, Path] = {}
-    for path in images:
-        if first.setdefault(path.stem, path) != path:
-            print(f"predict: error: {first[path.stem]} and {path} would both write {path.stem}_mask.png in "
+    for s in samples:
+        if first.setdefault(s.name, s.image) != s.image:
+            print(f"predict: error: {first[s.name]} and {s.image} would both write {s.name}_mask.png in "
                   f"{args.out}; predict them into separate --out folders", file=sys.stderr)
             return 2
 
@@ -168,15 +172,15 @@ def main(argv=None) -> int:
     failed, unwritten = 0, None
     writer = Writer(args.out)
     try:
-        for path in images[shard.index::shard.count]:  # each process every N-th image; no two write one file
+        for sample in samples[shard.index::shard.count]:  # each process every N-th image; no two write one file
             try:
-                image = load_rgb(path)
+                image = load_rgb(sample.image, sample.page)
                 probs = predictor(image).numpy()
             except (BadImage, OSError, PredictionError) as e:
-                print(f"predict: skipping {path}: {e}", file=sys.stderr)
+                print(f"predict: skipping {sample.where}: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            writer.put(image, np.asarray(classes_from_probs(probs)), path.stem)
+            writer.put(image, np.asarray(classes_from_probs(probs)), sample.name)
     except OSError as e:  # a write failed (a full disk): the next images would fail the same way
         unwritten = e
     finally:
@@ -193,8 +197,8 @@ def main(argv=None) -> int:
         return 1
     failed = int(failed)
     processes = f" on {runtime.world_size} processes" * (runtime.world_size > 1)
-    runtime.print(f"predict: {len(images) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
-    return 1 if failed == len(images) else 0
+    runtime.print(f"predict: {len(samples) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
+    return 1 if failed == len(samples) else 0
 
 
 if __name__ == "__main__":

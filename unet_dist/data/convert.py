@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from unet_dist.config import ConfigError, writable_dir
-from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, image_files, load_mask, load_rgb
+from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, Sample, image_files, load_mask, load_rgb, samples_of
 
 LAYOUTS = ("oxford-pet", "folders")
 CLASS_MODES = ("binary", "trimap", "multiclass")
@@ -32,25 +32,25 @@ class ConvertError(RuntimeError):
     """The whole conversion cannot proceed (bad SRC, no usable sample); one line for the user."""
 
 
+def shard_name(split: str, i: int, n: int) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
+
+
 @dataclass(frozen=True)
 class Task:
     index: int
     split: str
-    image: str
-    mask: str
+    sample: Sample
     layout: str
     classes: str
     size: tuple[int, int] | None  # (H, W) to resize to, or None to keep
     num_classes: int | None = None  # multiclass: ids must be below it (None: any id up to 255)
 
 
-def shard_name(split: str, i: int, n: int) -> str:
-    return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
-
-
-def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[tuple[str, Path, Path]], list[dict]]:
-    """Lists (stem, image, mask) pairs and the files skipped while pairing. The mask of image X.* is
-    X{mask_suffix}.* in the masks folder (many data sets name it X_mask.png or X_mask.gif)."""
+def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[Sample], list[dict]]:
+    """Lists the labelled samples in SRC and the files skipped while pairing. The mask of image X.* is
+    X{mask_suffix}.* in the masks folder (many data sets name it X_mask.png or X_mask.gif). A
+    multi-page TIFF and its mask, which must have as many pages, give one sample per page."""
     if layout not in LAYOUTS:
         raise ConvertError(f"--layout {layout!r}: allowed {', '.join(LAYOUTS)}")
     images_dir = src / "images"
@@ -61,7 +61,7 @@ def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[tupl
     masks: dict[str, Path] = {}
     for p in image_files(masks_dir):
         masks.setdefault(p.stem, p)
-    pairs, skipped = [], []
+    samples, skipped = [], []
     seen: set[str] = set()
     for p in sorted(images_dir.iterdir()):
         if not p.is_file() or p.name.startswith("."):
@@ -74,8 +74,11 @@ def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[tupl
             skipped.append({"file": str(p), "reason": f"no mask named {p.stem}{mask_suffix}.* in {masks_dir}"})
         else:
             seen.add(p.stem)
-            pairs.append((p.stem, p, masks[p.stem + mask_suffix]))
-    return pairs, skipped
+            try:
+                samples += samples_of(p, masks[p.stem + mask_suffix])
+            except BadImage as e:
+                skipped.append({"file": str(p), "reason": str(e)})
+    return samples, skipped
 
 
 def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | None = None) -> np.ndarray:
@@ -130,13 +133,13 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
-              num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One labelled image at its own size: (uint8 (H, W, 3) image, uint8 (H, W) class ids), the mask's
-    values mapped to class ids as --layout and --classes say. Raises BadImage saying what is wrong
-    (naming the mask file when it is the mask)."""
-    image = load_rgb(image_path)
+              num_classes: int | None = None, page: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One labelled image (page `page` of a stack) at its own size: (uint8 (H, W, 3) image, uint8 (H, W)
+    class ids), the mask's values mapped to class ids as --layout and --classes say. Raises BadImage
+    saying what is wrong (naming the mask file when it is the mask)."""
+    image = load_rgb(image_path, page)
     try:
-        mask = _class_ids(load_mask(mask_path), layout, classes, num_classes)
+        mask = _class_ids(load_mask(mask_path, page), layout, classes, num_classes)
     except BadImage as e:
         raise BadImage(f"mask {mask_path}: {e}") from None
     if mask.shape != image.shape[:2]:
@@ -148,9 +151,10 @@ def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classe
 def process(task: Task) -> tuple[Task, dict | None, str | None]:
     """Worker: (task, record fields, None) or (task, None, reason). Runs without TensorFlow."""
     try:
-        image, mask = load_pair(task.image, task.mask, task.layout, task.classes, task.num_classes)
+        sample = task.sample
+        image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page)
     except BadImage as e:
-        return task, None, str(e)
+        return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
     if task.size is not None:
         h, w = task.size
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
@@ -161,7 +165,7 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
         "mask": _encode(mask, "PNG"),
         "height": image.shape[0],
         "width": image.shape[1],
-        "stem": Path(task.image).stem,
+        "stem": task.sample.name,
         "counts": counts,
     }, None
 
@@ -248,11 +252,11 @@ def convert(
             or Path("x" + mask_suffix).suffix.lower() in IMAGE_SUFFIXES):
         raise ConvertError(f"--mask-suffix {mask_suffix!r}: the end of a file stem, such as _mask (no folder, "
                            "no extension)")
-    pairs, skipped = find_pairs(src, layout, mask_suffix)
-    if not pairs:
+    samples, skipped = find_pairs(src, layout, mask_suffix)
+    if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
-    if fold is not None and len(pairs) < fold[1]:
-        raise ConvertError(f"--fold {fold[0]}/{fold[1]}: {len(pairs)} images cannot fill {fold[1]} folds")
+    if fold is not None and len(samples) < fold[1]:
+        raise ConvertError(f"--fold {fold[0]}/{fold[1]}: {len(samples)} images cannot fill {fold[1]} folds")
     if (out / "manifest.json").exists() and not overwrite:
         raise ConvertError(f"{out} already holds a converted data set (manifest.json); pass --overwrite to replace it")
     try:
@@ -260,20 +264,22 @@ def convert(
     except ConfigError as e:
         raise ConvertError(str(e)) from None
 
-    # Deterministic split: a seeded permutation of the sorted stems.
-    order = np.random.default_rng(seed).permutation(len(pairs))
+    # Deterministic split: a seeded permutation of the sorted samples. The pages of a stack are split
+    # like separate images: a data set may be one stack (ISBI 2012's 30 training slices).
+    n = len(samples)
+    order = np.random.default_rng(seed).permutation(n)
     if fold is not None:
-        in_val = [j % fold[1] == fold[0] for j in range(len(pairs))]  # dealt like cards: folds differ by 1 at most
-        val_fraction = sum(in_val) / len(pairs)
+        in_val = [j % fold[1] == fold[0] for j in range(n)]  # dealt like cards: folds differ by 1 at most
+        val_fraction = sum(in_val) / n
     else:
-        n_val = int(round(len(pairs) * val_fraction))
-        if val_fraction > 0 and len(pairs) >= 2:
-            n_val = min(max(n_val, 1), len(pairs) - 1)
-        in_val = [j < n_val for j in range(len(pairs))]
+        n_val = int(round(n * val_fraction))
+        if val_fraction > 0 and n >= 2:
+            n_val = min(max(n_val, 1), n - 1)
+        in_val = [j < n_val for j in range(n)]
     n_val = sum(in_val)
     split_of = {int(k): ("val" if in_val[j] else "train") for j, k in enumerate(order)}
     tasks = [
-        Task(j, split_of[int(k)], str(pairs[k][1]), str(pairs[k][2]), layout, classes, image_size, num_classes)
+        Task(j, split_of[int(k)], samples[k], layout, classes, image_size, num_classes)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -293,7 +299,7 @@ def convert(
                                           disable=not progress if progress is not None else None,
                                           file=sys.stderr):
                 if rec is None:
-                    skipped.append({"file": task.image, "reason": reason})
+                    skipped.append({"file": str(task.sample.image), "reason": reason})
                     continue
                 s = task.split
                 writers[s][written[s] % n_shards[s]].write(_example(rec))

@@ -1,17 +1,22 @@
 """Reading user images and masks with Pillow into normalised numpy arrays.
 
 Shared by conversion and prediction so both see an image the same way: EXIF orientation applied,
-every mode (grayscale, palette, RGBA, CMYK, 16-bit) turned into 8-bit RGB.
+every mode (grayscale, palette, RGBA, CMYK, 16-bit, float) turned into 8-bit RGB. A multi-page TIFF
+(an electron-microscopy or microscopy stack) is read page by page: each page is an image.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # GIF: e.g. Carvana's masks
+# Files whose pages are separate images. The ISBI 2012 EM data the 2015 U-Net was trained on ships as
+# one 30-page TIFF of images and one of labels. (An animated GIF or WebP is not a stack of samples.)
+STACK_SUFFIXES = (".tif", ".tiff")
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -25,7 +30,48 @@ class BadImage(ValueError):
     """A file that cannot be used; the message is the reason, shown with the file name."""
 
 
-def _open(path: Path) -> Image.Image:
+def page_count(path: str | Path) -> int:
+    """The number of images `path` holds: the pages of a multi-page TIFF, else 1. Reads the header
+    only. A file that cannot be opened counts 1, so that reading it says why."""
+    if Path(path).suffix.lower() not in STACK_SUFFIXES:
+        return 1
+    try:
+        with Image.open(path) as img:
+            return max(1, int(getattr(img, "n_frames", 1)))
+    except Exception:  # noqa: BLE001 - any failure is reported by load_rgb/load_mask with its reason
+        return 1
+
+
+class Sample(NamedTuple):
+    """One image to read: a file, or page `page` of a multi-page TIFF; with its mask when labelled."""
+    name: str  # what its outputs and records are named by: the file's stem, or STEM_p007 in a stack
+    image: Path
+    page: int = 0
+    mask: Path | None = None  # the same page of it
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this is a page of a multi-page TIFF."""
+        return self.name != self.image.stem
+
+    @property
+    def where(self) -> str:
+        """The image file, and the page of a stack: for messages."""
+        return f"{self.image} (page {self.page})" if self.stacked else str(self.image)
+
+
+def samples_of(image: Path, mask: Path | None = None) -> list[Sample]:
+    """The images in the file `image` (with `mask`, which must have as many pages): the file itself,
+    or one sample per page of a multi-page TIFF. Raises BadImage when the page counts differ."""
+    pages = page_count(image)
+    if mask is not None and page_count(mask) != pages:
+        raise BadImage(f"{pages} page(s), but its mask {mask} has {page_count(mask)}")
+    if pages == 1:
+        return [Sample(image.stem, image, 0, mask)]
+    return [Sample(f"{image.stem}_p{i:03d}", image, i, mask) for i in range(pages)]
+
+
+def _open(path: Path, page: int = 0) -> Image.Image:
     try:
         size = path.stat().st_size
     except OSError as e:  # missing, or no permission: not a corrupt image
@@ -36,9 +82,13 @@ def _open(path: Path) -> Image.Image:
         raise BadImage("empty file")
     try:
         img = Image.open(path)
+        if page:
+            img.seek(page)
         img.load()  # decode now, so truncated data fails here rather than later
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read") from None
+    except EOFError:
+        raise BadImage(f"no page {page} (the file has {page_count(path)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image ({e})") from None
     try:
@@ -48,17 +98,30 @@ def _open(path: Path) -> Image.Image:
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scales 16-bit or float single-channel data to 0..255."""
-    if arr.dtype == np.uint8:
-        return arr
+    """Scales one single-channel image of 16-bit, 32-bit or float values to 0..255: its 1st percentile
+    to 0 and its 99.8th to 255 (StarDist's and CSBDeep's default normalisation of microscopy images),
+    or its minimum and maximum where those percentiles meet (a few bright spots on black).
+
+    Per image and from the image alone, so conversion and prediction scale an image alike. A fixed
+    divisor cannot serve these files: a 12-bit camera image in a 16-bit file would use 16 of the 256
+    levels, a float image in [0, 1] would be black. Values outside the range are clipped; NaN is 0."""
     arr = arr.astype(np.float64)
-    hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
-    return np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros(arr.shape, np.uint8)
+    lo, hi = np.percentile(finite, (1.0, 99.8))
+    if hi <= lo:
+        lo, hi = finite.min(), finite.max()
+    if hi <= lo:  # one value everywhere: nothing to show
+        return np.zeros(arr.shape, np.uint8)
+    scaled = np.nan_to_num((arr - lo) * (255.0 / (hi - lo)) + 0.5, nan=0.0)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Reads an image as uint8 (H, W, 3), EXIF orientation applied. Raises BadImage."""
-    img = _open(Path(path))
+def load_rgb(path: str | Path, page: int = 0) -> np.ndarray:
+    """Reads an image (page `page` of a multi-page TIFF) as uint8 (H, W, 3), EXIF orientation applied.
+    Raises BadImage."""
+    img = _open(Path(path), page)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -72,12 +135,13 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return rgb
 
 
-def load_mask(path: str | Path) -> np.ndarray:
-    """Reads a mask of class ids as uint8 (H, W), EXIF orientation applied. Raises BadImage.
+def load_mask(path: str | Path, page: int = 0) -> np.ndarray:
+    """Reads a mask of class ids (page `page` of a multi-page TIFF) as uint8 (H, W), EXIF orientation
+    applied. Raises BadImage.
 
     Palette images keep their indices (not their colours); an RGB mask must be gray (R == G == B).
     """
-    img = _open(Path(path))
+    img = _open(Path(path), page)
     if img.mode in ("P", "L", "1"):
         arr = np.asarray(img if img.mode != "1" else img.convert("L"))
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
