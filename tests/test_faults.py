@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from test_preemption import _rank_pids, _train_steps, _wait_for_step
 
 from unet_dist.config import ConfigError, load_config
 from unet_dist.data.pipeline import DataError, load_manifest
+from unet_dist.distribute import free_ports
 from unet_dist.trainer import TrainingError, train
 
 OVER = tiny_overrides(steps=40) + ["model.base_filters=8", "model.batch_norm=false", "optim.name=sgd",
@@ -180,24 +182,77 @@ def test_workers_with_unequal_shards_never_hang(pet_src, tmp_path):
 
 
 @pytest.mark.dist
-@needs_horovod
-def test_a_stalled_rank_ends_the_job(shards, tmp_path):
+@pytest.mark.parametrize("launcher", ["horovodrun --mpi", "multiworker"])
+def test_a_stalled_rank_ends_the_job(shards, tmp_path, launcher):
+    # A rank stopped (alive but silent: the worst kind of failure for a collective) leaves the other
+    # waiting in a collective. Under Horovod's MPI controller (what horovodrun, mpirun and srun use
+    # where Horovod has MPI) nothing ended that wait: the job ran past 180 s with Horovod's stall
+    # shutdown at 6 s. Each rank's own watchdog (runtime.stall_shutdown_seconds) now ends it.
+    # MultiWorkerMirroredStrategy's health check aborts the collective by itself (the watchdog is
+    # off here): that ends in one line instead of TensorFlow's traceback.
     w = tmp_path / "w"
-    over = tiny_overrides(steps=2000) + ["runtime.stall_check_seconds=2", "runtime.stall_shutdown_seconds=6"]
+    over = tiny_overrides(steps=2000) + ["runtime.stall_check_seconds=2"]
+    over.append("runtime.stall_shutdown_seconds=" + ("6" if launcher.startswith("horovodrun") else "0"))
     cmd = [sys.executable, "-m", "unet_dist.train", "--data", str(shards), "--workdir", str(w)]
     for o in over:
         cmd += ["--set", o]
     env = {k: v for k, v in subprocess_env().items() if not k.startswith("HOROVOD_STALL")}
-    proc = subprocess.Popen(_hvd(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(w, 3, proc)
-    victim = max(_rank_pids(w))
-    os.kill(victim, signal.SIGSTOP)  # alive but silent: the worst kind of failure for a collective
+    if launcher.startswith("horovodrun"):
+        if not HOROVODRUN.exists() or shutil.which("mpirun") is None:
+            pytest.skip("Horovod or Open MPI not installed (run make setup)")
+        procs = [subprocess.Popen([str(HOROVODRUN), "-np", "2", "--mpi", "-H", "localhost:2", *cmd], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        _wait_for_step(w, 3, procs[0])
+        victim = max(_rank_pids(w))
+    else:
+        cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+            for i in range(2)]
+        _wait_for_step(w, 3, procs[0])
+        victim = procs.pop().pid
+    os.kill(victim, signal.SIGSTOP)
     t = time.time()
     try:
-        out, err = proc.communicate(timeout=180)
+        out, err = procs[0].communicate(timeout=180)
     finally:
-        os.kill(victim, signal.SIGKILL) if proc.poll() is None else None
-    assert proc.returncode != 0 and time.time() - t < 180, (out + err)[-3000:]
+        os.kill(victim, signal.SIGKILL)
+        procs[0].kill()
+    assert procs[0].returncode != 0 and time.time() - t < 180, (out + err)[-3000:]
+    if launcher.startswith("horovodrun"):
+        assert re.search(r"train: error: rank \d: nothing has finished for \d+ s since step \d+ "
+                         r"\(runtime.stall_shutdown_seconds 6\): another process stopped answering", err), err[-3000:]
+    else:
+        assert re.search(r"\ntrain: error: after step \d+: a collective failed, another process stopped answering "
+                         r"or exited \(Collective ops is aborted by: .*unhealthy.*\); rerunning", err), err[-3000:]
+        assert "Traceback" not in err
+
+
+def test_the_watchdog_ends_a_process_whose_loop_stopped_and_spares_one_that_moves(monkeypatch, capsys):
+    import threading
+
+    import unet_dist.watchdog as W
+
+    exits = []
+    ended = threading.Event()
+    monkeypatch.setattr(W.os, "_exit", lambda code: (exits.append(code), ended.set()))
+    with W.Watchdog(0.4, rank=1, poll=0.05) as dog:  # beats every 0.1 s for 1 s: never idle for 0.4 s
+        dog.arm(7)
+        for step in range(8, 18):
+            time.sleep(0.1)
+            dog.beat(step)
+    time.sleep(0.6)  # stopped: idle now, but no longer watching
+    assert exits == [] and capsys.readouterr().err == ""
+    dog = W.Watchdog(0.3, rank=1, poll=0.05)
+    dog.arm(5)
+    dog.beat()  # an evaluation batch: time, not a step
+    assert ended.wait(5) and exits[0] == W.STALLED_EXIT
+    dog.stop()
+    assert re.match(r"train: error: rank 1: nothing has finished for 0 s since step 5 \(runtime.stall_shutdown_seconds "
+                    r"0.3\): another process stopped answering", capsys.readouterr().err)
+    off = W.Watchdog(0, rank=0)
+    off.arm(1)
+    assert off._thread is None  # one process (or stall_shutdown_seconds 0): nothing watches
 
 
 def test_bad_workdir_and_data_fail_in_one_line_before_work(shards, tmp_path, monkeypatch):

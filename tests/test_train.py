@@ -510,7 +510,7 @@ def test_early_stop_patience_stops_after_evaluations_without_a_new_best(shards, 
 
     ious = iter([0.5, 0.6, 0.55, 0.58, 0.7, 0.8, 0.9, 0.95])
 
-    def fake(self, panels=0):
+    def fake(self, panels=0, progress=None):
         iou = next(ious)
         return {"val_loss": 1 - iou, "val_iou": iou, "val_dice": iou, "val_pixel_acc": iou}, np.zeros((0, 1, 1, 3),
                                                                                                       np.uint8)

@@ -29,6 +29,7 @@ from unet_dist.data.pipeline import (
     unreadable_record,
 )
 from unet_dist.distribute import Runtime, make_runtime
+from unet_dist.errors import tf_reason
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
@@ -36,6 +37,7 @@ from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import FusedBatchNorm, build_unet, moving_statistics
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import build_optimizer, scaled_learning_rate
+from unet_dist.watchdog import Watchdog
 
 
 class TrainingError(RuntimeError):
@@ -138,7 +140,8 @@ class Evaluator:
 
         self.eval_step = eval_step
 
-    def __call__(self, panels: int = 0) -> tuple[dict, np.ndarray]:
+    def __call__(self, panels: int = 0, progress: Callable[[], None] | None = None) -> tuple[dict, np.ndarray]:
+        """progress: called after each batch (the training loop's `Watchdog.beat`)."""
         k = self.k
         cm = np.zeros((k, k), np.float64)
         loss_sum, count = 0.0, 0
@@ -149,6 +152,8 @@ class Evaluator:
                 cm += c.numpy()
                 loss_sum += float(ls)
                 count += int(n)
+                if progress:
+                    progress()
                 if panels and panel.shape[0] == 0:
                     panel = panel_rows(batch["image"].numpy()[:panels], batch["mask"].numpy()[:panels, ..., 0],
                                        pred.numpy()[:panels], k)
@@ -231,7 +236,8 @@ class StepGuard:
 class TrainLoop:
     """Steps start+1 .. total of a run: log, checkpoint, evaluate, stop at train.target_val_iou or
     when any rank is asked to stop (preemption: checkpoint, then raise Preempted).
-    `average_statistics()` runs on every rank before each checkpoint and evaluation.
+    `average_statistics()` runs on every rank before each checkpoint and evaluation. `watchdog` is
+    armed after the first step and told of each step and evaluation batch that finishes.
 
     evaluator None: data without a validation split, trained without evaluating.
     Create it right before `run`: its clock (t_start) starts then. After `run`: last_eval (the last
@@ -240,8 +246,10 @@ class TrainLoop:
     """
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator | None, logger: Logger, optimizer,
-                 global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None]):
+                 global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None],
+                 watchdog: Watchdog | None = None):
         self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
+        self.watchdog = watchdog or Watchdog(0, 0)
         self.average_statistics = average_statistics
         self.optimizer, self.global_batch, self.steps_per_epoch = optimizer, global_batch, steps_per_epoch
         self.guard = StepGuard(cfg, optimizer, ckpts)
@@ -256,6 +264,16 @@ class TrainLoop:
         self._window_steps = 0
 
     def run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
+        try:
+            self._run(step_fn, next_batch_fn, start, total)
+        except (tf.errors.UnavailableError, tf.errors.AbortedError) as e:
+            # MultiWorkerMirroredStrategy's health check aborts the collectives when a peer stops
+            # answering or exits; say so in one line, not with TensorFlow's traceback.
+            raise TrainingError(f"after step {self.watchdog.step}: a collective failed, another process stopped "
+                                f"answering or exited ({tf_reason(e)}); rerunning the same command resumes from the "
+                                "latest checkpoint") from None
+
+    def _run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         cfg = self.cfg.train
         with PreemptionWatcher() as watcher:
             for step in range(start + 1, total + 1):
@@ -264,6 +282,7 @@ class TrainLoop:
                 # Reading the outputs on the host waits for the step, so the clock sees its whole time.
                 out = {k: float(v) for k, v in step_fn(batch, tf.constant(1.0 if watcher.requested else 0.0)).items()}
                 self.input.step_done()
+                (self.watchdog.arm if step == start + 1 else self.watchdog.beat)(step)
                 loss = out["loss"]
                 self.guard.check(step, loss, out["nonfinite"] > 0)
                 self._window_steps += 1
@@ -276,12 +295,14 @@ class TrainLoop:
                     # What is evaluated and saved is the replicas' mean of batch norm's moving
                     # statistics, not the chief's copy alone (every rank reaches this step).
                     self.average_statistics()
+                    self.watchdog.beat()
                 if step % cfg.log_every_steps == 0 or step == total or stop:
                     self._log(step, loss)
                 # Saved before evaluating: the steps are kept even if the evaluation fails. The best
                 # IoU that evaluation may raise is in the best checkpoint, where a resume reads it.
                 if save:
                     self.ckpts.save(step)
+                    self.watchdog.beat()
                 if stop:
                     self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
                     raise Preempted(step, watcher.signame or "a signal to another rank")
@@ -308,7 +329,8 @@ class TrainLoop:
         reached the target, or train.early_stop_patience evaluations brought no new best. Every rank
         decides alike: the metrics are summed over all of them."""
         started = time.time()
-        self.last_eval, panel = self.evaluator(self.cfg.train.image_panels)
+        self.last_eval, panel = self.evaluator(self.cfg.train.image_panels, self.watchdog.beat)
+        self.watchdog.beat()
         self.logger.eval(step, self.last_eval)
         self.logger.images(step, panel)
         improved = self.ckpts.save_best(step, self.last_eval["val_iou"])
@@ -420,54 +442,58 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
-                     average_statistics=lambda: runtime.average_replicas(stats))
-    try:
-        loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
-    finally:
-        loop.logger.close()
-    wall = time.time() - loop.t_start
-    last_eval, reached = loop.last_eval, loop.reached
-    if not last_eval and start >= total and validate:
-        last_eval, _ = loop.evaluator()
-    input_wait = worst_over_processes(loop.input, runtime)
-    summary = {
-        "steps": reached[0] if reached else loop.early_stop or total,
-        "start_step": start,
-        "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)) if validate else None,
-        "final_val_iou": last_eval.get("val_iou"),
-        "final_val_dice": last_eval.get("val_dice"),
-        "final_val_loss": last_eval.get("val_loss"),
-        "wall_s": wall,
-        "images_per_s": loop.images / wall if wall > 0 else 0.0,
-        "world_size": runtime.world_size,
-        "num_replicas": runtime.num_replicas,
-        "global_batch_size": global_batch,
-        "per_replica_batch_size": per_replica,
-        "learning_rate": peak_lr,
-        "lr_scaling": cfg.optim.lr_scaling,
-        "warmup_steps": cfg.optim.warmup_steps,
-        "precision": cfg.runtime.precision,
-        "allreduce_dtype": runtime.wire_dtype(),
-        "xla": cfg.runtime.xla,
-        "strategy": runtime.name,
-        "skipped_steps": loop.guard.skipped,
-        "lost_records": lost,
-        "target_val_iou": cfg.train.target_val_iou,
-        "target_reached_at_step": reached[0] if reached else None,
-        "time_to_target_s": reached[1] if reached else None,
-        "early_stopped_at_step": loop.early_stop,
-        # The largest share of step time any process spent waiting for its next batch.
-        "input_wait_fraction": input_wait,
-        "input_bound": classify(input_wait),
-    }
-    if runtime.is_chief and not keep:
-        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
-        plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
-    ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {summary['best_val_iou']:.4f}" if validate
-            else "no validation split")
-    runtime.print(f"train: done: {summary['steps']} steps, {ious}"
-                  + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
-                  + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
-                     if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
-    runtime.barrier()
-    return summary
+                     average_statistics=lambda: runtime.average_replicas(stats),
+                     # A single process has no peer to wait for.
+                     watchdog=Watchdog(cfg.runtime.stall_shutdown_seconds * (runtime.world_size > 1), runtime.rank))
+    # Watched until the end: the last sums and the barrier wait for every rank too.
+    with loop.watchdog:
+        try:
+            loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
+        finally:
+            loop.logger.close()
+        wall = time.time() - loop.t_start
+        last_eval, reached = loop.last_eval, loop.reached
+        if not last_eval and start >= total and validate:
+            last_eval, _ = loop.evaluator()
+        input_wait = worst_over_processes(loop.input, runtime)
+        summary = {
+            "steps": reached[0] if reached else loop.early_stop or total,
+            "start_step": start,
+            "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)) if validate else None,
+            "final_val_iou": last_eval.get("val_iou"),
+            "final_val_dice": last_eval.get("val_dice"),
+            "final_val_loss": last_eval.get("val_loss"),
+            "wall_s": wall,
+            "images_per_s": loop.images / wall if wall > 0 else 0.0,
+            "world_size": runtime.world_size,
+            "num_replicas": runtime.num_replicas,
+            "global_batch_size": global_batch,
+            "per_replica_batch_size": per_replica,
+            "learning_rate": peak_lr,
+            "lr_scaling": cfg.optim.lr_scaling,
+            "warmup_steps": cfg.optim.warmup_steps,
+            "precision": cfg.runtime.precision,
+            "allreduce_dtype": runtime.wire_dtype(),
+            "xla": cfg.runtime.xla,
+            "strategy": runtime.name,
+            "skipped_steps": loop.guard.skipped,
+            "lost_records": lost,
+            "target_val_iou": cfg.train.target_val_iou,
+            "target_reached_at_step": reached[0] if reached else None,
+            "time_to_target_s": reached[1] if reached else None,
+            "early_stopped_at_step": loop.early_stop,
+            # The largest share of step time any process spent waiting for its next batch.
+            "input_wait_fraction": input_wait,
+            "input_bound": classify(input_wait),
+        }
+        if runtime.is_chief and not keep:
+            atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
+            plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
+        ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {summary['best_val_iou']:.4f}" if validate
+                else "no validation split")
+        runtime.print(f"train: done: {summary['steps']} steps, {ious}"
+                      + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
+                      + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
+                         if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
+        runtime.barrier()
+        return summary

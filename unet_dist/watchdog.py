@@ -1,0 +1,72 @@
+"""Ends a process of a multi-process run whose training loop has stopped moving, so the job ends.
+
+A rank that stops answering (a process stopped or hung, a frozen node) leaves the others waiting in
+a collective. Gloo's collectives time out after 30 s and MultiWorkerMirroredStrategy's health check
+aborts them after about 10 s, but an MPI collective waits forever, and Horovod's stall shutdown
+cannot end that wait: under its MPI controller (what `horovodrun` picks where Horovod has MPI, and
+what `mpirun` and `srun` start) the background thread that runs the stall check is itself blocked
+in the negotiation's MPI call. A rank SIGSTOPped under `horovodrun --mpi` left the job running past
+180 s with the stall shutdown set to 6 s. So every process watches its own loop: when no training
+step or evaluation batch has finished for `runtime.stall_shutdown_seconds`, it prints one line and
+exits, and its launcher (horovodrun, mpirun, `srun --kill-on-bad-exit`) ends the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+STALLED_EXIT = 1
+
+
+class Watchdog:
+    """`beat(step)` after each finished step or evaluation batch; `arm()` once the first step has
+    run (tracing and start-up, minutes with XLA on a GPU, do not count); `stop()` at the end (or use
+    it as a context manager).
+    seconds 0 (single-process runs, or runtime.stall_shutdown_seconds 0): does nothing.
+
+    The check runs on a daemon thread: TensorFlow releases the GIL while a step waits in a
+    collective, so it runs while the main thread is blocked. It ends the process with os._exit,
+    because the main thread cannot be interrupted there; every checkpoint is written to a temporary
+    name first (checkpoint.py), so none is left half-written.
+    """
+
+    def __init__(self, seconds: float, rank: int, poll: float | None = None):
+        self.seconds, self.rank = seconds, rank
+        self.poll = poll or (min(5.0, seconds / 4) if seconds else 0.0)
+        self.step, self.last = 0, time.monotonic()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, step: int) -> None:
+        self.beat(step)
+        if self.seconds and self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="unet-dist-watchdog", daemon=True)
+            self._thread.start()
+
+    def beat(self, step: int | None = None) -> None:
+        if step is not None:
+            self.step = step
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def __enter__(self) -> Watchdog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.poll):
+            idle = time.monotonic() - self.last
+            if idle > self.seconds:
+                print(f"train: error: rank {self.rank}: nothing has finished for {idle:.0f} s since step {self.step} "
+                      f"(runtime.stall_shutdown_seconds {self.seconds:g}): another process stopped answering, a "
+                      "collective hung or this process's input stalled; ending this process so that the launcher "
+                      "ends the job. Rerunning the same command resumes from the latest checkpoint", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(STALLED_EXIT)
