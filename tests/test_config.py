@@ -89,6 +89,10 @@ def test_yaml_file_errors(tmp_path):
         load_config(unknown)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+    binary = tmp_path / "model.keras"  # a binary file given as --config
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"^config file .*model.keras: not UTF-8 text \(byte 4\); is it the YAML"):
+        load_config(binary)
     # yaml.safe_load only: a Python object tag is refused, never constructed.
     evil = tmp_path / "evil.yaml"
     evil.write_text("train: !!python/object/apply:os.system ['echo hacked']\n")
@@ -135,6 +139,9 @@ def test_damaged_workdir_files_are_one_line(tmp_path):
         load_workdir_config(tmp_path)
     (tmp_path / "config.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match=r"config.yaml: not a training run's config"):
+        load_workdir_config(tmp_path)
+    (tmp_path / "config.yaml").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"config.yaml: not UTF-8 text \(byte 0\): not a training run's config"):
         load_workdir_config(tmp_path)
     (tmp_path / "data.json").write_text("{")
     with pytest.raises(ConfigError, match=r"data.json: unreadable .*--mode tile or resize"):

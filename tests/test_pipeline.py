@@ -184,6 +184,12 @@ def test_a_manifest_of_another_shape_is_named_in_one_line(tmp_path, shards, edit
     assert str(e.value) == f"{copy / 'manifest.json'}: {words}; convert again"
 
 
+def test_a_manifest_that_is_not_text_is_named_in_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_bytes(b"\x89PNG\r\n\x1a\n")  # another file under its name
+    with pytest.raises(DataError, match=r"manifest.json: unreadable manifest \('utf-8' codec can't decode byte 0x89"):
+        load_manifest(tmp_path)
+
+
 def test_nearest_resampling_keeps_class_ids_and_identity():
     from unet_dist.data.augment import nearest
 

@@ -253,9 +253,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}); is it the YAML file?") from None
         raw = _parse_yaml(text, path) or {}
         try:
             _apply(cfg, raw, "")
@@ -286,9 +288,11 @@ def load_workdir_config(workdir: str | Path) -> Config:
     """The config a training run saved in WORKDIR/config.yaml; ConfigError when there is none."""
     path = Path(workdir) / "config.yaml"
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError:
         raise ConfigError(f"{path} not found: is {workdir} a training workdir?") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}): not a training run's config") from None
     raw = _parse_yaml(text, path)
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: not a training run's config (no sections)")

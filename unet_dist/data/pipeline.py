@@ -60,10 +60,10 @@ def load_manifest(data_dir: str | Path) -> dict:
         what = "is a file, not a folder" if data_dir.exists() else "does not exist"
         raise DataError(f"data folder {data_dir} {what}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path} not found: convert the data first (python -m unet_dist.convert SRC {data_dir})") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
         raise DataError(f"{path}: unreadable manifest ({e})") from None
     _check_manifest(manifest, path)
     for split in ("train", "val"):
