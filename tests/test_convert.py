@@ -406,3 +406,11 @@ def test_a_tiff_stack_is_one_sample_per_page(tmp_path):
         assert image[: 4 * (i + 1)].min() > 240 and image[4 * (i + 1):].max() < 15, i  # page i, scaled
     with pytest.raises(BadImage, match=r"^no page 4 \(the file has 4\)$"):
         load_rgb(src / "images" / "vol.tif", 4)
+
+
+def test_out_cannot_be_the_folder_of_the_images_or_masks(tmp_path):
+    src = _pet_dir(tmp_path, n=2)
+    for folder in ("images", "annotations/trimaps"):
+        with pytest.raises(ConvertError, match=f"^OUT {src / folder} is SRC's {folder} folder; convert into"):
+            convert(src, src / folder, workers=1, progress=False)
+    assert sorted(p.name for p in (src / "images").iterdir()) == ["ok_0.jpg", "ok_1.jpg"]

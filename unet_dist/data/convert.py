@@ -47,14 +47,18 @@ class Task:
     num_classes: int | None = None  # multiclass: ids must be below it (None: any id up to 255)
 
 
+def source_folders(src: Path, layout: str) -> tuple[Path, Path]:
+    """SRC's images folder and masks folder in `layout`."""
+    if layout not in LAYOUTS:
+        raise ConvertError(f"--layout {layout!r}: allowed {', '.join(LAYOUTS)}")
+    return src / "images", src / ("annotations/trimaps" if layout == "oxford-pet" else "masks")
+
+
 def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[Sample], list[dict]]:
     """Lists the labelled samples in SRC and the files skipped while pairing. The mask of image X.* is
     X{mask_suffix}.* in the masks folder (many data sets name it X_mask.png or X_mask.gif). A
     multi-page TIFF and its mask, which must have as many pages, give one sample per page."""
-    if layout not in LAYOUTS:
-        raise ConvertError(f"--layout {layout!r}: allowed {', '.join(LAYOUTS)}")
-    images_dir = src / "images"
-    masks_dir = src / ("annotations/trimaps" if layout == "oxford-pet" else "masks")
+    images_dir, masks_dir = source_folders(src, layout)
     for d in (images_dir, masks_dir):
         if not d.is_dir():
             raise ConvertError(f"{src} is not a {layout} data set: {d} is missing")
@@ -257,6 +261,9 @@ def convert(
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     if fold is not None and len(samples) < fold[1]:
         raise ConvertError(f"--fold {fold[0]}/{fold[1]}: {len(samples)} images cannot fill {fold[1]} folds")
+    inside = [d for d in source_folders(src, layout) if d.resolve() == out.resolve()]
+    if inside:  # the shards and manifest would be written among the files they are made from
+        raise ConvertError(f"OUT {out} is SRC's {inside[0].relative_to(src)} folder; convert into a folder of its own")
     if (out / "manifest.json").exists() and not overwrite:
         raise ConvertError(f"{out} already holds a converted data set (manifest.json); pass --overwrite to replace it")
     try:
