@@ -414,3 +414,25 @@ def test_out_cannot_be_the_folder_of_the_images_or_masks(tmp_path):
         with pytest.raises(ConvertError, match=f"^OUT {src / folder} is SRC's {folder} folder; convert into"):
             convert(src, src / folder, workers=1, progress=False)
     assert sorted(p.name for p in (src / "images").iterdir()) == ["ok_0.jpg", "ok_1.jpg"]
+
+
+def test_large_images_are_read_up_to_the_readers_own_limit(tmp_path):
+    # Pillow refuses 179 M pixels and more (about 13400x13400) with an error that is not an OSError:
+    # a traceback in convert and predict. Slides and aerial images for overlap-tile prediction are
+    # that large; the reader's own limit is 2**30 pixels, checked from the header before decoding.
+    import struct
+    import zlib
+
+    from unet_dist.data.imageio import BadImage
+
+    def png_header(path, w, h):  # a PNG of w x h pixels whose data is cut short: never decoded in full
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                         + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+        return path
+
+    with pytest.raises(BadImage, match=r"^corrupt or truncated image"):  # past the size check, to the data
+        load_rgb(png_header(tmp_path / "slide.png", 15000, 12000))
+    with pytest.raises(BadImage, match=r"^40000x30000 pixels, more than this reader's limit of 1073741824 "):
+        load_mask(png_header(tmp_path / "huge.png", 40000, 30000))

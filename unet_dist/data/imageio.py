@@ -14,6 +14,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # GIF: e.g. Carvana's masks
+# The most pixels an image may have (32768 x 32768: 3 GiB as 8-bit RGB). Pillow's own check against
+# decompression bombs refuses 179 M pixels (about 13400 x 13400) with an error that is not an
+# OSError, and warns above half that; the slides and aerial images overlap-tile prediction is for
+# can be larger. This reader reads the user's own files and applies this limit instead, from the
+# header, before decoding.
+MAX_PIXELS = 2**30
+Image.MAX_IMAGE_PIXELS = None
+
 # Files whose pages are separate images. The ISBI 2012 EM data the 2015 U-Net was trained on ships as
 # one 30-page TIFF of images and one of labels. (An animated GIF or WebP is not a stack of samples.)
 STACK_SUFFIXES = (".tif", ".tiff")
@@ -84,7 +92,12 @@ def _open(path: Path, page: int = 0) -> Image.Image:
         img = Image.open(path)
         if page:
             img.seek(page)
+        if img.size[0] * img.size[1] > MAX_PIXELS:
+            raise BadImage(f"{img.size[0]}x{img.size[1]} pixels, more than this reader's limit of {MAX_PIXELS} "
+                           "(32768x32768): cut it into smaller images")
         img.load()  # decode now, so truncated data fails here rather than later
+    except BadImage:
+        raise
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read") from None
     except EOFError:
