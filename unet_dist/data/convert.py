@@ -154,8 +154,8 @@ def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classe
 
 def process(task: Task) -> tuple[Task, dict | None, str | None]:
     """Worker: (task, record fields, None) or (task, None, reason). Runs without TensorFlow."""
+    sample = task.sample
     try:
-        sample = task.sample
         image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page)
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
