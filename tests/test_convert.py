@@ -269,6 +269,21 @@ def test_a_missing_file_or_a_folder_is_not_called_corrupt(tmp_path):
         load_rgb(tmp_path)
 
 
+def test_an_image_there_is_no_memory_to_decode_is_skipped_in_one_line(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from unet_dist.data.imageio import BadImage
+
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "x.png")
+
+    def no_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    with pytest.raises(BadImage, match=r"^not enough memory to decode it \(40x30 pixels\)$"):
+        load_rgb(tmp_path / "x.png")
+
+
 def test_no_empty_shards_and_overwrite_removes_the_earlier_set(tmp_path):
     # 10 images, 3 of them val, into 8 shards: 7 train shards of one record each, none empty
     # (an empty shard made the trainer stop with "shard ... is empty"), and the folder holds

@@ -88,6 +88,7 @@ def _open(path: Path, page: int = 0) -> Image.Image:
         raise BadImage("a folder, not an image")
     if size == 0:
         raise BadImage("empty file")
+    img = None
     try:
         img = Image.open(path)
         if page:
@@ -102,6 +103,9 @@ def _open(path: Path, page: int = 0) -> Image.Image:
         raise BadImage("not an image Pillow can read") from None
     except EOFError:
         raise BadImage(f"no page {page} (the file has {page_count(path)})") from None
+    except MemoryError:
+        raise BadImage("not enough memory to decode it" + (f" ({img.size[0]}x{img.size[1]} pixels)" if img else "")) \
+            from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image ({e})") from None
     try:
