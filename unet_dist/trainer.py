@@ -275,6 +275,7 @@ class TrainLoop:
 
     def _run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         cfg = self.cfg.train
+        self.watchdog.beat(start)  # not armed yet: the last step finished, for messages
         with PreemptionWatcher() as watcher:
             for step in range(start + 1, total + 1):
                 with self.input.waiting():
