@@ -60,8 +60,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             raise ConfigError(f"{args.workdir[0] / 'data.json'} (written by train) has no classes: the masks "
                               "cannot be read as the run's classes")
         layout = args.layout or info.get("layout", "oxford-pet")
-        pairs, skipped = find_pairs(args.images, layout, args.mask_suffix)
-        if not pairs:
+        samples, skipped = find_pairs(args.images, layout, args.mask_suffix)
+        if not samples:
             raise ConfigError(f"--images {args.images}: no image with a mask ({layout} layout; "
                               f"{len(skipped)} files skipped)")
         predictor = load_predictor(args.workdir, **predictor_options(args))
@@ -74,9 +74,9 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     k = predictor.cfg.model.num_classes
     shard = runtime.process_shard
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
-    counts = np.zeros((len(pairs), k, k), np.float64)
-    for i in range(shard.index, len(pairs), shard.count):
-        sample = pairs[i]
+    counts = np.zeros((len(samples), k, k), np.float64)
+    for i in range(shard.index, len(samples), shard.count):
+        sample = samples[i]
         try:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
                                      sample.page)
@@ -89,12 +89,12 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     counts = runtime.allreduce_sum(counts).astype(np.int64)
     read = counts.sum(axis=(1, 2)) > 0  # every image that was read has pixels
     if not read.any():
-        print(f"evaluate: error: --images {args.images}: none of its {len(pairs)} images could be read",
+        print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
               file=sys.stderr)
         return 1
     if not runtime.is_chief:
         return 0
-    per_image = [{"image": str(pairs[i].image), **({"page": pairs[i].page} if pairs[i].stacked else {}),
+    per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
                   **{key: v for key, v in scores(counts[i]).items() if key in ("iou", "fg_iou", "iou_per_class")}}
                  for i in np.flatnonzero(read)]
     metrics = {**scores(counts[read].sum(axis=0)), "images": len(per_image),

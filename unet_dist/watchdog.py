@@ -29,8 +29,9 @@ class Watchdog:
 
     The check runs on a daemon thread: TensorFlow releases the GIL while a step waits in a
     collective, so it runs while the main thread is blocked. It ends the process with os._exit,
-    because the main thread cannot be interrupted there; every checkpoint is written to a temporary
-    name first (checkpoint.py), so none is left half-written.
+    because the main thread cannot be interrupted there. Nothing written is lost by it: metrics.jsonl
+    is line-buffered, and a checkpoint cut short is never the one a resume reads
+    (tf.train.CheckpointManager names a checkpoint in its state file once it is written).
     """
 
     def __init__(self, seconds: float, rank: int, poll: float | None = None):

@@ -72,8 +72,9 @@ def samples_of(image: Path, mask: Path | None = None) -> list[Sample]:
     """The images in the file `image` (with `mask`, which must have as many pages): the file itself,
     or one sample per page of a multi-page TIFF. Raises BadImage when the page counts differ."""
     pages = page_count(image)
-    if mask is not None and page_count(mask) != pages:
-        raise BadImage(f"{pages} page(s), but its mask {mask} has {page_count(mask)}")
+    mask_pages = pages if mask is None else page_count(mask)
+    if mask_pages != pages:
+        raise BadImage(f"{pages} page(s), but its mask {mask} has {mask_pages}")
     if pages == 1:
         return [Sample(image.stem, image, 0, mask)]
     return [Sample(f"{image.stem}_p{i:03d}", image, i, mask) for i in range(pages)]
