@@ -384,6 +384,12 @@ def test_wide_and_float_images_are_scaled_per_image(tmp_path):
     assert load_rgb(tmp_path / "flat.png").max() == 0
 
 
+def _stack(arrays, path):
+    """Writes `arrays` (2-D) as the pages of a multi-page TIFF."""
+    frames = [Image.fromarray(a) for a in arrays]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
 def test_a_tiff_stack_is_one_sample_per_page(tmp_path):
     # EM and microscopy data come as multi-page TIFFs (the 2015 U-Net's ISBI 2012 set: one 30-page
     # stack of slices and one of labels). Each page is a sample, named STEM_pNNN; a stack whose mask
@@ -399,14 +405,10 @@ def test_a_tiff_stack_is_one_sample_per_page(tmp_path):
         page[: 4 * (i + 1)] = 4095  # rows 0..4(i+1) bright, labelled 1: each page its own content
         mask[: 4 * (i + 1)] = 1
 
-    def stack(arrays, path):
-        frames = [Image.fromarray(a) for a in arrays]
-        frames[0].save(path, save_all=True, append_images=frames[1:])
-
-    stack(pages, src / "images" / "vol.tif")
-    stack(masks, src / "masks" / "vol.tif")
-    stack(pages[:3], src / "images" / "odd.tif")
-    stack(masks[:2], src / "masks" / "odd.tif")
+    _stack(pages, src / "images" / "vol.tif")
+    _stack(masks, src / "masks" / "vol.tif")
+    _stack(pages[:3], src / "images" / "odd.tif")
+    _stack(masks[:2], src / "masks" / "odd.tif")
     Image.fromarray(pages[0]).save(src / "images" / "flat.tif")
     Image.fromarray(masks[0]).save(src / "masks" / "flat.png")
     m = convert(src, tmp_path / "out", layout="folders", shards=1, val_fraction=0.0, workers=1, progress=False)
@@ -421,6 +423,55 @@ def test_a_tiff_stack_is_one_sample_per_page(tmp_path):
         assert image[: 4 * (i + 1)].min() > 240 and image[4 * (i + 1):].max() < 15, i  # page i, scaled
     with pytest.raises(BadImage, match=r"^no page 4 \(the file has 4\)$"):
         load_rgb(src / "images" / "vol.tif", 4)
+
+
+def test_the_pages_of_a_stack_stay_in_one_split(tmp_path):
+    # Neighbouring slices of a volume are nearly the same image: a volume with pages in train and val
+    # scores val on what training saw. Split by file, each volume is whole in one split; a data set
+    # that is one stack is split by page, as it must be.
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for vol in "abc":
+        _stack([rng.integers(0, 255, (16, 16), dtype=np.uint8) for _ in range(4)], src / "images" / f"{vol}.tif")
+        _stack([np.eye(16, dtype=np.uint8)] * 4, src / "masks" / f"{vol}.tif")
+
+    def volumes(out):
+        return {split: sorted(r["stem"].numpy().decode()[0] for r in _records(out, split)) for split in ("train", "val")}
+
+    common = dict(layout="folders", shards=2, workers=1, progress=False)
+    m = convert(src, tmp_path / "file", val_fraction=0.3, seed=1, **common)
+    split = volumes(tmp_path / "file")
+    assert m["split_by"] == "file" and m["files"] == {"train": 2, "val": 1}
+    assert len(split["val"]) == 4 and len(set(split["val"])) == 1  # one whole volume: 4 of 12 pages
+    assert set(split["train"]).isdisjoint(split["val"]) and len(split["train"]) == 8
+    # By page, for the same seed, a volume has pages on both sides (what file splitting prevents).
+    m = convert(src, tmp_path / "page", val_fraction=0.3, seed=1, split_by="page", **common)
+    split = volumes(tmp_path / "page")
+    assert m["split_by"] == "page" and len(split["val"]) == 4 and set(split["train"]) & set(split["val"])
+    # Folds deal whole volumes: three folds validate on each volume once.
+    validated = []
+    for i in range(3):
+        convert(src, tmp_path / f"fold{i}", fold=(i, 3), **common)
+        split = volumes(tmp_path / f"fold{i}")
+        assert len(set(split["val"])) == 1 and set(split["train"]).isdisjoint(split["val"]), i
+        validated += split["val"]
+    assert sorted(validated) == sorted("abc" * 4)
+    with pytest.raises(ConvertError, match=r"^--fold 0/4: 3 files cannot fill 4 folds; --split-by page deals their"):
+        convert(src, tmp_path / "bad", fold=(0, 4), **common)
+    cli = run_module("unet_dist.convert", str(src), str(tmp_path / "cli"), "--layout", "folders", "--workers", "1",
+                     "--val-fraction", "0.3", "--seed", "1")
+    assert cli.returncode == 0, cli.stderr
+    assert "8 train and 4 val records (split by file: from 2 and 1 image files), 2 classes" in cli.stdout, cli.stdout
+    # One stack alone is split by page; by file it cannot be split, and says so before any work.
+    for vol in "bc":
+        (src / "images" / f"{vol}.tif").unlink()
+    m = convert(src, tmp_path / "one", val_fraction=0.25, **common)
+    assert m["split_by"] == "page" and m["files"] == {"train": 1, "val": 1} and m["val"]["records"] == 1
+    with pytest.raises(ConvertError, match=r"^--split-by file: SRC has one image file \(a.tif\), which cannot be"):
+        convert(src, tmp_path / "nofile", split_by="file", **common)
+    assert not (tmp_path / "nofile").exists()
 
 
 def test_out_cannot_be_the_folder_of_the_images_or_masks(tmp_path):

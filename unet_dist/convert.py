@@ -2,13 +2,16 @@
 
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
-        [--num-classes N] [--mask-suffix S] [--fold I/K]
+        [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
 class ids 0..N-1, or 0/255 when --classes binary; --num-classes N when some ids do not occur in the
 masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are skipped and listed in manifest.json.
 A multi-page TIFF (an EM or microscopy stack) and its mask stack give one sample per page, X_p000, X_p001, ...
+The pages of a stack stay in one split (--split-by file, the default where SRC has two image files
+or more): neighbouring slices are nearly the same image. --split-by page splits them like separate
+images, as it must for a data set that is one stack.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -20,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from unet_dist.data.convert import CLASS_MODES, LAYOUTS, ConvertError, convert
+from unet_dist.data.convert import CLASS_MODES, LAYOUTS, SPLIT_UNITS, ConvertError, convert
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     split.add_argument("--val-fraction", type=float, default=0.2)
     split.add_argument("--fold", type=parse_fold, metavar="I/K",
                        help="k-fold cross-validation: fold I of K is the val split (run I = 0..K-1)")
+    p.add_argument("--split-by", choices=SPLIT_UNITS, default="auto",
+                   help="keep a stack's pages in one split (file) or split them (page); auto: file where "
+                        "SRC has two image files or more")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT")
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         m = convert(args.src, args.out, layout=args.layout, classes=args.classes, image_size=args.image_size,
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
-                    fold=args.fold)
+                    fold=args.fold, split_by=args.split_by)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
@@ -73,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         first = m["skipped"][0]
         print(f"convert: skipped {len(m['skipped'])} files (see {args.out}/manifest.json); first: "
               f"{first['file']}: {first['reason']}", file=sys.stderr)
-    print(f"convert: {m['train']['records']} train and {m['val']['records']} val records, "
+    records = {s: m[s]["records"] for s in ("train", "val")}
+    # Where stacks gave several records per file, say how the files were split.
+    files = "" if records == m["files"] else (f" (split by {m['split_by']}: from {m['files']['train']} and "
+                                              f"{m['files']['val']} image files)")
+    print(f"convert: {records['train']} train and {records['val']} val records{files}, "
           f"{m['num_classes']} classes, in {args.out}")
     return 0
 

@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from unet_dist.config import ConfigError, writable_dir
 from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, Sample, image_files, load_mask, load_rgb, samples_of
 
 LAYOUTS = ("oxford-pet", "folders")
+SPLIT_UNITS = ("auto", "file", "page")
 CLASS_MODES = ("binary", "trimap", "multiclass")
 MAX_CLASSES = 256
 # Oxford-IIIT Pet trimaps: 1 = pet, 2 = background, 3 = border. Our class ids: 0 = background, 1 = pet, 2 = border.
@@ -217,12 +219,20 @@ def convert(
     num_classes: int | None = None,
     mask_suffix: str = "",
     fold: tuple[int, int] | None = None,
+    split_by: str = "auto",
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
     fold (i, k): k-fold cross-validation in place of val_fraction. The seeded permutation of the
     images is dealt into k folds and fold i is the val split, so the k conversions of one SRC and
     seed (i = 0..k-1) validate on every image exactly once, as nnU-Net's five folds do.
+
+    split_by: what train and val are split into. "file" keeps the pages of a multi-page TIFF in one
+    split: neighbouring slices of an EM or microscopy volume are nearly the same image, so a volume
+    with pages on both sides scores val on what training saw (nnU-Net splits by case for this
+    reason). "page" splits pages like separate images, for a data set that is one stack (ISBI 2012's
+    30 training slices). "auto" is "file" when SRC has two image files or more, else "page". For
+    files of one image each, the two are the same split.
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -244,6 +254,8 @@ def convert(
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
         raise ConvertError(f"--fold {fold[0]}/{fold[1]}: fold I of K needs K >= 2 and 0 <= I < K")
+    if split_by not in SPLIT_UNITS:
+        raise ConvertError(f"--split-by {split_by!r}: allowed {', '.join(SPLIT_UNITS)}")
     if workers < 1:
         raise ConvertError(f"--workers {workers}: must be >= 1")
     if seed < 0:
@@ -259,8 +271,19 @@ def convert(
     samples, skipped = find_pairs(src, layout, mask_suffix)
     if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
-    if fold is not None and len(samples) < fold[1]:
-        raise ConvertError(f"--fold {fold[0]}/{fold[1]}: {len(samples)} images cannot fill {fold[1]} folds")
+    files = len({s.image for s in samples})
+    if split_by == "auto":
+        split_by = "file" if files >= 2 else "page"
+    if split_by == "file" and files < 2 and (fold is not None or val_fraction > 0):
+        raise ConvertError(f"--split-by file: SRC has one image file ({samples[0].image.name}), which cannot be "
+                           "split by file; --split-by page splits its pages")
+    # The units dealt into train and val: files, or samples (pages). Named "images" where each is one.
+    units = [s.image for s in samples] if split_by == "file" else list(range(len(samples)))
+    n_units = len(set(units))
+    unit_word = "images" if n_units == len(samples) else "files"
+    if fold is not None and n_units < fold[1]:
+        hint = "; --split-by page deals their pages" if unit_word == "files" else ""
+        raise ConvertError(f"--fold {fold[0]}/{fold[1]}: {n_units} {unit_word} cannot fill {fold[1]} folds{hint}")
     inside = [d for d in source_folders(src, layout) if d.resolve() == out.resolve()]
     if inside:  # the shards and manifest would be written among the files they are made from
         raise ConvertError(f"OUT {out} is SRC's {inside[0].relative_to(src)} folder; convert into a folder of its own")
@@ -271,19 +294,32 @@ def convert(
     except ConfigError as e:
         raise ConvertError(str(e)) from None
 
-    # Deterministic split: a seeded permutation of the sorted samples. The pages of a stack are split
-    # like separate images: a data set may be one stack (ISBI 2012's 30 training slices).
+    # Deterministic split: a seeded permutation of the sorted samples; the units (files or samples)
+    # are taken in the order their first sample comes in it. With one sample per unit this is the
+    # permutation itself, so a data set of single images splits as it did before --split-by.
     n = len(samples)
     order = np.random.default_rng(seed).permutation(n)
+    unit_order = list(dict.fromkeys(units[k] for k in order))
+    unit_size = Counter(units)
     if fold is not None:
-        in_val = [j % fold[1] == fold[0] for j in range(n)]  # dealt like cards: folds differ by 1 at most
-        val_fraction = sum(in_val) / n
+        val_units = {u for j, u in enumerate(unit_order) if j % fold[1] == fold[0]}  # dealt like cards
     else:
         n_val = int(round(n * val_fraction))
         if val_fraction > 0 and n >= 2:
             n_val = min(max(n_val, 1), n - 1)
-        in_val = [j < n_val for j in range(n)]
+        # Whole units up to n_val samples: a unit that would overshoot is passed over, unless val
+        # would otherwise stay empty. n_val < n, so at least one unit is left for training.
+        val_units, taken = set(), 0
+        for u in unit_order:
+            if taken >= n_val:
+                break
+            if taken + unit_size[u] <= n_val or not taken:
+                val_units.add(u)
+                taken += unit_size[u]
+    in_val = [units[k] in val_units for k in order]
     n_val = sum(in_val)
+    if fold is not None:
+        val_fraction = n_val / n
     split_of = {int(k): ("val" if in_val[j] else "train") for j, k in enumerate(order)}
     tasks = [
         Task(j, split_of[int(k)], samples[k], layout, classes, image_size, num_classes)
@@ -293,6 +329,7 @@ def convert(
     tmp = {s: [out / f".{shard_name(s, i, n)}.tmp-{os.getpid()}" for i in range(n)] for s, n in n_shards.items()}
     writers = {s: [tf.io.TFRecordWriter(str(p)) for p in paths] for s, paths in tmp.items()}
     written = {"train": 0, "val": 0}
+    files_in = {"train": set(), "val": set()}  # the image files with a record in each split
     # The smallest and largest (height, width) of the records: whether the images share one pixel
     # scale (predict --mode auto). Running bounds, so memory does not grow with the data set.
     size_min, size_max = np.full(2, np.iinfo(np.int64).max), np.zeros(2, np.int64)
@@ -312,6 +349,7 @@ def convert(
                 writers[s][written[s] % n_shards[s]].write(_example(rec))
                 per_shard[s][written[s] % n_shards[s]] += 1
                 written[s] += 1
+                files_in[s].add(task.sample.image)
                 counts[s] += rec["counts"]
                 size_min = np.minimum(size_min, (rec["height"], rec["width"]))
                 size_max = np.maximum(size_max, (rec["height"], rec["width"]))
@@ -343,6 +381,8 @@ def convert(
             "seed": seed,
             "val_fraction": val_fraction,
             "fold": list(fold) if fold else None,
+            "split_by": split_by,
+            "files": {s: len(f) for s, f in files_in.items()},
             "train": {"records": written["train"], "shards": names["train"]},
             "val": {"records": written["val"], "shards": names["val"]},
             "skipped": skipped,
