@@ -599,6 +599,7 @@ def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src,
     from unet_dist.evaluate import main as evaluate_main
     from unet_dist.export import main as export_main
     from unet_dist.inference import load_predictor
+    from unet_dist.metrics import scores
     from unet_dist.predict import main as predict_main
 
     runs = [tmp_path / "a", tmp_path / "b"]
@@ -644,6 +645,13 @@ def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src,
                           "--out", str(tmp_path / "stack.json")]) == 0
     scored = json.loads((tmp_path / "stack.json").read_text())
     assert scored["images"] == 2 and sorted(r["page"] for r in scored["per_image"]) == [0, 1]
+    # The stack is scored whole too: the IoU of its pages' pooled pixels, not the mean of theirs.
+    [whole] = scored["per_stack"]
+    assert whole["image"] == str(stack / "images" / "vol.tif") and whole["pages"] == 2
+    truth_ids = np.stack([np.asarray(t) for t in truth]).astype(int)
+    predicted = ((one[0] + one[1]) / 2 >= 0.5)[..., 0].astype(int)
+    pooled = np.bincount((2 * truth_ids + predicted).ravel(), minlength=4).reshape(2, 2)
+    assert whole["iou"] == pytest.approx(scores(pooled)["iou"]) and "per_stack" not in metrics
     # Runs that predict other classes cannot be averaged; --data evaluates one run.
     tri = tmp_path / "tri"
     convert(pet_src, tri, classes="trimap", image_size=(64, 64), shards=1, workers=1, progress=False)

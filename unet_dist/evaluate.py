@@ -20,7 +20,8 @@ These records are the size conversion made them (data.image_size when it resized
 data by default) the way `predict` does with the same --mode, --tile, --overlap and --tta, and scores
 the masks at the images' own sizes. Several runs (the folds of `convert --fold`)
 are scored as their averaged predictions. The metrics (unprefixed) go to the first run's
-eval_images.json, or --out.
+eval_images.json, or --out, with each image's own scores (per_image) and, for multi-page TIFFs, each
+stack's scores over all its pages (per_stack), worst first.
 """
 
 from __future__ import annotations
@@ -94,9 +95,19 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     if not runtime.is_chief:
         return 0
+    def own(cm):  # an image's or a stack's own scores
+        return {key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")}
+
     per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
-                  **{key: v for key, v in scores(counts[i]).items() if key in ("iou", "fg_iou", "iou_per_class")}}
-                 for i in np.flatnonzero(read)]
+                  **own(counts[i])} for i in np.flatnonzero(read)]
+    # A stack (an EM or microscopy volume) is also scored whole, from its pages' summed counts: the
+    # per-volume score nnU-Net and the EM challenges report.
+    stacks: dict[Path, list[int]] = {}
+    for i in np.flatnonzero(read):
+        if samples[i].stacked:
+            stacks.setdefault(samples[i].image, []).append(i)
+    per_stack = sorted(({"image": str(f), "pages": len(pages), **own(counts[pages].sum(axis=0))}
+                        for f, pages in stacks.items()), key=lambda r: r["iou"])
     metrics = {**scores(counts[read].sum(axis=0)), "images": len(per_image),
                "skipped": len(skipped) + int((~read).sum()), "source": str(args.images), "mode": predictor.mode,
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
@@ -104,7 +115,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     print(json.dumps(metrics))
     # The file adds each image's own scores, worst first: where to look when the mean disappoints.
     worst_first = sorted(per_image, key=lambda r: r["iou"])
-    atomic_write_text(out, json.dumps({**metrics, "per_image": worst_first}, indent=1))
+    atomic_write_text(out, json.dumps({**metrics, **({"per_stack": per_stack} if per_stack else {}),
+                                       "per_image": worst_first}, indent=1))
     return 0
 
 
