@@ -182,17 +182,20 @@ def test_workers_with_unequal_shards_never_hang(pet_src, tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("launcher", ["horovodrun --mpi", "multiworker"])
+@pytest.mark.parametrize("launcher", ["horovodrun --mpi", "horovodrun --mpi, before the first step", "multiworker"])
 def test_a_stalled_rank_ends_the_job(shards, tmp_path, launcher):
     # A rank stopped (alive but silent: the worst kind of failure for a collective) leaves the other
     # waiting in a collective. Under Horovod's MPI controller (what horovodrun, mpirun and srun use
     # where Horovod has MPI) nothing ended that wait: the job ran past 180 s with Horovod's stall
-    # shutdown at 6 s. Each rank's own watchdog (runtime.stall_shutdown_seconds) now ends it.
+    # shutdown at 6 s. Each rank's own watchdog (runtime.stall_shutdown_seconds) now ends it, and
+    # one stopped before the first step has finished (the others wait in the first step's
+    # collectives) ends it after runtime.stall_shutdown_start_seconds.
     # MultiWorkerMirroredStrategy's health check aborts the collective by itself (the watchdog is
     # off here): that ends in one line instead of TensorFlow's traceback.
     w = tmp_path / "w"
-    over = tiny_overrides(steps=2000) + ["runtime.stall_check_seconds=2"]
+    over = tiny_overrides(steps=2000) + ["runtime.stall_check_seconds=2", "runtime.stall_shutdown_start_seconds=15"]
     over.append("runtime.stall_shutdown_seconds=" + ("6" if launcher.startswith("horovodrun") else "0"))
+    early = launcher.endswith("before the first step")
     cmd = [sys.executable, "-m", "unet_dist.train", "--data", str(shards), "--workdir", str(w)]
     for o in over:
         cmd += ["--set", o]
@@ -202,7 +205,13 @@ def test_a_stalled_rank_ends_the_job(shards, tmp_path, launcher):
             pytest.skip("Horovod or Open MPI not installed (run make setup)")
         procs = [subprocess.Popen([str(HOROVODRUN), "-np", "2", "--mpi", "-H", "localhost:2", *cmd], cwd=ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-        _wait_for_step(w, 3, procs[0])
+        if early:  # the chief writes config.yaml after the broadcast, before the first step
+            while not (w / "config.yaml").exists():
+                assert procs[0].poll() is None, procs[0].communicate()
+                time.sleep(0.05)
+            assert not (w / "metrics.jsonl").exists() or not (w / "metrics.jsonl").read_text()
+        else:
+            _wait_for_step(w, 3, procs[0])
         victim = max(_rank_pids(w))
     else:
         cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
@@ -219,7 +228,11 @@ def test_a_stalled_rank_ends_the_job(shards, tmp_path, launcher):
         os.kill(victim, signal.SIGKILL)
         procs[0].kill()
     assert procs[0].returncode != 0 and time.time() - t < 180, (out + err)[-3000:]
-    if launcher.startswith("horovodrun"):
+    if early:
+        assert re.search(r"train: error: rank \d: the first step has not finished \d+ s after the start "
+                         r"\(runtime.stall_shutdown_start_seconds 15\): another process stopped answering", err), \
+            err[-3000:]
+    elif launcher.startswith("horovodrun"):
         assert re.search(r"train: error: rank \d: nothing has finished for \d+ s since step \d+ "
                          r"\(runtime.stall_shutdown_seconds 6\): another process stopped answering", err), err[-3000:]
     else:
@@ -250,7 +263,31 @@ def test_the_watchdog_ends_a_process_whose_loop_stopped_and_spares_one_that_move
     dog.stop()
     assert re.match(r"train: error: rank 1: nothing has finished for 0 s since step 5 \(runtime.stall_shutdown_seconds "
                     r"0.3\): another process stopped answering", capsys.readouterr().err)
-    off = W.Watchdog(0, rank=0)
+    # The start-up is watched from start() to the first step with its own limit; beats before the
+    # first step (the loop's start) do not restart that clock.
+    exits.clear()
+    ended.clear()
+    with W.Watchdog(0.2, rank=0, poll=0.05, start_seconds=0.6) as dog:
+        for _ in range(5):
+            time.sleep(0.1)
+            dog.beat(3)  # longer than 0.2 s in all, but the start-up has 0.6 s
+        assert exits == []
+        dog.arm(4)
+        for step in range(5, 10):
+            time.sleep(0.1)
+            dog.beat(step)
+    assert exits == []
+    dog = W.Watchdog(0.2, rank=0, poll=0.05, start_seconds=0.6)
+    dog.start()
+    for _ in range(4):
+        time.sleep(0.1)
+        dog.beat(3)
+    assert ended.wait(5) and exits == [W.STALLED_EXIT]
+    dog.stop()
+    assert re.match(r"train: error: rank 0: the first step has not finished 1 s after the start "
+                    r"\(runtime.stall_shutdown_start_seconds 0.6\): another process", capsys.readouterr().err)
+    off = W.Watchdog(0, rank=0, start_seconds=60)
+    off.start()
     off.arm(1)
     assert off._thread is None  # one process (or stall_shutdown_seconds 0): nothing watches
 

@@ -117,6 +117,7 @@ class RuntimeConfig:
     horovod_cycle_time_ms: float | None = None  # Horovod's HOROVOD_CYCLE_TIME; null = its default. CPU: 25 (docs/benchmarks.md)
     stall_check_seconds: int = 60  # Horovod: warn when a rank has not joined a collective for this long
     stall_shutdown_seconds: int = 300  # N processes: one that finished no step for this long exits, ending the job (0 = never)
+    stall_shutdown_start_seconds: int = 1800  # the same, from the backend's start until the first step has finished (restoring, tracing, compiling; 0 = never)
     cpu_devices: int = 0  # mirrored without GPUs: split the CPU into N logical devices (tests, CPU nodes)
 
 
@@ -378,6 +379,8 @@ def validate(cfg: Config) -> None:
     need(r.stall_check_seconds >= 1, "runtime.stall_check_seconds", ">= 1", r.stall_check_seconds)
     need(r.stall_shutdown_seconds == 0 or r.stall_shutdown_seconds > r.stall_check_seconds,
          "runtime.stall_shutdown_seconds", "0 or more than runtime.stall_check_seconds", r.stall_shutdown_seconds)
+    need(r.stall_shutdown_start_seconds >= 0, "runtime.stall_shutdown_start_seconds", ">= 0 (0 = never)",
+         r.stall_shutdown_start_seconds)
     need(r.cpu_devices >= 0, "runtime.cpu_devices", ">= 0", r.cpu_devices)
     need(r.inter_op_threads >= 0, "runtime.inter_op_threads", ">= 0 (0 = auto)", r.inter_op_threads)
 

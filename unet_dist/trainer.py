@@ -275,7 +275,7 @@ class TrainLoop:
 
     def _run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         cfg = self.cfg.train
-        self.watchdog.beat(start)  # not armed yet: the last step finished, for messages
+        self.watchdog.beat(start)  # the last step finished, for messages
         with PreemptionWatcher() as watcher:
             for step in range(start + 1, total + 1):
                 with self.input.waiting():
@@ -390,8 +390,17 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     A WORKDIR already trained to cfg.train.steps is evaluated, and its config.yaml and summary.json
     stay those of the run that trained it; the summary returned is this call's (start_step, no speed).
     """
-    data_dir, workdir = Path(data_dir), Path(workdir)
     runtime = runtime or make_runtime(cfg)
+    # Each process of a multi-process run watches its own progress from here (a single process has
+    # no peer to wait for): the start-up's collectives (the barrier, the broadcast, the first step)
+    # wait for every rank too.
+    watchdog = Watchdog(cfg.runtime.stall_shutdown_seconds * (runtime.world_size > 1), runtime.rank,
+                        start_seconds=cfg.runtime.stall_shutdown_start_seconds)
+    with watchdog:
+        return _train(cfg, Path(data_dir), Path(workdir), resume, runtime, watchdog)
+
+
+def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Runtime, watchdog: Watchdog) -> dict:
     precision_why = precision.resolve(cfg.runtime)  # before config.yaml records what runs
     manifest = load_manifest(data_dir)
     check_data_matches(cfg, manifest, data_dir)
@@ -443,58 +452,55 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
-                     average_statistics=lambda: runtime.average_replicas(stats),
-                     # A single process has no peer to wait for.
-                     watchdog=Watchdog(cfg.runtime.stall_shutdown_seconds * (runtime.world_size > 1), runtime.rank))
-    # Watched until the end: the last sums and the barrier wait for every rank too.
-    with loop.watchdog:
-        try:
-            loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
-        finally:
-            loop.logger.close()
-        wall = time.time() - loop.t_start
-        last_eval, reached = loop.last_eval, loop.reached
-        if not last_eval and start >= total and validate:
-            last_eval, _ = loop.evaluator()
-        input_wait = worst_over_processes(loop.input, runtime)
-        summary = {
-            "steps": reached[0] if reached else loop.early_stop or total,
-            "start_step": start,
-            "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)) if validate else None,
-            "final_val_iou": last_eval.get("val_iou"),
-            "final_val_dice": last_eval.get("val_dice"),
-            "final_val_loss": last_eval.get("val_loss"),
-            "wall_s": wall,
-            "images_per_s": loop.images / wall if wall > 0 else 0.0,
-            "world_size": runtime.world_size,
-            "num_replicas": runtime.num_replicas,
-            "global_batch_size": global_batch,
-            "per_replica_batch_size": per_replica,
-            "learning_rate": peak_lr,
-            "lr_scaling": cfg.optim.lr_scaling,
-            "warmup_steps": cfg.optim.warmup_steps,
-            "precision": cfg.runtime.precision,
-            "allreduce_dtype": runtime.wire_dtype(),
-            "xla": cfg.runtime.xla,
-            "strategy": runtime.name,
-            "skipped_steps": loop.guard.skipped,
-            "lost_records": lost,
-            "target_val_iou": cfg.train.target_val_iou,
-            "target_reached_at_step": reached[0] if reached else None,
-            "time_to_target_s": reached[1] if reached else None,
-            "early_stopped_at_step": loop.early_stop,
-            # The largest share of step time any process spent waiting for its next batch.
-            "input_wait_fraction": input_wait,
-            "input_bound": classify(input_wait),
-        }
-        if runtime.is_chief and not keep:
-            atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
-            plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
-        ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {summary['best_val_iou']:.4f}" if validate
-                else "no validation split")
-        runtime.print(f"train: done: {summary['steps']} steps, {ious}"
-                      + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
-                      + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
-                         if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
-        runtime.barrier()
-        return summary
+                     average_statistics=lambda: runtime.average_replicas(stats), watchdog=watchdog)
+    try:
+        loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
+    finally:
+        loop.logger.close()
+    wall = time.time() - loop.t_start
+    last_eval, reached = loop.last_eval, loop.reached
+    if not last_eval and start >= total and validate:
+        watchdog.arm(start)  # no step to wait for: the evaluation's batches are the progress watched
+        last_eval, _ = loop.evaluator(progress=watchdog.beat)
+    input_wait = worst_over_processes(loop.input, runtime)
+    summary = {
+        "steps": reached[0] if reached else loop.early_stop or total,
+        "start_step": start,
+        "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)) if validate else None,
+        "final_val_iou": last_eval.get("val_iou"),
+        "final_val_dice": last_eval.get("val_dice"),
+        "final_val_loss": last_eval.get("val_loss"),
+        "wall_s": wall,
+        "images_per_s": loop.images / wall if wall > 0 else 0.0,
+        "world_size": runtime.world_size,
+        "num_replicas": runtime.num_replicas,
+        "global_batch_size": global_batch,
+        "per_replica_batch_size": per_replica,
+        "learning_rate": peak_lr,
+        "lr_scaling": cfg.optim.lr_scaling,
+        "warmup_steps": cfg.optim.warmup_steps,
+        "precision": cfg.runtime.precision,
+        "allreduce_dtype": runtime.wire_dtype(),
+        "xla": cfg.runtime.xla,
+        "strategy": runtime.name,
+        "skipped_steps": loop.guard.skipped,
+        "lost_records": lost,
+        "target_val_iou": cfg.train.target_val_iou,
+        "target_reached_at_step": reached[0] if reached else None,
+        "time_to_target_s": reached[1] if reached else None,
+        "early_stopped_at_step": loop.early_stop,
+        # The largest share of step time any process spent waiting for its next batch.
+        "input_wait_fraction": input_wait,
+        "input_bound": classify(input_wait),
+    }
+    if runtime.is_chief and not keep:
+        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
+        plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
+    ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {summary['best_val_iou']:.4f}" if validate
+            else "no validation split")
+    runtime.print(f"train: done: {summary['steps']} steps, {ious}"
+                  + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
+                  + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
+                     if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
+    runtime.barrier()
+    return summary

@@ -7,8 +7,10 @@ cannot end that wait: under its MPI controller (what `horovodrun` picks where Ho
 what `mpirun` and `srun` start) the background thread that runs the stall check is itself blocked
 in the negotiation's MPI call. A rank SIGSTOPped under `horovodrun --mpi` left the job running past
 180 s with the stall shutdown set to 6 s. So every process watches its own loop: when no training
-step or evaluation batch has finished for `runtime.stall_shutdown_seconds`, it prints one line and
-exits, and its launcher (horovodrun, mpirun, `srun --kill-on-bad-exit`) ends the others.
+step or evaluation batch has finished for `runtime.stall_shutdown_seconds`, or the first step has not
+finished `runtime.stall_shutdown_start_seconds` after the backend came up (a rank that hangs in
+its start-up leaves the others waiting in the first broadcast or step), it prints one line and exits,
+and its launcher (horovodrun, mpirun, `srun --kill-on-bad-exit`) ends the others.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ STALLED_EXIT = 1
 
 
 class Watchdog:
-    """`beat(step)` after each finished step or evaluation batch; `arm()` once the first step has
-    run (tracing and start-up, minutes with XLA on a GPU, do not count); `stop()` at the end (or use
-    it as a context manager).
+    """Watches from `start()` (training's start-up: building, restoring, the first collectives,
+    tracing and compiling the step) with `start_seconds`; `arm(step)` once the first step has
+    finished, from when `seconds` applies; `beat(step)` after each finished step or evaluation
+    batch; `stop()` at the end (or use it as a context manager, which starts it).
     seconds 0 (single-process runs, or runtime.stall_shutdown_seconds 0): does nothing.
+    start_seconds 0: the start-up is not watched (arm starts the watch).
 
     The check runs on a daemon thread: TensorFlow releases the GIL while a step waits in a
     collective, so it runs while the main thread is blocked. It ends the process with os._exit,
@@ -34,18 +38,27 @@ class Watchdog:
     (tf.train.CheckpointManager names a checkpoint in its state file once it is written).
     """
 
-    def __init__(self, seconds: float, rank: int, poll: float | None = None):
+    def __init__(self, seconds: float, rank: int, poll: float | None = None, start_seconds: float = 0):
         self.seconds, self.rank = seconds, rank
+        self.start_seconds = start_seconds if seconds else 0
         self.poll = poll or (min(5.0, seconds / 4) if seconds else 0.0)
         self.step, self.last = 0, time.monotonic()
+        self.started = self.last
+        self.armed = False  # whether a step has finished (until then, start_seconds applies)
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def start(self) -> None:
+        """Watches the start-up, when start_seconds is set: from now until `arm`."""
+        self.started = time.monotonic()
+        if self.start_seconds:
+            self._watch_from_now()
+
     def arm(self, step: int) -> None:
+        self.armed = True
         self.beat(step)
-        if self.seconds and self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="unet-dist-watchdog", daemon=True)
-            self._thread.start()
+        if self.seconds:
+            self._watch_from_now()
 
     def beat(self, step: int | None = None) -> None:
         if step is not None:
@@ -56,18 +69,30 @@ class Watchdog:
         self._done.set()
 
     def __enter__(self) -> Watchdog:
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _watch_from_now(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="unet-dist-watchdog", daemon=True)
+            self._thread.start()
+
     def _watch(self) -> None:
         while not self._done.wait(self.poll):
-            idle = time.monotonic() - self.last
-            if idle > self.seconds:
-                print(f"train: error: rank {self.rank}: nothing has finished for {idle:.0f} s since step {self.step} "
-                      f"(runtime.stall_shutdown_seconds {self.seconds:g}): another process stopped answering, a "
-                      "collective hung or this process's input stalled; ending this process so that the launcher "
-                      "ends the job. Rerunning the same command resumes from the latest checkpoint", file=sys.stderr, flush=True)
-                sys.stdout.flush()
-                os._exit(STALLED_EXIT)
+            now = time.monotonic()
+            if self.armed and now - self.last > self.seconds:
+                what = (f"nothing has finished for {now - self.last:.0f} s since step {self.step} "
+                        f"(runtime.stall_shutdown_seconds {self.seconds:g})")
+            elif not self.armed and self.start_seconds and now - self.started > self.start_seconds:
+                what = (f"the first step has not finished {now - self.started:.0f} s after the start "
+                        f"(runtime.stall_shutdown_start_seconds {self.start_seconds:g})")
+            else:
+                continue
+            print(f"train: error: rank {self.rank}: {what}: another process stopped answering, a collective hung or "
+                  "this process's input stalled; ending this process so that the launcher ends the job. Rerunning "
+                  "the same command resumes from the latest checkpoint", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(STALLED_EXIT)
