@@ -474,6 +474,47 @@ def test_the_pages_of_a_stack_stay_in_one_split(tmp_path):
     assert not (tmp_path / "nofile").exists()
 
 
+def test_files_of_one_group_stay_in_one_split(tmp_path):
+    # 2-D slices exported one file each (patient03_slice012.png) leak like a stack's pages: --group
+    # REGEX keeps the files whose stems give the same match together, in val fractions and folds.
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for patient in range(4):
+        for sl in range(3):
+            Image.fromarray(np.full((8, 8), 40 * patient + sl, np.uint8)).save(src / "images" / f"p{patient}_s{sl}.png")
+            Image.fromarray(np.eye(8, dtype=np.uint8)).save(src / "masks" / f"p{patient}_s{sl}.png")
+
+    def patients(out):
+        return {split: sorted(r["stem"].numpy().decode()[:2] for r in _records(out, split)) for split in ("train", "val")}
+
+    common = dict(layout="folders", shards=1, workers=1, progress=False)
+    m = convert(src, tmp_path / "g", val_fraction=0.25, seed=3, group=r"^(p[0-9]+)_", **common)
+    split = patients(tmp_path / "g")
+    assert m["split_by"] == "group" and m["groups"] == {"train": 3, "val": 1}
+    assert len(split["val"]) == 3 and len(set(split["val"])) == 1 and set(split["train"]).isdisjoint(split["val"])
+    # By file (without --group), the same seed puts some patient on both sides.
+    convert(src, tmp_path / "f", val_fraction=0.25, seed=3, **common)
+    split = patients(tmp_path / "f")
+    assert set(split["train"]) & set(split["val"])
+    validated = []
+    for i in range(4):
+        convert(src, tmp_path / f"fold{i}", fold=(i, 4), group=r"^(p[0-9]+)_", **common)
+        validated += patients(tmp_path / f"fold{i}")["val"]
+    assert sorted(validated) == sorted([f"p{p}" for p in range(4)] * 3)
+    for group, kwargs, words in ((r"^(p[0-9]+", {}, r"^--group '\^\(p\[0-9\]\+': not a regular expression \(missing \)"),
+                                 (r"^q", {}, r"^--group '\^q': 12 image file\(s\) do not match it, such as p0_s0.png; "),
+                                 (r"^(p[0-9]+)_", {"split_by": "page"}, r"^--group .* keeps files together; it cannot "),
+                                 (r"^(p[0-9]+)_", {"fold": (0, 5)}, r"^--fold 0/5: 4 groups cannot fill 5 folds$")):
+        with pytest.raises(ConvertError, match=words):
+            convert(src, tmp_path / "bad", group=group, **kwargs, **common)
+    assert not (tmp_path / "bad").exists()
+    cli = run_module("unet_dist.convert", str(src), str(tmp_path / "cli"), "--layout", "folders", "--workers", "1",
+                     "--val-fraction", "0.25", "--seed", "3", "--group", "^(p[0-9]+)_")
+    assert cli.returncode == 0 and "9 train and 3 val records (split by group: 3 and 1 groups), 2 classes" in cli.stdout, \
+        cli.stdout + cli.stderr
+
+
 def test_out_cannot_be_the_folder_of_the_images_or_masks(tmp_path):
     src = _pet_dir(tmp_path, n=2)
     for folder in ("images", "annotations/trimaps"):

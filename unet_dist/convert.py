@@ -2,7 +2,7 @@
 
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
-        [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page]
+        [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -11,7 +11,9 @@ masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are 
 A multi-page TIFF (an EM or microscopy stack) and its mask stack give one sample per page, X_p000, X_p001, ...
 The pages of a stack stay in one split (--split-by file, the default where SRC has two image files
 or more): neighbouring slices are nearly the same image. --split-by page splits them like separate
-images, as it must for a data set that is one stack.
+images, as it must for a data set that is one stack. --group REGEX keeps the files whose stems give
+the same match (its first group, if it has one) in one split: --group '^(patient[0-9]+)_' keeps each
+patient's slices together.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-by", choices=SPLIT_UNITS, default="auto",
                    help="keep a stack's pages in one split (file) or split them (page); auto: file where "
                         "SRC has two image files or more")
+    p.add_argument("--group", metavar="REGEX",
+                   help="files whose stems give the same match (its first group) stay in one split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT")
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         m = convert(args.src, args.out, layout=args.layout, classes=args.classes, image_size=args.image_size,
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
-                    fold=args.fold, split_by=args.split_by)
+                    fold=args.fold, split_by=args.split_by, group=args.group)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
@@ -81,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{first['file']}: {first['reason']}", file=sys.stderr)
     records = {s: m[s]["records"] for s in ("train", "val")}
     # Where stacks gave several records per file, say how the files were split.
-    files = "" if records == m["files"] else (f" (split by {m['split_by']}: from {m['files']['train']} and "
-                                              f"{m['files']['val']} image files)")
+    if m["groups"]:
+        files = f" (split by group: {m['groups']['train']} and {m['groups']['val']} groups)"
+    else:
+        files = "" if records == m["files"] else (f" (split by {m['split_by']}: from {m['files']['train']} and "
+                                                  f"{m['files']['val']} image files)")
     print(f"convert: {records['train']} train and {records['val']} val records{files}, "
           f"{m['num_classes']} classes, in {args.out}")
     return 0

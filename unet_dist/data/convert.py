@@ -11,6 +11,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -85,6 +86,36 @@ def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[Samp
             except BadImage as e:
                 skipped.append({"file": str(p), "reason": str(e)})
     return samples, skipped
+
+
+def split_units(samples: list[Sample], split_by: str, group: str | None,
+                split: bool) -> tuple[str, list, str]:
+    """(split_by resolved: "file", "page" or "group"; each sample's unit, the key it is dealt into
+    train or val by; what the units are called in messages). split: whether there is a val split
+    to make (a file cannot be split by file when it is the only one). Raises ConvertError."""
+    files = len({s.image for s in samples})
+    if group is not None:
+        if split_by == "page":
+            raise ConvertError(f"--group {group!r} keeps files together; it cannot be used with --split-by page")
+        try:
+            pattern = re.compile(group)
+        except re.error as e:
+            raise ConvertError(f"--group {group!r}: not a regular expression ({e})") from None
+        found = [pattern.search(s.image.stem) for s in samples]
+        missing = [s.image for s, m in zip(samples, found, strict=True) if m is None]
+        if missing:
+            raise ConvertError(f"--group {group!r}: {len(set(missing))} image file(s) do not match it, such as "
+                               f"{missing[0].name}; every file needs a group")
+        units = [m.group(1) if pattern.groups else m.group(0) for m in found]
+        return "group", units, "groups"
+    if split_by == "auto":
+        split_by = "file" if files >= 2 else "page"
+    if split_by == "file" and files < 2 and split:
+        raise ConvertError(f"--split-by file: SRC has one image file ({samples[0].image.name}), which cannot be "
+                           "split by file; --split-by page splits its pages")
+    # Files, or samples (pages). Named "images" where each is one.
+    units = [s.image for s in samples] if split_by == "file" else list(range(len(samples)))
+    return split_by, units, "images" if len(set(units)) == len(samples) else "files"
 
 
 def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | None = None) -> np.ndarray:
@@ -220,6 +251,7 @@ def convert(
     mask_suffix: str = "",
     fold: tuple[int, int] | None = None,
     split_by: str = "auto",
+    group: str | None = None,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -233,6 +265,8 @@ def convert(
     reason). "page" splits pages like separate images, for a data set that is one stack (ISBI 2012's
     30 training slices). "auto" is "file" when SRC has two image files or more, else "page". For
     files of one image each, the two are the same split.
+    group: a regular expression; files whose stems give the same match (its first group, if it has
+    one) stay in one split, such as the slices of one patient, `^(patient[0-9]+)_`.
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -271,16 +305,8 @@ def convert(
     samples, skipped = find_pairs(src, layout, mask_suffix)
     if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
-    files = len({s.image for s in samples})
-    if split_by == "auto":
-        split_by = "file" if files >= 2 else "page"
-    if split_by == "file" and files < 2 and (fold is not None or val_fraction > 0):
-        raise ConvertError(f"--split-by file: SRC has one image file ({samples[0].image.name}), which cannot be "
-                           "split by file; --split-by page splits its pages")
-    # The units dealt into train and val: files, or samples (pages). Named "images" where each is one.
-    units = [s.image for s in samples] if split_by == "file" else list(range(len(samples)))
+    split_by, units, unit_word = split_units(samples, split_by, group, fold is not None or val_fraction > 0)
     n_units = len(set(units))
-    unit_word = "images" if n_units == len(samples) else "files"
     if fold is not None and n_units < fold[1]:
         hint = "; --split-by page deals their pages" if unit_word == "files" else ""
         raise ConvertError(f"--fold {fold[0]}/{fold[1]}: {n_units} {unit_word} cannot fill {fold[1]} folds{hint}")
@@ -382,6 +408,9 @@ def convert(
             "val_fraction": val_fraction,
             "fold": list(fold) if fold else None,
             "split_by": split_by,
+            "group": group,
+            "groups": ({sp: len({units[k] for k, v in zip(order, in_val, strict=True) if v == (sp == "val")})
+                        for sp in ("train", "val")} if group is not None else None),
             "files": {s: len(f) for s, f in files_in.items()},
             "train": {"records": written["train"], "shards": names["train"]},
             "val": {"records": written["val"], "shards": names["val"]},
