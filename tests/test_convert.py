@@ -497,6 +497,11 @@ def test_files_of_one_group_stay_in_one_split(tmp_path):
     convert(src, tmp_path / "f", val_fraction=0.25, seed=3, **common)
     split = patients(tmp_path / "f")
     assert set(split["train"]) & set(split["val"])
+    # Where no group fits in the val fraction, the smallest is val, never the larger: p0 (3 files)
+    # against the rest (9) for 1 val image.
+    for seed in range(3):
+        m = convert(src, tmp_path / f"small{seed}", val_fraction=0.1, seed=seed, group="^(p0|p)", **common)
+        assert m["val"]["records"] == 3 and patients(tmp_path / f"small{seed}")["val"] == ["p0"] * 3, seed
     validated = []
     for i in range(4):
         convert(src, tmp_path / f"fold{i}", fold=(i, 4), group=r"^(p[0-9]+)_", **common)
@@ -505,7 +510,8 @@ def test_files_of_one_group_stay_in_one_split(tmp_path):
     for group, kwargs, words in ((r"^(p[0-9]+", {}, r"^--group '\^\(p\[0-9\]\+': not a regular expression \(missing \)"),
                                  (r"^q", {}, r"^--group '\^q': 12 image file\(s\) do not match it, such as p0_s0.png; "),
                                  (r"^(p[0-9]+)_", {"split_by": "page"}, r"^--group .* keeps files together; it cannot "),
-                                 (r"^(p[0-9]+)_", {"fold": (0, 5)}, r"^--fold 0/5: 4 groups cannot fill 5 folds$")):
+                                 (r"^(p[0-9]+)_", {"fold": (0, 5)}, r"^--fold 0/5: 4 groups cannot fill 5 folds$"),
+                                 ("^p", {}, r"^--group '\^p': every file is in one group \('p'\); a val split needs ")):
         with pytest.raises(ConvertError, match=words):
             convert(src, tmp_path / "bad", group=group, **kwargs, **common)
     assert not (tmp_path / "bad").exists()

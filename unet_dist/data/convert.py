@@ -107,6 +107,9 @@ def split_units(samples: list[Sample], split_by: str, group: str | None,
             raise ConvertError(f"--group {group!r}: {len(set(missing))} image file(s) do not match it, such as "
                                f"{missing[0].name}; every file needs a group")
         units = [m.group(1) if pattern.groups else m.group(0) for m in found]
+        if split and len(set(units)) < 2:
+            raise ConvertError(f"--group {group!r}: every file is in one group ({units[0]!r}); a val split needs "
+                               "two groups or more")
         return "group", units, "groups"
     if split_by == "auto":
         split_by = "file" if files >= 2 else "page"
@@ -333,15 +336,15 @@ def convert(
         n_val = int(round(n * val_fraction))
         if val_fraction > 0 and n >= 2:
             n_val = min(max(n_val, 1), n - 1)
-        # Whole units up to n_val samples: a unit that would overshoot is passed over, unless val
-        # would otherwise stay empty. n_val < n, so at least one unit is left for training.
+        # Whole units up to n_val samples: a unit that would overshoot is passed over. Where none
+        # fits, the smallest unit is val (split_units saw to two units or more, so one is left).
         val_units, taken = set(), 0
         for u in unit_order:
-            if taken >= n_val:
-                break
-            if taken + unit_size[u] <= n_val or not taken:
+            if taken + unit_size[u] <= n_val:
                 val_units.add(u)
                 taken += unit_size[u]
+        if n_val and not val_units:
+            val_units.add(min(unit_order, key=lambda u: unit_size[u]))
     in_val = [units[k] in val_units for k in order]
     n_val = sum(in_val)
     if fold is not None:
