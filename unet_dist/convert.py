@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert: skipped {len(m['skipped'])} files (see {args.out}/manifest.json); first: "
               f"{first['file']}: {first['reason']}", file=sys.stderr)
     records = {s: m[s]["records"] for s in ("train", "val")}
-    # Where stacks gave several records per file, say how the files were split.
+    # Where files were kept together (groups, or stacks that gave several records a file), say so.
     if m["groups"]:
         files = f" (split by group: {m['groups']['train']} and {m['groups']['val']} groups)"
     else:

@@ -95,6 +95,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     if not runtime.is_chief:
         return 0
+
     def own(cm):  # an image's or a stack's own scores
         return {key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")}
 
