@@ -93,7 +93,6 @@ def split_units(samples: list[Sample], split_by: str, group: str | None,
     """(split_by resolved: "file", "page" or "group"; each sample's unit, the key it is dealt into
     train or val by; what the units are called in messages). split: whether there is a val split
     to make (a file cannot be split by file when it is the only one). Raises ConvertError."""
-    files = len({s.image for s in samples})
     if group is not None:
         if split_by == "page":
             raise ConvertError(f"--group {group!r} keeps files together; it cannot be used with --split-by page")
@@ -111,6 +110,7 @@ def split_units(samples: list[Sample], split_by: str, group: str | None,
             raise ConvertError(f"--group {group!r}: every file is in one group ({units[0]!r}); a val split needs "
                                "two groups or more")
         return "group", units, "groups"
+    files = len({s.image for s in samples})
     if split_by == "auto":
         split_by = "file" if files >= 2 else "page"
     if split_by == "file" and files < 2 and split:
@@ -349,9 +349,8 @@ def convert(
     n_val = sum(in_val)
     if fold is not None:
         val_fraction = n_val / n
-    split_of = {int(k): ("val" if in_val[j] else "train") for j, k in enumerate(order)}
     tasks = [
-        Task(j, split_of[int(k)], samples[k], layout, classes, image_size, num_classes)
+        Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -412,8 +411,7 @@ def convert(
             "fold": list(fold) if fold else None,
             "split_by": split_by,
             "group": group,
-            "groups": ({sp: len({units[k] for k, v in zip(order, in_val, strict=True) if v == (sp == "val")})
-                        for sp in ("train", "val")} if group is not None else None),
+            "groups": {"train": n_units - len(val_units), "val": len(val_units)} if group is not None else None,
             "files": {s: len(f) for s, f in files_in.items()},
             "train": {"records": written["train"], "shards": names["train"]},
             "val": {"records": written["val"], "shards": names["val"]},
