@@ -419,7 +419,7 @@ class MirroredRuntime(Runtime):
         if not variables or self.num_replicas == 1:
             return
         if self._averager is None:  # traced once: the trainer passes the same variables each time
-            @tf.function
+            @tf.function(autograph=False)
             def average():
                 # A MirroredVariable read in replica context is that replica's copy; assigned in
                 # cross-replica context, every copy (of every worker) takes the value.

@@ -159,7 +159,7 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
 def traced(fn):
     """`fn` (`tile_predict_fn`'s or `resize_predict_fn`'s function) as one traced function, for any batch
     and image size: after the first sizes it traces once with unknown dimensions, not once per size."""
-    return tf.function(fn, reduce_retracing=True)
+    return tf.function(fn, reduce_retracing=True, autograph=False)
 
 
 def _reflect_indices(n, before, after) -> tf.Tensor:

@@ -98,7 +98,7 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
         return loss, tape.gradient(scaled, model.trainable_variables)
 
     if xla:
-        forward_backward = tf.function(forward_backward, jit_compile=True)
+        forward_backward = tf.function(forward_backward, jit_compile=True, autograph=False)
 
     def replica_step(batch, stop):
         loss, grads = forward_backward(batch)
@@ -108,7 +108,7 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
         optimizer.apply(grads, model.trainable_variables)
         return {**out, "nonfinite": 1.0 - tf.cast(finite, tf.float32)}
 
-    @tf.function
+    @tf.function(autograph=False)  # Python control flow only (see data/pipeline.py: plain)
     def step(batch, stop=None):
         return runtime.run_step(replica_step, batch, tf.zeros([]) if stop is None else stop)
 
@@ -131,7 +131,7 @@ class Evaluator:
         _, per_replica = runtime.batch_sizes()
         self.dataset = eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest, split)
 
-        @tf.function(reduce_retracing=True)  # the last batch may be smaller: one more trace, not one per size
+        @tf.function(reduce_retracing=True, autograph=False)  # the last batch may be smaller: one more trace, not one per size
         def eval_step(batch):
             probs = model(batch["image"], training=False)
             pred = predict_classes(probs)

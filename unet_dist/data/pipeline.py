@@ -30,6 +30,12 @@ from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
 
 log = logging.getLogger(__name__)
+# Every function this package traces (dataset maps, steps) branches and loops on Python values only
+# (config, static shapes; inference's tile loop is an explicit tf.while_loop), never on tensors,
+# so AutoGraph's source rewrite of each one buys nothing and costs start-up time on every process
+# (1-2 s of a tiny run's ~10 s, measured); Keras 3 skips it for its own train step too.
+# tf.function(..., autograph=False) says the same for the step functions.
+plain = tf.autograph.experimental.do_not_convert
 AUTOTUNE = tf.data.AUTOTUNE
 FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -274,7 +280,7 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     ds = ds.enumerate()  # (global index in this stream, record)
     if det:
         ds = ds.skip(start_step * global_batch)  # raw records only: cheap, no decoding
-        ds = ds.filter(lambda j, _: (j % global_batch) // per_pipeline == shard.index)
+        ds = ds.filter(plain(lambda j, _: (j % global_batch) // per_pipeline == shard.index))
     elif start_step:
         ds = ds.skip(start_step * per_pipeline)
     size = train_size(cfg)
@@ -304,11 +310,11 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
             out["weight"] = _crop_labels(tf.ensure_shape(w, [local_batch, *size, 1]), cfg, size)
         return out
 
-    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=det)
+    ds = ds.map(plain(decode), num_parallel_calls=AUTOTUNE, deterministic=det)
     if cfg.data.skip_corrupt_records:
         ds = ds.ignore_errors(log_warning=True)  # opt-in: each lost record is logged
     ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(augment, num_parallel_calls=AUTOTUNE, deterministic=det).prefetch(AUTOTUNE)
+    ds = ds.map(plain(augment), num_parallel_calls=AUTOTUNE, deterministic=det).prefetch(AUTOTUNE)
     return ds.with_options(_options(det))
 
 
@@ -332,5 +338,5 @@ def eval_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Sha
         return {"image": image, "mask": _crop_labels(mask, cfg, size)}
 
     ds = tf.data.TFRecordDataset(files).shard(shard.count, shard.index)
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(plain(prepare), num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(local_batch).prefetch(AUTOTUNE).with_options(_options(True))

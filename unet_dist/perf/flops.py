@@ -40,7 +40,7 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     a = tf.cast(rng.normal([n, n]), dtype)
     b = tf.cast(rng.normal([n, n]) / n**0.5, dtype)
 
-    @tf.function
+    @tf.function(autograph=False)
     def chain(x, y):
         for _ in range(reps):
             x = tf.matmul(x, y)
