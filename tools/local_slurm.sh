@@ -40,7 +40,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # Also how long a requeued job waits before it may start again (default 120 s): short for tests.
-AuthInfo=cred_expire=20
+AuthInfo=cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -58,6 +58,9 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 SchedulerType=sched/backfill
+# A requeued job becomes eligible cred_expire s after requeueing and is started by the backfill loop
+# or the main one (every 30 and 60 s by default): a preempted test job waited 44-78 s in all.
+SchedulerParameters=bf_interval=1,sched_interval=2
 NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
@@ -67,8 +70,12 @@ running() { SLURM_CONF=$CONF timeout 10 sinfo -h -o '%T' 2>/dev/null | grep -qE 
 
 start() {
   install
-  if [ -f "$CONF" ] && running; then say "already running: export SLURM_CONF=$CONF"; return 0; fi
+  local before=""
+  [ -f "$CONF" ] && before=$(cat "$CONF")
   write_conf
+  # Running with this very config: nothing to do. A changed config (an update of this script)
+  # restarts the daemons with it.
+  if [ "$before" = "$(cat "$CONF")" ] && running; then say "already running: export SLURM_CONF=$CONF"; return 0; fi
   if ! pgrep -x munged >/dev/null; then
     [ -f /etc/munge/munge.key ] || { mkdir -p /etc/munge; dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }
     chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge 2>/dev/null || true
