@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, model_weights, run_module, subprocess_env, tiny_overrides
+from conftest import ROOT, model_weights, subprocess_env, tiny_overrides
 from PIL import Image
 
 from unet_dist.distribute import free_ports
@@ -268,8 +268,11 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     # A 2-worker evaluation of the checkpoint equals a 1-worker one: summed confusion matrices.
     horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
                "--out", str(tmp_path / "eval2.json"))
-    run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
-               "--out", str(tmp_path / "eval1.json"), "--strategy", "single", check=True)
+    from unet_dist.evaluate import main as evaluate_main
+    from unet_dist.predict import main as predict_main
+
+    assert evaluate_main(["--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
+                          "--out", str(tmp_path / "eval1.json"), "--strategy", "single"]) == 0
     e1, e2 = (json.loads((tmp_path / f"eval{i}.json").read_text()) for i in (1, 2))
     assert e2["world_size"] == 2 and e1["world_size"] == 1
     assert e1["val_records"] == e2["val_records"]
@@ -280,9 +283,6 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
     # predict and evaluate --images take every other image on each rank (one GPU per rank on a GPU
     # node) and give what one process gives; a corrupt image is skipped once.
-    from unet_dist.evaluate import main as evaluate_main
-    from unet_dist.predict import main as predict_main
-
     src = tmp_path / "src"
     shutil.copytree(pet_src, src)
     (src / "images" / sorted(p.name for p in (src / "images").iterdir())[3]).write_bytes(b"not a jpeg")
@@ -313,8 +313,10 @@ def test_evaluated_and_saved_batch_norm_statistics_are_the_replicas_mean(shards,
     w = tmp_path / "w"
     two_replicas("multiworker", shards, w, tiny_overrides(steps=4))
     s = json.loads((w / "summary.json").read_text())
-    run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
-               "--out", str(tmp_path / "eval1.json"), "--strategy", "single", check=True)
+    from unet_dist.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--workdir", str(w), "--data", str(shards), "--checkpoint", "latest",
+                          "--out", str(tmp_path / "eval1.json"), "--strategy", "single"]) == 0
     e1 = json.loads((tmp_path / "eval1.json").read_text())
     assert s["num_replicas"] == 2 and e1["world_size"] == 1
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)

@@ -39,7 +39,7 @@ def _hvd(cmd):
 @needs_horovod
 def test_killed_rank_ends_the_job_and_rerun_resumes_exactly(shards, tmp_path):
     straight, w = tmp_path / "straight", tmp_path / "w"
-    subprocess.run(_cmd(shards, straight), cwd=ROOT, env=subprocess_env(), check=True, capture_output=True, timeout=600)
+    train(load_config(None, [*OVER, "runtime.deterministic=true"]), shards, straight)  # here: no start-up to wait for
     proc = subprocess.Popen(_hvd(_cmd(shards, w)), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(w, 12, proc)

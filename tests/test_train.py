@@ -185,12 +185,18 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     args = ["--data", str(shards), "--workdir", str(w), "--deterministic"]
     for o in tiny_overrides(steps=3):
         args += ["--set", o]
-    run_module("unet_dist.train", *args, check=True)
+    run_module("unet_dist.train", *args, check=True)  # one real `python -m`; the rest run main() here
+
+    def cli(module, *argv):
+        done = run_main(capsys, module, *argv)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
     summary = json.loads((w / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 1
-    again = run_module("unet_dist.train", *args, check=True)  # already done: resumes at 3, trains nothing
+    again = cli("unet_dist.train", *args)  # already done: resumes at 3, trains nothing
     assert "resuming at step 3" in again.stdout
-    ev = run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), check=True)
+    ev = cli("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards))
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
     assert json.loads((w / "eval.json").read_text()) == metrics and not list(w.glob(".eval.json.*"))
     assert metrics["val_records"] == json.loads((shards / "manifest.json").read_text())["val"]["records"]
@@ -207,8 +213,8 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     rotated.save(tmp_path / "exif.jpg", exif=exif.tobytes())
     out = tmp_path / "pred"
     for mode in ("tile", "resize"):
-        run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), str(tmp_path / "rgba.png"),
-                   str(tmp_path / "exif.jpg"), "--out", str(out / mode), "--mode", mode, check=True)
+        cli("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), str(tmp_path / "rgba.png"),
+            str(tmp_path / "exif.jpg"), "--out", str(out / mode), "--mode", mode)
         for stem, shape in (("gray", img.shape[:2]), ("rgba", img.shape[:2]), ("exif", img.shape[1::-1])):
             mask = Image.open(out / mode / f"{stem}_mask.png")
             assert mask.size == (shape[1], shape[0]), (mode, stem)
@@ -218,8 +224,7 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     for name in ("a.png", "b.jpg"):
         Image.fromarray(img).save(tmp_path / "folder" / name)
     (tmp_path / "folder" / "notes.txt").write_text("x")
-    run_module("unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out", str(out / "folder"),
-               check=True)
+    cli("unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out", str(out / "folder"))
     assert sorted(p.name for p in (out / "folder").iterdir()) == ["a_mask.png", "a_overlay.png", "b_mask.png",
                                                                   "b_overlay.png"]
     empty = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder" / "deeper"), "--out",
@@ -276,8 +281,7 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
                             (["--mode", "tile", "--overlap", "8", "--tta", "flip"],
                              "tile mode: as --mode asks; averaged over 4 mirror images",
                              mirrored(tile_predict_fn(model, cfg, overlap=8)))):
-        done = run_module("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), *flags,
-                          check=True)
+        done = cli("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), *flags)
         assert says in done.stdout, done.stdout
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp")]
         loaded = tf.saved_model.load(str(tmp_path / "export"))  # held: serve needs its variables alive
