@@ -105,9 +105,12 @@ def _assert_same_run(ref, other, name, rtol=1e-5):
 
 
 def _one_process(shards, tmp_path_factory, name, overrides):
-    """The reference run of a module-scoped fixture: one process, one device."""
+    """The reference run of a module-scoped fixture: one device, in this process (the replicas are
+    the runs under test; a child process would only add TensorFlow's start-up)."""
+    from unet_dist.train import main
+
     w = tmp_path_factory.mktemp(name) / "w"
-    python_run(*_args(shards, w, overrides + ["runtime.strategy=single"]))
+    assert main(_args(shards, w, overrides + ["runtime.strategy=single"])[2:]) == 0
     return w
 
 
@@ -341,12 +344,16 @@ def test_mpirun_end_to_end(shards, tmp_path):
 
 
 @needs_horovod
-def test_resume_across_world_sizes(shards, single_run, tmp_path):
+def test_resume_across_world_sizes(shards, single_run, tmp_path, capsys):
     # 3 steps on 2 Horovod ranks, then steps 4-5 on one process: the same run as 5 steps on one.
     w = tmp_path / "w"
     horovodrun(*_args(shards, w, EQUIV + ["train.steps=3", "train.checkpoint_every_steps=3"]))
-    proc = python_run(*_args(shards, w, EQUIV + ["runtime.strategy=single"]))
-    assert "resuming at step 3" in proc.stdout and "world_size 1" in proc.stdout
+    from unet_dist.train import main
+
+    capsys.readouterr()
+    assert main(_args(shards, w, EQUIV + ["runtime.strategy=single"])[2:]) == 0
+    out = capsys.readouterr().out
+    assert "resuming at step 3" in out and "world_size 1" in out
     _assert_same_run(single_run, w, "horovod 2 -> single")
 
 
