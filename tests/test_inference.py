@@ -207,15 +207,26 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     # predict --out INPUT, then predict INPUT again: the earlier masks and overlays are not images to predict.
     from PIL import Image
 
-    from unet_dist.predict import expand_folders, save_outputs
+    from unet_dist.data.imageio import samples_of
+    from unet_dist.predict import expand_folders, save_outputs, stacks_of, write_stack
 
     image = np.full((6, 8, 3), 200, np.uint8)
     for name in ("a.png", "b_mask.png"):  # b_mask.png has no overlay: the user's own image, kept
         Image.fromarray(image).save(tmp_path / name)
     save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "a")
+    # A stack's outputs: a pair per page, and the pages' masks as one stack.
+    Image.fromarray(image).save(tmp_path / "v.tif", save_all=True, append_images=[Image.fromarray(image)])
+    [(path, pages)] = stacks_of(samples_of(tmp_path / "v.tif")).items()
+    assert write_stack(path, pages, 0, tmp_path) == (
+        f"predict: v_mask.tif not written: v_p000_mask.png unreadable in {tmp_path} ([Errno 2] No such file or "
+        f"directory: '{tmp_path / 'v_p000_mask.png'}'); with several nodes, --out must be a folder they share", False)
+    for page in pages:
+        save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, page.name)
+    assert write_stack(path, pages, 0, tmp_path)[1] and (tmp_path / "v_mask.tif").exists()
     found, notes = expand_folders([tmp_path])
-    assert [p.name for p in found] == ["a.png", "b_mask.png"]
-    assert notes == [f"predict: {tmp_path}: leaving out 1 earlier predictions (X_mask.png with X_overlay.png)"]
+    assert [p.name for p in found] == ["a.png", "b_mask.png", "v.tif"]
+    assert notes == [f"predict: {tmp_path}: leaving out 3 earlier predictions (X_mask.png with X_overlay.png, "
+                     "and X_mask.tif stacks)"]
     assert expand_folders([tmp_path / "a_mask.png"]) == ([tmp_path / "a_mask.png"], [])  # named, it is predicted
 
 

@@ -1,6 +1,7 @@
 """Training on one process: it learns, it resumes exactly, it stops on NaN, it predicts and exports."""
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -594,7 +595,7 @@ def _each(flag, values):
     return [v for value in values for v in (flag, str(value))]
 
 
-def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src, tmp_path, capsys):
+def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src, tmp_path, capsys, monkeypatch):
     # The folds of a cross-validation (or runs with other seeds) are used together: predict, export
     # and evaluate --images average their probabilities, as nnU-Net ensembles its five folds.
     from PIL import Image
@@ -641,10 +642,36 @@ def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src,
     truth[0].save(stack / "masks" / "vol.tif", save_all=True, append_images=truth[1:])
     assert predict_main([*_each("--workdir", runs), str(stack / "images"), "--out", str(tmp_path / "spred")]) == 0
     assert sorted(p.name for p in (tmp_path / "spred").glob("*_mask.png")) == ["vol_p000_mask.png", "vol_p001_mask.png"]
-    for i in range(2):
-        mask = np.asarray(Image.open(tmp_path / "spred" / f"vol_p{i:03d}_mask.png"))
-        np.testing.assert_array_equal(mask, ((one[0] + one[1]) / 2 >= 0.5)[i, ..., 0])
-    capsys.readouterr()
+    # ... and, once every page is done, the page masks as one stack, as the input came.
+    assert f"predict: {tmp_path / 'spred' / 'vol_mask.tif'}: the 2 page masks of " in capsys.readouterr().out
+    with Image.open(tmp_path / "spred" / "vol_mask.tif") as stacked:
+        assert stacked.n_frames == 2
+        for i in range(2):
+            stacked.seek(i)
+            mask = np.asarray(Image.open(tmp_path / "spred" / f"vol_p{i:03d}_mask.png"))
+            np.testing.assert_array_equal(mask, ((one[0] + one[1]) / 2 >= 0.5)[i, ..., 0])
+            np.testing.assert_array_equal(np.asarray(stacked), mask)
+    # Predicting that folder again (here: into it) leaves the stack of masks out, with the pages' pairs.
+    shutil.copytree(tmp_path / "spred", stack / "images", dirs_exist_ok=True)
+    assert predict_main([*_each("--workdir", runs), str(stack / "images"), "--out", str(stack / "images")]) == 0
+    out, err = capsys.readouterr()
+    assert "leaving out 2 earlier predictions" in err and "predict: 2 images" in out, (out, err)
+    # A page that cannot be predicted leaves the stack unwritten, and says so.
+    import unet_dist.data.imageio as imageio
+
+    real_load_rgb = imageio.load_rgb
+
+    def page_1_broken(path, page=0):
+        if page == 1:
+            raise imageio.BadImage("broken")
+        return real_load_rgb(path, page)
+
+    monkeypatch.setattr(imageio, "load_rgb", page_1_broken)
+    assert predict_main([*_each("--workdir", runs), str(stack / "images" / "vol.tif"), "--out",
+                         str(tmp_path / "broken")]) == 0
+    assert "vol_mask.tif not written: 1 of the 2 pages of " in capsys.readouterr().err
+    assert not (tmp_path / "broken" / "vol_mask.tif").exists()
+    monkeypatch.undo()
     assert evaluate_main([*_each("--workdir", runs), "--images", str(stack), "--layout", "folders",
                           "--out", str(tmp_path / "stack.json")]) == 0
     scored = json.loads((tmp_path / "stack.json").read_text())

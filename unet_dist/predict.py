@@ -5,11 +5,12 @@
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
-less the X_mask.png and X_overlay.png pairs an earlier predict wrote there.
+less the X_mask.png and X_overlay.png pairs (and X_mask.tif stacks) an earlier predict wrote there.
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask); for page 7 of a multi-page
-TIFF, <stem>_p007_mask.png and <stem>_p007_overlay.png.
+TIFF, <stem>_p007_mask.png and <stem>_p007_overlay.png, and once every page is done, PRED/<stem>_mask.tif:
+the page masks as one stack (as Fiji and the ISBI 2012 challenge take them).
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.
@@ -102,14 +103,51 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
             overlay = name.removesuffix("_mask.png") + "_overlay.png"
             if name.endswith("_mask.png") and overlay in names:
                 earlier |= {name, overlay}
+            elif name.endswith("_mask.tif") and name.removesuffix("_mask.tif") + "_p000_overlay.png" in names:
+                earlier.add(name)  # a stack of page masks: counted with its pages' pairs
         if earlier:
-            notes.append(f"predict: {path}: leaving out {len(earlier) // 2} earlier predictions (X_mask.png with "
-                         "X_overlay.png)")
+            pairs = sum(name.endswith("_overlay.png") for name in earlier)
+            notes.append(f"predict: {path}: leaving out {pairs} earlier predictions (X_mask.png with "
+                         "X_overlay.png, and X_mask.tif stacks)")
         found = [p for p in found if p.name not in earlier]
         if not found:
             raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         out += found
     return out, notes
+
+
+def stacks_of(samples) -> dict:
+    """{multi-page TIFF: its pages' samples in page order}, in the order the files came."""
+    stacks: dict = {}
+    for s in samples:
+        if s.stacked:
+            stacks.setdefault(s.image, []).append(s)
+    return stacks
+
+
+def write_stack(path: Path, pages: list, failed: int, out: Path) -> tuple[str, bool]:
+    """Writes OUT/STEM_mask.tif, the page masks (STEM_pNNN_mask.png, from every process) as one
+    multi-page TIFF of palette class ids; returns (predict's line about it, whether it was written).
+    Not written when pages were skipped, or when a page's mask is not in OUT (processes on other
+    nodes wrote into a folder of their own, not a shared one). Holds the stack's masks in memory,
+    one byte a pixel. Raises OSError when the write fails."""
+    from unet_dist.logs import atomic_write_bytes
+
+    target = out / f"{path.stem}_mask.tif"
+    if failed:
+        return f"predict: {target.name} not written: {failed} of the {len(pages)} pages of {path} were skipped", False
+    masks = []
+    for page in pages:
+        try:
+            with Image.open(out / f"{page.name}_mask.png") as mask:
+                masks.append(mask.copy())
+        except OSError as e:
+            return (f"predict: {target.name} not written: {page.name}_mask.png unreadable in {out} ({e}); "
+                    "with several nodes, --out must be a folder they share"), False
+    buf = io.BytesIO()
+    masks[0].save(buf, format="TIFF", save_all=True, append_images=masks[1:], compression="tiff_adobe_deflate")
+    atomic_write_bytes(target, buf.getvalue())
+    return f"predict: {target}: the {len(pages)} page masks of {path} as one stack", True
 
 
 def add_mode_args(p: argparse.ArgumentParser) -> None:
@@ -169,7 +207,10 @@ def main(argv=None) -> int:
     for note in notes:
         runtime.print(note, file=sys.stderr)
     shard = runtime.process_shard
-    failed, unwritten = 0, None
+    stacks = stacks_of(samples)
+    stack_index = {path: i for i, path in enumerate(stacks)}
+    # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
+    counts, unwritten = np.zeros(2 + len(stacks)), None
     writer = Writer(args.out)
     try:
         for sample in samples[shard.index::shard.count]:  # each process every N-th image; no two write one file
@@ -178,7 +219,9 @@ def main(argv=None) -> int:
                 probs = predictor(image).numpy()
             except (BadImage, OSError, PredictionError) as e:
                 print(f"predict: skipping {sample.where}: {e}", file=sys.stderr)
-                failed += 1
+                counts[0] += 1
+                if sample.stacked:
+                    counts[2 + stack_index[sample.image]] += 1
                 continue
             writer.put(image, np.asarray(classes_from_probs(probs)), sample.name)
     except OSError as e:  # a write failed (a full disk): the next images would fail the same way
@@ -191,13 +234,22 @@ def main(argv=None) -> int:
     if unwritten:
         print(f"predict: error: writing into {args.out}: {unwritten}; the masks written before it are whole",
               file=sys.stderr)
+        counts[1] = 1
     # Every process takes part in the sum, also one that stopped: the others would wait for it.
-    failed, stopped = runtime.allreduce_sum(np.array([failed, unwritten is not None], np.float64))
-    if stopped:
+    counts = runtime.allreduce_sum(counts)
+    if counts[1]:
         return 1
-    failed = int(failed)
+    failed = int(counts[0])
     processes = f" on {runtime.world_size} processes" * (runtime.world_size > 1)
     runtime.print(f"predict: {len(samples) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
+    if runtime.is_chief:  # after the sum: every process's pages are written
+        for path, pages in stacks.items():
+            try:
+                said, whole = write_stack(path, pages, int(counts[2 + stack_index[path]]), args.out)
+            except OSError as e:
+                print(f"predict: error: writing into {args.out}: {e}; the page masks are whole", file=sys.stderr)
+                return 1
+            print(said, file=sys.stdout if whole else sys.stderr)
     return 1 if failed == len(samples) else 0
 
 
