@@ -10,7 +10,7 @@ less the X_mask.png and X_overlay.png pairs (and X_mask.tif stacks) an earlier p
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask); for page 7 of a multi-page
 TIFF, <stem>_p007_mask.png and <stem>_p007_overlay.png, and once every page is done, PRED/<stem>_mask.tif:
-the page masks as one stack (as Fiji and the ISBI 2012 challenge take them).
+the page masks as one stack, one file per volume as the input was.
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # Every function this package traces (dataset maps, steps) branches and loops on Python values only
 # (config, static shapes; inference's tile loop is an explicit tf.while_loop), never on tensors,
 # so AutoGraph's source rewrite of each one buys nothing and costs start-up time on every process
-# (1-2 s of a tiny run's ~10 s, measured); Keras 3 skips it for its own train step too.
+# (about 1 s of a 4-step run's 9 s, measured); Keras 3 skips it for its own train step too.
 # tf.function(..., autograph=False) says the same for the step functions.
 plain = tf.autograph.experimental.do_not_convert
 AUTOTUNE = tf.data.AUTOTUNE
