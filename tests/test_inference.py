@@ -207,8 +207,8 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     # predict --out INPUT, then predict INPUT again: the earlier masks and overlays are not images to predict.
     from PIL import Image
 
-    from unet_dist.data.imageio import samples_of
-    from unet_dist.predict import expand_folders, save_outputs, stacks_of, write_stack
+    from unet_dist.data.imageio import samples_of, stacks_of
+    from unet_dist.predict import expand_folders, save_outputs, write_stack
 
     image = np.full((6, 8, 3), 200, np.uint8)
     for name in ("a.png", "b_mask.png"):  # b_mask.png has no overlay: the user's own image, kept
@@ -216,7 +216,9 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "a")
     # A stack's outputs: a pair per page, and the pages' masks as one stack.
     Image.fromarray(image).save(tmp_path / "v.tif", save_all=True, append_images=[Image.fromarray(image)])
-    [(path, pages)] = stacks_of(samples_of(tmp_path / "v.tif")).items()
+    samples = samples_of(tmp_path / "v.tif")
+    [(path, indices)] = stacks_of(samples).items()
+    pages = [samples[i] for i in indices]
     assert write_stack(path, pages, 0, tmp_path) == (
         f"predict: v_mask.tif not written: v_p000_mask.png unreadable in {tmp_path} ([Errno 2] No such file or "
         f"directory: '{tmp_path / 'v_p000_mask.png'}'); with several nodes, --out must be a folder they share", False)

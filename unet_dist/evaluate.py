@@ -48,7 +48,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.convert import ConvertError, find_pairs, load_pair
-    from unet_dist.data.imageio import BadImage
+    from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import atomic_write_text
@@ -103,10 +103,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                   **own(counts[i])} for i in np.flatnonzero(read)]
     # A stack (an EM or microscopy volume) is also scored whole, from its pages' summed counts: the
     # per-volume score nnU-Net and the EM challenges report.
-    stacks: dict[Path, list[int]] = {}
-    for i in np.flatnonzero(read):
-        if samples[i].stacked:
-            stacks.setdefault(samples[i].image, []).append(i)
+    stacks = {f: kept for f, pages in stacks_of(samples).items() if (kept := [i for i in pages if read[i]])}
     per_stack = sorted(({"image": str(f), "pages": len(pages), **own(counts[pages].sum(axis=0))}
                         for f, pages in stacks.items()), key=lambda r: r["iou"])
     metrics = {**scores(counts[read].sum(axis=0)), "images": len(per_image),

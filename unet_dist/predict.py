@@ -116,15 +116,6 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return out, notes
 
 
-def stacks_of(samples) -> dict:
-    """{multi-page TIFF: its pages' samples in page order}, in the order the files came."""
-    stacks: dict = {}
-    for s in samples:
-        if s.stacked:
-            stacks.setdefault(s.image, []).append(s)
-    return stacks
-
-
 def write_stack(path: Path, pages: list, failed: int, out: Path) -> tuple[str, bool]:
     """Writes OUT/STEM_mask.tif, the page masks (STEM_pNNN_mask.png, from every process) as one
     multi-page TIFF of palette class ids; returns (predict's line about it, whether it was written).
@@ -175,7 +166,7 @@ def main(argv=None) -> int:
     add_mode_args(p)
     add_strategy_arg(p, "the backend (default: auto, from how predict was started)")
     args = p.parse_args(argv)
-    from unet_dist.data.imageio import samples_of
+    from unet_dist.data.imageio import samples_of, stacks_of
 
     try:
         images, notes = expand_folders(args.images)
@@ -245,7 +236,8 @@ def main(argv=None) -> int:
     if runtime.is_chief:  # after the sum: every process's pages are written
         for path, pages in stacks.items():
             try:
-                said, whole = write_stack(path, pages, int(counts[2 + stack_index[path]]), args.out)
+                said, whole = write_stack(path, [samples[i] for i in pages], int(counts[2 + stack_index[path]]),
+                                          args.out)
             except OSError as e:
                 print(f"predict: error: writing into {args.out}: {e}; the page masks are whole", file=sys.stderr)
                 return 1

@@ -80,6 +80,15 @@ def samples_of(image: Path, mask: Path | None = None) -> list[Sample]:
     return [Sample(f"{image.stem}_p{i:03d}", image, i, mask) for i in range(pages)]
 
 
+def stacks_of(samples: list[Sample]) -> dict[Path, list[int]]:
+    """{multi-page TIFF: the indices in `samples` of its pages, in page order}, in the order the files came."""
+    stacks: dict[Path, list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.stacked:
+            stacks.setdefault(s.image, []).append(i)
+    return stacks
+
+
 def _open(path: Path, page: int = 0) -> Image.Image:
     try:
         size = path.stat().st_size
