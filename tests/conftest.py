@@ -58,11 +58,12 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     return proc
 
 
-def run_main(capsys, module: str, *args: str) -> subprocess.CompletedProcess:
+def run_main(capsys, module: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
     """`python -m module args...` run in this process through the module's main(), as a
     CompletedProcess: for the error paths, whose exit code and one stderr line are what is tested,
-    without a child process's TensorFlow start-up (seconds each). SystemExit ends it as it would end
-    the interpreter: sys.exit("message") prints the message and exits 1."""
+    and for commands whose start-up is not under test, without a child process's TensorFlow start-up
+    (seconds each). SystemExit ends it as it would end the interpreter: sys.exit("message") prints
+    the message and exits 1. check: as run_module's."""
     import importlib
 
     main = importlib.import_module(module).main
@@ -75,6 +76,8 @@ def run_main(capsys, module: str, *args: str) -> subprocess.CompletedProcess:
         print(code, file=sys.stderr)
         code = 1
     out, err = capsys.readouterr()
+    if check and code not in (0, None):
+        raise AssertionError(f"{module} exited {code}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
     return subprocess.CompletedProcess([module, *args], code, out, err)
 
 

@@ -187,17 +187,11 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     for o in tiny_overrides(steps=3):
         args += ["--set", o]
     run_module("unet_dist.train", *args, check=True)  # one real `python -m`; the rest run main() here
-
-    def cli(module, *argv):
-        done = run_main(capsys, module, *argv)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
-
     summary = json.loads((w / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 1
-    again = cli("unet_dist.train", *args)  # already done: resumes at 3, trains nothing
+    again = run_main(capsys, "unet_dist.train", *args, check=True)  # already done: resumes at 3, trains nothing
     assert "resuming at step 3" in again.stdout
-    ev = cli("unet_dist.evaluate", "--workdir", str(w), "--data", str(shards))
+    ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), check=True)
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
     assert json.loads((w / "eval.json").read_text()) == metrics and not list(w.glob(".eval.json.*"))
     assert metrics["val_records"] == json.loads((shards / "manifest.json").read_text())["val"]["records"]
@@ -214,8 +208,9 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     rotated.save(tmp_path / "exif.jpg", exif=exif.tobytes())
     out = tmp_path / "pred"
     for mode in ("tile", "resize"):
-        cli("unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), str(tmp_path / "rgba.png"),
-            str(tmp_path / "exif.jpg"), "--out", str(out / mode), "--mode", mode)
+        run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"),
+                 str(tmp_path / "rgba.png"), str(tmp_path / "exif.jpg"), "--out", str(out / mode), "--mode", mode,
+                 check=True)
         for stem, shape in (("gray", img.shape[:2]), ("rgba", img.shape[:2]), ("exif", img.shape[1::-1])):
             mask = Image.open(out / mode / f"{stem}_mask.png")
             assert mask.size == (shape[1], shape[0]), (mode, stem)
@@ -225,7 +220,8 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     for name in ("a.png", "b.jpg"):
         Image.fromarray(img).save(tmp_path / "folder" / name)
     (tmp_path / "folder" / "notes.txt").write_text("x")
-    cli("unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out", str(out / "folder"))
+    run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out", str(out / "folder"),
+             check=True)
     assert sorted(p.name for p in (out / "folder").iterdir()) == ["a_mask.png", "a_overlay.png", "b_mask.png",
                                                                   "b_overlay.png"]
     empty = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder" / "deeper"), "--out",
@@ -282,7 +278,8 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
                             (["--mode", "tile", "--overlap", "8", "--tta", "flip"],
                              "tile mode: as --mode asks; averaged over 4 mirror images",
                              mirrored(tile_predict_fn(model, cfg, overlap=8)))):
-        done = cli("unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), *flags)
+        done = run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), *flags,
+                        check=True)
         assert says in done.stdout, done.stdout
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp")]
         loaded = tf.saved_model.load(str(tmp_path / "export"))  # held: serve needs its variables alive
