@@ -293,12 +293,13 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     pages = [Image.open(p).convert("RGB") for p in sorted((pet_src / "images").iterdir())[:3]]
     pages[0].save(tmp_path / "vol.tif", save_all=True, append_images=pages[1:])
     common = ["--workdir", str(w), "--strategy", "single"]
-    assert predict_main([*common, str(src / "images"), str(tmp_path / "vol.tif"), "--out", str(tmp_path / "p1")]) == 0
+    assert predict_main([*common, str(src / "images"), str(tmp_path / "vol.tif"), "--out", str(tmp_path / "p1"),
+                         "--probabilities"]) == 0
     assert evaluate_main([*common, "--images", str(src), "--out", str(tmp_path / "e1.json")]) == 0
     proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), str(tmp_path / "vol.tif"),
-                      "--out", str(tmp_path / "p2"))
+                      "--out", str(tmp_path / "p2"), "--probabilities")
     assert proc.stdout.count("predict: 50 images on 2 processes") == 1, proc.stdout  # the chief's summary alone
-    assert proc.stdout.count("the 3 page masks of") == 1, proc.stdout
+    assert proc.stdout.count("the 3 page masks of") == 1 and "(their probabilities in vol_probs.tif)" in proc.stdout
     assert proc.stderr.count("skipping") == 1, proc.stderr
     horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / "e2.json"))
     masks = sorted(p.name for p in (tmp_path / "p1").glob("*_mask.png"))
@@ -311,6 +312,12 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
         for i in range(3):
             stacked.seek(i)
             assert np.array_equal(np.asarray(stacked), np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_mask.png")))
+    with Image.open(tmp_path / "p2" / "vol_probs.tif") as stacked:  # the foreground's, a page each
+        assert stacked.n_frames == 3
+        for i in range(3):
+            stacked.seek(i)
+            one = np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_probs.tif"))
+            np.testing.assert_allclose(np.asarray(stacked), one, atol=1e-6)
     e1, e2 = (json.loads((tmp_path / f"e{n}.json").read_text()) for n in (1, 2))
     assert (e1.pop("world_size"), e2.pop("world_size")) == (1, 2)
     assert (e1["images"], e1["skipped"]) == (47, 1)

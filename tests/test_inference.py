@@ -143,6 +143,26 @@ def test_an_interrupted_prediction_leaves_the_earlier_outputs_whole(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_mask.png", "a_overlay.png"]  # no temporary left
 
 
+@pytest.mark.parametrize("units", [1, 2, 3])
+def test_probabilities_are_written_as_float32_pages(tmp_path, units):
+    # predict --probabilities: the foreground's probability for a binary model (a sigmoid's unit, or
+    # class 1 of two), one page per class otherwise, to float32 precision.
+    from PIL import Image, ImageSequence
+
+    from unet_dist.predict import save_outputs
+
+    rng = np.random.default_rng(units)
+    probs = rng.random((7, 9, units)).astype(np.float32)
+    probs /= probs.sum(-1, keepdims=True) if units > 1 else 1
+    save_outputs(np.zeros((7, 9, 3), np.uint8), np.zeros((7, 9), np.uint8), tmp_path, "a", probs)
+    with Image.open(tmp_path / "a_probs.tif") as written:
+        pages = [np.asarray(page) for page in ImageSequence.Iterator(written)]
+    expected = [probs[..., -1]] if units <= 2 else [probs[..., k] for k in range(units)]
+    assert len(pages) == len(expected)
+    for page, want in zip(pages, expected, strict=True):
+        assert page.dtype == np.float32 and np.array_equal(page, want)
+
+
 def test_auto_mode_predicts_at_the_scale_training_saw(tmp_path):
     # Training resizes every image to data.image_size, so --mode auto must resize unless the images
     # already were that size (then tiles keep their pixel scale). It used to tile whenever the data
@@ -211,7 +231,7 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     from unet_dist.predict import expand_folders, save_outputs, write_stack
 
     image = np.full((6, 8, 3), 200, np.uint8)
-    for name in ("a.png", "b_mask.png"):  # b_mask.png has no overlay: the user's own image, kept
+    for name in ("a.png", "b_mask.png", "d_probs.tif"):  # no overlay beside b and d: the user's own images, kept
         Image.fromarray(image).save(tmp_path / name)
     save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "a")
     # A stack's outputs: a pair per page, and the pages' masks as one stack.
@@ -222,13 +242,16 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     assert write_stack(path, pages, 0, tmp_path) == (
         f"predict: v_mask.tif not written: v_p000_mask.png unreadable in {tmp_path} ([Errno 2] No such file or "
         f"directory: '{tmp_path / 'v_p000_mask.png'}'); with several nodes, --out must be a folder they share", False)
+    probs = np.full((6, 8, 1), 0.75, np.float32)
     for page in pages:
-        save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, page.name)
-    assert write_stack(path, pages, 0, tmp_path)[1] and (tmp_path / "v_mask.tif").exists()
+        save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, page.name, probs)
+    assert write_stack(path, pages, 0, tmp_path, probabilities=True)[1]
+    assert (tmp_path / "v_mask.tif").exists() and (tmp_path / "v_probs.tif").exists()
+    save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "c", probs)  # an image's pair and probabilities
     found, notes = expand_folders([tmp_path])
-    assert [p.name for p in found] == ["a.png", "b_mask.png", "v.tif"]
-    assert notes == [f"predict: {tmp_path}: leaving out 3 earlier predictions (X_mask.png with X_overlay.png, "
-                     "and X_mask.tif stacks)"]
+    assert [p.name for p in found] == ["a.png", "b_mask.png", "d_probs.tif", "v.tif"]
+    assert notes == [f"predict: {tmp_path}: leaving out 4 earlier predictions (X_mask.png with X_overlay.png "
+                     "and X_probs.tif, and X_mask.tif stacks)"]
     assert expand_folders([tmp_path / "a_mask.png"]) == ([tmp_path / "a_mask.png"], [])  # named, it is predicted
 
 

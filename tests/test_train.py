@@ -625,10 +625,14 @@ def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src,
     image = tmp_path / "x.png"
     Image.fromarray(images.numpy()[0]).save(image)
     capsys.readouterr()
-    assert predict_main([*_each("--workdir", runs), str(image), "--out", str(tmp_path / "pred")]) == 0
+    assert predict_main([*_each("--workdir", runs), str(image), "--out", str(tmp_path / "pred"), "--probabilities"]) == 0
     assert f"checkpoints {both.checkpoints[0]}, {both.checkpoints[1]}" in capsys.readouterr().out
     mask = np.asarray(Image.open(tmp_path / "pred" / "x_mask.png"))
     _assert_mask_of(mask, ((one[0] + one[1]) / 2)[0, ..., 0])
+    # --probabilities: the averaged probabilities the mask was taken from (one unit: the foreground's).
+    probs = np.asarray(Image.open(tmp_path / "pred" / "x_probs.tif"))
+    np.testing.assert_allclose(probs, ((one[0] + one[1]) / 2)[0, ..., 0], atol=1e-5)
+    np.testing.assert_array_equal(mask, probs >= 0.5)
     assert export_main([*_each("--workdir", runs), "--out", str(tmp_path / "export")]) == 0
     loaded = tf.saved_model.load(str(tmp_path / "export"))
     np.testing.assert_allclose(loaded.serve(images)["probabilities"].numpy(), (one[0] + one[1]) / 2, atol=1e-5)
@@ -645,17 +649,22 @@ def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src,
     pages[0].save(stack / "images" / "vol.tif", save_all=True, append_images=pages[1:])
     truth = [Image.fromarray((a[..., 0] > 127).astype(np.uint8)) for a in images.numpy()]
     truth[0].save(stack / "masks" / "vol.tif", save_all=True, append_images=truth[1:])
-    assert predict_main([*_each("--workdir", runs), str(stack / "images"), "--out", str(tmp_path / "spred")]) == 0
+    assert predict_main([*_each("--workdir", runs), str(stack / "images"), "--out", str(tmp_path / "spred"),
+                         "--probabilities"]) == 0
     assert sorted(p.name for p in (tmp_path / "spred").glob("*_mask.png")) == ["vol_p000_mask.png", "vol_p001_mask.png"]
     # ... and, once every page is done, the page masks as one stack, as the input came.
-    assert f"predict: {tmp_path / 'spred' / 'vol_mask.tif'}: the 2 page masks of " in capsys.readouterr().out
-    with Image.open(tmp_path / "spred" / "vol_mask.tif") as stacked:
-        assert stacked.n_frames == 2
+    assert (f"predict: {tmp_path / 'spred' / 'vol_mask.tif'}: the 2 page masks of {stack / 'images' / 'vol.tif'} as "
+            "one stack (their probabilities in vol_probs.tif)") in capsys.readouterr().out
+    with Image.open(tmp_path / "spred" / "vol_mask.tif") as stacked, \
+            Image.open(tmp_path / "spred" / "vol_probs.tif") as stacked_probs:
+        assert stacked.n_frames == stacked_probs.n_frames == 2
         for i in range(2):
             stacked.seek(i)
+            stacked_probs.seek(i)
             mask = np.asarray(Image.open(tmp_path / "spred" / f"vol_p{i:03d}_mask.png"))
             _assert_mask_of(mask, ((one[0] + one[1]) / 2)[i, ..., 0])
             np.testing.assert_array_equal(np.asarray(stacked), mask)
+            np.testing.assert_array_equal(np.asarray(stacked_probs) >= 0.5, mask)
     # Predicting that folder again (here: into it) leaves the stack of masks out, with the pages' pairs.
     again = tmp_path / "again"
     shutil.copytree(tmp_path / "spred", again)

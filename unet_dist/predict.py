@@ -1,16 +1,20 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
-        [--mode auto|tile|resize] [--tta none|flip] [--strategy auto|single|horovod|...]
+        [--mode auto|tile|resize] [--tta none|flip] [--probabilities] [--strategy auto|single|horovod|...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
-less the X_mask.png and X_overlay.png pairs (and X_mask.tif stacks) an earlier predict wrote there.
+less what an earlier predict wrote there (X_mask.png with X_overlay.png, X_probs.tif, X_mask.tif stacks).
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask); for page 7 of a multi-page
 TIFF, <stem>_p007_mask.png and <stem>_p007_overlay.png, and once every page is done, PRED/<stem>_mask.tif:
 the page masks as one stack, one file per volume as the input was.
+--probabilities also writes PRED/<stem>_probs.tif: the probabilities the mask was taken from (averaged
+over the runs and mirror images), float32, the same size: one page, the foreground's, for a model of
+two classes; else one page per class, class k's on page k.
+For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.
@@ -27,7 +31,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from unet_dist.config import ConfigError, add_strategy_arg, add_workdir_args, writable_dir
 
@@ -42,9 +46,27 @@ def _save_png(image: Image.Image, path: Path, compress_level: int = 6) -> None:
     atomic_write_bytes(path, buf.getvalue())  # an interrupted run leaves an earlier prediction whole
 
 
-def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -> None:
-    """OUT/STEM_mask.png (class ids as palette indices) and OUT/STEM_overlay.png (image | mask |
-    image * mask). Thread-safe: Pillow's encoder and the file writes release the GIL."""
+def _save_tiff(pages: list[Image.Image], path: Path) -> None:
+    """One TIFF of `pages` (one or more), deflate-compressed, written beside `path` and renamed into place."""
+    from unet_dist.logs import atomic_write_bytes
+
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:], compression="tiff_adobe_deflate")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def probability_pages(probs: np.ndarray) -> list[Image.Image]:
+    """(H, W, U) probabilities -> the float32 pages of STEM_probs.tif: the foreground's alone for a
+    binary model (a sigmoid's one unit, or class 1 of a softmax over two), else one per class."""
+    units = probs.shape[-1]
+    keep = [units - 1] if units <= 2 else range(units)
+    return [Image.fromarray(np.ascontiguousarray(probs[..., k], np.float32), "F") for k in keep]
+
+
+def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None) -> None:
+    """OUT/STEM_mask.png (class ids as palette indices), OUT/STEM_overlay.png (image | mask |
+    image * mask) and, given probs (H, W, U), OUT/STEM_probs.tif (`probability_pages`).
+    Thread-safe: Pillow's encoders and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(PALETTE + [128] * (768 - len(PALETTE)))
     _save_png(mask, out / f"{stem}_mask.png")
@@ -54,6 +76,8 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str) -
     # zlib level 1: photos barely compress losslessly (a 486x403 overlay: 374 KiB against 362 at the
     # default level 6), and it encodes in half the time (30 against 58 ms).
     _save_png(Image.fromarray(panel), out / f"{stem}_overlay.png", compress_level=1)
+    if probs is not None:
+        _save_tiff(probability_pages(probs), out / f"{stem}_probs.tif")
 
 
 class Writer:
@@ -69,8 +93,8 @@ class Writer:
         self.out, self.limit = out, 2 * threads
         self.pool, self.pending = ThreadPoolExecutor(threads, thread_name_prefix="predict-writer"), deque()
 
-    def put(self, image: np.ndarray, classes: np.ndarray, stem: str) -> None:
-        self.pending.append(self.pool.submit(save_outputs, image, classes, self.out, stem))
+    def put(self, image: np.ndarray, classes: np.ndarray, stem: str, probs: np.ndarray | None = None) -> None:
+        self.pending.append(self.pool.submit(save_outputs, image, classes, self.out, stem, probs))
         while len(self.pending) > self.limit:
             self.pending.popleft().result()
 
@@ -85,9 +109,10 @@ class Writer:
 
 def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """(the paths given, with each folder replaced by the image files directly in it (sorted by name,
-    hidden files left out), less the outputs of an earlier predict into it (each X_mask.png that has
-    its X_overlay.png, and that overlay): predicting into the input folder and then predicting that
-    folder again must not predict the masks; a line for each folder with such outputs).
+    hidden files left out), less the outputs of an earlier predict into it (each X_overlay.png with
+    the X_mask.png and X_probs.tif beside it, and X_mask.tif and X_probs.tif beside X_p000_overlay.png,
+    a stack's): predicting into the input folder and then predicting that folder again must not
+    predict the masks; a line for each folder with such outputs).
     Raises ConfigError for a folder without any image."""
     from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
 
@@ -100,15 +125,17 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
         found = image_files(path)
         names, earlier = {p.name for p in found}, set()
         for name in names:
-            overlay = name.removesuffix("_mask.png") + "_overlay.png"
-            if name.endswith("_mask.png") and overlay in names:
-                earlier |= {name, overlay}
-            elif name.endswith("_mask.tif") and name.removesuffix("_mask.tif") + "_p000_overlay.png" in names:
-                earlier.add(name)  # a stack of page masks: counted with its pages' pairs
+            stem = name.removesuffix("_overlay.png")
+            if stem != name and f"{stem}_mask.png" in names:  # a mask PNG alone may be the user's own image
+                earlier |= {name, f"{stem}_mask.png", f"{stem}_probs.tif"} & names
+                volume = stem.removesuffix("_p000")
+                if volume != stem:  # a stack's first page: the stacks of its masks and probabilities
+                    earlier |= {f"{volume}_mask.tif", f"{volume}_probs.tif"}
+        earlier &= names
         if earlier:
             pairs = sum(name.endswith("_overlay.png") for name in earlier)
-            notes.append(f"predict: {path}: leaving out {pairs} earlier predictions (X_mask.png with "
-                         "X_overlay.png, and X_mask.tif stacks)")
+            notes.append(f"predict: {path}: leaving out {pairs} earlier predictions (X_mask.png with X_overlay.png "
+                         "and X_probs.tif, and X_mask.tif stacks)")
         found = [p for p in found if p.name not in earlier]
         if not found:
             raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -116,29 +143,36 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return out, notes
 
 
-def write_stack(path: Path, pages: list, failed: int, out: Path) -> tuple[str, bool]:
-    """Writes OUT/STEM_mask.tif, the page masks (STEM_pNNN_mask.png, from every process) as one
-    multi-page TIFF of palette class ids; returns (predict's line about it, whether it was written).
-    Not written when pages were skipped, or when a page's mask is not in OUT (processes on other
-    nodes wrote into a folder of their own, not a shared one). Holds the stack's masks in memory,
-    one byte a pixel. Raises OSError when the write fails."""
-    from unet_dist.logs import atomic_write_bytes
+def _frames(path: Path) -> list[Image.Image]:
+    """Every page of an image file, read into memory."""
+    with Image.open(path) as image:
+        return [frame.copy() for frame in ImageSequence.Iterator(image)]
 
-    target = out / f"{path.stem}_mask.tif"
+
+def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: bool = False) -> tuple[str, bool]:
+    """Writes OUT/STEM_mask.tif, the page masks (STEM_pNNN_mask.png, from every process) as one
+    multi-page TIFF of palette class ids, and with `probabilities` OUT/STEM_probs.tif, the pages'
+    STEM_pNNN_probs.tif pages in page order; returns (predict's line about them, whether all were written).
+    Not written when pages were skipped, or when a page's file is not in OUT (processes on other
+    nodes wrote into a folder of their own, not a shared one). Holds one stack at a time in memory
+    (masks one byte a pixel, probabilities four a page). Raises OSError when a write fails."""
+    kinds = ["mask.png", "probs.tif"][:1 + probabilities]
+    targets = [out / f"{path.stem}_{kind.split('.')[0]}.tif" for kind in kinds]
+    names = " and ".join(t.name for t in targets)
     if failed:
-        return f"predict: {target.name} not written: {failed} of the {len(pages)} pages of {path} were skipped", False
-    masks = []
-    for page in pages:
-        try:
-            with Image.open(out / f"{page.name}_mask.png") as mask:
-                masks.append(mask.copy())
-        except OSError as e:
-            return (f"predict: {target.name} not written: {page.name}_mask.png unreadable in {out} ({e}); "
-                    "with several nodes, --out must be a folder they share"), False
-    buf = io.BytesIO()
-    masks[0].save(buf, format="TIFF", save_all=True, append_images=masks[1:], compression="tiff_adobe_deflate")
-    atomic_write_bytes(target, buf.getvalue())
-    return f"predict: {target}: the {len(pages)} page masks of {path} as one stack", True
+        return f"predict: {names} not written: {failed} of the {len(pages)} pages of {path} were skipped", False
+    for kind, target in zip(kinds, targets, strict=True):
+        frames = []
+        for page in pages:
+            file = out / f"{page.name}_{kind}"
+            try:
+                frames += _frames(file)
+            except OSError as e:
+                return (f"predict: {target.name} not written: {file.name} unreadable in {out} ({e}); with several "
+                        "nodes, --out must be a folder they share"), False
+        _save_tiff(frames, target)
+    also = f" (their probabilities in {targets[1].name})" if probabilities else ""
+    return f"predict: {targets[0]}: the {len(pages)} page masks of {path} as one stack{also}", True
 
 
 def add_mode_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, required=True)
     add_mode_args(p)
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write STEM_probs.tif: float32 probabilities (the foreground's for two classes, "
+                        "else one page per class)")
     add_strategy_arg(p, "the backend (default: auto, from how predict was started)")
     args = p.parse_args(argv)
     from unet_dist.data.imageio import samples_of, stacks_of
@@ -214,7 +251,8 @@ def main(argv=None) -> int:
                 if sample.stacked:
                     counts[2 + stack_index[sample.image]] += 1
                 continue
-            writer.put(image, np.asarray(classes_from_probs(probs)), sample.name)
+            writer.put(image, np.asarray(classes_from_probs(probs)), sample.name,
+                       probs if args.probabilities else None)
     except OSError as e:  # a write failed (a full disk): the next images would fail the same way
         unwritten = e
     finally:
@@ -237,7 +275,7 @@ def main(argv=None) -> int:
         for path, pages in stacks.items():
             try:
                 said, whole = write_stack(path, [samples[i] for i in pages], int(counts[2 + stack_index[path]]),
-                                          args.out)
+                                          args.out, args.probabilities)
             except OSError as e:
                 print(f"predict: error: writing into {args.out}: {e}; the page masks are whole", file=sys.stderr)
                 return 1
