@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from unet_dist.config import STRATEGIES, Config, ConfigError
 from unet_dist.data.pipeline import Shard
+from unet_dist.watchdog import watched_from_outside
 
 # Variables set by the launchers Horovod supports: horovodrun (Gloo), Open MPI's mpirun, MPICH/PMI.
 _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -470,7 +471,15 @@ class MultiWorkerRuntime(MirroredRuntime):
                 per_node = _local_size_from_env()
                 resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
                     port_base=port_base, gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        # Its start waits for every worker of the cluster, for ever, holding the GIL (so the
+        # trainer's watchdog thread cannot run): watched from a child process instead.
+        start = cfg.runtime.stall_shutdown_start_seconds if cfg.runtime.stall_shutdown_seconds else 0
+        prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "unet_dist"
+        with watched_from_outside(start, f"{prog}: error: MultiWorkerMirroredStrategy has not come up {start:g} s after "
+                                         f"its start (runtime.stall_shutdown_start_seconds {start:g}): another worker did "
+                                         "not start or cannot be reached; ending this process so that the launcher ends "
+                                         "the job"):
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         super().__init__(cfg, reason, strategy)
         resolver = strategy.cluster_resolver
         # Every "chief" and "worker" task computes (a TF_CONFIG may name one chief beside the
