@@ -471,15 +471,7 @@ class MultiWorkerRuntime(MirroredRuntime):
                 per_node = _local_size_from_env()
                 resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
                     port_base=port_base, gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
-        # Its start waits for every worker of the cluster, for ever, holding the GIL (so the
-        # trainer's watchdog thread cannot run): watched from a child process instead.
-        start = cfg.runtime.stall_shutdown_start_seconds if cfg.runtime.stall_shutdown_seconds else 0
-        prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "unet_dist"
-        with watched_from_outside(start, f"{prog}: error: MultiWorkerMirroredStrategy has not come up {start:g} s after "
-                                         f"its start (runtime.stall_shutdown_start_seconds {start:g}): another worker did "
-                                         "not start or cannot be reached; ending this process so that the launcher ends "
-                                         "the job"):
-            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         super().__init__(cfg, reason, strategy)
         resolver = strategy.cluster_resolver
         # Every "chief" and "worker" task computes (a TF_CONFIG may name one chief beside the
@@ -626,12 +618,19 @@ def make_runtime(cfg: Config) -> Runtime:
         rt = Runtime(cfg, why)
     elif backend == "mirrored":
         rt = MirroredRuntime(cfg, why)
-    elif backend == "multiworker":
-        rt = MultiWorkerRuntime(cfg, why)
-    elif backend == "horovod":
-        if not _horovod_available():
-            raise ConfigError("config key runtime.strategy: horovod is not installed (run make setup)")
-        rt = HorovodRuntime(cfg, why)
+    elif backend == "horovod" and not _horovod_available():
+        raise ConfigError("config key runtime.strategy: horovod is not installed (run make setup)")
+    elif backend in ("multiworker", "horovod"):
+        # Their start waits for every process of the job (MPI_Init, the strategy's cluster), for
+        # ever where one never starts, and the strategy holds the GIL while it waits: watched from
+        # a child process, with the start-up's limit.
+        start = cfg.runtime.stall_shutdown_start_seconds if cfg.runtime.stall_shutdown_seconds else 0
+        prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] not in ("", "-c") else "unet_dist"
+        with watched_from_outside(start, f"{prog}: error: {backend} has not come up {start:g} s after its start "
+                                         f"(runtime.stall_shutdown_start_seconds {start:g}): another process of the job "
+                                         "did not start or cannot be reached; ending this process so that the launcher "
+                                         "ends the job"):
+            rt = (MultiWorkerRuntime if backend == "multiworker" else HorovodRuntime)(cfg, why)
     else:  # choose_backend validated the name
         raise AssertionError(backend)
     rt.threads, rt.cpus = tuple(threads), cpus

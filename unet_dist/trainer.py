@@ -390,14 +390,13 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     A WORKDIR already trained to cfg.train.steps is evaluated, and its config.yaml and summary.json
     stay those of the run that trained it; the summary returned is this call's (start_step, no speed).
     """
-    # Each process watches its own progress from here, the backend's start included (MPI_Init, the
-    # strategy's cluster), which waits for every process of the job as the start-up's collectives (the
-    # barrier, the broadcast, the first step) do. A single process has no peer to wait for: it stops
-    # watching once the backend says so.
-    watchdog = Watchdog(cfg.runtime.stall_shutdown_seconds, None, start_seconds=cfg.runtime.stall_shutdown_start_seconds)
+    runtime = runtime or make_runtime(cfg)
+    # Each process of a multi-process run watches its own progress from here (a single process has
+    # no peer to wait for): the start-up's collectives (the barrier, the broadcast, the first step)
+    # wait for every rank too.
+    watchdog = Watchdog(cfg.runtime.stall_shutdown_seconds * (runtime.world_size > 1), runtime.rank,
+                        start_seconds=cfg.runtime.stall_shutdown_start_seconds)
     with watchdog:
-        runtime = runtime or make_runtime(cfg)
-        watchdog.joined(runtime.rank, runtime.world_size)
         return _train(cfg, Path(data_dir), Path(workdir), resume, runtime, watchdog)
 
 

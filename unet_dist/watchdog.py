@@ -8,14 +8,14 @@ what `mpirun` and `srun` start) the background thread that runs the stall check 
 in the negotiation's MPI call. A rank SIGSTOPped under `horovodrun --mpi` left the job running past
 180 s with the stall shutdown set to 6 s. So every process watches its own loop: when no training
 step or evaluation batch has finished for `runtime.stall_shutdown_seconds`, or the first step has not
-finished `runtime.stall_shutdown_start_seconds` after the process started (a process of the job that
-never starts, or cannot reach the others, leaves them waiting in the backend's own start; one that
-hangs later in its start-up leaves them in the first broadcast or step), it prints one line and
-exits, and its launcher (horovodrun, mpirun, `srun --kill-on-bad-exit`) ends the others.
+finished `runtime.stall_shutdown_start_seconds` after the backend came up (a rank that hangs in
+its start-up leaves the others waiting in the first broadcast or step), it prints one line and exits,
+and its launcher (horovodrun, mpirun, `srun --kill-on-bad-exit`) ends the others.
 
-MultiWorkerMirroredStrategy's start waits for every worker inside TensorFlow while holding the
-GIL, so no thread of the process runs until it returns (a worker whose peer never came waited
-12 min, TERM included, until killed). `watched_from_outside` watches such a wait from a child process.
+Before that, the backend's own start waits for every process of the job: a process that never
+starts leaves the others in MPI_Init, or in MultiWorkerMirroredStrategy's start, which waits inside
+TensorFlow holding the GIL, so no thread of the process runs (a worker whose peer never came waited
+12 min, TERM included, until killed). `watched_from_outside` watches that wait from a child process.
 """
 
 from __future__ import annotations
@@ -59,12 +59,11 @@ def watched_from_outside(seconds: float, message: str):
 
 
 class Watchdog:
-    """Watches from `start()` (training's start-up: the backend's start, building, restoring, the
-    first collectives, tracing and compiling the step) with `start_seconds`; `joined(rank,
-    world_size)` once the backend is up (rank None until then); `arm(step)` once the first step has
+    """Watches from `start()` (training's start-up: building, restoring, the first collectives,
+    tracing and compiling the step) with `start_seconds`; `arm(step)` once the first step has
     finished, from when `seconds` applies; `beat(step)` after each finished step or evaluation
     batch; `stop()` at the end (or use it as a context manager, which starts it).
-    seconds 0 (runtime.stall_shutdown_seconds 0), or a world of one process once joined: does nothing.
+    seconds 0 (single-process runs, or runtime.stall_shutdown_seconds 0): does nothing.
     start_seconds 0: the start-up is not watched (arm starts the watch).
 
     The check runs on a daemon thread: TensorFlow releases the GIL while a step waits in a
@@ -74,7 +73,7 @@ class Watchdog:
     (tf.train.CheckpointManager names a checkpoint in its state file once it is written).
     """
 
-    def __init__(self, seconds: float, rank: int | None, poll: float | None = None, start_seconds: float = 0):
+    def __init__(self, seconds: float, rank: int, poll: float | None = None, start_seconds: float = 0):
         self.seconds, self.rank = seconds, rank
         self.start_seconds = start_seconds if seconds else 0
         self.poll = poll or (min(5.0, seconds / 4) if seconds else 0.0)
@@ -89,14 +88,6 @@ class Watchdog:
         self.started = time.monotonic()
         if self.start_seconds:
             self._watch_from_now()
-
-    def joined(self, rank: int, world_size: int) -> None:
-        """The backend is up, and this process is `rank` of `world_size`. A single process has no
-        peer to wait for: nothing is watched from here."""
-        self.rank = rank
-        if world_size == 1:
-            self.seconds = self.start_seconds = 0
-            self.stop()
 
     def arm(self, step: int) -> None:
         self.armed = True
@@ -131,15 +122,12 @@ class Watchdog:
                 what = (f"nothing has finished for {now - self.last:.0f} s since step {self.step} "
                         f"(runtime.stall_shutdown_seconds {self.seconds:g})")
             elif not self.armed and self.start_seconds and now - self.started > self.start_seconds:
-                what = (f"{'the backend has not come up' if self.rank is None else 'the first step has not finished'} "
-                        f"{now - self.started:.0f} s after the start "
+                what = (f"the first step has not finished {now - self.started:.0f} s after the start "
                         f"(runtime.stall_shutdown_start_seconds {self.start_seconds:g})")
             else:
                 continue
-            why = ("another process of the job did not start or cannot be reached" if self.rank is None else
-                   "another process stopped answering, a collective hung or this process's input stalled")
-            who = "" if self.rank is None else f"rank {self.rank}: "
-            print(f"train: error: {who}{what}: {why}; ending this process so that the launcher ends the job. "
-                  "Rerunning the same command resumes from the latest checkpoint", file=sys.stderr, flush=True)
+            print(f"train: error: rank {self.rank}: {what}: another process stopped answering, a collective hung or "
+                  "this process's input stalled; ending this process so that the launcher ends the job. Rerunning "
+                  "the same command resumes from the latest checkpoint", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(STALLED_EXIT)
