@@ -42,6 +42,7 @@ def test_defaults_and_presets_load_and_read_back_from_a_runs_config_yaml(tmp_pat
         ("train.weight_w0=-10", ["train.weight_w0", ">= 0"]),
         ("optim.power=0", ["optim.power", "> 0"]),
         ("optim.step_factor=0", ["optim.step_factor", "> 0"]),
+        ("train.gradient_accumulation_steps=0", ["train.gradient_accumulation_steps", ">= 1"]),
     ],
 )
 def test_bad_values_name_the_key(override, words):
@@ -53,12 +54,15 @@ def test_bad_values_name_the_key(override, words):
         assert w in msg, msg
 
 
-def test_sync_batch_norm_needs_batch_norm_and_no_xla():
+def test_sync_batch_norm_needs_batch_norm_and_neither_xla_nor_accumulation():
     with pytest.raises(ConfigError, match="model.sync_batch_norm: .*batch_norm is false"):
         load_config(None, ["model.sync_batch_norm=true", "model.batch_norm=false"])
     with pytest.raises(ConfigError, match="model.sync_batch_norm: .*runtime.xla is true"):
         load_config(None, ["model.sync_batch_norm=true", "runtime.xla=true"])
     assert load_config(None, ["model.sync_batch_norm=true"]).model.sync_batch_norm
+    # Nor with gradient accumulation: its loop cannot hold tf.distribute's synchronisation.
+    with pytest.raises(ConfigError, match="train.gradient_accumulation_steps: got 2; allowed: 1 with model.sync_batch_norm"):
+        load_config(None, ["model.sync_batch_norm=true", "train.gradient_accumulation_steps=2"])
 
 
 def test_rot90_needs_a_square_training_input():

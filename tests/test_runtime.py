@@ -209,3 +209,22 @@ def test_under_mixed_bfloat16_convolution_gradients_are_bfloat16_values():
     assert len(convs) >= 8
     for path, g in convs:
         assert g.dtype == tf.float32 and bool(tf.reduce_all(tf.cast(tf.cast(g, tf.bfloat16), tf.float32) == g)), path
+
+
+def test_the_batch_splits_into_replicas_and_micro_batches_or_names_the_key():
+    from unet_dist.config import load_config
+    from unet_dist.distribute import Runtime
+
+    def sizes(*overrides, world=2):
+        runtime = Runtime(load_config(None, list(overrides)), "test")
+        runtime.world_size = world  # replicas, as a 2-process Horovod run has
+        return runtime.batch_sizes()
+
+    assert sizes("data.global_batch_size=16", "train.gradient_accumulation_steps=4") == (16, 8)
+    assert sizes("data.global_batch_size=null", "data.per_replica_batch_size=6",
+                 "train.gradient_accumulation_steps=3") == (12, 6)
+    with pytest.raises(ConfigError, match=r"^config key train.gradient_accumulation_steps: 3 does not divide the "
+                                          r"per-replica batch 8 \(global batch 16 over 2 replicas\) into equal"):
+        sizes("data.global_batch_size=16", "train.gradient_accumulation_steps=3")
+    with pytest.raises(ConfigError, match=r"^config key data.global_batch_size: 15 is not divisible by the 2 replicas"):
+        sizes("data.global_batch_size=15")

@@ -142,6 +142,7 @@ class TrainConfig:
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
     early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best val IoU (0: off; the count restarts when a run resumes)
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
+    gradient_accumulation_steps: int = 1  # each replica's batch in this many micro-batches, one after the other, gradients summed: the same step in less memory
     init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes may differ, the output layer then starts new
 
 
@@ -385,6 +386,13 @@ def validate(cfg: Config) -> None:
     need(r.inter_op_threads >= 0, "runtime.inter_op_threads", ">= 0 (0 = auto)", r.inter_op_threads)
 
     need(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", ">= 1 (1 = off)",
+         t.gradient_accumulation_steps)
+    # Synchronized batch norm's collective would run inside the accumulation's loop, where
+    # tf.distribute cannot synchronise replicas (its merge_call is refused there).
+    need(t.gradient_accumulation_steps == 1 or not m.sync_batch_norm, "train.gradient_accumulation_steps",
+         "1 with model.sync_batch_norm (micro-batches keep their own statistics, as replicas do without it)",
+         t.gradient_accumulation_steps)
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_skipped_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
     need(t.image_panels >= 0, "train.image_panels", ">= 0", t.image_panels)

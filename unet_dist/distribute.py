@@ -259,14 +259,20 @@ class Runtime:
 
     # -- batch arithmetic
     def batch_sizes(self) -> tuple[int, int]:
-        """(global, per-replica) batch sizes from data.global_batch_size or data.per_replica_batch_size."""
-        d, n = self.cfg.data, self.num_replicas
+        """(global, per-replica) batch sizes from data.global_batch_size or data.per_replica_batch_size.
+        The per-replica batch must split into train.gradient_accumulation_steps equal micro-batches."""
+        d, n, k = self.cfg.data, self.num_replicas, self.cfg.train.gradient_accumulation_steps
         if d.per_replica_batch_size is not None:
-            return d.per_replica_batch_size * n, d.per_replica_batch_size
-        if d.global_batch_size % n:
+            sizes = d.per_replica_batch_size * n, d.per_replica_batch_size
+        elif d.global_batch_size % n:
             raise ConfigError(f"config key data.global_batch_size: {d.global_batch_size} is not divisible by the "
                               f"{n} replicas; use a multiple of {n} or set data.per_replica_batch_size")
-        return d.global_batch_size, d.global_batch_size // n
+        else:
+            sizes = d.global_batch_size, d.global_batch_size // n
+        if sizes[1] % k:
+            raise ConfigError(f"config key train.gradient_accumulation_steps: {k} does not divide the per-replica batch "
+                              f"{sizes[1]} (global batch {sizes[0]} over {n} replicas) into equal micro-batches")
+        return sizes
 
     # -- execution
     def scope(self):

@@ -80,10 +80,17 @@ def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
         print(f"--no-resume: moved the earlier run in {workdir} to {old}", flush=True)
 
 
-def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: int, xla: bool):
+def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: int, xla: bool,
+                    micro_batches: int = 1):
     """A tf.function step(batch, stop) -> {'loss', 'nonfinite', 'stop'}, each summed over replicas.
 
     stop: a float32 scalar, 1.0 when this process has been asked to stop (preemption).
+    micro_batches: each replica's batch (B, ...) is cut into this many equal slices (B must divide),
+    each through the model forward and backward in turn, and their gradients summed before the one
+    all-reduce and update (gradient accumulation: activations are held for B / micro_batches images
+    at a time). Batch norm then takes its statistics from each slice, as it would from each replica
+    of a world micro_batches times larger, and its moving statistics move by the slices' mean, as the
+    replicas' mean copies do: one process with 2 micro-batches trains what 2 replicas do.
     """
 
     def forward_backward(batch):
@@ -91,8 +98,8 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
             probs = model(batch["image"], training=True)  # (B, h, w, U) float32
             per_example = loss_fn(batch["mask"], probs, batch.get("weight"))  # (B,)
             loss = tf.reduce_sum(per_example) / global_batch
-            if model.losses:  # regularisers: counted once over all replicas
-                loss += tf.add_n(model.losses) / runtime.num_replicas
+            if model.losses:  # regularisers: counted once over all replicas and micro-batches
+                loss += tf.add_n(model.losses) / (runtime.num_replicas * micro_batches)
             # mixed_float16: scale up so small gradients survive float16; apply() unscales.
             scaled = optimizer.scale_loss(loss)
         return loss, tape.gradient(scaled, model.trainable_variables)
@@ -100,8 +107,36 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
     if xla:
         forward_backward = tf.function(forward_backward, jit_compile=True, autograph=False)
 
+    stats = moving_statistics(model)
+
+    def accumulated(batch):
+        # A while loop of one iteration at a time: unrolled, the slices' passes have no data
+        # dependence on each other and TensorFlow may run them at once, holding every slice's
+        # activations, which is what accumulating is there to avoid.
+        size = tf.shape(batch["image"])[0] // micro_batches
+        before = [tf.identity(v) for v in stats]
+
+        def body(i, total, grad_sums, stat_sums):
+            # Each slice moves batch norm's moving statistics from where the step found them, and
+            # they end at the slices' mean: the rule is linear, so that is one update by the mean
+            # of the slices' moments, where slice after slice would compound the momentum.
+            for v, start in zip(stats, before, strict=True):
+                v.assign(start)
+            loss, grads = forward_backward({key: v[i * size:(i + 1) * size] for key, v in batch.items()})
+            grad_sums = [s + (tf.zeros_like(s) if g is None else tf.cast(g, s.dtype))
+                         for s, g in zip(grad_sums, grads, strict=True)]
+            return i + 1, total + loss, grad_sums, [s + tf.identity(v) for s, v in zip(stat_sums, stats, strict=True)]
+
+        _, loss, grads, stat_sums = tf.while_loop(
+            lambda i, *_: i < micro_batches, body,
+            (tf.constant(0), tf.constant(0.0), [tf.zeros(v.shape, v.dtype) for v in model.trainable_variables],
+             [tf.zeros_like(v) for v in before]), parallel_iterations=1)
+        for v, total in zip(stats, stat_sums, strict=True):
+            v.assign(total / micro_batches)
+        return loss, grads
+
     def replica_step(batch, stop):
-        loss, grads = forward_backward(batch)
+        loss, grads = (accumulated if micro_batches > 1 else forward_backward)(batch)
         # Preemption: this rank's stop request is summed with the others' like the loss.
         grads, out = runtime.reduce_step(grads, {"loss": loss, "stop": stop})
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
@@ -365,7 +400,9 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
     (and why, when runtime.precision was auto)."""
     runtime.print(
         f"unet_dist: strategy {runtime.name} ({runtime.reason}); world_size {runtime.world_size}, "
-        f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica), "
+        f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica"
+        + (f" in {k} micro-batches of {per_replica // k}" if (k := cfg.train.gradient_accumulation_steps) > 1 else "")
+        + "), "
         f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
         f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
         f"{cfg.runtime.precision}{f' ({precision_why})' if precision_why else ''}, "
@@ -446,7 +483,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
-    step_fn = make_train_step(model, optimizer, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla)
+    step_fn = make_train_step(model, optimizer, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla,
+                              cfg.train.gradient_accumulation_steps)
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
     loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,
@@ -476,6 +514,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         "num_replicas": runtime.num_replicas,
         "global_batch_size": global_batch,
         "per_replica_batch_size": per_replica,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "learning_rate": peak_lr,
         "lr_scaling": cfg.optim.lr_scaling,
         "warmup_steps": cfg.optim.warmup_steps,
