@@ -122,7 +122,7 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
             # of the slices' moments, where slice after slice would compound the momentum.
             for v, start in zip(stats, before, strict=True):
                 v.assign(start)
-            loss, grads = forward_backward({key: v[i * size:(i + 1) * size] for key, v in batch.items()})
+            loss, grads = forward_backward({key: x[i * size:(i + 1) * size] for key, x in batch.items()})
             grad_sums = [s + (tf.zeros_like(s) if g is None else tf.cast(g, s.dtype))
                          for s, g in zip(grad_sums, grads, strict=True)]
             return i + 1, total + loss, grad_sums, [s + tf.identity(v) for s, v in zip(stat_sums, stats, strict=True)]

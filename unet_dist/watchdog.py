@@ -44,7 +44,7 @@ if not ready:
 @contextlib.contextmanager
 def watched_from_outside(seconds: float, message: str):
     """Kills this process (SIGKILL, after `message` on stderr) when the block has not finished in
-    `seconds`, from a child process (a bare interpreter, a few ms to start), for a wait that holds
+    `seconds`, from a child process (a bare interpreter: 10-20 ms to start on our VM), for a wait that holds
     the GIL, where no thread of this process runs. seconds 0: not watched."""
     if not seconds:
         yield
