@@ -228,3 +228,5 @@ def test_the_batch_splits_into_replicas_and_micro_batches_or_names_the_key():
         sizes("data.global_batch_size=16", "train.gradient_accumulation_steps=3")
     with pytest.raises(ConfigError, match=r"^config key data.global_batch_size: 15 is not divisible by the 2 replicas"):
         sizes("data.global_batch_size=15")
+    with pytest.raises(ConfigError, match=r"batch 6 \(global batch 6 over 1 replica\) into"):
+        sizes("data.global_batch_size=6", "train.gradient_accumulation_steps=4", world=1)

@@ -271,7 +271,7 @@ class Runtime:
             sizes = d.global_batch_size, d.global_batch_size // n
         if sizes[1] % k:
             raise ConfigError(f"config key train.gradient_accumulation_steps: {k} does not divide the per-replica batch "
-                              f"{sizes[1]} (global batch {sizes[0]} over {n} replicas) into equal micro-batches")
+                              f"{sizes[1]} (global batch {sizes[0]} over {n} replica{'s' * (n != 1)}) into equal micro-batches")
         return sizes
 
     # -- execution
