@@ -36,23 +36,24 @@ from PIL import Image, ImageSequence
 from unet_dist.config import ConfigError, add_strategy_arg, add_workdir_args, writable_dir
 
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
+# What predict writes for an image STEM (a stack's page: STEM_pNNN), and for a stack STEM once its
+# pages are written: STEM + STACK_MASK and, with --probabilities, STEM + PROBS.
+MASK, OVERLAY, PROBS, STACK_MASK = "_mask.png", "_overlay.png", "_probs.tif", "_mask.tif"
 
 
-def _save_png(image: Image.Image, path: Path, compress_level: int = 6) -> None:
+def _save(image: Image.Image, path: Path, **params) -> None:
+    """`image.save(**params)` into memory, then written beside `path` and renamed into place: an
+    interrupted run leaves an earlier prediction whole."""
     from unet_dist.logs import atomic_write_bytes  # loads TensorFlow: after the arguments are checked
 
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
-    atomic_write_bytes(path, buf.getvalue())  # an interrupted run leaves an earlier prediction whole
+    image.save(buf, **params)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _save_tiff(pages: list[Image.Image], path: Path) -> None:
-    """One TIFF of `pages` (one or more), deflate-compressed, written beside `path` and renamed into place."""
-    from unet_dist.logs import atomic_write_bytes
-
-    buf = io.BytesIO()
-    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:], compression="tiff_adobe_deflate")
-    atomic_write_bytes(path, buf.getvalue())
+    """One TIFF of `pages` (one or more), deflate-compressed."""
+    _save(pages[0], path, format="TIFF", save_all=True, append_images=pages[1:], compression="tiff_adobe_deflate")
 
 
 def probability_pages(probs: np.ndarray) -> list[Image.Image]:
@@ -69,15 +70,15 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, p
     Thread-safe: Pillow's encoders and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(PALETTE + [128] * (768 - len(PALETTE)))
-    _save_png(mask, out / f"{stem}_mask.png")
+    _save(mask, out / f"{stem}{MASK}", format="PNG")
     fg = (classes > 0)[..., None]
     shown = np.asarray(mask.convert("RGB"))
     panel = np.concatenate([image, shown, (image * fg).astype(np.uint8)], axis=1)
     # zlib level 1: photos barely compress losslessly (a 486x403 overlay: 374 KiB against 362 at the
     # default level 6), and it encodes in half the time (30 against 58 ms).
-    _save_png(Image.fromarray(panel), out / f"{stem}_overlay.png", compress_level=1)
+    _save(Image.fromarray(panel), out / f"{stem}{OVERLAY}", format="PNG", compress_level=1)
     if probs is not None:
-        _save_tiff(probability_pages(probs), out / f"{stem}_probs.tif")
+        _save_tiff(probability_pages(probs), out / f"{stem}{PROBS}")
 
 
 class Writer:
@@ -125,15 +126,15 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
         found = image_files(path)
         names, earlier = {p.name for p in found}, set()
         for name in names:
-            stem = name.removesuffix("_overlay.png")
-            if stem != name and f"{stem}_mask.png" in names:  # a mask PNG alone may be the user's own image
-                earlier |= {name, f"{stem}_mask.png", f"{stem}_probs.tif"} & names
+            stem = name.removesuffix(OVERLAY)
+            if stem != name and f"{stem}{MASK}" in names:  # a mask PNG alone may be the user's own image
+                earlier |= {name, f"{stem}{MASK}", f"{stem}{PROBS}"}
                 volume = stem.removesuffix("_p000")
                 if volume != stem:  # a stack's first page: the stacks of its masks and probabilities
-                    earlier |= {f"{volume}_mask.tif", f"{volume}_probs.tif"}
+                    earlier |= {f"{volume}{STACK_MASK}", f"{volume}{PROBS}"}
         earlier &= names
         if earlier:
-            pairs = sum(name.endswith("_overlay.png") for name in earlier)
+            pairs = sum(name.endswith(OVERLAY) for name in earlier)
             notes.append(f"predict: {path}: leaving out {pairs} earlier predictions (X_mask.png with X_overlay.png "
                          "and X_probs.tif, and X_mask.tif stacks)")
         found = [p for p in found if p.name not in earlier]
@@ -156,15 +157,15 @@ def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: 
     Not written when pages were skipped, or when a page's file is not in OUT (processes on other
     nodes wrote into a folder of their own, not a shared one). Holds one stack at a time in memory
     (masks one byte a pixel, probabilities four a page). Raises OSError when a write fails."""
-    kinds = ["mask.png", "probs.tif"][:1 + probabilities]
-    targets = [out / f"{path.stem}_{kind.split('.')[0]}.tif" for kind in kinds]
+    kinds = [(MASK, STACK_MASK), (PROBS, PROBS)][:1 + probabilities]  # (a page's file, the stack's)
+    targets = [out / f"{path.stem}{stacked}" for _, stacked in kinds]
     names = " and ".join(t.name for t in targets)
     if failed:
         return f"predict: {names} not written: {failed} of the {len(pages)} pages of {path} were skipped", False
-    for kind, target in zip(kinds, targets, strict=True):
+    for (kind, _), target in zip(kinds, targets, strict=True):
         frames = []
         for page in pages:
-            file = out / f"{page.name}_{kind}"
+            file = out / f"{page.name}{kind}"
             try:
                 frames += _frames(file)
             except OSError as e:
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     first: dict[str, Path] = {}
     for s in samples:
         if first.setdefault(s.name, s.image) != s.image:
-            print(f"predict: error: {first[s.name]} and {s.image} would both write {s.name}_mask.png in "
+            print(f"predict: error: {first[s.name]} and {s.image} would both write {s.name}{MASK} in "
                   f"{args.out}; predict them into separate --out folders", file=sys.stderr)
             return 2
 
