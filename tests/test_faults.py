@@ -271,6 +271,85 @@ def test_a_process_whose_peer_never_starts_ends(shards, tmp_path, launcher):
     assert not (tmp_path / "w" / "config.yaml").exists()
 
 
+@pytest.fixture(scope="module")
+def watched_run(shards, tmp_path_factory):
+    """A trained run whose config ends a wait for the other processes after 5 s."""
+    w = tmp_path_factory.mktemp("watched") / "run"
+    train(load_config(None, [*tiny_overrides(2), "runtime.stall_check_seconds=2", "runtime.stall_shutdown_seconds=5"]),
+          shards, w)
+    return w
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["a slow share", "a stopped process", "a stopped process, multiworker"])
+def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_run, tmp_path, case):
+    # predict on N processes: each predicts its share, then all sum their counts, and the first to
+    # finish waits for the others. That wait is watched (runtime.stall_shutdown_seconds, 5 s here),
+    # else a stopped process would leave the others in the sum for good under MPI. The shares are
+    # split by image size: large and small images in turn, split every N-th image, gave one process
+    # every large one, and the other waited past 5 s (and Horovod's own stall shutdown ended the job).
+    # MultiWorkerMirroredStrategy's health check aborts the sum by itself (about 10 s): one line too.
+    from PIL import Image
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    sides = [2000, 64, 2000] if case == "a slow share" else [1200] * 4
+    rng = np.random.default_rng(0)
+    for i, side in enumerate(sides):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), np.uint8)).save(src / f"{'abcd'[i]}.png")
+    run = watched_run
+    if case.endswith("multiworker"):  # the health check first: the run's own limit longer than its 10 s
+        run = tmp_path / "run"
+        shutil.copytree(watched_run, run)
+        config = (run / "config.yaml").read_text()
+        (run / "config.yaml").write_text(config.replace("stall_shutdown_seconds: 5\n", "stall_shutdown_seconds: 60\n"))
+    cmd = [sys.executable, "-m", "unet_dist.predict", "--workdir", str(run), str(src), "--out", str(out),
+           "--mode", "tile", "--tta", "flip"]
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("HOROVOD_STALL")}
+    if case.endswith("multiworker"):
+        cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+            for i in range(2)]
+    else:
+        if not HOROVODRUN.exists() or shutil.which("mpirun") is None:
+            pytest.skip("Horovod or Open MPI not installed (run make setup)")
+        procs = [subprocess.Popen([str(HOROVODRUN), "-np", "2", "--mpi", "-H", "localhost:2", *cmd], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    victim = None
+    try:
+        if case != "a slow share":  # once an image is done, with one more for each process to do
+            while not list(out.glob("*_mask.png")):
+                assert procs[0].poll() is None, procs[0].communicate()
+                time.sleep(0.02)
+            victim = procs.pop().pid if len(procs) == 2 else max(_rank_pids(out, "unet_dist.predict"))
+            os.kill(victim, signal.SIGSTOP)
+        t = time.time()
+        _, err = procs[0].communicate(timeout=300)
+    finally:
+        if victim:
+            os.kill(victim, signal.SIGKILL)
+        for proc in procs:
+            proc.kill()
+    if case == "a slow share":
+        assert procs[0].returncode == 0, err[-3000:]
+        assert sorted(p.name for p in out.glob("*_mask.png")) == ["a_mask.png", "b_mask.png", "c_mask.png"]
+        return
+    assert procs[0].returncode != 0 and time.time() - t < 60, err[-3000:]
+    if case.endswith("multiworker"):
+        assert re.search(r"\npredict: error: a collective failed, another process stopped answering or exited "
+                         rf"\(Collective ops is aborted by: .*unhealthy.*\); the masks written in {out} are whole\n",
+                         err), err[-3000:]
+        assert "Traceback" not in err
+    else:
+        assert re.search(r"predict: error: rank \d: the other processes have not finished their images 5 s after this "
+                         r"one finished its share \(runtime.stall_shutdown_seconds 5\): one of them stopped answering, "
+                         r"or its share takes that much longer \(an image slower than that needs more in "
+                         r"\S+/config.yaml\); ending this process so that the launcher ends the job\n", err), err[-3000:]
+    masks = list(out.glob("*_mask.png"))
+    assert masks and all(Image.open(m).size == (1200, 1200) for m in masks)  # what was written is whole
+
+
 def test_the_watchdog_ends_a_process_whose_loop_stopped_and_spares_one_that_moves(monkeypatch, capsys):
     import threading
 

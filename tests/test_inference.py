@@ -275,6 +275,38 @@ def test_an_image_the_device_has_no_memory_for_is_one_line():
                                 "runs or --tta none need less")
 
 
+def test_processes_share_images_by_what_they_cost_to_predict(tmp_path):
+    # predict and evaluate --images on N processes: each image costs its tiles in tile mode (one
+    # model input in resize mode), read from the headers, and the shares are balanced by that.
+    from PIL import Image
+
+    from unet_dist.data.imageio import samples_of
+    from unet_dist.data.pipeline import Shard
+    from unet_dist.inference import Predictor
+    from unet_dist.predict import my_share
+
+    cfg = load_config(None, [])
+    tiled = Predictor(None, [], cfg, ["ckpt"], "tile", "as --mode asks", [(48, 48)])
+    assert tiled.cost((96, 100)) == 2 * 3 and tiled.cost((0, 0)) == 1
+    resized = Predictor(None, [], cfg, ["ckpt"], "resize", "as --mode asks", [None])
+    assert resized.cost((960, 1000)) == 1
+    assert Predictor(None, [], cfg, ["c1", "c2"], "per run", "", [(48, 48), None]).cost((96, 100)) == 7
+    files = []
+    for name, side in (("a", 480), ("b", 48), ("c", 480), ("d", 48)):
+        Image.new("RGB", (side, side)).save(tmp_path / f"{name}.png")
+        files.append(tmp_path / f"{name}.png")
+    # A stack of three pages, the first and the last large; and a file that is not an image (cost 1).
+    Image.new("L", (480, 480)).save(tmp_path / "s.tif", save_all=True,
+                                    append_images=[Image.new("L", (48, 48)), Image.new("L", (480, 480))])
+    (tmp_path / "e.png").write_bytes(b"not an image")
+    samples = [s for f in [*files, tmp_path / "s.tif", tmp_path / "e.png"] for s in samples_of(f)]
+    shares = [[samples[i].name for i in my_share(samples, tiled, Shard(k, 2))] for k in range(2)]
+    # 100 tiles each for a, c, s_p000 and s_p002, 1 for the rest: 202 each. Every N-th image would
+    # have given one process all four large ones (a, c, s_p000, s_p002), 400 against 4.
+    assert shares == [["a", "b", "s_p000", "s_p001"], ["c", "d", "s_p002", "e"]]
+    assert my_share(samples, tiled, Shard(0, 1)) == list(range(len(samples)))
+
+
 def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(tmp_path, monkeypatch):
     # predict encodes and writes on background threads while the next image is predicted; a write
     # that fails (a full disk) is raised by the writer, after the writes already started are done.

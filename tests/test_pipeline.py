@@ -86,6 +86,23 @@ def test_file_sharding_gives_disjoint_records_and_equal_steps(shards):
         assert len(list(train_dataset(shards, cfg, 2, 4, Shard(i, 2)).take(100))) == 100
 
 
+def test_balanced_shares_cover_every_item_once_and_finish_together():
+    # What predict and evaluate --images split images by: the costliest first, each to the least
+    # loaded process, the same split on every process.
+    costs = [50, 1, 1, 49, 2, 3, 1, 1, 40, 1]
+    for count in (1, 2, 3, 4):
+        shares = [Shard(i, count).balanced(costs) for i in range(count)]
+        assert sorted(i for share in shares for i in share) == list(range(len(costs)))
+        loads = [sum(costs[i] for i in share) for share in shares]
+        assert max(loads) - min(loads) <= max(costs), (count, shares)
+    # Large and small images in turn: every N-th item, as before, gave one process every large one.
+    costs = [40, 1] * 4
+    assert [Shard(i, 2).balanced(costs) for i in range(2)] == [[0, 1, 4, 5], [2, 3, 6, 7]]  # 82 and 82, not 160 and 4
+    # Equal costs: every N-th item.
+    assert Shard(1, 3).balanced([1] * 7) == [1, 4]
+    assert Shard(2, 3).balanced([]) == []
+
+
 def test_per_record_sharding_with_fewer_shards_than_workers(shards):
     # Fewer shard files than workers: every worker reads every file and keeps every n-th record.
     cfg = load_config(None, PLAIN)

@@ -48,15 +48,16 @@ def _train_steps(workdir):
     return [r["step"] for r in rows if r["event"] == "train"]
 
 
-def _rank_pids(workdir):
-    """PIDs of the Python processes training into `workdir` (not horovodrun's shell wrappers)."""
+def _rank_pids(workdir, module="unet_dist.train"):
+    """PIDs of the Python processes running `module` with `workdir` in their arguments (not
+    horovodrun's shell wrappers)."""
     pids = []
     for pid in subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split():
         try:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if argv[0].endswith(b"python") and b"unet_dist.train" in argv and b"horovodrun" not in argv[1]:
+        if argv[0].endswith(b"python") and module.encode() in argv and b"horovodrun" not in argv[1]:
             pids.append(int(pid))
     return pids
 

@@ -27,7 +27,21 @@ import tensorflow as tf
 
 from unet_dist.config import STRATEGIES, Config, ConfigError
 from unet_dist.data.pipeline import Shard
+from unet_dist.errors import tf_reason
 from unet_dist.watchdog import watched_from_outside
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another process stopped answering or exited (MultiWorkerMirroredStrategy's
+    health check aborts the collectives then). The message is one line, with TensorFlow's reason."""
+
+    @classmethod
+    def of(cls, error: tf.errors.OpError) -> CollectiveError:
+        return cls(f"a collective failed, another process stopped answering or exited ({tf_reason(error)})")
+
+
+# What a collective raises when the strategy's health check aborts it.
+COLLECTIVE_ABORTED = (tf.errors.UnavailableError, tf.errors.AbortedError)
 
 # Variables set by the launchers Horovod supports: horovodrun (Gloo), Open MPI's mpirun, MPICH/PMI.
 _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -314,6 +328,25 @@ class Runtime:
         """Sums a host array over processes (every process must call it)."""
         return np.asarray(value)
 
+    def sum_shares(self, value: np.ndarray, what: str, hint: str = "") -> np.ndarray:
+        """`allreduce_sum` of what each process computed from its own share of some work (an
+        evaluation's counts, predict's), where a process that has finished waits for the others.
+        That wait is watched (`watched_from_outside`) for runtime.stall_shutdown_seconds: a process
+        that stopped answering would leave it waiting for ever under Horovod's MPI controller, and
+        under MultiWorkerMirroredStrategy a peer that is alive but hung. `what` is what the others have
+        not finished and `hint` what to change when a share is that slow by right, for the line.
+        Raises CollectiveError when the strategy's health check aborts the sum (a peer stopped or exited)."""
+        seconds = self.cfg.runtime.stall_shutdown_seconds if self.world_size > 1 else 0
+        with watched_from_outside(seconds, f"{_prog()}: error: rank {self.rank}: the other processes have not "
+                                           f"finished {what} {seconds:g} s after this one finished its share "
+                                           f"(runtime.stall_shutdown_seconds {seconds:g}): one of them stopped "
+                                           f"answering, or its share takes that much longer{hint}; ending this "
+                                           "process so that the launcher ends the job"):
+            try:
+                return self.allreduce_sum(value)
+            except COLLECTIVE_ABORTED as e:
+                raise CollectiveError.of(e) from None
+
     def broadcast_state(self, variables: list) -> None:
         """Makes every process start from rank 0's values (Horovod only; tf.distribute syncs itself)."""
 
@@ -532,11 +565,14 @@ class HorovodRuntime(Runtime):
         import horovod.tensorflow as hvd
 
         # Horovod: a rank that stops answering (hung, stopped, lost) ends the job after the stall
-        # shutdown time instead of leaving the others waiting in a collective forever. Variables
-        # already set in the environment (by a launcher or the user) win, as in Horovod itself.
+        # shutdown time instead of leaving the others waiting in a collective forever. Ours
+        # (watchdog.py) ends it first, in one line and under the MPI controller too; Horovod's, one
+        # stall check later, is the backstop. Variables already set in the environment (by a
+        # launcher or the user) win, as in Horovod itself.
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(cfg.runtime.stall_check_seconds))
         if cfg.runtime.stall_shutdown_seconds:
-            os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(cfg.runtime.stall_shutdown_seconds))
+            os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+                                  str(cfg.runtime.stall_shutdown_seconds + cfg.runtime.stall_check_seconds))
         if cfg.runtime.horovod_cycle_time_ms:
             # Horovod: with one core per rank its background thread competes with the compute
             # thread; a longer cycle leaves the core to the step (docs/benchmarks.md).
@@ -607,6 +643,11 @@ class HorovodRuntime(Runtime):
         self.hvd.allreduce(tf.zeros([1]), name="barrier")
 
 
+def _prog() -> str:
+    """The command this process runs (train, predict, evaluate), for the lines it prints."""
+    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] not in ("", "-c") else "unet_dist"
+
+
 def make_runtime(cfg: Config) -> Runtime:
     """Creates the runtime: call first, before any other TensorFlow work (threads, devices)."""
     backend, why = choose_backend(cfg)
@@ -631,8 +672,7 @@ def make_runtime(cfg: Config) -> Runtime:
         # ever where one never starts, and the strategy holds the GIL while it waits: watched from
         # a child process, with the start-up's limit.
         start = cfg.runtime.stall_shutdown_start_seconds if cfg.runtime.stall_shutdown_seconds else 0
-        prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] not in ("", "-c") else "unet_dist"
-        with watched_from_outside(start, f"{prog}: error: {backend} has not come up {start:g} s after its start "
+        with watched_from_outside(start, f"{_prog()}: error: {backend} has not come up {start:g} s after its start "
                                          f"(runtime.stall_shutdown_start_seconds {start:g}): another process of the job "
                                          "did not start or cannot be reached; ending this process so that the launcher "
                                          "ends the job"):

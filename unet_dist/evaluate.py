@@ -33,7 +33,7 @@ from pathlib import Path
 
 from unet_dist.config import Config, ConfigError, add_strategy_arg, add_workdir_args, load_workdir_config, writable_dir
 from unet_dist.data.convert import LAYOUTS
-from unet_dist.predict import add_mode_args, predictor_options
+from unet_dist.predict import add_mode_args, my_share, predictor_options
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
@@ -41,15 +41,16 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
 
     Metrics come from one confusion matrix summed over every pixel of every image (no average of
     per-image scores), as the record evaluation does; the file also lists each image's own IoU, worst
-    first. An unreadable image or mask is skipped and named. With N processes each predicts every
-    N-th image; their per-image confusion matrices are summed in one collective (K*K numbers an image).
+    first. An unreadable image or mask is skipped and named. With N processes each predicts its share
+    (`predict.my_share`); their per-image confusion matrices are summed in one collective (K*K numbers
+    an image).
     """
     import numpy as np
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.convert import ConvertError, find_pairs, load_pair
     from unet_dist.data.imageio import BadImage, stacks_of
-    from unet_dist.distribute import make_trained_run_runtime
+    from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import atomic_write_text
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
@@ -76,7 +77,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     shard = runtime.process_shard
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(samples), k, k), np.float64)
-    for i in range(shard.index, len(samples), shard.count):
+    for i in my_share(samples, predictor, shard):
         sample = samples[i]
         try:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
@@ -87,7 +88,12 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             continue
         # The record evaluation's own class rule and counting, at the image's size.
         counts[i] = confusion_matrix(truth, predict_classes(probs), k).numpy()
-    counts = runtime.allreduce_sum(counts).astype(np.int64)
+    try:
+        counts = runtime.sum_shares(counts, "their images", hint=f" (an image slower than that needs more in "
+                                                                f"{args.workdir[0] / 'config.yaml'})").astype(np.int64)
+    except CollectiveError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
     read = counts.sum(axis=(1, 2)) > 0  # every image that was read has pixels
     if not read.any():
         print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
@@ -159,7 +165,7 @@ def main(argv=None) -> int:
     args.split, args.workdir = args.split or "val", workdir
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
-    from unet_dist.distribute import make_trained_run_runtime
+    from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.logs import atomic_write_text
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
 
@@ -183,6 +189,9 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    except CollectiveError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
     metrics.update({"split": args.split, "checkpoint": path, "step": int(ckpts.step.numpy()),
                     "world_size": runtime.world_size})
     if runtime.is_chief:

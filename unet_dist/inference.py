@@ -263,6 +263,7 @@ class Predictor:
     checkpoints: list[str]
     mode: str  # resize, tile, or "per run" when auto chose differently for the runs
     why: str
+    tiles: list[tuple[int, int] | None] = field(default_factory=list)  # each run's kept tile size; None: resize mode
     _traced: Callable | None = field(default=None, init=False, repr=False)
 
     def __call__(self, image: np.ndarray) -> tf.Tensor:
@@ -279,6 +280,13 @@ class Predictor:
             raise PredictionError(f"out of memory predicting a {h}x{w} image in {self.mode} mode; {need}, fewer "
                                   "--workdir runs or --tta none need less") from None
 
+    def cost(self, size: tuple[int, int]) -> int:
+        """The relative time to predict an image of `size` (H, W): the model's inputs over the runs,
+        the tiles it is cut into for a run in tile mode, one for a run in resize mode (at least one
+        an image: reading it, or finding it unreadable, takes time too)."""
+        h, w = size
+        return sum(max(1, -(-h // t[0]) * -(-w // t[1])) if t else 1 for t in self.tiles or [None])
+
     def summary(self) -> str:
         """'MODE mode: WHY; checkpoint(s) ...', for the line predict, export and evaluate print."""
         ckpts = self.checkpoints
@@ -294,10 +302,11 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
 
     Raises ConfigError (or CheckpointError) naming the run, and when the runs predict other classes.
     """
-    models, cfgs, checkpoints, fns, modes = [], [], [], [], []
+    models, cfgs, checkpoints, fns, modes, tiles = [], [], [], [], [], []
     for workdir in workdirs:
         model, cfg, ckpt = load_trained(workdir, which)
         fn, run_mode, why = prediction_fn(model, cfg, workdir, mode, tile, overlap, tta)
+        tiles.append(tiling(cfg, tile, overlap)[2] if run_mode == "tile" else None)
         if models and model.output_shape[-1] != models[0].output_shape[-1]:
             raise ConfigError(f"--workdir {workdir}: {cfg.model.num_classes} classes, but {workdirs[0]} has "
                               f"{cfgs[0].model.num_classes}: an ensemble averages the same classes")
@@ -316,12 +325,12 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
         raise ConfigError(f"{flag}: used in tile mode only, and this is resize mode ({modes[0][1]}); "
                           "add --mode tile to predict in tiles")
     if len(fns) == 1:
-        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why)
+        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles)
 
     def averaged(images):
         return tf.add_n([f(images) for f in fns]) / len(fns)
 
-    return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs")
+    return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs", tiles)
 
 
 def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path) -> None:

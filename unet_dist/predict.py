@@ -19,8 +19,9 @@ For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.
 --workdir repeated for several runs (the folds of `convert --fold`): their probabilities are averaged.
-Started as N processes, each predicts every N-th image, on its own GPU where the node has them (the
-backend follows how predict was started, or --strategy, as in training).
+Started as N processes, each predicts its share of the images, on its own GPU where the node has them
+(the backend follows how predict was started, or --strategy, as in training). The shares are split by
+image size, so that the processes finish about together.
 """
 
 from __future__ import annotations
@@ -192,6 +193,20 @@ def predictor_options(args: argparse.Namespace) -> dict:
             "tile": (args.tile, args.tile) if args.tile is not None else None}
 
 
+def my_share(samples: list, predictor, shard) -> list[int]:
+    """The indices of `samples` (imageio.Sample) that process `shard.index` of `shard.count` predicts:
+    split by what each costs to predict (`Predictor.cost`, from the image headers), so that the
+    processes finish about together and the first to finish waits at most about one image for the
+    others, however the image sizes mix. Every process reads every header (a few KB a file)."""
+    if shard.count == 1:
+        return list(range(len(samples)))
+    from unet_dist.data.imageio import page_sizes
+
+    sizes = {path: page_sizes(path) for path in dict.fromkeys(s.image for s in samples)}
+    return shard.balanced([predictor.cost(sizes[s.image][s.page] if s.page < len(sizes[s.image]) else (0, 0))
+                           for s in samples])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,7 +238,7 @@ def main(argv=None) -> int:
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.config import load_workdir_config
     from unet_dist.data.imageio import BadImage, load_rgb
-    from unet_dist.distribute import make_trained_run_runtime
+    from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
 
     try:
@@ -242,7 +257,8 @@ def main(argv=None) -> int:
     counts, unwritten = np.zeros(2 + len(stacks)), None
     writer = Writer(args.out)
     try:
-        for sample in samples[shard.index::shard.count]:  # each process every N-th image; no two write one file
+        for i in my_share(samples, predictor, shard):  # no two processes write one file
+            sample = samples[i]
             try:
                 image = load_rgb(sample.image, sample.page)
                 probs = predictor(image).numpy()
@@ -266,7 +282,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         counts[1] = 1
     # Every process takes part in the sum, also one that stopped: the others would wait for it.
-    counts = runtime.allreduce_sum(counts)
+    try:
+        counts = runtime.sum_shares(counts, "their images", hint=f" (an image slower than that needs more in "
+                                                                f"{args.workdir[0] / 'config.yaml'})")
+    except CollectiveError as e:
+        print(f"predict: error: {e}; the masks written in {args.out} are whole", file=sys.stderr)
+        return 1
     if counts[1]:
         return 1
     failed = int(counts[0])

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
         return 2
     from unet_dist.checkpoint import CheckpointError  # TensorFlow loads here, after the config is valid
     from unet_dist.data.pipeline import DataError
+    from unet_dist.distribute import CollectiveError
     from unet_dist.preemption import PREEMPTED_EXIT, Preempted
     from unet_dist.trainer import TrainingError, train
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(f"train: {e}", file=sys.stderr)
         return PREEMPTED_EXIT
-    except (ConfigError, DataError, TrainingError, CheckpointError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError, CollectiveError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -28,8 +28,7 @@ from unet_dist.data.pipeline import (
     train_dataset,
     unreadable_record,
 )
-from unet_dist.distribute import Runtime, make_runtime
-from unet_dist.errors import tf_reason
+from unet_dist.distribute import COLLECTIVE_ABORTED, CollectiveError, Runtime, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
@@ -197,7 +196,7 @@ class Evaluator:
             what = {"val": "validation", "train": "training"}[self.split]
             raise DataError(f"{what} data unreadable: {unreadable_record(self.data_dir, self.manifest, self.split, e)}"
                             "; convert again") from None
-        total = self.runtime.allreduce_sum(np.concatenate([cm.ravel(), [loss_sum, count]]))
+        total = self.runtime.sum_shares(np.concatenate([cm.ravel(), [loss_sum, count]]), "their part of the evaluation")
         cm, loss_sum, count = total[: k * k].reshape(k, k), total[-2], total[-1]
         s = scores(cm)
         metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
@@ -301,12 +300,12 @@ class TrainLoop:
     def run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         try:
             self._run(step_fn, next_batch_fn, start, total)
-        except (tf.errors.UnavailableError, tf.errors.AbortedError) as e:
+        except (*COLLECTIVE_ABORTED, CollectiveError) as e:
             # MultiWorkerMirroredStrategy's health check aborts the collectives when a peer stops
             # answering or exits; say so in one line, not with TensorFlow's traceback.
-            raise TrainingError(f"after step {self.watchdog.step}: a collective failed, another process stopped "
-                                f"answering or exited ({tf_reason(e)}); rerunning the same command resumes from the "
-                                "latest checkpoint") from None
+            failed = e if isinstance(e, CollectiveError) else CollectiveError.of(e)
+            raise TrainingError(f"after step {self.watchdog.step}: {failed}; rerunning the same command resumes from "
+                                "the latest checkpoint") from None
 
     def _run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         cfg = self.cfg.train

@@ -50,6 +50,22 @@ def page_count(path: str | Path) -> int:
         return 1
 
 
+def page_sizes(path: str | Path) -> list[tuple[int, int]]:
+    """(height, width) of each image in `path` (each page of a multi-page TIFF), from the headers,
+    before EXIF orientation; [] for a file that cannot be opened, whose reading then says why.
+    One pass over the pages: seeking page k from the start walks k headers."""
+    try:
+        with Image.open(path) as img:
+            pages = range(page_count(path)) if Path(path).suffix.lower() in STACK_SUFFIXES else range(1)
+            sizes = []
+            for k in pages:
+                img.seek(k)
+                sizes.append((img.size[1], img.size[0]))
+            return sizes
+    except Exception:  # noqa: BLE001 - as page_count: load_rgb reports the reason
+        return []
+
+
 class Sample(NamedTuple):
     """One image to read: a file, or page `page` of a multi-page TIFF; with its mask when labelled."""
     name: str  # what its outputs and records are named by: the file's stem, or STEM_p007 in a stack

@@ -16,6 +16,7 @@ steps before decoding, so the data order continues exactly where it stopped in d
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 from dataclasses import dataclass
@@ -56,6 +57,21 @@ class Shard:
 
     index: int = 0
     count: int = 1
+
+    def balanced(self, costs: list[float]) -> list[int]:
+        """This shard's indices (ascending) of items costing `costs` (any unit, e.g. tiles to predict),
+        split so that every shard's total is about the same: costliest first, each to the shard with
+        the least so far (ties: the lower shard). That is the longest-processing-time rule: no shard's
+        total exceeds another's by more than the costliest item. Every process computes the same
+        split from the same costs, with no communication."""
+        loads = [(0.0, j) for j in range(self.count)]  # a heap: (total so far, shard)
+        mine = []
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            load, j = heapq.heappop(loads)
+            heapq.heappush(loads, (load + costs[i], j))
+            if j == self.index:
+                mine.append(i)
+        return sorted(mine)
 
 
 def load_manifest(data_dir: str | Path) -> dict:
