@@ -281,14 +281,16 @@ def watched_run(shards, tmp_path_factory):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", ["a slow share", "a stopped process", "a stopped process, multiworker"])
+@pytest.mark.parametrize("case", ["a slow share", "a stopped process", "a stopped process, multiworker",
+                                  "a stopped process, horovodrun --gloo"])
 def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_run, tmp_path, case):
     # predict on N processes: each predicts its share, then all sum their counts, and the first to
     # finish waits for the others. That wait is watched (runtime.stall_shutdown_seconds, 5 s here),
     # else a stopped process would leave the others in the sum for good under MPI. The shares are
     # split by image size: large and small images in turn, split every N-th image, gave one process
     # every large one, and the other waited past 5 s (and Horovod's own stall shutdown ended the job).
-    # MultiWorkerMirroredStrategy's health check aborts the sum by itself (about 10 s): one line too.
+    # MultiWorkerMirroredStrategy's health check aborts the sum by itself (about 10 s), and Gloo
+    # gives up on a silent rank (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s; 4 here): one line too.
     from PIL import Image
 
     src, out = tmp_path / "src", tmp_path / "out"
@@ -298,7 +300,7 @@ def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_ru
     for i, side in enumerate(sides):
         Image.fromarray(rng.integers(0, 256, (side, side, 3), np.uint8)).save(src / f"{'abcd'[i]}.png")
     run = watched_run
-    if case.endswith("multiworker"):  # the health check first: the run's own limit longer than its 10 s
+    if case.endswith(("multiworker", "--gloo")):  # theirs first: the run's own limit longer than theirs
         run = tmp_path / "run"
         shutil.copytree(watched_run, run)
         config = (run / "config.yaml").read_text()
@@ -306,6 +308,7 @@ def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_ru
     cmd = [sys.executable, "-m", "unet_dist.predict", "--workdir", str(run), str(src), "--out", str(out),
            "--mode", "tile", "--tta", "flip"]
     env = {k: v for k, v in subprocess_env().items() if not k.startswith("HOROVOD_STALL")}
+    env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = "4"
     if case.endswith("multiworker"):
         cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
         procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
@@ -314,8 +317,9 @@ def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_ru
     else:
         if not HOROVODRUN.exists() or shutil.which("mpirun") is None:
             pytest.skip("Horovod or Open MPI not installed (run make setup)")
-        procs = [subprocess.Popen([str(HOROVODRUN), "-np", "2", "--mpi", "-H", "localhost:2", *cmd], cwd=ROOT,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        procs = [subprocess.Popen([str(HOROVODRUN), "-np", "2", "--gloo" if case.endswith("--gloo") else "--mpi",
+                                   "-H", "localhost:2", *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)]
     victim = None
     try:
         if case != "a slow share":  # once an image is done, with one more for each process to do
@@ -341,6 +345,11 @@ def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_ru
                          rf"\(Collective ops is aborted by: .*unhealthy.*\); the masks written in {out} are whole\n",
                          err), err[-3000:]
         assert "Traceback" not in err
+    elif case.endswith("--gloo"):
+        assert re.search(r"\]<stderr>:predict: error: a collective failed, another process stopped answering or "
+                         rf"exited \(Horovod has been shut down\); the masks written in {out} are whole\n", err), \
+            err[-3000:]
+        assert "<stderr>:Traceback" not in err  # horovodrun's own traceback (the job failed) follows
     else:
         assert re.search(r"predict: error: rank \d: the other processes have not finished their images 5 s after this "
                          r"one finished its share \(runtime.stall_shutdown_seconds 5\): one of them stopped answering, "

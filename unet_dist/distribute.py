@@ -32,16 +32,30 @@ from unet_dist.watchdog import watched_from_outside
 
 
 class CollectiveError(RuntimeError):
-    """A collective failed: another process stopped answering or exited (MultiWorkerMirroredStrategy's
-    health check aborts the collectives then). The message is one line, with TensorFlow's reason."""
-
-    @classmethod
-    def of(cls, error: tf.errors.OpError) -> CollectiveError:
-        return cls(f"a collective failed, another process stopped answering or exited ({tf_reason(error)})")
+    """A collective failed: another process stopped answering or exited. The message is one line,
+    with the backend's reason."""
 
 
-# What a collective raises when the strategy's health check aborts it.
-COLLECTIVE_ABORTED = (tf.errors.UnavailableError, tf.errors.AbortedError)
+# Horovod's error in every collective once its background loop has failed (Gloo gives up on a rank
+# that has not answered for HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s): a page, which names the cause only
+# as "an exception on one of the ranks" (the loop logged it before).
+_HOROVOD_SHUT_DOWN = "Horovod has been shut down"
+
+
+@contextlib.contextmanager
+def collective_failures():
+    """Raises CollectiveError, one line, for TensorFlow's error from a collective that another
+    process left: MultiWorkerMirroredStrategy's health check aborting it (Unavailable, Aborted), or
+    Horovod shut down. Any other error passes unchanged."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.UnknownError) as e:
+        horovod = isinstance(e, tf.errors.UnknownError) and _HOROVOD_SHUT_DOWN in str(e)
+        if isinstance(e, tf.errors.UnknownError) and not horovod:
+            raise
+        reason = _HOROVOD_SHUT_DOWN if horovod else tf_reason(e)
+        raise CollectiveError(f"a collective failed, another process stopped answering or exited ({reason})") \
+            from None
 
 # Variables set by the launchers Horovod supports: horovodrun (Gloo), Open MPI's mpirun, MPICH/PMI.
 _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -335,17 +349,15 @@ class Runtime:
         that stopped answering would leave it waiting for ever under Horovod's MPI controller, and
         under MultiWorkerMirroredStrategy a peer that is alive but hung. `what` is what the others have
         not finished and `hint` what to change when a share is that slow by right, for the line.
-        Raises CollectiveError when the strategy's health check aborts the sum (a peer stopped or exited)."""
+        Raises CollectiveError when another process left the sum (`collective_failures`)."""
         seconds = self.cfg.runtime.stall_shutdown_seconds if self.world_size > 1 else 0
         with watched_from_outside(seconds, f"{_prog()}: error: rank {self.rank}: the other processes have not "
                                            f"finished {what} {seconds:g} s after this one finished its share "
                                            f"(runtime.stall_shutdown_seconds {seconds:g}): one of them stopped "
                                            f"answering, or its share takes that much longer{hint}; ending this "
                                            "process so that the launcher ends the job"):
-            try:
+            with collective_failures():
                 return self.allreduce_sum(value)
-            except COLLECTIVE_ABORTED as e:
-                raise CollectiveError.of(e) from None
 
     def broadcast_state(self, variables: list) -> None:
         """Makes every process start from rank 0's values (Horovod only; tf.distribute syncs itself)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from unet_dist.config import Config, ConfigError, add_strategy_arg, add_workdir_args, load_workdir_config, writable_dir
 from unet_dist.data.convert import LAYOUTS
-from unet_dist.predict import add_mode_args, my_share, predictor_options
+from unet_dist.predict import add_mode_args, my_share, predictor_options, sum_over_processes
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
@@ -89,8 +89,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         # The record evaluation's own class rule and counting, at the image's size.
         counts[i] = confusion_matrix(truth, predict_classes(probs), k).numpy()
     try:
-        counts = runtime.sum_shares(counts, "their images", hint=f" (an image slower than that needs more in "
-                                                                f"{args.workdir[0] / 'config.yaml'})").astype(np.int64)
+        counts = sum_over_processes(runtime, counts, args.workdir[0]).astype(np.int64)
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1

@@ -207,6 +207,13 @@ def my_share(samples: list, predictor, shard) -> list[int]:
                            for s in samples])
 
 
+def sum_over_processes(runtime, counts: np.ndarray, workdir: Path) -> np.ndarray:
+    """`Runtime.sum_shares` of predict's (and evaluate --images') counts, once every image of this
+    process's share is done; `workdir` is the run whose config.yaml sets how long to wait."""
+    return runtime.sum_shares(counts, "their images",
+                              hint=f" (an image slower than that needs more in {workdir / 'config.yaml'})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,8 +290,7 @@ def main(argv=None) -> int:
         counts[1] = 1
     # Every process takes part in the sum, also one that stopped: the others would wait for it.
     try:
-        counts = runtime.sum_shares(counts, "their images", hint=f" (an image slower than that needs more in "
-                                                                f"{args.workdir[0] / 'config.yaml'})")
+        counts = sum_over_processes(runtime, counts, args.workdir[0])
     except CollectiveError as e:
         print(f"predict: error: {e}; the masks written in {args.out} are whole", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ from unet_dist.data.pipeline import (
     train_dataset,
     unreadable_record,
 )
-from unet_dist.distribute import COLLECTIVE_ABORTED, CollectiveError, Runtime, make_runtime
+from unet_dist.distribute import CollectiveError, Runtime, collective_failures, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, get_loss
@@ -299,12 +299,12 @@ class TrainLoop:
 
     def run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         try:
-            self._run(step_fn, next_batch_fn, start, total)
-        except (*COLLECTIVE_ABORTED, CollectiveError) as e:
-            # MultiWorkerMirroredStrategy's health check aborts the collectives when a peer stops
-            # answering or exits; say so in one line, not with TensorFlow's traceback.
-            failed = e if isinstance(e, CollectiveError) else CollectiveError.of(e)
-            raise TrainingError(f"after step {self.watchdog.step}: {failed}; rerunning the same command resumes from "
+            # A peer that stops answering or exits fails the collectives (the strategy's health
+            # check, Horovod's Gloo timeout): one line, not TensorFlow's traceback.
+            with collective_failures():
+                self._run(step_fn, next_batch_fn, start, total)
+        except CollectiveError as e:
+            raise TrainingError(f"after step {self.watchdog.step}: {e}; rerunning the same command resumes from "
                                 "the latest checkpoint") from None
 
     def _run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
