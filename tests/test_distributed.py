@@ -307,8 +307,8 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     # The training's last evaluation saw the model it saved: the ranks' mean of batch norm's moving
     # statistics, which each rank updates from its own batch (not rank 0's copy on half the images).
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
-    # predict and evaluate --images take every other image on each rank (one GPU per rank on a GPU
-    # node) and give what one process gives; a corrupt image is skipped once.
+    # predict and evaluate --images take a share of the images on each rank (one GPU per rank on a
+    # GPU node) and give what one process gives; a corrupt image is skipped once.
     src = tmp_path / "src"
     shutil.copytree(pet_src, src)
     (src / "images" / sorted(p.name for p in (src / "images").iterdir())[3]).write_bytes(b"not a jpeg")
@@ -341,6 +341,23 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
             stacked.seek(i)
             one = np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_probs.tif"))
             np.testing.assert_allclose(np.asarray(stacked), one, atol=1e-6)
+    # --continue after a stop: the images (a stack's page too) whose files are not all there are
+    # predicted again, the others left alone (the chief's view, which every rank splits alike).
+    redo = {"vol_p001": "_probs.tif", masks[0][: -len("_mask.png")]: "_mask.png",
+            masks[5][: -len("_mask.png")]: "_overlay.png"}
+    for stem, kind in redo.items():
+        (tmp_path / "p2" / f"{stem}{kind}").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p2").iterdir()
+            if not p.name.startswith((*(f"{stem}_" for stem in redo), "vol_mask", "vol_probs"))}  # stacks: rewritten
+    proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), str(tmp_path / "vol.tif"),
+                      "--out", str(tmp_path / "p2"), "--probabilities", "--continue")
+    assert f"predict: leaving out 47 of 51 images, predicted in {tmp_path / 'p2'} already (--continue)" in proc.stderr
+    assert proc.stdout.count("predict: 3 images on 2 processes") == 1, proc.stdout  # and the corrupt one, skipped
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p2").iterdir() if p.name in kept} == kept
+    for stem, kind in redo.items():
+        assert (tmp_path / "p2" / f"{stem}{kind}").exists(), stem
+        a, b = (np.asarray(Image.open(tmp_path / d / f"{stem}_mask.png")) for d in ("p1", "p2"))
+        assert np.array_equal(a, b), stem
     e1, e2 = (json.loads((tmp_path / f"e{n}.json").read_text()) for n in (1, 2))
     assert (e1.pop("world_size"), e2.pop("world_size")) == (1, 2)
     assert (e1["images"], e1["skipped"]) == (47, 1)

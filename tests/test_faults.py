@@ -352,7 +352,7 @@ def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_ru
         assert "<stderr>:Traceback" not in err  # horovodrun's own traceback (the job failed) follows
     else:
         assert re.search(r"predict: error: rank \d: the other processes have not finished their images 5 s after this "
-                         r"one finished its share \(runtime.stall_shutdown_seconds 5\): one of them stopped answering, "
+                         r"one did \(runtime.stall_shutdown_seconds 5\): one of them stopped answering, "
                          r"or its share takes that much longer \(an image slower than that needs more in "
                          r"\S+/config.yaml\); ending this process so that the launcher ends the job\n", err), err[-3000:]
     masks = list(out.glob("*_mask.png"))

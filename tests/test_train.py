@@ -224,6 +224,17 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
              check=True)
     assert sorted(p.name for p in (out / "folder").iterdir()) == ["a_mask.png", "a_overlay.png", "b_mask.png",
                                                                   "b_overlay.png"]
+    # --continue finishes a predict that was stopped: an image whose files are all there is left out.
+    (out / "folder" / "b_overlay.png").unlink()  # stopped between b's two files
+    before = (out / "folder" / "a_mask.png").stat().st_mtime_ns
+    again = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out",
+                     str(out / "folder"), "--continue", check=True)
+    assert f"predict: leaving out 1 of 2 images, predicted in {out / 'folder'} already (--continue)" in again.stderr
+    assert "predict: 1 images (" in again.stdout and (out / "folder" / "b_overlay.png").exists()
+    assert (out / "folder" / "a_mask.png").stat().st_mtime_ns == before
+    again = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out",
+                     str(out / "folder"), "--continue", check=True)
+    assert "leaving out 2 of 2 images" in again.stderr and "predict: 0 images (" in again.stdout  # all done: exit 0
     empty = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder" / "deeper"), "--out",
                      str(out / "empty"))
     assert empty.returncode == 2 and "deeper: a folder without image files (.bmp" in empty.stderr, empty.stderr

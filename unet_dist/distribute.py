@@ -352,7 +352,7 @@ class Runtime:
         Raises CollectiveError when another process left the sum (`collective_failures`)."""
         seconds = self.cfg.runtime.stall_shutdown_seconds if self.world_size > 1 else 0
         with watched_from_outside(seconds, f"{_prog()}: error: rank {self.rank}: the other processes have not "
-                                           f"finished {what} {seconds:g} s after this one finished its share "
+                                           f"finished {what} {seconds:g} s after this one did "
                                            f"(runtime.stall_shutdown_seconds {seconds:g}): one of them stopped "
                                            f"answering, or its share takes that much longer{hint}; ending this "
                                            "process so that the launcher ends the job"):

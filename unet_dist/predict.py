@@ -1,7 +1,7 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
-        [--mode auto|tile|resize] [--tta none|flip] [--probabilities] [--strategy auto|single|horovod|...]
+        [--mode auto|tile|resize] [--tta none|flip] [--probabilities] [--continue] [--strategy auto|single|...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
@@ -15,6 +15,8 @@ the page masks as one stack, one file per volume as the input was.
 over the runs and mirror images), float32, the same size: one page, the foreground's, for a model of
 two classes; else one page per class, class k's on page k.
 For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
+--continue leaves out the images whose files are all in PRED already: it finishes a predict that was
+stopped (every file is written beside and renamed into place, so one that is there is whole).
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
 pixel scale, for images of any size). It prints which mode and why.
@@ -224,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--probabilities", action="store_true",
                    help="also write STEM_probs.tif: float32 probabilities (the foreground's for two classes, "
                         "else one page per class)")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="leave out the images whose outputs are all in --out already: finishes a predict that "
+                        "was stopped (each file is written whole or not at all)")
     add_strategy_arg(p, "the backend (default: auto, from how predict was started)")
     args = p.parse_args(argv)
     from unet_dist.data.imageio import samples_of, stacks_of
@@ -257,6 +262,20 @@ def main(argv=None) -> int:
         return 2
     for note in notes:
         runtime.print(note, file=sys.stderr)
+    todo = list(range(len(samples)))
+    if args.resume:
+        kinds = (MASK, OVERLAY, PROBS) if args.probabilities else (MASK, OVERLAY)
+        done = np.array([all((args.out / f"{s.name}{kind}").exists() for kind in kinds) for s in samples])
+        try:
+            # The chief's view, taken before any process writes (the others wait for it in the
+            # sum): a process that looked later would see new outputs and split the rest otherwise.
+            done = runtime.sum_shares(done * float(runtime.is_chief), "loading the model") > 0
+        except CollectiveError as e:
+            print(f"predict: error: {e}", file=sys.stderr)
+            return 1
+        todo = [i for i in todo if not done[i]]
+        runtime.print(f"predict: leaving out {len(samples) - len(todo)} of {len(samples)} images, predicted in "
+                      f"{args.out} already (--continue)", file=sys.stderr)
     shard = runtime.process_shard
     stacks = stacks_of(samples)
     stack_index = {path: i for i, path in enumerate(stacks)}
@@ -264,8 +283,8 @@ def main(argv=None) -> int:
     counts, unwritten = np.zeros(2 + len(stacks)), None
     writer = Writer(args.out)
     try:
-        for i in my_share(samples, predictor, shard):  # no two processes write one file
-            sample = samples[i]
+        for j in my_share([samples[i] for i in todo], predictor, shard):  # no two processes write one file
+            sample = samples[todo[j]]
             try:
                 image = load_rgb(sample.image, sample.page)
                 probs = predictor(image).numpy()
@@ -298,7 +317,7 @@ def main(argv=None) -> int:
         return 1
     failed = int(counts[0])
     processes = f" on {runtime.world_size} processes" * (runtime.world_size > 1)
-    runtime.print(f"predict: {len(samples) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
+    runtime.print(f"predict: {len(todo) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
     if runtime.is_chief:  # after the sum: every process's pages are written
         for path, pages in stacks.items():
             try:
@@ -308,7 +327,7 @@ def main(argv=None) -> int:
                 print(f"predict: error: writing into {args.out}: {e}; the page masks are whole", file=sys.stderr)
                 return 1
             print(said, file=sys.stdout if whole else sys.stderr)
-    return 1 if failed == len(samples) else 0
+    return 1 if todo and failed == len(todo) else 0
 
 
 if __name__ == "__main__":
