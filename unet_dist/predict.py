@@ -209,6 +209,17 @@ def my_share(samples: list, predictor, shard) -> list[int]:
                            for s in samples])
 
 
+def left_to_predict(samples: list, out: Path, probabilities: bool, runtime) -> list[int]:
+    """--continue: the indices of `samples` whose files (mask, overlay, and probabilities when asked)
+    are not all in `out` yet. Every process gets the chief's view, taken before any process writes
+    (the others wait for it in the sum): a process that looked later would see new files and split
+    the rest otherwise. Raises CollectiveError."""
+    kinds = (MASK, OVERLAY, PROBS) if probabilities else (MASK, OVERLAY)
+    done = np.array([all((out / f"{s.name}{kind}").exists() for kind in kinds) for s in samples], np.float64)
+    done = runtime.sum_shares(done * runtime.is_chief, "loading the model") > 0
+    return [i for i in range(len(samples)) if not done[i]]
+
+
 def sum_over_processes(runtime, counts: np.ndarray, workdir: Path) -> np.ndarray:
     """`Runtime.sum_shares` of predict's (and evaluate --images') counts, once every image of this
     process's share is done; `workdir` is the run whose config.yaml sets how long to wait."""
@@ -264,16 +275,11 @@ def main(argv=None) -> int:
         runtime.print(note, file=sys.stderr)
     todo = list(range(len(samples)))
     if args.resume:
-        kinds = (MASK, OVERLAY, PROBS) if args.probabilities else (MASK, OVERLAY)
-        done = np.array([all((args.out / f"{s.name}{kind}").exists() for kind in kinds) for s in samples])
         try:
-            # The chief's view, taken before any process writes (the others wait for it in the
-            # sum): a process that looked later would see new outputs and split the rest otherwise.
-            done = runtime.sum_shares(done * float(runtime.is_chief), "loading the model") > 0
+            todo = left_to_predict(samples, args.out, args.probabilities, runtime)
         except CollectiveError as e:
             print(f"predict: error: {e}", file=sys.stderr)
             return 1
-        todo = [i for i in todo if not done[i]]
         runtime.print(f"predict: leaving out {len(samples) - len(todo)} of {len(samples)} images, predicted in "
                       f"{args.out} already (--continue)", file=sys.stderr)
     shard = runtime.process_shard
