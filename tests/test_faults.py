@@ -295,7 +295,7 @@ def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_ru
 
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
-    sides = [2000, 64, 2000] if case == "a slow share" else [1200] * 4
+    sides = [2000, 64, 2000] if case == "a slow share" else [800] * 4
     rng = np.random.default_rng(0)
     for i, side in enumerate(sides):
         Image.fromarray(rng.integers(0, 256, (side, side, 3), np.uint8)).save(src / f"{'abcd'[i]}.png")
@@ -356,7 +356,7 @@ def test_predict_waits_for_a_slow_share_and_ends_on_a_stopped_process(watched_ru
                          r"or its share takes that much longer \(an image slower than that needs more in "
                          r"\S+/config.yaml\); ending this process so that the launcher ends the job\n", err), err[-3000:]
     masks = list(out.glob("*_mask.png"))
-    assert masks and all(Image.open(m).size == (1200, 1200) for m in masks)  # what was written is whole
+    assert masks and all(Image.open(m).size == (800, 800) for m in masks)  # what was written is whole
 
 
 def test_the_watchdog_ends_a_process_whose_loop_stopped_and_spares_one_that_moves(monkeypatch, capsys):
