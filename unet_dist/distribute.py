@@ -49,13 +49,15 @@ def collective_failures():
     Horovod shut down. Any other error passes unchanged."""
     try:
         yield
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.UnknownError) as e:
-        horovod = isinstance(e, tf.errors.UnknownError) and _HOROVOD_SHUT_DOWN in str(e)
-        if isinstance(e, tf.errors.UnknownError) and not horovod:
+    except (tf.errors.UnavailableError, tf.errors.AbortedError) as e:
+        reason = tf_reason(e)
+    except tf.errors.UnknownError as e:
+        if _HOROVOD_SHUT_DOWN not in str(e):
             raise
-        reason = _HOROVOD_SHUT_DOWN if horovod else tf_reason(e)
-        raise CollectiveError(f"a collective failed, another process stopped answering or exited ({reason})") \
-            from None
+        reason = _HOROVOD_SHUT_DOWN
+    else:
+        return
+    raise CollectiveError(f"a collective failed, another process stopped answering or exited ({reason})")
 
 # Variables set by the launchers Horovod supports: horovodrun (Gloo), Open MPI's mpirun, MPICH/PMI.
 _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -276,6 +278,12 @@ class Runtime:
         return self.strategy.num_replicas_in_sync if self.strategy else self.world_size
 
     @property
+    def stall_seconds(self) -> int:
+        """runtime.stall_shutdown_seconds where there are other processes to wait for; 0 (nothing
+        watched) for one process."""
+        return self.cfg.runtime.stall_shutdown_seconds if self.world_size > 1 else 0
+
+    @property
     def process_shard(self) -> Shard:
         """This process's share of a data set that is read once per process (evaluation)."""
         return Shard(self.rank, self.world_size)
@@ -350,7 +358,7 @@ class Runtime:
         under MultiWorkerMirroredStrategy a peer that is alive but hung. `what` is what the others have
         not finished and `hint` what to change when a share is that slow by right, for the line.
         Raises CollectiveError when another process left the sum (`collective_failures`)."""
-        seconds = self.cfg.runtime.stall_shutdown_seconds if self.world_size > 1 else 0
+        seconds = self.stall_seconds
         with watched_from_outside(seconds, f"{_prog()}: error: rank {self.rank}: the other processes have not "
                                            f"finished {what} {seconds:g} s after this one did "
                                            f"(runtime.stall_shutdown_seconds {seconds:g}): one of them stopped "

@@ -430,8 +430,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
     # Each process of a multi-process run watches its own progress from here (a single process has
     # no peer to wait for): the start-up's collectives (the barrier, the broadcast, the first step)
     # wait for every rank too.
-    watchdog = Watchdog(cfg.runtime.stall_shutdown_seconds * (runtime.world_size > 1), runtime.rank,
-                        start_seconds=cfg.runtime.stall_shutdown_start_seconds)
+    watchdog = Watchdog(runtime.stall_seconds, runtime.rank, start_seconds=cfg.runtime.stall_shutdown_start_seconds)
     with watchdog:
         return _train(cfg, Path(data_dir), Path(workdir), resume, runtime, watchdog)
 
