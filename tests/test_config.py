@@ -112,6 +112,22 @@ def test_overrides_apply_in_order_and_batch_alternative():
     assert cfg.data.augment.flip is False
 
 
+def test_a_trained_runs_commands_override_its_runtime_keys_only():
+    # evaluate and predict take --set runtime.KEY=VALUE: how they run (a longer wait for the others'
+    # shares, threads), never what the model was trained with.
+    from unet_dist.config import with_runtime_overrides
+
+    cfg = with_runtime_overrides(load_config(None, ["model.depth=3"]), ["runtime.stall_shutdown_seconds=900",
+                                                                         "runtime.intra_op_threads=4"])
+    assert (cfg.runtime.stall_shutdown_seconds, cfg.runtime.intra_op_threads, cfg.model.depth) == (900, 4, 3)
+    for item, words in [("model.depth=4", "--set model.depth=4: only runtime.KEY=VALUE can be set for a trained run"),
+                        ("runtime.strategy=horovod", "--set runtime.strategy=horovod: use --strategy"),
+                        ("runtime.stall_shutdown_seconds=-1", "runtime.stall_shutdown_seconds"),
+                        ("runtime.threads=2", "unknown config key runtime.threads")]:
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            with_runtime_overrides(load_config(), [item])
+
+
 def test_entry_point_fails_before_work(tmp_path):
     from conftest import run_module
 

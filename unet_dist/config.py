@@ -430,6 +430,31 @@ def add_strategy_arg(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--strategy", choices=STRATEGIES, help=help)
 
 
+def add_runtime_set_arg(parser: argparse.ArgumentParser) -> None:
+    """--set runtime.KEY=VALUE (args.runtime_set) for a command that runs a trained run (evaluate,
+    predict): how this command runs, for this command only (`with_runtime_overrides`)."""
+    parser.add_argument("--set", action="append", default=[], dest="runtime_set", metavar="runtime.KEY=VALUE",
+                        help="override one runtime.* value of the run's config.yaml for this command only; "
+                             "repeatable (e.g. --set runtime.stall_shutdown_seconds=900); the run's files are "
+                             "left as they are")
+
+
+def with_runtime_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` (a trained run's) with --set runtime.KEY=VALUE items applied and validated. Only runtime
+    keys: the rest of a run's config is what its model was trained with, and its checkpoints need it.
+    ConfigError naming the item otherwise."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        if len(keys) != 2 or keys[0] != "runtime":
+            raise ConfigError(f"--set {item}: only runtime.KEY=VALUE can be set for a trained run (its other keys "
+                              "are what its model was trained with)")
+        if keys[1] == "strategy":
+            raise ConfigError(f"--set {item}: use --strategy")
+        _apply(cfg, {"runtime": {keys[1]: value}}, "")
+    validate(cfg)
+    return cfg
+
+
 def writable_dir(path: Path, flag: str) -> None:
     """Creates folder `path` (and its parents) and checks it can be written, before any work;
     ConfigError naming `flag` otherwise."""

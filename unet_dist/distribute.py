@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.config import STRATEGIES, Config, ConfigError
+from unet_dist.config import STRATEGIES, Config, ConfigError, with_runtime_overrides
 from unet_dist.data.pipeline import Shard
 from unet_dist.errors import tf_reason
 from unet_dist.watchdog import watched_from_outside
@@ -704,13 +704,14 @@ def make_runtime(cfg: Config) -> Runtime:
     return rt
 
 
-def make_trained_run_runtime(cfg: Config, strategy: str | None = None) -> Runtime:
+def make_trained_run_runtime(cfg: Config, strategy: str | None = None, overrides: list[str] = ()) -> Runtime:
     """`make_runtime` for a command that reads a trained run (evaluate, predict): the backend follows
     how this command was started, not how the training was. `cfg` is the run's config; its
     runtime.strategy becomes `strategy` (a --strategy flag), else auto. Without a --strategy the
     run's runtime.cluster is dropped too: a run trained by launch/slurm_multiworker.sbatch says
-    slurm, and `evaluate` on a login node, outside any SLURM task, would be refused."""
+    slurm, and `evaluate` on a login node, outside any SLURM task, would be refused. `overrides`:
+    the command's --set runtime.KEY=VALUE items, applied last (ConfigError naming a wrong one)."""
     cfg.runtime.strategy = strategy or "auto"
     if strategy is None:
         cfg.runtime.cluster = "none"
-    return make_runtime(cfg)
+    return make_runtime(with_runtime_overrides(cfg, list(overrides)))

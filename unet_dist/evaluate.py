@@ -10,6 +10,8 @@
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
 each scores its share and the counts are summed, so the metrics do not depend on the number of
 processes. The backend follows how evaluate was started (or --strategy), not how the run was trained.
+--set runtime.KEY=VALUE (repeatable) changes a runtime key of the run's config for this command only:
+how long the first process to finish waits for the others (runtime.stall_shutdown_seconds), threads.
 
 --data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
 or --out. --split train evaluates every training record (no augmentation): a held-out test set converted
@@ -31,7 +33,15 @@ import json
 import sys
 from pathlib import Path
 
-from unet_dist.config import Config, ConfigError, add_strategy_arg, add_workdir_args, load_workdir_config, writable_dir
+from unet_dist.config import (
+    Config,
+    ConfigError,
+    add_runtime_set_arg,
+    add_strategy_arg,
+    add_workdir_args,
+    load_workdir_config,
+    writable_dir,
+)
 from unet_dist.data.convert import LAYOUTS
 from unet_dist.predict import add_mode_args, my_share, predictor_options, sum_over_processes
 
@@ -56,7 +66,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
 
     try:
-        runtime = make_trained_run_runtime(cfg, args.strategy)
+        runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
         info = data_info(args.workdir[0], "the run's classes are unknown")
         if info is None or "classes" not in info:
             raise ConfigError(f"{args.workdir[0] / 'data.json'} (written by train) has no classes: the masks "
@@ -89,7 +99,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         # The record evaluation's own class rule and counting, at the image's size.
         counts[i] = confusion_matrix(truth, predict_classes(probs), k).numpy()
     try:
-        counts = sum_over_processes(runtime, counts, args.workdir[0]).astype(np.int64)
+        counts = sum_over_processes(runtime, counts).astype(np.int64)
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
@@ -132,6 +142,7 @@ def main(argv=None) -> int:
     source.add_argument("--images", type=Path, help="a folder of images and masks, scored at their own sizes")
     p.add_argument("--out", type=Path)
     add_strategy_arg(p, "the backend (default: auto, from how evaluate was started)")
+    add_runtime_set_arg(p)
     records = p.add_argument_group("with --data")
     records.add_argument("--split", choices=("val", "train"))
     images = p.add_argument_group("with --images")
@@ -169,7 +180,7 @@ def main(argv=None) -> int:
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
 
     try:
-        runtime = make_trained_run_runtime(cfg, args.strategy)
+        runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
         manifest = load_manifest(args.data)
         check_data_matches(cfg, manifest, args.data)
         path = checkpoint_path(args.workdir, args.checkpoint)

@@ -2,6 +2,7 @@
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
         [--mode auto|tile|resize] [--tta none|flip] [--probabilities] [--continue] [--strategy auto|single|...]
+        [--set runtime.KEY=VALUE ...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
@@ -23,7 +24,9 @@ pixel scale, for images of any size). It prints which mode and why.
 --workdir repeated for several runs (the folds of `convert --fold`): their probabilities are averaged.
 Started as N processes, each predicts its share of the images, on its own GPU where the node has them
 (the backend follows how predict was started, or --strategy, as in training). The shares are split by
-image size, so that the processes finish about together.
+image size, so that the processes finish about together, and the first to finish waits for the others
+at most runtime.stall_shutdown_seconds of the run's config; --set runtime.KEY=VALUE changes such a
+runtime key (a longer wait, threads) for this command only.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageSequence
 
-from unet_dist.config import ConfigError, add_strategy_arg, add_workdir_args, writable_dir
+from unet_dist.config import ConfigError, add_runtime_set_arg, add_strategy_arg, add_workdir_args, writable_dir
 
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 # What predict writes for an image STEM (a stack's page: STEM_pNNN), and for a stack STEM once its
@@ -220,11 +223,11 @@ def left_to_predict(samples: list, out: Path, probabilities: bool, runtime) -> l
     return [i for i in range(len(samples)) if not done[i]]
 
 
-def sum_over_processes(runtime, counts: np.ndarray, workdir: Path) -> np.ndarray:
+def sum_over_processes(runtime, counts: np.ndarray) -> np.ndarray:
     """`Runtime.sum_shares` of predict's (and evaluate --images') counts, once every image of this
-    process's share is done; `workdir` is the run whose config.yaml sets how long to wait."""
-    return runtime.sum_shares(counts, "their images",
-                              hint=f" (an image slower than that needs more in {workdir / 'config.yaml'})")
+    process's share is done."""
+    return runtime.sum_shares(counts, "their images", hint=" (an image that takes longer than that to predict "
+                              "needs a larger limit: --set runtime.stall_shutdown_seconds=N)")
 
 
 def main(argv=None) -> int:
@@ -241,6 +244,7 @@ def main(argv=None) -> int:
                    help="leave out the images whose outputs are all in --out already: finishes a predict that "
                         "was stopped (each file is written whole or not at all)")
     add_strategy_arg(p, "the backend (default: auto, from how predict was started)")
+    add_runtime_set_arg(p)
     args = p.parse_args(argv)
     from unet_dist.data.imageio import samples_of, stacks_of
 
@@ -265,7 +269,7 @@ def main(argv=None) -> int:
     from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
 
     try:
-        runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy)
+        runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy, args.runtime_set)
         writable_dir(args.out, "--out")
         predictor = load_predictor(args.workdir, **predictor_options(args))
     except (ConfigError, CheckpointError) as e:
@@ -315,7 +319,7 @@ def main(argv=None) -> int:
         counts[1] = 1
     # Every process takes part in the sum, also one that stopped: the others would wait for it.
     try:
-        counts = sum_over_processes(runtime, counts, args.workdir[0])
+        counts = sum_over_processes(runtime, counts)
     except CollectiveError as e:
         print(f"predict: error: {e}; the masks written in {args.out} are whole", file=sys.stderr)
         return 1
