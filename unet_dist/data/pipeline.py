@@ -238,13 +238,14 @@ def _options(deterministic: bool) -> tf.data.Options:
     # Horovod/multi-worker: we shard explicitly, so tf.distribute must not shard again.
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     # tf.data's autotuning runs a model thread per iterator that sleeps between optimisations for
-    # a period doubling from 10 ms to 60 s, and an iterator's teardown waits for it. At the end of
-    # 2-process runs (horovodrun --gloo and --mpi, MultiWorkerMirroredStrategy) that wait was not cut
-    # short: every process printed its last line, then sat in the training iterator's teardown
-    # until the thread's next wake-up, 31-43 s after a 100-step demo run, up to a minute in general
-    # (single processes were not seen to wait). Without it the AUTOTUNE values keep tf.data's
-    # defaults (parallelism from the process's cores; prefetch buffers grown by the prefetch
-    # autotuner, which needs no thread): the pipeline measured no slower (docs/benchmarks.md).
+    # a period doubling from 10 ms to 60 s, and an iterator's teardown waits for it. That wait was
+    # often not cut short: after a 100-step demo run on 2 processes (horovodrun --gloo and --mpi,
+    # MultiWorkerMirroredStrategy) every process printed its last line, then sat in the training
+    # iterator's teardown until the thread's next wake-up, 31-43 s (up to a minute in general).
+    # `make test` took 2 min less without it (one run each, the same VM). Without it the AUTOTUNE
+    # values keep tf.data's defaults (parallelism from the process's cores; prefetch buffers grown
+    # by the prefetch autotuner, which needs no thread): the pipeline measured no slower
+    # (docs/benchmarks.md).
     opts.autotune.enabled = False
     return opts
 
