@@ -159,13 +159,14 @@ def test_eval_sees_every_record_exactly_once(shards):
     assert set(parts[0]).isdisjoint(parts[1])
 
 
-
 def test_pipelines_start_no_autotuning_thread(shards):
     """tf.data's autotuning thread kept 2-process runs alive 31-43 s after their last line (an
     iterator's teardown waits for its next wake-up; data/pipeline.py): neither pipeline may start one."""
     cfg = load_config(None, PLAIN)
     for ds in (train_dataset(shards, cfg, 2, 4, Shard(0, 2)), eval_dataset(shards, cfg, 3, Shard(1, 2))):
         assert ds.options().autotune.enabled is False
+
+
 def test_missing_or_mismatched_data_is_named(tmp_path, shards):
     with pytest.raises(DataError, match="does not exist"):
         load_manifest(tmp_path / "nope")

@@ -704,7 +704,7 @@ def make_runtime(cfg: Config) -> Runtime:
     return rt
 
 
-def make_trained_run_runtime(cfg: Config, strategy: str | None = None, overrides: list[str] = ()) -> Runtime:
+def make_trained_run_runtime(cfg: Config, strategy: str | None = None, overrides: list[str] | None = None) -> Runtime:
     """`make_runtime` for a command that reads a trained run (evaluate, predict): the backend follows
     how this command was started, not how the training was. `cfg` is the run's config; its
     runtime.strategy becomes `strategy` (a --strategy flag), else auto. Without a --strategy the
@@ -714,4 +714,4 @@ def make_trained_run_runtime(cfg: Config, strategy: str | None = None, overrides
     cfg.runtime.strategy = strategy or "auto"
     if strategy is None:
         cfg.runtime.cluster = "none"
-    return make_runtime(with_runtime_overrides(cfg, list(overrides)))
+    return make_runtime(with_runtime_overrides(cfg, overrides or []))
