@@ -242,10 +242,9 @@ def _options(deterministic: bool) -> tf.data.Options:
     # often not cut short: after a 100-step demo run on 2 processes (horovodrun --gloo and --mpi,
     # MultiWorkerMirroredStrategy) every process printed its last line, then sat in the training
     # iterator's teardown until the thread's next wake-up, 31-43 s (up to a minute in general).
-    # `make test` took 2 min less without it (one run each, the same VM). Without it the AUTOTUNE
-    # values keep tf.data's defaults (parallelism from the process's cores; prefetch buffers grown
-    # by the prefetch autotuner, which needs no thread): the pipeline measured no slower
-    # (docs/benchmarks.md).
+    # Without it the AUTOTUNE values keep tf.data's defaults (parallelism from the process's cores;
+    # prefetch buffers grown by the prefetch autotuner, which needs no thread): the pipeline
+    # measured no slower (docs/benchmarks.md).
     opts.autotune.enabled = False
     return opts
 
