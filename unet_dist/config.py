@@ -239,6 +239,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _apply_override(cfg: Config, keys: list[str], value: Any) -> None:
+    """One `_parse_override` result (section.key path, value) applied to `cfg` (not yet validated)."""
+    nested: Any = value
+    for k in reversed(keys):
+        nested = {k: nested}
+    _apply(cfg, nested, "")
+
+
 def _parse_yaml(text: str, path: Path):
     """yaml.safe_load, or a ConfigError naming the file and line."""
     try:
@@ -266,11 +274,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for item in overrides or []:
-        keys, value = _parse_override(item)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        _apply(cfg, nested, "")
+        _apply_override(cfg, *_parse_override(item))
     validate(cfg)
     return cfg
 
@@ -450,7 +454,7 @@ def with_runtime_overrides(cfg: Config, overrides: list[str]) -> Config:
                               "are what its model was trained with)")
         if keys[1] == "strategy":
             raise ConfigError(f"--set {item}: use --strategy")
-        _apply(cfg, {"runtime": {keys[1]: value}}, "")
+        _apply_override(cfg, keys, value)
     validate(cfg)
     return cfg
 
