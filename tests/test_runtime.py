@@ -112,6 +112,25 @@ def test_commands_that_read_a_run_take_the_backend_from_how_they_were_started(mo
         make_trained_run_runtime(load_config(None, saved), "multiworker")  # asked for: the run's cluster stands
 
 
+def test_commands_that_read_a_run_compute_in_float32_unless_told(monkeypatch):
+    # A run's config.yaml records the policy training resolved for its machine (mixed_float16 on a
+    # GPU); evaluate and predict compute in float32 unless their --set asks, auto for this machine.
+    from unet_dist.config import load_config
+    from unet_dist.distribute import _HOROVOD_ENV, make_trained_run_runtime
+    from unet_dist.precision import cpu_bf16_flag
+
+    for var in ("TF_CONFIG", "SLURM_PROCID", *_HOROVOD_ENV):
+        monkeypatch.delenv(var, raising=False)
+
+    def precision(overrides):
+        return make_trained_run_runtime(load_config(None, ["runtime.precision=mixed_float16"]), None,
+                                        overrides).cfg.runtime.precision
+
+    assert precision([]) == "float32"
+    assert precision(["runtime.precision=mixed_bfloat16"]) == "mixed_bfloat16"
+    assert precision(["runtime.precision=auto"]) == ("mixed_bfloat16" if cpu_bf16_flag() else "float32")
+
+
 @pytest.mark.parametrize("tf_config,message", [
     ("{bad", "TF_CONFIG is not JSON"),
     ("[1]", "TF_CONFIG must be a JSON object"),

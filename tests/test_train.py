@@ -215,6 +215,15 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
             mask = Image.open(out / mode / f"{stem}_mask.png")
             assert mask.size == (shape[1], shape[0]), (mode, stem)
             assert (out / mode / f"{stem}_overlay.png").exists()
+    # float32 unless --set says otherwise; in bfloat16 the probabilities move by its rounding, no more.
+    from unet_dist.predict import PROBS
+
+    for precision, extra in (("float32", []), ("mixed_bfloat16", ["--set", "runtime.precision=mixed_bfloat16"])):
+        ran = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--probabilities",
+                       "--out", str(out / precision), *extra, check=True)
+        assert f"; precision {precision}) -> " in ran.stdout, ran.stdout
+    f32, bf16 = (np.asarray(Image.open(out / p / f"gray{PROBS}")) for p in ("float32", "mixed_bfloat16"))
+    assert 0 < np.abs(f32 - bf16).max() < 0.05, np.abs(f32 - bf16).max()
     # A folder stands for the image files directly in it (the .txt and the subfolder are not images).
     (tmp_path / "folder" / "deeper").mkdir(parents=True)
     for name in ("a.png", "b.jpg"):

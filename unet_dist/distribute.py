@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from unet_dist import precision
 from unet_dist.config import STRATEGIES, Config, ConfigError, with_runtime_overrides
 from unet_dist.data.pipeline import Shard
 from unet_dist.errors import tf_reason
@@ -710,8 +711,16 @@ def make_trained_run_runtime(cfg: Config, strategy: str | None = None, overrides
     runtime.strategy becomes `strategy` (a --strategy flag), else auto. Without a --strategy the
     run's runtime.cluster is dropped too: a run trained by launch/slurm_multiworker.sbatch says
     slurm, and `evaluate` on a login node, outside any SLURM task, would be refused. `overrides`:
-    the command's --set runtime.KEY=VALUE items, applied last (ConfigError naming a wrong one)."""
+    the command's --set runtime.KEY=VALUE items, applied last (ConfigError naming a wrong one).
+
+    runtime.precision is float32 unless `overrides` set it (auto is resolved for this machine): the
+    run's config records the policy its training resolved for the machine it trained on, and a
+    GPU's mixed_float16 would be emulated, slowly, on a CPU. The caller builds its models under
+    runtime.cfg.runtime.precision."""
     cfg.runtime.strategy = strategy or "auto"
     if strategy is None:
         cfg.runtime.cluster = "none"
-    return make_runtime(with_runtime_overrides(cfg, overrides or []))
+    cfg.runtime.precision = "float32"
+    cfg = with_runtime_overrides(cfg, overrides or [])
+    precision.resolve(cfg.runtime)
+    return make_runtime(cfg)

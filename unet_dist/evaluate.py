@@ -11,7 +11,8 @@ Either source runs on as many processes as it is started with (horovodrun, mpiru
 each scores its share and the counts are summed, so the metrics do not depend on the number of
 processes. The backend follows how evaluate was started (or --strategy), not how the run was trained.
 --set runtime.KEY=VALUE (repeatable) changes a runtime key of the run's config for this command only:
-how long the first process to finish waits for the others (runtime.stall_shutdown_seconds), threads.
+how long the first process to finish waits for the others (runtime.stall_shutdown_seconds), threads,
+and the precision, float32 unless set (runtime.precision=auto: this machine's mixed policy, as `predict`).
 
 --data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
 or --out. --split train evaluates every training record (no augmentation): a held-out test set converted
@@ -76,7 +77,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         if not samples:
             raise ConfigError(f"--images {args.images}: no image with a mask ({layout} layout; "
                               f"{len(skipped)} files skipped)")
-        predictor = load_predictor(args.workdir, **predictor_options(args))
+        predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
     except (ConfigError, ConvertError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -124,7 +125,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     metrics = {**scores(counts[read].sum(axis=0)), "images": len(per_image),
                "skipped": len(skipped) + int((~read).sum()), "source": str(args.images), "mode": predictor.mode,
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
-               "world_size": runtime.world_size}
+               "world_size": runtime.world_size, "precision": predictor.precision}
     print(json.dumps(metrics))
     # The file adds each image's own scores, worst first: where to look when the mean disappoints.
     worst_first = sorted(per_image, key=lambda r: r["iou"])
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
     metrics.update({"split": args.split, "checkpoint": path, "step": int(ckpts.step.numpy()),
-                    "world_size": runtime.world_size})
+                    "world_size": runtime.world_size, "precision": cfg.runtime.precision})
     if runtime.is_chief:
         print(json.dumps(metrics))
         atomic_write_text(out, json.dumps(metrics, indent=1))  # a kill mid-write keeps the earlier file

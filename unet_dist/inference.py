@@ -28,12 +28,15 @@ from unet_dist.metrics import predict_classes
 from unet_dist.shapes import output_size
 
 
-def load_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model, Config, str]:
+def load_trained(workdir: str | Path, which: str = "best", precision: str = "float32"
+                 ) -> tuple[keras.Model, Config, str]:
     """(fully convolutional model with restored weights, its config, checkpoint path).
 
-    which: 'best' (by val IoU; falls back to the latest) or 'latest'.
+    which: 'best' (by val IoU; falls back to the latest) or 'latest'. precision: the Keras policy the
+    model computes in (float32, mixed_bfloat16 or mixed_float16, already resolved), whatever training
+    used: the variables are float32 under every policy, so any checkpoint loads into any of them.
     """
-    keras.mixed_precision.set_global_policy("float32")  # inference in float32 whatever training used
+    keras.mixed_precision.set_global_policy(precision)
     return restore_trained(workdir, which)
 
 
@@ -264,6 +267,7 @@ class Predictor:
     mode: str  # resize, tile, or "per run" when auto chose differently for the runs
     why: str
     tiles: list[tuple[int, int] | None] = field(default_factory=list)  # each run's kept tile size; None: resize mode
+    precision: str = "float32"  # the Keras policy the models compute in
     _traced: Callable | None = field(default=None, init=False, repr=False)
 
     def __call__(self, image: np.ndarray) -> tf.Tensor:
@@ -290,21 +294,23 @@ class Predictor:
     def summary(self) -> str:
         """'MODE mode: WHY; checkpoint(s) ...', for the line predict, export and evaluate print."""
         ckpts = self.checkpoints
-        return f"{self.mode} mode: {self.why}; checkpoint{'s' * (len(ckpts) > 1)} {', '.join(ckpts)}"
+        return (f"{self.mode} mode: {self.why}; checkpoint{'s' * (len(ckpts) > 1)} {', '.join(ckpts)}; "
+                f"precision {self.precision}")
 
 
 def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto",
                    tile: tuple[int, int] | None = None, overlap: int | None = None,
-                   tta: str = "none") -> Predictor:
+                   tta: str = "none", precision: str = "float32") -> Predictor:
     """Each run's model and `prediction_fn`; with several runs (the folds of a cross-validation, or
     runs with other seeds) their probabilities are averaged, as nnU-Net ensembles its five folds.
     Each run keeps its own input size and auto mode: the average is taken at the image's own size.
+    Every model computes in `precision` (a Keras policy, resolved: `load_trained`).
 
     Raises ConfigError (or CheckpointError) naming the run, and when the runs predict other classes.
     """
     models, cfgs, checkpoints, fns, modes, tiles = [], [], [], [], [], []
     for workdir in workdirs:
-        model, cfg, ckpt = load_trained(workdir, which)
+        model, cfg, ckpt = load_trained(workdir, which, precision)
         fn, run_mode, why = prediction_fn(model, cfg, workdir, mode, tile, overlap, tta)
         tiles.append(tiling(cfg, tile, overlap)[2] if run_mode == "tile" else None)
         if models and model.output_shape[-1] != models[0].output_shape[-1]:
@@ -325,12 +331,13 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
         raise ConfigError(f"{flag}: used in tile mode only, and this is resize mode ({modes[0][1]}); "
                           "add --mode tile to predict in tiles")
     if len(fns) == 1:
-        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles)
+        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles, precision)
 
     def averaged(images):
         return tf.add_n([f(images) for f in fns]) / len(fns)
 
-    return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs", tiles)
+    return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs", tiles,
+                     precision)
 
 
 def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path) -> None:

@@ -27,6 +27,10 @@ Started as N processes, each predicts its share of the images, on its own GPU wh
 image size, so that the processes finish about together, and the first to finish waits for the others
 at most runtime.stall_shutdown_seconds of the run's config; --set runtime.KEY=VALUE changes such a
 runtime key (a longer wait, threads) for this command only.
+Prediction computes in float32, whatever precision training used, unless --set runtime.precision
+says otherwise: auto takes this machine's mixed policy (mixed_float16 on a GPU with tensor cores,
+mixed_bfloat16 on a CPU with native bfloat16), which is faster and gives probabilities within about
+1% of float32's.
 """
 
 from __future__ import annotations
@@ -271,7 +275,7 @@ def main(argv=None) -> int:
     try:
         runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy, args.runtime_set)
         writable_dir(args.out, "--out")
-        predictor = load_predictor(args.workdir, **predictor_options(args))
+        predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
