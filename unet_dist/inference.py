@@ -292,7 +292,7 @@ class Predictor:
         return sum(max(1, -(-h // t[0]) * -(-w // t[1])) if t else 1 for t in self.tiles or [None])
 
     def summary(self) -> str:
-        """'MODE mode: WHY; checkpoint(s) ...', for the line predict, export and evaluate print."""
+        """'MODE mode: WHY; checkpoint(s) ...; precision P', for the line predict, export and evaluate print."""
         ckpts = self.checkpoints
         return (f"{self.mode} mode: {self.why}; checkpoint{'s' * (len(ckpts) > 1)} {', '.join(ckpts)}; "
                 f"precision {self.precision}")
