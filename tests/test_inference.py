@@ -275,15 +275,18 @@ def test_an_image_the_device_has_no_memory_for_is_one_line():
                                 "runs or --tta none need less")
 
 
-def test_processes_share_images_by_what_they_cost_to_predict(tmp_path):
+def test_processes_share_images_by_what_they_cost_to_predict(tmp_path, monkeypatch):
     # predict and evaluate --images on N processes: each image costs its tiles in tile mode (one
     # model input in resize mode), read from the headers, and the shares are balanced by that.
     from PIL import Image
 
+    from unet_dist.data import imageio
     from unet_dist.data.imageio import samples_of
     from unet_dist.data.pipeline import Shard
     from unet_dist.inference import Predictor
-    from unet_dist.predict import my_share
+    from unet_dist.predict import header_sizes, my_share
+
+    real_page_sizes = imageio.page_sizes
 
     cfg = load_config(None, [])
     tiled = Predictor(None, [], cfg, ["ckpt"], "tile", "as --mode asks", [(48, 48)])
@@ -300,11 +303,27 @@ def test_processes_share_images_by_what_they_cost_to_predict(tmp_path):
                                     append_images=[Image.new("L", (48, 48)), Image.new("L", (480, 480))])
     (tmp_path / "e.png").write_bytes(b"not an image")
     samples = [s for f in [*files, tmp_path / "s.tif", tmp_path / "e.png"] for s in samples_of(f)]
-    shares = [[samples[i].name for i in my_share(samples, tiled, Shard(k, 2))] for k in range(2)]
+    # Each process reads every other file's headers (a stack's pages together), and one sum gives
+    # every process all the sizes: here the sum is taken over both processes' parts directly.
+    read = []
+    monkeypatch.setattr(imageio, "page_sizes", lambda path: read.append(path) or real_page_sizes(path))
+    parts = [header_sizes(samples, Shard(k, 2)) for k in range(2)]
+    assert sorted(read) == sorted(dict.fromkeys(s.image for s in samples))  # each file once
+    assert parts[0][0].tolist() == [480, 480] and parts[1][0].tolist() == [0, 0]
+
+    class Process:
+        def __init__(self, shard):
+            self.process_shard = shard
+
+        def sum_shares(self, value, what):
+            assert np.array_equal(value, parts[self.process_shard.index]), what
+            return parts[0] + parts[1]
+
+    shares = [[samples[i].name for i in my_share(samples, tiled, Process(Shard(k, 2)))] for k in range(2)]
     # 100 tiles each for a, c, s_p000 and s_p002, 1 for the rest: 202 each. Every N-th image would
     # have given one process all four large ones (a, c, s_p000, s_p002), 400 against 4.
     assert shares == [["a", "b", "s_p000", "s_p001"], ["c", "d", "s_p002", "e"]]
-    assert my_share(samples, tiled, Shard(0, 1)) == list(range(len(samples)))
+    assert my_share(samples, tiled, Process(Shard(0, 1))) == list(range(len(samples)))  # no sum
 
 
 def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(tmp_path, monkeypatch):

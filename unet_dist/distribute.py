@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -553,7 +554,16 @@ class MultiWorkerRuntime(MirroredRuntime):
             return tf.constant(value if keep else np.zeros_like(value))
 
         per_replica = self.strategy.experimental_distribute_values_from_function(fn)
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+        try:
+            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+        except tf.errors.OpError as e:
+            # Eagerly, TensorFlow sums across workers in a multiprocessing ThreadPool that it leaves
+            # open when the collective fails (a peer stopped). The traceback's frames hold it until
+            # the interpreter exits, where its __del__ writes to a pipe already closed and prints
+            # "Exception ignored in: <function Pool.__del__>" and a traceback after our one-line
+            # error. Clearing those frames lets it go now, quietly.
+            traceback.clear_frames(e.__traceback__)
+            raise
 
     def barrier(self):
         self.allreduce_sum(np.zeros(1, np.float32))

@@ -85,10 +85,14 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         for s in skipped:
             print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
     k = predictor.cfg.model.num_classes
-    shard = runtime.process_shard
+    try:
+        share = my_share(samples, predictor, runtime)
+    except CollectiveError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(samples), k, k), np.float64)
-    for i in my_share(samples, predictor, shard):
+    for i in share:
         sample = samples[i]
         try:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),

@@ -202,18 +202,35 @@ def predictor_options(args: argparse.Namespace) -> dict:
             "tile": (args.tile, args.tile) if args.tile is not None else None}
 
 
-def my_share(samples: list, predictor, shard) -> list[int]:
-    """The indices of `samples` (imageio.Sample) that process `shard.index` of `shard.count` predicts:
-    split by what each costs to predict (`Predictor.cost`, from the image headers), so that the
-    processes finish about together and the first to finish waits at most about one image for the
-    others, however the image sizes mix. Every process reads every header (a few KB a file)."""
-    if shard.count == 1:
-        return list(range(len(samples)))
+def header_sizes(samples: list, shard) -> np.ndarray:
+    """(len(samples), 2) float64: each sample's (height, width) from its file's header, for the files
+    that process `shard.index` of `shard.count` reads (every count-th, a stack's pages with their
+    file); zeros elsewhere, and for a file that cannot be read (its reading later says why). Summed
+    over the processes, every sample's size, each header read once."""
     from unet_dist.data.imageio import page_sizes
 
-    sizes = {path: page_sizes(path) for path in dict.fromkeys(s.image for s in samples)}
-    return shard.balanced([predictor.cost(sizes[s.image][s.page] if s.page < len(sizes[s.image]) else (0, 0))
-                           for s in samples])
+    files = list(dict.fromkeys(s.image for s in samples))
+    mine = {path: page_sizes(path) for path in files[shard.index :: shard.count]}
+    out = np.zeros((len(samples), 2))
+    for i, s in enumerate(samples):
+        pages = mine.get(s.image, [])
+        if s.page < len(pages):
+            out[i] = pages[s.page]
+    return out
+
+
+def my_share(samples: list, predictor, runtime) -> list[int]:
+    """The indices of `samples` (imageio.Sample) that this process of `runtime` predicts: split by
+    what each costs to predict (`Predictor.cost`, from the image headers), so that the processes
+    finish about together and the first to finish waits at most about one image for the others,
+    however the image sizes mix. Each process reads 1/N of the headers (`header_sizes`), and one
+    collective gives every process all the sizes: on a shared file system a header read can take
+    milliseconds, and with every process reading every header the start-up would not shrink with N."""
+    shard = runtime.process_shard
+    if shard.count == 1 or not samples:  # the same samples on every process: all skip the sum alike
+        return list(range(len(samples)))
+    sizes = runtime.sum_shares(header_sizes(samples, shard), "reading their image headers")
+    return shard.balanced([predictor.cost((int(h), int(w))) for h, w in sizes])
 
 
 def left_to_predict(samples: list, out: Path, probabilities: bool, runtime) -> list[int]:
@@ -290,15 +307,19 @@ def main(argv=None) -> int:
             return 1
         runtime.print(f"predict: leaving out {len(samples) - len(todo)} of {len(samples)} images, predicted in "
                       f"{args.out} already (--continue)", file=sys.stderr)
-    shard = runtime.process_shard
+    try:
+        share = [todo[j] for j in my_share([samples[i] for i in todo], predictor, runtime)]
+    except CollectiveError as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 1
     stacks = stacks_of(samples)
     stack_index = {path: i for i, path in enumerate(stacks)}
     # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
     counts, unwritten = np.zeros(2 + len(stacks)), None
     writer = Writer(args.out)
     try:
-        for j in my_share([samples[i] for i in todo], predictor, shard):  # no two processes write one file
-            sample = samples[todo[j]]
+        for i in share:  # no two processes write one file
+            sample = samples[i]
             try:
                 image = load_rgb(sample.image, sample.page)
                 probs = predictor(image).numpy()
