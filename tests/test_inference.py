@@ -362,3 +362,28 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
     writer.close()  # what was started is finished
     written = sorted(p.name for p in (tmp_path / "full").iterdir())
     assert "im0_mask.png" in written and not [n for n in written if n.startswith("im3")], written
+
+
+def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):
+    # predict and evaluate --images: a bar on the chief's terminal, as training's; none in a log
+    # file (not a terminal) and none from the other processes.
+    import io
+    import sys
+
+    from unet_dist.predict import with_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Process:
+        def __init__(self, rank, world_size):
+            self.is_chief, self.world_size = rank == 0, world_size
+
+    for stream, rank, world_size, shown in ((Terminal(), 0, 1, "predict: 100%"),
+                                            (Terminal(), 0, 2, "predict (rank 0's share): 100%"),
+                                            (Terminal(), 1, 2, None), (io.StringIO(), 0, 1, None)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(with_progress([3, 5, 7], Process(rank, world_size), "predict")) == [3, 5, 7]
+        text = stream.getvalue()
+        assert (shown in text and "3/3" in text) if shown else text == "", (rank, world_size, text)

@@ -44,7 +44,7 @@ from unet_dist.config import (
     writable_dir,
 )
 from unet_dist.data.convert import LAYOUTS
-from unet_dist.predict import add_mode_args, my_share, predictor_options, sum_over_processes
+from unet_dist.predict import add_mode_args, my_share, predictor_options, sum_over_processes, with_progress
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
@@ -57,6 +57,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     an image).
     """
     import numpy as np
+    from tqdm import tqdm
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.convert import ConvertError, find_pairs, load_pair
@@ -92,14 +93,14 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(samples), k, k), np.float64)
-    for i in share:
+    for i in with_progress(share, runtime, "evaluate"):
         sample = samples[i]
         try:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
                                      sample.page)
             probs = predictor(image)
         except (BadImage, OSError, PredictionError) as e:
-            print(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
+            tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
         # The record evaluation's own class rule and counting, at the image's size.
         counts[i] = confusion_matrix(truth, predict_classes(probs), k).numpy()

@@ -233,6 +233,18 @@ def my_share(samples: list, predictor, runtime) -> list[int]:
     return shard.balanced([predictor.cost((int(h), int(w))) for h, w in sizes])
 
 
+def with_progress(indices: list[int], runtime, prog: str):
+    """`indices`, with a progress bar on the chief's terminal: none in a log file and none on the
+    other processes, as training's and convert's. It counts the chief's own share, which the
+    balanced split makes about 1/N of the work, finishing with the others'. Lines printed meanwhile
+    go through `tqdm.write`, which keeps the bar below them."""
+    from tqdm import tqdm
+
+    desc = prog if runtime.world_size == 1 else f"{prog} (rank 0's share)"
+    return tqdm(indices, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+                disable=None if runtime.is_chief else True)
+
+
 def left_to_predict(samples: list, out: Path, probabilities: bool, runtime) -> list[int]:
     """--continue: the indices of `samples` whose files (mask, overlay, and probabilities when asked)
     are not all in `out` yet. Every process gets the chief's view, taken before any process writes
@@ -283,6 +295,8 @@ def main(argv=None) -> int:
                   f"{args.out}; predict them into separate --out folders", file=sys.stderr)
             return 2
 
+    from tqdm import tqdm
+
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.config import load_workdir_config
     from unet_dist.data.imageio import BadImage, load_rgb
@@ -318,13 +332,13 @@ def main(argv=None) -> int:
     counts, unwritten = np.zeros(2 + len(stacks)), None
     writer = Writer(args.out)
     try:
-        for i in share:  # no two processes write one file
+        for i in with_progress(share, runtime, "predict"):  # no two processes write one file
             sample = samples[i]
             try:
                 image = load_rgb(sample.image, sample.page)
                 probs = predictor(image).numpy()
             except (BadImage, OSError, PredictionError) as e:
-                print(f"predict: skipping {sample.where}: {e}", file=sys.stderr)
+                tqdm.write(f"predict: skipping {sample.where}: {e}", file=sys.stderr)
                 counts[0] += 1
                 if sample.stacked:
                     counts[2 + stack_index[sample.image]] += 1
