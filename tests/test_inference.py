@@ -370,7 +370,7 @@ def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):
     import io
     import sys
 
-    from unet_dist.predict import with_progress
+    from unet_dist.logs import chief_progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -384,6 +384,6 @@ def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):
                                             (Terminal(), 0, 2, "predict (rank 0's share): 100%"),
                                             (Terminal(), 1, 2, None), (io.StringIO(), 0, 1, None)):
         monkeypatch.setattr(sys, "stderr", stream)
-        assert list(with_progress([3, 5, 7], Process(rank, world_size), "predict")) == [3, 5, 7]
+        assert list(chief_progress(Process(rank, world_size), "predict", "img", [3, 5, 7])) == [3, 5, 7]
         text = stream.getvalue()
         assert (shown in text and "3/3" in text) if shown else text == "", (rank, world_size, text)

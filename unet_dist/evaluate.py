@@ -44,7 +44,7 @@ from unet_dist.config import (
     writable_dir,
 )
 from unet_dist.data.convert import LAYOUTS
-from unet_dist.predict import add_mode_args, my_share, predictor_options, sum_over_processes, with_progress
+from unet_dist.predict import add_mode_args, my_share, predictor_options, sum_over_processes
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
@@ -64,7 +64,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
-    from unet_dist.logs import atomic_write_text
+    from unet_dist.logs import atomic_write_text, chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
 
     try:
@@ -93,7 +93,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(samples), k, k), np.float64)
-    for i in with_progress(share, runtime, "evaluate"):
+    for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
-    from unet_dist.logs import atomic_write_text
+    from unet_dist.logs import atomic_write_text, chief_progress
     from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
 
     try:
@@ -200,8 +200,12 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    shard, (_, per_replica) = runtime.process_shard, runtime.batch_sizes()
+    mine = -(-manifest[args.split]["records"] // shard.count)  # the chief's records: every N-th, from the first
+    bar = chief_progress(runtime, "evaluate", "batch", total=-(-mine // per_replica))
     try:
-        metrics, _ = evaluate(model, cfg, runtime, args.data, manifest, split=args.split)
+        with bar:
+            metrics, _ = evaluate(model, cfg, runtime, args.data, manifest, split=args.split, progress=bar.update)
     except DataError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

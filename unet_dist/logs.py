@@ -42,6 +42,18 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def chief_progress(runtime, prog: str, unit: str, iterable=None, total: int | None = None):
+    """A tqdm progress bar (over `iterable`, or of `total` updates) on the chief's terminal: none in
+    a log file and none on the other processes, as training's own. With N processes it counts the
+    chief's share, which the split makes about 1/N of the work, finishing with the others'. Lines
+    printed meanwhile should go through `tqdm.write`, which keeps the bar below them."""
+    from tqdm import tqdm
+
+    desc = prog if runtime.world_size == 1 else f"{prog} (rank 0's share)"
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+                disable=None if runtime.is_chief else True)
+
+
 class Logger:
     def __init__(self, workdir: Path, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled

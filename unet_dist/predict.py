@@ -233,18 +233,6 @@ def my_share(samples: list, predictor, runtime) -> list[int]:
     return shard.balanced([predictor.cost((int(h), int(w))) for h, w in sizes])
 
 
-def with_progress(indices: list[int], runtime, prog: str):
-    """`indices`, with a progress bar on the chief's terminal: none in a log file and none on the
-    other processes, as training's and convert's. It counts the chief's own share, which the
-    balanced split makes about 1/N of the work, finishing with the others'. Lines printed meanwhile
-    go through `tqdm.write`, which keeps the bar below them."""
-    from tqdm import tqdm
-
-    desc = prog if runtime.world_size == 1 else f"{prog} (rank 0's share)"
-    return tqdm(indices, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
-                disable=None if runtime.is_chief else True)
-
-
 def left_to_predict(samples: list, out: Path, probabilities: bool, runtime) -> list[int]:
     """--continue: the indices of `samples` whose files (mask, overlay, and probabilities when asked)
     are not all in `out` yet. Every process gets the chief's view, taken before any process writes
@@ -302,6 +290,7 @@ def main(argv=None) -> int:
     from unet_dist.data.imageio import BadImage, load_rgb
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
+    from unet_dist.logs import chief_progress
 
     try:
         runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy, args.runtime_set)
@@ -332,7 +321,7 @@ def main(argv=None) -> int:
     counts, unwritten = np.zeros(2 + len(stacks)), None
     writer = Writer(args.out)
     try:
-        for i in with_progress(share, runtime, "predict"):  # no two processes write one file
+        for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
             try:
                 image = load_rgb(sample.image, sample.page)

@@ -208,9 +208,10 @@ class Evaluator:
 
 
 def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, panels: int = 0,
-             split: str = "val"):
-    """One evaluation (`Evaluator`) of `model` on `split` (val or train): (metrics, panel)."""
-    return Evaluator(model, cfg, runtime, data_dir, manifest, split)(panels)
+             split: str = "val", progress: Callable[[], None] | None = None):
+    """One evaluation (`Evaluator`) of `model` on `split` (val or train): (metrics, panel).
+    progress: called after each batch of this process."""
+    return Evaluator(model, cfg, runtime, data_dir, manifest, split)(panels, progress)
 
 
 def next_batch(batches, data_dir: Path, manifest: dict, step: int):
