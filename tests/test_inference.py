@@ -365,7 +365,7 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
 
 
 def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):
-    # predict and evaluate --images: a bar on the chief's terminal, as training's; none in a log
+    # predict and evaluate (both sources): a bar on the chief's terminal, as training's; none in a log
     # file (not a terminal) and none from the other processes.
     import io
     import sys
