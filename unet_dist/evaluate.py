@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     from unet_dist.data.pipeline import DataError, load_manifest
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.logs import atomic_write_text, chief_progress
-    from unet_dist.trainer import build_model_and_optimizer, check_data_matches, evaluate
+    from unet_dist.trainer import Evaluator, build_model_and_optimizer, check_data_matches
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -200,12 +200,10 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    shard, (_, per_replica) = runtime.process_shard, runtime.batch_sizes()
-    mine = -(-manifest[args.split]["records"] // shard.count)  # the chief's records: every N-th, from the first
-    bar = chief_progress(runtime, "evaluate", "batch", total=-(-mine // per_replica))
     try:
-        with bar:
-            metrics, _ = evaluate(model, cfg, runtime, args.data, manifest, split=args.split, progress=bar.update)
+        evaluator = Evaluator(model, cfg, runtime, args.data, manifest, args.split)
+        with chief_progress(runtime, "evaluate", "batch", total=evaluator.batches) as bar:
+            metrics, _ = evaluator(progress=bar.update)
     except DataError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -42,16 +42,22 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def chief_progress(runtime, prog: str, unit: str, iterable=None, total: int | None = None):
-    """A tqdm progress bar (over `iterable`, or of `total` updates) on the chief's terminal: none in
-    a log file and none on the other processes, as training's own. With N processes it counts the
-    chief's share, which the split makes about 1/N of the work, finishing with the others'. Lines
-    printed meanwhile should go through `tqdm.write`, which keeps the bar below them."""
+def terminal_bar(shown: bool, iterable=None, **kwargs):
+    """A tqdm progress bar on stderr where `shown` and stderr is a terminal (none in a log file);
+    kwargs go to tqdm. Lines printed meanwhile should go through `tqdm.write`, which keeps the bar
+    below them."""
     from tqdm import tqdm
 
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=None if shown else True,
+                **kwargs)
+
+
+def chief_progress(runtime, prog: str, unit: str, iterable=None, total: int | None = None):
+    """A `terminal_bar` (over `iterable`, or of `total` updates) on the chief alone, as training's
+    own. With N processes it counts the chief's share, which the split makes about 1/N of the work,
+    finishing with the others'."""
     desc = prog if runtime.world_size == 1 else f"{prog} (rank 0's share)"
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
-                disable=None if runtime.is_chief else True)
+    return terminal_bar(runtime.is_chief, iterable, total=total, desc=desc, unit=unit)
 
 
 class Logger:
@@ -70,10 +76,7 @@ class Logger:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = self.metrics_path.open("a", buffering=1)
         self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                         mininterval=1.0, disable=None)
+        self._bar = terminal_bar(True, total=total_steps, initial=start_step, unit="step")
 
     def _write(self, event: dict) -> None:
         self._file.write(json.dumps(event) + "\n")

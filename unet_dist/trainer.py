@@ -163,7 +163,10 @@ class Evaluator:
         self.runtime = runtime
         self.data_dir, self.manifest, self.split = data_dir, manifest, split
         _, per_replica = runtime.batch_sizes()
-        self.dataset = eval_dataset(data_dir, cfg, per_replica, runtime.process_shard, manifest, split)
+        shard = runtime.process_shard
+        self.dataset = eval_dataset(data_dir, cfg, per_replica, shard, manifest, split)
+        # The batches this process runs: its records are every count-th from its index (eval_dataset).
+        self.batches = -(-len(range(shard.index, manifest[split]["records"], shard.count)) // per_replica)
 
         @tf.function(reduce_retracing=True, autograph=False)  # the last batch may be smaller: one more trace, not one per size
         def eval_step(batch):
@@ -205,13 +208,6 @@ class Evaluator:
         if "fg_iou" in s:
             metrics["val_fg_iou"] = s["fg_iou"]
         return metrics, panel
-
-
-def evaluate(model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, panels: int = 0,
-             split: str = "val", progress: Callable[[], None] | None = None):
-    """One evaluation (`Evaluator`) of `model` on `split` (val or train): (metrics, panel).
-    progress: called after each batch of this process."""
-    return Evaluator(model, cfg, runtime, data_dir, manifest, split)(panels, progress)
 
 
 def next_batch(batches, data_dir: Path, manifest: dict, step: int):
