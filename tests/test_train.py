@@ -308,6 +308,15 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
         assert served["mask"].shape == (2, 70, 90)
         np.testing.assert_allclose(served["probabilities"].numpy(), expect.numpy(), atol=1e-5)
         np.testing.assert_array_equal(served["mask"].numpy(), classes_from_probs(expect).numpy())
+    # --precision: the served models compute in that policy; the probabilities move by its rounding.
+    done = run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export_bf16"),
+                    "--precision", "mixed_bfloat16", check=True)
+    assert "; precision mixed_bfloat16) -> " in done.stdout, done.stdout
+    loaded = tf.saved_model.load(str(tmp_path / "export_bf16"))
+    served = loaded.serve(tf.constant(images))["probabilities"]
+    assert served.dtype == tf.float32
+    diff = np.abs(served.numpy() - resize_predict_fn(model, cfg)(tf.constant(images)).numpy()).max()
+    assert 0 < diff < 0.05, diff
     bad_overlap = run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"),
                            "--mode", "tile", "--overlap", "-1")
     assert bad_overlap.returncode == 2 and "export: error: --overlap -1: must be >= 0" in bad_overlap.stderr

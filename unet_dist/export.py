@@ -1,7 +1,7 @@
 """Exports a trained workdir (or several, averaged) as a SavedModel for serving.
 
     python -m unet_dist.export --workdir RUN [--workdir RUN2 ...] --out EXPORT [--mode auto|tile|resize]
-        [--tile N --overlap P] [--tta none|flip]
+        [--tile N --overlap P] [--tta none|flip] [--precision float32|mixed_float16|mixed_bfloat16]
 
 Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H, W),
 "probabilities": float32 (B, H, W, U)}. Load with tf.saved_model.load(EXPORT).serve(images).
@@ -10,6 +10,12 @@ function): auto resizes each image to data.image_size and the result back, unles
 image already was data.image_size, and then cuts overlap tiles at the images' own pixel scale.
 It prints which mode it took and why. With several runs (the folds of `convert --fold`), the
 SavedModel holds every model and serves the average of their probabilities.
+--precision is the Keras policy the served models compute in: float32 (the default, whatever
+precision training used), or a mixed policy for the hardware that will serve it (mixed_float16 for
+a GPU with tensor cores, mixed_bfloat16 for a CPU with native bfloat16), named here because the
+machine that exports is often not the one that serves. The probabilities stay float32 either way;
+they differ from float32's by the rounding of 16-bit activations, as predict's do under
+--set runtime.precision.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ def main(argv=None) -> int:
     add_workdir_args(p, many=True)
     p.add_argument("--out", type=Path, required=True)
     add_mode_args(p)
+    p.add_argument("--precision", choices=("float32", "mixed_float16", "mixed_bfloat16"), default="float32",
+                   help="the policy the served models compute in (default float32): name the serving hardware's")
     args = p.parse_args(argv)
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.inference import export_saved_model, load_predictor
@@ -45,7 +53,7 @@ def main(argv=None) -> int:
             what = "a file" if out.is_file() else "a folder holding more than an earlier export"
             raise ConfigError(f"--out {out}: {what}; give a new or empty folder")
         writable_dir(out.parent, "--out")
-        predictor = load_predictor(args.workdir, **predictor_options(args))
+        predictor = load_predictor(args.workdir, **predictor_options(args), precision=args.precision)
     except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
