@@ -122,8 +122,8 @@ def scale_loss_after(monkeypatch, after_steps: int, factor: float) -> None:
 
     real = T.get_loss
 
-    def scaled(cfg):
-        fn = real(cfg)
+    def scaled(cfg, ignore=False):
+        fn = real(cfg, ignore)
         calls = tf.Variable(0)
 
         def loss(y, p, w=None):

@@ -217,6 +217,41 @@ def test_folders_layout_binary_255_and_multiclass(tmp_path):
         convert(src, tmp_path / "mc255", **kw)
 
 
+def test_pixels_of_the_ignore_value_are_left_out(tmp_path, capsys):
+    # --ignore-value: the Pet trimaps' border (3) left out of pet vs the rest; records hold IGNORE there.
+    from unet_dist.data.convert import IGNORE
+
+    src = _pet_dir(tmp_path, n=4)
+    m = convert(src, tmp_path / "bin", ignore_value=3, shards=1, val_fraction=0, workers=1, progress=False)
+    assert m["ignore_value"] == 3 and m["num_classes"] == 2
+    assert m["ignored_pixel_fraction"] == 20 / (40 * 50)  # the border row of each trimap
+    assert abs(sum(m["class_pixel_fraction"]) - 1) < 1e-6  # of the labelled pixels
+    mask = tf.io.decode_png(_records(tmp_path / "bin", "train")[0]["mask"]).numpy()[..., 0]
+    assert (mask[10, 10:30] == IGNORE).all() and set(np.unique(mask)) == {0, 1, IGNORE}
+    # Without it the border joins the rest, and the manifest says nothing is left out.
+    plain = convert(src, tmp_path / "plain", shards=1, val_fraction=0, workers=1, progress=False)
+    assert plain["ignore_value"] is None and plain["ignored_pixel_fraction"] is None
+    # VOC-style masks: class ids 0..2 and a void 255, which would otherwise be a gap up to id 255.
+    folders = tmp_path / "voc"
+    (folders / "images").mkdir(parents=True)
+    (folders / "masks").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folders / "images" / f"v{i}.png")
+        ids = np.zeros((16, 16), np.uint8)
+        ids[:4], ids[4:8], ids[8:10] = 1, 2, 255
+        Image.fromarray(ids).save(folders / "masks" / f"v{i}.png")
+    kw = {"layout": "folders", "classes": "multiclass", "shards": 1, "val_fraction": 0, "workers": 1,
+          "progress": False}
+    with pytest.raises(ConvertError, match="never 3, 4, 5"):
+        convert(folders, tmp_path / "voc_out", **kw)
+    voc = convert(folders, tmp_path / "voc_out", ignore_value=255, **kw)
+    assert voc["num_classes"] == 3 and voc["class_pixel_fraction"] == [0.428571, 0.285714, 0.285714]  # 6, 4, 4 of 14 rows
+    assert voc["ignored_pixel_fraction"] == 0.125
+    done = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--ignore-value", "3", "--shards",
+                    "1", "--val-fraction", "0", "--workers", "1", check=True)
+    assert "2 classes (1.0% of the pixels left out: mask value 3), in" in done.stdout, done.stdout
+
+
 def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch):
     src = _pet_dir(tmp_path, n=6)
     import unet_dist.data.convert as conv
@@ -251,6 +286,11 @@ def test_masks_keep_palette_indices(tmp_path):
     ({"workers": 0}, "--workers 0: must be >= 1"), ({"seed": -1}, "--seed -1: must be >= 0"),
     ({"num_classes": 3}, "--num-classes is for --classes multiclass; binary has a fixed number"),
     ({"num_classes": 1, "classes": "multiclass", "layout": "folders"}, "--num-classes 1: must be in [2, 256]"),
+    ({"ignore_value": 256}, "--ignore-value 256: a mask value, 0 to 255"),
+    ({"ignore_value": 3, "classes": "trimap"}, "--ignore-value 3 with --classes trimap: that trimap value is one of "
+     "its three classes; --classes binary --ignore-value 3 leaves the border out of pet vs the rest"),
+    ({"ignore_value": 255, "num_classes": 256, "classes": "multiclass", "layout": "folders"},
+     "--num-classes 256: with --ignore-value, at most 255 classes (id 255 marks the pixels left out)"),
 ])
 def test_bad_arguments_are_named_before_work(tmp_path, kwargs, words):
     src = _pet_dir(tmp_path, n=2)

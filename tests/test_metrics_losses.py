@@ -103,3 +103,58 @@ def test_border_weight_map_peaks_between_touching_objects():
     assert w[0, 29] < gap  # far corner: small border term
     single = border_weight_map(m[:, :13], np.array([1.0, 1.0], np.float32), 10, 5)
     assert np.all(single == 1.0)  # one object: no border term
+
+
+@pytest.mark.parametrize("loss", ["bce", "dice", "ce_dice", "focal", "weighted_ce"])
+@pytest.mark.parametrize("units", [1, 3])
+def test_ignored_pixels_count_in_no_loss_and_no_metric(loss, units):
+    # Pixels converted with --ignore-value hold IGNORE: whatever is predicted there, the loss and the
+    # confusion matrix are those of the labelled pixels alone; with none ignored, nothing changes.
+    from unet_dist.data.convert import IGNORE
+
+    if loss == "bce" and units == 3:
+        loss = "cce"
+    rng = np.random.default_rng(1)
+    k = 2 if units == 1 else units
+    y = rng.integers(0, k, (2, 8, 8, 1))
+    left_out = rng.random((2, 8, 8, 1)) < 0.3
+    y_ignored = np.where(left_out, IGNORE, y)
+
+    def probs():
+        p = rng.random((2, 8, 8, k)) + 0.05
+        p = p / p.sum(-1, keepdims=True)
+        return p[..., 1:] if units == 1 else p
+
+    p = probs()
+    p_elsewhere = np.where(left_out, probs(), p)  # other predictions at the left-out pixels only
+    w = (1 + rng.random((2, 8, 8, 1))).astype(np.float32)
+    fn, plain = get_loss(TrainConfig(loss=loss), ignore=True), get_loss(TrainConfig(loss=loss))
+    a, b = (fn(tf.constant(y_ignored), tf.constant(q, tf.float32), tf.constant(w)).numpy() for q in (p, p_elsewhere))
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert np.isfinite(a).all() and (a > 0).all()
+    np.testing.assert_allclose(fn(tf.constant(y), tf.constant(p, tf.float32), tf.constant(w)).numpy(),
+                               plain(tf.constant(y), tf.constant(p, tf.float32), tf.constant(w)).numpy(), rtol=1e-5)
+    if loss in ("bce", "cce", "weighted_ce"):  # each example's mean over its labelled pixels
+        probs_k = np.concatenate([1 - p, p], -1) if units == 1 else p
+        ce = -np.log(np.take_along_axis(probs_k, y, -1))[..., 0] * (w[..., 0] if loss == "weighted_ce" else 1)
+        keep = ~left_out[..., 0]
+        np.testing.assert_allclose(a, [ce[i][keep[i]].mean() for i in range(2)], rtol=1e-4)
+    pred = tf.constant(rng.integers(0, k, (2, 8, 8)), tf.int32)
+    cm = confusion_matrix(tf.constant(y_ignored), pred, k, ignore=True).numpy()
+    keep = ~left_out[..., 0]
+    expect = confusion_matrix(tf.constant(y[..., 0][keep]), tf.boolean_mask(pred, keep), k).numpy()
+    np.testing.assert_array_equal(cm, expect)
+    assert cm.sum() == keep.sum()
+    # An example whose every pixel is left out adds nothing (not NaN).
+    everything = fn(tf.constant(np.full_like(y, IGNORE)), tf.constant(p, tf.float32), tf.constant(w)).numpy()
+    assert np.isfinite(everything).all()
+
+
+def test_ignored_pixels_are_no_object_in_the_border_weight_map():
+    from unet_dist.data.convert import IGNORE
+
+    m = np.zeros((20, 30, 1), np.uint8)
+    m[5:15, 2:13] = 1
+    m[5:15, 15:28] = IGNORE  # not a second object: no border term between them
+    w = border_weight_map(m, np.array([1.0, 1.0], np.float32), w0=10, sigma=5)[..., 0]
+    assert w[10, 13] == 1.0

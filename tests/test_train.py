@@ -492,6 +492,51 @@ def test_data_without_a_validation_split_trains_without_evaluating(pet_src, tmp_
     assert metrics["split"] == "train" and metrics["val_records"] == 48 and 0 <= metrics["val_iou"] <= 1
 
 
+def test_training_and_evaluation_leave_out_the_ignored_pixels(pet_src, tmp_path, capsys):
+    # Data converted with --ignore-value 3 (the trimaps' border): training runs on it, and evaluate
+    # --data counts the labelled pixels alone, as a count made here from the records shows;
+    # evaluate --images reads the masks the same way, from the run's data.json.
+    from PIL import Image
+
+    from unet_dist.data.convert import IGNORE, convert
+    from unet_dist.data.pipeline import eval_dataset
+    from unet_dist.inference import load_trained
+    from unet_dist.metrics import predict_classes
+
+    data, w = tmp_path / "data", tmp_path / "w"
+    convert(pet_src, data, image_size=(64, 64), shards=2, val_fraction=0.25, workers=1, progress=False,
+            ignore_value=3)
+    s = train(load_config(None, tiny_overrides(steps=3) + ["train.eval_every_steps=3"]), data, w)
+    assert np.isfinite(s["final_val_loss"]) and json.loads((w / "data.json").read_text())["ignore_value"] == 3
+    ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(data), check=True)
+    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    model, cfg, _ = load_trained(w)
+    right = labelled = 0
+    for batch in eval_dataset(data, cfg, 8):
+        truth = batch["mask"].numpy()[..., 0]
+        pred = predict_classes(model(batch["image"], training=False)).numpy()
+        right += int(((pred == truth) & (truth != IGNORE)).sum())
+        labelled += int((truth != IGNORE).sum())
+    assert 0 < labelled < metrics["val_records"] * 64 * 64
+    assert abs(metrics["val_pixel_acc"] - right / labelled) < 1e-9, (metrics["val_pixel_acc"], right / labelled)
+    # evaluate --images: the border left out of every image's count, and counted when data.json no longer says so.
+    images = tmp_path / "images"
+    for sub in ("images", "annotations/trimaps"):
+        (images / sub).mkdir(parents=True)
+    for path in sorted((pet_src / "images").iterdir())[:4]:
+        shutil.copy(path, images / "images")
+        shutil.copy(pet_src / "annotations" / "trimaps" / f"{path.stem}.png", images / "annotations" / "trimaps")
+    mask = np.asarray(Image.open(images / "annotations" / "trimaps" / f"{path.stem}.png"))
+    assert (mask == 3).any()
+    left_out = json.loads(run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--images", str(images),
+                                   check=True).stdout.strip().splitlines()[-1])
+    meta = json.loads((w / "data.json").read_text())
+    (w / "data.json").write_text(json.dumps({**meta, "ignore_value": None}))
+    counted = json.loads(run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--images", str(images),
+                                  check=True).stdout.strip().splitlines()[-1])
+    assert left_out["images"] == counted["images"] == 4 and left_out["pixel_acc"] != counted["pixel_acc"]
+
+
 def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_path, capsys):
     # Fine-tuning: a new run starts from another run's weights (best, else latest checkpoint) with a
     # fresh optimizer and step 0. Only model.num_classes may differ; the output layer then starts new.

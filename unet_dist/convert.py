@@ -3,6 +3,7 @@
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
+        [--ignore-value V]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -14,6 +15,8 @@ or more): neighbouring slices are nearly the same image. --split-by page splits 
 images, as it must for a data set that is one stack. --group REGEX keeps the files whose stems give
 the same match (its first group, if it has one) in one split: --group '^(patient[0-9]+)_' keeps each
 patient's slices together.
+--ignore-value V: mask pixels of value V are not labelled (the Pet trimaps' border, 3, with --classes
+binary; a void 255): training's loss and every metric leave them out, as mmsegmentation's ignore_index.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", choices=CLASS_MODES, default="binary")
     p.add_argument("--num-classes", type=int, default=None,
                    help="multiclass: the number of classes (default: the highest id in the masks + 1)")
+    p.add_argument("--ignore-value", type=int, metavar="V",
+                   help="mask pixels of value V are not labelled: no loss or metric counts them (e.g. 3, the Pet "
+                        "trimaps' border, with --classes binary; 255, VOC's void)")
     p.add_argument("--mask-suffix", default="", help="the mask of image X.* is X<suffix>.* (e.g. _mask)")
     p.add_argument("--image-size", type=parse_size, default=None, help="resize to H[xW]; default keeps sizes")
     p.add_argument("--shards", type=int, default=8, help="training shards (val gets up to as many)")
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         m = convert(args.src, args.out, layout=args.layout, classes=args.classes, image_size=args.image_size,
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
-                    fold=args.fold, split_by=args.split_by, group=args.group)
+                    fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
@@ -90,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         files = "" if records == m["files"] else (f" (split by {m['split_by']}: from {m['files']['train']} and "
                                                   f"{m['files']['val']} image files)")
+    left_out = "" if m["ignore_value"] is None else (f" ({m['ignored_pixel_fraction']:.1%} of the pixels left out: "
+                                                     f"mask value {m['ignore_value']})")
     print(f"convert: {records['train']} train and {records['val']} val records{files}, "
-          f"{m['num_classes']} classes, in {args.out}")
+          f"{m['num_classes']} classes{left_out}, in {args.out}")
     return 0
 
 

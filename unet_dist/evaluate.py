@@ -60,7 +60,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from tqdm import tqdm
 
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.data.convert import ConvertError, find_pairs, load_pair
+    from unet_dist.data.convert import ConvertError, find_pairs, ignores, load_pair
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
@@ -93,23 +93,25 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(samples), k, k), np.float64)
+    seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
-                                     sample.page)
+                                     sample.page, info.get("ignore_value"))
             probs = predictor(image)
         except (BadImage, OSError, PredictionError) as e:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
         # The record evaluation's own class rule and counting, at the image's size.
-        counts[i] = confusion_matrix(truth, predict_classes(probs), k).numpy()
+        counts[i] = confusion_matrix(truth, predict_classes(probs), k, ignores(info)).numpy()
+        seen[i] = 1
     try:
-        counts = sum_over_processes(runtime, counts).astype(np.int64)
+        total = sum_over_processes(runtime, np.concatenate([counts.ravel(), seen]))
+        counts, read = total[: counts.size].reshape(counts.shape).astype(np.int64), total[counts.size :] > 0
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
-    read = counts.sum(axis=(1, 2)) > 0  # every image that was read has pixels
     if not read.any():
         print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
               file=sys.stderr)
@@ -121,13 +123,13 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return {key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")}
 
     per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
-                  **own(counts[i])} for i in np.flatnonzero(read)]
+                  **own(counts[i])} for i in np.flatnonzero(read & (counts.sum(axis=(1, 2)) > 0))]  # not all left out
     # A stack (an EM or microscopy volume) is also scored whole, from its pages' summed counts: the
     # per-volume score nnU-Net and the EM challenges report.
     stacks = {f: kept for f, pages in stacks_of(samples).items() if (kept := [i for i in pages if read[i]])}
     per_stack = sorted(({"image": str(f), "pages": len(pages), **own(counts[pages].sum(axis=0))}
                         for f, pages in stacks.items()), key=lambda r: r["iou"])
-    metrics = {**scores(counts[read].sum(axis=0)), "images": len(per_image),
+    metrics = {**scores(counts[read].sum(axis=0)), "images": int(read.sum()),
                "skipped": len(skipped) + int((~read).sum()), "source": str(args.images), "mode": predictor.mode,
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
                "world_size": runtime.world_size, "precision": predictor.precision}

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from unet_dist.data.convert import IGNORE
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes beside `path` and renames into place: a kill mid-write leaves the earlier file whole."""
@@ -140,8 +142,9 @@ class Logger:
 def panel_rows(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(N, H, W, 3) float images, (N, h, w) truth and prediction ids -> (N, h, 4w, 3) uint8 panels.
 
-    Images are centre-cropped to the label size (valid padding). The overlay tints predicted
-    foreground, like the paper's PlotLearning callback.
+    Images are centre-cropped to the label size (valid padding). Class ids are shades of gray, and
+    truth pixels that are not labelled (IGNORE) blue. The overlay tints predicted foreground, like
+    the paper's PlotLearning callback.
     """
     n, H, W = images.shape[:3]
     h, w = truth.shape[1:3]
@@ -150,7 +153,9 @@ def panel_rows(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_clas
     scale = 255 // max(1, num_classes - 1)
 
     def gray(ids):
-        return np.repeat((ids.astype(np.int32) * scale).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+        out = np.repeat((ids.astype(np.int32) * scale).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+        out[ids == IGNORE] = (90, 90, 200)  # pixels left out of the loss and metrics (convert --ignore-value)
+        return out
 
     overlay = img.copy()
     fg = pred > 0

@@ -3,6 +3,8 @@
 Every loss takes y_true (B, h, w, 1) integer class ids, y_prob (B, h, w, U) float32 probabilities
 (U = 1 sigmoid channel for binary, else num_classes softmax channels), an optional pixel weight
 (B, h, w, 1), and returns (B,) float32: the loss of each example, averaged over its pixels.
+With ignore=True (data converted with --ignore-value), pixels whose id is IGNORE count in no loss:
+each example's loss is averaged over its labelled pixels (0 for an example with none).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from unet_dist.config import TrainConfig
+from unet_dist.data.convert import IGNORE
 
 EPS = 1e-6
 LossFn = Callable[[tf.Tensor, tf.Tensor, "tf.Tensor | None"], tf.Tensor]
@@ -26,6 +29,22 @@ def _one_hot(y_true: tf.Tensor, y_prob: tf.Tensor) -> tf.Tensor:
     return tf.one_hot(y, y_prob.shape[-1], dtype=tf.float32)
 
 
+def labelled(y_true: tf.Tensor, ignore: bool) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """(y_true with IGNORE ids replaced by 0, (B, h, w) float32 1/0 for labelled pixels), or
+    (y_true, None) when nothing is ignored."""
+    if not ignore:
+        return y_true, None
+    valid = tf.not_equal(y_true, tf.cast(IGNORE, y_true.dtype))
+    return tf.where(valid, y_true, tf.zeros_like(y_true)), tf.cast(valid[..., 0], tf.float32)
+
+
+def pixel_mean(x: tf.Tensor, valid: tf.Tensor | None) -> tf.Tensor:
+    """(B, h, w) -> (B,): the mean over each example's pixels, or over its labelled ones."""
+    if valid is None:
+        return tf.reduce_mean(x, axis=[1, 2])
+    return tf.reduce_sum(x * valid, axis=[1, 2]) / tf.maximum(tf.reduce_sum(valid, axis=[1, 2]), 1.0)
+
+
 def pixel_cross_entropy(y_true, y_prob) -> tf.Tensor:
     """(B, h, w) cross-entropy of each pixel (binary or categorical, by the number of channels)."""
     if y_prob.shape[-1] == 1:
@@ -33,24 +52,29 @@ def pixel_cross_entropy(y_true, y_prob) -> tf.Tensor:
     return keras.losses.sparse_categorical_crossentropy(y_true[..., 0], y_prob)
 
 
-def cross_entropy(y_true, y_prob, weight=None) -> tf.Tensor:
+def cross_entropy(y_true, y_prob, weight=None, ignore: bool = False) -> tf.Tensor:
+    y_true, valid = labelled(y_true, ignore)
     ce = pixel_cross_entropy(y_true, y_prob)  # (B, h, w)
     if weight is not None:
         ce = ce * weight[..., 0]
-    return tf.reduce_mean(ce, axis=[1, 2])
+    return pixel_mean(ce, valid)
 
 
-def soft_dice(y_true, y_prob, weight=None) -> tf.Tensor:
+def soft_dice(y_true, y_prob, weight=None, ignore: bool = False) -> tf.Tensor:
     """1 - soft Dice per example, averaged over the foreground channel (binary) or all classes."""
+    y_true, valid = labelled(y_true, ignore)
     t = _one_hot(y_true, y_prob)
+    if valid is not None:  # left-out pixels add to neither the overlap nor the sizes
+        t, y_prob = t * valid[..., None], y_prob * valid[..., None]
     inter = tf.reduce_sum(t * y_prob, axis=[1, 2])  # (B, U)
     denom = tf.reduce_sum(t + y_prob, axis=[1, 2])
     dice = (2.0 * inter + EPS) / (denom + EPS)
     return 1.0 - tf.reduce_mean(dice, axis=-1)
 
 
-def focal(y_true, y_prob, weight=None, gamma: float = 2.0) -> tf.Tensor:
+def focal(y_true, y_prob, weight=None, gamma: float = 2.0, ignore: bool = False) -> tf.Tensor:
     """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_t)^gamma."""
+    y_true, valid = labelled(y_true, ignore)
     t = _one_hot(y_true, y_prob)
     if y_prob.shape[-1] == 1:
         fl = keras.losses.binary_focal_crossentropy(t, y_prob, gamma=gamma)
@@ -58,23 +82,24 @@ def focal(y_true, y_prob, weight=None, gamma: float = 2.0) -> tf.Tensor:
         fl = keras.losses.categorical_focal_crossentropy(t, y_prob, gamma=gamma, alpha=1.0)
     if weight is not None:
         fl = fl * weight[..., 0]
-    return tf.reduce_mean(fl, axis=[1, 2])
+    return pixel_mean(fl, valid)
 
 
-def get_loss(cfg: TrainConfig) -> LossFn:
-    """The configured per-example loss. 'weighted_ce' expects the pipeline's 2015 weight map."""
+def get_loss(cfg: TrainConfig, ignore: bool = False) -> LossFn:
+    """The configured per-example loss. 'weighted_ce' expects the pipeline's 2015 weight map.
+    ignore: leave out pixels whose id is IGNORE (the manifest's ignore_value is set)."""
     if cfg.loss in ("bce", "cce"):
-        return lambda y, p, w=None: cross_entropy(y, p)
+        return lambda y, p, w=None: cross_entropy(y, p, ignore=ignore)
     if cfg.loss == "weighted_ce":
         def weighted(y, p, w=None):
             if w is None:
                 raise ValueError("loss weighted_ce needs the pipeline's weight map (batch['weight'])")
-            return cross_entropy(y, p, w)
+            return cross_entropy(y, p, w, ignore=ignore)
         return weighted
     if cfg.loss == "dice":
-        return lambda y, p, w=None: soft_dice(y, p)
+        return lambda y, p, w=None: soft_dice(y, p, ignore=ignore)
     if cfg.loss == "ce_dice":
-        return lambda y, p, w=None: cross_entropy(y, p) + soft_dice(y, p)
+        return lambda y, p, w=None: cross_entropy(y, p, ignore=ignore) + soft_dice(y, p, ignore=ignore)
     if cfg.loss == "focal":
-        return lambda y, p, w=None: focal(y, p, gamma=cfg.focal_gamma)
+        return lambda y, p, w=None: focal(y, p, gamma=cfg.focal_gamma, ignore=ignore)
     raise ValueError(f"unknown loss {cfg.loss!r}")

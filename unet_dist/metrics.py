@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from unet_dist.data.convert import IGNORE
+
 
 def predict_classes(y_prob: tf.Tensor) -> tf.Tensor:
     """(B, h, w, U) probabilities -> (B, h, w) int32 class ids (threshold 0.5 when U == 1)."""
@@ -18,10 +20,14 @@ def predict_classes(y_prob: tf.Tensor) -> tf.Tensor:
     return tf.argmax(y_prob, axis=-1, output_type=tf.int32)
 
 
-def confusion_matrix(y_true: tf.Tensor, y_pred: tf.Tensor, num_classes: int) -> tf.Tensor:
-    """(K, K) int64 counts, rows = truth, columns = prediction. y_true (B, h, w, 1), y_pred (B, h, w)."""
-    return tf.math.confusion_matrix(tf.reshape(tf.cast(y_true, tf.int32), [-1]), tf.reshape(y_pred, [-1]),
-                                    num_classes=num_classes, dtype=tf.int64)
+def confusion_matrix(y_true: tf.Tensor, y_pred: tf.Tensor, num_classes: int, ignore: bool = False) -> tf.Tensor:
+    """(K, K) int64 counts, rows = truth, columns = prediction. y_true (B, h, w, 1), y_pred (B, h, w).
+    ignore: pixels whose truth is IGNORE (convert --ignore-value) are not counted."""
+    truth, pred = tf.reshape(tf.cast(y_true, tf.int32), [-1]), tf.reshape(y_pred, [-1])
+    if ignore:
+        keep = tf.not_equal(truth, IGNORE)
+        truth, pred = tf.boolean_mask(truth, keep), tf.boolean_mask(pred, keep)
+    return tf.math.confusion_matrix(truth, pred, num_classes=num_classes, dtype=tf.int64)
 
 
 def scores(cm: np.ndarray) -> dict:

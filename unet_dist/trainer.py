@@ -20,6 +20,7 @@ import tensorflow as tf
 from unet_dist import precision
 from unet_dist.checkpoint import Checkpoints, check_free_space, init_weights
 from unet_dist.config import Config, ConfigError, config_yaml, writable_dir
+from unet_dist.data.convert import ignores
 from unet_dist.data.pipeline import (
     DataError,
     eval_dataset,
@@ -160,6 +161,7 @@ class Evaluator:
 
     def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, split: str = "val"):
         self.k = k = manifest["num_classes"]
+        ignore = ignores(manifest)
         self.runtime = runtime
         self.data_dir, self.manifest, self.split = data_dir, manifest, split
         _, per_replica = runtime.batch_sizes()
@@ -172,8 +174,8 @@ class Evaluator:
         def eval_step(batch):
             probs = model(batch["image"], training=False)
             pred = predict_classes(probs)
-            loss_sum = tf.reduce_sum(cross_entropy(batch["mask"], probs))
-            return confusion_matrix(batch["mask"], pred, k), loss_sum, tf.shape(probs)[0], pred
+            loss_sum = tf.reduce_sum(cross_entropy(batch["mask"], probs, ignore=ignore))
+            return confusion_matrix(batch["mask"], pred, k, ignore), loss_sum, tf.shape(probs)[0], pred
 
         self.eval_step = eval_step
 
@@ -412,7 +414,7 @@ def write_run_files(cfg: Config, workdir: Path, data_dir: Path, manifest: dict) 
     """config.yaml, and data.json: what prediction needs to know of the data (resized at conversion?)."""
     atomic_write_text(workdir / "config.yaml", config_yaml(cfg))
     data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size",
-                                              "record_size")}
+                                              "record_size", "ignore_value")}
     atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
 
 
@@ -478,7 +480,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
-    step_fn = make_train_step(model, optimizer, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla,
+    step_fn = make_train_step(model, optimizer, get_loss(cfg.train, ignores(manifest)), runtime, global_batch, cfg.runtime.xla,
                               cfg.train.gradient_accumulation_steps)
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))

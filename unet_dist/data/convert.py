@@ -27,6 +27,14 @@ LAYOUTS = ("oxford-pet", "folders")
 SPLIT_UNITS = ("auto", "file", "page")
 CLASS_MODES = ("binary", "trimap", "multiclass")
 MAX_CLASSES = 256
+# The class id records hold for a pixel that is not labelled (convert --ignore-value): no loss and no
+# metric counts it. With it, class ids run below 255.
+IGNORE = 255
+
+
+def ignores(meta: dict) -> bool:
+    """Whether the masks of a manifest (or of a run's data.json) hold IGNORE for unlabelled pixels."""
+    return meta.get("ignore_value") is not None
 # Oxford-IIIT Pet trimaps: 1 = pet, 2 = background, 3 = border. Our class ids: 0 = background, 1 = pet, 2 = border.
 TRIMAP_TO_CLASS = {1: 1, 2: 0, 3: 2}
 
@@ -48,6 +56,7 @@ class Task:
     classes: str
     size: tuple[int, int] | None  # (H, W) to resize to, or None to keep
     num_classes: int | None = None  # multiclass: ids must be below it (None: any id up to 255)
+    ignore_value: int | None = None  # source mask value of pixels that are not labelled -> IGNORE
 
 
 def source_folders(src: Path, layout: str) -> tuple[Path, Path]:
@@ -121,8 +130,23 @@ def split_units(samples: list[Sample], split_by: str, group: str | None,
     return split_by, units, "images" if len(set(units)) == len(samples) else "files"
 
 
-def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | None = None) -> np.ndarray:
-    values = np.unique(mask)
+def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | None = None,
+               ignore_value: int | None = None) -> np.ndarray:
+    """(H, W) source mask values -> uint8 class ids as --layout and --classes say; pixels of value
+    `ignore_value` become IGNORE, and the other values must be the layout's (BadImage otherwise)."""
+    if ignore_value is None:
+        return _labelled_ids(mask, np.unique(mask), layout, classes, num_classes)
+    ignored = mask == ignore_value
+    values = np.unique(mask[~ignored])
+    if values.size and int(values[-1]) >= IGNORE and classes == "multiclass":
+        raise BadImage(f"class id {int(values[-1])}: with --ignore-value, class ids run below {IGNORE}")
+    ids = _labelled_ids(mask, values, layout, classes, num_classes)
+    return np.where(ignored, np.uint8(IGNORE), ids).astype(np.uint8)
+
+
+def _labelled_ids(mask: np.ndarray, values: np.ndarray, layout: str, classes: str,
+                  num_classes: int | None) -> np.ndarray:
+    """`_class_ids` of the pixels whose values are `values` (the others' ids are any)."""
     if layout == "oxford-pet":
         bad = [int(v) for v in values if int(v) not in TRIMAP_TO_CLASS]
         if bad:
@@ -139,7 +163,7 @@ def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | N
         if set(values.tolist()) <= {0, 255}:
             return (mask == 255).astype(np.uint8)
         raise BadImage(f"binary mask values must be 0/1 or 0/255, found {values.tolist()[:8]}")
-    if num_classes is not None and int(values[-1]) >= num_classes:
+    if num_classes is not None and values.size and int(values[-1]) >= num_classes:
         raise BadImage(f"class ids {[int(v) for v in values if v >= num_classes][:8]} are not below "
                        f"--num-classes {num_classes}")
     return mask
@@ -173,13 +197,15 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
-              num_classes: int | None = None, page: int = 0) -> tuple[np.ndarray, np.ndarray]:
+              num_classes: int | None = None, page: int = 0, ignore_value: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """One labelled image (page `page` of a stack) at its own size: (uint8 (H, W, 3) image, uint8 (H, W)
-    class ids), the mask's values mapped to class ids as --layout and --classes say. Raises BadImage
-    saying what is wrong (naming the mask file when it is the mask)."""
+    class ids), the mask's values mapped to class ids as --layout and --classes say, and pixels of
+    value `ignore_value` to IGNORE. Raises BadImage saying what is wrong (naming the mask file when
+    it is the mask)."""
     image = load_rgb(image_path, page)
     try:
-        mask = _class_ids(load_mask(mask_path, page), layout, classes, num_classes)
+        mask = _class_ids(load_mask(mask_path, page), layout, classes, num_classes, ignore_value)
     except BadImage as e:
         raise BadImage(f"mask {mask_path}: {e}") from None
     if mask.shape != image.shape[:2]:
@@ -192,7 +218,8 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
     """Worker: (task, record fields, None) or (task, None, reason). Runs without TensorFlow."""
     sample = task.sample
     try:
-        image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page)
+        image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page,
+                                task.ignore_value)
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
     if task.size is not None:
@@ -255,6 +282,7 @@ def convert(
     fold: tuple[int, int] | None = None,
     split_by: str = "auto",
     group: str | None = None,
+    ignore_value: int | None = None,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -270,6 +298,9 @@ def convert(
     files of one image each, the two are the same split.
     group: a regular expression; files whose stems give the same match (its first group, if it has
     one) stay in one split, such as the slices of one patient, `^(patient[0-9]+)_`.
+    ignore_value: the source mask value (0..255) of pixels that are not labelled (the Pet trimaps'
+    border, 3; the void 255 of VOC-style masks): the records hold IGNORE there, and no loss or
+    metric counts those pixels. The manifest says so ("ignore_value").
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -285,6 +316,14 @@ def convert(
         raise ConvertError(f"--num-classes is for --classes multiclass; {classes} has a fixed number")
     if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
         raise ConvertError(f"--num-classes {num_classes}: must be in [2, {MAX_CLASSES}]")
+    if ignore_value is not None and not 0 <= ignore_value <= 255:
+        raise ConvertError(f"--ignore-value {ignore_value}: a mask value, 0 to 255")
+    if ignore_value is not None and classes == "trimap" and ignore_value in TRIMAP_TO_CLASS:
+        raise ConvertError(f"--ignore-value {ignore_value} with --classes trimap: that trimap value is one of its "
+                           "three classes; --classes binary --ignore-value 3 leaves the border out of pet vs the rest")
+    if ignore_value is not None and num_classes is not None and num_classes > IGNORE:
+        raise ConvertError(f"--num-classes {num_classes}: with --ignore-value, at most {IGNORE} classes (id {IGNORE} "
+                           "marks the pixels left out)")
     if shards < 1:
         raise ConvertError(f"--shards {shards}: must be >= 1")
     if not 0 <= val_fraction < 1:
@@ -350,7 +389,7 @@ def convert(
     if fold is not None:
         val_fraction = n_val / n
     tasks = [
-        Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes)
+        Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -389,6 +428,10 @@ def convert(
                                f"{skipped[0]['file']}: {skipped[0]['reason']}")
         if written["train"] == 0:
             raise ConvertError(f"every training sample in {src} was skipped; lower --val-fraction or fix the files")
+        if ignore_value is not None:  # left-out pixels are no class: kept apart from the class counts
+            ignored = {s: int(c[IGNORE]) for s, c in counts.items()}
+            for c in counts.values():
+                c[IGNORE] = 0
         total = counts["train"] + counts["val"]
         num_classes = {"binary": 2, "trimap": 3}.get(classes) or _check_class_ids(np.nonzero(total)[0].tolist(),
                                                                                    num_classes)
@@ -417,7 +460,11 @@ def convert(
             "val": {"records": written["val"], "shards": names["val"]},
             "skipped": skipped,
             "record_size": {"min": size_min.tolist(), "max": size_max.tolist()},
+            # Of the labelled pixels: the pipeline's class-balancing weights (weighted_ce) need them to sum to 1.
             "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
+            "ignore_value": ignore_value,
+            "ignored_pixel_fraction": None if ignore_value is None else round(
+                (ignored["train"] + ignored["val"]) / max(1, total.sum() + ignored["train"] + ignored["val"]), 6),
         }
         for s, paths in tmp.items():
             # Byte sizes let the pipeline tell a truncated or replaced shard before training.

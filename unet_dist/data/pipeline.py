@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from unet_dist.config import Config
 from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
+from unet_dist.data.convert import IGNORE
 from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
 
@@ -206,7 +207,7 @@ def _crop_labels(mask: tf.Tensor, cfg: Config, size: tuple[int, int]) -> tf.Tens
 def border_weight_map(mask: np.ndarray, class_weights: np.ndarray, w0: float, sigma: float) -> np.ndarray:
     """The 2015 U-Net pixel weights: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on background.
 
-    mask: (H, W, 1) uint8 class ids (0 = background); class_weights: (num_classes,) balancing w_c;
+    mask: (H, W, 1) uint8 class ids (0 = background, IGNORE: no loss counts its weight); class_weights: (num_classes,) balancing w_c;
     d1, d2: distances to the nearest and second nearest foreground object (connected component).
     Returns (H, W, 1) float32.
     """
@@ -214,7 +215,7 @@ def border_weight_map(mask: np.ndarray, class_weights: np.ndarray, w0: float, si
 
     m = mask[..., 0]
     weights = class_weights[np.minimum(m, len(class_weights) - 1)].astype(np.float32)
-    labels, n = ndimage.label(m > 0)
+    labels, n = ndimage.label((m > 0) & (m != IGNORE))  # left-out pixels (IGNORE) are no object
     if n >= 2:
         dists = np.stack([ndimage.distance_transform_edt(labels != k) for k in range(1, n + 1)])
         dists.sort(axis=0)
