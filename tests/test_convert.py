@@ -252,7 +252,7 @@ def test_pixels_of_the_ignore_value_are_left_out(tmp_path, capsys):
     assert "2 classes (1.0% of the pixels left out: mask value 3), in" in done.stdout, done.stdout
 
 
-def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch):
+def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch, capsys):
     src = _pet_dir(tmp_path, n=6)
     import unet_dist.data.convert as conv
 
@@ -269,6 +269,14 @@ def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "out", shards=2, val_fraction=0, workers=1, progress=False)
     assert list((tmp_path / "out").iterdir()) == []
+    # The command says so in one line (exit 130, as for SIGINT), and an earlier conversion in OUT stays whole.
+    convert(src, tmp_path / "out", shards=2, val_fraction=0, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    calls["n"] = 0
+    done = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "out"), "--overwrite", "--workers", "1")
+    assert done.returncode == 130 and done.stderr.strip().splitlines() == [
+        f"convert: interrupted; {tmp_path / 'out'} is as it was before"], done.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_masks_keep_palette_indices(tmp_path):

@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Shards and the manifest are renamed into place only when complete: OUT is as it was.
+        print(f"convert: interrupted; {args.out} is as it was before", file=sys.stderr)
+        return 130
     if m["skipped"]:
         first = m["skipped"][0]
         print(f"convert: skipped {len(m['skipped'])} files (see {args.out}/manifest.json); first: "

@@ -7,13 +7,18 @@ Shards and the manifest are written under temporary names and renamed only when 
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +36,13 @@ MAX_CLASSES = 256
 # metric counts it. With it, class ids run below 255.
 IGNORE = 255
 
+# Oxford-IIIT Pet trimaps: 1 = pet, 2 = background, 3 = border. Our class ids: 0 = background, 1 = pet, 2 = border.
+TRIMAP_TO_CLASS = {1: 1, 2: 0, 3: 2}
+
 
 def ignores(meta: dict) -> bool:
     """Whether the masks of a manifest (or of a run's data.json) hold IGNORE for unlabelled pixels."""
     return meta.get("ignore_value") is not None
-# Oxford-IIIT Pet trimaps: 1 = pet, 2 = background, 3 = border. Our class ids: 0 = background, 1 = pet, 2 = border.
-TRIMAP_TO_CLASS = {1: 1, 2: 0, 3: 2}
 
 
 class ConvertError(RuntimeError):
@@ -237,6 +243,31 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
     }, None
 
 
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the conversion, and the workers
+    # finish the image they hold instead of dying mid-write.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def in_order(pool: ProcessPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """fn(item) for each item, computed on `pool`, yielded in order, with at most `ahead` submitted
+    and not yet taken: the workers run ahead of the consumer by that much, so memory stays bounded
+    however slow it is. When the consumer stops (an error, Ctrl-C), what was not started is cancelled
+    and the pool's shutdown waits for at most the few images in progress. (multiprocessing.Pool's
+    terminate() could hang forever here: a worker killed while writing its result holds the result
+    queue's lock, which the pool's own task thread then waits for.)"""
+    items = iter(items)
+    pending = deque(pool.submit(fn, item) for item in itertools.islice(items, ahead))
+    try:
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(fn, item) for item in itertools.islice(items, 1))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def _example(rec: dict) -> bytes:
     import tensorflow as tf  # parent process only: workers stay free of TensorFlow
 
@@ -403,9 +434,9 @@ def convert(
     per_shard = {s: [0] * n for s, n in n_shards.items()}
     counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
     try:
-        ctx = mp.get_context("spawn")  # never fork a process that has TensorFlow loaded
-        with ctx.Pool(workers) as pool:
-            results = pool.imap(process, tasks, chunksize=4)
+        # spawn: never fork a process that has TensorFlow loaded.
+        with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
+              contextlib.closing(in_order(pool, process, tasks, ahead=4 * workers)) as results):
             for task, rec, reason in tqdm(results, total=len(tasks), desc="convert", unit="img",
                                           disable=not progress if progress is not None else None,
                                           file=sys.stderr):
