@@ -480,8 +480,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
-    step_fn = make_train_step(model, optimizer, get_loss(cfg.train, ignores(manifest)), runtime, global_batch, cfg.runtime.xla,
-                              cfg.train.gradient_accumulation_steps)
+    step_fn = make_train_step(model, optimizer, get_loss(cfg.train, ignores(manifest)), runtime, global_batch,
+                              cfg.runtime.xla, cfg.train.gradient_accumulation_steps)
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
     loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,

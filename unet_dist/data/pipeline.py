@@ -207,7 +207,8 @@ def _crop_labels(mask: tf.Tensor, cfg: Config, size: tuple[int, int]) -> tf.Tens
 def border_weight_map(mask: np.ndarray, class_weights: np.ndarray, w0: float, sigma: float) -> np.ndarray:
     """The 2015 U-Net pixel weights: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on background.
 
-    mask: (H, W, 1) uint8 class ids (0 = background, IGNORE: no loss counts its weight); class_weights: (num_classes,) balancing w_c;
+    mask: (H, W, 1) uint8 class ids (0 = background; IGNORE, whose weight no loss counts, is no object);
+    class_weights: (num_classes,) balancing w_c;
     d1, d2: distances to the nearest and second nearest foreground object (connected component).
     Returns (H, W, 1) float32.
     """
