@@ -277,6 +277,14 @@ def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch
     assert done.returncode == 130 and done.stderr.strip().splitlines() == [
         f"convert: interrupted; {tmp_path / 'out'} is as it was before"], done.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    # A worker that dies (out of memory) ends the conversion in one line, where the pool used to wait for ever.
+    import conftest
+
+    monkeypatch.setattr(conv, "process", conftest.exit_at_once)
+    with pytest.raises(ConvertError, match=r"^a conversion worker process died \(out of memory\?\) after 0 of 6 "
+                                           r"images; try fewer --workers$"):
+        convert(src, tmp_path / "out", shards=2, val_fraction=0, workers=1, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_masks_keep_palette_indices(tmp_path):
