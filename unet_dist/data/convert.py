@@ -435,29 +435,23 @@ def convert(
     per_shard = {s: [0] * n for s, n in n_shards.items()}
     counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
     try:
-        try:
-            # spawn: never fork a process that has TensorFlow loaded.
-            with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
-                  contextlib.closing(in_order(pool, process, tasks, ahead=4 * workers)) as results):
-                for task, rec, reason in tqdm(results, total=len(tasks), desc="convert", unit="img",
-                                              disable=not progress if progress is not None else None,
-                                              file=sys.stderr):
-                    if rec is None:
-                        skipped.append({"file": str(task.sample.image), "reason": reason})
-                        continue
-                    s = task.split
-                    writers[s][written[s] % n_shards[s]].write(_example(rec))
-                    per_shard[s][written[s] % n_shards[s]] += 1
-                    written[s] += 1
-                    files_in[s].add(task.sample.image)
-                    counts[s] += rec["counts"]
-                    size_min = np.minimum(size_min, (rec["height"], rec["width"]))
-                    size_max = np.maximum(size_max, (rec["height"], rec["width"]))
-        except BrokenProcessPool:
-            # The kernel's OOM killer, most often: one image too large for --workers copies at once.
-            done = len(skipped) + sum(written.values())
-            raise ConvertError(f"a conversion worker process died (out of memory?) after {done} of {len(tasks)} "
-                               "images; try fewer --workers") from None
+        # spawn: never fork a process that has TensorFlow loaded.
+        with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
+              contextlib.closing(in_order(pool, process, tasks, ahead=4 * workers)) as results):
+            for task, rec, reason in tqdm(results, total=len(tasks), desc="convert", unit="img",
+                                          disable=not progress if progress is not None else None,
+                                          file=sys.stderr):
+                if rec is None:
+                    skipped.append({"file": str(task.sample.image), "reason": reason})
+                    continue
+                s = task.split
+                writers[s][written[s] % n_shards[s]].write(_example(rec))
+                per_shard[s][written[s] % n_shards[s]] += 1
+                written[s] += 1
+                files_in[s].add(task.sample.image)
+                counts[s] += rec["counts"]
+                size_min = np.minimum(size_min, (rec["height"], rec["width"]))
+                size_max = np.maximum(size_max, (rec["height"], rec["width"]))
         for ws in writers.values():
             for w in ws:
                 w.close()
@@ -519,6 +513,11 @@ def convert(
         for name in old_shards - set(names["train"]) - set(names["val"]):
             (out / name).unlink(missing_ok=True)
         return manifest
+    except BrokenProcessPool:
+        # The kernel's OOM killer, most often: one image too large for --workers copies at once.
+        done = len(skipped) + sum(written.values())
+        raise ConvertError(f"a conversion worker process died (out of memory?) after {done} of {len(tasks)} "
+                           "images; try fewer --workers") from None
     finally:
         for paths in tmp.values():
             for p in paths:
