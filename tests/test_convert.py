@@ -250,6 +250,23 @@ def test_pixels_of_the_ignore_value_are_left_out(tmp_path, capsys):
     done = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--ignore-value", "3", "--shards",
                     "1", "--val-fraction", "0", "--workers", "1", check=True)
     assert "2 classes (1.0% of the pixels left out: mask value 3), in" in done.stdout, done.stdout
+    # A split with no labelled pixel (a void mask alone in val, or in train) is refused, not trained or scored as NaN.
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folders / "images" / f"v{i}.png")
+        Image.fromarray(np.full((16, 16), 255 if i == 2 else i, np.uint8)).save(folders / "masks" / f"v{i}.png")
+    kw = {**kw, "classes": "binary", "ignore_value": 255}
+    refused = []
+    for fold in range(3):  # each image is val once
+        try:
+            convert(folders, tmp_path / f"fold{fold}", fold=(fold, 3), **kw)
+        except ConvertError as e:
+            refused.append(str(e))
+    assert refused == [f"--ignore-value 255: every mask pixel of the 1 val images in {folders} has that value; "
+                       "nothing is labelled"], refused
+    (folders / "images" / "v0.png").unlink()
+    (folders / "images" / "v1.png").unlink()
+    with pytest.raises(ConvertError, match="every mask pixel of the 1 train images in .* has that value"):
+        convert(folders, tmp_path / "void", **kw)
 
 
 def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch, capsys):

@@ -535,6 +535,14 @@ def test_training_and_evaluation_leave_out_the_ignored_pixels(pet_src, tmp_path,
     counted = json.loads(run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--images", str(images),
                                   check=True).stdout.strip().splitlines()[-1])
     assert left_out["images"] == counted["images"] == 4 and left_out["pixel_acc"] != counted["pixel_acc"]
+    # Masks that are the border alone leave nothing to score: one line, not NaN scores.
+    (w / "data.json").write_text(json.dumps(meta))
+    for trimap in (images / "annotations" / "trimaps").iterdir():
+        Image.fromarray(np.full_like(np.asarray(Image.open(trimap)), 3)).save(trimap)
+    void = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--images", str(images))
+    assert void.returncode == 1 and void.stderr.strip().splitlines()[-1] == (
+        f"evaluate: error: --images {images}: every mask pixel of its 4 images is the ignore value 3 of the "
+        "run's data.json; nothing to score"), void.stderr
 
 
 def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_path, capsys):

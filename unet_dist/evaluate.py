@@ -116,6 +116,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
               file=sys.stderr)
         return 1
+    labelled = counts.sum(axis=(1, 2)) > 0  # not every pixel left out (convert --ignore-value)
+    if not labelled.any():
+        print(f"evaluate: error: --images {args.images}: every mask pixel of its {int(read.sum())} images is the "
+              f"ignore value {info.get('ignore_value')} of the run's data.json; nothing to score", file=sys.stderr)
+        return 1
     if not runtime.is_chief:
         return 0
 
@@ -123,10 +128,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return {key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")}
 
     per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
-                  **own(counts[i])} for i in np.flatnonzero(read & (counts.sum(axis=(1, 2)) > 0))]  # not all left out
+                  **own(counts[i])} for i in np.flatnonzero(read & labelled)]
     # A stack (an EM or microscopy volume) is also scored whole, from its pages' summed counts: the
     # per-volume score nnU-Net and the EM challenges report.
-    stacks = {f: kept for f, pages in stacks_of(samples).items() if (kept := [i for i in pages if read[i]])}
+    stacks = {f: kept for f, pages in stacks_of(samples).items()
+              if (kept := [i for i in pages if read[i]]) and labelled[kept].any()}
     per_stack = sorted(({"image": str(f), "pages": len(pages), **own(counts[pages].sum(axis=0))}
                         for f, pages in stacks.items()), key=lambda r: r["iou"])
     metrics = {**scores(counts[read].sum(axis=0)), "images": int(read.sum()),

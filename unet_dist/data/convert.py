@@ -464,6 +464,11 @@ def convert(
             ignored = {s: int(c[IGNORE]) for s, c in counts.items()}
             for c in counts.values():
                 c[IGNORE] = 0
+            # A split with no labelled pixel trains on nothing, or scores NaN at every evaluation.
+            for s in ("train", "val"):
+                if written[s] and not counts[s].any():
+                    raise ConvertError(f"--ignore-value {ignore_value}: every mask pixel of the {written[s]} {s} "
+                                       f"images in {src} has that value; nothing is labelled")
         total = counts["train"] + counts["val"]
         num_classes = {"binary": 2, "trimap": 3}.get(classes) or _check_class_ids(np.nonzero(total)[0].tolist(),
                                                                                    num_classes)
