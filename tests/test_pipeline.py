@@ -173,7 +173,11 @@ def test_missing_or_mismatched_data_is_named(tmp_path, shards):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(DataError, match="afile is a file, not a folder"):
         load_manifest(tmp_path / "afile")
-    with pytest.raises(DataError, match="manifest.json not found"):
+    with pytest.raises(DataError, match="manifest.json not found: convert the data first"):
+        load_manifest(tmp_path)
+    (tmp_path / "images").mkdir()  # the source folder given as --data
+    with pytest.raises(DataError, match=f"holds images/, so it looks like the images and masks themselves; convert "
+                                        f"them first \\(python -m unet_dist.convert {tmp_path} DATA\\)"):
         load_manifest(tmp_path)
     import json
     import shutil

@@ -85,6 +85,10 @@ def load_manifest(data_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (data_dir / "images").is_dir():  # the images and masks themselves, given where their records belong
+            raise DataError(f"{path} not found: {data_dir} holds images/, so it looks like the images and masks "
+                            f"themselves; convert them first (python -m unet_dist.convert {data_dir} DATA) and "
+                            "give DATA") from None
         raise DataError(f"{path} not found: convert the data first (python -m unet_dist.convert SRC {data_dir})") from None
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
         raise DataError(f"{path}: unreadable manifest ({e})") from None
