@@ -132,11 +132,11 @@ def test_modes_exif_and_sizes(tmp_path):
     recs = {r["stem"].numpy().decode(): r for r in _records(tmp_path / "out", "train")}
     assert set(recs) == {"ok_0", "gray", "rgba", "cmyk", "palette", "sixteen", "exif"}
     for stem, r in recs.items():
-        img = tf.io.decode_jpeg(r["image"]).numpy()
+        img = tf.io.decode_image(r["image"], channels=3).numpy()
         assert img.shape == (40, 50, 3), stem
         assert (int(r["height"]), int(r["width"])) == (40, 50)
     # The EXIF-rotated image is stored upright: compare with the original pixels (JPEG tolerance).
-    upright = tf.io.decode_jpeg(recs["exif"]["image"]).numpy().astype(int)
+    upright = tf.io.decode_image(recs["exif"]["image"], channels=3).numpy().astype(int)
     assert np.abs(upright - smooth.astype(int)).mean() < 4
     assert load_rgb(src / "images" / "gray.jpg").shape == (40, 50, 3)
 
@@ -249,7 +249,8 @@ def test_pixels_of_the_ignore_value_are_left_out(tmp_path, capsys):
     assert voc["ignored_pixel_fraction"] == 0.125
     done = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--ignore-value", "3", "--shards",
                     "1", "--val-fraction", "0", "--workers", "1", check=True)
-    assert "2 classes (1.0% of the pixels left out: mask value 3), in" in done.stdout, done.stdout
+    assert ("2 classes (1.0% of the pixels left out: mask value 3), images as JPEG (auto: every source image is a "
+            "JPEG), in") in done.stdout, done.stdout
     # A split with no labelled pixel (a void mask alone in val, or in train) is refused, not trained or scored as NaN.
     for i in range(3):
         Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folders / "images" / f"v{i}.png")
@@ -267,6 +268,66 @@ def test_pixels_of_the_ignore_value_are_left_out(tmp_path, capsys):
     (folders / "images" / "v1.png").unlink()
     with pytest.raises(ConvertError, match="every mask pixel of the 1 train images in .* has that value"):
         convert(folders, tmp_path / "void", **kw)
+
+
+def test_records_keep_lossless_sources_exact(tmp_path, capsys):
+    # PNG, TIFF or BMP sources are stored as PNG: training decodes the very pixels predict reads. JPEG
+    # at quality 95 halves the chroma, and colour detail a pixel wide is lost (the stripes below).
+    from unet_dist.data.pipeline import DataError, image_format, load_manifest, parse_record
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    stripes = np.zeros((32, 48, 3), np.uint8)
+    stripes[:, 0::2, 0], stripes[:, 1::2, 1] = 200, 200  # red and green columns, 1 px each
+    gray = np.random.default_rng(0).integers(0, 256, (32, 48), dtype=np.uint8)
+    sources = {"stripes": stripes, "gray": np.repeat(gray[..., None], 3, axis=-1)}
+    Image.fromarray(stripes).save(src / "images" / "stripes.png")
+    Image.fromarray(gray).save(src / "images" / "gray.tif")
+    for stem in sources:
+        Image.fromarray((np.arange(48) % 2 * np.ones((32, 1))).astype(np.uint8)).save(src / "masks" / f"{stem}.png")
+    kw = {"layout": "folders", "shards": 1, "val_fraction": 0, "workers": 1, "progress": False}
+
+    def decoded(out):
+        m = load_manifest(out)
+        recs = {}  # stem: (the stored bytes, the image as the pipeline decodes it)
+        for raw in tf.data.TFRecordDataset(str(out / m["train"]["shards"][0])):
+            ex = tf.io.parse_single_example(raw, FEATURES)
+            recs[ex["stem"].numpy().decode()] = ex["image"], parse_record(raw, image_format(m))[0].numpy()
+        return m, recs
+
+    out = tmp_path / "out"
+    convert(src, out, **kw)
+    m, recs = decoded(out)
+    assert (m["image_format"], m["image_format_why"]) == ("png", "auto: not every source image is a JPEG, so none "
+                                                                 "is stored lossy")
+    for stem, (_, image) in recs.items():
+        np.testing.assert_array_equal(image, sources[stem], err_msg=stem)
+    assert tf.io.decode_png(recs["gray"][0]).shape[-1] == 1  # stored as one channel, decoded as three
+    # Training and evaluation read them through the same decoding.
+    from unet_dist.config import load_config
+    from unet_dist.data.pipeline import eval_dataset, train_dataset
+
+    cfg = load_config(None, ["data.image_size=[32, 48]", "data.augment.flip=false", "data.augment.scale_crop=false",
+                             "data.augment.brightness=0", "data.augment.contrast=0"])
+    [whole] = eval_dataset(out, cfg, 2, split="train")
+    assert sorted(map(bytes, (whole["image"].numpy() * 255).round().astype(np.uint8))) == \
+        sorted(map(bytes, sources.values()))
+    assert next(iter(train_dataset(out, cfg, 2, 2)))["image"].shape == (2, 32, 48, 3)
+    convert(src, out, image_format="jpeg", overwrite=True, **kw)
+    m, recs = decoded(out)
+    assert m["image_format"] == "jpeg" and np.abs(recs["stripes"][1].astype(int) - stripes).mean() > 20
+    assert np.abs(recs["gray"][1].astype(int) - sources["gray"]).max() > 0
+    # The Pet layout's JPEG photos stay JPEG under auto; a manifest from before --image-format reads as jpeg.
+    assert convert(_pet_dir(tmp_path / "pet"), tmp_path / "pet_out", **{**kw, "layout": "oxford-pet"})["image_format"] == "jpeg"
+    assert image_format({}) == "jpeg"
+    cli = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--layout", "folders",
+                   "--image-format", "gif")
+    assert cli.returncode == 2 and "--image-format: invalid choice: 'gif'" in cli.stderr, cli.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "image_format": "gif"}))
+    with pytest.raises(DataError, match='image_format must be "png" or "jpeg", got "gif"; convert again'):
+        load_manifest(out)
 
 
 def test_interrupted_shards_never_appear_under_final_names(tmp_path, monkeypatch, capsys):
@@ -490,7 +551,7 @@ def test_a_tiff_stack_is_one_sample_per_page(tmp_path):
     recs = {r["stem"].numpy().decode(): r for r in _records(tmp_path / "out", "train")}
     assert sorted(recs) == ["flat", "vol_p000", "vol_p001", "vol_p002", "vol_p003"]
     for i in range(4):
-        image = tf.io.decode_jpeg(recs[f"vol_p{i:03d}"]["image"]).numpy()[..., 0]
+        image = tf.io.decode_image(recs[f"vol_p{i:03d}"]["image"], channels=3).numpy()[..., 0]
         mask = tf.io.decode_png(recs[f"vol_p{i:03d}"]["mask"]).numpy()[..., 0]
         np.testing.assert_array_equal(mask, masks[i])
         assert image[: 4 * (i + 1)].min() > 240 and image[4 * (i + 1):].max() < 15, i  # page i, scaled

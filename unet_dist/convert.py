@@ -3,7 +3,7 @@
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
-        [--ignore-value V]
+        [--ignore-value V] [--image-format auto|png|jpeg]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -17,6 +17,9 @@ the same match (its first group, if it has one) in one split: --group '^(patient
 patient's slices together.
 --ignore-value V: mask pixels of value V are not labelled (the Pet trimaps' border, 3, with --classes
 binary; a void 255): training's loss and every metric leave them out, as mmsegmentation's ignore_index.
+--image-format: records store the images as PNG, pixel for pixel, unless every source image is a JPEG
+(then as JPEG at quality 95, a third to a fifth of PNG's bytes); png or jpeg chooses. Grayscale images
+are stored as one channel either way.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -28,7 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from unet_dist.data.convert import CLASS_MODES, LAYOUTS, SPLIT_UNITS, ConvertError, convert
+from unet_dist.data.convert import CLASS_MODES, IMAGE_FORMATS, LAYOUTS, SPLIT_UNITS, ConvertError, convert
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -75,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="files whose stems give the same match (its first group) stay in one split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="auto",
+                   help="how records store the images: png (lossless) or jpeg (quality 95); auto: jpeg when every "
+                        "source image is a JPEG, else png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT")
     args = p.parse_args(argv)
     try:
         m = convert(args.src, args.out, layout=args.layout, classes=args.classes, image_size=args.image_size,
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
-                    fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value)
+                    fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value,
+                    image_format=args.image_format)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     left_out = "" if m["ignore_value"] is None else (f" ({m['ignored_pixel_fraction']:.1%} of the pixels left out: "
                                                      f"mask value {m['ignore_value']})")
     print(f"convert: {records['train']} train and {records['val']} val records{files}, "
-          f"{m['num_classes']} classes{left_out}, in {args.out}")
+          f"{m['num_classes']} classes{left_out}, images as {m['image_format'].upper()} ({m['image_format_why']}), "
+          f"in {args.out}")
     return 0
 
 

@@ -32,6 +32,10 @@ from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, Sample, image_files
 LAYOUTS = ("oxford-pet", "folders")
 SPLIT_UNITS = ("auto", "file", "page")
 CLASS_MODES = ("binary", "trimap", "multiclass")
+# How records store their images. JPEG at quality 95 with 4:2:0 chroma changes most pixels by a
+# level or two, and colour detail a pixel wide is lost to the halved chroma; PNG keeps every value.
+IMAGE_FORMATS = ("auto", "png", "jpeg")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 MAX_CLASSES = 256
 # The class id records hold for a pixel that is not labelled (convert --ignore-value): no loss and no
 # metric counts it. With it, class ids run below 255.
@@ -64,6 +68,7 @@ class Task:
     size: tuple[int, int] | None  # (H, W) to resize to, or None to keep
     num_classes: int | None = None  # multiclass: ids must be below it (None: any id up to 255)
     ignore_value: int | None = None  # source mask value of pixels that are not labelled -> IGNORE
+    image_format: str = "jpeg"  # how the record stores the image: "png" or "jpeg"
 
 
 def source_folders(src: Path, layout: str) -> tuple[Path, Path]:
@@ -195,12 +200,29 @@ def _check_class_ids(present: list[int], num_classes: int | None) -> int:
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG or JPEG bytes. An RGB image whose three channels are equal
+    (a grayscale source, read as RGB) is stored as one channel: a third of the bytes to encode, store
+    and decode, and the same RGB image again from decode_png/decode_jpeg(channels=3)."""
+    if arr.ndim == 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
+        arr = arr[..., 0]
     buf = io.BytesIO()
-    if fmt == "JPEG":
+    if fmt == "jpeg":
         Image.fromarray(arr).save(buf, format="JPEG", quality=95)
     else:
         Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def image_format_of(samples: list[Sample], image_format: str) -> tuple[str, str]:
+    """(the records' image format, why) for --image-format. auto keeps JPEG sources JPEG (a photo
+    set such as the Pet images: lossless copies of lossy images would be 3-4x the bytes for nothing)
+    and stores everything else lossless, since records are what training sees: PNG, TIFF and BMP
+    sources (microscopy, EM, medical, aerial images) stay exact to the pixel, as predict reads them."""
+    if image_format != "auto":
+        return image_format, "--image-format"
+    if all(s.image.suffix.lower() in JPEG_SUFFIXES for s in samples):
+        return "jpeg", "auto: every source image is a JPEG"
+    return "png", "auto: not every source image is a JPEG, so none is stored lossy"
 
 
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
@@ -235,8 +257,8 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
         mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
     counts = np.bincount(mask.ravel(), minlength=MAX_CLASSES)
     return task, {
-        "image": _encode(image, "JPEG"),
-        "mask": _encode(mask, "PNG"),
+        "image": _encode(image, task.image_format),
+        "mask": _encode(mask, "png"),
         "height": image.shape[0],
         "width": image.shape[1],
         "stem": task.sample.name,
@@ -315,6 +337,7 @@ def convert(
     split_by: str = "auto",
     group: str | None = None,
     ignore_value: int | None = None,
+    image_format: str = "auto",
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -333,6 +356,8 @@ def convert(
     ignore_value: the source mask value (0..255) of pixels that are not labelled (the Pet trimaps'
     border, 3; the void 255 of VOC-style masks): the records hold IGNORE there, and no loss or
     metric counts those pixels. The manifest says so ("ignore_value").
+    image_format: how records store the images, "png" (lossless), "jpeg" (quality 95) or "auto"
+    (jpeg when every source image is a JPEG, else png); the manifest's "image_format" says which.
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -362,6 +387,8 @@ def convert(
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
         raise ConvertError(f"--fold {fold[0]}/{fold[1]}: fold I of K needs K >= 2 and 0 <= I < K")
+    if image_format not in IMAGE_FORMATS:
+        raise ConvertError(f"--image-format {image_format!r}: allowed {', '.join(IMAGE_FORMATS)}")
     if split_by not in SPLIT_UNITS:
         raise ConvertError(f"--split-by {split_by!r}: allowed {', '.join(SPLIT_UNITS)}")
     if workers < 1:
@@ -379,6 +406,7 @@ def convert(
     samples, skipped = find_pairs(src, layout, mask_suffix)
     if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
+    image_format, format_why = image_format_of(samples, image_format)
     split_by, units, unit_word = split_units(samples, split_by, group, fold is not None or val_fraction > 0)
     n_units = len(set(units))
     if fold is not None and n_units < fold[1]:
@@ -421,7 +449,8 @@ def convert(
     if fold is not None:
         val_fraction = n_val / n
     tasks = [
-        Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value)
+        Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value,
+             image_format)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -486,6 +515,8 @@ def convert(
                             "trimap": ["background", "pet", "border"]}.get(classes,
                                                                            [str(c) for c in range(num_classes)]),
             "image_size": list(image_size) if image_size else None,
+            "image_format": image_format,
+            "image_format_why": format_why,
             "seed": seed,
             "val_fraction": val_fraction,
             "fold": list(fold) if fold else None,

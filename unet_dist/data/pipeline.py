@@ -126,6 +126,8 @@ def _check_manifest(manifest, path: Path) -> None:
     k = manifest["num_classes"]
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
         raise bad("num_classes", "an integer >= 2", k)
+    if manifest.get("image_format", "jpeg") not in ("png", "jpeg"):
+        raise bad("image_format", '"png" or "jpeg"', manifest["image_format"])
     for split in ("train", "val"):
         part = manifest[split]
         if not isinstance(part, dict):
@@ -175,14 +177,24 @@ def unreadable_record(data_dir: Path, manifest: dict, split: str, error: tf.erro
     return lines[0] if lines else f"a record that does not decode ({tf_reason(error)})"
 
 
-def parse_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """One serialized example -> image (H, W, 3) uint8, mask (H, W, 1) uint8.
+def image_format(manifest: dict) -> str:
+    """How the data set's records store their images: "png" or "jpeg" (manifests from before
+    convert --image-format: jpeg, the one format there was)."""
+    return manifest.get("image_format", "jpeg")
+
+
+def parse_record(serialized: tf.Tensor, image_format: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """One serialized example -> image (H, W, 3) uint8, mask (H, W, 1) uint8. image_format: the
+    manifest's, "png" or "jpeg" (a one-channel image comes out as three equal channels).
 
     Images stay uint8 until the first resampling (which outputs float32), saving a full-size pass.
     """
     ex = tf.io.parse_single_example(serialized, FEATURES)
-    # INTEGER_FAST: a faster inverse DCT; its differences are far below the augmentation's noise.
-    image = tf.io.decode_jpeg(ex["image"], channels=3, dct_method="INTEGER_FAST")
+    if image_format == "png":
+        image = tf.io.decode_png(ex["image"], channels=3)
+    else:
+        # INTEGER_FAST: a faster inverse DCT; its differences are far below the augmentation's noise.
+        image = tf.io.decode_jpeg(ex["image"], channels=3, dct_method="INTEGER_FAST")
     mask = tf.io.decode_png(ex["mask"], channels=1)
     return image, mask
 
@@ -319,13 +331,14 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     fraction = tuple(p / s for p, s in zip(size, cfg.data.image_size, strict=True))
     weighted = cfg.train.loss == "weighted_ce"
     class_w = class_balance_weights(manifest)
+    fmt = image_format(manifest)
     # Independent streams (non-deterministic mode) must not share augmentation seeds.
     base_seed = seed + ((0 if det else shard.index) << 20)
 
     def decode(index, serialized):
         # Every random number of this sample, drawn once from its own seed and carried to the batch.
         u, normals = draw(tf.stack([tf.constant(base_seed, tf.int64), index]), cfg.data.augment)
-        image, mask = augment_sample(*parse_record(serialized), size, u, cfg.data.augment, fraction)
+        image, mask = augment_sample(*parse_record(serialized, fmt), size, u, cfg.data.augment, fraction)
         return {"image": image, "mask": mask, "u": u, "normals": normals}
 
     def augment(batch):
@@ -363,8 +376,10 @@ def eval_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Sha
         raise DataError(f"{data_dir}/manifest.json: no {split} shards (convert with --val-fraction > 0)")
     size = tuple(cfg.data.image_size)
 
+    fmt = image_format(manifest)
+
     def prepare(serialized):
-        image, mask = parse_record(serialized)
+        image, mask = parse_record(serialized, fmt)
         image, mask = resize_pair(image, mask, size)
         return {"image": image, "mask": _crop_labels(mask, cfg, size)}
 
