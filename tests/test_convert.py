@@ -107,6 +107,11 @@ def test_exit_codes_and_summary_line(tmp_path, capsys):
     mixed = run_main(capsys, "unet_dist.synthetic", str(src), "-n", "1")
     assert mixed.returncode == 2 and f"OUT {src} holds files this command did not write" in mixed.stderr
     assert not list(src.glob("*/synth_*")) and not list(src.glob("*/*/synth_*"))
+    # --sparse: small pets on 384x384 images, the set patch training with foreground oversampling is for.
+    run_main(capsys, "unet_dist.synthetic", str(tmp_path / "sparse"), "-n", "4", "--sparse", check=True)
+    for trimap in (tmp_path / "sparse" / "annotations" / "trimaps").iterdir():
+        t = np.asarray(Image.open(trimap))
+        assert t.shape == (384, 384) and 0 < (t == 1).mean() < 0.02, (trimap, (t == 1).mean())
 
 
 def test_modes_exif_and_sizes(tmp_path):

@@ -257,6 +257,39 @@ def test_patches_are_a_fraction_of_the_image_and_stay_aligned(shards):
     assert batch["image"].shape == (2, 32, 32, 3) and batch["mask"].shape == (2, 32, 32, 1)
 
 
+def test_foreground_oversampling_aims_patches_at_each_class_present():
+    # data.foreground_oversample: that share of patches holds a foreground pixel, of a class drawn
+    # evenly among those present (nnU-Net's sampling); IGNORE is no foreground, and an image
+    # without foreground gets a patch placed anywhere.
+    from unet_dist.data.augment import augment_sample, draw
+    from unet_dist.data.convert import IGNORE
+
+    cfg = AugmentConfig(flip=True, scale_crop=True, brightness=0, contrast=0)
+    mask = np.zeros((128, 128, 1), np.uint8)
+    mask[100:104, 8:12] = 1  # 16 pixels of class 1
+    mask[0:60, 60:128] = 2  # 4080 of class 2
+    mask[120:, 120:] = IGNORE
+    image = tf.zeros((128, 128, 3), tf.uint8)
+
+    def holding(mask, share, n=120):  # how many of n patches hold class 1, class 2, IGNORE
+        seen = np.zeros(3, int)
+        for s in range(n):
+            u, _ = draw(tf.constant([5, s], tf.int64), cfg)
+            _, m = augment_sample(image, tf.constant(mask), (32, 32), u, cfg, fraction=(0.25, 0.25),
+                                  foreground=share)
+            seen += [(m.numpy() == v).any() for v in (1, 2, IGNORE)]
+        return seen
+
+    every = holding(mask, 1.0)
+    assert every[0] + every[1] >= 120 and 40 <= every[0] <= 80, every  # each class about half the time
+    none = holding(mask, 0.0)
+    assert none[0] < 20 and none[1] < 100, none  # the small class by chance alone: about 7% of patches
+    third = holding(mask, 0.33)
+    assert none[0] < third[0] < every[0], (none, third, every)
+    only_ignored = np.where(mask == IGNORE, IGNORE, 0).astype(np.uint8)
+    assert holding(only_ignored, 1.0)[2] == holding(only_ignored, 0.0)[2]  # placed as without it
+
+
 def _texture(h, w):
     """uint8 (h, w, 3): 3-px stripes, a 4-px checker diagonal and noise, all finer than a 3x downscale keeps."""
     yy, xx = np.mgrid[0:h, 0:w]

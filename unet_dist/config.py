@@ -54,6 +54,10 @@ class DataConfig:
     # Train on random [h, w] patches of the image at the image_size scale (as the 2015 U-Net and
     # nnU-Net train on tiles): fewer pixels per step; evaluation and prediction see whole images.
     patch_size: list[int] | None = None  # null = train on whole image_size inputs
+    # With patch_size: this share of the patches is placed to hold a foreground pixel (of a class drawn
+    # evenly among those the image has), as nnU-Net's default oversample_foreground_percent; the rest
+    # anywhere. Small objects on large images are otherwise in few patches.
+    foreground_oversample: float = 0.33  # with patch_size: share of patches placed to hold a foreground pixel
     shuffle_buffer: int = 512
     cycle_length: int = 4  # shards read in parallel per worker
     skip_corrupt_records: bool = False  # opt-in: drop unreadable records instead of failing
@@ -322,6 +326,7 @@ def validate(cfg: Config) -> None:
         need(v is None or v > 0, f"data.{key}", "an integer > 0", v)
     need(len(d.image_size) == 2 and all(s > 0 for s in d.image_size), "data.image_size", "[H, W], both > 0", d.image_size)
     need(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
+    need(0 <= d.foreground_oversample <= 1, "data.foreground_oversample", "0 to 1", d.foreground_oversample)
     need(d.cycle_length >= 1, "data.cycle_length", ">= 1", d.cycle_length)
     a = d.augment
     need(0 < a.scale_min <= a.scale_max, "data.augment.scale_min", "0 < scale_min <= scale_max", a.scale_min)

@@ -1,6 +1,9 @@
 """Writes a synthetic segmentation set in the Oxford-IIIT Pet layout.
 
-    python -m unet_dist.synthetic OUT -n 400 --seed 0
+    python -m unet_dist.synthetic OUT -n 400 --seed 0 [--sparse]
+
+--sparse: small pets (about 0.5% of the pixels) on 384x384 images, for patch training
+(data.patch_size) with foreground oversampling (data.foreground_oversample).
 
 OUT is new, or an earlier synthetic set, which is replaced; a folder holding other images is refused.
 """
@@ -20,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("-n", type=int, default=400, help="number of images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparse", action="store_true", help="small pets on 384x384 images")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"-n must be >= 1, got {args.n}")
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         p.error(str(e))
     try:
-        write_dataset(args.out, args.n, args.seed)
+        write_dataset(args.out, args.n, args.seed, args.sparse)
     except ValueError as e:
         p.error(f"OUT {e}")
     print(f"wrote {args.n} images to {args.out}/images and trimaps to {args.out}/annotations/trimaps")

@@ -21,9 +21,12 @@ import math
 import tensorflow as tf
 
 from unet_dist.config import AugmentConfig
+from unet_dist.data.convert import IGNORE
 
-# Uniform draws per sample, by use.
-_FLIP_H, _FLIP_V, _ROT90, _ZOOM, _SHIFT_X, _SHIFT_Y, _ANGLE, _BRIGHT, _CONTRAST, _HUE = range(10)
+# Uniform draws per sample, by use. (Stateless draws of more values keep the first ones, so adding
+# uses at the end leaves every earlier draw, and every earlier run's augmentation, as it was.)
+(_FLIP_H, _FLIP_V, _ROT90, _ZOOM, _SHIFT_X, _SHIFT_Y, _ANGLE, _BRIGHT, _CONTRAST, _HUE,
+ _FG, _FG_CLASS, _FG_PIXEL) = range(13)
 
 
 def _to_unit(image: tf.Tensor, resampled: tf.Tensor) -> tf.Tensor:
@@ -71,30 +74,56 @@ def resize_pair(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int]) -> tup
 
 
 def draw(seed: tf.Tensor, cfg: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
-    """One sample's random numbers from its (2,) seed: 10 uniforms and (g, g, 2) standard normals."""
+    """One sample's random numbers from its (2,) seed: 13 uniforms and (g, g, 2) standard normals."""
     u_seed, n_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    u = tf.random.stateless_uniform([10], u_seed)
+    u = tf.random.stateless_uniform([13], u_seed)
     n = tf.random.stateless_normal([cfg.elastic_grid, cfg.elastic_grid, 2], n_seed)
     return u, n
 
 
-def _window(n: tf.Tensor, zoom: tf.Tensor, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(start, length) in whole pixels of a 1 / zoom window placed at u in [0, 1) along `n` pixels."""
+def _window(n: tf.Tensor, zoom: tf.Tensor, u: tf.Tensor, inside: tf.Tensor = -1) -> tuple[tf.Tensor, tf.Tensor]:
+    """(start, length) in whole pixels of a 1 / zoom window placed at u in [0, 1) along `n` pixels:
+    among every place, or, where `inside` >= 0, among the places that hold pixel `inside`."""
     length = tf.maximum(tf.cast(tf.round(tf.cast(n, tf.float32) / zoom), tf.int32), 1)
-    start = tf.cast(tf.floor(u * tf.cast(n - length + 1, tf.float32)), tf.int32)
-    return tf.minimum(start, n - length), length
+    lo = tf.where(inside >= 0, tf.maximum(inside - length + 1, 0), 0)
+    hi = tf.where(inside >= 0, tf.minimum(inside, n - length), n - length)
+    start = lo + tf.cast(tf.floor(u * tf.cast(hi - lo + 1, tf.float32)), tf.int32)
+    return tf.minimum(start, hi), length
+
+
+def _foreground_pixel(mask: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+    """(y, x) int32 of a foreground pixel of mask (H, W, 1) (a class id > 0 that is not IGNORE), or
+    (-1, -1) where it has none. As nnU-Net samples: a class drawn evenly among those present, then a
+    pixel evenly among that class's, so a rare class is aimed at as often as a common one.
+    u: the sample's uniforms (`draw`)."""
+    ids = mask[..., 0]
+    where = tf.where(tf.logical_and(ids > 0, ids != IGNORE))  # (n, 2) in raster order
+    classes, which = tf.unique(tf.gather_nd(ids, where))
+
+    def pick():
+        c = tf.minimum(tf.cast(u[_FG_CLASS] * tf.cast(tf.size(classes), tf.float32), tf.int32), tf.size(classes) - 1)
+        of_class = tf.where(tf.equal(which, c))[:, 0]
+        n = tf.size(of_class)
+        k = tf.minimum(tf.cast(u[_FG_PIXEL] * tf.cast(n, tf.float32), tf.int32), n - 1)
+        return tf.cast(tf.gather(where, of_class[k]), tf.int32)
+
+    return tf.cond(tf.size(classes) > 0, pick, lambda: tf.constant([-1, -1]))
 
 
 def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: tf.Tensor,
-                   cfg: AugmentConfig, fraction: tuple[float, float] = (1.0, 1.0)) -> tuple[tf.Tensor, tf.Tensor]:
+                   cfg: AugmentConfig, fraction: tuple[float, float] = (1.0, 1.0),
+                   foreground: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
     """Zoom, random crop, flips, brightness and contrast of one sample, resampled once to `size`.
 
-    image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (10,) the sample's
+    image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (13,) the sample's
     uniforms from `draw`; fraction: the share of the image's height and width one output covers
     before zoom (1 for whole images, patch / image_size for patch training). Zoom is in
     [max(1, scale_min), scale_max]: a (fraction / zoom) window in whole pixels is placed at random
     inside the image and flipped on the source pixels (small and uint8), then resized: bilinear for
-    the image, nearest neighbour for the mask. Brightness and contrast are one multiply-add on the
+    the image, nearest neighbour for the mask. With patches (fraction < 1), a share `foreground` of
+    the windows (nnU-Net's oversample_foreground_percent, drawn per sample) is placed to hold a
+    foreground pixel (`_foreground_pixel`) anywhere in it; an image with none gets a window placed
+    evenly. Brightness and contrast are one multiply-add on the
     resized image, folded into its scaling to [0, 1]: at 256x256 every pass over a float image
     costs about as much as the resize, so each pass saved shows in images/s.
     Returns image (h, w, 3) float32 in [0, 1], mask (h, w, 1) uint8.
@@ -104,8 +133,11 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
         if cfg.scale_crop:
             zoom = tf.maximum(cfg.scale_min + u[_ZOOM] * (cfg.scale_max - cfg.scale_min), 1.0)
         shape = tf.shape(image)
-        y, hh = _window(shape[0], zoom / fraction[0], u[_SHIFT_Y])
-        x, ww = _window(shape[1], zoom / fraction[1], u[_SHIFT_X])
+        inside = tf.constant([-1, -1])
+        if foreground > 0 and fraction != (1.0, 1.0):
+            inside = tf.cond(u[_FG] < foreground, lambda: _foreground_pixel(mask, u), lambda: inside)
+        y, hh = _window(shape[0], zoom / fraction[0], u[_SHIFT_Y], inside[0])
+        x, ww = _window(shape[1], zoom / fraction[1], u[_SHIFT_X], inside[1])
         image, mask = (tf.ensure_shape(tf.slice(t, [y, x, 0], [hh, ww, -1]), [None, None, t.shape[-1]])
                        for t in (image, mask))
     if cfg.flip:  # one reverse over the axes drawn (maybe none): no branches, few ops
@@ -211,7 +243,7 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf
     Args:
       images: (B, H, W, 3) float32 in [0, 1], H and W static.
       masks: (B, H, W, 1) uint8 class ids.
-      u, normals: (B, 10) and (B, g, g, 2), each sample's draws (`draw`, as given to `augment_sample`).
+      u, normals: (B, 13) and (B, g, g, 2), each sample's draws (`draw`, as given to `augment_sample`).
       cfg: which transforms are on; pixels from outside the image are mirrored.
     Returns:
       images (B, H, W, 3) float32 in [0, 1], masks (B, H, W, 1) uint8.

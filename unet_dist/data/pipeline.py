@@ -338,7 +338,8 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     def decode(index, serialized):
         # Every random number of this sample, drawn once from its own seed and carried to the batch.
         u, normals = draw(tf.stack([tf.constant(base_seed, tf.int64), index]), cfg.data.augment)
-        image, mask = augment_sample(*parse_record(serialized, fmt), size, u, cfg.data.augment, fraction)
+        image, mask = augment_sample(*parse_record(serialized, fmt), size, u, cfg.data.augment, fraction,
+                                     cfg.data.foreground_oversample)
         return {"image": image, "mask": mask, "u": u, "normals": normals}
 
     def augment(batch):

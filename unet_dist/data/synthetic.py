@@ -4,6 +4,10 @@ Images are 240 to 500 pixels a side, like the photos of the real set. Each holds
 smooth noise, plus (often) a distractor rectangle with the same striped texture. Colours of pet,
 background and distractor come from the same distribution, so a model must use texture and shape,
 not colour. Trimaps follow the real set: 1 = pet, 2 = background, 3 = a border band at the edge.
+
+Sparse sets (`sparse=True`) hold small pets on larger images instead, about 0.5% of the pixels, as
+lesions, cells or vehicles are in medical, microscopy and aerial images: what patch training with
+foreground oversampling (data.patch_size, data.foreground_oversample) is for.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 BORDER_PX = 2.0
+SPARSE_SIZE = 384  # sparse sets: every image this many pixels a side
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -36,8 +41,20 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.15, 0.85, size=3).astype(np.float32)
 
 
-def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (image uint8 (H, W, 3), trimap uint8 (H, W) with values 1, 2, 3)."""
+def _distractor(rng: np.random.Generator, img: np.ndarray, yy: np.ndarray, xx: np.ndarray, rh: int, rw: int) -> None:
+    """Paints an axis-aligned rh x rw rectangle with the pet's kind of texture (the wrong shape) into img."""
+    h, w = img.shape[:2]
+    y0, x0 = int(rng.integers(0, h - rh)), int(rng.integers(0, w - rw))
+    tex = _stripes(rng, yy, xx)[..., None]
+    patch = tex * _colour(rng) + (1 - tex) * _colour(rng)
+    img[y0 : y0 + rh, x0 : x0 + rw] = patch[y0 : y0 + rh, x0 : x0 + rw]
+
+
+def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 500,
+                sparse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (image uint8 (H, W, 3), trimap uint8 (H, W) with values 1, 2, 3). sparse: a pet of
+    3-6% of the side anywhere and three small distractors, in place of a pet of 18-35% of the side
+    near the centre and (often) one larger distractor."""
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
 
@@ -46,18 +63,17 @@ def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 5
     t = _smooth_noise(rng, h, w, cells=int(rng.integers(3, 7)))[..., None]
     img = c1 * t + c2 * (1 - t)
 
-    # Distractor: an axis-aligned rectangle with the pet's kind of texture but the wrong shape.
-    if rng.random() < 0.6:
-        rh, rw = int(rng.integers(h // 8, h // 4)), int(rng.integers(w // 8, w // 4))
-        y0, x0 = int(rng.integers(0, h - rh)), int(rng.integers(0, w - rw))
-        tex = _stripes(rng, yy, xx)[..., None]
-        patch = tex * _colour(rng) + (1 - tex) * _colour(rng)
-        img[y0 : y0 + rh, x0 : x0 + rw] = patch[y0 : y0 + rh, x0 : x0 + rw]
+    if sparse:
+        for _ in range(3):
+            _distractor(rng, img, yy, xx, int(rng.integers(12, 28)), int(rng.integers(12, 28)))
+    elif rng.random() < 0.6:
+        _distractor(rng, img, yy, xx, int(rng.integers(h // 8, h // 4)), int(rng.integers(w // 8, w // 4)))
 
-    # Pet: a rotated ellipse, striped, drawn last so it may cover the distractor.
-    a = rng.uniform(0.18, 0.35) * w
-    b = rng.uniform(0.18, 0.35) * h
-    cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
+    # Pet: a rotated ellipse, striped, drawn last so it may cover a distractor.
+    scale, centre = ((0.03, 0.06), (0.1, 0.9)) if sparse else ((0.18, 0.35), (0.35, 0.65))
+    a = rng.uniform(*scale) * w
+    b = rng.uniform(*scale) * h
+    cy, cx = rng.uniform(*centre) * h, rng.uniform(*centre) * w
     theta = rng.uniform(0, np.pi)
     dx, dy = xx - cx, yy - cy
     u = (np.cos(theta) * dx + np.sin(theta) * dy) / a
@@ -85,10 +101,11 @@ def foreign_files(out: Path) -> list[Path]:
     return sorted(p for d in folders if d.is_dir() for p in d.iterdir() if not STEM.fullmatch(p.name))
 
 
-def write_dataset(out: Path, n: int, seed: int = 0) -> None:
+def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False) -> None:
     """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout), replacing
     an earlier synthetic set there (a smaller set must not keep the earlier one's extra samples).
-    Refuses (ValueError) a folder holding other files: they would be mixed into the set."""
+    Refuses (ValueError) a folder holding other files: they would be mixed into the set.
+    sparse: small pets on SPARSE_SIZE x SPARSE_SIZE images (`make_sample`)."""
     out = Path(out)
     other = foreign_files(out)
     if other:
@@ -100,7 +117,8 @@ def write_dataset(out: Path, n: int, seed: int = 0) -> None:
             p.unlink()
     rng = np.random.default_rng(seed)
     for i in range(n):
-        image, trimap = make_sample(rng)
+        image, trimap = make_sample(rng, sparse=True, min_size=SPARSE_SIZE, max_size=SPARSE_SIZE) if sparse \
+            else make_sample(rng)
         stem = f"synth_{i:05d}"
         Image.fromarray(image).save(out / "images" / f"{stem}.jpg", quality=92)
         Image.fromarray(trimap).save(out / "annotations" / "trimaps" / f"{stem}.png")
