@@ -54,9 +54,9 @@ class DataConfig:
     # Train on random [h, w] patches of the image at the image_size scale (as the 2015 U-Net and
     # nnU-Net train on tiles): fewer pixels per step; evaluation and prediction see whole images.
     patch_size: list[int] | None = None  # null = train on whole image_size inputs
-    # With patch_size: this share of the patches is placed to hold a foreground pixel (of a class drawn
-    # evenly among those the image has), as nnU-Net's default oversample_foreground_percent; the rest
-    # anywhere. Small objects on large images are otherwise in few patches.
+    # Small objects on large images fall into few patches placed at random. nnU-Net places a third of
+    # its patches on foreground (oversample_foreground_percent 0.33), of a class drawn evenly among
+    # those the image has, then a pixel of it (data.augment._foreground_pixel).
     foreground_oversample: float = 0.33  # with patch_size: share of patches placed to hold a foreground pixel
     shuffle_buffer: int = 512
     cycle_length: int = 4  # shards read in parallel per worker

@@ -183,14 +183,14 @@ def image_format(manifest: dict) -> str:
     return manifest.get("image_format", "jpeg")
 
 
-def parse_record(serialized: tf.Tensor, image_format: str) -> tuple[tf.Tensor, tf.Tensor]:
-    """One serialized example -> image (H, W, 3) uint8, mask (H, W, 1) uint8. image_format: the
-    manifest's, "png" or "jpeg" (a one-channel image comes out as three equal channels).
+def parse_record(serialized: tf.Tensor, fmt: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """One serialized example -> image (H, W, 3) uint8, mask (H, W, 1) uint8. fmt: the manifest's
+    `image_format`, "png" or "jpeg" (a one-channel image comes out as three equal channels).
 
     Images stay uint8 until the first resampling (which outputs float32), saving a full-size pass.
     """
     ex = tf.io.parse_single_example(serialized, FEATURES)
-    if image_format == "png":
+    if fmt == "png":
         image = tf.io.decode_png(ex["image"], channels=3)
     else:
         # INTEGER_FAST: a faster inverse DCT; its differences are far below the augmentation's noise.
