@@ -91,6 +91,24 @@ def tiny_overrides(steps: int = 4) -> list[str]:
     ]
 
 
+def colour_coded_dir(tmp_path: Path, n: int = 3) -> Path:
+    """A folders-layout SRC of n 16x16 images whose masks are coded by colour, as labelling tools
+    export them: black (class 0) but for red rows 0-3 (class 1) and green rows 4-5 (class 2)."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "colour"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(src / "images" / f"c{i}.png")
+        rgb = np.zeros((16, 16, 3), np.uint8)
+        rgb[:4, :, 0] = 255
+        rgb[4:6, :, 1] = 255
+        Image.fromarray(rgb).save(src / "masks" / f"c{i}.png")
+    return src
+
+
 def model_weights(workdir: Path, step: int) -> dict:
     """{variable path: value} of the model in WORKDIR/checkpoints/ckpt-STEP (trainable and not)."""
     import keras

@@ -1,9 +1,10 @@
 import json
+import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_main, run_module
+from conftest import colour_coded_dir, run_main, run_module
 from PIL import Image
 
 from unet_dist.data.convert import ConvertError, convert
@@ -273,6 +274,49 @@ def test_pixels_of_the_ignore_value_are_left_out(tmp_path, capsys):
     (folders / "images" / "v1.png").unlink()
     with pytest.raises(ConvertError, match="every mask pixel of the 1 train images in .* has that value"):
         convert(folders, tmp_path / "void", **kw)
+
+
+def test_colour_coded_masks_map_to_the_classes_of_their_colours(tmp_path, capsys):
+    src = colour_coded_dir(tmp_path)
+    kw = {"layout": "folders", "classes": "multiclass", "shards": 1, "val_fraction": 0, "workers": 1,
+          "progress": False}
+    plain = tmp_path / "colors.txt"
+    plain.write_text("# R G B name\n0 0 0 background\n255,0,0 car\n\n0 255 0 road\n")
+    cvat = tmp_path / "labelmap.txt"  # CVAT's export
+    cvat.write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\ncar:255,0,0::\nroad:0,255,0::\n")
+    for i, colors in enumerate((plain, cvat)):
+        m = convert(src, tmp_path / f"out{i}", colors=colors, **kw)
+        assert m["num_classes"] == 3 and m["class_names"] == ["background", "car", "road"], m
+        assert m["colors"] == [[0, 0, 0], [255, 0, 0], [0, 255, 0]] and m["skipped"] == []
+        mask = tf.io.decode_png(_records(tmp_path / f"out{i}", "train")[0]["mask"]).numpy()[..., 0]
+        assert (mask[:4] == 1).all() and (mask[4:6] == 2).all() and (mask[6:] == 0).all()
+    # A colour no mask uses is a class all the same; names are optional.
+    (tmp_path / "four.txt").write_text("0 0 0\n255 0 0\n0 255 0\n0 0 255\n")
+    m = convert(src, tmp_path / "four", colors=tmp_path / "four.txt", **kw)
+    assert m["num_classes"] == 4 and m["class_names"] == ["0", "1", "2", "3"]
+    # A pixel of a colour the file does not list skips its sample, named; without --colors, every one.
+    rgb = np.asarray(Image.open(src / "masks" / "c0.png")).copy()
+    rgb[15, 15] = (0, 0, 255)
+    Image.fromarray(rgb).save(src / "masks" / "c0.png")
+    m = convert(src, tmp_path / "blue", colors=plain, **kw)
+    assert [(r["file"].endswith("c0.png"), r["reason"]) for r in m["skipped"]] == [
+        (True, f"mask {src / 'masks' / 'c0.png'}: colour (0, 0, 255) at 1 pixels is none of the 3 --colors")]
+    with pytest.raises(ConvertError, match="no sample .* could be converted; 3 skipped, first: .*or give the "
+                                           "classes' colours \\(convert --colors\\)"):
+        convert(src, tmp_path / "none", **kw)
+    # A file that is not a list of colours: one line naming it and the line.
+    for text, message in (("0 0 0\nred car\n", "line 2: 'red car' is neither 'R G B [name]' nor CVAT's"),
+                          ("0 0 0\n0,0,0 again\n", "line 2: (0, 0, 0) is class 0's colour already"),
+                          ("0 0 300\n0 0 0\n", "line 1: (0, 0, 300) is not a colour"),
+                          ("0 0 0\n", "1 colours; a class each, at least 2")):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(ConvertError, match=re.escape(message)):
+            convert(src, tmp_path / "bad", colors=tmp_path / "bad.txt", **kw)
+    with pytest.raises(ConvertError, match="--colors needs --layout folders"):
+        convert(_pet_dir(tmp_path / "pet"), tmp_path / "pet_out", colors=plain, shards=1, workers=1, progress=False)
+    cli = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--layout", "folders", "--classes",
+                   "binary", "--colors", str(plain))
+    assert cli.returncode == 2 and "3 colours with --classes binary, which has 2" in cli.stderr, cli.stderr
 
 
 def test_records_keep_lossless_sources_exact(tmp_path, capsys):

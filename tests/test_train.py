@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import model_weights, run_main, run_module, scale_loss_after, tiny_overrides
+from conftest import colour_coded_dir, model_weights, run_main, run_module, scale_loss_after, tiny_overrides
 
 from unet_dist.config import ConfigError, load_config
 from unet_dist.input_bound import InputClock, classify, worst_over_processes
@@ -543,6 +543,33 @@ def test_training_and_evaluation_leave_out_the_ignored_pixels(pet_src, tmp_path,
     assert void.returncode == 1 and void.stderr.strip().splitlines()[-1] == (
         f"evaluate: error: --images {images}: every mask pixel of its 4 images is the ignore value 3 of the "
         "run's data.json; nothing to score"), void.stderr
+
+
+def test_colour_coded_masks_train_evaluate_and_predict_in_their_colours(tmp_path, capsys):
+    # convert --colors: the run's data.json keeps the colours, evaluate --images reads new colour masks
+    # with them, and predict's masks are coded in them (a palette PNG that reads back as the colours).
+    from PIL import Image
+
+    from unet_dist.data.convert import convert
+
+    src = colour_coded_dir(tmp_path, n=4)
+    colors = tmp_path / "colors.txt"
+    colors.write_text("0 0 0 background\n255 0 0 car\n0 255 0 road\n")
+    data, w = tmp_path / "data", tmp_path / "w"
+    convert(src, data, layout="folders", classes="multiclass", colors=colors, image_size=(64, 64), shards=1,
+            val_fraction=0.25, workers=1, progress=False)
+    train(load_config(None, tiny_overrides(steps=3) + ["model.num_classes=3", "train.loss=cce"]), data, w)
+    assert json.loads((w / "data.json").read_text())["colors"] == [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+    scored = json.loads(run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--images", str(src),
+                                 check=True).stdout.strip().splitlines()[-1])
+    assert scored["images"] == 4 and len(scored["iou_per_class"]) == 3
+    run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(src / "images"), "--out", str(tmp_path / "pred"),
+             check=True)
+    with Image.open(tmp_path / "pred" / "c0_mask.png") as mask:
+        ids, shown, coded = np.asarray(mask), np.asarray(mask.convert("RGB")), mask.getpalette()[:9]
+    assert coded == [0, 0, 0, 255, 0, 0, 0, 255, 0], coded
+    expected = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)[ids]
+    np.testing.assert_array_equal(shown, expected)
 
 
 def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_path, capsys):

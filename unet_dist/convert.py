@@ -3,7 +3,7 @@
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
-        [--ignore-value V] [--image-format auto|png|jpeg]
+        [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -20,6 +20,9 @@ binary; a void 255): training's loss and every metric leave them out, as mmsegme
 --image-format: records store the images as PNG, pixel for pixel, unless every source image is a JPEG
 (then as JPEG at quality 95, a third to a fifth of PNG's bytes); png or jpeg chooses. Grayscale images
 are stored as one channel either way.
+--colors FILE: masks coded by colour (as labelling tools export them, and CamVid): FILE lists the
+classes' colours in class order, one a line, 'R G B [name]' or 'R,G,B [name]', or is CVAT's
+labelmap.txt ('name:R,G,B::'). A mask pixel of another colour skips its sample, named.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="files whose stems give the same match (its first group) stay in one split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--colors", type=Path, metavar="FILE",
+                   help="colour-coded masks: the classes' colours, one a line in class order ('R G B [name]', or "
+                        "CVAT's labelmap.txt)")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="auto",
                    help="how records store the images: png (lossless) or jpeg (quality 95); auto: jpeg when every "
                         "source image is a JPEG, else png")
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
                     fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value,
-                    image_format=args.image_format)
+                    image_format=args.image_format, colors=args.colors)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

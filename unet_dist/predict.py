@@ -74,12 +74,20 @@ def probability_pages(probs: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(probs[..., k], np.float32), "F") for k in keep]
 
 
-def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None) -> None:
-    """OUT/STEM_mask.png (class ids as palette indices), OUT/STEM_overlay.png (image | mask |
-    image * mask) and, given probs (H, W, U), OUT/STEM_probs.tif (`probability_pages`).
+def palette(colors: list | None) -> list[int]:
+    """The masks' 256-colour palette: the training masks' own class colours (convert --colors), so
+    a predicted mask shown or read as RGB is coded as they were, else PALETTE."""
+    flat = [v for c in colors for v in c] if colors else PALETTE
+    return flat + [128] * (768 - len(flat))
+
+
+def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None,
+                 colors: list | None = None) -> None:
+    """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), OUT/STEM_overlay.png
+    (image | mask | image * mask) and, given probs (H, W, U), OUT/STEM_probs.tif (`probability_pages`).
     Thread-safe: Pillow's encoders and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
-    mask.putpalette(PALETTE + [128] * (768 - len(PALETTE)))
+    mask.putpalette(palette(colors))
     _save(mask, out / f"{stem}{MASK}", format="PNG")
     fg = (classes > 0)[..., None]
     shown = np.asarray(mask.convert("RGB"))
@@ -97,15 +105,15 @@ class Writer:
     48 images), and on a GPU it is nearly all of the time. At most 2 * threads images wait, which
     bounds the memory held. The first error (a full disk) is raised by `put` or `close`."""
 
-    def __init__(self, out: Path, threads: int = 2):
+    def __init__(self, out: Path, threads: int = 2, colors: list | None = None):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        self.out, self.limit = out, 2 * threads
+        self.out, self.limit, self.colors = out, 2 * threads, colors
         self.pool, self.pending = ThreadPoolExecutor(threads, thread_name_prefix="predict-writer"), deque()
 
     def put(self, image: np.ndarray, classes: np.ndarray, stem: str, probs: np.ndarray | None = None) -> None:
-        self.pending.append(self.pool.submit(save_outputs, image, classes, self.out, stem, probs))
+        self.pending.append(self.pool.submit(save_outputs, image, classes, self.out, stem, probs, self.colors))
         while len(self.pending) > self.limit:
             self.pending.popleft().result()
 
@@ -289,13 +297,15 @@ def main(argv=None) -> int:
     from unet_dist.config import load_workdir_config
     from unet_dist.data.imageio import BadImage, load_rgb
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
-    from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
+    from unet_dist.inference import PredictionError, classes_from_probs, data_info, load_predictor
     from unet_dist.logs import chief_progress
 
     try:
         runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy, args.runtime_set)
         writable_dir(args.out, "--out")
         predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
+        # Masks coded by colour at conversion come out in the same colours.
+        colors = (data_info(args.workdir[0], "the masks' colours are unknown") or {}).get("colors")
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -319,7 +329,7 @@ def main(argv=None) -> int:
     stack_index = {path: i for i, path in enumerate(stacks)}
     # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
     counts, unwritten = np.zeros(2 + len(stacks)), None
-    writer = Writer(args.out)
+    writer = Writer(args.out, colors=colors)
     try:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]

@@ -69,6 +69,7 @@ class Task:
     num_classes: int | None = None  # multiclass: ids must be below it (None: any id up to 255)
     ignore_value: int | None = None  # source mask value of pixels that are not labelled -> IGNORE
     image_format: str = "jpeg"  # how the record stores the image: "png" or "jpeg"
+    colors: tuple[tuple[int, int, int], ...] | None = None  # colour-coded masks: class i's colour is colors[i]
 
 
 def source_folders(src: Path, layout: str) -> tuple[Path, Path]:
@@ -225,16 +226,53 @@ def image_format_of(samples: list[Sample], image_format: str) -> tuple[str, str]
     return "png", "auto: not every source image is a JPEG, so none is stored lossy"
 
 
+_COLOR_LINE = re.compile(r"\s*(\d+)\s*[,\s]\s*(\d+)\s*[,\s]\s*(\d+)(?:\s+(.*))?")
+
+
+def read_colors(path: Path) -> tuple[list[tuple[int, int, int]], list[str] | None]:
+    """The classes of colour-coded masks, one a line in class-id order: `R G B [name]` or `R,G,B [name]`
+    (CamVid's label_colors.txt), or CVAT's labelmap.txt (`name:R,G,B:parts:actions`). Blank lines
+    and # comments are passed over. Returns (colours, names, or None when some line has none).
+    Raises ConvertError naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"--colors {path}: cannot read it ({e})") from None
+    colors, names = [], []
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split(":")
+        cvat = len(parts) >= 2 and _COLOR_LINE.fullmatch(parts[1].strip())
+        found = _COLOR_LINE.fullmatch(text) if not cvat else None
+        if not (cvat or found):
+            raise ConvertError(f"--colors {path} line {n}: {text[:60]!r} is neither 'R G B [name]' nor CVAT's "
+                               "'name:R,G,B::'")
+        rgb = tuple(int(v) for v in (cvat or found).groups()[:3])
+        if max(rgb) > 255:
+            raise ConvertError(f"--colors {path} line {n}: {rgb} is not a colour (0-255 each)")
+        if rgb in colors:
+            raise ConvertError(f"--colors {path} line {n}: {rgb} is class {colors.index(rgb)}'s colour already")
+        colors.append(rgb)
+        names.append(parts[0].strip() if cvat else (found.group(4) or "").strip())
+    if len(colors) < 2:
+        raise ConvertError(f"--colors {path}: {len(colors)} colours; a class each, at least 2")
+    if len(colors) > IGNORE:
+        raise ConvertError(f"--colors {path}: {len(colors)} colours; at most {IGNORE} classes")
+    return colors, names if all(names) else None
+
+
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
-              num_classes: int | None = None, page: int = 0, ignore_value: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+              num_classes: int | None = None, page: int = 0, ignore_value: int | None = None,
+              colors: list[tuple[int, int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One labelled image (page `page` of a stack) at its own size: (uint8 (H, W, 3) image, uint8 (H, W)
     class ids), the mask's values mapped to class ids as --layout and --classes say, and pixels of
-    value `ignore_value` to IGNORE. Raises BadImage saying what is wrong (naming the mask file when
-    it is the mask)."""
+    value `ignore_value` to IGNORE. colors: colour-coded masks, each colour's index its value. Raises
+    BadImage saying what is wrong (naming the mask file when it is the mask)."""
     image = load_rgb(image_path, page)
     try:
-        mask = _class_ids(load_mask(mask_path, page), layout, classes, num_classes, ignore_value)
+        mask = _class_ids(load_mask(mask_path, page, colors), layout, classes, num_classes, ignore_value)
     except BadImage as e:
         raise BadImage(f"mask {mask_path}: {e}") from None
     if mask.shape != image.shape[:2]:
@@ -248,7 +286,7 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
     sample = task.sample
     try:
         image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page,
-                                task.ignore_value)
+                                task.ignore_value, task.colors)
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
     if task.size is not None:
@@ -338,6 +376,7 @@ def convert(
     group: str | None = None,
     ignore_value: int | None = None,
     image_format: str = "auto",
+    colors: Path | None = None,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -358,6 +397,8 @@ def convert(
     metric counts those pixels. The manifest says so ("ignore_value").
     image_format: how records store the images, "png" (lossless), "jpeg" (quality 95) or "auto"
     (jpeg when every source image is a JPEG, else png); the manifest's "image_format" says which.
+    colors: a file listing the colours of colour-coded masks, a class a line (`read_colors`): class
+    i is the i-th colour, with the file's names. Layout folders; the manifest records "colors".
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -387,6 +428,17 @@ def convert(
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
         raise ConvertError(f"--fold {fold[0]}/{fold[1]}: fold I of K needs K >= 2 and 0 <= I < K")
+    color_list, color_names = read_colors(Path(colors)) if colors is not None else (None, None)
+    if color_list is not None:
+        if layout != "folders" or classes == "trimap":
+            raise ConvertError("--colors needs --layout folders and --classes multiclass (or binary, of 2 colours)")
+        if classes == "binary" and len(color_list) != 2:
+            raise ConvertError(f"--colors {colors}: {len(color_list)} colours with --classes binary, which has 2; "
+                               "--classes multiclass")
+        if num_classes is not None and num_classes != len(color_list):
+            raise ConvertError(f"--num-classes {num_classes}: --colors {colors} lists {len(color_list)} classes")
+        if classes == "multiclass":
+            num_classes = len(color_list)  # a colour no mask uses is a class all the same
     if image_format not in IMAGE_FORMATS:
         raise ConvertError(f"--image-format {image_format!r}: allowed {', '.join(IMAGE_FORMATS)}")
     if split_by not in SPLIT_UNITS:
@@ -450,7 +502,7 @@ def convert(
         val_fraction = n_val / n
     tasks = [
         Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value,
-             image_format)
+             image_format, tuple(color_list) if color_list else None)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -511,9 +563,10 @@ def convert(
             "layout": layout,
             "classes": classes,
             "num_classes": num_classes,
-            "class_names": {"binary": ["rest", "pet"] if layout == "oxford-pet" else ["background", "foreground"],
-                            "trimap": ["background", "pet", "border"]}.get(classes,
-                                                                           [str(c) for c in range(num_classes)]),
+            "class_names": color_names or {
+                "binary": ["rest", "pet"] if layout == "oxford-pet" else ["background", "foreground"],
+                "trimap": ["background", "pet", "border"]}.get(classes, [str(c) for c in range(num_classes)]),
+            "colors": [list(c) for c in color_list] if color_list else None,
             "image_size": list(image_size) if image_size else None,
             "image_format": image_format,
             "image_format_why": format_why,

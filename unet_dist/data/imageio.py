@@ -179,13 +179,17 @@ def load_rgb(path: str | Path, page: int = 0) -> np.ndarray:
     return rgb
 
 
-def load_mask(path: str | Path, page: int = 0) -> np.ndarray:
+def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
     """Reads a mask of class ids (page `page` of a multi-page TIFF) as uint8 (H, W), EXIF orientation
     applied. Raises BadImage.
 
     Palette images keep their indices (not their colours); an RGB mask must be gray (R == G == B).
+    colors: a colour-coded mask instead (labelling tools, CamVid): each pixel's id is the index of
+    its colour in this list, whatever the image's mode.
     """
     img = _open(Path(path), page)
+    if colors is not None:
+        return _ids_of_colours(np.asarray(img.convert("RGB")), colors)
     if img.mode in ("P", "L", "1"):
         arr = np.asarray(img if img.mode != "1" else img.convert("L"))
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -196,8 +200,24 @@ def load_mask(path: str | Path, page: int = 0) -> np.ndarray:
     elif img.mode in ("RGB", "RGBA", "LA"):
         arr = np.asarray(img.convert("RGB"))
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise BadImage("colour mask: masks must hold class ids (one channel, or R == G == B)")
+            raise BadImage("colour mask: masks must hold class ids (one channel, or R == G == B), or give the "
+                           "classes' colours (convert --colors)")
         arr = arr[..., 0]
     else:
         raise BadImage(f"mask mode {img.mode} is not supported")
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _ids_of_colours(rgb: np.ndarray, colors: list[tuple[int, int, int]]) -> np.ndarray:
+    """(H, W, 3) uint8 colour mask -> (H, W) uint8, each pixel's index in `colors` (distinct colours).
+    Raises BadImage naming the first colour that is not there and how many pixels have it."""
+    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    keys = np.array([(r << 16) | (g << 8) | b for r, g, b in colors], np.int32)
+    order = np.argsort(keys)
+    pos = np.minimum(np.searchsorted(keys[order], code), len(keys) - 1)
+    known = keys[order][pos] == code
+    if not known.all():
+        v = int(code[~known][0])
+        raise BadImage(f"colour ({v >> 16}, {(v >> 8) & 255}, {v & 255}) at {int((code == v).sum())} pixels is "
+                       f"none of the {len(colors)} --colors")
+    return order[pos].astype(np.uint8)
