@@ -294,6 +294,12 @@ def test_colour_coded_masks_map_to_the_classes_of_their_colours(tmp_path, capsys
     (tmp_path / "four.txt").write_text("0 0 0\n255 0 0\n0 255 0\n0 0 255\n")
     m = convert(src, tmp_path / "four", colors=tmp_path / "four.txt", **kw)
     assert m["num_classes"] == 4 and m["class_names"] == ["0", "1", "2", "3"]
+    # A colour to leave out (--ignore-value) is the file's last: the green rows here.
+    m = convert(src, tmp_path / "void", colors=plain, ignore_value=2, **kw)
+    assert m["num_classes"] == 2 and m["class_names"] == ["background", "car"] and m["ignored_pixel_fraction"] == 0.125
+    with pytest.raises(ConvertError, match="list the colour to leave out last \\(line 3 of the colours\\) and give "
+                                           "--ignore-value 2"):
+        convert(src, tmp_path / "void1", colors=plain, ignore_value=1, **kw)
     # A pixel of a colour the file does not list skips its sample, named; without --colors, every one.
     rgb = np.asarray(Image.open(src / "masks" / "c0.png")).copy()
     rgb[15, 15] = (0, 0, 255)

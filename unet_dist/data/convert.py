@@ -437,8 +437,15 @@ def convert(
                                "--classes multiclass")
         if num_classes is not None and num_classes != len(color_list):
             raise ConvertError(f"--num-classes {num_classes}: --colors {colors} lists {len(color_list)} classes")
+        # A colour to leave out (VOC's void) is the file's last: its index is no class.
+        left_out = ignore_value is not None
+        if left_out and ignore_value != len(color_list) - 1:
+            raise ConvertError(f"--ignore-value {ignore_value} with --colors: list the colour to leave out last "
+                               f"(line {len(color_list)} of the colours) and give --ignore-value {len(color_list) - 1}")
         if classes == "multiclass":
-            num_classes = len(color_list)  # a colour no mask uses is a class all the same
+            num_classes = len(color_list) - left_out  # a colour no mask uses is a class all the same
+        if color_names and left_out:
+            color_names = color_names[:-1]
     if image_format not in IMAGE_FORMATS:
         raise ConvertError(f"--image-format {image_format!r}: allowed {', '.join(IMAGE_FORMATS)}")
     if split_by not in SPLIT_UNITS:
