@@ -18,7 +18,7 @@ patient's slices together.
 --ignore-value V: mask pixels of value V are not labelled (the Pet trimaps' border, 3, with --classes
 binary; a void 255): training's loss and every metric leave them out, as mmsegmentation's ignore_index.
 --image-format: records store the images as PNG, pixel for pixel, unless every source image is a JPEG
-(then as JPEG at quality 95, a third to a fifth of PNG's bytes); png or jpeg chooses. Grayscale images
+(then as JPEG at quality 95, in fewer bytes: a fifth for the demo's); png or jpeg chooses. Grayscale images
 are stored as one channel either way.
 --colors FILE: masks coded by colour (as labelling tools export them, and CamVid): FILE lists the
 classes' colours in class order, one a line, 'R G B [name]' or 'R,G,B [name]', or is CVAT's

@@ -216,7 +216,7 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 
 def image_format_of(samples: list[Sample], image_format: str) -> tuple[str, str]:
     """(the records' image format, why) for --image-format. auto keeps JPEG sources JPEG (a photo
-    set such as the Pet images: lossless copies of lossy images would be 3-5x the bytes for nothing)
+    set such as the Pet images: lossless copies of lossy images would be up to 5x the bytes (the demo's) for nothing)
     and stores everything else lossless, since records are what training sees: PNG, TIFF and BMP
     sources (microscopy, EM, medical, aerial images) stay exact to the pixel, as predict reads them."""
     if image_format != "auto":
