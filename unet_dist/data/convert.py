@@ -34,7 +34,8 @@ SPLIT_UNITS = ("auto", "file", "page")
 CLASS_MODES = ("binary", "trimap", "multiclass")
 # How records store their images. JPEG at quality 95 with 4:2:0 chroma changes most pixels by a
 # level or two, and colour detail a pixel wide is lost to the halved chroma; PNG keeps every value.
-IMAGE_FORMATS = ("auto", "png", "jpeg")
+RECORD_FORMATS = ("png", "jpeg")  # what a manifest's "image_format" may be
+IMAGE_FORMATS = ("auto", *RECORD_FORMATS)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 MAX_CLASSES = 256
 # The class id records hold for a pixel that is not labelled (convert --ignore-value): no loss and no
@@ -215,9 +216,9 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def image_format_of(samples: list[Sample], image_format: str) -> tuple[str, str]:
-    """(the records' image format, why) for --image-format. auto keeps JPEG sources JPEG (a photo
-    set such as the Pet images: lossless copies of lossy images would be up to 5x the bytes (the demo's) for nothing)
-    and stores everything else lossless, since records are what training sees: PNG, TIFF and BMP
+    """(the records' image format, why) for --image-format. auto keeps JPEG sources JPEG, such as the
+    Pet photos: lossless copies of lossy images buy nothing and took 5x the bytes for the demo's. It
+    stores everything else lossless, since records are what training sees: PNG, TIFF and BMP
     sources (microscopy, EM, medical, aerial images) stay exact to the pixel, as predict reads them."""
     if image_format != "auto":
         return image_format, "--image-format"

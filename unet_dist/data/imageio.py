@@ -214,8 +214,9 @@ def _ids_of_colours(rgb: np.ndarray, colors: list[tuple[int, int, int]]) -> np.n
     code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     keys = np.array([(r << 16) | (g << 8) | b for r, g, b in colors], np.int32)
     order = np.argsort(keys)
-    pos = np.minimum(np.searchsorted(keys[order], code), len(keys) - 1)
-    known = keys[order][pos] == code
+    ranked = keys[order]
+    pos = np.minimum(np.searchsorted(ranked, code), len(keys) - 1)
+    known = ranked[pos] == code
     if not known.all():
         v = int(code[~known][0])
         raise BadImage(f"colour ({v >> 16}, {(v >> 8) & 255}, {v & 255}) at {int((code == v).sum())} pixels is "

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from unet_dist.config import Config
 from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
-from unet_dist.data.convert import IGNORE
+from unet_dist.data.convert import IGNORE, RECORD_FORMATS
 from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
 
@@ -126,7 +126,7 @@ def _check_manifest(manifest, path: Path) -> None:
     k = manifest["num_classes"]
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
         raise bad("num_classes", "an integer >= 2", k)
-    if manifest.get("image_format", "jpeg") not in ("png", "jpeg"):
+    if image_format(manifest) not in RECORD_FORMATS:
         raise bad("image_format", '"png" or "jpeg"', manifest["image_format"])
     for split in ("train", "val"):
         part = manifest[split]
