@@ -1,5 +1,7 @@
 """Overlap-tile prediction is seamless: tiled and whole-image predictions agree."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -336,23 +338,31 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
 
     image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     masks = [np.random.default_rng(i).integers(0, 2, (30, 40), dtype=np.uint8) for i in range(7)]
-    writer = Writer(tmp_path / "ok", threads=2)
+    # Images of more than `pixels` together wait only while they are one: a large image is not
+    # held twice, or encoded twice at once.
+    writer = Writer(tmp_path / "ok", threads=2, pixels=2000)
     (tmp_path / "ok").mkdir()
     for i, m in enumerate(masks):
         writer.put(image, m, f"im{i}")
+        assert len(writer.pending) == 1
     writer.close()
     for i, m in enumerate(masks):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "ok" / f"im{i}_mask.png")), m)
         overlay = np.asarray(Image.open(tmp_path / "ok" / f"im{i}_overlay.png"))
         assert overlay.shape == (30, 120, 3) and np.array_equal(overlay[:, :40], image)
-    real = unet_dist.logs.atomic_write_bytes
+        assert np.array_equal(overlay[:, 40:80], np.repeat(m[..., None] * 255, 3, axis=2))  # the mask, white
+        assert np.array_equal(overlay[:, 80:], image * m[..., None])
+    assert not [p for p in (tmp_path / "ok").iterdir() if ".tmp-" in p.name]
+    real = unet_dist.logs.atomic_path
 
-    def full_disk(path, data):
-        if path.name.startswith("im3"):
-            raise OSError(28, "No space left on device", str(path))
-        real(path, data)
+    @contextlib.contextmanager
+    def full_disk(path):
+        with real(path) as tmp:
+            yield tmp
+            if path.name.startswith("im3"):  # the file was written in part
+                raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(unet_dist.logs, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(unet_dist.logs, "atomic_path", full_disk)
     (tmp_path / "full").mkdir()
     writer = Writer(tmp_path / "full", threads=2)
     with pytest.raises(OSError, match="No space left on device"):
@@ -361,7 +371,7 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
         writer.close()
     writer.close()  # what was started is finished
     written = sorted(p.name for p in (tmp_path / "full").iterdir())
-    assert "im0_mask.png" in written and not [n for n in written if n.startswith("im3")], written
+    assert "im0_mask.png" in written and not [n for n in written if "im3" in n], written  # nor its temporary file
 
 
 def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):

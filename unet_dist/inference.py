@@ -125,7 +125,9 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
     units = model.output_shape[-1]
 
     def fn(images):
-        x = tf.image.convert_image_dtype(images, tf.float32)
+        # The padded image stays uint8 (3 bytes a pixel, not float32's 12); each batch of tiles is
+        # converted as it is cut.
+        x = images
         b, h, w = tf.unstack(tf.shape(x)[:3])
         ny, nx = (h + kh - 1) // kh, (w + kw - 1) // kw
         # Mirror padding: the network sees plausible context at the borders.
@@ -142,7 +144,7 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
             index = tf.stack([tf.broadcast_to(j[:, None, None] // (ny * nx), [m, th, tw]),
                               tf.broadcast_to(rows[:, :, None], [m, th, tw]),
                               tf.broadcast_to(cols[:, None, :], [m, th, tw])], axis=-1)
-            return tf.gather_nd(x, index)  # (m, th, tw, 3)
+            return tf.image.convert_image_dtype(tf.gather_nd(x, index), tf.float32)  # (m, th, tw, 3)
 
         def body(i, out):
             probs = model(tiles(i * batch), training=False)

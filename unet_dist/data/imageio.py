@@ -173,7 +173,7 @@ def load_rgb(path: str | Path, page: int = 0) -> np.ndarray:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(bg, img)
-    rgb = np.asarray(img.convert("RGB"))
+    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() would copy an RGB image
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise BadImage(f"unexpected image shape {rgb.shape}")
     return rgb
