@@ -5,7 +5,7 @@
     python -m unet_dist.bench flops --data DATA --config configs/pets_seed.yaml
     python -m unet_dist.bench profile --data DATA --config configs/pets_seed.yaml [--steps 5]
     python -m unet_dist.bench scaling [--steps 10] [--rounds 8] [--repeats 3] [--per-replica-batch 8] [--config CONFIG]
-    python -m unet_dist.bench memory --data DATA
+    python -m unet_dist.bench memory --data DATA [--predict-size 4096]
     python -m unet_dist.bench tta --data DATA [--target 0.85] [--every 25] [--repeats 1]
     python -m unet_dist.bench report --data DATA256 --demo-data DATA128 --out docs   # all of them
 
@@ -20,7 +20,8 @@ norm, ...), one inter-op thread so that the kinds add up to the step.
 scaling: weak scaling (in-memory batches, one thread per process), 1 vs 2 processes, Horovod and
 MultiWorkerMirroredStrategy: efficiency = ips(2) / (2 * ips(1)), both measured in each 2-process job
 in alternating rounds (the chief also runs the 1-process step while the other rank waits).
-memory: peak RSS of training (demo, pets_seed) and of conversion at two data set sizes.
+memory: peak RSS of training (demo, pets_seed), of conversion at two data set sizes, and of
+predict (tile mode) for a 512x512 image and a large one, with what each pixel more costs.
 tta: wall time to a val IoU, configs/demo.yaml against the paper's recipe (RMSprop, BCE).
 """
 
@@ -105,10 +106,12 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--set", action="append", default=[])
     pw.add_argument("--rounds", type=int, default=0)
     pw.add_argument("--pause-dir")
-    pm = sub.add_parser("memory", help="peak RSS of training and conversion")
+    pm = sub.add_parser("memory", help="peak RSS of training, conversion and prediction")
     pm.add_argument("--data", type=Path, required=True)
     pm.add_argument("--steps", type=positive, default=20)
     pm.add_argument("--convert-sizes", type=positive, nargs=2, default=[200, 2000])
+    pm.add_argument("--predict-size", type=positive, default=4096,
+                    help="predict's memory for an image this large (square, tile mode) over a 512x512 one")
     pa = sub.add_parser("tta", help="time to a val IoU: ours vs the paper's recipe")
     pa.add_argument("--data", type=Path, required=True)
     pa.add_argument("--config", default="configs/demo.yaml")

@@ -1,4 +1,4 @@
-"""Peak resident memory of training and conversion, each measured in a fresh process."""
+"""Peak resident memory of training, conversion and prediction, each measured in a fresh process."""
 
 from __future__ import annotations
 
@@ -25,6 +25,31 @@ def peak_rss_mib(cmd: list[str]) -> float:
     return int(kib) / 1024
 
 
+_PREDICT_SMALL = 512  # px: predict's memory for a large image is measured over this one's
+
+
+def _predict_peaks(workdir: Path, image: Path, sizes: list[int], tmp: Path) -> dict:
+    """Peak RSS of `predict --mode tile` (mask and overlay, no --tta) of one square image of each
+    size (`image` resized: its content matters only to the PNG encoder), and the MiB it grows by
+    per million pixels of image from the first size to the last: what a large image costs."""
+    from PIL import Image
+
+    res = {}
+    for size in sizes:
+        path = tmp / f"predict{size}" / "image.png"
+        path.parent.mkdir()
+        Image.open(image).convert("RGB").resize((size, size), Image.BICUBIC).save(path)
+        res[f"predict_{size}x{size}_peak_rss_mib"] = peak_rss_mib(
+            [sys.executable, "-m", "unet_dist.predict", "--workdir", str(workdir), str(path), "--out",
+             str(path.parent / "out"), "--mode", "tile"])
+        print(f"bench memory: predict {size}x{size}: {res[f'predict_{size}x{size}_peak_rss_mib']:.0f} MiB",
+              file=sys.stderr)
+    small, large = sizes[0], sizes[-1]
+    grew = res[f"predict_{large}x{large}_peak_rss_mib"] - res[f"predict_{small}x{small}_peak_rss_mib"]
+    res["predict_bytes_per_pixel"] = grew * 2**20 / (large**2 - small**2)
+    return res
+
+
 def run(args) -> dict:
     py = sys.executable
     res: dict = {"bench": "memory"}
@@ -46,6 +71,8 @@ def run(args) -> dict:
             res[f"convert_{n}_peak_rss_mib"] = peak_rss_mib(
                 [py, "-m", "unet_dist.convert", str(src), str(tmp / f"out{n}"), "--workers", "2"])
             print(f"bench memory: convert {n}: {res[f'convert_{n}_peak_rss_mib']:.0f} MiB", file=sys.stderr)
+        res.update(_predict_peaks(tmp / "demo", next((tmp / f"src{min(args.convert_sizes)}" / "images").iterdir()),
+                                  [_PREDICT_SMALL, args.predict_size], tmp))
     small, large = min(args.convert_sizes), max(args.convert_sizes)
     res["convert_growth"] = res[f"convert_{large}_peak_rss_mib"] / res[f"convert_{small}_peak_rss_mib"] - 1
     res["train_steps"] = args.steps

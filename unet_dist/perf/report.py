@@ -236,8 +236,12 @@ def render(results: dict, out: Path) -> str:
         for k, v in r.items():
             if k.endswith("_peak_rss_mib"):
                 lines.append(f"| {k.removesuffix('_peak_rss_mib').replace('_', ' ')} | {v:.0f} |")
-        lines += ["", f"Conversion memory from the smaller to the larger set: {r['convert_growth']:+.1%}.", "",
-                  f"Command: `{r['command']}`", ""]
+        lines += ["", f"Conversion memory from the smaller to the larger set: {r['convert_growth']:+.1%}.", ""]
+        if "predict_bytes_per_pixel" in r:  # measured since session 28
+            lines += [f"`predict --mode tile` of one image (the demo run of 20 steps; mask and overlay PNGs): "
+                      f"{r['predict_bytes_per_pixel']:.0f} bytes per pixel of image beyond the 512x512 one's, "
+                      "so an image of N megapixels needs about N times that many MB more.", ""]
+        lines += [f"Command: `{r['command']}`", ""]
 
     if "tta" in results:
         r = results["tta"]
