@@ -710,6 +710,56 @@ def test_files_of_one_group_stay_in_one_split(tmp_path):
         cli.stdout + cli.stderr
 
 
+def test_a_val_list_names_the_val_split(tmp_path, capsys):
+    # Public data sets ship their own split (VOC's ImageSets/Segmentation/val.txt, the Pet set's
+    # annotations/test.txt: 'Abyssinian_201 1 1 1'); scores compare with published ones only on it.
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(src / "images" / f"a{i}.png")
+        Image.fromarray(np.eye(8, dtype=np.uint8)).save(src / "masks" / f"a{i}.png")
+    _stack([np.full((8, 8), v, np.uint8) for v in (1, 2, 3)], src / "images" / "vol.tif")
+    _stack([np.eye(8, dtype=np.uint8)] * 3, src / "masks" / "vol.tif")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(src / "images" / "lonely.png")  # no mask: skipped
+    listing = tmp_path / "val.txt"
+    # Stems, file names and paths, the first word of a line; comments and blank lines; an image
+    # SRC has without a mask (skipped) is no error.
+    listing.write_text("# the val images\na1\nvol.tif 1 1\n\nimages/a3.png 2 1 1\nlonely\n")
+
+    def stems(out, split):
+        return sorted(r["stem"].numpy().decode() for r in _records(out, split))
+
+    common = dict(layout="folders", shards=2, workers=1, progress=False, val_list=listing)
+    for seed in (0, 1):  # the list splits; the seed only orders the records
+        m = convert(src, tmp_path / f"out{seed}", seed=seed, **common)
+        assert stems(tmp_path / f"out{seed}", "val") == ["a1", "a3", "vol_p000", "vol_p001", "vol_p002"]
+        assert stems(tmp_path / f"out{seed}", "train") == ["a0", "a2", "a4", "a5"]
+    assert m["val_list"] == str(listing.resolve()) and m["val_fraction"] == 5 / 9 and m["files"] == {"train": 4,
+                                                                                                    "val": 3}
+    ok = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--layout", "folders", "--val-list",
+                  str(listing), "--workers", "1")
+    assert ok.returncode == 0 and "4 train and 5 val records (split by file: from 4 and 3 image files)" in ok.stdout
+    clash = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "clash"), "--val-list", str(listing),
+                     "--fold", "0/2")
+    assert clash.returncode == 2 and "not allowed with argument --val-list" in clash.stderr
+    for text, kwargs, words in (
+            ("a1\nzz9\nzz1\n", {}, r"^--val-list .*val\.txt: 2 of its 3 images are not in SRC, such as 'zz1'$"),
+            ("lonely\n", {}, r"^--val-list .*: none of its 1 images has a mask in SRC; nothing to validate on$"),
+            ("a0 a1\n" + "".join(f"a{i}\n" for i in range(6)) + "vol\n", {},
+             r"^--val-list .* names every image with a mask in SRC; nothing is left to train on$"),
+            ("# nothing\n\n", {}, r"^--val-list .*: names no image \(one a line: its stem or file name\)$"),
+            ("a1\n", {"group": "^a"}, r"^--val-list .* names the val images itself; it cannot be used with --group$"),
+            ("a1\n", {"split_by": "page"}, r"it cannot be used with --split-by page$"),
+            (None, {}, r"^--val-list .*missing\.txt: cannot be read \(\[Errno 2\] No such file")):
+        bad = tmp_path / ("missing.txt" if text is None else "val.txt")
+        if text is not None:
+            bad.write_text(text)
+        with pytest.raises(ConvertError, match=words):
+            convert(src, tmp_path / "bad", **{**common, "val_list": bad, **kwargs})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_out_cannot_be_the_folder_of_the_images_or_masks(tmp_path):
     src = _pet_dir(tmp_path, n=2)
     for folder in ("images", "annotations/trimaps"):

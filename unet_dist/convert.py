@@ -3,7 +3,7 @@
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
-        [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE]
+        [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE] [--val-list FILE]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -23,6 +23,9 @@ are stored as one channel either way.
 --colors FILE: masks coded by colour (as labelling tools export them, and CamVid): FILE lists the
 classes' colours in class order, one a line, 'R G B [name]' or 'R,G,B [name]', or is CVAT's
 labelmap.txt ('name:R,G,B::'). A mask pixel of another colour skips its sample, named.
+--val-list FILE replaces --val-fraction with a data set's own split: the val images are those FILE
+names, one a line by its stem or file name (the first word of the line counts: VOC's
+ImageSets/Segmentation/val.txt, the Pet set's annotations/test.txt), the others train.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     split.add_argument("--val-fraction", type=float, default=0.2)
     split.add_argument("--fold", type=parse_fold, metavar="I/K",
                        help="k-fold cross-validation: fold I of K is the val split (run I = 0..K-1)")
+    split.add_argument("--val-list", type=Path, metavar="FILE",
+                       help="the val split is the images FILE names, one a line (stem or file name; the first "
+                            "word counts): a data set's own split, such as VOC's val.txt")
     p.add_argument("--split-by", choices=SPLIT_UNITS, default="auto",
                    help="keep a stack's pages in one split (file) or split them (page); auto: file where "
                         "SRC has two image files or more")
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
                     fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value,
-                    image_format=args.image_format, colors=args.colors)
+                    image_format=args.image_format, colors=args.colors, val_list=args.val_list)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

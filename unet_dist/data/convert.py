@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image
@@ -264,6 +264,26 @@ def read_colors(path: Path) -> tuple[list[tuple[int, int, int]], list[str] | Non
     return colors, names if all(names) else None
 
 
+def read_val_list(path: Path) -> set[str]:
+    """The image stems a split list names: the first word of each line (VOC's ImageSets val.txt,
+    the Pet set's test.txt: 'Abyssinian_201 1 1 1'), a file name or path taken by its stem; blank
+    lines and lines starting with # are passed over. Raises ConvertError naming the file (and line)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"--val-list {path}: cannot be read ({e})") from None
+    stems = set()
+    for line in lines:
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        name = PurePath(words[0]).name
+        stems.add(name[: -len(PurePath(name).suffix)] if PurePath(name).suffix.lower() in IMAGE_SUFFIXES else name)
+    if not stems:
+        raise ConvertError(f"--val-list {path}: names no image (one a line: its stem or file name)")
+    return stems
+
+
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
               num_classes: int | None = None, page: int = 0, ignore_value: int | None = None,
               colors: list[tuple[int, int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -358,6 +378,23 @@ def _shards_named_in(manifest_path: Path) -> set[str]:
         return set()
 
 
+def _listed_files(samples: list[Sample], skipped: list[dict], listed: set[str], val_list: Path) -> set[Path]:
+    """The image files of `samples` that --val-list names. Raises ConvertError when it names an image
+    SRC does not have (a list for another data set, or a typo), or leaves a split empty."""
+    present = {s.image.stem for s in samples} | {PurePath(k["file"]).stem for k in skipped}
+    missing = sorted(listed - present)
+    if missing:
+        raise ConvertError(f"--val-list {val_list}: {len(missing)} of its {len(listed)} images are not in SRC, "
+                           f"such as {missing[0]!r}")
+    files = {s.image for s in samples if s.image.stem in listed}
+    if not files:
+        raise ConvertError(f"--val-list {val_list}: none of its {len(listed)} images has a mask in SRC; "
+                           "nothing to validate on")
+    if len(files) == len({s.image for s in samples}):
+        raise ConvertError(f"--val-list {val_list} names every image with a mask in SRC; nothing is left to train on")
+    return files
+
+
 def convert(
     src: Path,
     out: Path,
@@ -378,6 +415,7 @@ def convert(
     ignore_value: int | None = None,
     image_format: str = "auto",
     colors: Path | None = None,
+    val_list: Path | None = None,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -400,6 +438,9 @@ def convert(
     (jpeg when every source image is a JPEG, else png); the manifest's "image_format" says which.
     colors: a file listing the colours of colour-coded masks, a class a line (`read_colors`): class
     i is the i-th colour, with the file's names. Layout folders; the manifest records "colors".
+    val_list: a file naming the val split's images (`read_val_list`), in place of val_fraction: a
+    data set's own split (VOC's val.txt, the Pet set's test.txt), so that scores compare with
+    published ones. Every other image is training's; a listed stack is val with every page.
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -429,6 +470,10 @@ def convert(
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
         raise ConvertError(f"--fold {fold[0]}/{fold[1]}: fold I of K needs K >= 2 and 0 <= I < K")
+    if val_list is not None and (fold is not None or group is not None or split_by == "page"):
+        other = "--fold" if fold is not None else "--group" if group is not None else "--split-by page"
+        raise ConvertError(f"--val-list {val_list} names the val images itself; it cannot be used with {other}")
+    listed = read_val_list(val_list) if val_list is not None else None
     color_list, color_names = read_colors(Path(colors)) if colors is not None else (None, None)
     if color_list is not None:
         if layout != "folders" or classes == "trimap":
@@ -467,7 +512,11 @@ def convert(
     if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     image_format, format_why = image_format_of(samples, image_format)
-    split_by, units, unit_word = split_units(samples, split_by, group, fold is not None or val_fraction > 0)
+    if listed is not None:
+        split_by, units = "file", [s.image for s in samples]
+        val_units = _listed_files(samples, skipped, listed, val_list)
+    else:
+        split_by, units, unit_word = split_units(samples, split_by, group, fold is not None or val_fraction > 0)
     n_units = len(set(units))
     if fold is not None and n_units < fold[1]:
         hint = "; --split-by page deals their pages" if unit_word == "files" else ""
@@ -491,7 +540,7 @@ def convert(
     unit_size = Counter(units)
     if fold is not None:
         val_units = {u for j, u in enumerate(unit_order) if j % fold[1] == fold[0]}  # dealt like cards
-    else:
+    elif listed is None:
         n_val = int(round(n * val_fraction))
         if val_fraction > 0 and n >= 2:
             n_val = min(max(n_val, 1), n - 1)
@@ -506,7 +555,7 @@ def convert(
             val_units.add(min(unit_order, key=lambda u: unit_size[u]))
     in_val = [units[k] in val_units for k in order]
     n_val = sum(in_val)
-    if fold is not None:
+    if fold is not None or listed is not None:
         val_fraction = n_val / n
     tasks = [
         Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value,
@@ -548,7 +597,8 @@ def convert(
             raise ConvertError(f"no sample in {src} could be converted; {len(skipped)} skipped, first: "
                                f"{skipped[0]['file']}: {skipped[0]['reason']}")
         if written["train"] == 0:
-            raise ConvertError(f"every training sample in {src} was skipped; lower --val-fraction or fix the files")
+            hint = "fix the files" if listed is not None else "lower --val-fraction or fix the files"
+            raise ConvertError(f"every training sample in {src} was skipped; {hint}")
         if ignore_value is not None:  # left-out pixels are no class: kept apart from the class counts
             ignored = {s: int(c[IGNORE]) for s, c in counts.items()}
             for c in counts.values():
@@ -581,6 +631,7 @@ def convert(
             "seed": seed,
             "val_fraction": val_fraction,
             "fold": list(fold) if fold else None,
+            "val_list": str(Path(val_list).resolve()) if val_list is not None else None,
             "split_by": split_by,
             "group": group,
             "groups": {"train": n_units - len(val_units), "val": len(val_units)} if group is not None else None,
