@@ -745,7 +745,7 @@ def test_a_val_list_names_the_val_split(tmp_path, capsys):
     assert clash.returncode == 2 and "not allowed with argument --val-list" in clash.stderr
     for text, kwargs, words in (
             ("a1\nzz9\nzz1\n", {}, r"^--val-list .*val\.txt: 2 of its 3 images are not in SRC, such as 'zz1'$"),
-            ("lonely\n", {}, r"^--val-list .*: none of its 1 images has a mask in SRC; nothing to validate on$"),
+            ("lonely\n", {}, r"^--val-list .*: none of its 1 images has a mask in SRC$"),
             ("a0 a1\n" + "".join(f"a{i}\n" for i in range(6)) + "vol\n", {},
              r"^--val-list .* names every image with a mask in SRC; nothing is left to train on$"),
             ("# nothing\n\n", {}, r"^--val-list .*: names no image \(one a line: its stem or file name\)$"),

@@ -687,10 +687,26 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
         mine = next(r for r in per_image if r["image"].endswith(f"{stem}.jpg"))
         assert mine["fg_iou"] == pytest.approx(scores(one)["fg_iou"], abs=1e-12)
     assert metrics["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
+    # --list: the images a data set's own test list names (as convert --val-list reads it), each
+    # scored as in the whole folder; a listed image that is skipped is still named.
+    listing = tmp_path / "test.txt"
+    listing.write_text(f"{stems[1]} 1 1 1\n{stems[3]}.jpg 2 1 1\nsmall\n")
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--tta", "flip", "--list", str(listing),
+                          "--out", str(tmp_path / "listed.json")]) == 0
+    out, err = capsys.readouterr()
+    listed = json.loads((tmp_path / "listed.json").read_text())
+    assert (listed["images"], listed["skipped"]) == (2, 1) and "small.png is 9x9" in err and "nomask" not in err
+    assert sorted(listed["per_image"], key=lambda r: r["image"]) == sorted(
+        (r for r in per_image if r["image"].endswith((f"{stems[1]}.jpg", f"{stems[3]}.jpg"))), key=lambda r: r["image"])
+    listing.write_text("nomask\nnot_there\n")
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--list", str(listing)]) == 2
+    assert capsys.readouterr().err.strip() == (f"evaluate: error: --list {listing}: 1 of its 2 images are not in SRC, "
+                                               "such as 'not_there'")
     # Bad input: a folder without labelled images, and flags of the other source.
     assert evaluate_main(["--workdir", str(w), "--images", str(tmp_path / "pred")]) == 2
     assert "is not a oxford-pet data set" in capsys.readouterr().err
     for argv, message in ((["--images", str(src), "--split", "train"], "--split: not used with --images"),
+                          (["--data", str(shards), "--list", str(listing)], "--list: not used with --data"),
                           (["--data", str(shards), "--tta", "flip"], "--tta: not used with --data")):
         with pytest.raises(SystemExit):
             evaluate_main(["--workdir", str(w), *argv])

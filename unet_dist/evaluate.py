@@ -4,7 +4,7 @@
         [--out FILE]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
-        [--mask-suffix S] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
+        [--mask-suffix S] [--list FILE] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
 
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
@@ -21,7 +21,8 @@ These records are the size conversion made them (data.image_size when it resized
 
 --images: predicts every image of SRC (laid out as for convert; the layout and classes of the run's
 data by default) the way `predict` does with the same --mode, --tile, --overlap and --tta, and scores
-the masks at the images' own sizes. Several runs (the folds of `convert --fold`)
+the masks at the images' own sizes; --list FILE scores only the images FILE names (a data set's own
+test or val list, read as convert --val-list reads it). Several runs (the folds of `convert --fold`)
 are scored as their averaged predictions. The metrics (unprefixed) go to the first run's
 eval_images.json, or --out, with each image's own scores (per_image) and, for multi-page TIFFs, each
 stack's scores over all its pages (per_stack), worst first.
@@ -60,7 +61,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from tqdm import tqdm
 
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.data.convert import ConvertError, find_pairs, ignores, load_pair
+    from unet_dist.data.convert import ConvertError, find_pairs, ignores, listed_samples, load_pair
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
@@ -78,6 +79,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         if not samples:
             raise ConfigError(f"--images {args.images}: no image with a mask ({layout} layout; "
                               f"{len(skipped)} files skipped)")
+        if args.list:
+            samples, skipped = listed_samples(samples, skipped, args.list, "--list")
         predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
     except (ConfigError, ConvertError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
@@ -162,11 +165,14 @@ def main(argv=None) -> int:
     images = p.add_argument_group("with --images")
     images.add_argument("--layout", choices=LAYOUTS, help="SRC's layout (default: that of the run's data)")
     images.add_argument("--mask-suffix", default="", help="masks named X<S>.* (as convert's)")
+    images.add_argument("--list", type=Path, metavar="FILE",
+                        help="score only the images FILE names, one a line (as convert --val-list: a data set's "
+                             "own test or val list)")
     add_mode_args(images)
     args = p.parse_args(argv)
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
-             ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix)
+             ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none"))
     if other:

@@ -264,14 +264,14 @@ def read_colors(path: Path) -> tuple[list[tuple[int, int, int]], list[str] | Non
     return colors, names if all(names) else None
 
 
-def read_val_list(path: Path) -> set[str]:
-    """The image stems a split list names: the first word of each line (VOC's ImageSets val.txt,
+def read_image_list(path: Path, flag: str) -> set[str]:
+    """The image stems a list file names: the first word of each line (VOC's ImageSets val.txt,
     the Pet set's test.txt: 'Abyssinian_201 1 1 1'), a file name or path taken by its stem; blank
-    lines and lines starting with # are passed over. Raises ConvertError naming the file (and line)."""
+    lines and lines starting with # are passed over. Raises ConvertError naming `flag` and the file."""
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"--val-list {path}: cannot be read ({e})") from None
+        raise ConvertError(f"{flag} {path}: cannot be read ({e})") from None
     stems = set()
     for line in lines:
         words = line.split()
@@ -280,8 +280,25 @@ def read_val_list(path: Path) -> set[str]:
         name = PurePath(words[0]).name
         stems.add(name[: -len(PurePath(name).suffix)] if PurePath(name).suffix.lower() in IMAGE_SUFFIXES else name)
     if not stems:
-        raise ConvertError(f"--val-list {path}: names no image (one a line: its stem or file name)")
+        raise ConvertError(f"{flag} {path}: names no image (one a line: its stem or file name)")
     return stems
+
+
+def listed_samples(samples: list[Sample], skipped: list[dict], path: Path,
+                   flag: str) -> tuple[list[Sample], list[dict]]:
+    """(the samples (every page of a stack), the skipped files) of the image files that the list at
+    `path` names (`read_image_list`). Raises ConvertError naming `flag` and the file when it names an
+    image SRC does not have (a list for another data set, or a typo), or none that has a mask."""
+    listed = read_image_list(path, flag)
+    present = {s.image.stem for s in samples} | {PurePath(k["file"]).stem for k in skipped}
+    missing = sorted(listed - present)
+    if missing:
+        raise ConvertError(f"{flag} {path}: {len(missing)} of its {len(listed)} images are not in SRC, "
+                           f"such as {missing[0]!r}")
+    chosen = [s for s in samples if s.image.stem in listed]
+    if not chosen:
+        raise ConvertError(f"{flag} {path}: none of its {len(listed)} images has a mask in SRC")
+    return chosen, [k for k in skipped if PurePath(k["file"]).stem in listed]
 
 
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
@@ -378,23 +395,6 @@ def _shards_named_in(manifest_path: Path) -> set[str]:
         return set()
 
 
-def _listed_files(samples: list[Sample], skipped: list[dict], listed: set[str], val_list: Path) -> set[Path]:
-    """The image files of `samples` that --val-list names. Raises ConvertError when it names an image
-    SRC does not have (a list for another data set, or a typo), or leaves a split empty."""
-    present = {s.image.stem for s in samples} | {PurePath(k["file"]).stem for k in skipped}
-    missing = sorted(listed - present)
-    if missing:
-        raise ConvertError(f"--val-list {val_list}: {len(missing)} of its {len(listed)} images are not in SRC, "
-                           f"such as {missing[0]!r}")
-    files = {s.image for s in samples if s.image.stem in listed}
-    if not files:
-        raise ConvertError(f"--val-list {val_list}: none of its {len(listed)} images has a mask in SRC; "
-                           "nothing to validate on")
-    if len(files) == len({s.image for s in samples}):
-        raise ConvertError(f"--val-list {val_list} names every image with a mask in SRC; nothing is left to train on")
-    return files
-
-
 def convert(
     src: Path,
     out: Path,
@@ -473,7 +473,8 @@ def convert(
     if val_list is not None and (fold is not None or group is not None or split_by == "page"):
         other = "--fold" if fold is not None else "--group" if group is not None else "--split-by page"
         raise ConvertError(f"--val-list {val_list} names the val images itself; it cannot be used with {other}")
-    listed = read_val_list(val_list) if val_list is not None else None
+    if val_list is not None:
+        read_image_list(val_list, "--val-list")  # a list that cannot be read: before any other work
     color_list, color_names = read_colors(Path(colors)) if colors is not None else (None, None)
     if color_list is not None:
         if layout != "folders" or classes == "trimap":
@@ -512,9 +513,12 @@ def convert(
     if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     image_format, format_why = image_format_of(samples, image_format)
-    if listed is not None:
+    if val_list is not None:
         split_by, units = "file", [s.image for s in samples]
-        val_units = _listed_files(samples, skipped, listed, val_list)
+        val_units = {s.image for s in listed_samples(samples, skipped, val_list, "--val-list")[0]}
+        if len(val_units) == len(set(units)):
+            raise ConvertError(f"--val-list {val_list} names every image with a mask in SRC; nothing is left to "
+                               "train on")
     else:
         split_by, units, unit_word = split_units(samples, split_by, group, fold is not None or val_fraction > 0)
     n_units = len(set(units))
@@ -540,7 +544,7 @@ def convert(
     unit_size = Counter(units)
     if fold is not None:
         val_units = {u for j, u in enumerate(unit_order) if j % fold[1] == fold[0]}  # dealt like cards
-    elif listed is None:
+    elif val_list is None:
         n_val = int(round(n * val_fraction))
         if val_fraction > 0 and n >= 2:
             n_val = min(max(n_val, 1), n - 1)
@@ -555,7 +559,7 @@ def convert(
             val_units.add(min(unit_order, key=lambda u: unit_size[u]))
     in_val = [units[k] in val_units for k in order]
     n_val = sum(in_val)
-    if fold is not None or listed is not None:
+    if fold is not None or val_list is not None:
         val_fraction = n_val / n
     tasks = [
         Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value,
@@ -597,7 +601,7 @@ def convert(
             raise ConvertError(f"no sample in {src} could be converted; {len(skipped)} skipped, first: "
                                f"{skipped[0]['file']}: {skipped[0]['reason']}")
         if written["train"] == 0:
-            hint = "fix the files" if listed is not None else "lower --val-fraction or fix the files"
+            hint = "fix the files" if val_list is not None else "lower --val-fraction or fix the files"
             raise ConvertError(f"every training sample in {src} was skipped; {hint}")
         if ignore_value is not None:  # left-out pixels are no class: kept apart from the class counts
             ignored = {s: int(c[IGNORE]) for s, c in counts.items()}
