@@ -710,7 +710,7 @@ def test_files_of_one_group_stay_in_one_split(tmp_path):
         cli.stdout + cli.stderr
 
 
-def test_a_val_list_names_the_val_split(tmp_path, capsys):
+def test_lists_name_the_images_to_convert_and_the_val_split(tmp_path, capsys):
     # Public data sets ship their own split (VOC's ImageSets/Segmentation/val.txt, the Pet set's
     # annotations/test.txt: 'Abyssinian_201 1 1 1'); scores compare with published ones only on it.
     src = tmp_path / "src"
@@ -740,6 +740,22 @@ def test_a_val_list_names_the_val_split(tmp_path, capsys):
     ok = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--layout", "folders", "--val-list",
                   str(listing), "--workers", "1")
     assert ok.returncode == 0 and "4 train and 5 val records (split by file: from 4 and 3 image files)" in ok.stdout
+    # --list converts only the images a list names (a trainval list: the test images stay out), and
+    # the rest is passed over, not skipped; --val-list then names val among them.
+    trainval = tmp_path / "trainval.txt"
+    trainval.write_text("a0\na1\na2\nvol\nlonely\n")
+    m = convert(src, tmp_path / "only", **{**common, "val_list": None}, only=trainval, val_fraction=0.25)
+    assert sorted(stems(tmp_path / "only", "train") + stems(tmp_path / "only", "val")) == [
+        "a0", "a1", "a2", "vol_p000", "vol_p001", "vol_p002"]
+    assert m["list"] == str(trainval.resolve()) and [k["file"] for k in m["skipped"]] == [str(src / "images" /
+                                                                                             "lonely.png")]
+    (tmp_path / "a1.txt").write_text("a1\n")
+    convert(src, tmp_path / "both", **{**common, "val_list": tmp_path / "a1.txt"}, only=trainval)
+    assert stems(tmp_path / "both", "val") == ["a1"] and stems(tmp_path / "both", "train") == [
+        "a0", "a2", "vol_p000", "vol_p001", "vol_p002"]
+    with pytest.raises(ConvertError, match=r"^--val-list .*val\.txt: 1 of its 4 images are not in --list .*trainval"
+                                           r"\.txt, such as 'a3'$"):
+        convert(src, tmp_path / "outside", **common, only=trainval)
     clash = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "clash"), "--val-list", str(listing),
                      "--fold", "0/2")
     assert clash.returncode == 2 and "not allowed with argument --val-list" in clash.stderr

@@ -3,7 +3,7 @@
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
-        [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE] [--val-list FILE]
+        [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE] [--list FILE] [--val-list FILE]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -26,6 +26,8 @@ labelmap.txt ('name:R,G,B::'). A mask pixel of another colour skips its sample, 
 --val-list FILE replaces --val-fraction with a data set's own split: the val images are those FILE
 names, one a line by its stem or file name (the first word of the line counts: VOC's
 ImageSets/Segmentation/val.txt, the Pet set's annotations/test.txt), the others train.
+--list FILE converts only the images FILE names (read the same way): the Pet set's
+annotations/trainval.txt, keeping its test images out for `evaluate --images SRC --list test.txt`.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-suffix", default="", help="the mask of image X.* is X<suffix>.* (e.g. _mask)")
     p.add_argument("--image-size", type=parse_size, default=None, help="resize to H[xW]; default keeps sizes")
     p.add_argument("--shards", type=int, default=8, help="training shards (val gets up to as many)")
+    p.add_argument("--list", type=Path, metavar="FILE",
+                   help="convert only the images FILE names, one a line (as --val-list): a data set's trainval "
+                        "list, its test images kept out")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=0.2)
     split.add_argument("--fold", type=parse_fold, metavar="I/K",
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     shards=args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
                     fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value,
-                    image_format=args.image_format, colors=args.colors, val_list=args.val_list)
+                    image_format=args.image_format, colors=args.colors, val_list=args.val_list,
+                    only=args.list)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

@@ -284,20 +284,21 @@ def read_image_list(path: Path, flag: str) -> set[str]:
     return stems
 
 
-def listed_samples(samples: list[Sample], skipped: list[dict], path: Path,
-                   flag: str) -> tuple[list[Sample], list[dict]]:
+def listed_samples(samples: list[Sample], skipped: list[dict], path: Path, flag: str,
+                   where: str = "SRC") -> tuple[list[Sample], list[dict]]:
     """(the samples (every page of a stack), the skipped files) of the image files that the list at
     `path` names (`read_image_list`). Raises ConvertError naming `flag` and the file when it names an
-    image SRC does not have (a list for another data set, or a typo), or none that has a mask."""
+    image not among `samples` and `skipped` (`where`: a list for another data set, or a typo), or
+    none that has a mask."""
     listed = read_image_list(path, flag)
     present = {s.image.stem for s in samples} | {PurePath(k["file"]).stem for k in skipped}
     missing = sorted(listed - present)
     if missing:
-        raise ConvertError(f"{flag} {path}: {len(missing)} of its {len(listed)} images are not in SRC, "
+        raise ConvertError(f"{flag} {path}: {len(missing)} of its {len(listed)} images are not in {where}, "
                            f"such as {missing[0]!r}")
     chosen = [s for s in samples if s.image.stem in listed]
     if not chosen:
-        raise ConvertError(f"{flag} {path}: none of its {len(listed)} images has a mask in SRC")
+        raise ConvertError(f"{flag} {path}: none of its {len(listed)} images has a mask in {where}")
     return chosen, [k for k in skipped if PurePath(k["file"]).stem in listed]
 
 
@@ -416,6 +417,7 @@ def convert(
     image_format: str = "auto",
     colors: Path | None = None,
     val_list: Path | None = None,
+    only: Path | None = None,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -441,6 +443,8 @@ def convert(
     val_list: a file naming the val split's images (`read_val_list`), in place of val_fraction: a
     data set's own split (VOC's val.txt, the Pet set's test.txt), so that scores compare with
     published ones. Every other image is training's; a listed stack is val with every page.
+    only: a file naming the images to convert (read the same way); SRC's others are passed over, not
+    skipped: a data set's trainval list, its test images kept out for `evaluate --images --list`.
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -473,8 +477,9 @@ def convert(
     if val_list is not None and (fold is not None or group is not None or split_by == "page"):
         other = "--fold" if fold is not None else "--group" if group is not None else "--split-by page"
         raise ConvertError(f"--val-list {val_list} names the val images itself; it cannot be used with {other}")
-    if val_list is not None:
-        read_image_list(val_list, "--val-list")  # a list that cannot be read: before any other work
+    for flag, listing in (("--list", only), ("--val-list", val_list)):
+        if listing is not None:
+            read_image_list(listing, flag)  # a list that cannot be read: before any other work
     color_list, color_names = read_colors(Path(colors)) if colors is not None else (None, None)
     if color_list is not None:
         if layout != "folders" or classes == "trimap":
@@ -512,13 +517,16 @@ def convert(
     samples, skipped = find_pairs(src, layout, mask_suffix)
     if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
+    if only is not None:
+        samples, skipped = listed_samples(samples, skipped, only, "--list")
     image_format, format_why = image_format_of(samples, image_format)
     if val_list is not None:
         split_by, units = "file", [s.image for s in samples]
-        val_units = {s.image for s in listed_samples(samples, skipped, val_list, "--val-list")[0]}
+        where = "SRC" if only is None else f"--list {only}"
+        val_units = {s.image for s in listed_samples(samples, skipped, val_list, "--val-list", where)[0]}
         if len(val_units) == len(set(units)):
-            raise ConvertError(f"--val-list {val_list} names every image with a mask in SRC; nothing is left to "
-                               "train on")
+            raise ConvertError(f"--val-list {val_list} names every image with a mask in {where}; nothing is left "
+                               "to train on")
     else:
         split_by, units, unit_word = split_units(samples, split_by, group, fold is not None or val_fraction > 0)
     n_units = len(set(units))
@@ -636,6 +644,7 @@ def convert(
             "val_fraction": val_fraction,
             "fold": list(fold) if fold else None,
             "val_list": str(Path(val_list).resolve()) if val_list is not None else None,
+            "list": str(Path(only).resolve()) if only is not None else None,
             "split_by": split_by,
             "group": group,
             "groups": {"train": n_units - len(val_units), "val": len(val_units)} if group is not None else None,
