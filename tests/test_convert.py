@@ -739,7 +739,8 @@ def test_lists_name_the_images_to_convert_and_the_val_split(tmp_path, capsys):
                                                                                                     "val": 3}
     ok = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "cli"), "--layout", "folders", "--val-list",
                   str(listing), "--workers", "1")
-    assert ok.returncode == 0 and "4 train and 5 val records (split by file: from 4 and 3 image files)" in ok.stdout
+    assert ok.returncode == 0 and (f"4 train and 5 val records (split by file: from 4 and 3 image files) (val: the "
+                                   f"images {listing.resolve()} names), 2 classes") in ok.stdout, ok.stdout
     # --list converts only the images a list names (a trainval list: the test images stay out), and
     # the rest is passed over, not skipped; --val-list then names val among them.
     trainval = tmp_path / "trainval.txt"

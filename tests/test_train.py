@@ -695,7 +695,8 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
                           "--out", str(tmp_path / "listed.json")]) == 0
     out, err = capsys.readouterr()
     listed = json.loads((tmp_path / "listed.json").read_text())
-    assert (listed["images"], listed["skipped"]) == (2, 1) and "small.png is 9x9" in err and "nomask" not in err
+    assert (listed["images"], listed["skipped"], listed["list"]) == (2, 1, str(listing.resolve()))
+    assert "small.png is 9x9" in err and "nomask" not in err and "list" not in metrics
     assert sorted(listed["per_image"], key=lambda r: r["image"]) == sorted(
         (r for r in per_image if r["image"].endswith((f"{stems[1]}.jpg", f"{stems[3]}.jpg"))), key=lambda r: r["image"])
     listing.write_text("nomask\nnot_there\n")

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         files = "" if records == m["files"] else (f" (split by {m['split_by']}: from {m['files']['train']} and "
                                                   f"{m['files']['val']} image files)")
+    if m["val_list"]:
+        files += f" (val: the images {m['val_list']} names)"
     left_out = "" if m["ignore_value"] is None else (f" ({m['ignored_pixel_fraction']:.1%} of the pixels left out: "
                                                      f"mask value {m['ignore_value']})")
     print(f"convert: {records['train']} train and {records['val']} val records{files}, "

@@ -139,7 +139,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     per_stack = sorted(({"image": str(f), "pages": len(pages), **own(counts[pages].sum(axis=0))}
                         for f, pages in stacks.items()), key=lambda r: r["iou"])
     metrics = {**scores(counts[read].sum(axis=0)), "images": int(read.sum()),
-               "skipped": len(skipped) + int((~read).sum()), "source": str(args.images), "mode": predictor.mode,
+               "skipped": len(skipped) + int((~read).sum()), "source": str(args.images),
+               **({"list": str(args.list.resolve())} if args.list else {}), "mode": predictor.mode,
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
                "world_size": runtime.world_size, "precision": predictor.precision}
     print(json.dumps(metrics))

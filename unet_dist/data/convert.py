@@ -440,7 +440,7 @@ def convert(
     (jpeg when every source image is a JPEG, else png); the manifest's "image_format" says which.
     colors: a file listing the colours of colour-coded masks, a class a line (`read_colors`): class
     i is the i-th colour, with the file's names. Layout folders; the manifest records "colors".
-    val_list: a file naming the val split's images (`read_val_list`), in place of val_fraction: a
+    val_list: a file naming the val split's images (`read_image_list`), in place of val_fraction: a
     data set's own split (VOC's val.txt, the Pet set's test.txt), so that scores compare with
     published ones. Every other image is training's; a listed stack is val with every page.
     only: a file naming the images to convert (read the same way); SRC's others are passed over, not

@@ -30,8 +30,8 @@ _PREDICT_SMALL = 512  # px: predict's memory for a large image is measured over 
 
 def _predict_peaks(workdir: Path, image: Path, sizes: list[int], tmp: Path) -> dict:
     """Peak RSS of `predict --mode tile` (mask and overlay, no --tta) of one square image of each
-    size (`image` resized: its content matters only to the PNG encoder), and the MiB it grows by
-    per million pixels of image from the first size to the last: what a large image costs."""
+    size (`image` resized: its content matters only to the PNG encoder), and the bytes it grows by
+    per pixel of image from the first size to the last: what a large image costs."""
     from PIL import Image
 
     res = {}
