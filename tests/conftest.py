@@ -138,7 +138,7 @@ def scale_loss_after(monkeypatch, after_steps: int, factor: float) -> None:
 
     import unet_dist.trainer as T
 
-    real = T.get_loss
+    real = T.training_loss
 
     def scaled(cfg, ignore=False):
         fn = real(cfg, ignore)
@@ -150,7 +150,7 @@ def scale_loss_after(monkeypatch, after_steps: int, factor: float) -> None:
 
         return loss
 
-    monkeypatch.setattr(T, "get_loss", scaled)
+    monkeypatch.setattr(T, "training_loss", scaled)
 
 
 def exit_at_once(task):

@@ -59,6 +59,10 @@ def test_sync_batch_norm_needs_batch_norm_and_neither_xla_nor_accumulation():
         load_config(None, ["model.sync_batch_norm=true", "model.batch_norm=false"])
     with pytest.raises(ConfigError, match="model.sync_batch_norm: .*runtime.xla is true"):
         load_config(None, ["model.sync_batch_norm=true", "runtime.xla=true"])
+    for bad in (["model.padding=valid"], ["model.depth=2"]):  # heads at levels 1..depth-2, halving sizes
+        with pytest.raises(ConfigError, match=r"^config key model.deep_supervision: got True; allowed: false unless "
+                                              r"model.padding is same and model.depth >= 3"):
+            load_config(None, ["model.deep_supervision=true", *bad])
     assert load_config(None, ["model.sync_batch_norm=true"]).model.sync_batch_norm
     # Nor with gradient accumulation: its loop cannot hold tf.distribute's synchronisation.
     with pytest.raises(ConfigError, match="train.gradient_accumulation_steps: got 2; allowed: 1 with model.sync_batch_norm"):

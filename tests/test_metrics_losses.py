@@ -158,3 +158,20 @@ def test_ignored_pixels_are_no_object_in_the_border_weight_map():
     m[5:15, 15:28] = IGNORE  # not a second object: no border term between them
     w = border_weight_map(m, np.array([1.0, 1.0], np.float32), w0=10, sigma=5)[..., 0]
     assert w[10, 13] == 1.0
+
+
+def test_deep_supervised_loss_weighs_each_level_by_its_resolution():
+    # Level l's output is scored against the mask's pixel at the centre of each 2^l block, weighted
+    # 2^-l over the weights' sum (nnU-Net): 4/7, 2/7 and 1/7 for levels 0, 1 and 2.
+    from unet_dist.losses import deep_supervised
+
+    rng = np.random.default_rng(0)
+    y = tf.constant(rng.integers(0, 2, (2, 8, 8, 1)), tf.uint8)
+    w = tf.constant(rng.random((2, 8, 8, 1)), tf.float32)
+    probs = [tf.constant(rng.uniform(0.05, 0.95, (2, 8 // 2**level, 8 // 2**level, 1)), tf.float32) for level in range(3)]
+    base = get_loss(TrainConfig(loss="weighted_ce"))
+    got = deep_supervised(base, [0, 1, 2])(y, probs, w)
+    want = (4 * base(y, probs[0], w) + 2 * base(y[:, 1::2, 1::2], probs[1], w[:, 1::2, 1::2])
+            + base(y[:, 2::4, 2::4], probs[2], w[:, 2::4, 2::4])) / 7
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    assert deep_supervised(base, [0]) is base

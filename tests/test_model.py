@@ -141,3 +141,24 @@ def test_synchronized_batch_norm_on_one_replica_matches_the_fused_kernel(policy)
                                    err_msg=name)
     np.testing.assert_allclose(synced.moving_mean.numpy(), fused.moving_mean.numpy(), rtol=tol / 10)
     np.testing.assert_allclose(synced.moving_variance.numpy(), fused.moving_variance.numpy(), rtol=tol / 10)
+
+
+def test_deep_supervision_adds_heads_at_decoder_levels_one_to_depth_minus_two():
+    # nnU-Net's deep supervision: training's loss also sees the decoder's coarser levels. The main
+    # output stays first; main_output gives evaluation, prediction and export the one they use.
+    from unet_dist.model import main_output, supervised_levels
+
+    cfg = ModelConfig(depth=4, base_filters=4, deep_supervision=True)
+    model = build_unet(cfg, (64, 64))
+    assert supervised_levels(cfg) == [0, 1, 2]
+    assert [tuple(o.shape[1:]) for o in model.outputs] == [(64, 64, 1), (32, 32, 1), (16, 16, 1)]
+    main = main_output(model)
+    assert tuple(main.output.shape[1:]) == (64, 64, 1) and {v.path for v in main.weights} < {
+        v.path for v in model.weights}
+    x = np.random.default_rng(0).random((1, 64, 64, 3), np.float32)
+    np.testing.assert_array_equal(main(x).numpy(), model(x)[0].numpy())
+    plain = build_unet(ModelConfig(depth=4, base_filters=4), (64, 64))
+    assert main_output(plain) is plain and supervised_levels(ModelConfig()) == [0]
+    # The same layers but the heads: a plain model's checkpoint names are the deep one's, less these.
+    assert {w.path for w in model.weights} - {w.path for w in plain.weights} == {
+        f"aux{level}_logits/{v}" for level in (1, 2) for v in ("kernel", "bias")}

@@ -339,6 +339,50 @@ def test_evaluator_traces_its_step_once(shards):
     assert evaluator.eval_step.experimental_get_tracing_count() <= 2
 
 
+def test_deep_supervision_trains_its_heads_and_serves_the_main_output(shards, tmp_path):
+    # model.deep_supervision: the heads on decoder levels 1..depth-2 are trained through the loss,
+    # saved and resumed with the model, and left out of evaluation, prediction and export.
+    from unet_dist.checkpoint import init_weights, restore_trained
+    from unet_dist.distribute import make_runtime
+    from unet_dist.inference import load_predictor, load_trained
+    from unet_dist.losses import training_loss
+    from unet_dist.model import build_unet
+    from unet_dist.trainer import build_model_and_optimizer, make_train_step
+
+    deep = tiny_overrides(steps=2) + ["model.depth=3", "model.deep_supervision=true", "train.eval_every_steps=2"]
+    cfg = load_config(None, deep)
+    runtime = make_runtime(cfg)
+    model, optimizer = build_model_and_optimizer(cfg, runtime, 1e-2)
+    step = make_train_step(model, optimizer, training_loss(cfg), runtime, 4, False)
+    rng = np.random.default_rng(0)
+    batch = {"image": tf.constant(rng.random((4, 64, 64, 3)), tf.float32),
+             "mask": tf.constant(rng.integers(0, 2, (4, 64, 64, 1)), tf.uint8)}
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    step(batch)
+    moved = {v.path for v in model.trainable_variables if not np.array_equal(before[v.path], v.numpy())}
+    assert {"aux1_logits/kernel", "aux1_logits/bias", "logits/kernel", "up1_conv0/kernel"} <= moved
+    # Through the trainer, then the CLIs' view of the run: the main output alone.
+    s = train(cfg, shards, tmp_path / "deep")
+    assert s["final_val_iou"] is not None
+    served, _, _ = load_trained(tmp_path / "deep")
+    assert len(served.outputs) == 1 and len(restore_trained(tmp_path / "deep", heads=True)[0].outputs) == 2
+    assert load_predictor([tmp_path / "deep"])(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).shape == (40, 56, 1)
+    with pytest.raises(ConfigError, match=r"model.deep_supervision: checkpoint True, config False"):
+        train(load_config(None, deep[:-2] + ["model.deep_supervision=false"]), shards, tmp_path / "deep")
+    # A plain run resumes from a model.json written before the key (its default then).
+    plain = load_config(None, tiny_overrides(steps=1) + ["model.depth=3"])
+    train(plain, shards, tmp_path / "plain")
+    signature = tmp_path / "plain" / "checkpoints" / "model.json"
+    signature.write_text(json.dumps({k: v for k, v in json.loads(signature.read_text()).items()
+                                     if k != "deep_supervision"}))
+    plain.train.steps = 2
+    assert train(plain, shards, tmp_path / "plain")["start_step"] == 1
+    # Fine-tuning between the two: the heads start new where the source has none.
+    assert init_weights(build_unet(cfg.model, (64, 64)), tmp_path / "plain").endswith(
+        "; the deep-supervision head aux1_logits starts new")
+    assert "starts new" not in init_weights(build_unet(plain.model, (64, 64)), tmp_path / "deep")
+
+
 def test_patch_training_evaluates_whole_images(shards, tmp_path):
     cfg = load_config(None, tiny_overrides(steps=3) + ["data.patch_size=[32, 32]", "train.eval_every_steps=3"])
     s = train(cfg, shards, tmp_path / "w")

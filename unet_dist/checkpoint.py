@@ -20,13 +20,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.config import Config, ConfigError, load_workdir_config
+from unet_dist.config import Config, ConfigError, ModelConfig, load_workdir_config
 from unet_dist.distribute import Runtime
 from unet_dist.errors import tf_reason
 from unet_dist.logs import atomic_write_text
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
-MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes")
+MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes",
+              "deep_supervision")
 
 
 def checkpoint_path(workdir: str | Path, which: str = "best") -> str:
@@ -73,31 +74,33 @@ def check_free_space(workdir: Path, model: keras.Model, optimizer, keep: int) ->
                           f"{need / 2**20:.1f} MiB ({keep} kept + best + one being written)")
 
 
-def restore_trained(workdir: str | Path, which: str = "best") -> tuple[keras.Model, Config, str]:
+def restore_trained(workdir: str | Path, which: str = "best", heads: bool = False
+                    ) -> tuple[keras.Model, Config, str]:
     """(WORKDIR's fully convolutional model with the weights of its checkpoint `which`, its config,
     the checkpoint path), built under the current Keras dtype policy (variables are float32 under
-    every policy). which: 'best' (by val IoU; falls back to the latest) or 'latest'. ConfigError
-    when WORKDIR has no config.yaml or no checkpoint, CheckpointError when it is damaged."""
-    from unet_dist.model import build_unet
+    every policy). which: 'best' (by val IoU; falls back to the latest) or 'latest'. The model has
+    its main output alone (`model.main_output`) unless heads: then also model.deep_supervision's.
+    ConfigError when WORKDIR has no config.yaml or no checkpoint, CheckpointError when it is damaged."""
+    from unet_dist.model import build_unet, main_output
 
     cfg = load_workdir_config(workdir)
     path = checkpoint_path(workdir, which)
     model = build_unet(cfg.model, None)
     read_checkpoint(tf.train.Checkpoint(model=model), path)
-    return model, cfg, path
+    return model if heads else main_output(model), cfg, path
 
 
 def init_weights(model: keras.Model, source: str | Path) -> str:
     """Copies the weights of workdir SOURCE's best (else latest) checkpoint into `model`, layer by
     layer by name: a run that starts from trained weights (fine-tuning, another data set). The
-    output layer starts as initialised when its shape differs (another model.num_classes); any other
-    layer that is missing there or of another shape is a ConfigError naming it, before anything is
-    copied. Only weights move: the optimizer, the step and the learning-rate schedule start fresh.
+    output layer starts as initialised when its shape differs (another model.num_classes), as do
+    model.deep_supervision's heads where SOURCE has none or other ones; any other layer that is
+    missing there or of another shape is a ConfigError naming it, before anything is copied. Only weights move: the optimizer, the step and the learning-rate schedule start fresh.
     Returns the line to print.
     """
     key = f"train.init_from {source}"
     try:
-        theirs, _, path = restore_trained(source, "best")
+        theirs, _, path = restore_trained(source, "best", heads=True)
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
     by_name = {layer.name: layer for layer in theirs.layers if layer.weights}
@@ -110,15 +113,17 @@ def init_weights(model: keras.Model, source: str | Path) -> str:
             pairs.append((layer, src))
         elif layer.name == "logits" and src is not None:
             new.append(f"the output layer starts new ({their_shape[0][-1]} units there, {ours_shape[0][-1]} here)")
+        elif layer.name.startswith("aux"):  # a deep-supervision head: training's alone
+            new.append(f"the deep-supervision head {layer.name} starts new")
         else:
             problems.append(f"layer {layer.name}: {their_shape or 'absent'} there, {ours_shape} here")
     if problems:
         more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
         raise ConfigError(f"{key}: its model is not this one ({'; '.join(problems[:2])}{more}); only "
-                          f"model.num_classes may differ (see {Path(source) / 'config.yaml'})")
+                          f"model.num_classes and model.deep_supervision may differ (see {Path(source) / 'config.yaml'})")
     for layer, src in pairs:
         layer.set_weights(src.get_weights())
-    return f"weights of {len(pairs)} layers from {path}" + (f"; {new[0]}" if new else "")
+    return f"weights of {len(pairs)} layers from {path}" + "".join(f"; {n}" for n in new)
 
 
 class Checkpoints:
@@ -160,8 +165,10 @@ class Checkpoints:
             self.runtime.print(f"unet_dist: {path} is unreadable ({type(e).__name__}); not checking the model "
                                "settings against it", file=sys.stderr)
             return
-        diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
-                for k, v in self._model_signature().items() if saved.get(k) != v]
+        # A key newer than the file (model.deep_supervision) was its default when it was written.
+        saved = {k: saved.get(k, getattr(ModelConfig(), k)) for k in MODEL_KEYS}
+        diff = [f"model.{k}: checkpoint {saved[k]!r}, config {v!r}"
+                for k, v in self._model_signature().items() if saved[k] != v]
         if diff:
             raise ConfigError(f"checkpoints in {self.dir} are of another model ({'; '.join(diff)}); "
                               f"use another --workdir or --no-resume")

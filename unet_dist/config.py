@@ -81,6 +81,7 @@ class ModelConfig:
     upsample: Literal["transpose", "bilinear"] = "transpose"
     up_filters: list[int] | None = None  # widths of the up-convolutions, deepest first (default: level widths)
     num_classes: int = 2  # 2 = one sigmoid output; N > 2 = softmax over N
+    deep_supervision: bool = False  # nnU-Net: training's loss also at decoder levels 1..depth-2 (same padding, depth >= 3)
 
 
 @dataclass
@@ -147,7 +148,7 @@ class TrainConfig:
     early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best val IoU (0: off; the count restarts when a run resumes)
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
     gradient_accumulation_steps: int = 1  # each replica's batch in this many micro-batches, one after the other, gradients summed: the same step in less memory
-    init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes may differ, the output layer then starts new
+    init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes (the output layer then starts new) and model.deep_supervision (its heads) may differ
 
 
 @dataclass
@@ -351,6 +352,9 @@ def validate(cfg: Config) -> None:
          "false when runtime.xla is true (its collectives cannot be compiled by XLA)", m.sync_batch_norm)
     need(0 <= m.dropout < 1, "model.dropout", "0 <= dropout < 1", m.dropout)
     need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
+    need(not m.deep_supervision or (m.padding == "same" and m.depth >= 3), "model.deep_supervision",
+         "false unless model.padding is same and model.depth >= 3 (its outputs are at levels 1..depth-2)",
+         m.deep_supervision)
     need(m.up_filters is None or (len(m.up_filters) == m.depth and all(f > 0 for f in m.up_filters)),
          "model.up_filters", f"null or {m.depth} positive widths (one per level)", m.up_filters)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from unet_dist.config import TrainConfig
+from unet_dist.config import Config, TrainConfig
 from unet_dist.data.convert import IGNORE
 
 EPS = 1e-6
@@ -103,3 +103,33 @@ def get_loss(cfg: TrainConfig, ignore: bool = False) -> LossFn:
     if cfg.loss == "focal":
         return lambda y, p, w=None: focal(y, p, gamma=cfg.focal_gamma, ignore=ignore)
     raise ValueError(f"unknown loss {cfg.loss!r}")
+
+
+def deep_supervised(loss_fn: LossFn, levels: list[int]) -> LossFn:
+    """`loss_fn` over the model's outputs at decoder `levels` (`model.supervised_levels`): a list
+    [(B, h, w, U), (B, h/2, w/2, U), ...] for levels [0, 1, ...], each against the mask (and weight
+    map) taken at its resolution, the pixel at the centre of each 2^l x 2^l block (PyTorch's
+    nearest-exact, as MONAI's deep-supervision loss resizes the labels), weighted 2^-l and the
+    weights normalised to 1, as nnU-Net's. h and w must divide by 2^l. One level: `loss_fn` itself.
+    """
+    if levels == [0]:
+        return loss_fn
+    weights = [2.0**-level for level in levels]
+    weights = [w / sum(weights) for w in weights]
+
+    def at(x, level):
+        s = 2**level
+        return x if x is None or s == 1 else x[:, s // 2 :: s, s // 2 :: s]
+
+    def supervised(y_true, outputs, weight=None):
+        return tf.add_n([w * loss_fn(at(y_true, level), p, at(weight, level))
+                         for w, level, p in zip(weights, levels, outputs, strict=True)])
+
+    return supervised
+
+
+def training_loss(cfg: Config, ignore: bool = False) -> LossFn:
+    """train.loss (`get_loss`) over the outputs model.deep_supervision gives the model, if any."""
+    from unet_dist.model import supervised_levels
+
+    return deep_supervised(get_loss(cfg.train, ignore), supervised_levels(cfg.model))

@@ -17,13 +17,16 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
       cfg: depth (number of 2x poolings), base_filters (doubled at each level down), padding
         ('same', or 'valid' for the unpadded 2015 network), batch_norm, dropout (before the
         bottleneck), upsample ('transpose' or 'bilinear' + 2x2 conv), up_filters (widths of the
-        up-convolutions, deepest first; default the width of the level they lead to), num_classes.
+        up-convolutions, deepest first; default the width of the level they lead to), num_classes,
+        deep_supervision (heads on decoder levels 1..depth-2 as well; see Output).
       input_size: (H, W) the model is built for; None builds a fully convolutional model that takes
         any size satisfying the constraint below (used for prediction and export).
 
     Input: (B, H, W, 3) float in [0, 1]. Output: (B, H', W', 1) sigmoid probabilities when
     num_classes == 2, else (B, H', W', num_classes) softmax probabilities, always float32 whatever
-    the precision policy (so losses and metrics are computed in float32).
+    the precision policy (so losses and metrics are computed in float32). With deep_supervision,
+    a list: that output, then the same probabilities from heads on decoder levels 1..depth-2,
+    (B, H / 2^l, W / 2^l, U) for level l (training's loss; `main_output` drops them).
     Constraints: with padding='same', H and W divisible by 2^depth and (H', W') == (H, W). With
     'valid', every size reaching a pooling must be even; H' = H - 184 at depth 4 (572 -> 388), see
     `unet_dist.shapes.output_size`; skip connections are centre-cropped to match.
@@ -63,6 +66,7 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
     if cfg.dropout:
         x = layers.Dropout(cfg.dropout, name="bottleneck_dropout")(x)
     x = _conv_block(x, widths[cfg.depth], cfg, "bottleneck")
+    aux = {}  # level -> decoder output, for deep supervision
     for i, level in enumerate(reversed(range(cfg.depth))):
         name = f"up{level}"
         if cfg.upsample == "transpose":
@@ -75,16 +79,36 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
             skip = CenterCrop2D(name=f"{name}_crop")([skip, x])
         x = layers.Concatenate(name=f"{name}_concat")([skip, x])
         x = _conv_block(x, widths[level], cfg, name)
+        aux[level] = x
     units = 1 if cfg.num_classes == 2 else cfg.num_classes
+    act = "sigmoid" if units == 1 else "softmax"
     # The head computes in float32 under any mixed-precision policy: the loss needs stable logs.
     logits = layers.Conv2D(units, 1, dtype="float32", name="logits")(x)
-    act = "sigmoid" if units == 1 else "softmax"
     outputs = layers.Activation(act, dtype="float32", name="probs")(logits)
+    if cfg.deep_supervision:
+        outputs = [outputs] + [
+            layers.Activation(act, dtype="float32", name=f"aux{level}_probs")(
+                layers.Conv2D(units, 1, dtype="float32", name=f"aux{level}_logits")(aux[level]))
+            for level in supervised_levels(cfg)[1:]]
     model = keras.Model(inputs, outputs, name="unet")
     if input_size is not None:
         expect = output_size(tuple(input_size), cfg.depth, cfg.padding)
-        assert tuple(model.output_shape[1:3]) == expect, (model.output_shape, expect)
+        assert tuple(main_output(model).output_shape[1:3]) == expect, (model.output_shape, expect)
     return model
+
+
+def supervised_levels(cfg: ModelConfig) -> list[int]:
+    """The decoder levels training's loss sees: 0 (the output) alone, or with deep_supervision
+    0..depth-2, as nnU-Net (whose lowest output's weight is 0). Level l is 2^l times coarser."""
+    return list(range(cfg.depth - 1)) if cfg.deep_supervision else [0]
+
+
+def main_output(model: keras.Model) -> keras.Model:
+    """`model` with its first output alone (the same layers and variables): what evaluation,
+    prediction and export run. A model without deep supervision is returned as it is."""
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(model.input, model.outputs[0], name=model.name)
 
 
 def moving_statistics(model: keras.Model) -> list:

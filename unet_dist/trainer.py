@@ -32,9 +32,9 @@ from unet_dist.data.pipeline import (
 from unet_dist.distribute import CollectiveError, Runtime, collective_failures, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
-from unet_dist.losses import cross_entropy, get_loss
+from unet_dist.losses import cross_entropy, training_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
-from unet_dist.model import FusedBatchNorm, build_unet, moving_statistics
+from unet_dist.model import FusedBatchNorm, build_unet, main_output, moving_statistics
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import build_optimizer, scaled_learning_rate
 from unet_dist.watchdog import Watchdog
@@ -95,7 +95,8 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
 
     def forward_backward(batch):
         with tf.GradientTape() as tape:
-            probs = model(batch["image"], training=True)  # (B, h, w, U) float32
+            # (B, h, w, U) float32; with model.deep_supervision a list, which loss_fn takes as it is
+            probs = model(batch["image"], training=True)
             per_example = loss_fn(batch["mask"], probs, batch.get("weight"))  # (B,)
             loss = tf.reduce_sum(per_example) / global_batch
             if model.losses:  # regularisers: counted once over all replicas and micro-batches
@@ -167,6 +168,7 @@ class Evaluator:
         _, per_replica = runtime.batch_sizes()
         shard = runtime.process_shard
         self.dataset = eval_dataset(data_dir, cfg, per_replica, shard, manifest, split)
+        model = main_output(model)  # deep supervision's heads are training's alone
         # The batches this process runs: its records are every count-th from its index (eval_dataset).
         self.batches = -(-len(range(shard.index, manifest[split]["records"], shard.count)) // per_replica)
 
@@ -480,7 +482,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
-    step_fn = make_train_step(model, optimizer, get_loss(cfg.train, ignores(manifest)), runtime, global_batch,
+    step_fn = make_train_step(model, optimizer, training_loss(cfg, ignores(manifest)), runtime, global_batch,
                               cfg.runtime.xla, cfg.train.gradient_accumulation_steps)
     batches = iter(runtime.distribute(
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))

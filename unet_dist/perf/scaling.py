@@ -56,7 +56,7 @@ def worker(args) -> dict:
     import tensorflow as tf
 
     from unet_dist.distribute import make_runtime
-    from unet_dist.losses import get_loss
+    from unet_dist.losses import training_loss
     from unet_dist.trainer import build_model_and_optimizer, make_train_step
 
     cfg = _config(args, args.backend)
@@ -70,7 +70,7 @@ def worker(args) -> dict:
     batch = {"image": tf.constant(rng.random((per_replica, h, w, 3), np.float32)),
              "mask": tf.constant((rng.random((per_replica, h, w, 1)) > 0.5).astype(np.uint8))}
     data = iter(runtime.distribute(lambda shard, b: tf.data.Dataset.from_tensors(batch).repeat()))
-    step = make_train_step(model, opt, get_loss(cfg.train), runtime, global_batch, False)
+    step = make_train_step(model, opt, training_loss(cfg), runtime, global_batch, False)
     _timed(step, data, 3)
     out = {"bench": "scaling_worker", "backend": args.backend, "world_size": runtime.world_size,
            "chief": runtime.is_chief}
@@ -108,12 +108,12 @@ def _alone_step(cfg, batch) -> tuple:
     import tensorflow as tf
 
     from unet_dist.distribute import Runtime
-    from unet_dist.losses import get_loss
+    from unet_dist.losses import training_loss
     from unet_dist.trainer import build_model_and_optimizer, make_train_step
 
     single = Runtime(cfg, "alone, for the 1-process step")
     model, opt = build_model_and_optimizer(cfg, single, cfg.optim.learning_rate)
-    step = make_train_step(model, opt, get_loss(cfg.train), single, int(batch["image"].shape[0]), False)
+    step = make_train_step(model, opt, training_loss(cfg), single, int(batch["image"].shape[0]), False)
     batches = iter(tf.data.Dataset.from_tensors(batch).repeat())
     _timed(step, batches, 3)
     return step, batches

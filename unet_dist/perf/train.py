@@ -18,7 +18,7 @@ def prepared_step(cfg, data_dir: Path, manifest: dict, runtime=None):
 
     from unet_dist.data.pipeline import Shard, train_dataset
     from unet_dist.distribute import make_runtime
-    from unet_dist.losses import get_loss
+    from unet_dist.losses import training_loss
     from unet_dist.trainer import build_model_and_optimizer, make_train_step
 
     runtime = runtime or make_runtime(cfg)
@@ -26,7 +26,7 @@ def prepared_step(cfg, data_dir: Path, manifest: dict, runtime=None):
     global_batch, _ = runtime.batch_sizes()
     keras.utils.set_random_seed(0)
     model, opt = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
-    step = make_train_step(model, opt, get_loss(cfg.train), runtime, global_batch, cfg.runtime.xla,
+    step = make_train_step(model, opt, training_loss(cfg), runtime, global_batch, cfg.runtime.xla,
                            cfg.train.gradient_accumulation_steps)
     it = iter(train_dataset(data_dir, cfg, global_batch, global_batch, Shard(0, 1), manifest=manifest))
     batches = [next(it) for _ in range(4)]
