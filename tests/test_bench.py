@@ -44,7 +44,8 @@ def test_kernel_seconds_reads_a_real_trace(tmp_path):
 def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
     # The published scaling table comes from this command; here with a tiny model, 2 rounds of 2
     # synchronous and 2 chief-alone steps in one 2-process job.
-    tiny = ["data.image_size=[64, 64]", "model.depth=2", "model.base_filters=4", "optim.name=sgd"]
+    tiny = ["data.image_size=[64, 64]", "model.depth=2", "model.base_filters=4", "model.deep_supervision=false",
+            "optim.name=sgd"]
     cmd = [sys.executable, "-m", "unet_dist.bench", "scaling", "--config", "configs/demo.yaml", "--steps", "2",
            "--rounds", "2", "--repeats", "1", "--per-replica-batch", "2", "--backends", "multiworker"]
     for o in tiny:

@@ -12,11 +12,11 @@ from pathlib import Path
 from unet_dist.perf.common import child_failed, machine
 
 # The paper's recipe on the same data and model size: RMSprop (lr 1e-3, no momentum), binary
-# cross-entropy, batch 32, no augmentation, float32. Ours: configs/demo.yaml as it is.
+# cross-entropy, batch 32, no augmentation, float32, one output. Ours: configs/demo.yaml as it is.
 PAPER_RECIPE = ["optim.name=rmsprop", "optim.learning_rate=0.001", "optim.momentum=0.0", "optim.schedule=constant",
                 "optim.warmup_steps=0", "optim.lr_scaling=none", "train.loss=bce", "data.global_batch_size=32",
                 "runtime.precision=float32", "data.augment.flip=false", "data.augment.scale_crop=false",
-                "data.augment.brightness=0", "data.augment.contrast=0"]
+                "data.augment.brightness=0", "data.augment.contrast=0", "model.deep_supervision=false"]
 
 
 def _train(data: Path, workdir: Path, config: str, overrides: list[str], steps: int, target: float,
