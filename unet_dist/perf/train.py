@@ -53,7 +53,10 @@ def step_images_per_s(cfg, data_dir: Path, manifest: dict, steps: int, runtime=N
 
 
 def paper_model(cfg):
-    """Our U-Net as the paper's code builds it: stock Keras layers (keras.layers.BatchNormalization)."""
+    """Our U-Net as the paper's code builds it: stock Keras layers (keras.layers.BatchNormalization),
+    one output (no model.deep_supervision heads: model.fit trains it on the masks alone)."""
+    import dataclasses
+
     import keras
 
     from unet_dist.model import FusedBatchNorm, build_unet
@@ -63,7 +66,8 @@ def paper_model(cfg):
             return keras.layers.BatchNormalization.from_config(layer.get_config())
         return layer.__class__.from_config(layer.get_config())
 
-    return keras.models.clone_model(build_unet(cfg.model, tuple(cfg.data.image_size)), clone_function=stock)
+    plain = dataclasses.replace(cfg.model, deep_supervision=False)
+    return keras.models.clone_model(build_unet(plain, tuple(cfg.data.image_size)), clone_function=stock)
 
 
 def paper_fit_images_per_s(cfg, manifest: dict, source: Path | None, steps: int) -> float:
