@@ -95,8 +95,9 @@ def init_weights(model: keras.Model, source: str | Path) -> str:
     layer by name: a run that starts from trained weights (fine-tuning, another data set). The
     output layer starts as initialised when its shape differs (another model.num_classes), as do
     model.deep_supervision's heads where SOURCE has none or other ones; any other layer that is
-    missing there or of another shape is a ConfigError naming it, before anything is copied. Only weights move: the optimizer, the step and the learning-rate schedule start fresh.
-    Returns the line to print.
+    missing there or of another shape is a ConfigError naming it, before anything is copied. Only
+    weights move: the optimizer, the step and the learning-rate schedule start fresh. Returns the
+    line to print.
     """
     key = f"train.init_from {source}"
     try:
@@ -166,7 +167,8 @@ class Checkpoints:
                                "settings against it", file=sys.stderr)
             return
         # A key newer than the file (model.deep_supervision) was its default when it was written.
-        saved = {k: saved.get(k, getattr(ModelConfig(), k)) for k in MODEL_KEYS}
+        defaults = ModelConfig()
+        saved = {k: saved.get(k, getattr(defaults, k)) for k in MODEL_KEYS}
         diff = [f"model.{k}: checkpoint {saved[k]!r}, config {v!r}"
                 for k, v in self._model_signature().items() if saved[k] != v]
         if diff:

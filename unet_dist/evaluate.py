@@ -61,7 +61,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from tqdm import tqdm
 
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.data.convert import ConvertError, find_pairs, ignores, listed_samples, load_pair
+    from unet_dist.data.convert import ConvertError, find_pairs, ignores, listed_samples, load_pair, read_image_list
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
@@ -80,7 +80,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             raise ConfigError(f"--images {args.images}: no image with a mask ({layout} layout; "
                               f"{len(skipped)} files skipped)")
         if args.list:
-            samples, skipped = listed_samples(samples, skipped, args.list, "--list")
+            samples, skipped = listed_samples(samples, skipped, read_image_list(args.list, "--list"),
+                                              f"--list {args.list}")
         predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
     except (ConfigError, ConvertError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

@@ -277,28 +277,27 @@ def read_image_list(path: Path, flag: str) -> set[str]:
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
-        name = PurePath(words[0]).name
-        stems.add(name[: -len(PurePath(name).suffix)] if PurePath(name).suffix.lower() in IMAGE_SUFFIXES else name)
+        name = PurePath(words[0])
+        stems.add(name.stem if name.suffix.lower() in IMAGE_SUFFIXES else name.name)
     if not stems:
         raise ConvertError(f"{flag} {path}: names no image (one a line: its stem or file name)")
     return stems
 
 
-def listed_samples(samples: list[Sample], skipped: list[dict], path: Path, flag: str,
+def listed_samples(samples: list[Sample], skipped: list[dict], listed: set[str], named: str,
                    where: str = "SRC") -> tuple[list[Sample], list[dict]]:
-    """(the samples (every page of a stack), the skipped files) of the image files that the list at
-    `path` names (`read_image_list`). Raises ConvertError naming `flag` and the file when it names an
-    image not among `samples` and `skipped` (`where`: a list for another data set, or a typo), or
-    none that has a mask."""
-    listed = read_image_list(path, flag)
+    """(the samples (every page of a stack), the skipped files) of the image files whose stems are
+    `listed` (`read_image_list`). Raises ConvertError starting with `named` (the flag and the list's
+    file) when it names an image not among `samples` and `skipped` (`where`: a list for another data
+    set, or a typo), or none that has a mask."""
     present = {s.image.stem for s in samples} | {PurePath(k["file"]).stem for k in skipped}
     missing = sorted(listed - present)
     if missing:
-        raise ConvertError(f"{flag} {path}: {len(missing)} of its {len(listed)} images are not in {where}, "
+        raise ConvertError(f"{named}: {len(missing)} of its {len(listed)} images are not in {where}, "
                            f"such as {missing[0]!r}")
     chosen = [s for s in samples if s.image.stem in listed]
     if not chosen:
-        raise ConvertError(f"{flag} {path}: none of its {len(listed)} images has a mask in {where}")
+        raise ConvertError(f"{named}: none of its {len(listed)} images has a mask in {where}")
     return chosen, [k for k in skipped if PurePath(k["file"]).stem in listed]
 
 
@@ -477,9 +476,9 @@ def convert(
     if val_list is not None and (fold is not None or group is not None or split_by == "page"):
         other = "--fold" if fold is not None else "--group" if group is not None else "--split-by page"
         raise ConvertError(f"--val-list {val_list} names the val images itself; it cannot be used with {other}")
-    for flag, listing in (("--list", only), ("--val-list", val_list)):
-        if listing is not None:
-            read_image_list(listing, flag)  # a list that cannot be read: before any other work
+    # Read before any other work: a list that cannot be read stops the conversion at once.
+    only_stems = read_image_list(only, "--list") if only is not None else None
+    val_stems = read_image_list(val_list, "--val-list") if val_list is not None else None
     color_list, color_names = read_colors(Path(colors)) if colors is not None else (None, None)
     if color_list is not None:
         if layout != "folders" or classes == "trimap":
@@ -518,12 +517,12 @@ def convert(
     if not samples:
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     if only is not None:
-        samples, skipped = listed_samples(samples, skipped, only, "--list")
+        samples, skipped = listed_samples(samples, skipped, only_stems, f"--list {only}")
     image_format, format_why = image_format_of(samples, image_format)
     if val_list is not None:
         split_by, units = "file", [s.image for s in samples]
         where = "SRC" if only is None else f"--list {only}"
-        val_units = {s.image for s in listed_samples(samples, skipped, val_list, "--val-list", where)[0]}
+        val_units = {s.image for s in listed_samples(samples, skipped, val_stems, f"--val-list {val_list}", where)[0]}
         if len(val_units) == len(set(units)):
             raise ConvertError(f"--val-list {val_list} names every image with a mask in {where}; nothing is left "
                                "to train on")

@@ -34,20 +34,18 @@ def _predict_peaks(workdir: Path, image: Path, sizes: list[int], tmp: Path) -> d
     per pixel of image from the first size to the last: what a large image costs."""
     from PIL import Image
 
-    res = {}
+    peaks = {}  # size -> MiB
     for size in sizes:
         path = tmp / f"predict{size}" / "image.png"
         path.parent.mkdir()
         Image.open(image).convert("RGB").resize((size, size), Image.BICUBIC).save(path)
-        res[f"predict_{size}x{size}_peak_rss_mib"] = peak_rss_mib(
-            [sys.executable, "-m", "unet_dist.predict", "--workdir", str(workdir), str(path), "--out",
-             str(path.parent / "out"), "--mode", "tile"])
-        print(f"bench memory: predict {size}x{size}: {res[f'predict_{size}x{size}_peak_rss_mib']:.0f} MiB",
-              file=sys.stderr)
+        peaks[size] = peak_rss_mib([sys.executable, "-m", "unet_dist.predict", "--workdir", str(workdir), str(path),
+                                  "--out", str(path.parent / "out"), "--mode", "tile"])
+        print(f"bench memory: predict {size}x{size}: {peaks[size]:.0f} MiB", file=sys.stderr)
     small, large = sizes[0], sizes[-1]
-    grew = res[f"predict_{large}x{large}_peak_rss_mib"] - res[f"predict_{small}x{small}_peak_rss_mib"]
-    res["predict_bytes_per_pixel"] = grew * 2**20 / (large**2 - small**2)
-    return res
+    out = {f"predict_{size}x{size}_peak_rss_mib": mib for size, mib in peaks.items()}
+    out["predict_bytes_per_pixel"] = (peaks[large] - peaks[small]) * 2**20 / (large**2 - small**2)
+    return out
 
 
 def run(args) -> dict:
