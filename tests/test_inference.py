@@ -126,7 +126,7 @@ def test_an_interrupted_prediction_leaves_the_earlier_outputs_whole(tmp_path, mo
 
     from PIL import Image
 
-    import unet_dist.logs
+    import unet_dist.atomic
     from unet_dist.predict import save_outputs
 
     image = np.full((6, 8, 3), 200, np.uint8)
@@ -136,13 +136,31 @@ def test_an_interrupted_prediction_leaves_the_earlier_outputs_whole(tmp_path, mo
     def killed(src, dst):
         raise KeyboardInterrupt  # as if the process were stopped between writing and renaming
 
-    monkeypatch.setattr(unet_dist.logs.os, "replace", killed)
+    monkeypatch.setattr(unet_dist.atomic.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         save_outputs(image, np.zeros((6, 8), np.uint8), tmp_path, "a")
-    monkeypatch.setattr(unet_dist.logs.os, "replace", os.replace)
+    monkeypatch.setattr(unet_dist.atomic.os, "replace", os.replace)
     assert (tmp_path / "a_mask.png").read_bytes() == before
     assert np.asarray(Image.open(tmp_path / "a_mask.png")).max() == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_mask.png", "a_overlay.png"]  # no temporary left
+
+
+def test_a_folder_replaces_the_earlier_one_only_once_it_is_complete(tmp_path):
+    # export writes its SavedModel folder this way, conversion its manifest.json.
+    from unet_dist.atomic import atomic_path
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.pb").write_text("old")
+    with pytest.raises(OSError, match="disk full"), atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new.pb").write_text("half")
+        raise OSError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (out / "old.pb").read_text() == "old"
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new.pb").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in out.iterdir()] == ["new.pb"]
 
 
 @pytest.mark.parametrize("units", [1, 2, 3])
@@ -333,7 +351,7 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
     # that fails (a full disk) is raised by the writer, after the writes already started are done.
     from PIL import Image
 
-    import unet_dist.logs
+    import unet_dist.atomic
     from unet_dist.predict import Writer
 
     image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
@@ -353,7 +371,7 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
         assert np.array_equal(overlay[:, 40:80], np.repeat(m[..., None] * 255, 3, axis=2))  # the mask, white
         assert np.array_equal(overlay[:, 80:], image * m[..., None])
     assert not [p for p in (tmp_path / "ok").iterdir() if ".tmp-" in p.name]
-    real = unet_dist.logs.atomic_path
+    real = unet_dist.atomic.atomic_path
 
     @contextlib.contextmanager
     def full_disk(path):
@@ -362,7 +380,7 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
             if path.name.startswith("im3"):  # the file was written in part
                 raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(unet_dist.logs, "atomic_path", full_disk)
+    monkeypatch.setattr(unet_dist.atomic, "atomic_path", full_disk)
     (tmp_path / "full").mkdir()
     writer = Writer(tmp_path / "full", threads=2)
     with pytest.raises(OSError, match="No space left on device"):

@@ -264,13 +264,13 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     assert unused.returncode == 2 and "predict: error: --tile: used in tile mode only, and this is resize mode (the " \
         "training data was resized" in unused.stderr, unused.stderr
     # A write that fails (a full disk) stops predict with one line (the writes are on background threads).
-    import unet_dist.logs
+    import unet_dist.atomic
 
     def full_disk(path):
         raise OSError(28, "No space left on device", str(path))
 
     with monkeypatch.context() as m:
-        m.setattr(unet_dist.logs, "atomic_path", full_disk)
+        m.setattr(unet_dist.atomic, "atomic_path", full_disk)
         full = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "gray.png"), "--out",
                         str(tmp_path / "full"))
     assert full.returncode == 1 and full.stdout == "", full.stdout

@@ -20,10 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from unet_dist.atomic import atomic_write_text
 from unet_dist.config import Config, ConfigError, ModelConfig, load_workdir_config
 from unet_dist.distribute import Runtime
 from unet_dist.errors import tf_reason
-from unet_dist.logs import atomic_write_text
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
 MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes",

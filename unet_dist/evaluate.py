@@ -60,12 +60,13 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from unet_dist.atomic import atomic_write_text
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.data.convert import ConvertError, find_pairs, ignores, listed_samples, load_pair, read_image_list
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
-    from unet_dist.logs import atomic_write_text, chief_progress
+    from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
 
     try:
@@ -195,10 +196,11 @@ def main(argv=None) -> int:
     if args.images:
         return evaluate_images(args, cfg, out)
     args.split, args.workdir = args.split or "val", workdir
+    from unet_dist.atomic import atomic_write_text
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
-    from unet_dist.logs import atomic_write_text, chief_progress
+    from unet_dist.logs import chief_progress
     from unet_dist.trainer import Evaluator, build_model_and_optimizer, check_data_matches
 
     try:

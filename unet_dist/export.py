@@ -21,11 +21,10 @@ they differ from float32's by the rounding of 16-bit activations, as predict's d
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
+from unet_dist.atomic import atomic_path
 from unet_dist.config import ConfigError, add_workdir_args, writable_dir
 from unet_dist.predict import add_mode_args, predictor_options
 
@@ -58,14 +57,8 @@ def main(argv=None) -> int:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(out) as tmp:
         export_saved_model(predictor.models, predictor.fn, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"export: SavedModel ({predictor.summary()}) -> {out}")
     return 0
 

@@ -5,40 +5,16 @@ Off the chief every method is a no-op, so the trainer never asks who it is.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from unet_dist.atomic import atomic_write_text
 from unet_dist.data.convert import IGNORE
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yields a path beside `path` to write; renamed into place when the block ends without an
-    error, removed otherwise: a kill or an error mid-write leaves the earlier file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes beside `path` and renames into place (`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def read_metrics(path: Path) -> list[dict]:

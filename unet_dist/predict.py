@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageSequence
 
+from unet_dist import atomic
 from unet_dist.config import ConfigError, add_runtime_set_arg, add_strategy_arg, add_workdir_args, writable_dir
 
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
@@ -54,9 +55,7 @@ def _save(image: Image.Image, path: Path, **params) -> None:
     """`image.save(**params)` beside `path`, then renamed into place: an interrupted run leaves an
     earlier prediction whole. Encoded straight into the file, not into memory first: the overlay of
     an 8192x8192 image is 69 MB of PNG."""
-    from unet_dist.logs import atomic_path  # loads TensorFlow: after the arguments are checked
-
-    with atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         image.save(tmp, **params)
 
 

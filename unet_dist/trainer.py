@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist import precision
+from unet_dist.atomic import atomic_write_text
 from unet_dist.checkpoint import Checkpoints, check_free_space, init_weights
 from unet_dist.config import Config, ConfigError, config_yaml, writable_dir
 from unet_dist.data.convert import ignores
@@ -31,7 +32,7 @@ from unet_dist.data.pipeline import (
 )
 from unet_dist.distribute import CollectiveError, Runtime, collective_failures, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
-from unet_dist.logs import Logger, atomic_write_text, panel_rows, plot_curves
+from unet_dist.logs import Logger, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, training_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import FusedBatchNorm, build_unet, main_output, moving_statistics

@@ -26,6 +26,7 @@ from pathlib import Path, PurePath
 import numpy as np
 from PIL import Image
 
+from unet_dist.atomic import atomic_write_text
 from unet_dist.config import ConfigError, writable_dir
 from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, Sample, image_files, load_mask, load_rgb, samples_of
 
@@ -665,9 +666,7 @@ def convert(
             for p, name in zip(paths[: kept[s]], names[s], strict=True):  # the empty ones: unlinked below
                 os.replace(p, out / name)
         old_shards = _shards_named_in(out / "manifest.json")
-        mtmp = out / f".manifest.json.tmp-{os.getpid()}"
-        mtmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(mtmp, out / "manifest.json")
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
         # --overwrite: the earlier set's shards that the new one did not replace go, now that the
         # new set is complete (until here the earlier set was still whole).
         for name in old_shards - set(names["train"]) - set(names["val"]):
