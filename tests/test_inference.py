@@ -213,16 +213,26 @@ def test_flip_tta_averages_the_four_mirror_images_flipped_back():
     keras.utils.set_random_seed(4)
     model = build_unet(cfg.model, None)
     images = np.round(np.stack([_image(40, 56), _image(40, 56)[::-1, ::-1]]) * 255).astype(np.uint8)
-    for fn in (resize_predict_fn(model, cfg), tile_predict_fn(model, cfg, overlap=4, batch=5)):
-        got = traced(mirrored(fn))(tf.constant(images)).numpy()
-        expect = np.mean([np.flip(fn(tf.constant(np.flip(images, axes).copy())).numpy(), axes)
+    for plain, flipped in ((resize_predict_fn(model, cfg), resize_predict_fn(model, cfg, flip=True)),
+                           (tile_predict_fn(model, cfg, overlap=4, batch=5),
+                            tile_predict_fn(model, cfg, overlap=4, batch=5, flip=True))):
+        got = traced(flipped)(tf.constant(images)).numpy()
+        # Resize mode mirrors the resized image in one batch of four (resizing commutes with
+        # mirroring); tile mode tiles the mirror images one after the other: both are the whole
+        # image's mirror images.
+        expect = np.mean([np.flip(plain(tf.constant(np.flip(images, axes).copy())).numpy(), axes)
                           for axes in [(), (2,), (1,), (1, 2)]], axis=0)
         assert got.shape == (2, 40, 56, 1)
         np.testing.assert_allclose(got, expect, atol=1e-5)
         # The mirror images predict differently (the net is not mirror-symmetric), so flipping
         # them back is checked: without it the average would differ.
-        flipped_back = fn(tf.constant(images[:, ::-1].copy())).numpy()[:, ::-1]
-        assert np.abs(flipped_back - fn(tf.constant(images)).numpy()).max() > 1e-4
+        flipped_back = plain(tf.constant(images[:, ::-1].copy())).numpy()[:, ::-1]
+        assert np.abs(flipped_back - plain(tf.constant(images)).numpy()).max() > 1e-4
+    # Either way, the same average.
+    tiles = np.stack([_image(32, 32), _image(32, 32)[::-1]])
+    np.testing.assert_allclose(mirrored(model)(tf.constant(tiles), training=False).numpy(),
+                               mirrored(model, one_at_a_time=True)(tf.constant(tiles), training=False).numpy(),
+                               atol=1e-6)
 
 
 def test_resize_prediction_antialiases_as_conversion_does():

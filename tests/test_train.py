@@ -288,7 +288,7 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     refused = run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "mine"))
     assert refused.returncode == 2 and "a folder holding more than an earlier export" in refused.stderr
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-    from unet_dist.inference import classes_from_probs, load_trained, mirrored, resize_predict_fn, tile_predict_fn
+    from unet_dist.inference import classes_from_probs, load_trained, resize_predict_fn, tile_predict_fn
 
     model, cfg, _ = load_trained(w)
     images = np.random.default_rng(0).integers(0, 255, (2, 70, 90, 3), dtype=np.uint8)
@@ -297,7 +297,7 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     for flags, says, fn in (([], "resize mode: the training data was resized", resize_predict_fn(model, cfg)),
                             (["--mode", "tile", "--overlap", "8", "--tta", "flip"],
                              "tile mode: as --mode asks; averaged over 4 mirror images",
-                             mirrored(tile_predict_fn(model, cfg, overlap=8)))):
+                             tile_predict_fn(model, cfg, overlap=8, flip=True))):
         done = run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), *flags,
                         check=True)
         assert says in done.stdout, done.stdout

@@ -108,15 +108,17 @@ def tiling(cfg: Config, tile: tuple[int, int] | None = None, overlap: int | None
 
 
 def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | None = None,
-                    overlap: int | None = None, batch: int | None = None):
+                    overlap: int | None = None, batch: int | None = None, flip: bool = False):
     """A TF function: uint8 images (B, H, W, 3) of any size -> probabilities (B, H, W, U) by overlap tiles.
 
     Each image is mirror-padded by the tiles' context and cut into overlapping tiles of `tiling`'s
     size; each output pixel is taken from the centre of one tile. The tiles of all B images go
     through the model `batch` at a time (default about 2^20 input pixels: 16 tiles of 256x256, 3 of
     572x572), cut from the padded images inside the loop, so memory beyond the padded images and the
-    output is bounded by one batch of tiles however large the images. Raises ValueError naming
-    --tile or --overlap (from `tiling`).
+    output is bounded by one batch of tiles however large the images. flip: the images and their
+    mirror images are tiled and predicted one after the other (`mirrored`); where an image is not a
+    whole number of kept tiles, a mirror image's tiles fall elsewhere, so the average spans two tile
+    grids. Raises ValueError naming --tile or --overlap (from `tiling`).
     """
     (th, tw), (oh, ow), (kh, kw) = tiling(cfg, tile, overlap)
     batch = batch or max(1, 2**20 // (th * tw))
@@ -158,7 +160,7 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
         probs = tf.reshape(tf.transpose(probs, [0, 1, 3, 2, 4, 5]), [b, ny * kh, nx * kw, units])
         return probs[:, :h, :w]
 
-    return fn
+    return mirrored(fn, one_at_a_time=True) if flip else fn
 
 
 def traced(fn):
@@ -180,7 +182,7 @@ def _reflect_indices(n, before, after) -> tf.Tensor:
     return tf.where(i >= n, period - i, i)
 
 
-def resize_predict_fn(model: keras.Model, cfg: Config):
+def resize_predict_fn(model: keras.Model, cfg: Config, flip: bool = False):
     """A TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U) via the training size.
 
     The image is resized so that the model's *output* covers it (valid padding: mirror-padded by
@@ -188,7 +190,10 @@ def resize_predict_fn(model: keras.Model, cfg: Config):
     (a triangle filter as wide as the scale), as PIL's resize at conversion and the training
     pipeline's: without it, fine texture aliases into patterns training never showed. The demo model
     scored mean IoU 0.9117 on 48 new 240-500 px images without antialiasing, 0.9724 with it.
+    flip: the resized image and its mirror images go through the model as one batch (`mirrored`);
+    resizing commutes with mirroring, so that is mirroring the whole image, at the training size.
     """
+    net = mirrored(model) if flip else model
     th, tw = cfg.data.image_size
     oh, ow = output_size((th, tw), cfg.model.depth, cfg.model.padding)
     ph, pw = (th - oh) // 2, (tw - ow) // 2
@@ -199,7 +204,7 @@ def resize_predict_fn(model: keras.Model, cfg: Config):
         if ph or pw:
             x = tf.gather(x, _reflect_indices(oh, ph, th - oh - ph), axis=1)
             x = tf.gather(x, _reflect_indices(ow, pw, tw - ow - pw), axis=2)
-        probs = model(x, training=False)
+        probs = net(x, training=False)
         return tf.image.resize(probs, size, method="bilinear")
 
     return fn
@@ -211,19 +216,34 @@ def classes_from_probs(probs):
     return tf.cast(predict_classes(probs), tf.uint8)
 
 
-def mirrored(fn: Callable) -> Callable:
-    """Test-time mirroring: `fn`'s probabilities averaged over the images and their three mirror
-    images (left-right, up-down, both), each flipped back, as nnU-Net predicts by default.
+MIRRORS = ([], [2], [1], [1, 2])  # the axes of (N, h, w, C) each mirror image reverses: none, left-right, up-down, both
 
-    The four go through `fn` as one batch of 4B images (so tiles of all of them share batches);
-    4x the compute. It helps a model trained with flips (data.augment.flip), which has learnt
-    mirror images as well as the originals.
+
+def mirrored(fn: Callable, one_at_a_time: bool = False) -> Callable:
+    """Test-time mirroring: `fn(x, **kwargs)` for inputs x (N, h, w, C) -> (N, h', w', U), averaged
+    over x and its three mirror images (left-right, up-down, both), each prediction flipped back,
+    as nnU-Net predicts by default. 4x the compute. It helps a model trained with flips
+    (data.augment.flip), which has learnt mirror images as well as the originals.
+
+    one_at_a_time False: the four go through `fn` as one batch of 4N (a model, on its inputs).
+    True: one after the other, each started once the one before is summed into the average, so
+    only one pass and the sum are held at once (whole images through tile prediction: four copies
+    of a large image's probabilities at once cost about 50 bytes a pixel more than one).
+    fn's output must be centred in its input (valid padding crops as much on each side), so that a
+    flipped-back output covers the pixels the original does.
     """
-    axes = [[], [2], [1], [1, 2]]
 
-    def averaged(images):
-        probs = tf.split(fn(tf.concat([tf.reverse(images, a) for a in axes], 0)), len(axes))
-        return tf.add_n([tf.reverse(p, a) for p, a in zip(probs, axes, strict=True)]) / len(axes)
+    def averaged(x, **kwargs):
+        if not one_at_a_time:
+            probs = tf.split(fn(tf.concat([tf.reverse(x, a) for a in MIRRORS], 0), **kwargs), len(MIRRORS))
+            return tf.add_n([tf.reverse(p, a) for p, a in zip(probs, MIRRORS, strict=True)]) / len(MIRRORS)
+        total = None
+        for a in MIRRORS:
+            with tf.control_dependencies([] if total is None else [total]):  # the graph would run all four at once
+                mirror = tf.reverse(x, a)
+            probs = tf.reverse(fn(mirror, **kwargs), a)
+            total = probs if total is None else total + probs
+        return total / len(MIRRORS)
 
     return averaged
 
@@ -240,15 +260,15 @@ def prediction_fn(model: keras.Model, cfg: Config, workdir: str | Path, mode: st
     why = "as --mode asks"
     if mode == "auto":
         mode, why = auto_mode(workdir, cfg)
+    flip = tta == "flip"
     if mode == "resize":
-        fn = resize_predict_fn(model, cfg)
+        fn = resize_predict_fn(model, cfg, flip)
     else:
         try:
-            fn = tile_predict_fn(model, cfg, tile, overlap)
+            fn = tile_predict_fn(model, cfg, tile, overlap, flip=flip)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if tta == "flip":
-        fn = mirrored(fn)
+    if flip:
         why += "; averaged over 4 mirror images" + ("" if cfg.data.augment.flip else
                                                     " (this model was trained without flips)")
     return fn, mode, why
