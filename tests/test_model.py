@@ -82,24 +82,34 @@ def test_bad_arguments_raise_before_building(kwargs, size, words):
         build_unet(ModelConfig(**kwargs), size)
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_fused_batch_norm_matches_keras_batch_norm(policy):
+@pytest.mark.parametrize("policy, channels", [("float32", 5), ("mixed_bfloat16", 5), ("mixed_bfloat16", 16)])
+def test_fused_batch_norm_matches_keras_batch_norm(policy, channels, monkeypatch):
+    import tensorflow as tf
+
+    import unet_dist.precision
     from unet_dist.model import FusedBatchNorm
 
+    # bfloat16 goes into the fused kernel as it is at 16 channels on a CPU where that is fast
+    # (precision.bf16_batch_norm_kernel), through float32 otherwise: both paths, on any machine.
+    monkeypatch.setattr(unet_dist.precision, "_onednn_bf16_cpu", lambda: True)
     keras.mixed_precision.set_global_policy(policy)
-    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 8, 8, 5)).astype(np.float32)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 8, 8, channels)).astype(np.float32)
     ours, ref = FusedBatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
     ours.build(x.shape)
     ref.build(x.shape)
     for layer in (ours, ref):
-        layer.gamma.assign(np.linspace(0.5, 1.5, 5))
-        layer.beta.assign(np.linspace(-1, 1, 5))
+        layer.gamma.assign(np.linspace(0.5, 1.5, channels))
+        layer.beta.assign(np.linspace(-1, 1, channels))
+    graph = tf.function(lambda v: ours(v, training=True)).get_concrete_function(
+        tf.TensorSpec(x.shape, ours.compute_dtype)).graph
+    kernel = [op.get_attr("T") for op in graph.get_operations() if op.type == "FusedBatchNormV3"]
+    assert kernel == [tf.bfloat16 if policy == "mixed_bfloat16" and channels == 16 else tf.float32]
     tol = 1e-4 if policy == "float32" else 3e-2
     for _ in range(3):  # training mode, and the moving statistics it leaves behind
         np.testing.assert_allclose(np.asarray(ours(x, training=True), np.float32),
                                    np.asarray(ref(x, training=True), np.float32), atol=tol, rtol=tol)
     np.testing.assert_allclose(ours.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-4)
-    n = x.size // 5  # the fused kernel keeps the unbiased variance, Keras the biased one
+    n = x.size // channels  # the fused kernel keeps the unbiased variance, Keras the biased one
     np.testing.assert_allclose(ours.moving_variance.numpy(), 0.9**3 + (ref.moving_variance.numpy() - 0.9**3) * n / (n - 1),
                                rtol=1e-3)
     np.testing.assert_allclose(np.asarray(ours(x, training=False), np.float32),

@@ -131,6 +131,30 @@ def test_commands_that_read_a_run_compute_in_float32_unless_told(monkeypatch):
     assert precision(["runtime.precision=auto"]) == ("mixed_bfloat16" if cpu_bf16_flag() else "float32")
 
 
+@pytest.mark.parametrize("flag, onednn, gpus, channels, expected", [
+    ("amx_bf16", None, [], 16, True), ("avx512_bf16", "1", [], 256, True),
+    ("amx_bf16", None, [], 8, False), ("amx_bf16", None, [], 24, False),  # oneDNN's slow path
+    ("amx_bf16", "0", [], 16, False), ("bf16", None, [], 16, False), (None, None, [], 16, False),
+    ("amx_bf16", None, ["GPU:0"], 16, False)])
+def test_bfloat16_goes_into_the_batch_norm_kernel_where_that_is_fast(monkeypatch, flag, onednn, gpus, channels,
+                                                                     expected):
+    import tensorflow as tf
+
+    from unet_dist import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flag", lambda: flag)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus)
+    if onednn is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", onednn)
+    precision._onednn_bf16_cpu.cache_clear()
+    try:
+        assert precision.bf16_batch_norm_kernel(channels) is expected
+    finally:
+        precision._onednn_bf16_cpu.cache_clear()
+
+
 @pytest.mark.parametrize("tf_config,message", [
     ("{bad", "TF_CONFIG is not JSON"),
     ("[1]", "TF_CONFIG must be a JSON object"),

@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import layers
 
 from unet_dist.config import ModelConfig
+from unet_dist.precision import bf16_batch_norm_kernel
 from unet_dist.shapes import check_input_size, output_size
 
 
@@ -150,10 +151,11 @@ class FusedBatchNorm(layers.BatchNormalization):
         if self.axis not in (-1, 3) or len(inputs.shape) != 4 or self.synchronized:
             return super().call(inputs, training=training, mask=mask)
         x = inputs
-        if x.dtype != tf.float16:
-            # float16 has a fused kernel of its own; bfloat16 fed to it made the pets_seed step over 2x
-            # slower, even on a CPU with native bfloat16 (docs/benchmarks.md), so it goes through
-            # float32 and back: the casts cost ~11% of that step, the fused bfloat16 kernel far more.
+        if x.dtype != tf.float16 and not (x.dtype == tf.bfloat16 and bf16_batch_norm_kernel(x.shape[-1])):
+            # float16 has a fused kernel of its own, and so has bfloat16 on a CPU with native
+            # bfloat16, but there only for multiples of 16 channels: fed 8 it made the pets_seed step
+            # 2-4x slower (docs/benchmarks.md). Otherwise it goes through float32 and back: the casts
+            # cost ~11% of that step.
             x = tf.cast(x, tf.float32)
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([x.shape[-1]], tf.float32)
         beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([x.shape[-1]], tf.float32)

@@ -3,6 +3,8 @@ dtype policy (process-global, set here only) and loss scaling."""
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 from pathlib import Path
 
@@ -30,6 +32,29 @@ def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
                     return flag
             return None
     return None
+
+
+@functools.cache
+def _onednn_bf16_cpu() -> bool:
+    """Whether this process computes on an x86 CPU with native bfloat16 (no GPU visible) through
+    oneDNN (TensorFlow's default on x86 Linux, unless TF_ENABLE_ONEDNN_OPTS=0)."""
+    import tensorflow as tf
+
+    return (cpu_bf16_flag() in ("avx512_bf16", "amx_bf16") and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
+            and not tf.config.list_physical_devices("GPU"))
+
+
+def bf16_batch_norm_kernel(channels: int) -> bool:
+    """Whether bfloat16 activations of `channels` channels go straight into TensorFlow's fused batch
+    norm kernel (`model.FusedBatchNorm`), rather than through float32 and back.
+
+    oneDNN's bfloat16 kernel works on blocks of 16 channels. On an Intel Xeon with AMX (2-core VM,
+    2026-12-03; forward and backward of one layer) it took 0.40-0.66x the time of float32 and back
+    at 16 to 128 channels, and 7-22x the time at 8 and 24 (a slow path): the demo U-Net's step
+    (16 to 256 channels) ran 1.41x faster fed bfloat16, the paper's (8 at the first level) 4x slower.
+    Elsewhere (a GPU, Arm, oneDNN off) float32 and back, as measured before (docs/benchmarks.md).
+    """
+    return channels % 16 == 0 and _onednn_bf16_cpu()
 
 
 def resolve(cfg: RuntimeConfig) -> str | None:
