@@ -50,11 +50,12 @@ def bf16_batch_norm_kernel(channels: int) -> bool:
 
     oneDNN's bfloat16 kernel works on blocks of 16 channels. On an Intel Xeon with AMX (2-core VM,
     2026-12-03; forward and backward of one layer) it took 0.40-0.66x the time of float32 and back
-    at 16 to 128 channels, and 7-22x the time at 8 and 24 (a slow path): the demo U-Net's step
-    (16 to 256 channels) ran 1.41x faster fed bfloat16, the paper's (8 at the first level) 4x slower.
-    Elsewhere (a GPU, Arm, oneDNN off) float32 and back, as measured before (docs/benchmarks.md).
+    at 16 to 128 channels, and 7-22x the time at 8 and 24 (a slow path). With this rule the demo
+    U-Net's step (16 to 256 channels) ran 1.41x faster, the paper's 1.14x (its first level, 8
+    channels, stays in float32; fed bfloat16 there too, its step was 4x slower). Elsewhere (a GPU,
+    Arm, oneDNN off) float32 and back, as before (docs/benchmarks.md).
     """
-    return channels % 16 == 0 and _onednn_bf16_cpu()
+    return channels is not None and channels % 16 == 0 and _onednn_bf16_cpu()
 
 
 def resolve(cfg: RuntimeConfig) -> str | None:
