@@ -20,7 +20,7 @@ SCALING_MODEL = ["model.depth=4", "model.base_filters=16", "data.image_size=[128
                  "runtime.precision=float32", "optim.name=adam", "train.loss=bce"]
 # Every run, with or without --config: one thread per process, Horovod's cycle as recommended for
 # CPU ranks (docs/benchmarks.md).
-BENCH_RUNTIME = ["runtime.intra_op_threads=1", "runtime.inter_op_threads=1", "runtime.horovod_cycle_time_ms=25"]
+BENCH_RUNTIME = ["runtime.intra_op_threads=1", "runtime.inter_op_threads=1", "runtime.horovod_cycle_time_ms=5"]
 
 
 def _config(args, backend: str):
