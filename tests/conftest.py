@@ -85,10 +85,10 @@ def tiny_overrides(steps: int = 4) -> list[str]:
     """A U-Net small enough to train in seconds on the 64x64 fixture data."""
     return [
         "data.image_size=[64, 64]", "data.global_batch_size=4", "data.shuffle_buffer=16",
-        "model.depth=2", "model.base_filters=4", "model.deep_supervision=false", f"train.steps={steps}",
-        "train.log_every_steps=1",
-        "train.eval_every_steps=1000", "train.checkpoint_every_steps=1000", "runtime.precision=float32",
-        "optim.warmup_steps=0", "train.image_panels=2",
+        "model.depth=2", "model.base_filters=4", "model.deep_supervision=false",
+        f"train.steps={steps}", "train.log_every_steps=1", "train.eval_every_steps=1000",
+        "train.checkpoint_every_steps=1000", "train.image_panels=2",
+        "runtime.precision=float32", "optim.warmup_steps=0",
     ]
 
 
