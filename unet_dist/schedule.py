@@ -54,19 +54,3 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "decay": self.decay, "end_factor": self.end_factor, "power": self.power,
                 "boundaries": list(self.boundaries), "step_factor": self.step_factor}
-
-
-def build_optimizer(cfg: OptimConfig, peak_lr: float, total_steps: int) -> keras.optimizers.Optimizer:
-    """A Keras optimizer driven by the warmup + decay schedule."""
-    lr = WarmupSchedule(peak_lr, total_steps, cfg.warmup_steps, cfg.schedule, cfg.end_learning_rate_factor,
-                        cfg.power, tuple(cfg.step_boundaries), cfg.step_factor)
-    common = {"learning_rate": lr, "clipnorm": cfg.clipnorm}
-    if cfg.name == "sgd":
-        return keras.optimizers.SGD(momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
-    if cfg.name == "rmsprop":
-        return keras.optimizers.RMSprop(momentum=cfg.momentum, **common)
-    if cfg.name == "adam":
-        return keras.optimizers.Adam(**common)
-    if cfg.name == "adamw":
-        return keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **common)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")

@@ -36,8 +36,9 @@ from unet_dist.logs import Logger, panel_rows, plot_curves
 from unet_dist.losses import cross_entropy, training_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import FusedBatchNorm, build_unet, main_output, moving_statistics
+from unet_dist.optimizers import build_optimizer
 from unet_dist.preemption import Preempted, PreemptionWatcher
-from unet_dist.schedule import build_optimizer, scaled_learning_rate
+from unet_dist.schedule import scaled_learning_rate
 from unet_dist.watchdog import Watchdog
 
 
