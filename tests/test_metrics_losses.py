@@ -33,6 +33,10 @@ def test_confusion_matrix_scores_match_numpy(k, absent):
         t[t == absent] = (absent + 1) % k
         p[p == absent] = (absent + 1) % k
     cm = confusion_matrix(tf.constant(t), tf.constant(p, tf.int32), k).numpy()
+    counts = np.zeros((k, k), np.int64)
+    np.add.at(counts, (t.ravel(), p.ravel()), 1)  # rows: truth, columns: prediction
+    np.testing.assert_array_equal(cm, counts)
+    assert cm.dtype == np.int64
     s = scores(cm)
     ious, dices, miou, acc = numpy_scores(t[..., 0], p, k)
     for a, b in zip(s["iou_per_class"], ious, strict=True):

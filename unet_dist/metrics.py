@@ -27,7 +27,12 @@ def confusion_matrix(y_true: tf.Tensor, y_pred: tf.Tensor, num_classes: int, ign
     if ignore:
         keep = tf.not_equal(truth, IGNORE)
         truth, pred = tf.boolean_mask(truth, keep), tf.boolean_mask(pred, keep)
-    return tf.math.confusion_matrix(truth, pred, num_classes=num_classes, dtype=tf.int64)
+    # One count per (truth, prediction) cell. tf.math.confusion_matrix does the same with a scatter
+    # of int64 ones and range asserts, 15x slower on our CPU (27 against 1.8 ms for 64 images of
+    # 128x128: an eighth of the demo's evaluation). Ids are in range by construction: masks were
+    # checked at conversion, predictions come from predict_classes.
+    cells = tf.math.bincount(truth * num_classes + pred, minlength=num_classes**2, maxlength=num_classes**2)
+    return tf.cast(tf.reshape(cells, [num_classes, num_classes]), tf.int64)
 
 
 def scores(cm: np.ndarray) -> dict:
