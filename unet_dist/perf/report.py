@@ -36,7 +36,7 @@ def commands(args) -> dict[str, list[str]]:
         "scaling_fp16": [*py, "scaling", "--backends", "multiworker", "--set", "runtime.allreduce_dtype=float16"],
         "scaling_auto": [*py, "scaling", "--set", "runtime.precision=auto"],
         "memory": [*py, "memory", "--data", demo],
-        "tta": [*py, "tta", "--data", demo, "--max-steps", "600", "--every", "10", "--repeats", "3"],
+        "tta": [*py, "tta", "--data", demo, "--max-steps", "600", "--every", "10", "--repeats", "5"],
     }
 
 
