@@ -63,6 +63,30 @@ def test_head_is_float32_under_mixed_precision():
     assert model(np.zeros((1, 32, 32, 3), np.float32)).dtype == "float32"
 
 
+@pytest.mark.parametrize("onednn_bf16", [True, False])
+def test_batch_norm_and_its_relu_run_in_float32_where_batch_norm_cannot_take_bfloat16(onednn_bf16, monkeypatch):
+    # On a CPU computing bfloat16 through oneDNN, batch norm of 8 channels (not a multiple of 16)
+    # computes in float32; its ReLU stays in float32 with it, so the two fuse. 16 channels and
+    # every convolution stay in bfloat16; on other machines the whole block follows the policy.
+    import tensorflow as tf
+
+    import unet_dist.precision
+
+    monkeypatch.setattr(unet_dist.precision, "_onednn_bf16_cpu", lambda: onednn_bf16)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_unet(ModelConfig(depth=1, base_filters=8), (16, 16))
+    dtype = {layer.name: layer.compute_dtype for layer in model.layers}
+    eight = "float32" if onednn_bf16 else "bfloat16"
+    assert dtype["down0_bn0"] == dtype["down0_relu1"] == dtype["up0_bn0"] == dtype["up0_relu1"] == eight
+    assert dtype["bottleneck_bn0"] == dtype["bottleneck_relu1"] == "bfloat16"  # 16 channels
+    assert dtype["down0_conv0"] == dtype["up0_conv1"] == dtype["up0_upconv"] == "bfloat16"
+    x = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(model(x, training=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+
+
 @pytest.mark.parametrize(
     "kwargs, size, words",
     [

@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras import layers
 
 from unet_dist.config import ModelConfig
-from unet_dist.precision import bf16_batch_norm_kernel
+from unet_dist.precision import batch_norm_dtype, bf16_batch_norm_kernel
 from unet_dist.shapes import check_input_size, output_size
 
 
@@ -119,12 +119,15 @@ def moving_statistics(model: keras.Model) -> list:
 
 
 def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
+    # Batch norm and its ReLU in float32 where batch norm cannot take bfloat16 on this CPU (so the
+    # two fuse); None elsewhere: the global policy.
+    norm_dtype = batch_norm_dtype(filters) if cfg.batch_norm else None
     for j in range(2):
         x = layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
         if cfg.batch_norm:
-            x = FusedBatchNorm(momentum=cfg.bn_momentum, name=f"{name}_bn{j}")(x)
-        x = layers.Activation("relu", name=f"{name}_relu{j}")(x)
+            x = FusedBatchNorm(momentum=cfg.bn_momentum, name=f"{name}_bn{j}", dtype=norm_dtype)(x)
+        x = layers.Activation("relu", name=f"{name}_relu{j}", dtype=norm_dtype)(x)
     return x
 
 
