@@ -4,8 +4,8 @@ Keras 3 writes every optimizer's update in backend-neutral ops: Adam is about te
 variable (powers, casts, three assigns), so the demo U-Net's 68 variables made about 700 ops a step,
 each traced in Python and scheduled by the executor. TensorFlow has had one kernel per update rule
 since tf.keras 2 used them (ResourceApplyAdam, ResourceApplyKerasMomentum, ResourceApplyRMSProp):
-the same arithmetic in one op per variable. With them, tracing the demo's train step took 0.6 s
-less and each step ~2% less time on our CPU (docs/benchmarks.md).
+the same arithmetic in one op per variable. With them the demo's first train step (tracing
+included) took 0.6 s less on our CPU, and each step after it 2-5% less (docs/benchmarks.md).
 
 The classes below are Keras' own, with the same variables (so checkpoints are unchanged), the same
 gradient clipping, loss scaling and weight decay (Keras applies those before `update_step`); only
@@ -30,6 +30,8 @@ def _handle(variable) -> tf.Tensor:
 
 
 class _FusedAdamStep:
+    """Adam's `update_step` as one ResourceApplyAdam per variable (Adam and AdamW share it)."""
+
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)

@@ -67,7 +67,7 @@ def batch_norm_dtype(channels: int) -> str | None:
     too lets TensorFlow fuse the two into one kernel (_FusedBatchNormEx), and the ReLU's gradient
     runs on float32; before, the ReLU ran alone on bfloat16, forward and backward. The convolutions
     stay in bfloat16: the next one casts. The paper's U-Net (8 channels at its first level) then
-    trained 1.12x faster on an Intel Xeon with AMX (docs/benchmarks.md). Variables are float32
+    trained 1.13x faster on an Intel Xeon with AMX (docs/benchmarks.md). Variables are float32
     under every policy, so checkpoints do not change.
     """
     if keras.mixed_precision.global_policy().name != "mixed_bfloat16" or not _onednn_bf16_cpu():
