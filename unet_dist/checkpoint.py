@@ -24,6 +24,7 @@ from unet_dist.atomic import atomic_write_text
 from unet_dist.config import Config, ConfigError, ModelConfig, load_workdir_config
 from unet_dist.distribute import Runtime
 from unet_dist.errors import tf_reason
+from unet_dist.model import build_unet, is_deep_supervision_head, main_output
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
 MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes",
@@ -81,8 +82,6 @@ def restore_trained(workdir: str | Path, which: str = "best", heads: bool = Fals
     every policy). which: 'best' (by val IoU; falls back to the latest) or 'latest'. The model has
     its main output alone (`model.main_output`) unless heads: then also model.deep_supervision's.
     ConfigError when WORKDIR has no config.yaml or no checkpoint, CheckpointError when it is damaged."""
-    from unet_dist.model import build_unet, main_output
-
     cfg = load_workdir_config(workdir)
     path = checkpoint_path(workdir, which)
     model = build_unet(cfg.model, None)
@@ -114,7 +113,7 @@ def init_weights(model: keras.Model, source: str | Path) -> str:
             pairs.append((layer, src))
         elif layer.name == "logits" and src is not None:
             new.append(f"the output layer starts new ({their_shape[0][-1]} units there, {ours_shape[0][-1]} here)")
-        elif layer.name.startswith("aux"):  # a deep-supervision head: training's alone
+        elif is_deep_supervision_head(layer):
             new.append(f"the deep-supervision head {layer.name} starts new")
         else:
             problems.append(f"layer {layer.name}: {their_shape or 'absent'} there, {ours_shape} here")

@@ -88,14 +88,23 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
     outputs = layers.Activation(act, dtype="float32", name="probs")(logits)
     if cfg.deep_supervision:
         outputs = [outputs] + [
-            layers.Activation(act, dtype="float32", name=f"aux{level}_probs")(
-                layers.Conv2D(units, 1, dtype="float32", name=f"aux{level}_logits")(aux[level]))
+            layers.Activation(act, dtype="float32", name=f"{_HEAD}{level}_probs")(
+                layers.Conv2D(units, 1, dtype="float32", name=f"{_HEAD}{level}_logits")(aux[level]))
             for level in supervised_levels(cfg)[1:]]
     model = keras.Model(inputs, outputs, name="unet")
     if input_size is not None:
         expect = output_size(tuple(input_size), cfg.depth, cfg.padding)
         assert tuple(main_output(model).output_shape[1:3]) == expect, (model.output_shape, expect)
     return model
+
+
+_HEAD = "aux"  # the name prefix of deep supervision's head layers
+
+
+def is_deep_supervision_head(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` is part of a deep-supervision head (training's alone; `main_output` leaves
+    them out, and `checkpoint.init_weights` lets them start new)."""
+    return layer.name.startswith(_HEAD)
 
 
 def supervised_levels(cfg: ModelConfig) -> list[int]:
