@@ -425,3 +425,23 @@ def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):
         assert list(chief_progress(Process(rank, world_size), "predict", "img", [3, 5, 7])) == [3, 5, 7]
         text = stream.getvalue()
         assert (shown in text and "3/3" in text) if shown else text == "", (rank, world_size, text)
+
+
+def test_the_saved_model_serves_class_colours_where_the_masks_had_them(tmp_path):
+    # Masks coded by colour at conversion: `serve` returns each pixel's class colour beside its id.
+    from unet_dist.inference import export_saved_model
+
+    colors = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+
+    def fn(images):  # class 0, 1 and 2 in the first three columns, whatever the image
+        onehot = tf.one_hot(tf.range(tf.shape(images)[2]) % 3, 3)
+        return tf.broadcast_to(onehot[None, None], [tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2], 3])
+
+    export_saved_model([], fn, tmp_path / "coloured", colors)
+    export_saved_model([], fn, tmp_path / "plain")
+    images = np.zeros((2, 4, 6, 3), np.uint8)
+    served = tf.saved_model.load(str(tmp_path / "coloured")).serve(images)
+    np.testing.assert_array_equal(served["mask"].numpy()[1, 2], [0, 1, 2, 0, 1, 2])
+    assert served["colors"].dtype == tf.uint8
+    np.testing.assert_array_equal(served["colors"].numpy()[1, 2], np.array(colors, np.uint8)[[0, 1, 2, 0, 1, 2]])
+    assert set(tf.saved_model.load(str(tmp_path / "plain")).serve(images)) == {"mask", "probabilities"}

@@ -614,6 +614,13 @@ def test_colour_coded_masks_train_evaluate_and_predict_in_their_colours(tmp_path
     assert coded == [0, 0, 0, 255, 0, 0, 0, 255, 0], coded
     expected = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)[ids]
     np.testing.assert_array_equal(shown, expected)
+    # The SavedModel serves the same colours beside the class ids.
+    run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), check=True)
+    loaded = tf.saved_model.load(str(tmp_path / "export"))  # held: its variables live as long as it does
+    with Image.open(src / "images" / "c0.png") as im:
+        served = loaded.serve(np.asarray(im.convert("RGB"))[None])
+    np.testing.assert_array_equal(served["mask"].numpy()[0], ids)
+    np.testing.assert_array_equal(served["colors"].numpy()[0], expected)
 
 
 def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_path, capsys):

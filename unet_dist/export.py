@@ -4,7 +4,9 @@
         [--tile N --overlap P] [--tta none|flip] [--precision float32|mixed_float16|mixed_bfloat16]
 
 Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H, W),
-"probabilities": float32 (B, H, W, U)}. Load with tf.saved_model.load(EXPORT).serve(images).
+"probabilities": float32 (B, H, W, U)}, and "colors": uint8 (B, H, W, 3) when the training masks
+were coded by colour (convert --colors): each pixel its class's colour, as predict writes them.
+Load with tf.saved_model.load(EXPORT).serve(images).
 It predicts the way `predict` does with the same --mode, --tile, --overlap and --tta (the same TF
 function): auto resizes each image to data.image_size and the result back, unless every training
 image already was data.image_size, and then cuts overlap tiles at the images' own pixel scale.
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
                    help="the policy the served models compute in (default float32): name the serving hardware's")
     args = p.parse_args(argv)
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.inference import export_saved_model, load_predictor
+    from unet_dist.inference import data_info, export_saved_model, load_predictor
 
     out = args.out
     try:
@@ -53,12 +55,14 @@ def main(argv=None) -> int:
             raise ConfigError(f"--out {out}: {what}; give a new or empty folder")
         writable_dir(out.parent, "--out")
         predictor = load_predictor(args.workdir, **predictor_options(args), precision=args.precision)
+        # Masks coded by colour at conversion: the signature serves the colours too.
+        colors = (data_info(args.workdir[0], "the masks' colours are unknown") or {}).get("colors")
     except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
     with atomic_path(out) as tmp:
-        export_saved_model(predictor.models, predictor.fn, tmp)
+        export_saved_model(predictor.models, predictor.fn, tmp, colors)
     print(f"export: SavedModel ({predictor.summary()}) -> {out}")
     return 0
 

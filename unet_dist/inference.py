@@ -362,16 +362,23 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
                      precision)
 
 
-def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path) -> None:
+def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path, colors: list | None = None) -> None:
     """SavedModel with a `serve` signature: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 class
-    ids (B, H, W), "probabilities": float32 (B, H, W, U)}, by `fn` (a `Predictor`'s, over `models`)."""
+    ids (B, H, W), "probabilities": float32 (B, H, W, U)}, by `fn` (a `Predictor`'s, over `models`).
+    colors: class i's [R, G, B] (masks coded by colour at conversion); the signature then also
+    returns "colors": uint8 (B, H, W, 3), each pixel its class's colour, as `predict` writes them."""
     archive = keras.export.ExportArchive()
     for model in models:
         archive.track(model)
+    palette = tf.constant(colors, tf.uint8) if colors else None
 
     def serve(images):
         probs = fn(images)
-        return {"mask": classes_from_probs(probs), "probabilities": probs}
+        mask = classes_from_probs(probs)
+        out = {"mask": mask, "probabilities": probs}
+        if palette is not None:
+            out["colors"] = tf.gather(palette, tf.cast(mask, tf.int32))
+        return out
 
     archive.add_endpoint(name="serve", fn=serve,
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
