@@ -11,7 +11,9 @@ The classes below are Keras' own, with the same variables (so checkpoints are un
 gradient clipping, loss scaling and weight decay (Keras applies those before `update_step`); only
 `update_step` runs the fused kernel, where one exists for the configuration. Elsewhere (AMSGrad,
 centred RMSprop, RMSprop without momentum, which has no momentum variable for the kernel to
-write, sparse gradients) Keras' own update runs.
+write, sparse gradients) Keras' own update runs. The updates read Keras' lists of slot variables
+(`_momentums`, `_velocities`, SGD's `momentums`), which are not public API: tests/test_optimizers.py
+compares every rule with Keras' own, so a Keras release that changes them fails there.
 """
 
 from __future__ import annotations
