@@ -445,3 +445,18 @@ def test_the_saved_model_serves_class_colours_where_the_masks_had_them(tmp_path)
     assert served["colors"].dtype == tf.uint8
     np.testing.assert_array_equal(served["colors"].numpy()[1, 2], np.array(colors, np.uint8)[[0, 1, 2, 0, 1, 2]])
     assert set(tf.saved_model.load(str(tmp_path / "plain")).serve(images)) == {"mask", "probabilities"}
+
+
+@pytest.mark.parametrize("colors", [[[0, 0, 0]], "red", [[0, 0, 0], [255, 0]], [[0, 0, 0], [256, 0, 0]],
+                                    [[0, 0, 0], [1.5, 0, 0]]])
+def test_bad_colours_in_a_runs_data_json_are_one_line_naming_it(tmp_path, colors):
+    import json
+
+    from unet_dist.config import ConfigError
+    from unet_dist.inference import data_info
+
+    (tmp_path / "data.json").write_text(json.dumps({"classes": "multiclass", "colors": colors}))
+    with pytest.raises(ConfigError, match=r"data\.json: 'colors' is not a list of class colours .*; hint"):
+        data_info(tmp_path, "hint")
+    (tmp_path / "data.json").write_text(json.dumps({"classes": "multiclass", "colors": [[0, 0, 0], [255, 0, 0]]}))
+    assert data_info(tmp_path, "hint")["colors"][1] == [255, 0, 0]

@@ -52,6 +52,11 @@ def data_info(workdir: str | Path, hint: str) -> dict | None:
             raise ValueError("not an object")
     except (OSError, ValueError) as e:
         raise ConfigError(f"{meta}: unreadable ({e}); {hint}") from None
+    colors = info.get("colors")  # predict and export code masks in them; evaluate --images reads masks by them
+    if colors is not None and not (isinstance(colors, list) and len(colors) >= 2 and all(
+            isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c) for c in colors)):
+        raise ConfigError(f"{meta}: 'colors' is not a list of class colours [R, G, B] (0-255 each): "
+                          f"{json.dumps(colors)[:80]}; {hint}")
     return info
 
 
