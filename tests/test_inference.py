@@ -458,5 +458,8 @@ def test_bad_colours_in_a_runs_data_json_are_one_line_naming_it(tmp_path, colors
     (tmp_path / "data.json").write_text(json.dumps({"classes": "multiclass", "colors": colors}))
     with pytest.raises(ConfigError, match=r"data\.json: 'colors' is not a list of class colours .*; hint"):
         data_info(tmp_path, "hint")
-    (tmp_path / "data.json").write_text(json.dumps({"classes": "multiclass", "colors": [[0, 0, 0], [255, 0, 0]]}))
+    (tmp_path / "data.json").write_text(json.dumps({"num_classes": 3, "colors": [[0, 0, 0], [255, 0, 0]]}))
+    with pytest.raises(ConfigError, match=r"data\.json: 2 'colors' for 3 classes"):
+        data_info(tmp_path, "hint")
+    (tmp_path / "data.json").write_text(json.dumps({"num_classes": 2, "colors": [[0, 0, 0], [255, 0, 0]]}))
     assert data_info(tmp_path, "hint")["colors"][1] == [255, 0, 0]

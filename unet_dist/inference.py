@@ -57,6 +57,8 @@ def data_info(workdir: str | Path, hint: str) -> dict | None:
             isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c) for c in colors)):
         raise ConfigError(f"{meta}: 'colors' is not a list of class colours [R, G, B] (0-255 each): "
                           f"{json.dumps(colors)[:80]}; {hint}")
+    if colors is not None and isinstance(info.get("num_classes"), int) and len(colors) != info["num_classes"]:
+        raise ConfigError(f"{meta}: {len(colors)} 'colors' for {info['num_classes']} classes ('num_classes'); {hint}")
     return info
 
 

@@ -10,6 +10,8 @@ from unet_dist.config import ModelConfig
 from unet_dist.precision import batch_norm_dtype, bf16_batch_norm_kernel
 from unet_dist.shapes import check_input_size, output_size
 
+_HEAD = "aux"  # the name prefix of deep supervision's head layers
+
 
 def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> keras.Model:
     """Builds a U-Net.
@@ -96,9 +98,6 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
         expect = output_size(tuple(input_size), cfg.depth, cfg.padding)
         assert tuple(main_output(model).output_shape[1:3]) == expect, (model.output_shape, expect)
     return model
-
-
-_HEAD = "aux"  # the name prefix of deep supervision's head layers
 
 
 def is_deep_supervision_head(layer: keras.layers.Layer) -> bool:
