@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                    help="the policy the served models compute in (default float32): name the serving hardware's")
     args = p.parse_args(argv)
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.inference import data_info, export_saved_model, load_predictor
+    from unet_dist.inference import export_saved_model, load_predictor
 
     out = args.out
     try:
@@ -55,14 +55,12 @@ def main(argv=None) -> int:
             raise ConfigError(f"--out {out}: {what}; give a new or empty folder")
         writable_dir(out.parent, "--out")
         predictor = load_predictor(args.workdir, **predictor_options(args), precision=args.precision)
-        # Masks coded by colour at conversion: the signature serves the colours too.
-        colors = (data_info(args.workdir[0], "the masks' colours are unknown") or {}).get("colors")
     except (ConfigError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
     with atomic_path(out) as tmp:
-        export_saved_model(predictor.models, predictor.fn, tmp, colors)
+        export_saved_model(predictor.models, predictor.fn, tmp, predictor.colors)
     print(f"export: SavedModel ({predictor.summary()}) -> {out}")
     return 0
 

@@ -297,6 +297,7 @@ class Predictor:
     why: str
     tiles: list[tuple[int, int] | None] = field(default_factory=list)  # each run's kept tile size; None: resize mode
     precision: str = "float32"  # the Keras policy the models compute in
+    colors: list | None = None  # class i's [R, G, B] where the first run's masks were coded by colour (data.json)
     _traced: Callable | None = field(default=None, init=False, repr=False)
 
     def __call__(self, image: np.ndarray) -> tf.Tensor:
@@ -359,14 +360,16 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
         flag = "--tile" if tile is not None else "--overlap"
         raise ConfigError(f"{flag}: used in tile mode only, and this is resize mode ({modes[0][1]}); "
                           "add --mode tile to predict in tiles")
+    # Masks coded by colour at conversion: predict writes them, and export serves them, in these colours.
+    colors = (data_info(workdirs[0], "the masks' colours are unknown") or {}).get("colors")
     if len(fns) == 1:
-        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles, precision)
+        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles, precision, colors)
 
     def averaged(images):
         return tf.add_n([f(images) for f in fns]) / len(fns)
 
     return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs", tiles,
-                     precision)
+                     precision, colors)
 
 
 def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path, colors: list | None = None) -> None:

@@ -304,15 +304,13 @@ def main(argv=None) -> int:
     from unet_dist.config import load_workdir_config
     from unet_dist.data.imageio import BadImage, load_rgb
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
-    from unet_dist.inference import PredictionError, classes_from_probs, data_info, load_predictor
+    from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
     from unet_dist.logs import chief_progress
 
     try:
         runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy, args.runtime_set)
         writable_dir(args.out, "--out")
         predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
-        # Masks coded by colour at conversion come out in the same colours.
-        colors = (data_info(args.workdir[0], "the masks' colours are unknown") or {}).get("colors")
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -336,7 +334,7 @@ def main(argv=None) -> int:
     stack_index = {path: i for i, path in enumerate(stacks)}
     # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
     counts, unwritten = np.zeros(2 + len(stacks)), None
-    writer = Writer(args.out, colors=colors)
+    writer = Writer(args.out, colors=predictor.colors)  # masks coded by colour come out in those colours
     try:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
