@@ -456,6 +456,31 @@ def test_a_resumed_run_judges_a_new_best_against_the_best_so_far(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "best")).endswith("best-2")
 
 
+def test_the_best_checkpoint_holds_the_weights_and_the_latest_the_optimizer_too(tmp_path):
+    # The best checkpoint is read for its weights (predict, export, evaluate, init_from) and its
+    # best IoU (a resume); the optimizer's state is the latest checkpoint's, for resuming.
+    from unet_dist.checkpoint import restore_trained
+    from unet_dist.config import config_yaml
+
+    model, opt, ckpts = _model_and_checkpoints(tmp_path)
+    opt.apply([tf.ones_like(v) for v in model.trainable_variables], model.trainable_variables)
+    ckpts.save(1)
+    assert ckpts.save_best(1, 0.5)
+    (tmp_path / "config.yaml").write_text(config_yaml(ckpts.cfg))
+
+    def names(folder):
+        return {n for n, _ in tf.train.list_variables(tf.train.latest_checkpoint(str(folder)))}
+
+    best, latest = names(tmp_path / "checkpoints" / "best"), names(tmp_path / "checkpoints")
+    assert not any(n.startswith("optimizer/") for n in best), sorted(best)
+    assert any(n.startswith("optimizer/") for n in latest)
+    assert {"step/.ATTRIBUTES/VARIABLE_VALUE", "best_iou/.ATTRIBUTES/VARIABLE_VALUE"} <= best
+    trained, _, path = restore_trained(tmp_path, "best", heads=True)
+    assert path.endswith("best-1")
+    for ours, theirs in zip(model.weights, trained.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+
+
 def test_no_resume_moves_the_earlier_run_aside_usable(shards, tmp_path, monkeypatch):
     import unet_dist.trainer as T
     from unet_dist.distribute import Runtime
