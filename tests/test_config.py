@@ -32,6 +32,8 @@ def test_defaults_and_presets_load_and_read_back_from_a_runs_config_yaml(tmp_pat
         ("train.steps=0", ["train.steps"]),
         ("model.batch_norm=yes please", ["model.batch_norm", "bool"]),
         ("data.augment.hue=0.9", ["data.augment.hue"]),
+        ("data.augment.scale_min=0.4", ["data.augment.scale_min", "0.5 <= scale_min"]),
+        ("data.augment.scale_prob=0", ["data.augment.scale_prob", "0 < scale_prob <= 1"]),
         ("data.per_replica_batch_size=8", ["set exactly one"]),
         ("model.up_filters=[4, 2]", ["model.up_filters"]),
         ("data.patch_size=[512, 128]", ["data.patch_size", "0 < h <= 256"]),

@@ -31,7 +31,8 @@ def _agreement(image, mask):
 @pytest.mark.parametrize("cfg", [
     AugmentConfig(flip=True, scale_crop=False, brightness=0, contrast=0),
     AugmentConfig(flip=False, rot90=True, scale_crop=False, brightness=0, contrast=0),
-    AugmentConfig(flip=False, scale_crop=True, scale_max=1.6, brightness=0, contrast=0),
+    AugmentConfig(flip=False, scale_crop=True, scale_prob=1.0, scale_max=1.6, brightness=0, contrast=0),
+    AugmentConfig(flip=False, scale_crop=True, scale_prob=1.0, scale_min=0.5, scale_max=0.7, brightness=0, contrast=0),
     AugmentConfig(flip=False, scale_crop=False, rotate_degrees=30, brightness=0, contrast=0),
     AugmentConfig(flip=False, scale_crop=False, elastic=True, elastic_sigma=8, brightness=0, contrast=0),
     AugmentConfig(flip=True, rot90=True, scale_crop=True, rotate_degrees=15, elastic=True, brightness=0.1,
@@ -240,6 +241,47 @@ def test_sample_stage_flips_both_axes_with_the_mask():
     out_img, out_mask = augment_sample(image, mask, (48, 48), u, cfg)
     np.testing.assert_allclose(out_img.numpy(), image.numpy()[::-1, ::-1], atol=1e-6)
     np.testing.assert_array_equal(out_mask.numpy(), mask.numpy()[::-1, ::-1])
+
+
+def test_zooming_out_shrinks_the_image_inside_a_mirrored_border():
+    # scale_min < 1: the window is larger than the image and reaches past its edges, which are
+    # mirrored there (image and mask alike), so an object appears smaller and wholly inside.
+    from unet_dist.data.augment import augment_sample, draw
+
+    n = 64
+    mask = np.zeros((n, n, 1), np.uint8)
+    mask[28:36, 28:36] = 1  # 64 pixels in the middle, far from the edges
+    image = tf.constant(np.repeat(mask * 200, 3, axis=-1).astype(np.uint8))
+    for zoom in (0.7, 0.8):  # borders of at most 28 px: the mirror holds no copy of the middle
+        cfg = AugmentConfig(flip=False, scale_crop=True, scale_prob=1.0, scale_min=zoom, scale_max=zoom, brightness=0,
+                            contrast=0)
+        for s in range(6):
+            u, _ = draw(tf.constant([9, s], tf.int64), cfg)
+            out_img, out_mask = augment_sample(image, tf.constant(mask), (n, n), u, cfg)
+            fg = int((out_mask.numpy() == 1).sum())
+            assert 64 * zoom**2 * 0.6 <= fg <= 64 * zoom**2 * 1.4, (zoom, s, fg)
+            assert _agreement(out_img, out_mask) > 0.97
+    # The border is the image mirrored: an object at the edge is seen twice, not cut off by a blank.
+    edge = np.zeros((n, n, 1), np.uint8)
+    edge[:, :8] = 1
+    cfg = AugmentConfig(flip=False, scale_crop=True, scale_prob=1.0, scale_min=0.5, scale_max=0.5, brightness=0,
+                        contrast=0)
+    u = tf.constant([0.9, 0.9, 0.9, 0.0, 0.0, 0.0] + [0.9] * 7)  # the window starts 64 px before the image
+    _, out_mask = augment_sample(tf.constant(np.repeat(edge * 200, 3, axis=-1)), tf.constant(edge), (n, n), u, cfg)
+    np.testing.assert_array_equal(out_mask.numpy()[0, :, 0], [0] * 28 + [1] * 8 + [0] * 28)
+
+
+def test_scale_prob_is_the_share_of_samples_zoomed():
+    from unet_dist.data.augment import augment_sample, draw
+
+    image, mask = _l_shape(48, 48)
+    for prob, lo, hi in ((0.3, 0.1, 0.5), (1.0, 0.9, 1.0)):  # a zoom near 1 may round to the whole image
+        cfg = AugmentConfig(flip=False, scale_crop=True, scale_prob=prob, brightness=0, contrast=0)
+        zoomed = 0
+        for s in range(60):
+            u, _ = draw(tf.constant([4, s], tf.int64), cfg)
+            zoomed += not np.array_equal(augment_sample(image, mask, (48, 48), u, cfg)[1].numpy(), mask.numpy())
+        assert lo * 60 <= zoomed <= hi * 60, (prob, zoomed)
 
 
 def test_patches_are_a_fraction_of_the_image_and_stay_aligned(shards):

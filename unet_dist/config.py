@@ -33,7 +33,8 @@ class AugmentConfig:
     flip: bool = True  # horizontal and vertical flips
     rot90: bool = False  # random multiples of 90 degrees (square inputs only)
     scale_crop: bool = True  # random zoom in [scale_min, scale_max] then a crop back to image_size
-    scale_min: float = 0.8
+    scale_prob: float = 0.2  # share of the samples zoomed, the others kept at scale 1 (as nnU-Net)
+    scale_min: float = 0.8  # below 1 zooms out, the image mirrored past its edges; at least 0.5
     scale_max: float = 1.25
     rotate_degrees: float = 0.0  # small rotations, uniform in [-d, d]; 0 disables
     elastic: bool = False  # Ronneberger et al. 2015: random displacements on a coarse grid
@@ -330,7 +331,8 @@ def validate(cfg: Config) -> None:
     need(0 <= d.foreground_oversample <= 1, "data.foreground_oversample", "0 to 1", d.foreground_oversample)
     need(d.cycle_length >= 1, "data.cycle_length", ">= 1", d.cycle_length)
     a = d.augment
-    need(0 < a.scale_min <= a.scale_max, "data.augment.scale_min", "0 < scale_min <= scale_max", a.scale_min)
+    need(0 < a.scale_prob <= 1, "data.augment.scale_prob", "0 < scale_prob <= 1", a.scale_prob)
+    need(0.5 <= a.scale_min <= a.scale_max, "data.augment.scale_min", "0.5 <= scale_min <= scale_max", a.scale_min)
     need(0 <= a.rotate_degrees <= 45, "data.augment.rotate_degrees", "0 to 45", a.rotate_degrees)
     need(a.elastic_grid >= 2, "data.augment.elastic_grid", ">= 2", a.elastic_grid)
     need(a.elastic_sigma >= 0, "data.augment.elastic_sigma", ">= 0", a.elastic_sigma)
