@@ -85,7 +85,7 @@ def _window(n: tf.Tensor, zoom: tf.Tensor, u: tf.Tensor, inside: tf.Tensor = -1)
     """(start, length) in whole pixels of a 1 / zoom window placed at u in [0, 1) along `n` pixels:
     among every place, or, where `inside` >= 0, among the places that hold pixel `inside`. A window
     longer than `n` (zoom < 1) starts at or before 0 and ends at or after n: it holds all n pixels
-    and reaches past them (start < 0 or start + length > n), which the caller pads."""
+    and reaches past them (start < 0 or start + length > n), which the caller fills by mirroring."""
     length = tf.maximum(tf.cast(tf.round(tf.cast(n, tf.float32) / zoom), tf.int32), 1)
     first, last = tf.minimum(0, n - length), tf.maximum(0, n - length)  # where it may start
     lo = tf.where(inside >= 0, tf.maximum(inside - length + 1, first), first)
@@ -135,14 +135,14 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
     image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (13,) the sample's
     uniforms from `draw`; fraction: the share of the image's height and width one output covers
     before zoom (1 for whole images, patch / image_size for patch training). A share scale_prob of
-    the samples is zoomed, by a factor in [scale_min, scale_max], the others not: a (fraction / zoom) window in whole pixels is placed at random inside
-    the image (around it, mirrored past its edges, where the window is larger: zooming out) and
-    flipped on the source pixels (small and uint8), then resized: bilinear for
-    the image, nearest neighbour for the mask. With patches (fraction < 1), a share `foreground` of
-    the windows (nnU-Net's oversample_foreground_percent, drawn per sample) is placed to hold a
-    foreground pixel (`_foreground_pixel`) anywhere in it; an image with none gets a window placed
-    evenly. Brightness and contrast are one multiply-add on the
-    resized image, folded into its scaling to [0, 1]: at 256x256 every pass over a float image
+    the samples is zoomed by a factor in [scale_min, scale_max], the others not: a (fraction / zoom)
+    window in whole pixels is placed at random inside the image (around it, where the window is
+    larger: zooming out, `_mirrored_window`) and flipped on the source pixels (small and uint8),
+    then resized: bilinear for the image, nearest neighbour for the mask. With patches (fraction <
+    1), a share `foreground` of the windows (nnU-Net's oversample_foreground_percent, drawn per
+    sample) is placed to hold a foreground pixel (`_foreground_pixel`) anywhere in it; an image with
+    none gets a window placed evenly. Brightness and contrast are one multiply-add on the resized
+    image, folded into its scaling to [0, 1]: at 256x256 every pass over a float image
     costs about as much as the resize, so each pass saved shows in images/s.
     Returns image (h, w, 3) float32 in [0, 1], mask (h, w, 1) uint8.
     """
@@ -157,14 +157,15 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
             inside = tf.cond(u[_FG] < foreground, lambda: _foreground_pixel(mask, u), lambda: inside)
         y, hh = _window(shape[0], zoom / fraction[0], u[_SHIFT_Y], inside[0])
         x, ww = _window(shape[1], zoom / fraction[1], u[_SHIFT_X], inside[1])
-        def inside():
+
+        def cropped():
             return tuple(tf.slice(t, [y, x, 0], [hh, ww, -1]) for t in (image, mask))
 
         if cfg.scale_crop and cfg.scale_min < 1:  # only the samples zoomed out pay for the mirror
             pair = tf.cond(zoom < 1.0, lambda: tuple(_mirrored_window(t, y, x, hh, ww) for t in (image, mask)),
-                           inside)
+                           cropped)
         else:
-            pair = inside()
+            pair = cropped()
         image, mask = (tf.ensure_shape(w, [None, None, t.shape[-1]]) for w, t in zip(pair, (image, mask), strict=True))
     if cfg.flip:  # one reverse over the axes drawn (maybe none): no branches, few ops
         axes = tf.where(tf.stack([u[_FLIP_V] < 0.5, u[_FLIP_H] < 0.5]))[:, 0]
