@@ -214,14 +214,17 @@ def single_run_sync_bn(shards, tmp_path_factory):
 @pytest.mark.parametrize("backend", ["mirrored", "horovod", "multiworker"])
 def test_sync_batch_norm_gives_the_same_model_on_two_replicas(backend, shards, single_run_sync_bn, tmp_path):
     # One process uses the fused kernel, two replicas combine their moments in a collective. Measured
-    # after 5 steps: 1.4e-6 in the losses, 9.3e-6 in the weights, the same on all three backends;
-    # 2e-5 leaves room for other CPUs' float32 rounding (batch norm makes every sample's gradient
-    # depend on the whole batch, and the betas' gradients are sums that nearly cancel). Per-replica
-    # statistics (sync off) differ by 2e-2; the variance as a float32 sum of squares by 1.0e-4.
+    # after 5 steps: 1.4e-4 in the losses (step 4; steps 1-3 within 3e-6), 6.3e-5 in the weights,
+    # the same to the last digit on all three backends, so the replicas' path agrees with itself and
+    # the gap is the fused kernel's rounding against the combined moments (batch norm makes every
+    # sample's gradient depend on the whole batch, and the betas' gradients are sums that nearly
+    # cancel). How far it grows depends on the batches: with the zoom as it was before session 31
+    # (other augmented samples) it measured 1.4e-6 and 9.3e-6. Per-replica statistics (sync off)
+    # differ by 2.8e-2, 140 times the 2e-4 allowed here.
     w = tmp_path / "w"
     out = two_replicas(backend, shards, w, EQUIV_SYNC_BN)
     assert "replicas 2" in out and "synchronized batch norm" in out, out
-    _assert_same_run(single_run_sync_bn, w, f"{backend}, synchronized batch norm", rtol=2e-5)
+    _assert_same_run(single_run_sync_bn, w, f"{backend}, synchronized batch norm", rtol=2e-4)
 
 
 EQUIV_FP16 = EQUIV_SYNC_BN + ["runtime.precision=mixed_float16"]
