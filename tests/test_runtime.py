@@ -203,22 +203,72 @@ def test_horovod_on_cpu_lets_open_mpi_yield_the_core_before_mpi_init(monkeypatch
     assert seen["at_init"] == expected
 
 
-@pytest.mark.parametrize("precision, backend, want, expected", [
-    ("float32", "multiworker", "auto", "float32"),
-    ("mixed_bfloat16", "multiworker", "auto", "bfloat16"),
-    ("mixed_bfloat16", "mirrored", "auto", "bfloat16"),
-    ("mixed_bfloat16", "horovod", "auto", "float32"),  # Horovod has no bfloat16 allreduce
-    ("mixed_float16", "horovod", "auto", "float16"),  # loss-scaled gradients
-    ("mixed_float16", "mirrored", "auto", "float16"),
-    ("float32", "multiworker", "bfloat16", "bfloat16"),
-    ("mixed_bfloat16", "multiworker", "float32", "float32"),
+@pytest.mark.parametrize("precision, backend, nccl, want, expected", [
+    ("float32", "multiworker", False, "auto", "float32"),
+    ("mixed_bfloat16", "multiworker", False, "auto", "bfloat16"),
+    ("mixed_bfloat16", "mirrored", False, "auto", "bfloat16"),
+    ("mixed_bfloat16", "horovod", False, "auto", "float32"),  # Horovod has no bfloat16 allreduce
+    ("mixed_bfloat16", "multiworker", True, "auto", "float32"),  # nor has TensorFlow's NCCL
+    ("mixed_bfloat16", "mirrored", True, "auto", "float32"),
+    ("mixed_float16", "horovod", False, "auto", "float16"),  # loss-scaled gradients
+    ("mixed_float16", "mirrored", False, "auto", "float16"),
+    ("mixed_float16", "multiworker", True, "auto", "float16"),
+    ("float32", "multiworker", False, "bfloat16", "bfloat16"),
+    ("mixed_bfloat16", "multiworker", False, "float32", "float32"),
 ])
-def test_gradients_cross_the_wire_in_the_compute_dtype_unless_set(precision, backend, want, expected):
+def test_gradients_cross_the_wire_in_the_compute_dtype_unless_set(precision, backend, nccl, want, expected):
     from unet_dist.config import load_config
     from unet_dist.distribute import wire_dtype
 
     cfg = load_config(None, [f"runtime.precision={precision}", f"runtime.allreduce_dtype={want}"])
-    assert wire_dtype(cfg, backend) == expected
+    assert wire_dtype(cfg, backend, nccl) == expected
+
+
+@pytest.mark.parametrize("gpus, want, expected", [
+    (0, "auto", "RING"), (2, "auto", "NCCL"), (2, "ring", "RING"), (0, "ring", "RING"), (1, "nccl", "NCCL")])
+def test_multiworker_sums_with_nccl_between_gpus_and_the_ring_on_cpus(monkeypatch, gpus, want, expected):
+    # TensorFlow's own AUTO stays on the ring over gRPC between GPUs too: the strategy must be
+    # told NCCL. A fake strategy records what it is given (no cluster is started).
+    import tensorflow as tf
+
+    from unet_dist.config import load_config
+    from unet_dist.distribute import MultiWorkerRuntime
+
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def strategy(**kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU"] * gpus)
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", strategy)
+    with pytest.raises(Stop):
+        MultiWorkerRuntime(load_config(None, ["runtime.strategy=multiworker", f"runtime.collective={want}"]), "test")
+    assert given["communication_options"].implementation.value == expected
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["runtime.collective=nccl"], r"^config key runtime.collective: nccl needs GPUs and this worker sees none"),
+    (["runtime.allreduce_dtype=bfloat16"], r"^config key runtime.allreduce_dtype: bfloat16 is not supported by NCCL"),
+])
+def test_what_nccl_cannot_do_is_one_line_before_the_strategy_starts(monkeypatch, overrides, message):
+    import tensorflow as tf
+
+    from unet_dist.config import ConfigError, load_config
+    from unet_dist.distribute import MirroredRuntime, MultiWorkerRuntime
+
+    gpus = [] if "collective" in overrides[0] else ["GPU", "GPU"]
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus)
+    for name in ("MultiWorkerMirroredStrategy", "MirroredStrategy"):
+        monkeypatch.setattr(tf.distribute, name, lambda **kw: pytest.fail("the strategy started"))
+    with pytest.raises(ConfigError, match=message):
+        MultiWorkerRuntime(load_config(None, ["runtime.strategy=multiworker", *overrides]), "test")
+    if gpus:  # MirroredStrategy between GPUs sums with NCCL as well
+        with pytest.raises(ConfigError, match=message):
+            MirroredRuntime(load_config(None, ["runtime.strategy=mirrored", *overrides]), "test")
 
 
 def test_horovod_asked_for_bfloat16_gradients_is_one_line(monkeypatch):

@@ -120,6 +120,7 @@ class RuntimeConfig:
     pin_cpus: bool = True  # N processes on a node: each runs on its own 1/N of the CPUs it was given
     allreduce_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # gradients on the wire; auto: the precision's compute dtype (Horovod: float32 under bfloat16)
     allreduce_pack_mb: float = 2.0  # tf.distribute: gradient all-reduce in packs this large (0 = one)
+    collective: Literal["auto", "ring", "nccl"] = "auto"  # multiworker's all-reduce; auto: nccl where the workers compute on GPUs, else ring (gRPC)
     horovod_cycle_time_ms: float | None = None  # Horovod's HOROVOD_CYCLE_TIME; null = its default. CPU: 5 (docs/benchmarks.md)
     stall_check_seconds: int = 60  # Horovod: warn when a rank has not joined a collective for this long
     stall_shutdown_seconds: int = 300  # N processes: one that finished no step for this long exits, ending the job; also how long predict and evaluate wait for the others' shares (0 = never)

@@ -237,9 +237,26 @@ def _gpu_memory_growth(gpus) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
-def wire_dtype(cfg: Config, backend: str) -> str:
+def collective_implementation(cfg: Config, num_gpus: int) -> str:
+    """'nccl' or 'ring': runtime.collective for MultiWorkerMirroredStrategy, 'auto' resolved.
+
+    TensorFlow's own AUTO keeps the workers on its ring over gRPC even between GPUs: it takes NCCL
+    only when asked (the op's communication hint, or ConfigProto's collective_nccl, which the
+    strategy sets in graph mode only). So auto asks for NCCL where this worker computes on GPUs.
+    """
+    want = cfg.runtime.collective
+    if want == "auto":
+        return "nccl" if num_gpus else "ring"
+    if want == "nccl" and not num_gpus:
+        raise ConfigError("config key runtime.collective: nccl needs GPUs and this worker sees none; "
+                          "use ring or auto")
+    return want
+
+
+def wire_dtype(cfg: Config, backend: str, nccl: bool = False) -> str:
     """float32, float16 or bfloat16: runtime.allreduce_dtype, with 'auto' resolved for
-    runtime.precision (already resolved itself) and the backend."""
+    runtime.precision (already resolved itself) and the backend. nccl: the gradients are summed by
+    NCCL (tf.distribute between GPUs), whose TensorFlow kernels have no bfloat16."""
     want = cfg.runtime.allreduce_dtype
     if want == "auto":
         # The dtype the step computes in (as PyTorch FSDP's reduce_dtype follows its param_dtype).
@@ -251,9 +268,18 @@ def wire_dtype(cfg: Config, backend: str) -> str:
         # small ones survive float16, and an overflow on the wire is caught like any other: the
         # scale halves and the step is skipped.
         want = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(cfg.runtime.precision, "float32")
-        if backend == "horovod" and want == "bfloat16":
-            want = "float32"  # Horovod 0.28 has no bfloat16 allreduce
+        if want == "bfloat16" and (backend == "horovod" or nccl):
+            # Horovod 0.28's allreduce and TensorFlow's NCCL kernels take float16 and float32 but
+            # not bfloat16.
+            want = "float32"
     return want
+
+
+def _check_wire(cfg: Config, nccl: bool) -> None:
+    """One line for gradients asked to cross NCCL in bfloat16, before a strategy starts."""
+    if nccl and cfg.runtime.allreduce_dtype == "bfloat16":
+        raise ConfigError("config key runtime.allreduce_dtype: bfloat16 is not supported by NCCL in TensorFlow "
+                          "(the all-reduce between GPUs); use float16, float32 or auto")
 
 
 class Runtime:
@@ -269,6 +295,7 @@ class Runtime:
         self.strategy: tf.distribute.Strategy | None = None
         self.threads = (0, 0)
         self.cpus: list[int] = []  # the CPUs this process runs on (configure_threads)
+        self.nccl = False  # gradients summed by NCCL (tf.distribute between GPUs)
 
     # -- identity
     @property
@@ -337,7 +364,7 @@ class Runtime:
     def wire_dtype(self) -> str:
         """The dtype this backend's gradients cross the wire in (`wire_dtype`); call after
         precision.resolve. One process sends nothing; this is what it would send."""
-        return wire_dtype(self.cfg, self.name)
+        return wire_dtype(self.cfg, self.name, self.nccl)
 
     def replica_sum(self, tensors: list) -> list:
         """Inside `run_step`, in the forward pass: sums float32 tensors over all replicas, one
@@ -430,13 +457,19 @@ class MirroredRuntime(Runtime):
 
     name = "mirrored"
 
-    def __init__(self, cfg: Config, reason: str, strategy: tf.distribute.Strategy | None = None):
+    def __init__(self, cfg: Config, reason: str, strategy: tf.distribute.Strategy | None = None,
+                 nccl: bool = False):
+        """strategy: a strategy built by a subclass, which says whether it sums with NCCL (`nccl`)."""
         super().__init__(cfg, reason)
         if strategy is None:
+            gpus = tf.config.list_physical_devices("GPU")
+            nccl = bool(gpus)  # MirroredStrategy's default between GPUs is NcclAllReduce
+            _check_wire(cfg, nccl)
             devices = None
-            if cfg.runtime.cpu_devices > 1 and not tf.config.list_physical_devices("GPU"):
+            if cfg.runtime.cpu_devices > 1 and not gpus:
                 devices = [d.name for d in tf.config.list_logical_devices("CPU")]
             strategy = tf.distribute.MirroredStrategy(devices=devices)
+        self.nccl = nccl
         self.strategy = strategy
         self._averager = None
 
@@ -532,8 +565,12 @@ class MultiWorkerRuntime(MirroredRuntime):
                 per_node = _local_size_from_env()
                 resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
                     port_base=port_base, gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-        super().__init__(cfg, reason, strategy)
+        implementation = collective_implementation(cfg, len(tf.config.list_physical_devices("GPU")))
+        _check_wire(cfg, implementation == "nccl")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=tf.distribute.experimental.CommunicationImplementation[implementation.upper()]))
+        super().__init__(cfg, reason, strategy, nccl=implementation == "nccl")
         resolver = strategy.cluster_resolver
         # Every "chief" and "worker" task computes (a TF_CONFIG may name one chief beside the
         # workers, as Vertex AI's and Kubeflow's do): ranks count the chief first, as TensorFlow

@@ -400,6 +400,7 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
              precision_why: str | None = None) -> None:
     """The start line: backend and why, world size, batch and learning rate after scaling, precision
     (and why, when runtime.precision was auto)."""
+    by = " by NCCL" if runtime.nccl else ""
     runtime.print(
         f"unet_dist: strategy {runtime.name} ({runtime.reason}); world_size {runtime.world_size}, "
         f"replicas {runtime.num_replicas}, global batch {global_batch} ({per_replica} per replica"
@@ -408,7 +409,7 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
         f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
         f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
         f"{cfg.runtime.precision}{f' ({precision_why})' if precision_why else ''}, "
-        f"{f'gradients summed in {runtime.wire_dtype()}, ' if runtime.num_replicas > 1 else ''}xla {cfg.runtime.xla}, "
+        f"{f'gradients summed in {runtime.wire_dtype()}{by}, ' if runtime.num_replicas > 1 else ''}xla {cfg.runtime.xla}, "
         f"{'synchronized batch norm, ' if cfg.model.sync_batch_norm else ''}threads {runtime.threads[0]}+{runtime.threads[1]} "
         f"on {_cpu_list(runtime.cpus)}; "
         + (f"resuming at step {start}" if start else "starting at step 0") + f" of {cfg.train.steps}")
