@@ -271,6 +271,32 @@ def test_what_nccl_cannot_do_is_one_line_before_the_strategy_starts(monkeypatch,
             MirroredRuntime(load_config(None, ["runtime.strategy=mirrored", *overrides]), "test")
 
 
+@pytest.mark.parametrize("nccl_built, rank, warned", [(0, 0, True), (1, 0, False), (0, 1, False)])
+def test_horovod_on_gpus_without_nccl_says_so_once(monkeypatch, capsys, nccl_built, rank, warned):
+    # A Horovod built without HOROVOD_GPU_OPERATIONS sums GPU gradients through host memory: the
+    # chief says so in one line; the run goes on.
+    import types
+
+    import tensorflow as tf
+
+    from unet_dist import distribute
+    from unet_dist.config import load_config
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0", "GPU:1"])
+    pinned = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda device, kind: pinned.append(device))
+    monkeypatch.setattr(distribute, "_gpu_memory_growth", lambda gpus: None)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    _fake_horovod(monkeypatch, types.SimpleNamespace(
+        init=lambda: None, nccl_built=lambda: nccl_built,
+        rank=lambda: rank, size=lambda: 2, local_rank=lambda: rank, local_size=lambda: 2))
+    distribute.HorovodRuntime(load_config(None, ["runtime.strategy=horovod"]), "test")
+    assert pinned == [f"GPU:{rank}"]  # one GPU per local rank
+    err = capsys.readouterr().err
+    assert ("warning: Horovod was built without NCCL" in err) == warned
+    assert len(err.strip().splitlines()) == int(warned)
+
+
 def test_horovod_asked_for_bfloat16_gradients_is_one_line(monkeypatch):
     import types
 

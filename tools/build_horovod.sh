@@ -8,7 +8,9 @@
 # against TF 2.21, because horovod/tensorflow/xla_mpi_ops.cc includes XLA headers TF no longer ships.
 # That file only registers XLA ops used on GPU with HOROVOD_ENABLE_XLA_OPS=1, so we drop it from the
 # CMake source list (see ../shared/notes/stack-facts.md). Gloo is always built; MPI when Open MPI is
-# installed.
+# installed. GPU collectives only when asked: HOROVOD_GPU_OPERATIONS=NCCL in the environment (with
+# the CUDA toolkit and NCCL that Horovod's build finds, e.g. HOROVOD_NCCL_HOME) builds NCCL in and
+# keys the cached wheel apart; without it GPU ranks sum their gradients in host memory.
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -20,7 +22,8 @@ tf_version=$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/nu
 py_version=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 with_mpi=0
 command -v mpicxx >/dev/null 2>&1 && with_mpi=1
-key="horovod-${HOROVOD_VERSION}_tf-${tf_version}_py-${py_version}_mpi-${with_mpi}"
+gpu_ops=${HOROVOD_GPU_OPERATIONS:-}
+key="horovod-${HOROVOD_VERSION}_tf-${tf_version}_py-${py_version}_mpi-${with_mpi}${gpu_ops:+_gpu-$gpu_ops}"
 wheel_dir="$CACHE_ROOT/wheels/$key"
 
 if "$PY" -c "import horovod, horovod.tensorflow as h; assert horovod.__version__ == '$HOROVOD_VERSION'" 2>/dev/null \
@@ -55,4 +58,4 @@ fi
 "$PY" -m pip install -q cloudpickle psutil pyyaml packaging
 echo "$wheel_dir" > "$wheel_dir/.installed-from"
 touch "$("$PY" -c 'import sys; print(sys.prefix)')/.horovod-$key"
-"$PY" -c "import horovod.tensorflow as hvd; print('build_horovod: horovod', hvd.__version__ if hasattr(hvd, '__version__') else '', 'gloo', hvd.gloo_built(), 'mpi', hvd.mpi_built())"
+"$PY" -c "import horovod.tensorflow as hvd; print('build_horovod: horovod', hvd.__version__ if hasattr(hvd, '__version__') else '', 'gloo', hvd.gloo_built(), 'mpi', hvd.mpi_built(), 'nccl', hvd.nccl_built())"

@@ -661,6 +661,12 @@ class HorovodRuntime(Runtime):
             # Horovod: pin one GPU per local rank.
             tf.config.set_visible_devices(gpus[self.local_rank % len(gpus)], "GPU")
             _gpu_memory_growth([gpus[self.local_rank % len(gpus)]])
+            if not hvd.nccl_built() and self.is_chief:
+                # Such a build (tools/build_horovod.sh without HOROVOD_GPU_OPERATIONS=NCCL) still
+                # trains, but every allreduce copies the gradients to host memory and sums them there.
+                print(f"{_prog()}: warning: Horovod was built without NCCL, so the GPUs' gradients are summed in "
+                      "host memory; for NCCL rebuild it with HOROVOD_GPU_OPERATIONS=NCCL (README, Scaling out)",
+                      file=sys.stderr, flush=True)
 
     def distribute(self, dataset_fn):
         _, per_replica = self.batch_sizes()
