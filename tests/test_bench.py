@@ -1,6 +1,7 @@
 """The benchmark helpers that turn raw measurements into the numbers we publish, and the scaling bench."""
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -64,6 +65,28 @@ def test_scaling_bench_trains_the_given_config_on_one_and_two_workers(tmp_path):
     assert ips["multiworker_2"] > 0 and ips["multiworker_1"] > 0
     assert [len(res["runs"]["independent"][n]) for n in ("1", "2")] == [1, 1]
     assert ips["independent_efficiency"] > 0
+
+
+def test_scaling_batch_is_shaped_as_the_pipeline_delivers_for_an_unpadded_network():
+    # configs/ronneberger.yaml: the mask and weight map at the model's smaller output, so the
+    # scaling bench (and its GPU comparison with NVIDIA's UNet_Medical) can train it.
+    from unet_dist.config import load_config
+    from unet_dist.distribute import Runtime
+    from unet_dist.losses import training_loss
+    from unet_dist.perf.scaling import _synthetic_batch
+    from unet_dist.shapes import valid_sizes_near
+    from unet_dist.trainer import build_model_and_optimizer, make_train_step
+
+    size = valid_sizes_near(64, 2)[0]
+    cfg = load_config(ROOT / "configs/ronneberger.yaml", ["model.depth=2", "model.base_filters=4",
+                                                          f"data.image_size=[{size}, {size}]", "runtime.precision=float32"])
+    batch = _synthetic_batch(cfg, 2, 0)
+    runtime = Runtime(cfg, "test")
+    model, opt = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
+    assert batch["mask"].shape[1:3] == model.output_shape[1:3] != batch["image"].shape[1:3]
+    assert batch["weight"].shape == batch["mask"].shape
+    step = make_train_step(model, opt, training_loss(cfg), runtime, 2, False)
+    assert math.isfinite(float(step(batch)["loss"]))
 
 
 def test_pipeline_bench_says_whether_training_waits_for_it(shards, tmp_path):

@@ -133,6 +133,33 @@ def _machines(results: dict) -> str:
             "across machines): " + " ".join(f"{where}. {dates(by_date, True)}." for where, by_date in groups.items()))
 
 
+# NVIDIA's published training throughput of its UNet_Medical for TensorFlow 2 (the 2015 U-Net, 572x572
+# one-channel EM tiles, batch 8 per GPU, Horovod; DeepLearningExamples, TensorFlow2/Segmentation/
+# UNet_Medical/README.md, NGC container tensorflow:20.06-tf2-py3): (GPUs, precision, images/s, weak
+# scaling as NVIDIA states it, the speedup over 1 GPU).
+NVIDIA_UNET_MEDICAL = [
+    ("1x A100 40GB", "TF32", 46.26, None), ("1x A100 40GB", "mixed precision", 118.98, None),
+    ("8x A100 40GB", "TF32", 293.64, 6.35), ("8x A100 40GB", "mixed precision", 561.77, 4.72),
+    ("1x V100 16GB", "FP32", 17.91, None), ("1x V100 16GB", "mixed precision", 59.58, None),
+    ("8x V100 16GB", "FP32", 137.11, 7.66), ("8x V100 16GB", "mixed precision", 368.88, 6.19),
+]
+
+
+def _nvidia() -> list[str]:
+    """The figures our GPU numbers will go beside, and the command that measures ours."""
+    rows = [f"| {gpus} | {prec} | {ips:.2f} | {'-' if up is None else f'{up:.2f}x'} |"
+            for gpus, prec, ips, up in NVIDIA_UNET_MEDICAL]
+    return ["What they will be compared with: NVIDIA's published training throughput of UNet_Medical for "
+            "TensorFlow 2 (the 2015 U-Net on 572x572 one-channel tiles, batch 8 per GPU, Horovod, AMP for mixed "
+            "precision; its README in NVIDIA's DeepLearningExamples, NGC container `tensorflow:20.06-tf2-py3`). "
+            "Ours on the same network: `python -m unet_dist.convert runs/bench/raw runs/bench/data572 --image-size "
+            "572`, then `python -m unet_dist.bench train --data runs/bench/data572 --config configs/ronneberger.yaml "
+            "--set data.global_batch_size=8 --variants float32 mixed_float16 mixed_float16+xla` on one GPU, and "
+            "`python -m unet_dist.bench scaling --config configs/ronneberger.yaml` for 1 against 2 ranks.", "",
+            "| GPUs | precision | NVIDIA UNet_Medical, images/s | speedup over 1 GPU |", "|---|---|---|---|",
+            *rows, ""]
+
+
 def render(results: dict, out: Path) -> str:
     """docs/benchmarks.md from the results; writes the plots beside it."""
     lines = ["# Benchmarks", "",
@@ -143,7 +170,7 @@ def render(results: dict, out: Path) -> str:
              "runs/bench/raw runs/bench/data256 --image-size 256` (the `--data` below; source images 240-500 px "
              "a side, like the Pet photos), and the demo's `runs/demo/data` (128x128, from `make demo`).", ""]
     lines += [_machines(results), "", "**GPU numbers are not yet measured**: no GPU was available to this project. The same commands "
-              "run unchanged on a GPU (mixed_float16 with loss scaling, XLA, one GPU per Horovod rank).", ""]
+              "run unchanged on a GPU (mixed_float16 with loss scaling, XLA, one GPU per Horovod rank).", "", *_nvidia()]
 
     pipe = {k: results[k] for k in ("pipeline", "pipeline_off", "pipeline_full") if k in results}
     if pipe:

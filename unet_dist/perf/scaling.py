@@ -65,10 +65,7 @@ def worker(args) -> dict:
     keras.utils.set_random_seed(0)
     model, opt = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
     runtime.broadcast_state(model.variables + opt.variables)
-    h, w = cfg.data.patch_size or cfg.data.image_size  # what one training example is
-    rng = np.random.default_rng(runtime.rank)
-    batch = {"image": tf.constant(rng.random((per_replica, h, w, 3), np.float32)),
-             "mask": tf.constant((rng.random((per_replica, h, w, 1)) > 0.5).astype(np.uint8))}
+    batch = _synthetic_batch(cfg, per_replica, runtime.rank)
     data = iter(runtime.distribute(lambda shard, b: tf.data.Dataset.from_tensors(batch).repeat()))
     step = make_train_step(model, opt, training_loss(cfg), runtime, global_batch, False)
     _timed(step, data, 3)
@@ -91,6 +88,24 @@ def worker(args) -> dict:
         else:
             _wait_for(pause / f"round-{k}", deadline=time.time() + 60 + 20 * sum(sync))
     return {**out, "rounds": rounds}
+
+
+def _synthetic_batch(cfg, per_replica: int, seed: int) -> dict:
+    """A random batch shaped as the pipeline delivers one: the image at the training example's size,
+    the mask (and the weight map, for train.loss weighted_ce) at the model's output size, which an
+    unpadded network (model.padding: valid) makes smaller."""
+    import tensorflow as tf
+
+    from unet_dist.shapes import output_size
+
+    h, w = cfg.data.patch_size or cfg.data.image_size  # what one training example is
+    out = output_size((h, w), cfg.model.depth, cfg.model.padding)
+    rng = np.random.default_rng(seed)
+    batch = {"image": tf.constant(rng.random((per_replica, h, w, 3), np.float32)),
+             "mask": tf.constant((rng.random((per_replica, *out, 1)) > 0.5).astype(np.uint8))}
+    if cfg.train.loss == "weighted_ce":
+        batch["weight"] = tf.constant(1 + rng.random((per_replica, *out, 1), np.float32))
+    return batch
 
 
 def _wait_for(path: Path, deadline: float) -> None:
