@@ -135,8 +135,8 @@ def _machines(results: dict) -> str:
 
 # NVIDIA's published training throughput of its UNet_Medical for TensorFlow 2 (the 2015 U-Net, 572x572
 # one-channel EM tiles, batch 8 per GPU, Horovod; DeepLearningExamples, TensorFlow2/Segmentation/
-# UNet_Medical/README.md, NGC container tensorflow:20.06-tf2-py3): (GPUs, precision, images/s, weak
-# scaling as NVIDIA states it, the speedup over 1 GPU).
+# UNet_Medical/README.md, NGC container tensorflow:20.06-tf2-py3): (GPUs, precision, images/s, what
+# NVIDIA calls weak scaling: images/s over those of 1 GPU at the same precision, or None for 1 GPU).
 NVIDIA_UNET_MEDICAL = [
     ("1x A100 40GB", "TF32", 46.26, None), ("1x A100 40GB", "mixed precision", 118.98, None),
     ("8x A100 40GB", "TF32", 293.64, 6.35), ("8x A100 40GB", "mixed precision", 561.77, 4.72),
