@@ -109,6 +109,32 @@ def test_border_weight_map_peaks_between_touching_objects():
     assert np.all(single == 1.0)  # one object: no border term
 
 
+def test_border_weight_map_of_many_cells_is_the_whole_image_definition():
+    # Cells as in EM slices (Voronoi regions, 2-3 px background membranes between them). Each
+    # object's distances come from a window around it; the definition takes every object's
+    # distance transform over the whole image and the nearest two per pixel.
+    from scipy import ndimage
+
+    from unet_dist.data.convert import IGNORE
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:160, :200]
+    seeds = rng.random((40, 2)) * [160, 200]
+    d = np.sort(np.stack([np.hypot(yy - y, xx - x) for y, x in seeds]), 0)
+    m = ((d[1] - d[0]) > 2.5).astype(np.uint8)[..., None]
+    m[:8, :8] = IGNORE
+    class_w = np.array([0.7, 1.8], np.float32)
+    w = border_weight_map(m, class_w, w0=10, sigma=5)[..., 0]
+
+    labels, n = ndimage.label(m[..., 0] == 1)
+    assert n > 30
+    dist = np.sort(np.stack([ndimage.distance_transform_edt(labels != k) for k in range(1, n + 1)]), 0)
+    border = 10 * np.exp(-((dist[0] + dist[1]) ** 2) / (2 * 5**2)) * (m[..., 0] == 0)
+    expected = class_w[np.minimum(m[..., 0], 1)] + border
+    np.testing.assert_allclose(w, expected, rtol=0, atol=1e-5)
+    assert border.max() > 8  # membranes between touching cells carry the border term
+
+
 @pytest.mark.parametrize("loss", ["bce", "dice", "ce_dice", "focal", "weighted_ce"])
 @pytest.mark.parametrize("units", [1, 3])
 def test_ignored_pixels_count_in_no_loss_and_no_metric(loss, units):
