@@ -96,10 +96,10 @@ def _synthetic_batch(cfg, per_replica: int, seed: int) -> dict:
     unpadded network (model.padding: valid) makes smaller."""
     import tensorflow as tf
 
-    from unet_dist.shapes import output_size
+    from unet_dist.data.pipeline import label_size, train_size
 
-    h, w = cfg.data.patch_size or cfg.data.image_size  # what one training example is
-    out = output_size((h, w), cfg.model.depth, cfg.model.padding)
+    h, w = train_size(cfg)  # what one training example is
+    out = label_size(cfg, (h, w))
     rng = np.random.default_rng(seed)
     batch = {"image": tf.constant(rng.random((per_replica, h, w, 3), np.float32)),
              "mask": tf.constant((rng.random((per_replica, *out, 1)) > 0.5).astype(np.uint8))}
