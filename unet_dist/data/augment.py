@@ -161,8 +161,9 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
         def cropped():
             return tuple(tf.slice(t, [y, x, 0], [hh, ww, -1]) for t in (image, mask))
 
-        if cfg.scale_crop and cfg.scale_min < 1:  # only the samples zoomed out pay for the mirror
-            pair = tf.cond(zoom < 1.0, lambda: tuple(_mirrored_window(t, y, x, hh, ww) for t in (image, mask)),
+        if cfg.scale_crop and cfg.scale_min < 1:  # only windows reaching past the image pay for the mirror
+            outside = (y < 0) | (x < 0) | (y + hh > shape[0]) | (x + ww > shape[1])
+            pair = tf.cond(outside, lambda: tuple(_mirrored_window(t, y, x, hh, ww) for t in (image, mask)),
                            cropped)
         else:
             pair = cropped()
