@@ -275,11 +275,15 @@ def wire_dtype(cfg: Config, backend: str, nccl: bool = False) -> str:
     return want
 
 
-def _check_wire(cfg: Config, nccl: bool) -> None:
-    """One line for gradients asked to cross NCCL in bfloat16, before a strategy starts."""
-    if nccl and cfg.runtime.allreduce_dtype == "bfloat16":
-        raise ConfigError("config key runtime.allreduce_dtype: bfloat16 is not supported by NCCL in TensorFlow "
-                          "(the all-reduce between GPUs); use float16, float32 or auto")
+def _refuse_bfloat16_wire(cfg: Config, by: str) -> None:
+    """One line for gradients asked to cross an all-reduce without bfloat16 (`by` names it) in
+    bfloat16, before the backend starts (`wire_dtype`'s auto sends float32 there)."""
+    if cfg.runtime.allreduce_dtype == "bfloat16":
+        raise ConfigError(f"config key runtime.allreduce_dtype: bfloat16 is not supported by {by}; "
+                          "use float16, float32 or auto")
+
+
+_NCCL = "NCCL in TensorFlow (the all-reduce between GPUs)"
 
 
 class Runtime:
@@ -464,7 +468,8 @@ class MirroredRuntime(Runtime):
         if strategy is None:
             gpus = tf.config.list_physical_devices("GPU")
             nccl = bool(gpus)  # MirroredStrategy's default between GPUs is NcclAllReduce
-            _check_wire(cfg, nccl)
+            if nccl:
+                _refuse_bfloat16_wire(cfg, _NCCL)
             devices = None
             if cfg.runtime.cpu_devices > 1 and not gpus:
                 devices = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -566,7 +571,8 @@ class MultiWorkerRuntime(MirroredRuntime):
                 resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
                     port_base=port_base, gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
         implementation = collective_implementation(cfg, len(tf.config.list_physical_devices("GPU")))
-        _check_wire(cfg, implementation == "nccl")
+        if implementation == "nccl":
+            _refuse_bfloat16_wire(cfg, _NCCL)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver, communication_options=tf.distribute.experimental.CommunicationOptions(
                 implementation=tf.distribute.experimental.CommunicationImplementation[implementation.upper()]))
@@ -627,9 +633,7 @@ class HorovodRuntime(Runtime):
 
     def __init__(self, cfg: Config, reason: str):
         super().__init__(cfg, reason)
-        if cfg.runtime.allreduce_dtype == "bfloat16":
-            raise ConfigError("config key runtime.allreduce_dtype: bfloat16 is not supported by Horovod (its allreduce "
-                              "takes float16 or float32); use float16, float32 or auto")
+        _refuse_bfloat16_wire(cfg, "Horovod (its allreduce takes float16 or float32)")
         import horovod.tensorflow as hvd
 
         # Horovod: a rank that stops answering (hung, stopped, lost) ends the job after the stall
