@@ -271,6 +271,78 @@ def test_what_nccl_cannot_do_is_one_line_before_the_strategy_starts(monkeypatch,
             MirroredRuntime(load_config(None, ["runtime.strategy=mirrored", *overrides]), "test")
 
 
+@pytest.mark.parametrize("visible, on_node, local_rank, local_size, mine", [
+    (4, None, 0, 1, [0, 1, 2, 3]),  # one task per node (the sbatch script) drives them all
+    (4, "4", 2, 4, [2]),  # four tasks that all see the node's four: one each, by SLURM_LOCALID
+    (4, None, 1, 2, [2, 3]),
+    (1, "4", 3, 4, [0]),  # srun --gpus-per-task=1: SLURM bound the task to a GPU of its own
+    (2, "4", 1, 2, [0, 1]),  # --gpus-per-task=2
+    (0, None, 1, 2, []),  # CPU nodes
+])
+def test_each_slurm_task_computes_on_its_own_gpus(monkeypatch, visible, on_node, local_rank, local_size, mine):
+    from unet_dist.distribute import slurm_task_gpus
+
+    if on_node is None:
+        monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_GPUS_ON_NODE", on_node)
+    gpus = [f"GPU:{i}" for i in range(visible)]
+    assert slurm_task_gpus(gpus, local_rank, local_size) == [f"GPU:{i}" for i in mine]
+
+
+def test_more_slurm_tasks_than_the_gpus_they_share_is_one_line(monkeypatch):
+    from unet_dist.config import ConfigError
+    from unet_dist.distribute import slurm_task_gpus
+
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    with pytest.raises(ConfigError, match=r"^SLURM runs 4 tasks on this node and they share 2 GPU\(s\)"):
+        slurm_task_gpus(["GPU:0", "GPU:1"], 3, 4)
+
+
+@pytest.mark.parametrize("gpus, replicas", [(4, 1), (0, 0)])
+def test_a_slurm_worker_has_one_replica_per_gpu_it_computes_on(monkeypatch, gpus, replicas):
+    # MultiWorkerMirroredStrategy makes a replica per GPU the resolver reports. TensorFlow's
+    # resolver reported the GPUs seen divided by the tasks on the node (four tasks seeing four GPUs:
+    # one each, all on GPU 0; bound to one each: none), and set CUDA_VISIBLE_DEVICES too late to
+    # matter. A fake strategy takes the resolver (no cluster is started).
+    import tensorflow as tf
+
+    from unet_dist.config import load_config
+    from unet_dist.distribute import MultiWorkerRuntime
+
+    for var in ("TF_CONFIG", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                "UNET_DIST_LOCAL_SIZE", "HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                "UNET_DIST_LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    slurm = {"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS_PER_NODE": "4",
+             "SLURM_STEP_NODELIST": "gpu[1-2]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_GPUS_ON_NODE": str(gpus),
+             "UNET_DIST_PORT_BASE": "30000", "CUDA_VISIBLE_DEVICES": "0,1,2,3" if gpus else ""}
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [f"GPU:{i}" for i in range(gpus)])
+    pinned = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: pinned.extend(devices))
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def strategy(**kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", strategy)
+    with pytest.raises(Stop):
+        MultiWorkerRuntime(load_config(None, ["runtime.strategy=multiworker", "runtime.cluster=slurm"]), "test")
+    resolver = given["cluster_resolver"]
+    assert resolver.num_accelerators() == {"GPU": replicas}
+    assert pinned == (["GPU:2"] if gpus else [])
+    workers = resolver.cluster_spec().as_dict()["worker"]
+    assert workers == [f"gpu{n}:{30000 + i}" for n in (1, 2) for i in range(4)]
+    assert (resolver.task_type, resolver.task_id) == ("worker", 6)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == slurm["CUDA_VISIBLE_DEVICES"]  # SLURM's, as it was
+
+
 @pytest.mark.parametrize("nccl_built, rank, warned", [(0, 0, True), (1, 0, False), (0, 1, False)])
 def test_horovod_on_gpus_without_nccl_says_so_once(monkeypatch, capsys, nccl_built, rank, warned):
     # A Horovod built without HOROVOD_GPU_OPERATIONS sums GPU gradients through host memory: the

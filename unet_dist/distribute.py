@@ -546,13 +546,54 @@ class MirroredRuntime(Runtime):
             opt._all_reduce_sum_gradients = _already_reduced
 
 
+def slurm_task_gpus(gpus: list, local_rank: int, local_size: int) -> list:
+    """The GPUs, of those this SLURM task sees (`gpus`), that it computes on.
+
+    SLURM either binds each task to GPUs of its own (--gpus-per-task, --gpu-bind: the task sees
+    fewer than SLURM_GPUS_ON_NODE, the step's GPUs on the node) or lets every task on the node see
+    all of them: then task `local_rank` of `local_size` takes its share, in order, as Horovod's
+    ranks take one GPU each. TensorFlow's own resolver divides the GPUs a task sees by the tasks on
+    its node, which gives a bound task none (a CPU worker on a GPU node, or a crash), and names them
+    in CUDA_VISIBLE_DEVICES after TensorFlow has read it.
+    """
+    if not gpus or local_size <= 1:
+        return list(gpus)
+    on_node = os.environ.get("SLURM_GPUS_ON_NODE")
+    if on_node is not None and len(gpus) < _env_int("SLURM_GPUS_ON_NODE"):
+        return list(gpus)
+    share = len(gpus) // local_size
+    if not share:
+        raise ConfigError(f"SLURM runs {local_size} tasks on this node and they share {len(gpus)} GPU(s): "
+                          "MultiWorkerMirroredStrategy needs a GPU per task; run one task per node, which then "
+                          "drives all of the node's GPUs (launch/slurm_multiworker.sbatch), or bind them with "
+                          "srun --gpus-per-task")
+    return list(gpus[local_rank * share:(local_rank + 1) * share])
+
+
+class _SlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+    """SLURM's cluster, its workers computing on the `gpus` GPUs slurm_task_gpus chose (CPUs at 0).
+
+    MultiWorkerMirroredStrategy makes one replica per GPU that num_accelerators reports. The
+    resolver's own hand-out of GPUs is switched off: it is given one placeholder GPU per task,
+    which only spaces the tasks' ports (it lists no task on a node without GPUs).
+    """
+
+    def __init__(self, port_base: int, gpus: int):
+        tasks = _env_int("SLURM_STEP_NUM_TASKS") if "SLURM_STEP_NUM_TASKS" in os.environ else _local_size_from_env()
+        super().__init__(port_base=port_base, gpus_per_node=tasks, gpus_per_task=1, auto_set_gpu=False)
+        self._gpus = gpus
+
+    def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+        return {"GPU": self._gpus}
+
+
 class MultiWorkerRuntime(MirroredRuntime):
     """MultiWorkerMirroredStrategy; the cluster from TF_CONFIG or SLURM's environment."""
 
     name = "multiworker"
 
     def __init__(self, cfg: Config, reason: str):
-        resolver = None
+        resolver, gpus = None, tf.config.list_physical_devices("GPU")
         if "TF_CONFIG" not in os.environ and cfg.runtime.cluster == "slurm":
             if "SLURM_PROCID" not in os.environ:
                 raise ConfigError("config key runtime.cluster is slurm, but this process is not a SLURM task (no "
@@ -561,16 +602,11 @@ class MultiWorkerRuntime(MirroredRuntime):
             port = os.environ.get("UNET_DIST_PORT_BASE", "8888")
             if not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(f"UNET_DIST_PORT_BASE={port!r}: must be a port number (the first worker's)")
-            port_base = int(port)
-            if shutil.which("nvidia-smi"):
-                resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)
-            else:
-                # The resolver hands out GPUs to tasks and lists no task on a node without any; on
-                # CPU nodes give it one placeholder "GPU" per task and keep CUDA_VISIBLE_DEVICES as is.
-                per_node = _local_size_from_env()
-                resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-                    port_base=port_base, gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
-        implementation = collective_implementation(cfg, len(tf.config.list_physical_devices("GPU")))
+            gpus = slurm_task_gpus(gpus, _local_rank_from_env(), _local_size_from_env())
+            if gpus:
+                tf.config.set_visible_devices(gpus, "GPU")  # before TensorFlow starts its devices
+            resolver = _SlurmResolver(int(port), len(gpus))
+        implementation = collective_implementation(cfg, len(gpus))
         if implementation == "nccl":
             _refuse_bfloat16_wire(cfg, _NCCL)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
