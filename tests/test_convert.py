@@ -113,6 +113,14 @@ def test_exit_codes_and_summary_line(tmp_path, capsys):
     for trimap in (tmp_path / "sparse" / "annotations" / "trimaps").iterdir():
         t = np.asarray(Image.open(trimap))
         assert t.shape == (384, 384) and 0 < (t == 1).mean() < 0.02, (trimap, (t == 1).mean())
+    # --cells: EM-like gray PNG slices of about 300 touching cells (1) parted by membranes (2).
+    run_main(capsys, "unet_dist.synthetic", str(tmp_path / "cells"), "-n", "1", "--cells", check=True)
+    image = Image.open(tmp_path / "cells" / "images" / "synth_00000.png")
+    t = np.asarray(Image.open(tmp_path / "cells" / "annotations" / "trimaps" / "synth_00000.png"))
+    assert image.mode == "L" and image.size == (572, 572) and set(np.unique(t)) == {1, 2}
+    from scipy import ndimage
+
+    assert 250 < ndimage.label(t == 1)[1] <= 300  # cells: touching, yet apart
 
 
 def test_modes_exif_and_sizes(tmp_path):

@@ -1,9 +1,11 @@
 """Writes a synthetic segmentation set in the Oxford-IIIT Pet layout.
 
-    python -m unet_dist.synthetic OUT -n 400 --seed 0 [--sparse]
+    python -m unet_dist.synthetic OUT -n 400 --seed 0 [--sparse | --cells]
 
 --sparse: small pets (about 0.5% of the pixels) on 384x384 images, for patch training
 (data.patch_size) with foreground oversampling (data.foreground_oversample).
+--cells: EM-like 572x572 gray slices of about 300 touching cells parted by dark membranes (the
+cells the "pets"), for configs/ronneberger.yaml and its border weight map.
 
 OUT is new, or an earlier synthetic set, which is replaced; a folder holding other images is refused.
 """
@@ -23,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("-n", type=int, default=400, help="number of images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sparse", action="store_true", help="small pets on 384x384 images")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--sparse", action="store_true", help="small pets on 384x384 images")
+    kind.add_argument("--cells", action="store_true", help="EM-like slices of touching cells, 572x572")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"-n must be >= 1, got {args.n}")
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         p.error(str(e))
     try:
-        write_dataset(args.out, args.n, args.seed, args.sparse)
+        write_dataset(args.out, args.n, args.seed, args.sparse, args.cells)
     except ValueError as e:
         p.error(f"OUT {e}")
     print(f"wrote {args.n} images to {args.out}/images and trimaps to {args.out}/annotations/trimaps")

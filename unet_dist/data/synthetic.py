@@ -8,6 +8,10 @@ not colour. Trimaps follow the real set: 1 = pet, 2 = background, 3 = a border b
 Sparse sets (`sparse=True`) hold small pets on larger images instead, about 0.5% of the pixels, as
 lesions, cells or vehicles are in medical, microscopy and aerial images: what patch training with
 foreground oversampling (data.patch_size, data.foreground_oversample) is for.
+
+Cell sets (`cells=True`) are EM-like instead, as the 2015 U-Net's ISBI slices: gray 572x572 PNGs of
+about 300 touching cells (Voronoi regions) parted by dark membranes 2-3 pixels wide, the cells the
+"pets" and the membranes the background: what the border weight map (train.loss weighted_ce) is for.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from PIL import Image
 
 BORDER_PX = 2.0
 SPARSE_SIZE = 384  # sparse sets: every image this many pixels a side
+CELLS_SIZE, CELLS = 572, 300  # cell sets: pixels a side and cells an image
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -92,6 +97,24 @@ def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 5
     return image, trimap
 
 
+def make_cells(rng: np.random.Generator, size: int = CELLS_SIZE, cells: int = CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (image uint8 (size, size), trimap uint8 (size, size): 1 = cell, 2 = membrane). A
+    pixel is membrane where its nearest two cell centres are within 2.5 pixels of equidistant."""
+    from scipy.spatial import cKDTree
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    pixels = np.stack([yy.ravel(), xx.ravel()], 1)
+    near, which = cKDTree(rng.random((cells, 2)) * size).query(pixels, k=2)
+    membrane = (near[:, 1] - near[:, 0] <= 2.5).reshape(size, size)
+    # Cells of their own shade with grain and organelle-like blobs; membranes dark.
+    shade = rng.uniform(0.55, 0.8, cells)[which[:, 0]].reshape(size, size)
+    blobs = _smooth_noise(rng, size, size, cells=size // 12)
+    img = np.where(membrane, 0.2, shade - 0.25 * np.maximum(blobs - 0.6, 0))
+    img = img + rng.normal(0, 0.06, size=img.shape)
+    image = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return image, np.where(membrane, 2, 1).astype(np.uint8)
+
+
 STEM = re.compile(r"synth_\d{5}\.(jpg|png)")
 
 
@@ -101,11 +124,12 @@ def foreign_files(out: Path) -> list[Path]:
     return sorted(p for d in folders if d.is_dir() for p in d.iterdir() if not STEM.fullmatch(p.name))
 
 
-def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False) -> None:
+def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells: bool = False) -> None:
     """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout), replacing
     an earlier synthetic set there (a smaller set must not keep the earlier one's extra samples).
     Refuses (ValueError) a folder holding other files: they would be mixed into the set.
-    sparse: small pets on SPARSE_SIZE x SPARSE_SIZE images (`make_sample`)."""
+    sparse: small pets on SPARSE_SIZE x SPARSE_SIZE images (`make_sample`); cells: EM-like slices
+    (`make_cells`), written as PNG."""
     out = Path(out)
     other = foreign_files(out)
     if other:
@@ -117,8 +141,15 @@ def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False) -> Non
             p.unlink()
     rng = np.random.default_rng(seed)
     for i in range(n):
-        image, trimap = make_sample(rng, sparse=True, min_size=SPARSE_SIZE, max_size=SPARSE_SIZE) if sparse \
-            else make_sample(rng)
+        if cells:
+            image, trimap = make_cells(rng)
+        elif sparse:
+            image, trimap = make_sample(rng, sparse=True, min_size=SPARSE_SIZE, max_size=SPARSE_SIZE)
+        else:
+            image, trimap = make_sample(rng)
         stem = f"synth_{i:05d}"
-        Image.fromarray(image).save(out / "images" / f"{stem}.jpg", quality=92)
+        if cells:  # lossless, as EM and microscopy images are kept
+            Image.fromarray(image).save(out / "images" / f"{stem}.png")
+        else:
+            Image.fromarray(image).save(out / "images" / f"{stem}.jpg", quality=92)
         Image.fromarray(trimap).save(out / "annotations" / "trimaps" / f"{stem}.png")

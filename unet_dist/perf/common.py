@@ -28,7 +28,8 @@ def paper_generator(image_paths: list[Path], mask_dir: Path, batch: int, size: i
 def source_pairs(manifest: dict, source: Path | None) -> tuple[list[Path], Path]:
     src = Path(source or manifest["source"])
     masks = src / "annotations" / "trimaps"
-    images = sorted(p for p in (src / "images").glob("*.jpg") if (masks / f"{p.stem}.png").exists())
+    images = sorted(p for p in (src / "images").iterdir() if p.suffix in (".jpg", ".png")
+                    and (masks / f"{p.stem}.png").exists()) if (src / "images").is_dir() else []
     if not images:
         raise SystemExit(f"bench: no Oxford-Pet layout images with trimaps under {src}")
     return images, masks
