@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from unet_dist.config import TrainConfig
-from unet_dist.data.pipeline import border_weight_map
+from unet_dist.data.border import border_weight_map
 from unet_dist.losses import get_loss, soft_dice
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 

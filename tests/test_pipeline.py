@@ -356,3 +356,88 @@ def test_downscaling_is_antialiased_as_pil_resizes_at_conversion():
     small = image[:40, :30]
     up, _ = resize_pair(tf.constant(small), tf.zeros((40, 30, 1), tf.uint8), (128, 100))
     np.testing.assert_allclose(up.numpy(), tf.image.resize(small, (128, 100)).numpy() / 255.0, atol=1e-6)
+
+
+def _cells(tmp_path, n=6, size=96, cells=25):
+    """EM-like images: Voronoi cells of one class, 2-3 px background membranes between them."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        d = np.sort(np.stack([np.hypot(yy - y, xx - x) for y, x in rng.random((cells, 2)) * size]), 0)
+        m = ((d[1] - d[0]) > 2.5).astype(np.uint8)
+        Image.fromarray((m * 150 + rng.integers(0, 60, m.shape)).astype(np.uint8)).save(tmp_path / f"images/c{i}.png")
+        Image.fromarray(m * 255).save(tmp_path / f"masks/c{i}.png")
+    return tmp_path
+
+
+def test_stored_border_distances_give_the_weights_computed_per_sample(tmp_path):
+    # convert --border-distances: the pipeline takes the 2015 weight map from the records' distances
+    # instead of computing it per sample. Under exact transforms (flips, 90-degree turns, no
+    # resampling) the two agree to the distances' quarter-pixel steps.
+    from unet_dist.data.border import stored_distances
+    from unet_dist.data.convert import convert
+    from unet_dist.data.pipeline import FEATURES
+
+    src = _cells(tmp_path / "src")
+    for name, border in (("plain", False), ("stored", True)):
+        convert(src, tmp_path / name, layout="folders", shards=2, val_fraction=0.34, border_distances=border,
+                progress=False)
+    m = load_manifest(tmp_path / "stored")
+    assert m["border_distances"] == {"steps_per_px": 4, "max_step": 255}
+    assert load_manifest(tmp_path / "plain")["border_distances"] is None
+    record = next(iter(tf.data.TFRecordDataset(str(tmp_path / "stored" / m["train"]["shards"][0]))))
+    ex = tf.io.parse_single_example(record, {**FEATURES, "border": FEATURES["mask"]})
+    mask = tf.io.decode_png(ex["mask"]).numpy()[..., 0]
+    np.testing.assert_array_equal(tf.io.decode_png(ex["border"]).numpy()[..., 0], stored_distances(mask))
+    val = next(iter(tf.data.TFRecordDataset(str(tmp_path / "stored" / m["val"]["shards"][0]))))
+    assert "border" not in tf.train.Example.FromString(val.numpy()).features.feature  # evaluation has no weights
+
+    cfg = load_config(None, ["train.loss=weighted_ce", "data.image_size=[96, 96]", "data.augment.rot90=true",
+                             "data.augment.scale_crop=false", "runtime.deterministic=true", "model.depth=2"])
+    batches = {name: list(train_dataset(tmp_path / name, cfg, 4, 4).take(3)) for name in ("plain", "stored")}
+    for plain, stored in zip(batches["plain"], batches["stored"], strict=True):
+        np.testing.assert_array_equal(plain["mask"].numpy(), stored["mask"].numpy())
+        np.testing.assert_array_equal(plain["image"].numpy(), stored["image"].numpy())
+        w, ws = plain["weight"].numpy(), stored["weight"].numpy()
+        assert w.max() > 8  # membranes between touching cells carry the border term
+        # A quarter-pixel step moves w0 * exp(-s^2 / (2 sigma^2)) by at most 10 * 0.121 * 0.125.
+        assert np.abs(ws - w).max() < 0.16 and np.abs(ws - w).mean() < 0.02
+
+
+@pytest.mark.parametrize("size, zoom, expected", [((64, 64), None, 10.0), ((32, 32), None, 5.0),
+                                                  ((64, 64), 2.0, 20.0)])
+def test_stored_border_distances_are_in_pixels_of_the_network_input(size, zoom, expected):
+    # A record's distances are in its own pixels: resized or zoomed, they are scaled with it.
+    from unet_dist.data.augment import augment_sample
+
+    image, mask = _l_shape(64, 64)
+    cfg = AugmentConfig(flip=True, scale_crop=zoom is not None, scale_prob=1.0, scale_min=zoom or 1.0,
+                        scale_max=zoom or 1.25, brightness=0.2, contrast=0.2)
+    steps = tf.fill([64, 64, 1], tf.constant(40, tf.uint8))  # 10 px in quarter-pixel steps
+    u = tf.random.stateless_uniform([13], [1, 2])
+    out_image, out_mask, distances = augment_sample(tf.cast(image * 255, tf.uint8), mask, size, u, cfg,
+                                                    distances=steps)
+    assert out_image.shape == (*size, 3) and distances.shape == (*size, 1)
+    np.testing.assert_allclose(distances.numpy(), expected, rtol=1e-5)
+
+
+def test_a_sigma_beyond_the_stored_distances_is_one_line(tmp_path):
+    from unet_dist.config import ConfigError
+    from unet_dist.data.convert import convert
+
+    convert(_cells(tmp_path / "src", n=3), tmp_path / "d", layout="folders", shards=1, val_fraction=0.34,
+            border_distances=True, progress=False)
+    cfg = load_config(None, ["train.loss=weighted_ce", "data.image_size=[96, 96]", "train.weight_sigma=13"])
+    with pytest.raises(ConfigError, match=r"^config key train.weight_sigma: 13 needs border distances up to 68 px"):
+        train_dataset(tmp_path / "d", cfg, 1, 1)
+    # records shrunk to half their size hold half the distances in input pixels: sigma 5 still fits, 7 does not
+    ok = load_config(None, ["train.loss=weighted_ce", "data.image_size=[48, 48]", "data.augment.scale_crop=false"])
+    train_dataset(tmp_path / "d", ok, 1, 1)
+    with pytest.raises(ConfigError, match=r"at most 6.1"):
+        train_dataset(tmp_path / "d", load_config(None, ["train.loss=weighted_ce", "data.image_size=[48, 48]",
+                                                         "data.augment.scale_crop=false", "train.weight_sigma=7"]),
+                      1, 1)

@@ -69,7 +69,8 @@ def _with_input(monkeypatch, wrap):
     monkeypatch.setattr(unet_dist.trainer, "train_dataset", lambda *a, **k: wrap(real(*a, **k)))
 
 
-def test_a_slow_input_pipeline_is_flagged(shards, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("loss", ["bce", "weighted_ce"])
+def test_a_slow_input_pipeline_is_flagged(shards, tmp_path, monkeypatch, capsys, loss):
     # 0.15 s per batch, one batch at a time: far slower than this tiny model's step.
     def slow(image):
         time.sleep(0.15)
@@ -77,13 +78,16 @@ def test_a_slow_input_pipeline_is_flagged(shards, tmp_path, monkeypatch, capsys)
 
     _with_input(monkeypatch, lambda ds: ds.map(
         lambda b: {**b, "image": tf.numpy_function(slow, [b["image"]], tf.float32, stateful=True)}))
-    s = train(load_config(None, tiny_overrides(steps=7) + ["train.log_every_steps=3"]), shards, tmp_path / "w")
+    s = train(load_config(None, tiny_overrides(steps=7) + ["train.log_every_steps=3", f"train.loss={loss}"]),
+              shards, tmp_path / "w")
     assert s["input_bound"] == "highly" and s["input_wait_fraction"] > 0.5, s
     waits = [e["input_wait"] for e in map(json.loads, (tmp_path / "w" / "metrics.jsonl").read_text().splitlines())
              if e["event"] == "train"]
     assert len(waits) == 3 and min(waits) > 0.5, waits
     out = capsys.readouterr()
     assert (out.out + out.err).count("input-bound: ") == 2, out  # the warning once, and the summary line
+    # Weight maps computed per sample (records without border distances): the warning names the cure.
+    assert ("Convert with --border-distances" in out.out + out.err) == (loss == "weighted_ce"), out
 
 
 def test_a_pipeline_that_keeps_ahead_is_not_flagged(shards, tmp_path, monkeypatch, capsys):

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="auto",
                    help="how records store the images: png (lossless) or jpeg (quality 95); auto: jpeg when every "
                         "source image is a JPEG, else png")
+    p.add_argument("--border-distances", action="store_true",
+                   help="store each training mask's distances to its two nearest objects, from which training "
+                        "with train.loss weighted_ce takes the 2015 U-Net's border weights instead of computing "
+                        "them per sample (many touching objects, as in EM slices)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT")
     args = p.parse_args(argv)
     try:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
                     fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value,
                     image_format=args.image_format, colors=args.colors, val_list=args.val_list,
-                    only=args.list)
+                    only=args.list, border_distances=args.border_distances)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

@@ -25,12 +25,19 @@ def classify(fraction: float | None) -> str | None:
     return "moderately" if fraction >= MODERATELY else "no"
 
 
-def advice(step: int, fraction: float) -> str:
-    """The one-line warning for a highly input-bound stretch of training that ended at `step`."""
+def advice(step: int, fraction: float, weights_per_sample: bool = False) -> str:
+    """The one-line warning for a highly input-bound stretch of training that ended at `step`.
+    weights_per_sample: the pipeline computes the 2015 border weight map from each mask (the
+    records hold no border distances), most often the costliest part of it."""
+    fixes = ["convert at the training size (convert --image-size)",
+             "drop costly augmentation (data.augment.rotate_degrees, elastic, hue)",
+             "give each process more CPU cores"]
+    if weights_per_sample:
+        fixes.insert(0, "convert with --border-distances (the border weight map is then not computed per sample)")
+    todo = ", ".join(fixes[:-1]) + " or " + fixes[-1]
     return (f"step {step}: input-bound: {fraction:.0%} of each step's time went to waiting for the next batch "
             f"(20% or more is highly input-bound); the input pipeline does not keep ahead of the train step. "
-            f"Convert at the training size (convert --image-size), drop costly augmentation "
-            f"(data.augment.rotate_degrees, elastic, hue) or give each process more CPU cores")
+            f"{todo[0].upper()}{todo[1:]}")
 
 
 class InputClock:

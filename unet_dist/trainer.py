@@ -284,8 +284,9 @@ class TrainLoop:
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator | None, logger: Logger, optimizer,
                  global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None],
-                 watchdog: Watchdog | None = None):
+                 watchdog: Watchdog | None = None, weights_per_sample: bool = False):
         self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
+        self.weights_per_sample = weights_per_sample  # for the input-bound advice
         self.watchdog = watchdog or Watchdog(0, 0)
         self.average_statistics = average_statistics
         self.optimizer, self.global_batch, self.steps_per_epoch = optimizer, global_batch, steps_per_epoch
@@ -357,7 +358,7 @@ class TrainLoop:
                           wait)
         if classify(wait) == "highly" and not self._warned_input:
             self._warned_input = True  # once a run; metrics.jsonl has every window's share
-            self.logger.message(advice(step, wait))
+            self.logger.message(advice(step, wait, self.weights_per_sample))
         if self.guard.skipped:
             self.logger.message(f"step {step}: {self.guard.skipped} steps skipped so far (float16 overflow)")
         self._window_t, self._window_steps = now, 0
@@ -492,7 +493,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
     loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
-                     average_statistics=lambda: runtime.average_replicas(stats), watchdog=watchdog)
+                     average_statistics=lambda: runtime.average_replicas(stats), watchdog=watchdog,
+                     weights_per_sample=cfg.train.loss == "weighted_ce" and not manifest.get("border_distances"))
     try:
         loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
     finally:

@@ -21,6 +21,7 @@ import math
 import tensorflow as tf
 
 from unet_dist.config import AugmentConfig
+from unet_dist.data.border import STEPS_PER_PX
 from unet_dist.data.convert import IGNORE
 
 # Uniform draws per sample, by use. (Stateless draws of more values keep the first ones, so adding
@@ -129,7 +130,7 @@ def _mirrored_window(t: tf.Tensor, y: tf.Tensor, x: tf.Tensor, hh: tf.Tensor, ww
 
 def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: tf.Tensor,
                    cfg: AugmentConfig, fraction: tuple[float, float] = (1.0, 1.0),
-                   foreground: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
+                   foreground: float = 0.0, distances: tf.Tensor | None = None) -> tuple[tf.Tensor, ...]:
     """Zoom, random crop, flips, brightness and contrast of one sample, resampled once to `size`.
 
     image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (13,) the sample's
@@ -144,8 +145,13 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
     none gets a window placed evenly. Brightness and contrast are one multiply-add on the resized
     image, folded into its scaling to [0, 1]: at 256x256 every pass over a float image
     costs about as much as the resize, so each pass saved shows in images/s.
-    Returns image (h, w, 3) float32 in [0, 1], mask (h, w, 1) uint8.
+    distances: (H, W, 1) uint8, a record's border distances in steps of 1 / STEPS_PER_PX pixel
+    (`border.stored_distances`): moved with the image as a fourth channel, bilinear, and returned in
+    pixels of the output (scaled by the resampling, so zoom and resize keep them true distances).
+    Returns image (h, w, 3) float32 in [0, 1], mask (h, w, 1) uint8 (and distances (h, w, 1) float32).
     """
+    if distances is not None:
+        image = tf.concat([image, tf.cast(distances, image.dtype)], -1)
     if cfg.scale_crop or fraction != (1.0, 1.0):
         zoom = tf.constant(1.0)
         if cfg.scale_crop:  # a share scale_prob of the samples, by a factor drawn evenly in [min, max]
@@ -174,15 +180,21 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
     mask = tf.cast(nearest(mask, size), tf.uint8)
     scale = 1.0 / 255.0 if image.dtype == tf.uint8 else 1.0
     resized = _bilinear(image, size)  # still in the source's range: [0, 255] for uint8
+    extra = ()
+    if distances is not None:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        per_px = tf.sqrt(size[0] * size[1] / (shape[0] * shape[1]))  # output pixels per source pixel
+        extra = (resized[..., 3:] * (per_px / STEPS_PER_PX),)
+        resized = resized[..., :3]
     if cfg.brightness <= 0 and cfg.contrast <= 0:
-        return _to_unit(image, resized), mask
+        return (_to_unit(image, resized), mask, *extra)
     # Contrast about the image's mean, then a brightness shift:
     # (x s - m) f + m + d  ==  x (s f) + (m (1 - f) + d), with s the scaling to [0, 1].
     factor = 1.0 + (2.0 * u[_CONTRAST] - 1.0) * cfg.contrast if cfg.contrast > 0 else tf.constant(1.0)
     offset = (2.0 * u[_BRIGHT] - 1.0) * cfg.brightness if cfg.brightness > 0 else tf.constant(0.0)
     if cfg.contrast > 0:
         offset += tf.reduce_mean(resized) * scale * (1.0 - factor)
-    return tf.clip_by_value(resized * (scale * factor) + offset, 0.0, 1.0), mask
+    return (tf.clip_by_value(resized * (scale * factor) + offset, 0.0, 1.0), mask, *extra)
 
 
 def needs_batch_stage(cfg: AugmentConfig) -> bool:
@@ -265,7 +277,7 @@ def _hue(images: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
 
 
 def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf.Tensor,
-                  cfg: AugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
+                  cfg: AugmentConfig, distances: tf.Tensor | None = None) -> tuple[tf.Tensor, ...]:
     """Rotations, elastic deformation and hue jitter of a batch (after `augment_sample`).
 
     Args:
@@ -273,19 +285,27 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf
       masks: (B, H, W, 1) uint8 class ids.
       u, normals: (B, 13) and (B, g, g, 2), each sample's draws (`draw`, as given to `augment_sample`).
       cfg: which transforms are on; pixels from outside the image are mirrored.
+      distances: (B, H, W, 1) float32 border distances (`augment_sample`'s), moved with the images
+        (as the paper deformed its precomputed weight maps: a deformation's local stretch is not
+        applied to them).
     Returns:
-      images (B, H, W, 3) float32 in [0, 1], masks (B, H, W, 1) uint8.
+      images (B, H, W, 3) float32 in [0, 1], masks (B, H, W, 1) uint8 (and distances (B, H, W, 1)).
     """
     h, w = images.shape[1], images.shape[2]
     transforms = _rotation(u, h, w, cfg)
+    if distances is not None:
+        images = tf.concat([images, distances], -1)
     if cfg.elastic and cfg.elastic_sigma > 0:
         images, masks = _elastic(images, masks, normals, transforms, cfg)
     elif transforms is not None:
         images = _transform(images, transforms, "BILINEAR")
         masks = tf.cast(_transform(tf.cast(masks, tf.float32), transforms, "NEAREST"), tf.uint8)
+    extra = ()
+    if distances is not None:
+        images, extra = images[..., :3], (images[..., 3:],)
     if cfg.hue > 0:
         images = _hue(images, u, cfg)
-    return images, masks
+    return (images, masks, *extra)
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], cfg: AugmentConfig,

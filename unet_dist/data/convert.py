@@ -72,6 +72,7 @@ class Task:
     ignore_value: int | None = None  # source mask value of pixels that are not labelled -> IGNORE
     image_format: str = "jpeg"  # how the record stores the image: "png" or "jpeg"
     colors: tuple[tuple[int, int, int], ...] | None = None  # colour-coded masks: class i's colour is colors[i]
+    border_distances: bool = False  # training records also store the border weights' d1 + d2 (border.py)
 
 
 def source_folders(src: Path, layout: str) -> tuple[Path, Path]:
@@ -333,14 +334,19 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
         mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
     counts = np.bincount(mask.ravel(), minlength=MAX_CLASSES)
-    return task, {
+    rec = {
         "image": _encode(image, task.image_format),
         "mask": _encode(mask, "png"),
         "height": image.shape[0],
         "width": image.shape[1],
         "stem": task.sample.name,
         "counts": counts,
-    }, None
+    }
+    if task.border_distances and task.split == "train":  # evaluation has no weights
+        from unet_dist.data.border import stored_distances
+
+        rec["border"] = _encode(stored_distances(mask), "png")
+    return task, rec, None
 
 
 def _worker_init() -> None:
@@ -384,6 +390,8 @@ def _example(rec: dict) -> bytes:
         "width": i(rec["width"]),
         "stem": b(rec["stem"].encode()),
     }
+    if "border" in rec:
+        feat["border"] = b(rec["border"])
     return tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString()
 
 
@@ -418,6 +426,7 @@ def convert(
     colors: Path | None = None,
     val_list: Path | None = None,
     only: Path | None = None,
+    border_distances: bool = False,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -445,9 +454,14 @@ def convert(
     published ones. Every other image is training's; a listed stack is val with every page.
     only: a file naming the images to convert (read the same way); SRC's others are passed over, not
     skipped: a data set's trainval list, its test images kept out for `evaluate --images --list`.
+    border_distances: training records also store d1 + d2 of each mask (`border.stored_distances`),
+    from which the pipeline takes the 2015 U-Net's border weights (train.loss weighted_ce) instead of
+    computing them per sample; the manifest's "border_distances" gives their units.
     """
     import tensorflow as tf
     from tqdm import tqdm
+
+    from unet_dist.data.border import MAX_STEP, STEPS_PER_PX  # it takes IGNORE from here
 
     src, out = Path(src), Path(out)
     if classes not in CLASS_MODES:
@@ -571,7 +585,7 @@ def convert(
         val_fraction = n_val / n
     tasks = [
         Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value,
-             image_format, tuple(color_list) if color_list else None)
+             image_format, tuple(color_list) if color_list else None, border_distances)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -656,6 +670,7 @@ def convert(
             # Of the labelled pixels: the pipeline's class-balancing weights (weighted_ce) need them to sum to 1.
             "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
             "ignore_value": ignore_value,
+            "border_distances": {"steps_per_px": STEPS_PER_PX, "max_step": MAX_STEP} if border_distances else None,
             "ignored_pixel_fraction": None if ignore_value is None else round(
                 (ignored["train"] + ignored["val"]) / max(1, total.sum() + ignored["train"] + ignored["val"]), 6),
         }

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.config import Config
+from unet_dist.config import Config, ConfigError
 from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
-from unet_dist.data.convert import IGNORE, RECORD_FORMATS
+from unet_dist.data.border import MAX_STEP, STEPS_PER_PX, border_weight_map, max_sigma, reach
+from unet_dist.data.convert import RECORD_FORMATS
 from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
 
@@ -183,19 +184,22 @@ def image_format(manifest: dict) -> str:
     return manifest.get("image_format", "jpeg")
 
 
-def parse_record(serialized: tf.Tensor, fmt: str) -> tuple[tf.Tensor, tf.Tensor]:
+def parse_record(serialized: tf.Tensor, fmt: str, border: bool = False) -> tuple[tf.Tensor, ...]:
     """One serialized example -> image (H, W, 3) uint8, mask (H, W, 1) uint8. fmt: the manifest's
     `image_format`, "png" or "jpeg" (a one-channel image comes out as three equal channels).
+    border: also the record's border distances (H, W, 1) uint8 (`convert --border-distances`).
 
     Images stay uint8 until the first resampling (which outputs float32), saving a full-size pass.
     """
-    ex = tf.io.parse_single_example(serialized, FEATURES)
+    ex = tf.io.parse_single_example(serialized, {**FEATURES, **({"border": FEATURES["mask"]} if border else {})})
     if fmt == "png":
         image = tf.io.decode_png(ex["image"], channels=3)
     else:
         # INTEGER_FAST: a faster inverse DCT; its differences are far below the augmentation's noise.
         image = tf.io.decode_jpeg(ex["image"], channels=3, dct_method="INTEGER_FAST")
     mask = tf.io.decode_png(ex["mask"], channels=1)
+    if border:
+        return image, mask, tf.io.decode_png(ex["border"], channels=1)
     return image, mask
 
 
@@ -220,36 +224,36 @@ def _crop_labels(mask: tf.Tensor, cfg: Config, size: tuple[int, int]) -> tf.Tens
     return mask[..., top : top + h, left : left + w, :]
 
 
-def border_weight_map(mask: np.ndarray, class_weights: np.ndarray, w0: float, sigma: float) -> np.ndarray:
-    """The 2015 U-Net pixel weights: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on background.
+def stored_border_distances(manifest: dict, cfg: Config, data_dir: Path) -> bool:
+    """Whether the training records hold border distances (`convert --border-distances`) that
+    serve train.weight_sigma; ConfigError where the sigma needs farther ones than they hold."""
+    meta = manifest.get("border_distances")
+    if not meta:
+        return False
+    if (meta["steps_per_px"], meta["max_step"]) != (STEPS_PER_PX, MAX_STEP):
+        raise DataError(f"{data_dir}/manifest.json: border_distances {meta} are not the units this version "
+                        f"reads ({STEPS_PER_PX} steps a pixel up to {MAX_STEP}); convert again")
+    # The records' pixels per input pixel at the smallest zoom: a record shrunk to the input size,
+    # or zoomed out, holds shorter distances in input pixels.
+    records = manifest.get("record_size") or {}
+    scale = min((n / r for n, r in zip(cfg.data.image_size, records.get("max") or [], strict=False)), default=1.0)
+    if cfg.data.augment.scale_crop:
+        scale *= min(cfg.data.augment.scale_min, 1.0)
+    if cfg.train.weight_sigma > max_sigma(scale):
+        raise ConfigError(f"config key train.weight_sigma: {cfg.train.weight_sigma:g} needs border distances up to "
+                          f"{reach(cfg.train.weight_sigma):.0f} px, and the records in {data_dir} hold them up to "
+                          f"{MAX_STEP / STEPS_PER_PX * scale:.0f} px at the training scale; at most "
+                          f"{max_sigma(scale):.1f}; or convert at the training size, or without --border-distances")
+    return True
 
-    mask: (H, W, 1) uint8 class ids (0 = background; IGNORE, whose weight no loss counts, is no object);
-    class_weights: (num_classes,) balancing w_c;
-    d1, d2: distances to the nearest and second nearest foreground object (connected component).
-    Returns (H, W, 1) float32; the border term is exact to w0 * 1e-6.
-    """
-    from scipy import ndimage
 
-    m = mask[..., 0]
-    weights = class_weights[np.minimum(m, len(class_weights) - 1)].astype(np.float32)
-    labels, n = ndimage.label((m > 0) & (m != IGNORE))  # left-out pixels (IGNORE) are no object
-    if n >= 2:
-        # The border term is below w0 * 1e-6 wherever d1 + d2 > reach, which holds wherever one of
-        # the two nearest objects is farther than reach. So each object's distances are needed only
-        # within `reach` of its bounding box: a distance transform of that window, not of the whole
-        # image per object (300 cells in 572x572: 57 ms and a 17 MiB peak, against 2.6 s and 1.5 GiB).
-        reach = int(np.ceil(sigma * np.sqrt(2 * np.log(1e6))))
-        d1, d2 = np.full(m.shape, np.inf), np.full(m.shape, np.inf)  # the nearest two, per pixel
-        for k, box in enumerate(ndimage.find_objects(labels), start=1):
-            window = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, size))
-                           for b, size in zip(box, m.shape, strict=True))
-            dk = ndimage.distance_transform_edt(labels[window] != k)  # exact: object k is inside
-            near, second = d1[window], d2[window]  # views
-            np.minimum(second, np.maximum(near, dk), out=second)
-            np.minimum(near, dk, out=near)
-        border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
-        weights = weights + (border * (m == 0)).astype(np.float32)
-    return weights[..., None]
+def border_weights(masks: tf.Tensor, distances: tf.Tensor, class_w: np.ndarray, w0: float,
+                   sigma: float) -> tf.Tensor:
+    """`border.border_weight_map` in TensorFlow from stored distances: masks (B, H, W, 1) uint8,
+    distances (B, H, W, 1) float32 d1 + d2 in pixels -> (B, H, W, 1) float32."""
+    ids = tf.minimum(tf.cast(masks, tf.int32), len(class_w) - 1)
+    border = w0 * tf.exp(-tf.square(distances) / (2 * sigma**2))
+    return tf.gather(tf.constant(class_w, tf.float32), ids) + tf.where(masks == 0, border, 0.0)
 
 
 def class_balance_weights(manifest: dict) -> np.ndarray:
@@ -342,6 +346,7 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     fraction = tuple(p / s for p, s in zip(size, cfg.data.image_size, strict=True))
     weighted = cfg.train.loss == "weighted_ce"
     class_w = class_balance_weights(manifest)
+    stored = weighted and stored_border_distances(manifest, cfg, data_dir)
     fmt = image_format(manifest)
     # Independent streams (non-deterministic mode) must not share augmentation seeds.
     base_seed = seed + ((0 if det else shard.index) << 20)
@@ -349,16 +354,21 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     def decode(index, serialized):
         # Every random number of this sample, drawn once from its own seed and carried to the batch.
         u, normals = draw(tf.stack([tf.constant(base_seed, tf.int64), index]), cfg.data.augment)
-        image, mask = augment_sample(*parse_record(serialized, fmt), size, u, cfg.data.augment, fraction,
-                                     cfg.data.foreground_oversample)
-        return {"image": image, "mask": mask, "u": u, "normals": normals}
+        image, mask, *distances = parse_record(serialized, fmt, stored)
+        out = augment_sample(image, mask, size, u, cfg.data.augment, fraction, cfg.data.foreground_oversample,
+                             *distances)
+        return dict(zip(("image", "mask", "distances")[: len(out)], out, strict=True), u=u, normals=normals)
 
     def augment(batch):
-        images, masks = batch["image"], batch["mask"]
+        images, masks, distances = batch["image"], batch["mask"], [batch["distances"]] if stored else []
         if needs_batch_stage(cfg.data.augment):
-            images, masks = augment_batch(images, masks, batch["u"], batch["normals"], cfg.data.augment)
+            images, masks, *distances = augment_batch(images, masks, batch["u"], batch["normals"], cfg.data.augment,
+                                                      *distances)
         out = {"image": images, "mask": _crop_labels(masks, cfg, size)}
-        if weighted:
+        if stored:
+            w = border_weights(masks, distances[0], class_w, cfg.train.weight_w0, cfg.train.weight_sigma)
+            out["weight"] = _crop_labels(w, cfg, size)
+        elif weighted:
             w = tf.numpy_function(
                 lambda ms: np.stack([border_weight_map(m, class_w, cfg.train.weight_w0, cfg.train.weight_sigma)
                                      for m in ms]),

@@ -152,9 +152,12 @@ def _nvidia() -> list[str]:
     return ["What they will be compared with: NVIDIA's published training throughput of UNet_Medical for "
             "TensorFlow 2 (the 2015 U-Net on 572x572 one-channel tiles, batch 8 per GPU, Horovod, AMP for mixed "
             "precision; its README in NVIDIA's DeepLearningExamples, NGC container `tensorflow:20.06-tf2-py3`). "
-            "Ours on the same network: `python -m unet_dist.convert runs/bench/raw runs/bench/data572 --image-size "
-            "572`, then `python -m unet_dist.bench train --data runs/bench/data572 --config configs/ronneberger.yaml "
-            "--set data.global_batch_size=8 --variants float32 mixed_float16 mixed_float16+xla` on one GPU, and "
+            "Ours on the same network, on EM-like slices: `python -m unet_dist.synthetic runs/bench/cells -n 48 "
+            "--cells`, `python -m unet_dist.convert runs/bench/cells runs/bench/cells572 --border-distances`, then "
+            "`python -m unet_dist.bench train --data runs/bench/cells572 --config configs/ronneberger.yaml "
+            "--set data.global_batch_size=8 --variants float32 mixed_float16 mixed_float16+xla` on one GPU, "
+            "`python -m unet_dist.bench pipeline --data runs/bench/cells572 --config configs/ronneberger.yaml "
+            "--image-size 572` (does the pipeline keep ahead of the GPU?), and "
             "`python -m unet_dist.bench scaling --config configs/ronneberger.yaml` for 1 against 2 ranks.", "",
             "| GPUs | precision | NVIDIA UNet_Medical, images/s | speedup over 1 GPU |", "|---|---|---|---|",
             *rows, ""]
