@@ -228,7 +228,17 @@ def test_gradients_cross_the_wire_in_the_compute_dtype_unless_set(precision, bac
     (0, "auto", "RING"), (2, "auto", "NCCL"), (2, "ring", "RING"), (0, "ring", "RING"), (1, "nccl", "NCCL")])
 def test_multiworker_sums_with_nccl_between_gpus_and_the_ring_on_cpus(monkeypatch, gpus, want, expected):
     # TensorFlow's own AUTO stays on the ring over gRPC between GPUs too: the strategy must be
-    # told NCCL. A fake strategy records what it is given (no cluster is started).
+    # told NCCL.
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU"] * gpus)
+    given = _strategy_arguments(monkeypatch, ["runtime.strategy=multiworker", f"runtime.collective={want}"])
+    assert given["communication_options"].implementation.value == expected
+
+
+def _strategy_arguments(monkeypatch, overrides: list[str]) -> dict:
+    """What MultiWorkerRuntime gives MultiWorkerMirroredStrategy, through a fake that records its
+    arguments and stops there (no cluster is started)."""
     import tensorflow as tf
 
     from unet_dist.config import load_config
@@ -243,11 +253,10 @@ def test_multiworker_sums_with_nccl_between_gpus_and_the_ring_on_cpus(monkeypatc
         given.update(kwargs)
         raise Stop
 
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU"] * gpus)
     monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", strategy)
     with pytest.raises(Stop):
-        MultiWorkerRuntime(load_config(None, ["runtime.strategy=multiworker", f"runtime.collective={want}"]), "test")
-    assert given["communication_options"].implementation.value == expected
+        MultiWorkerRuntime(load_config(None, overrides), "test")
+    return given
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -304,11 +313,8 @@ def test_a_slurm_worker_has_one_replica_per_gpu_it_computes_on(monkeypatch, gpus
     # MultiWorkerMirroredStrategy makes a replica per GPU the resolver reports. TensorFlow's
     # resolver reported the GPUs seen divided by the tasks on the node (four tasks seeing four GPUs:
     # one each, all on GPU 0; bound to one each: none), and set CUDA_VISIBLE_DEVICES too late to
-    # matter. A fake strategy takes the resolver (no cluster is started).
+    # matter.
     import tensorflow as tf
-
-    from unet_dist.config import load_config
-    from unet_dist.distribute import MultiWorkerRuntime
 
     for var in ("TF_CONFIG", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                 "UNET_DIST_LOCAL_SIZE", "HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
@@ -322,19 +328,8 @@ def test_a_slurm_worker_has_one_replica_per_gpu_it_computes_on(monkeypatch, gpus
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [f"GPU:{i}" for i in range(gpus)])
     pinned = []
     monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: pinned.extend(devices))
-    given = {}
-
-    class Stop(Exception):
-        pass
-
-    def strategy(**kwargs):
-        given.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", strategy)
-    with pytest.raises(Stop):
-        MultiWorkerRuntime(load_config(None, ["runtime.strategy=multiworker", "runtime.cluster=slurm"]), "test")
-    resolver = given["cluster_resolver"]
+    resolver = _strategy_arguments(monkeypatch, ["runtime.strategy=multiworker", "runtime.cluster=slurm"])[
+        "cluster_resolver"]
     assert resolver.num_accelerators() == {"GPU": replicas}
     assert pinned == (["GPU:2"] if gpus else [])
     workers = resolver.cluster_spec().as_dict()["worker"]
