@@ -488,17 +488,22 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
 
     step_fn = make_train_step(model, optimizer, training_loss(cfg, ignores(manifest)), runtime, global_batch,
                               cfg.runtime.xla, cfg.train.gradient_accumulation_steps)
-    batches = iter(runtime.distribute(
-        lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))
+    batches = [iter(runtime.distribute(  # a list, emptied when the loop ends (below)
+        lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))]
     loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
                      average_statistics=lambda: runtime.average_replicas(stats), watchdog=watchdog,
                      weights_per_sample=cfg.train.loss == "weighted_ce" and not manifest.get("border_distances"))
     try:
-        loop.run(step_fn, lambda step: next_batch(batches, data_dir, manifest, step), start, total)
+        loop.run(step_fn, lambda step: next_batch(batches[0], data_dir, manifest, step), start, total)
     finally:
         loop.logger.close()
+        # The training iterator goes now, while its map calls in flight can finish. Whatever still
+        # holds the lambda (a reference cycle) would keep it to the interpreter's last garbage
+        # collection, where it waited at exit for a numpy_function call (the per-sample border
+        # weight map) whose thread Python had already stopped: the process hung after its last line.
+        batches.clear()
     wall = time.time() - loop.t_start
     last_eval, reached = loop.last_eval, loop.reached
     if not last_eval and start >= total and validate:
