@@ -289,23 +289,60 @@ def test_what_nccl_cannot_do_is_one_line_before_the_strategy_starts(monkeypatch,
     (0, None, 1, 2, []),  # CPU nodes
 ])
 def test_each_slurm_task_computes_on_its_own_gpus(monkeypatch, visible, on_node, local_rank, local_size, mine):
-    from unet_dist.distribute import slurm_task_gpus
+    from unet_dist.distribute import worker_gpus
 
     if on_node is None:
         monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
     else:
         monkeypatch.setenv("SLURM_GPUS_ON_NODE", on_node)
     gpus = [f"GPU:{i}" for i in range(visible)]
-    assert slurm_task_gpus(gpus, local_rank, local_size) == [f"GPU:{i}" for i in mine]
+    assert worker_gpus(gpus, local_rank, local_size, slurm=True) == [f"GPU:{i}" for i in mine]
 
 
-def test_more_slurm_tasks_than_the_gpus_they_share_is_one_line(monkeypatch):
+@pytest.mark.parametrize("visible, chosen, local_rank, local_size, mine", [
+    (4, None, 0, 1, [0, 1, 2, 3]),  # one worker per host (a pod, a VM) drives them all
+    (4, None, 1, 2, [2, 3]),  # two workers of one TF_CONFIG on one host: half each
+    (2, "2,3", 1, 2, [0, 1]),  # CUDA_VISIBLE_DEVICES chose them for the worker
+])
+def test_tf_config_workers_on_one_host_share_its_gpus(monkeypatch, visible, chosen, local_rank, local_size, mine):
+    from unet_dist.distribute import worker_gpus
+
+    if chosen is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", chosen)
+    gpus = [f"GPU:{i}" for i in range(visible)]
+    assert worker_gpus(gpus, local_rank, local_size, slurm=False) == [f"GPU:{i}" for i in mine]
+
+
+def test_a_tf_config_worker_computes_on_its_share_of_its_hosts_gpus(monkeypatch):
+    # Two workers of one TF_CONFIG on one host, each seeing its four GPUs: the strategy would put
+    # both on all four. Worker 1 takes the second half.
+    import json
+
+    import tensorflow as tf
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["localhost:1111", "localhost:2222"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [f"GPU:{i}" for i in range(4)])
+    pinned = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: pinned.extend(devices))
+    _strategy_arguments(monkeypatch, ["runtime.strategy=multiworker"])
+    assert pinned == ["GPU:2", "GPU:3"]
+
+
+def test_more_workers_than_the_gpus_they_share_is_one_line(monkeypatch):
     from unet_dist.config import ConfigError
-    from unet_dist.distribute import slurm_task_gpus
+    from unet_dist.distribute import worker_gpus
 
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
-    with pytest.raises(ConfigError, match=r"^SLURM runs 4 tasks on this node and they share 2 GPU\(s\)"):
-        slurm_task_gpus(["GPU:0", "GPU:1"], 3, 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ConfigError, match=r"^SLURM runs 4 workers on this host and they share 2 GPU\(s\)"):
+        worker_gpus(["GPU:0", "GPU:1"], 3, 4, slurm=True)
+    with pytest.raises(ConfigError, match=r"^TF_CONFIG puts 3 workers on this host and they share 2 GPU\(s\).*"
+                                          r"CUDA_VISIBLE_DEVICES$"):
+        worker_gpus(["GPU:0", "GPU:1"], 2, 3, slurm=False)
 
 
 @pytest.mark.parametrize("gpus, replicas", [(4, 1), (0, 0)])

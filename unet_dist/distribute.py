@@ -546,32 +546,38 @@ class MirroredRuntime(Runtime):
             opt._all_reduce_sum_gradients = _already_reduced
 
 
-def slurm_task_gpus(gpus: list, local_rank: int, local_size: int) -> list:
-    """The GPUs, of those this SLURM task sees (`gpus`), that it computes on.
+def worker_gpus(gpus: list, local_rank: int, local_size: int, slurm: bool) -> list:
+    """The GPUs, of those this MultiWorker worker sees (`gpus`), that it computes on.
 
-    SLURM either binds each task to GPUs of its own (--gpus-per-task, --gpu-bind: the task sees
-    fewer than SLURM_GPUS_ON_NODE, the step's GPUs on the node) or lets every task on the node see
-    all of them: then task `local_rank` of `local_size` takes its share, in order, as Horovod's
-    ranks take one GPU each. TensorFlow's own resolver divides the GPUs a task sees by the tasks on
-    its node, which gives a bound task none (a CPU worker on a GPU node, or a crash), and names them
-    in CUDA_VISIBLE_DEVICES after TensorFlow has read it.
+    All of them where they were chosen for it, or where it is the only worker on its host; else
+    worker `local_rank` of the `local_size` on its host takes its share, in order, as Horovod's ranks
+    take one GPU each. Chosen: under SLURM (`slurm`), a task bound to GPUs of its own
+    (--gpus-per-task, --gpu-bind) sees fewer than SLURM_GPUS_ON_NODE, the step's GPUs on the node;
+    under TF_CONFIG, CUDA_VISIBLE_DEVICES is set. TensorFlow itself gives every worker all it sees
+    (TF_CONFIG), or (its SLURM resolver) the GPUs it sees divided by the tasks on its node, which is
+    none for a task bound to one GPU, and names them in CUDA_VISIBLE_DEVICES after TensorFlow has
+    read it.
     """
     if not gpus or local_size <= 1:
         return list(gpus)
-    on_node = os.environ.get("SLURM_GPUS_ON_NODE")
-    if on_node is not None and len(gpus) < _env_int("SLURM_GPUS_ON_NODE"):
+    if slurm:
+        chosen = "SLURM_GPUS_ON_NODE" in os.environ and len(gpus) < _env_int("SLURM_GPUS_ON_NODE")
+    else:
+        chosen = "CUDA_VISIBLE_DEVICES" in os.environ
+    if chosen:
         return list(gpus)
     share = len(gpus) // local_size
     if not share:
-        raise ConfigError(f"SLURM runs {local_size} tasks on this node and they share {len(gpus)} GPU(s): "
-                          "MultiWorkerMirroredStrategy needs a GPU per task; run one task per node, which then "
-                          "drives all of the node's GPUs (launch/slurm_multiworker.sbatch), or bind them with "
-                          "srun --gpus-per-task")
+        who = "SLURM runs" if slurm else "TF_CONFIG puts"
+        fix = ("run one task per node, which then drives all of the node's GPUs (launch/slurm_multiworker.sbatch), or "
+               "bind them with srun --gpus-per-task") if slurm else "give each worker its GPUs in CUDA_VISIBLE_DEVICES"
+        raise ConfigError(f"{who} {local_size} workers on this host and they share {len(gpus)} GPU(s): "
+                          f"MultiWorkerMirroredStrategy needs a GPU per worker; {fix}")
     return list(gpus[local_rank * share:(local_rank + 1) * share])
 
 
 class _SlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
-    """SLURM's cluster, its workers computing on the `gpus` GPUs slurm_task_gpus chose (CPUs at 0).
+    """SLURM's cluster, its workers computing on the `gpus` GPUs worker_gpus chose (CPUs at 0).
 
     MultiWorkerMirroredStrategy makes one replica per GPU that num_accelerators reports. The
     resolver's own hand-out of GPUs is switched off: it is given one placeholder GPU per task,
@@ -594,6 +600,7 @@ class MultiWorkerRuntime(MirroredRuntime):
 
     def __init__(self, cfg: Config, reason: str):
         resolver, gpus = None, tf.config.list_physical_devices("GPU")
+        seen = gpus
         if "TF_CONFIG" not in os.environ and cfg.runtime.cluster == "slurm":
             if "SLURM_PROCID" not in os.environ:
                 raise ConfigError("config key runtime.cluster is slurm, but this process is not a SLURM task (no "
@@ -602,10 +609,12 @@ class MultiWorkerRuntime(MirroredRuntime):
             port = os.environ.get("UNET_DIST_PORT_BASE", "8888")
             if not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(f"UNET_DIST_PORT_BASE={port!r}: must be a port number (the first worker's)")
-            gpus = slurm_task_gpus(gpus, _local_rank_from_env(), _local_size_from_env())
-            if gpus:
-                tf.config.set_visible_devices(gpus, "GPU")  # before TensorFlow starts its devices
+            gpus = worker_gpus(gpus, _local_rank_from_env(), _local_size_from_env(), slurm=True)
             resolver = _SlurmResolver(int(port), len(gpus))
+        elif "TF_CONFIG" in os.environ:  # the strategy computes on every GPU left visible
+            gpus = worker_gpus(gpus, *_tf_config_local(), slurm=False)
+        if gpus != seen:
+            tf.config.set_visible_devices(gpus, "GPU")  # before TensorFlow starts its devices
         implementation = collective_implementation(cfg, len(gpus))
         if implementation == "nccl":
             _refuse_bfloat16_wire(cfg, _NCCL)
