@@ -280,39 +280,26 @@ def test_what_nccl_cannot_do_is_one_line_before_the_strategy_starts(monkeypatch,
             MirroredRuntime(load_config(None, ["runtime.strategy=mirrored", *overrides]), "test")
 
 
-@pytest.mark.parametrize("visible, on_node, local_rank, local_size, mine", [
-    (4, None, 0, 1, [0, 1, 2, 3]),  # one task per node (the sbatch script) drives them all
-    (4, "4", 2, 4, [2]),  # four tasks that all see the node's four: one each, by SLURM_LOCALID
-    (4, None, 1, 2, [2, 3]),
-    (1, "4", 3, 4, [0]),  # srun --gpus-per-task=1: SLURM bound the task to a GPU of its own
-    (2, "4", 1, 2, [0, 1]),  # --gpus-per-task=2
-    (0, None, 1, 2, []),  # CPU nodes
+@pytest.mark.parametrize("slurm, env, visible, local_rank, local_size, mine", [
+    (True, {}, 4, 0, 1, [0, 1, 2, 3]),  # one task per node (the sbatch script) drives them all
+    (True, {"SLURM_GPUS_ON_NODE": "4"}, 4, 2, 4, [2]),  # four tasks seeing the node's four: one each
+    (True, {}, 4, 1, 2, [2, 3]),
+    (True, {"SLURM_GPUS_ON_NODE": "4"}, 1, 3, 4, [0]),  # srun --gpus-per-task=1 bound the task to its own
+    (True, {"SLURM_GPUS_ON_NODE": "4"}, 2, 1, 2, [0, 1]),  # --gpus-per-task=2
+    (True, {}, 0, 1, 2, []),  # CPU nodes
+    (False, {}, 4, 0, 1, [0, 1, 2, 3]),  # one TF_CONFIG worker per host (a pod, a VM) drives them all
+    (False, {}, 4, 1, 2, [2, 3]),  # two workers of one TF_CONFIG on one host: half each
+    (False, {"CUDA_VISIBLE_DEVICES": "2,3"}, 2, 1, 2, [0, 1]),  # chosen for the worker
 ])
-def test_each_slurm_task_computes_on_its_own_gpus(monkeypatch, visible, on_node, local_rank, local_size, mine):
+def test_each_worker_computes_on_its_own_gpus(monkeypatch, slurm, env, visible, local_rank, local_size, mine):
     from unet_dist.distribute import worker_gpus
 
-    if on_node is None:
-        monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
-    else:
-        monkeypatch.setenv("SLURM_GPUS_ON_NODE", on_node)
+    for var in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
     gpus = [f"GPU:{i}" for i in range(visible)]
-    assert worker_gpus(gpus, local_rank, local_size, slurm=True) == [f"GPU:{i}" for i in mine]
-
-
-@pytest.mark.parametrize("visible, chosen, local_rank, local_size, mine", [
-    (4, None, 0, 1, [0, 1, 2, 3]),  # one worker per host (a pod, a VM) drives them all
-    (4, None, 1, 2, [2, 3]),  # two workers of one TF_CONFIG on one host: half each
-    (2, "2,3", 1, 2, [0, 1]),  # CUDA_VISIBLE_DEVICES chose them for the worker
-])
-def test_tf_config_workers_on_one_host_share_its_gpus(monkeypatch, visible, chosen, local_rank, local_size, mine):
-    from unet_dist.distribute import worker_gpus
-
-    if chosen is None:
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    else:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", chosen)
-    gpus = [f"GPU:{i}" for i in range(visible)]
-    assert worker_gpus(gpus, local_rank, local_size, slurm=False) == [f"GPU:{i}" for i in mine]
+    assert worker_gpus(gpus, local_rank, local_size, slurm) == [f"GPU:{i}" for i in mine]
 
 
 def test_a_tf_config_worker_computes_on_its_share_of_its_hosts_gpus(monkeypatch):
