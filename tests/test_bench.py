@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import ROOT, run_main, subprocess_env
@@ -105,6 +106,30 @@ def test_pipeline_bench_says_whether_training_waits_for_it(shards, tmp_path):
     row = next(line for line in render({"pipeline": {**res, "command": "x"}}, tmp_path).splitlines()
                if line.startswith("| on "))
     assert f"{fed['input_wait_fraction']:.2%}: " in row and "input-bound" in row, row
+
+
+def test_pipeline_bench_runs_on_data_the_papers_generator_cannot_read(tmp_path):
+    # A folders-layout set (EM slices, your own data): the pipeline's speed, fed and alone, and why
+    # there is no comparison with the paper's generator (it reads the Pet layout).
+    from PIL import Image
+
+    from unet_dist.data.convert import convert
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (tmp_path / "src" / sub).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64), np.uint8)).save(tmp_path / "src" / "images" / f"x{i}.png")
+        Image.fromarray((rng.random((64, 64)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "src" / "masks" / f"x{i}.png")
+    convert(tmp_path / "src", tmp_path / "data", layout="folders", shards=2, progress=False)
+    cmd = [sys.executable, "-m", "unet_dist.bench", "pipeline", "--data", str(tmp_path / "data"), "--batches", "2",
+           "--image-size", "64", "--train-steps", "1", "--set", "model.depth=2", "--set", "model.base_filters=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["images_per_s"] > 0 and res["fed_train"]["steps"] == 1, res
+    assert res["paper_pil_images_per_s"] is None and res["speedup"] is None
+    assert "not in the Oxford-Pet layout" in res["paper_skipped"]
 
 
 def test_report_names_each_machine_when_benchmarks_ran_on_several():
