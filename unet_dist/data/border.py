@@ -13,8 +13,9 @@ from unet_dist.data.convert import IGNORE
 
 # Records store d1 + d2 in steps of 1/4 pixel up to 255 steps (63.75 px), one byte a pixel: the
 # border term w0 * exp(-s^2 / (2 sigma^2)) is below w0 * 1e-6 past 5.26 sigma, so the clip covers
-# sigma up to 12 px at the records' scale (the paper's is 5), and a quarter pixel moves the term
-# by at most 6% of w0 * 0.6 / sigma (at s = sigma).
+# sigma up to 12 px at the records' scale (the paper's is 5). Its slope is at most
+# w0 * 0.61 / sigma (at s = sigma), so rounding s to a quarter pixel moves it by at most
+# w0 * 0.61 / (8 sigma): 0.15 at the paper's w0 = 10, sigma = 5.
 STEPS_PER_PX = 4
 MAX_STEP = 255
 
