@@ -146,12 +146,11 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
     image, folded into its scaling to [0, 1]: at 256x256 every pass over a float image
     costs about as much as the resize, so each pass saved shows in images/s.
     distances: (H, W, 1) uint8, a record's border distances in steps of 1 / STEPS_PER_PX pixel
-    (`border.stored_distances`): moved with the image as a fourth channel, bilinear, and returned in
-    pixels of the output (scaled by the resampling, so zoom and resize keep them true distances).
+    (`border.stored_distances`): the same window and flips as the image, resampled bilinearly, and
+    returned in pixels of the output (scaled by the resampling, so zoom and resize keep them true).
     Returns image (h, w, 3) float32 in [0, 1], mask (h, w, 1) uint8 (and distances (h, w, 1) float32).
     """
-    if distances is not None:
-        image = tf.concat([image, tf.cast(distances, image.dtype)], -1)
+    moved = (image, mask) if distances is None else (image, mask, distances)  # windowed and flipped alike
     if cfg.scale_crop or fraction != (1.0, 1.0):
         zoom = tf.constant(1.0)
         if cfg.scale_crop:  # a share scale_prob of the samples, by a factor drawn evenly in [min, max]
@@ -165,27 +164,25 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
         x, ww = _window(shape[1], zoom / fraction[1], u[_SHIFT_X], inside[1])
 
         def cropped():
-            return tuple(tf.slice(t, [y, x, 0], [hh, ww, -1]) for t in (image, mask))
+            return tuple(tf.slice(t, [y, x, 0], [hh, ww, -1]) for t in moved)
 
         if cfg.scale_crop and cfg.scale_min < 1:  # only windows reaching past the image pay for the mirror
             outside = (y < 0) | (x < 0) | (y + hh > shape[0]) | (x + ww > shape[1])
-            pair = tf.cond(outside, lambda: tuple(_mirrored_window(t, y, x, hh, ww) for t in (image, mask)),
-                           cropped)
+            windows = tf.cond(outside, lambda: tuple(_mirrored_window(t, y, x, hh, ww) for t in moved), cropped)
         else:
-            pair = cropped()
-        image, mask = (tf.ensure_shape(w, [None, None, t.shape[-1]]) for w, t in zip(pair, (image, mask), strict=True))
+            windows = cropped()
+        moved = tuple(tf.ensure_shape(w, [None, None, t.shape[-1]]) for w, t in zip(windows, moved, strict=True))
     if cfg.flip:  # one reverse over the axes drawn (maybe none): no branches, few ops
         axes = tf.where(tf.stack([u[_FLIP_V] < 0.5, u[_FLIP_H] < 0.5]))[:, 0]
-        image, mask = (tf.ensure_shape(tf.reverse(t, axes), t.shape) for t in (image, mask))
+        moved = tuple(tf.ensure_shape(tf.reverse(t, axes), t.shape) for t in moved)
+    image, mask, *extra = moved
+    if extra:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        per_px = tf.sqrt(size[0] * size[1] / (shape[0] * shape[1]))  # output pixels per source pixel
+        extra = [_bilinear(extra[0], size) * (per_px / STEPS_PER_PX)]
     mask = tf.cast(nearest(mask, size), tf.uint8)
     scale = 1.0 / 255.0 if image.dtype == tf.uint8 else 1.0
     resized = _bilinear(image, size)  # still in the source's range: [0, 255] for uint8
-    extra = ()
-    if distances is not None:
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        per_px = tf.sqrt(size[0] * size[1] / (shape[0] * shape[1]))  # output pixels per source pixel
-        extra = (resized[..., 3:] * (per_px / STEPS_PER_PX),)
-        resized = resized[..., :3]
     if cfg.brightness <= 0 and cfg.contrast <= 0:
         return (_to_unit(image, resized), mask, *extra)
     # Contrast about the image's mean, then a brightness shift:
