@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from unet_dist.config import TrainConfig
-from unet_dist.data.border import border_weight_map
+from unet_dist.data.border import batch_distance_sums
 from unet_dist.losses import get_loss, soft_dice
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 
@@ -94,6 +94,14 @@ def test_losses_are_per_example_and_lower_for_better_predictions(loss, units):
 def test_soft_dice_perfect_is_zero():
     y = tf.constant(np.array([[[[1], [0]], [[0], [1]]]]))
     assert abs(float(soft_dice(y, tf.cast(y, tf.float32))[0])) < 1e-5
+
+
+def border_weight_map(m, class_w, w0, sigma):
+    """The pipeline's weights of one mask (H, W, 1) whose distances are computed per sample: (H, W, 1)."""
+    from unet_dist.data.pipeline import border_weights
+
+    d = batch_distance_sums(m[None], sigma)
+    return border_weights(tf.constant(m[None]), tf.constant(d), class_w, w0, sigma).numpy()[0]
 
 
 def test_border_weight_map_peaks_between_touching_objects():

@@ -1,8 +1,9 @@
 """The 2015 U-Net's border weights (Ronneberger et al., eq. 2), in numpy and scipy.
 
-No TensorFlow here: conversion's worker processes compute the distances into the records
-(`convert --border-distances`), as the paper precomputed its weight maps, and the pipeline computes
-them per batch from the augmented masks where the records have none.
+The distances d1 + d2 that the weights are made of. No TensorFlow here: conversion's worker processes
+compute them into the records (`convert --border-distances`), as the paper precomputed its weight
+maps, and the pipeline computes them per batch from the augmented masks where the records have none.
+Either way the weights come from them in one place, `pipeline.border_weights`.
 """
 
 from __future__ import annotations
@@ -66,15 +67,7 @@ def max_sigma(scale: float) -> float:
     return MAX_STEP / STEPS_PER_PX * scale / reach(1.0)
 
 
-def border_weight_map(mask: np.ndarray, class_weights: np.ndarray, w0: float, sigma: float) -> np.ndarray:
-    """The 2015 U-Net pixel weights: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on background.
-
-    mask: (H, W, 1) uint8 class ids (0 = background; IGNORE, whose weight no loss counts, is no object);
-    class_weights: (num_classes,) balancing w_c; d1, d2 as in `distance_sum`.
-    Returns (H, W, 1) float32; the border term is exact to w0 * 1e-6.
-    """
-    m = mask[..., 0]
-    weights = class_weights[np.minimum(m, len(class_weights) - 1)].astype(np.float32)
-    s = distance_sum(m, reach(sigma))
-    border = w0 * np.exp(-(s**2) / (2 * sigma**2))
-    return (weights + (border * (m == 0)).astype(np.float32))[..., None]
+def batch_distance_sums(masks: np.ndarray, sigma: float) -> np.ndarray:
+    """d1 + d2 of class ids `masks` (B, H, W, 1), exact as far as the border term of `sigma` reaches
+    (beyond, > reach(sigma)). Returns (B, H, W, 1) float32, inf where fewer than two objects are near."""
+    return np.stack([distance_sum(m[..., 0], reach(sigma)) for m in masks]).astype(np.float32)[..., None]

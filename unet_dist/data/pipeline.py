@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from unet_dist.config import Config, ConfigError
 from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
-from unet_dist.data.border import MAX_STEP, STEPS_PER_PX, border_weight_map, max_sigma, reach
+from unet_dist.data.border import MAX_STEP, STEPS_PER_PX, batch_distance_sums, max_sigma, reach
 from unet_dist.data.convert import RECORD_FORMATS
 from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
@@ -249,8 +249,13 @@ def stored_border_distances(manifest: dict, cfg: Config, data_dir: Path) -> bool
 
 def border_weights(masks: tf.Tensor, distances: tf.Tensor, class_w: np.ndarray, w0: float,
                    sigma: float) -> tf.Tensor:
-    """`border.border_weight_map` in TensorFlow from stored distances: masks (B, H, W, 1) uint8,
-    distances (B, H, W, 1) float32 d1 + d2 in pixels -> (B, H, W, 1) float32."""
+    """The 2015 U-Net's pixel weights (Ronneberger et al., eq. 2): w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))
+    on background, w_c(x) elsewhere.
+
+    masks: (B, H, W, 1) uint8 class ids (0 = background); distances: (B, H, W, 1) float32 d1 + d2 in
+    pixels, the distances to the nearest and second nearest object (`border.distance_sum`; inf where
+    there are not two); class_w: (num_classes,) balancing w_c. Returns (B, H, W, 1) float32.
+    """
     ids = tf.minimum(tf.cast(masks, tf.int32), len(class_w) - 1)
     border = w0 * tf.exp(-tf.square(distances) / (2 * sigma**2))
     return tf.gather(tf.constant(class_w, tf.float32), ids) + tf.where(masks == 0, border, 0.0)
@@ -365,15 +370,13 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
             images, masks, *distances = augment_batch(images, masks, batch["u"], batch["normals"], cfg.data.augment,
                                                       *distances)
         out = {"image": images, "mask": _crop_labels(masks, cfg, size)}
-        if stored:
+        if weighted:
+            if not stored:  # d1 + d2 of the augmented masks, per sample (scipy, mostly under the GIL)
+                d = tf.numpy_function(lambda ms: batch_distance_sums(ms, cfg.train.weight_sigma), [masks],
+                                      tf.float32, stateful=False)
+                distances = [tf.ensure_shape(d, [local_batch, *size, 1])]
             w = border_weights(masks, distances[0], class_w, cfg.train.weight_w0, cfg.train.weight_sigma)
             out["weight"] = _crop_labels(w, cfg, size)
-        elif weighted:
-            w = tf.numpy_function(
-                lambda ms: np.stack([border_weight_map(m, class_w, cfg.train.weight_w0, cfg.train.weight_sigma)
-                                     for m in ms]),
-                [masks], tf.float32, stateful=False)
-            out["weight"] = _crop_labels(tf.ensure_shape(w, [local_batch, *size, 1]), cfg, size)
         return out
 
     ds = ds.map(plain(decode), num_parallel_calls=AUTOTUNE, deterministic=det)
