@@ -14,7 +14,7 @@ from unet_dist.input_bound import InputClock, classify, worst_over_processes
 from unet_dist.trainer import TrainingError, train
 
 
-def test_training_learns(shards, tmp_path):
+def test_training_learns(shards, tmp_path, capsys):
     cfg = load_config(None, tiny_overrides(steps=150) + ["model.depth=3",
         "model.base_filters=8", "optim.learning_rate=0.003", "train.loss=ce_dice", "train.eval_every_steps=150",
         "data.augment.scale_crop=false"])
@@ -31,6 +31,11 @@ def test_training_learns(shards, tmp_path):
         assert key in s
     assert (tmp_path / "w" / "learning_curves.png").exists()
     assert list((tmp_path / "w" / "tensorboard").iterdir())
+    # No terminal (a batch job's log): a line at each logged step says what the bar would.
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": loss " in line]
+    train_events = [e for e in events if e["event"] == "train"]
+    assert [line.split(":")[0] for line in lines] == [f"step {e['step']}/150" for e in train_events]
+    assert f"loss {train_events[-1]['loss']:.4f}  lr " in lines[-1] and "images_per_s" in lines[-1]
 
 
 def test_input_clock_and_its_verdict():

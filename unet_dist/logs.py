@@ -87,8 +87,12 @@ class Logger:
             tf.summary.scalar("train/images_per_s", images_per_s)
             if input_wait is not None:
                 tf.summary.scalar("train/input_wait", input_wait)
-        if self._bar is not None:
+        if not self._bar.disable:
             self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
+        else:  # a log file (a batch job's, horovodrun's): no bar to carry them, so a line each
+            wait = "" if input_wait is None else f"  input_wait {input_wait:.0%}"
+            self.message(f"step {step}/{self._bar.total}: loss {loss:.4f}  lr {lr:.3g}  "
+                         f"images_per_s {images_per_s:.1f}{wait}")
 
     def eval(self, step: int, m: dict) -> None:
         if not self.enabled:
