@@ -156,6 +156,21 @@ def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path, capsy
     assert "keeping the config.yaml and summary.json of the run that trained it" in capsys.readouterr().out
 
 
+def test_the_logged_loss_is_the_mean_since_the_last_train_event(shards, tmp_path):
+    over = tiny_overrides(steps=6) + ["runtime.deterministic=true", "train.log_every_steps=4"]
+
+    def logged(workdir):
+        rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}
+
+    train(load_config(None, over + ["train.log_every_steps=1"]), shards, tmp_path / "each")
+    train(load_config(None, over), shards, tmp_path / "windows")
+    each, windows = logged(tmp_path / "each"), logged(tmp_path / "windows")
+    assert list(windows) == [4, 6]  # every 4 steps, and the last
+    assert windows[4] == pytest.approx(np.mean([each[k] for k in (1, 2, 3, 4)]), rel=1e-6)
+    assert windows[6] == pytest.approx(np.mean([each[5], each[6]]), rel=1e-6)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     over = tiny_overrides(steps=6) + ["train.checkpoint_every_steps=2"]
     scale_loss_after(monkeypatch, 3, np.nan)  # three good steps, then NaN

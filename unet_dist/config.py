@@ -141,7 +141,7 @@ class TrainConfig:
     focal_gamma: float = 2.0
     weight_w0: float = 10.0  # 2015 border weight
     weight_sigma: float = 5.0
-    log_every_steps: int = 20
+    log_every_steps: int = 20  # a train event (metrics.jsonl, TensorBoard, log line): mean loss and speed since the last
     eval_every_steps: int = 200
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 3

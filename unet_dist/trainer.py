@@ -299,7 +299,7 @@ class TrainLoop:
         self.input = InputClock()  # this process's wait for batches
         self._warned_input = False
         self.t_start = self._window_t = time.time()
-        self._window_steps = 0
+        self._window_steps, self._window_loss = 0, 0.0  # steps and their summed loss since the last train event
 
     def run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         try:
@@ -325,6 +325,7 @@ class TrainLoop:
                 loss = out["loss"]
                 self.guard.check(step, loss, out["nonfinite"] > 0)
                 self._window_steps += 1
+                self._window_loss += loss
                 self.images += self.global_batch
                 self.logger.advance()
                 stop = out["stop"] > 0  # some rank was signalled: all stop here, after this step
@@ -336,7 +337,7 @@ class TrainLoop:
                     self.average_statistics()
                     self.watchdog.beat()
                 if step % cfg.log_every_steps == 0 or step == total or stop:
-                    self._log(step, loss)
+                    self._log(step)
                 # Saved before evaluating: the steps are kept even if the evaluation fails. The best
                 # IoU that evaluation may raise is in the best checkpoint, where a resume reads it.
                 if save:
@@ -350,8 +351,11 @@ class TrainLoop:
                         self.ckpts.save(step)
                     break
 
-    def _log(self, step: int, loss: float) -> None:
+    def _log(self, step: int) -> None:
+        # The loss logged is the mean over the steps since the last train event (Keras' progress
+        # bar averages too): one step's loss, at batch 1 (the 2015 recipe), mostly shows its tile.
         now = time.time()
+        loss = self._window_loss / self._window_steps
         ips = self._window_steps * self.global_batch / max(now - self._window_t, 1e-9)
         wait = self.input.window()
         self.logger.train(step, (step - 1) // self.steps_per_epoch, loss, float(self.optimizer.learning_rate), ips,
@@ -361,7 +365,7 @@ class TrainLoop:
             self.logger.message(advice(step, wait, self.weights_per_sample))
         if self.guard.skipped:
             self.logger.message(f"step {step}: {self.guard.skipped} steps skipped so far (float16 overflow)")
-        self._window_t, self._window_steps = now, 0
+        self._window_t, self._window_steps, self._window_loss = now, 0, 0.0
 
     def _evaluate(self, step: int) -> bool:
         """Evaluates, logs, keeps the best checkpoint; True when the run should stop here: val IoU
