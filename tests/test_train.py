@@ -36,6 +36,8 @@ def test_training_learns(shards, tmp_path, capsys):
     train_events = [e for e in events if e["event"] == "train"]
     assert [line.split(":")[0] for line in lines] == [f"step {e['step']}/150" for e in train_events]
     assert f"loss {train_events[-1]['loss']:.4f}  lr " in lines[-1] and "images_per_s" in lines[-1]
+    # The time left, from the second event on (the first one's steps include tracing).
+    assert "eta" not in lines[0] and "  eta 0:00:" in lines[1] and lines[-1].endswith("  eta 0:00:00")
 
 
 def test_input_clock_and_its_verdict():

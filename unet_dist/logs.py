@@ -5,6 +5,7 @@ Off the chief every method is a no-op, so the trainer never asks who it is.
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
@@ -65,6 +66,7 @@ class Logger:
         self._file = self.metrics_path.open("a", buffering=1)
         self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
         self._bar = terminal_bar(True, total=total_steps, initial=start_step, unit="step")
+        self._since: tuple[float, int] | None = None  # the first train event's (time, step), for the time left
 
     def _write(self, event: dict) -> None:
         self._file.write(json.dumps(event) + "\n")
@@ -91,8 +93,16 @@ class Logger:
             self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
         else:  # a log file (a batch job's, horovodrun's): no bar to carry them, so a line each
             wait = "" if input_wait is None else f"  input_wait {input_wait:.0%}"
+            # The time left at the rate since the first event (evaluations and checkpoints included;
+            # the first window also holds the step's tracing, which would overstate it).
+            eta, now = "", time.time()
+            if self._since is None:
+                self._since = (now, step)
+            elif step > self._since[1]:
+                left = (now - self._since[0]) / (step - self._since[1]) * (self._bar.total - step)
+                eta = f"  eta {datetime.timedelta(seconds=round(left))}"
             self.message(f"step {step}/{self._bar.total}: loss {loss:.4f}  lr {lr:.3g}  "
-                         f"images_per_s {images_per_s:.1f}{wait}")
+                         f"images_per_s {images_per_s:.1f}{wait}{eta}")
 
     def eval(self, step: int, m: dict) -> None:
         if not self.enabled:
