@@ -807,7 +807,7 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
                                                "such as 'not_there'")
     # Bad input: a folder without labelled images, and flags of the other source.
     assert evaluate_main(["--workdir", str(w), "--images", str(tmp_path / "pred")]) == 2
-    assert "is not a oxford-pet data set" in capsys.readouterr().err
+    assert "is not in the --layout oxford-pet layout" in capsys.readouterr().err
     for argv, message in ((["--images", str(src), "--split", "train"], "--split: not used with --images"),
                           (["--data", str(shards), "--list", str(listing)], "--list: not used with --data"),
                           (["--data", str(shards), "--tta", "flip"], "--tta: not used with --data")):

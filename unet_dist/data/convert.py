@@ -89,7 +89,7 @@ def find_pairs(src: Path, layout: str, mask_suffix: str = "") -> tuple[list[Samp
     images_dir, masks_dir = source_folders(src, layout)
     for d in (images_dir, masks_dir):
         if not d.is_dir():
-            raise ConvertError(f"{src} is not a {layout} data set: {d} is missing")
+            raise ConvertError(f"{src} is not in the --layout {layout} layout: {d} is missing")
     masks: dict[str, Path] = {}
     for p in image_files(masks_dir):
         masks.setdefault(p.stem, p)
