@@ -1,9 +1,10 @@
-"""The 2015 U-Net's border weights (Ronneberger et al., eq. 2), in numpy and scipy.
+"""The distances d1 + d2 behind the 2015 U-Net's border weights (Ronneberger et al., eq. 2), in
+numpy and scipy.
 
-The distances d1 + d2 that the weights are made of. No TensorFlow here: conversion's worker processes
-compute them into the records (`convert --border-distances`), as the paper precomputed its weight
-maps, and the pipeline computes them per batch from the augmented masks where the records have none.
-Either way the weights come from them in one place, `pipeline.border_weights`.
+No TensorFlow here: conversion's worker processes compute them into the records (`convert
+--border-distances`), as the paper precomputed its weight maps, and the pipeline computes them per
+batch from the augmented masks where the records have none. Either way the weights come from them
+in one place, `pipeline.border_weights`.
 """
 
 from __future__ import annotations
