@@ -83,7 +83,7 @@ def test_exit_codes_and_summary_line(tmp_path, capsys):
     # Not the named layout: non-zero, one clear line.
     bad = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "o2"), "--layout", "folders")
     assert bad.returncode != 0
-    assert "is not a folders data set" in bad.stderr and "masks is missing" in bad.stderr
+    assert "is not in the --layout folders layout" in bad.stderr and "masks is missing" in bad.stderr
     # Nothing convertible.
     for f in (src / "images").glob("*.jpg"):
         f.write_bytes(b"")
