@@ -402,9 +402,9 @@ def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(
     assert "im0_mask.png" in written and not [n for n in written if "im3" in n], written  # nor its temporary file
 
 
-def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):
-    # predict and evaluate (both sources): a bar on the chief's terminal, as training's; none in a log
-    # file (not a terminal) and none from the other processes.
+def test_predict_shows_its_progress_on_the_chief_alone(monkeypatch):
+    # predict and evaluate (both sources): a bar on the chief's terminal, as training's; in a log file
+    # (not a terminal) a line a minute, so none for a short one; nothing from the other processes.
     import io
     import sys
 
@@ -425,6 +425,22 @@ def test_predict_shows_its_progress_on_the_chiefs_terminal_only(monkeypatch):
         assert list(chief_progress(Process(rank, world_size), "predict", "img", [3, 5, 7])) == [3, 5, 7]
         text = stream.getvalue()
         assert (shown in text and "3/3" in text) if shown else text == "", (rank, world_size, text)
+    # A long one in a log file: a line now and then (here every item) with the count and time left,
+    # none for the last (the command's summary follows), none from the other processes.
+    import unet_dist.logs
+
+    monkeypatch.setattr(unet_dist.logs, "LOG_INTERVAL_S", 0.0)
+    for rank, world_size, desc in ((0, 1, "predict"), (0, 2, "predict (rank 0's share)"), (1, 2, None)):
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+        assert list(chief_progress(Process(rank, world_size), "predict", "img", [3, 5, 7])) == [3, 5, 7]
+        lines = sys.stderr.getvalue().splitlines()
+        starts = [] if desc is None else [f"{desc}: {k}/3 img (" for k in (1, 2)]
+        assert len(lines) == len(starts) and all(map(str.startswith, lines, starts)), lines
+        assert desc is None or lines[-1].endswith(" img/s, eta 0:00:00)"), lines
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with chief_progress(Process(0, 1), "evaluate", "batch", total=4) as bar:  # evaluate --data's use
+        bar.update()
+    assert sys.stderr.getvalue().startswith("evaluate: 1/4 batch ("), sys.stderr.getvalue()
 
 
 def test_the_saved_model_serves_class_colours_where_the_masks_had_them(tmp_path):
