@@ -74,6 +74,20 @@ def test_each_bad_file_kind_is_skipped_with_its_reason(tmp_path):
     assert m["record_size"] == {"min": [40, 50], "max": [40, 50]}
 
 
+def test_a_conversion_in_a_log_file_reports_its_progress(tmp_path, capsys, monkeypatch):
+    # No terminal (a batch job): a line now and then (here after every image but the last), where
+    # tqdm would show nothing at all; progress=False silences it.
+    import unet_dist.progress
+
+    monkeypatch.setattr(unet_dist.progress, "LOG_INTERVAL_S", 0.0)
+    src = _pet_dir(tmp_path, n=3)
+    convert(src, tmp_path / "out", shards=1, workers=1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("convert: ")]
+    assert [line.split(" (")[0] for line in lines] == ["convert: 1/3 img", "convert: 2/3 img"], lines
+    convert(src, tmp_path / "out2", shards=1, workers=1, progress=False)
+    assert "convert: " not in capsys.readouterr().err
+
+
 def test_exit_codes_and_summary_line(tmp_path, capsys):
     src = _pet_dir(tmp_path, n=2)
     (src / "images" / "x.mat").write_bytes(b"0")

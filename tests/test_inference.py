@@ -427,9 +427,9 @@ def test_predict_shows_its_progress_on_the_chief_alone(monkeypatch):
         assert (shown in text and "3/3" in text) if shown else text == "", (rank, world_size, text)
     # A long one in a log file: a line now and then (here every item) with the count and time left,
     # none for the last (the command's summary follows), none from the other processes.
-    import unet_dist.logs
+    import unet_dist.progress
 
-    monkeypatch.setattr(unet_dist.logs, "LOG_INTERVAL_S", 0.0)
+    monkeypatch.setattr(unet_dist.progress, "LOG_INTERVAL_S", 0.0)
     for rank, world_size, desc in ((0, 1, "predict"), (0, 2, "predict (rank 0's share)"), (1, 2, None)):
         monkeypatch.setattr(sys, "stderr", io.StringIO())
         assert list(chief_progress(Process(rank, world_size), "predict", "img", [3, 5, 7])) == [3, 5, 7]

@@ -5,7 +5,6 @@ Off the chief every method is a no-op, so the trainer never asks who it is.
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
@@ -16,6 +15,7 @@ import tensorflow as tf
 
 from unet_dist.atomic import atomic_write_text
 from unet_dist.data.convert import IGNORE
+from unet_dist.progress import progress, terminal_bar, time_left
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -31,70 +31,12 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def terminal_bar(shown: bool, iterable=None, **kwargs):
-    """A tqdm progress bar on stderr where `shown` and stderr is a terminal (none in a log file);
-    kwargs go to tqdm. Lines printed meanwhile should go through `tqdm.write`, which keeps the bar
-    below them."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=None if shown else True,
-                **kwargs)
-
-
-# How often a long predict or evaluate without a terminal says how far it is.
-LOG_INTERVAL_S = 60.0
-
-
-def time_left(seconds: float, done: int, left: int) -> str:
-    """H:MM:SS for `left` more units at the rate of `done` in `seconds`."""
-    return str(datetime.timedelta(seconds=round(seconds / max(done, 1) * left)))
-
-
-class LogLines:
-    """Progress where there is no terminal for a bar (a batch job's log): a line on stderr at most
-    every `interval` seconds, with the count, the rate and the time left. Used as tqdm is here:
-    iterated over `iterable`, or `update()`d towards `total`, optionally in a `with`."""
-
-    def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it",
-                 interval: float = 60.0):
-        self.iterable, self.desc, self.unit, self.interval = iterable, desc, unit, interval
-        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
-        self.n = 0
-        self._start = self._last = time.time()
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.time()
-        if now - self._last < self.interval or (self.total is not None and self.n >= self.total):
-            return  # the command's own summary line follows the last one
-        self._last = now
-        elapsed = now - self._start
-        of = "" if self.total is None else f"/{self.total}"
-        eta = "" if self.total is None else f", eta {time_left(elapsed, self.n, self.total - self.n)}"
-        print(f"{self.desc}: {self.n}{of} {self.unit} ({self.n / max(elapsed, 1e-9):.1f} {self.unit}/s{eta})",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def chief_progress(runtime, prog: str, unit: str, iterable=None, total: int | None = None):
-    """A `terminal_bar` (over `iterable`, or of `total` updates) on the chief alone, as training's
-    own; where stderr is no terminal, `LogLines` instead, so that a long predict in a batch job
-    shows its progress in the log. With N processes it counts the chief's share, which the split
-    makes about 1/N of the work, finishing with the others'."""
+    """`progress` (over `iterable`, or of `total` updates) on the chief alone, as training's own.
+    With N processes it counts the chief's share, which the split makes about 1/N of the work,
+    finishing with the others'."""
     desc = prog if runtime.world_size == 1 else f"{prog} (rank 0's share)"
-    if runtime.is_chief and not sys.stderr.isatty():
-        return LogLines(iterable, total=total, desc=desc, unit=unit, interval=LOG_INTERVAL_S)
-    return terminal_bar(runtime.is_chief, iterable, total=total, desc=desc, unit=unit)
+    return progress(iterable, total, desc, unit, shown=runtime.is_chief)
 
 
 class Logger:

@@ -15,7 +15,6 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -459,9 +458,9 @@ def convert(
     computing them per sample; the manifest's "border_distances" gives their units.
     """
     import tensorflow as tf
-    from tqdm import tqdm
 
     from unet_dist.data.border import MAX_STEP, STEPS_PER_PX  # it takes IGNORE from here
+    from unet_dist.progress import progress as show_progress
 
     src, out = Path(src), Path(out)
     if classes not in CLASS_MODES:
@@ -602,9 +601,8 @@ def convert(
         # spawn: never fork a process that has TensorFlow loaded.
         with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
               contextlib.closing(in_order(pool, process, tasks, ahead=4 * workers)) as results):
-            for task, rec, reason in tqdm(results, total=len(tasks), desc="convert", unit="img",
-                                          disable=not progress if progress is not None else None,
-                                          file=sys.stderr):
+            # A bar on a terminal, a line a minute in a log file; none where progress is False.
+            for task, rec, reason in show_progress(results, len(tasks), "convert", "img", shown=progress is not False):
                 if rec is None:
                     skipped.append({"file": str(task.sample.image), "reason": reason})
                     continue
