@@ -74,6 +74,9 @@ def test_sbatch_runs_with_two_tasks(slurm, shards, tmp_path, script, strategy):
     s = json.loads((w / "run" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["strategy"] == strategy, s
     assert 0 <= s["input_wait_fraction"] <= 1, s  # gathered from both tasks
+    # The job's log (no terminal) shows each train event, once: the chief's line alone.
+    log = _log(w)
+    assert log.count("step 2/4: loss ") == 1 and "step 4/4: loss " in log, log[-4000:]
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, shards, tmp_path):
