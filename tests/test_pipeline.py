@@ -53,6 +53,27 @@ def test_augmentation_keeps_image_and_mask_aligned(cfg):
     assert changed >= 4  # the transform did something
 
 
+@pytest.mark.parametrize("cfg", [
+    AugmentConfig(rot90=True, hue=0.0), AugmentConfig(elastic=True, elastic_sigma=8, hue=0.0),
+    AugmentConfig(rotate_degrees=30, hue=0.05), AugmentConfig(hue=0.05),
+])
+def test_border_distances_move_with_the_mask_through_the_batch_stage(cfg):
+    # Stand-in distances that equal the mask: wherever the batch stage moves the mask, they go too;
+    # hue alone moves nothing and hands them back as they were.
+    from unet_dist.data.augment import augment_batch, draw
+
+    image, mask = _l_shape(48, 48)
+    distances = tf.cast(mask, tf.float32)[None]
+    for s in range(6):
+        u, normals = draw(tf.constant([5, s], tf.int64), cfg)
+        _, masks, moved = augment_batch(image[None], mask[None], u[None], normals[None], cfg, distances)
+        assert moved.shape == (1, 48, 48, 1)
+        agree = np.mean((moved.numpy() > 0.5) == (masks.numpy() == 1))
+        assert agree > 0.97, (cfg, s, agree)
+        if not (cfg.rot90 or cfg.rotate_degrees or cfg.elastic):
+            np.testing.assert_array_equal(moved.numpy(), distances.numpy())
+
+
 def test_alignment_check_catches_an_image_only_flip():
     image, mask = _l_shape(48, 48)
     assert _agreement(tf.reverse(image, [1]), mask) < 0.9  # the check above can fail

@@ -290,15 +290,18 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf
     """
     h, w = images.shape[1], images.shape[2]
     transforms = _rotation(u, h, w, cfg)
-    if distances is not None:
+    elastic = cfg.elastic and cfg.elastic_sigma > 0
+    # The distances move with the images as a fourth channel, where anything moves them.
+    carried = distances is not None and (elastic or transforms is not None)
+    if carried:
         images = tf.concat([images, distances], -1)
-    if cfg.elastic and cfg.elastic_sigma > 0:
+    if elastic:
         images, masks = _elastic(images, masks, normals, transforms, cfg)
     elif transforms is not None:
         images = _transform(images, transforms, "BILINEAR")
         masks = tf.cast(_transform(tf.cast(masks, tf.float32), transforms, "NEAREST"), tf.uint8)
-    extra = ()
-    if distances is not None:
+    extra = () if distances is None else (distances,)
+    if carried:
         images, extra = images[..., :3], (images[..., 3:],)
     if cfg.hue > 0:
         images = _hue(images, u, cfg)
