@@ -362,10 +362,13 @@ def test_a_slurm_worker_has_one_replica_per_gpu_it_computes_on(monkeypatch, gpus
     assert os.environ["CUDA_VISIBLE_DEVICES"] == slurm["CUDA_VISIBLE_DEVICES"]  # SLURM's, as it was
 
 
-@pytest.mark.parametrize("nccl_built, rank, warned", [(0, 0, True), (1, 0, False), (0, 1, False)])
-def test_horovod_on_gpus_without_nccl_says_so_once(monkeypatch, capsys, nccl_built, rank, warned):
-    # A Horovod built without HOROVOD_GPU_OPERATIONS sums GPU gradients through host memory: the
-    # chief says so in one line; the run goes on.
+@pytest.mark.parametrize("nccl_built, rank, local_size, warned", [
+    (0, 0, 2, "built without NCCL"), (1, 0, 2, None), (0, 1, 2, None),
+    (1, 0, 4, "4 Horovod ranks on this node share its 2 GPUs"), (1, 1, 4, None)])
+def test_horovod_on_gpus_warns_once_of_what_slows_it(monkeypatch, capsys, nccl_built, rank, local_size, warned):
+    # A Horovod built without HOROVOD_GPU_OPERATIONS sums GPU gradients through host memory, and
+    # more ranks than the GPUs they see double up on them: one line each, on the chief; the run
+    # goes on.
     import types
 
     import tensorflow as tf
@@ -380,12 +383,12 @@ def test_horovod_on_gpus_without_nccl_says_so_once(monkeypatch, capsys, nccl_bui
     monkeypatch.setattr(os, "environ", dict(os.environ))
     _fake_horovod(monkeypatch, types.SimpleNamespace(
         init=lambda: None, nccl_built=lambda: nccl_built,
-        rank=lambda: rank, size=lambda: 2, local_rank=lambda: rank, local_size=lambda: 2))
+        rank=lambda: rank, size=lambda: local_size, local_rank=lambda: rank, local_size=lambda: local_size))
     distribute.HorovodRuntime(load_config(None, ["runtime.strategy=horovod"]), "test")
-    assert pinned == [f"GPU:{rank}"]  # one GPU per local rank
+    assert pinned == [f"GPU:{rank % 2}"]  # one GPU per local rank, round the GPUs
     err = capsys.readouterr().err
-    assert ("warning: Horovod was built without NCCL" in err) == warned
-    assert len(err.strip().splitlines()) == int(warned)
+    assert (warned in err) if warned else err == "", err
+    assert len(err.strip().splitlines()) == int(warned is not None)
 
 
 def test_horovod_asked_for_bfloat16_gradients_is_one_line(monkeypatch):
