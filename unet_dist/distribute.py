@@ -711,8 +711,8 @@ class HorovodRuntime(Runtime):
             tf.config.set_visible_devices(gpus[self.local_rank % len(gpus)], "GPU")
             _gpu_memory_growth([gpus[self.local_rank % len(gpus)]])
             if self.is_chief and 1 < len(gpus) < self.local_size:
-                # Ranks that each see one GPU (srun --gpus-per-task=1) were given theirs; ranks that
-                # see several and outnumber them double up, each pair competing for one GPU.
+                # Horovod: ranks that each see one GPU (srun --gpus-per-task=1) were given theirs;
+                # ranks that see several and outnumber them double up, competing for each GPU.
                 print(f"{_prog()}: warning: {self.local_size} Horovod ranks on this node share its {len(gpus)} GPUs "
                       f"(GPU i computes for local ranks i, i + {len(gpus)}, ...); start one rank per GPU",
                       file=sys.stderr, flush=True)

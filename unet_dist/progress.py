@@ -1,8 +1,8 @@
 """Progress of long commands: a tqdm bar on a terminal, a line now and then in a log file.
 
 A batch job's log (SLURM's, `horovodrun | tee`) is no terminal, and tqdm turns its bar off there,
-so without `LogLines` a long convert or predict said nothing until its summary. No TensorFlow here:
-`convert` uses it.
+so without `LogLines` a long convert or predict said nothing until its summary. Imports nothing of
+unet_dist's, nor TensorFlow: data/convert.py uses it, and logs.py, which imports data/convert.py.
 """
 
 from __future__ import annotations
