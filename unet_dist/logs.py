@@ -152,8 +152,9 @@ def panel_rows(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_clas
     return np.concatenate([img, gray(truth), gray(pred), overlay], axis=2)
 
 
-def plot_curves(metrics_path: Path, out_png: Path) -> None:
-    """Loss and validation IoU against step, from metrics.jsonl."""
+def plot_curves(metrics_path: Path, out_png: Path, train_loss: str = "train loss") -> None:
+    """Loss and validation IoU against step, from metrics.jsonl. `train_loss`: the train curve's
+    label (what the loss is); the val curve is always cross-entropy (the Evaluator's val_loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,8 +164,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     tr = [r for r in rows if r.get("event") == "train"]
     ev = [r for r in rows if r.get("event") == "eval"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
-    a.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="val loss")
+    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label=train_loss)
+    a.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="val cross-entropy")
     a.set_xlabel("step")
     a.set_yscale("log")
     a.legend()

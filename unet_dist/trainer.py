@@ -178,6 +178,8 @@ class Evaluator:
         def eval_step(batch):
             probs = model(batch["image"], training=False)
             pred = predict_classes(probs)
+            # val_loss is the cross-entropy whatever train.loss is: one measure across runs trained
+            # with different losses, and no weight map needed for the val records.
             loss_sum = tf.reduce_sum(cross_entropy(batch["mask"], probs, ignore=ignore))
             return confusion_matrix(batch["mask"], pred, k, ignore), loss_sum, tf.shape(probs)[0], pred
 
@@ -547,7 +549,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
     }
     if runtime.is_chief and not keep:
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
-        plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
+        deep = ", deep supervision" if cfg.model.deep_supervision else ""
+        plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png", f"train loss ({cfg.train.loss}{deep})")
     ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {summary['best_val_iou']:.4f}" if validate
             else "no validation split")
     runtime.print(f"train: done: {summary['steps']} steps, {ious}"
