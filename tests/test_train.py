@@ -32,12 +32,15 @@ def test_training_learns(shards, tmp_path, capsys):
     assert (tmp_path / "w" / "learning_curves.png").exists()
     assert list((tmp_path / "w" / "tensorboard").iterdir())
     # No terminal (a batch job's log): a line at each logged step says what the bar would.
-    lines = [line for line in capsys.readouterr().out.splitlines() if ": loss " in line]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if ": loss " in line]
     train_events = [e for e in events if e["event"] == "train"]
     assert [line.split(":")[0] for line in lines] == [f"step {e['step']}/150" for e in train_events]
     assert f"loss {train_events[-1]['loss']:.4f}  lr " in lines[-1] and "images_per_s" in lines[-1]
     # The time left, from the second event on (the first one's steps include tracing).
     assert "eta" not in lines[0] and "  eta 0:00:" in lines[1] and lines[-1].endswith("  eta 0:00:00")
+    # The one evaluation is the first best (which best/ now holds).
+    assert f"step 150: new best val IoU {s['best_val_iou']:.4f}\n" in out, out
 
 
 def test_input_clock_and_its_verdict():

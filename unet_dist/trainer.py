@@ -378,7 +378,11 @@ class TrainLoop:
         self.watchdog.beat()
         self.logger.eval(step, self.last_eval)
         self.logger.images(step, panel)
+        before = float(self.ckpts.best_iou.numpy())  # -1 before the first evaluation
         improved = self.ckpts.save_best(step, self.last_eval["val_iou"])
+        if improved:  # which checkpoint best/ holds, for a reader of the log (as Keras' ModelCheckpoint says)
+            self.logger.message(f"step {step}: new best val IoU {self.last_eval['val_iou']:.4f}"
+                                + (f" (was {before:.4f})" if before >= 0 else ""))
         self._window_t += time.time() - started  # evaluation time is not training throughput
         self._since_best = 0 if improved else self._since_best + 1
         patience = self.cfg.train.early_stop_patience
