@@ -375,8 +375,10 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
                 d = tf.numpy_function(lambda ms: batch_distance_sums(ms, cfg.train.weight_sigma), [masks],
                                       tf.float32, stateful=False)
                 distances = [tf.ensure_shape(d, [local_batch, *size, 1])]
-            w = border_weights(masks, distances[0], class_w, cfg.train.weight_w0, cfg.train.weight_sigma)
-            out["weight"] = _crop_labels(w, cfg, size)
+            # The distances need the whole input's objects; the weights only the labels' pixels (with
+            # valid padding, 388x388 of a 572x572 input).
+            out["weight"] = border_weights(out["mask"], _crop_labels(distances[0], cfg, size), class_w,
+                                           cfg.train.weight_w0, cfg.train.weight_sigma)
         return out
 
     ds = ds.map(plain(decode), num_parallel_calls=AUTOTUNE, deterministic=det)
