@@ -414,7 +414,7 @@ def convert(
     seed: int = 0,
     workers: int = 2,
     overwrite: bool = False,
-    progress: bool | None = None,
+    progress: bool = True,
     num_classes: int | None = None,
     mask_suffix: str = "",
     fold: tuple[int, int] | None = None,
@@ -602,7 +602,7 @@ def convert(
         with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
               contextlib.closing(in_order(pool, process, tasks, ahead=4 * workers)) as results):
             # A bar on a terminal, a line a minute in a log file; none where progress is False.
-            for task, rec, reason in show_progress(results, len(tasks), "convert", "img", shown=progress is not False):
+            for task, rec, reason in show_progress(results, len(tasks), "convert", "img", shown=progress):
                 if rec is None:
                     skipped.append({"file": str(task.sample.image), "reason": reason})
                     continue
