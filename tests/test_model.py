@@ -63,6 +63,38 @@ def test_head_is_float32_under_mixed_precision():
     assert model(np.zeros((1, 32, 32, 3), np.float32)).dtype == "float32"
 
 
+@pytest.mark.parametrize("onednn_fuses", [None, False])
+@pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
+def test_bias_gradients_under_bfloat16_are_summed_in_float32(upsample, onednn_fuses, monkeypatch):
+    # TensorFlow's CPU BiasAddGrad sums bfloat16 in bfloat16: a sum of 0.5s stops at 256. Every
+    # layer with a bias (convolutions without batch norm, up-convolutions) must get the true sum in
+    # a tf.function that also takes the kernel's gradient, as a train step does: Conv2D where
+    # oneDNN's fused kernel sums it (None: as this machine decides) and where it does not (False),
+    # transposed convolutions everywhere.
+    import tensorflow as tf
+
+    import unet_dist.precision
+
+    if onednn_fuses is not None:
+        monkeypatch.setattr(unet_dist.precision, "_onednn_bf16_cpu", lambda: onednn_fuses)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_unet(ModelConfig(depth=1, base_filters=2, batch_norm=False, upsample=upsample), (64, 64))
+    biased = [layer for layer in model.layers
+              if getattr(layer, "bias", None) is not None and layer.compute_dtype == "bfloat16"]
+    assert {"down0_conv0", "bottleneck_conv1", "up0_upconv", "up0_conv1"} <= {layer.name for layer in biased}
+    for layer in biased:
+        @tf.function
+        def gradients(x, dy, layer=layer):  # dy an argument: a constant one would be folded away
+            with tf.GradientTape() as tape:
+                y = layer(x)
+            return tape.gradient(y, [layer.kernel, layer.bias], output_gradients=dy)  # the kernel's too
+
+        x = tf.random.uniform((4, *layer.input.shape[1:]))
+        y = layer(x)
+        _, grad = gradients(x, tf.fill(y.shape, tf.constant(0.5, y.dtype)))
+        np.testing.assert_allclose(grad.numpy(), 0.5 * np.prod(y.shape[:-1]), rtol=2**-8, err_msg=layer.name)
+
+
 @pytest.mark.parametrize("onednn_bf16", [True, False])
 def test_batch_norm_and_its_relu_run_in_float32_where_batch_norm_cannot_take_bfloat16(onednn_bf16, monkeypatch):
     # On a CPU computing bfloat16 through oneDNN, batch norm of 8 channels (not a multiple of 16)

@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras import layers
 
 from unet_dist.config import ModelConfig
-from unet_dist.precision import batch_norm_dtype, bf16_batch_norm_kernel
+from unet_dist.precision import batch_norm_dtype, bf16_batch_norm_kernel, conv_bias_gradient_fused
 from unet_dist.shapes import check_input_size, output_size
 
 _HEAD = "aux"  # the name prefix of deep supervision's head layers
@@ -73,10 +73,10 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
     for i, level in enumerate(reversed(range(cfg.depth))):
         name = f"up{level}"
         if cfg.upsample == "transpose":
-            x = layers.Conv2DTranspose(up_filters[i], 2, strides=2, name=f"{name}_upconv")(x)
+            x = Conv2DTranspose(up_filters[i], 2, strides=2, name=f"{name}_upconv")(x)
         else:
             x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_upsample")(x)
-            x = layers.Conv2D(up_filters[i], 2, padding="same", name=f"{name}_upconv")(x)
+            x = Conv2D(up_filters[i], 2, padding="same", name=f"{name}_upconv")(x)
         skip = skips[level]
         if cfg.padding == "valid":
             skip = CenterCrop2D(name=f"{name}_crop")([skip, x])
@@ -131,12 +131,67 @@ def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
     # two fuse); None elsewhere: the global policy.
     norm_dtype = batch_norm_dtype(filters) if cfg.batch_norm else None
     for j in range(2):
-        x = layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
-                          kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
+        x = Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
+                   kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
         if cfg.batch_norm:
             x = FusedBatchNorm(momentum=cfg.bn_momentum, name=f"{name}_bn{j}", dtype=norm_dtype)(x)
         x = layers.Activation("relu", name=f"{name}_relu{j}", dtype=norm_dtype)(x)
     return x
+
+
+@tf.custom_gradient
+def _bias_add(x, bias):
+    """tf.nn.bias_add of (..., C) and (C,), whose bias gradient is summed in float32.
+
+    TensorFlow's CPU BiasAddGrad sums bfloat16 in bfloat16 (tensorflow/tensorflow#86378): a sum
+    stops growing once its own spacing exceeds what is added to it, so an up-convolution's bias
+    gradient over a batch of 256x256 outputs came out as 256 where it was 1,048,576 (0.5 each).
+    The reduce_sum is also 3-4x faster than that kernel at 2 and 4 channels (timed alone).
+    """
+
+    def grad(dy):
+        db = tf.reduce_sum(tf.cast(dy, tf.float32), axis=list(range(dy.shape.rank - 1)))
+        return dy, tf.cast(db, bias.dtype)
+
+    return tf.nn.bias_add(x, bias), grad
+
+
+class _BiasGradientInFloat32:
+    """Keras' convolution, except that under a bfloat16 compute dtype its bias is added by
+    `_bias_add` (where `_own_bias_gradient` says so). Same variables, checkpoints and forward
+    values; channels last only."""
+
+    def call(self, inputs):
+        if (not self.use_bias or self.compute_dtype != "bfloat16" or self.data_format != "channels_last"
+                or not self._own_bias_gradient()):
+            return super().call(inputs)
+        y = self._unbiased(inputs)
+        return self.activation(_bias_add(y, tf.cast(keras.ops.convert_to_tensor(self.bias), y.dtype)))
+
+
+@keras.saving.register_keras_serializable(package="unet_dist")
+class Conv2D(_BiasGradientInFloat32, layers.Conv2D):
+    """keras.layers.Conv2D with the bias gradient of `_BiasGradientInFloat32` where TensorFlow does
+    not already sum it in float32 (`precision.conv_bias_gradient_fused`)."""
+
+    def _own_bias_gradient(self) -> bool:
+        return not conv_bias_gradient_fused()
+
+    def _unbiased(self, inputs):
+        return self.convolution_op(inputs, self.kernel)
+
+
+@keras.saving.register_keras_serializable(package="unet_dist")
+class Conv2DTranspose(_BiasGradientInFloat32, layers.Conv2DTranspose):
+    """keras.layers.Conv2DTranspose with the bias gradient of `_BiasGradientInFloat32`."""
+
+    def _own_bias_gradient(self) -> bool:
+        return True
+
+    def _unbiased(self, inputs):
+        return keras.ops.conv_transpose(inputs, self.kernel, strides=list(self.strides), padding=self.padding,
+                                        output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+                                        data_format=self.data_format)
 
 
 @keras.saving.register_keras_serializable(package="unet_dist")

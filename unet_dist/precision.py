@@ -58,6 +58,19 @@ def bf16_batch_norm_kernel(channels: int) -> bool:
     return channels is not None and channels % 16 == 0 and _onednn_bf16_cpu()
 
 
+def conv_bias_gradient_fused() -> bool:
+    """Whether the bias gradient of a bfloat16 Conv2D is already summed in float32 in training.
+
+    TensorFlow's own BiasAddGrad sums bfloat16 in bfloat16 on CPU (`model._bias_add`). On an x86
+    CPU with oneDNN, in a tf.function that also takes the kernel's gradient (as every train step
+    does), the graph rewrite folds it into the weight gradient's kernel
+    (_MklNativeConv2DBackpropFilterWithBias), which sums in float32 (checked on an Intel Xeon with
+    AMX; eager, or without the kernel's gradient, the sum stays in bfloat16). Summing it apart instead made the 2015 U-Net's step 1.15x slower there, so Conv2D keeps
+    Keras' bias where this holds. Transposed convolutions get no such kernel.
+    """
+    return _onednn_bf16_cpu()
+
+
 def batch_norm_dtype(channels: int) -> str | None:
     """The dtype policy of a batch norm of `channels` channels and the ReLU after it: None (the
     global one) or "float32".
