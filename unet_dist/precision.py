@@ -65,8 +65,9 @@ def conv_bias_gradient_fused() -> bool:
     CPU with oneDNN, in a tf.function that also takes the kernel's gradient (as every train step
     does), the graph rewrite folds it into the weight gradient's kernel
     (_MklNativeConv2DBackpropFilterWithBias), which sums in float32 (checked on an Intel Xeon with
-    AMX; eager, or without the kernel's gradient, the sum stays in bfloat16). Summing it apart instead made the 2015 U-Net's step 1.15x slower there, so Conv2D keeps
-    Keras' bias where this holds. Transposed convolutions get no such kernel.
+    AMX; eager, or without the kernel's gradient, the sum stays in bfloat16). Summing it apart
+    instead made the 2015 U-Net's step 1.15x slower there, so Conv2D keeps Keras' bias where this
+    holds. Transposed convolutions get no such kernel.
     """
     return _onednn_bf16_cpu()
 
