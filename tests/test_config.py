@@ -1,6 +1,6 @@
 import pytest
 
-from unet_dist.config import ConfigError, load_config
+from unet_dist.config import ConfigError, config_from_dict, load_config
 
 
 def test_defaults_and_presets_load_and_read_back_from_a_runs_config_yaml(tmp_path):
@@ -57,8 +57,9 @@ def test_bad_values_name_the_key(override, words):
 
 
 def test_sync_batch_norm_needs_batch_norm_and_neither_xla_nor_accumulation():
-    with pytest.raises(ConfigError, match="model.sync_batch_norm: .*batch_norm is false"):
-        load_config(None, ["model.sync_batch_norm=true", "model.batch_norm=false"])
+    for norm in ("none", "instance"):
+        with pytest.raises(ConfigError, match="model.sync_batch_norm: .*unless model.norm is batch"):
+            load_config(None, ["model.sync_batch_norm=true", f"model.norm={norm}"])
     with pytest.raises(ConfigError, match="model.sync_batch_norm: .*runtime.xla is true"):
         load_config(None, ["model.sync_batch_norm=true", "runtime.xla=true"])
     for bad in (["model.padding=valid"], ["model.depth=2"]):  # heads at levels 1..depth-2, halving sizes
@@ -172,3 +173,19 @@ def test_damaged_workdir_files_are_one_line(tmp_path):
     (tmp_path / "data.json").write_text("{")
     with pytest.raises(ConfigError, match=r"data.json: unreadable .*--mode tile or resize"):
         auto_mode(tmp_path, load_config(None))
+
+
+def test_model_batch_norm_of_earlier_configs_reads_as_model_norm(tmp_path):
+    # model.batch_norm true/false came before model.norm: earlier runs' config.yaml must still load
+    # (resume, evaluate, predict), and a config may not say both.
+    path = tmp_path / "old.yaml"
+    for old, norm in ((True, "batch"), (False, "none")):
+        path.write_text(f"model:\n  batch_norm: {str(old).lower()}\n")
+        assert load_config(path).model.norm == norm
+        assert load_config(None, [f"model.batch_norm={str(old).lower()}"]).model.norm == norm
+    assert config_from_dict({"model": {"batch_norm": False}}).model.norm == "none"
+    path.write_text("model:\n  batch_norm: false\n  norm: instance\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: config keys model.batch_norm and model.norm: give one"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="model.norm: got 'layer'; allowed: "):
+        load_config(None, ["model.norm=layer"])

@@ -23,10 +23,10 @@ needs_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI 
 
 # Batch norm off here: with per-replica statistics (the default) the same global batch gives a
 # different model on 2 replicas than on 1. EQUIV_SYNC_BN (below) turns it on, over the global batch.
-EQUIV = tiny_overrides(steps=5) + ["model.batch_norm=false", "optim.name=sgd", "optim.learning_rate=0.05",
+EQUIV = tiny_overrides(steps=5) + ["model.norm=none", "optim.name=sgd", "optim.learning_rate=0.05",
                                    "optim.momentum=0.9", "train.checkpoint_every_steps=5",
                                    "data.augment.elastic=true"]
-EQUIV_SYNC_BN = [o for o in EQUIV if o != "model.batch_norm=false"] + ["model.sync_batch_norm=true"]
+EQUIV_SYNC_BN = [o for o in EQUIV if o != "model.norm=none"] + ["model.sync_batch_norm=true"]
 
 
 def _args(data, workdir, overrides, module="unet_dist.train"):
@@ -192,7 +192,7 @@ def test_gradient_accumulation_trains_what_replicas_do(shards, single_run, tmp_p
     # With batch norm each micro-batch has its own statistics, as each replica has: one process with 2
     # micro-batches trains what 2 replicas do, moving statistics included (the replicas' copies are
     # averaged before a checkpoint; the micro-batches' moves are averaged at every step).
-    bn = [o for o in EQUIV if o != "model.batch_norm=false"]
+    bn = [o for o in EQUIV if o != "model.norm=none"]
     one = _one_process(shards, tmp_path_factory, "accumulated_bn", bn + ["train.gradient_accumulation_steps=2"])
     two = tmp_path / "two"
     out = two_replicas("mirrored", shards, two, bn)

@@ -20,7 +20,7 @@ from unet_dist.data.pipeline import DataError, load_manifest
 from unet_dist.distribute import free_ports
 from unet_dist.trainer import TrainingError, train
 
-OVER = tiny_overrides(steps=40) + ["model.base_filters=8", "model.batch_norm=false", "optim.name=sgd",
+OVER = tiny_overrides(steps=40) + ["model.base_filters=8", "model.norm=none", "optim.name=sgd",
                                    "optim.momentum=0.9", "train.checkpoint_every_steps=5"]
 
 

@@ -32,7 +32,7 @@ def test_valid_padding_tiles_equal_the_whole_image():
     # Valid convolutions see only their receptive field: tiling with the network's own context
     # reproduces the whole-image output exactly (Ronneberger et al. 2015, overlap-tile).
     cfg = load_config(None, ["model.padding=valid", "model.depth=2", "model.base_filters=4",
-                             "data.image_size=[60, 60]", "model.batch_norm=false"])
+                             "data.image_size=[60, 60]", "model.norm=none"])
     keras.utils.set_random_seed(1)
     model = build_unet(cfg.model, None)
     o = output_size((60, 60), 2, "valid")[0]
@@ -88,7 +88,7 @@ def test_resize_prediction_when_the_context_is_wider_than_the_output():
     # tf.pad's REFLECT allows. Resize mode (and the export, which uses it) must still work, and
     # pad the way the tiles and np.pad do.
     cfg = load_config(None, ["model.padding=valid", "model.depth=2", "model.base_filters=4",
-                             "data.image_size=[60, 60]", "model.batch_norm=false"])
+                             "data.image_size=[60, 60]", "model.norm=none"])
     keras.utils.set_random_seed(3)
     model = build_unet(cfg.model, None)
     image = np.round(_image(45, 70) * 255).astype(np.uint8)

@@ -24,7 +24,7 @@ from unet_dist.shapes import output_size
 )
 def test_output_shapes(padding, depth, size, classes, upsample):
     cfg = ModelConfig(depth=depth, base_filters=2, padding=padding, num_classes=classes, upsample=upsample,
-                      batch_norm=(depth % 2 == 0), dropout=0.1 if depth == 3 else 0.0)
+                      norm=("batch" if depth % 2 == 0 else "none"), dropout=0.1 if depth == 3 else 0.0)
     model = build_unet(cfg, size)
     x = np.random.default_rng(0).random((2, *size, 3), np.float32)
     y = model(x, training=False).numpy()
@@ -63,6 +63,23 @@ def test_head_is_float32_under_mixed_precision():
     assert model(np.zeros((1, 32, 32, 3), np.float32)).dtype == "float32"
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_instance_norm_normalises_each_image_on_its_own(policy):
+    # model.norm instance: each image's channels by their own statistics, so an image's output does
+    # not depend on the batch it came in, training or not, and there are no moving statistics.
+    keras.mixed_precision.set_global_policy(policy)
+    model = build_unet(ModelConfig(depth=2, base_filters=4, norm="instance"), (32, 32))
+    assert not model.non_trainable_variables
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.GroupNormalization)]
+    assert len(norms) == 2 * 5 and all(layer.groups == layer.gamma.shape[0] for layer in norms)
+    assert not any(layer.bias is not None for layer in model.layers if layer.name.endswith(("_conv0", "_conv1")))
+    x = np.random.default_rng(0).random((3, 32, 32, 3)).astype(np.float32)
+    alone = np.concatenate([np.asarray(model(x[i:i + 1], training=True)) for i in range(3)])
+    tol = 1e-5 if policy == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(model(x, training=True)), alone, atol=tol)
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), alone, atol=tol)
+
+
 @pytest.mark.parametrize("onednn_fuses", [None, False])
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 def test_bias_gradients_under_bfloat16_are_summed_in_float32(upsample, onednn_fuses, monkeypatch):
@@ -78,7 +95,7 @@ def test_bias_gradients_under_bfloat16_are_summed_in_float32(upsample, onednn_fu
     if onednn_fuses is not None:
         monkeypatch.setattr(unet_dist.precision, "_onednn_bf16_cpu", lambda: onednn_fuses)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = build_unet(ModelConfig(depth=1, base_filters=2, batch_norm=False, upsample=upsample), (64, 64))
+    model = build_unet(ModelConfig(depth=1, base_filters=2, norm="none", upsample=upsample), (64, 64))
     biased = [layer for layer in model.layers
               if getattr(layer, "bias", None) is not None and layer.compute_dtype == "bfloat16"]
     assert {"down0_conv0", "bottleneck_conv1", "up0_upconv", "up0_conv1"} <= {layer.name for layer in biased}

@@ -18,7 +18,7 @@ from unet_dist.trainer import train
 
 pytestmark = pytest.mark.dist
 
-OVER = tiny_overrides(steps=60) + ["model.base_filters=8", "train.checkpoint_every_steps=1000", "model.batch_norm=false",
+OVER = tiny_overrides(steps=60) + ["model.base_filters=8", "train.checkpoint_every_steps=1000", "model.norm=none",
                                    "train.log_every_steps=1", "optim.name=sgd", "optim.momentum=0.9"]
 
 

@@ -203,6 +203,29 @@ def test_mismatched_model_optimizer_or_classes_fail_before_work(shards, tmp_path
               tmp_path / "w2")
 
 
+def test_instance_norm_trains_and_a_model_json_of_batch_norm_resumes(shards, tmp_path):
+    cfg = load_config(None, tiny_overrides(steps=100) + ["model.depth=3", "model.base_filters=8", "model.norm=instance",
+        "optim.learning_rate=0.003", "train.loss=ce_dice", "train.eval_every_steps=100", "data.augment.scale_crop=false"])
+    s = train(cfg, shards, tmp_path / "w")
+    bg = json.loads((shards / "manifest.json").read_text())["class_pixel_fraction"][0]
+    assert s["final_val_iou"] > bg / 2 + 0.3, s  # mean IoU of predicting background everywhere: bg / 2
+    # Checkpoints of an earlier version name model.batch_norm in their model.json, not model.norm.
+    signature = tmp_path / "w" / "checkpoints" / "model.json"
+    saved = {k: v for k, v in json.loads(signature.read_text()).items() if k != "norm"}
+    for old in (True, False):
+        signature.write_text(json.dumps({**saved, "batch_norm": old}))
+        with pytest.raises(ConfigError, match=f"model.norm: checkpoint '{'batch' if old else 'none'}', "
+                                              "config 'instance'"):
+            train(cfg, shards, tmp_path / "w")
+    plain = load_config(None, tiny_overrides(steps=1))
+    train(plain, shards, tmp_path / "plain")
+    signature = tmp_path / "plain" / "checkpoints" / "model.json"
+    saved = {k: v for k, v in json.loads(signature.read_text()).items() if k != "norm"}
+    signature.write_text(json.dumps({**saved, "batch_norm": True}))
+    plain.train.steps = 2
+    assert train(plain, shards, tmp_path / "plain")["start_step"] == 1
+
+
 def test_valid_padding_and_weighted_loss_train(shards, tmp_path):
     over = tiny_overrides(steps=2) + ["model.padding=valid", "data.image_size=[60, 60]", "train.loss=weighted_ce",
                                       "data.augment.elastic=true"]

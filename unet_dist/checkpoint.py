@@ -21,13 +21,13 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist.atomic import atomic_write_text
-from unet_dist.config import Config, ConfigError, ModelConfig, load_workdir_config
+from unet_dist.config import Config, ConfigError, ModelConfig, load_workdir_config, upgrade_model_keys
 from unet_dist.distribute import Runtime
 from unet_dist.errors import tf_reason
 from unet_dist.model import build_unet, is_deep_supervision_head, main_output
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
-MODEL_KEYS = ("depth", "base_filters", "padding", "batch_norm", "upsample", "up_filters", "num_classes",
+MODEL_KEYS = ("depth", "base_filters", "padding", "norm", "upsample", "up_filters", "num_classes",
               "deep_supervision")
 
 
@@ -173,7 +173,7 @@ class Checkpoints:
                                "settings against it", file=sys.stderr)
             return
         # A key newer than the file (model.deep_supervision) was its default when it was written.
-        defaults = ModelConfig()
+        defaults, saved = ModelConfig(), upgrade_model_keys(saved)
         saved = {k: saved.get(k, getattr(defaults, k)) for k in MODEL_KEYS}
         diff = [f"model.{k}: checkpoint {saved[k]!r}, config {v!r}"
                 for k, v in self._model_signature().items() if saved[k] != v]

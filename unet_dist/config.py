@@ -72,7 +72,7 @@ class ModelConfig:
     depth: int = 4  # number of 2x down-samplings
     base_filters: int = 32  # filters at the first level, doubled at each level down
     padding: Literal["same", "valid"] = "same"
-    batch_norm: bool = True
+    norm: Literal["batch", "instance", "none"] = "batch"  # after each 3x3 conv; instance: per image (nnU-Net), for batch 1-2
     bn_momentum: float = 0.9  # moving-statistics momentum (Keras default 0.99 lags on short runs)
     # Batch statistics over the global batch (every replica's images) instead of each replica's own:
     # the same model for the same global batch on any number of replicas, at the price of one small
@@ -217,9 +217,26 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 _RENAMED = {"runtime.fp16_allreduce": "runtime.allreduce_dtype (float16 for true, float32 for false)"}
 
 
+def upgrade_model_keys(mapping: dict, prefix: str = "model.") -> dict:
+    """A model section (a config's, or a checkpoint's model.json) with model.batch_norm true/false,
+    the key before model.norm, read as norm batch/none: earlier runs' config.yaml still resume,
+    evaluate and predict, and their configs still load."""
+    if "batch_norm" not in mapping:
+        return mapping
+    out = dict(mapping)
+    old = _coerce(f"{prefix}batch_norm", out.pop("batch_norm"), bool)
+    if "norm" in out:
+        raise ConfigError(f"config keys {prefix}batch_norm and {prefix}norm: give one ({prefix}batch_norm is the "
+                          f"earlier name: true is norm batch, false is norm none)")
+    out["norm"] = "batch" if old else "none"
+    return out
+
+
 def _apply(obj: Any, mapping: dict[str, Any], prefix: str) -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {mapping!r}")
+    if prefix == "model.":
+        mapping = upgrade_model_keys(mapping, prefix)
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in mapping.items():
@@ -347,7 +364,7 @@ def validate(cfg: Config) -> None:
     need(1 <= m.depth <= 8, "model.depth", "1 to 8", m.depth)
     need(m.base_filters >= 1, "model.base_filters", ">= 1", m.base_filters)
     need(0 < m.bn_momentum < 1, "model.bn_momentum", "0 < bn_momentum < 1", m.bn_momentum)
-    need(m.batch_norm or not m.sync_batch_norm, "model.sync_batch_norm", "false when model.batch_norm is false",
+    need(m.norm == "batch" or not m.sync_batch_norm, "model.sync_batch_norm", "false unless model.norm is batch",
          m.sync_batch_norm)
     # The statistics' collectives sit inside the forward pass, which runtime.xla compiles; Horovod's
     # ops have no XLA kernels.

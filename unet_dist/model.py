@@ -18,7 +18,7 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
 
     Args:
       cfg: depth (number of 2x poolings), base_filters (doubled at each level down), padding
-        ('same', or 'valid' for the unpadded 2015 network), batch_norm, dropout (before the
+        ('same', or 'valid' for the unpadded 2015 network), norm (batch, instance or none), dropout (before the
         bottleneck), upsample ('transpose' or 'bilinear' + 2x2 conv), up_filters (widths of the
         up-convolutions, deepest first; default the width of the level they lead to), num_classes,
         deep_supervision (heads on decoder levels 1..depth-2 as well; see Output).
@@ -129,12 +129,18 @@ def moving_statistics(model: keras.Model) -> list:
 def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
     # Batch norm and its ReLU in float32 where batch norm cannot take bfloat16 on this CPU (so the
     # two fuse); None elsewhere: the global policy.
-    norm_dtype = batch_norm_dtype(filters) if cfg.batch_norm else None
+    norm_dtype = batch_norm_dtype(filters) if cfg.norm == "batch" else None
     for j in range(2):
-        x = Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
+        x = Conv2D(filters, 3, padding=cfg.padding, use_bias=cfg.norm == "none",
                    kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
-        if cfg.batch_norm:
+        if cfg.norm == "batch":
             x = FusedBatchNorm(momentum=cfg.bn_momentum, name=f"{name}_bn{j}", dtype=norm_dtype)(x)
+        elif cfg.norm == "instance":
+            # Each image's channels normalised by their own mean and variance over (H, W), as
+            # nnU-Net and MONAI do (PyTorch's epsilon): the same in training and prediction at any
+            # batch size or number of replicas, with no moving statistics. Keras' group norm with a
+            # group per channel, which computes its statistics in float32 under mixed precision.
+            x = layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in{j}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{j}", dtype=norm_dtype)(x)
     return x
 
