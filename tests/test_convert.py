@@ -827,3 +827,82 @@ def test_large_images_are_read_up_to_the_readers_own_limit(tmp_path):
         load_rgb(png_header(tmp_path / "slide.png", 15000, 12000))
     with pytest.raises(BadImage, match=r"^40000x30000 pixels, more than this reader's limit of 1073741824 "):
         load_mask(png_header(tmp_path / "huge.png", 40000, 30000))
+
+
+def _array_dir(tmp_path, arrays: dict, masks: dict | None = None):
+    """A folders-layout SRC of .npy images (and .npy masks, a square by default)."""
+    src = tmp_path / "arrays"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for stem, arr in arrays.items():
+        np.save(src / "images" / f"{stem}.npy", arr)
+        mask = (masks or {}).get(stem)
+        if mask is None:
+            mask = np.zeros(arr.shape[:2], np.int64)
+            mask[4:12, 4:12] = 1
+        np.save(src / "masks" / f"{stem}.npy", mask)
+    return src
+
+
+def test_npy_images_of_any_number_of_channels_are_stored_and_read_back_whole(tmp_path):
+    from unet_dist.data.imageio import _to_uint8
+    from unet_dist.data.pipeline import parse_record
+
+    rng = np.random.default_rng(0)
+    five = {f"u{i}": rng.integers(0, 256, (20, 24, 5), dtype=np.uint8) for i in range(3)}
+    wide = rng.normal(100, 30, (20, 24, 5)).astype(np.float32)
+    wide[..., 2] *= 1000  # each channel is scaled to 8 bits by its own range
+    src = _array_dir(tmp_path, {**five, "wide": wide, "rgb": rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
+                                "badmask": five["u0"]},
+                     masks={"badmask": np.full((20, 24), 0.5, np.float32)})
+    m = convert(src, tmp_path / "out", layout="folders", channels=5, val_fraction=0.0, progress=False)
+    assert m["channels"] == 5 and m["image_format"] == "png" and m["train"]["records"] == 4
+    reasons = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in m["skipped"]}
+    assert reasons["rgb.npy"].startswith("3 channel(s) (an array of shape (20, 24, 3)), not 5 (convert --channels")
+    assert "a mask array holds integer class ids" in reasons["badmask.npy"], reasons
+    want = {**five, "wide": np.stack([_to_uint8(wide[..., c]) for c in range(5)], -1)}
+    assert (want["wide"].reshape(-1, 5).max(axis=0) == 255).all()  # not darkened by channel 2's larger values
+    for raw in (r for f in m["train"]["shards"] for r in tf.data.TFRecordDataset(str(tmp_path / "out" / f))):
+        stem = tf.io.parse_single_example(raw, FEATURES)["stem"].numpy().decode()
+        image, mask = parse_record(raw, "png", channels=5)
+        np.testing.assert_array_equal(image.numpy(), want[stem])
+        assert mask.numpy()[..., 0].sum() == 64
+    # Resized at conversion: each plane as Pillow resizes it, the same as a 3-channel image's planes.
+    m = convert(src, tmp_path / "small", layout="folders", channels=5, val_fraction=0.0, progress=False,
+                image_size=(10, 12))
+    raw = next(iter(tf.data.TFRecordDataset(str(tmp_path / "small" / m["train"]["shards"][0]))))
+    stem = tf.io.parse_single_example(raw, FEATURES)["stem"].numpy().decode()
+    plane = np.asarray(Image.fromarray(np.ascontiguousarray(want[stem][..., 3])).resize((12, 10), Image.BILINEAR))
+    np.testing.assert_array_equal(parse_record(raw, "png", channels=5)[0].numpy()[..., 3], plane)
+
+
+def test_channels_1_reads_gray_4_rgba_and_others_come_as_arrays(tmp_path, capsys):
+    from unet_dist.data.imageio import BadImage, load_image
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 200
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    rgba = np.dstack([rgb, np.full((8, 8), 77, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert load_image(tmp_path / "rgb.png", channels=1).shape == (8, 8, 1)
+    assert load_image(tmp_path / "rgb.png", channels=1)[0, 0, 0] == np.asarray(Image.fromarray(rgb).convert("L"))[0, 0]
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png", channels=4), rgba)  # alpha kept as a channel
+    for path, channels, message in ((tmp_path / "rgb.png", 4, "mode RGB: an image file gives 4 channels as RGBA"),
+                                    (tmp_path / "rgb.png", 2, "store 2-channel images as .npy arrays (H, W, 2)")):
+        with pytest.raises(BadImage, match=re.escape(message)):
+            load_image(path, channels=channels)
+    np.save(tmp_path / "gray.npy", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    assert (load_image(tmp_path / "gray.npy", channels=3) == np.arange(64).reshape(8, 8, 1)).all()  # gray RGB
+    src = _array_dir(tmp_path, {"a": rng_image(), "b": rng_image()})
+    for args, message in ((["--channels", "0"], "--channels 0: must be in [1, 64]"),
+                          (["--channels", "4", "--image-format", "jpeg"],
+                           "--image-format jpeg with --channels 4: JPEG holds 1 or 3 channels")):
+        r = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "o"), "--layout", "folders", *args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    r = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "o"), "--layout", "folders", "--channels", "4",
+                 check=True)
+    assert "images of 4 channels (train with model.in_channels=4) as PNG" in r.stdout, r.stdout
+
+
+def rng_image():
+    return np.random.default_rng(1).integers(0, 256, (16, 16, 4), dtype=np.uint8)

@@ -981,3 +981,59 @@ def test_the_training_iterator_is_gone_when_train_returns(shards, tmp_path):
         assert not [o for o in gc.get_objects() if isinstance(o, OwnedIterator)]
     finally:
         gc.enable()
+
+
+def test_images_of_five_channels_train_evaluate_predict_and_export(tmp_path, capsys):
+    # The objects show in the fifth channel alone; the other four are noise. A model that learns
+    # them takes every channel, in the order conversion stored them, through training and prediction.
+    from PIL import Image
+
+    from unet_dist.predict import MASK
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i in range(24):
+        yy, xx = np.mgrid[:32, :32]
+        cy, cx, r = rng.integers(9, 23, 2).tolist() + [int(rng.integers(4, 8))]
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        image = rng.normal(0, 1, (32, 32, 5)).astype(np.float32)
+        image[..., 4] += 4 * mask
+        np.save(src / "images" / f"s{i:02d}.npy", image)
+        np.save(src / "masks" / f"s{i:02d}.npy", mask.astype(np.uint8))
+    data = tmp_path / "data"
+    run_main(capsys, "unet_dist.convert", str(src), str(data), "--layout", "folders", "--channels", "5",
+             "--val-fraction", "0.25", check=True)
+    w = tmp_path / "w"
+    args = ["--data", str(data), "--workdir", str(w), "--deterministic"]
+    for o in tiny_overrides(steps=80) + ["data.image_size=[32, 32]", "model.base_filters=8", "optim.learning_rate=0.01",
+                                          "data.augment.scale_crop=false"]:
+        args += ["--set", o]
+    refused = run_main(capsys, "unet_dist.train", *args)
+    assert refused.returncode == 1 and refused.stderr.strip().endswith(
+        f"config key model.in_channels is 3 but the images of {data}/manifest.json have 5 channels; "
+        "--set model.in_channels=5"), refused.stderr
+    run_main(capsys, "unet_dist.train", *args, "--set", "model.in_channels=5", check=True)
+    summary = json.loads((w / "summary.json").read_text())
+    assert summary["final_val_iou"] > 0.8, summary["final_val_iou"]  # the background alone scores about 0.45
+    assert json.loads((w / "data.json").read_text())["channels"] == 5
+    ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(data), check=True)
+    assert abs(json.loads(ev.stdout.strip().splitlines()[-1])["val_iou"] - summary["final_val_iou"]) < 1e-6
+    # predict reads .npy images as the data has them; one of another channel count is skipped, named.
+    np.save(tmp_path / "rgb.npy", np.zeros((32, 32, 3), np.float32))
+    out = tmp_path / "pred"
+    pred = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(src / "images" / "s00.npy"),
+                    str(tmp_path / "rgb.npy"), "--out", str(out), check=True)
+    assert f"predict: skipping {tmp_path / 'rgb.npy'}: 3 channel(s)" in pred.stderr, pred.stderr
+    predicted = np.asarray(Image.open(out / f"s00{MASK}"))
+    truth = np.load(src / "masks" / "s00.npy")
+    assert (predicted == truth).mean() > 0.9
+    assert Image.open(out / "s00_overlay.png").size == (96, 32)
+    # The SavedModel takes (B, H, W, 5) uint8 images and predicts what predict did.
+    run_main(capsys, "unet_dist.export", "--workdir", str(w), "--out", str(tmp_path / "export"), check=True)
+    from unet_dist.data.imageio import load_image
+
+    loaded = tf.saved_model.load(str(tmp_path / "export"))  # held: its functions need it alive
+    served = loaded.serve(load_image(src / "images" / "s00.npy", channels=5)[None])
+    np.testing.assert_array_equal(served["mask"].numpy()[0], predicted)

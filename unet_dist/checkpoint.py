@@ -28,7 +28,7 @@ from unet_dist.model import build_unet, is_deep_supervision_head, main_output
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
 MODEL_KEYS = ("depth", "base_filters", "padding", "norm", "upsample", "up_filters", "num_classes",
-              "deep_supervision")
+              "deep_supervision", "in_channels")
 
 
 def checkpoint_path(workdir: str | Path, which: str = "best") -> str:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from unet_dist.data.imageio import MAX_CHANNELS
 from unet_dist.shapes import check_input_size
 
 
@@ -82,6 +83,7 @@ class ModelConfig:
     upsample: Literal["transpose", "bilinear"] = "transpose"
     up_filters: list[int] | None = None  # widths of the up-convolutions, deepest first (default: level widths)
     num_classes: int = 2  # 2 = one sigmoid output; N > 2 = softmax over N
+    in_channels: int = 3  # the images' channels, as the data has them (convert --channels)
     deep_supervision: bool = False  # nnU-Net: training's loss also at decoder levels 1..depth-2 (same padding, depth >= 3)
 
 
@@ -372,6 +374,9 @@ def validate(cfg: Config) -> None:
          "false when runtime.xla is true (its collectives cannot be compiled by XLA)", m.sync_batch_norm)
     need(0 <= m.dropout < 1, "model.dropout", "0 <= dropout < 1", m.dropout)
     need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
+    need(1 <= m.in_channels <= MAX_CHANNELS, "model.in_channels", f"1 to {MAX_CHANNELS}", m.in_channels)
+    need(a.hue == 0 or m.in_channels == 3, "data.augment.hue", "0 unless model.in_channels is 3 (hue is of RGB)",
+         a.hue)
     need(not m.deep_supervision or (m.padding == "same" and m.depth >= 3), "model.deep_supervision",
          "false unless model.padding is same and model.depth >= 3 (its outputs are at levels 1..depth-2)",
          m.deep_supervision)

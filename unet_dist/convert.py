@@ -4,6 +4,7 @@
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
         [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE] [--list FILE] [--val-list FILE]
+        [--channels C]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -28,6 +29,11 @@ names, one a line by its stem or file name (the first word of the line counts: V
 ImageSets/Segmentation/val.txt, the Pet set's annotations/test.txt), the others train.
 --list FILE converts only the images FILE names (read the same way): the Pet set's
 annotations/trainval.txt, keeping its test images out for `evaluate --images SRC --list test.txt`.
+--channels C: the images' channels, which training's model takes (model.in_channels). 3 (the default)
+reads every image as RGB; 1 as grayscale, the natural input for EM and most microscopy; 4 RGBA
+files. Any C comes from numpy arrays, SRC/images/X.npy of shape (H, W, C) (fluorescence stains,
+satellite bands), of uint8 or of wider values scaled to 8 bits channel by channel; a mask may be
+an .npy array of class ids (H, W) too.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="store each training mask's distances to its two nearest objects, from which training "
                         "with train.loss weighted_ce takes the 2015 U-Net's border weights instead of computing "
                         "them per sample (many touching objects, as in EM slices)")
+    p.add_argument("--channels", type=int, default=3, metavar="C",
+                   help="the images' channels: 3 reads every image as RGB, 1 as grayscale (EM, most microscopy), "
+                        "4 RGBA files; any C from .npy arrays (H, W, C), such as stains or satellite bands")
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT")
     args = p.parse_args(argv)
     try:
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
                     fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value,
                     image_format=args.image_format, colors=args.colors, val_list=args.val_list,
-                    only=args.list, border_distances=args.border_distances)
+                    only=args.list, border_distances=args.border_distances, channels=args.channels)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
@@ -133,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         files += f" (val: the images {m['val_list']} names)"
     left_out = "" if m["ignore_value"] is None else (f" ({m['ignored_pixel_fraction']:.1%} of the pixels left out: "
                                                      f"mask value {m['ignore_value']})")
+    channels = "" if m["channels"] == 3 else f" of {m['channels']} channel{'s' * (m['channels'] > 1)}"
+    # Training's model must take as many: say the key here, where the number is decided.
+    if m["channels"] != 3:
+        channels += f" (train with model.in_channels={m['channels']})"
     print(f"convert: {records['train']} train and {records['val']} val records{files}, "
-          f"{m['num_classes']} classes{left_out}, images as {m['image_format'].upper()} ({m['image_format_why']}), "
-          f"in {args.out}")
+          f"{m['num_classes']} classes{left_out}, images{channels} as {m['image_format'].upper()} "
+          f"({m['image_format_why']}), in {args.out}")
     return 0
 
 

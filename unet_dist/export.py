@@ -3,7 +3,8 @@
     python -m unet_dist.export --workdir RUN [--workdir RUN2 ...] --out EXPORT [--mode auto|tile|resize]
         [--tile N --overlap P] [--tta none|flip] [--precision float32|mixed_float16|mixed_bfloat16]
 
-Signature `serve`: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 (B, H, W),
+Signature `serve`: uint8 images (B, H, W, C) of any size (C: the run's model.in_channels, 3 for
+RGB) -> {"mask": uint8 (B, H, W),
 "probabilities": float32 (B, H, W, U)}, and "colors": uint8 (B, H, W, 3) when the training masks
 were coded by colour (convert --colors): each pixel its class's colour, as predict writes them.
 Load with tf.saved_model.load(EXPORT).serve(images).
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         return 2
     # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
     with atomic_path(out) as tmp:
-        export_saved_model(predictor.models, predictor.fn, tmp, predictor.colors)
+        export_saved_model(predictor.models, predictor.fn, tmp, predictor.colors, predictor.cfg.model.in_channels)
     print(f"export: SavedModel ({predictor.summary()}) -> {out}")
     return 0
 

@@ -116,7 +116,7 @@ def tiling(cfg: Config, tile: tuple[int, int] | None = None, overlap: int | None
 
 def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | None = None,
                     overlap: int | None = None, batch: int | None = None, flip: bool = False):
-    """A TF function: uint8 images (B, H, W, 3) of any size -> probabilities (B, H, W, U) by overlap tiles.
+    """A TF function: uint8 images (B, H, W, C) of any size -> probabilities (B, H, W, U) by overlap tiles.
 
     Each image is mirror-padded by the tiles' context and cut into overlapping tiles of `tiling`'s
     size; each output pixel is taken from the centre of one tile. The tiles of all B images go
@@ -134,7 +134,7 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
     units = model.output_shape[-1]
 
     def fn(images):
-        # The padded image stays uint8 (3 bytes a pixel, not float32's 12); each batch of tiles is
+        # The padded image stays uint8 (C bytes a pixel, not float32's 4C); each batch of tiles is
         # converted as it is cut.
         x = images
         b, h, w = tf.unstack(tf.shape(x)[:3])
@@ -153,7 +153,7 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
             index = tf.stack([tf.broadcast_to(j[:, None, None] // (ny * nx), [m, th, tw]),
                               tf.broadcast_to(rows[:, :, None], [m, th, tw]),
                               tf.broadcast_to(cols[:, None, :], [m, th, tw])], axis=-1)
-            return tf.image.convert_image_dtype(tf.gather_nd(x, index), tf.float32)  # (m, th, tw, 3)
+            return tf.image.convert_image_dtype(tf.gather_nd(x, index), tf.float32)  # (m, th, tw, C)
 
         def body(i, out):
             probs = model(tiles(i * batch), training=False)
@@ -190,7 +190,7 @@ def _reflect_indices(n, before, after) -> tf.Tensor:
 
 
 def resize_predict_fn(model: keras.Model, cfg: Config, flip: bool = False):
-    """A TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U) via the training size.
+    """A TF function: uint8 images (B, H, W, C) -> probabilities (B, H, W, U) via the training size.
 
     The image is resized so that the model's *output* covers it (valid padding: mirror-padded by
     the network's context), and the output is resized back to (H, W). Downscaling is antialiased
@@ -258,7 +258,7 @@ def mirrored(fn: Callable, one_at_a_time: bool = False) -> Callable:
 def prediction_fn(model: keras.Model, cfg: Config, workdir: str | Path, mode: str = "auto",
                   tile: tuple[int, int] | None = None, overlap: int | None = None,
                   tta: str = "none") -> tuple[Callable, str, str]:
-    """(TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U), the mode taken, why)
+    """(TF function: uint8 images (B, H, W, C) -> probabilities (B, H, W, U), the mode taken, why)
     for predict's and export's --mode auto|tile|resize and --tta none|flip. tile and overlap apply
     to tile mode.
 
@@ -289,7 +289,7 @@ class PredictionError(Exception):
 class Predictor:
     """What predict, export and evaluate --images run: one trained run, or several averaged."""
 
-    fn: Callable  # TF function: uint8 images (B, H, W, 3) -> probabilities (B, H, W, U), averaged over the runs
+    fn: Callable  # TF function: uint8 images (B, H, W, C) -> probabilities (B, H, W, U), averaged over the runs
     models: list[keras.Model]
     cfg: Config  # the first run's
     checkpoints: list[str]
@@ -301,7 +301,7 @@ class Predictor:
     _traced: Callable | None = field(default=None, init=False, repr=False)
 
     def __call__(self, image: np.ndarray) -> tf.Tensor:
-        """(H, W, U) probabilities of one uint8 image (H, W, 3), by `fn` traced once for every size.
+        """(H, W, U) probabilities of one uint8 image (H, W, C), by `fn` traced once for every size.
         Raises PredictionError, one line, when the device runs out of memory for it: TensorFlow's
         own message is a page, and the caller goes on with the next image."""
         if self._traced is None:
@@ -346,6 +346,9 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
         if models and model.output_shape[-1] != models[0].output_shape[-1]:
             raise ConfigError(f"--workdir {workdir}: {cfg.model.num_classes} classes, but {workdirs[0]} has "
                               f"{cfgs[0].model.num_classes}: an ensemble averages the same classes")
+        if cfgs and cfg.model.in_channels != cfgs[0].model.in_channels:
+            raise ConfigError(f"--workdir {workdir}: images of {cfg.model.in_channels} channels, but {workdirs[0]} "
+                              f"takes {cfgs[0].model.in_channels}: an ensemble predicts the same images")
         models.append(model)
         cfgs.append(cfg)
         checkpoints.append(ckpt)
@@ -372,8 +375,10 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
                      precision, colors)
 
 
-def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path, colors: list | None = None) -> None:
-    """SavedModel with a `serve` signature: uint8 images (B, H, W, 3) of any size -> {"mask": uint8 class
+def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path, colors: list | None = None,
+                       channels: int = 3) -> None:
+    """SavedModel with a `serve` signature: uint8 images (B, H, W, channels) of any size (the models'
+    model.in_channels; 3: RGB) -> {"mask": uint8 class
     ids (B, H, W), "probabilities": float32 (B, H, W, U)}, by `fn` (a `Predictor`'s, over `models`).
     colors: class i's [R, G, B] (masks coded by colour at conversion); the signature then also
     returns "colors": uint8 (B, H, W, 3), each pixel its class's colour, as `predict` writes them."""
@@ -391,5 +396,5 @@ def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path,
         return out
 
     archive.add_endpoint(name="serve", fn=serve,
-                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+                         input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
     archive.write_out(str(out), verbose=False)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from unet_dist.atomic import atomic_write_text
 from unet_dist.data.convert import IGNORE
+from unet_dist.data.imageio import rgb_view
 from unet_dist.progress import progress, terminal_bar, time_left
 
 
@@ -129,7 +130,7 @@ class Logger:
 
 
 def panel_rows(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, H, W, 3) float images, (N, h, w) truth and prediction ids -> (N, h, 4w, 3) uint8 panels.
+    """(N, H, W, C) float images, (N, h, w) truth and prediction ids -> (N, h, 4w, 3) uint8 panels.
 
     Images are centre-cropped to the label size (valid padding). Class ids are shades of gray, and
     truth pixels that are not labelled (IGNORE) blue. The overlay tints predicted foreground, like
@@ -138,7 +139,7 @@ def panel_rows(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_clas
     n, H, W = images.shape[:3]
     h, w = truth.shape[1:3]
     top, left = (H - h) // 2, (W - w) // 2
-    img = (np.clip(images[:, top : top + h, left : left + w], 0, 1) * 255).astype(np.uint8)
+    img = (np.clip(rgb_view(images[:, top : top + h, left : left + w]), 0, 1) * 255).astype(np.uint8)
     scale = 255 // max(1, num_classes - 1)
 
     def gray(ids):

@@ -25,7 +25,7 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
       input_size: (H, W) the model is built for; None builds a fully convolutional model that takes
         any size satisfying the constraint below (used for prediction and export).
 
-    Input: (B, H, W, 3) float in [0, 1]. Output: (B, H', W', 1) sigmoid probabilities when
+    Input: (B, H, W, cfg.in_channels) float in [0, 1]. Output: (B, H', W', 1) sigmoid probabilities when
     num_classes == 2, else (B, H', W', num_classes) softmax probabilities, always float32 whatever
     the precision policy (so losses and metrics are computed in float32). With deep_supervision,
     a list: that output, then the same probabilities from heads on decoder levels 1..depth-2,
@@ -58,7 +58,9 @@ def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> k
     if input_size is not None:
         check_input_size(tuple(input_size), cfg.depth, cfg.padding)
 
-    shape = (None, None, 3) if input_size is None else (*input_size, 3)
+    if cfg.in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {cfg.in_channels}")
+    shape = (None, None, cfg.in_channels) if input_size is None else (*input_size, cfg.in_channels)
     inputs = keras.Input(shape=shape, name="image")
     x = inputs
     skips = []

@@ -302,7 +302,7 @@ def main(argv=None) -> int:
 
     from unet_dist.checkpoint import CheckpointError
     from unet_dist.config import load_workdir_config
-    from unet_dist.data.imageio import BadImage, load_rgb
+    from unet_dist.data.imageio import BadImage, load_image, rgb_view
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
     from unet_dist.logs import chief_progress
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
             try:
-                image = load_rgb(sample.image, sample.page)
+                image = load_image(sample.image, sample.page, predictor.cfg.model.in_channels)
                 probs = predictor(image).numpy()
             except (BadImage, OSError, PredictionError) as e:
                 tqdm.write(f"predict: skipping {sample.where}: {e}", file=sys.stderr)
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
                 if sample.stacked:
                     counts[2 + stack_index[sample.image]] += 1
                 continue
-            writer.put(image, np.asarray(classes_from_probs(probs)), sample.name,
+            writer.put(rgb_view(image), np.asarray(classes_from_probs(probs)), sample.name,
                        probs if args.probabilities else None)
     except OSError as e:  # a write failed (a full disk): the next images would fail the same way
         unwritten = e

@@ -25,6 +25,7 @@ from unet_dist.data.convert import ignores
 from unet_dist.data.pipeline import (
     DataError,
     eval_dataset,
+    image_channels,
     load_manifest,
     lost_records,
     train_dataset,
@@ -57,6 +58,10 @@ def check_data_matches(cfg: Config, manifest: dict, data_dir: Path) -> None:
     if manifest["num_classes"] != cfg.model.num_classes:
         raise ConfigError(f"config key model.num_classes is {cfg.model.num_classes} but {data_dir}/manifest.json has "
                           f"{manifest['num_classes']} classes; --set model.num_classes={manifest['num_classes']}")
+    channels = image_channels(manifest)
+    if channels != cfg.model.in_channels:
+        raise ConfigError(f"config key model.in_channels is {cfg.model.in_channels} but the images of "
+                          f"{data_dir}/manifest.json have {channels} channels; --set model.in_channels={channels}")
 
 
 def prepare_workdir(workdir: Path, runtime: Runtime, resume: bool) -> None:
@@ -430,7 +435,7 @@ def write_run_files(cfg: Config, workdir: Path, data_dir: Path, manifest: dict) 
     """config.yaml, and data.json: what prediction needs to know of the data (resized at conversion?)."""
     atomic_write_text(workdir / "config.yaml", config_yaml(cfg))
     data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size",
-                                              "record_size", "ignore_value", "colors")}
+                                              "record_size", "ignore_value", "colors", "channels")}
     atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
 
 

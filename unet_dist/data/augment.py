@@ -69,7 +69,7 @@ def nearest(mask: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
 
 
 def resize_pair(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
-    """image (H, W, 3) uint8 or float in [0, 1], mask (H, W, 1) uint8 -> image float32 in [0, 1] and
+    """image (H, W, C) uint8 or float in [0, 1], mask (H, W, 1) uint8 -> image float32 in [0, 1] and
     mask uint8 at `size`; bilinear / nearest."""
     return _to_unit(image, _bilinear(image, size)), nearest(mask, size)
 
@@ -133,7 +133,7 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
                    foreground: float = 0.0, distances: tf.Tensor | None = None) -> tuple[tf.Tensor, ...]:
     """Zoom, random crop, flips, brightness and contrast of one sample, resampled once to `size`.
 
-    image (H, W, 3) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (13,) the sample's
+    image (H, W, C) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (13,) the sample's
     uniforms from `draw`; fraction: the share of the image's height and width one output covers
     before zoom (1 for whole images, patch / image_size for patch training). A share scale_prob of
     the samples is zoomed by a factor in [scale_min, scale_max], the others not: a (fraction / zoom)
@@ -148,7 +148,8 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
     distances: (H, W, 1) uint8, a record's border distances in steps of 1 / STEPS_PER_PX pixel
     (`border.stored_distances`): the same window and flips as the image, resampled bilinearly, and
     returned in pixels of the output (scaled by the resampling, so zoom and resize keep them true).
-    Returns image (h, w, 3) float32 in [0, 1], mask (h, w, 1) uint8 (and distances (h, w, 1) float32).
+    Returns image (h, w, C) float32 in [0, 1], mask (h, w, 1) uint8 (and distances (h, w, 1) float32).
+    Contrast is about the mean of all the image's channels, as for RGB.
     """
     moved = (image, mask) if distances is None else (image, mask, distances)  # windowed and flipped alike
     if cfg.scale_crop or fraction != (1.0, 1.0):
@@ -278,7 +279,7 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf
     """Rotations, elastic deformation and hue jitter of a batch (after `augment_sample`).
 
     Args:
-      images: (B, H, W, 3) float32 in [0, 1], H and W static.
+      images: (B, H, W, C) float32 in [0, 1], H, W and C static; C == 3 for hue.
       masks: (B, H, W, 1) uint8 class ids.
       u, normals: (B, 13) and (B, g, g, 2), each sample's draws (`draw`, as given to `augment_sample`).
       cfg: which transforms are on; pixels from outside the image are mirrored.
@@ -286,12 +287,12 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf
         (as the paper deformed its precomputed weight maps: a deformation's local stretch is not
         applied to them).
     Returns:
-      images (B, H, W, 3) float32 in [0, 1], masks (B, H, W, 1) uint8 (and distances (B, H, W, 1)).
+      images (B, H, W, C) float32 in [0, 1], masks (B, H, W, 1) uint8 (and distances (B, H, W, 1)).
     """
-    h, w = images.shape[1], images.shape[2]
+    h, w, c = images.shape[1], images.shape[2], images.shape[3]
     transforms = _rotation(u, h, w, cfg)
     elastic = cfg.elastic and cfg.elastic_sigma > 0
-    # The distances move with the images as a fourth channel, where anything moves them.
+    # The distances move with the images as one more channel, where anything moves them.
     carried = distances is not None and (elastic or transforms is not None)
     if carried:
         images = tf.concat([images, distances], -1)
@@ -302,7 +303,7 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf
         masks = tf.cast(_transform(tf.cast(masks, tf.float32), transforms, "NEAREST"), tf.uint8)
     extra = () if distances is None else (distances,)
     if carried:
-        images, extra = images[..., :3], (images[..., 3:],)
+        images, extra = images[..., :c], (images[..., c:],)
     if cfg.hue > 0:
         images = _hue(images, u, cfg)
     return (images, masks, *extra)

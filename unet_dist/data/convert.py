@@ -27,7 +27,16 @@ from PIL import Image
 
 from unet_dist.atomic import atomic_write_text
 from unet_dist.config import ConfigError, writable_dir
-from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage, Sample, image_files, load_mask, load_rgb, samples_of
+from unet_dist.data.imageio import (
+    IMAGE_SUFFIXES,
+    MAX_CHANNELS,
+    BadImage,
+    Sample,
+    image_files,
+    load_image,
+    load_mask,
+    samples_of,
+)
 
 LAYOUTS = ("oxford-pet", "folders")
 SPLIT_UNITS = ("auto", "file", "page")
@@ -72,6 +81,7 @@ class Task:
     image_format: str = "jpeg"  # how the record stores the image: "png" or "jpeg"
     colors: tuple[tuple[int, int, int], ...] | None = None  # colour-coded masks: class i's colour is colors[i]
     border_distances: bool = False  # training records also store the border weights' d1 + d2 (border.py)
+    channels: int = 3  # the images' channels (convert --channels)
 
 
 def source_folders(src: Path, layout: str) -> tuple[Path, Path]:
@@ -203,10 +213,16 @@ def _check_class_ids(present: list[int], num_classes: int | None) -> int:
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:
-    """uint8 (H, W) or (H, W, 3) -> PNG or JPEG bytes. An RGB image whose three channels are equal
+    """uint8 (H, W) or (H, W, C) -> PNG or JPEG bytes. An RGB image whose three channels are equal
     (a grayscale source, read as RGB) is stored as one channel: a third of the bytes to encode, store
-    and decode, and the same RGB image again from decode_png/decode_jpeg(channels=3)."""
-    if arr.ndim == 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
+    and decode, and the same RGB image again from decode_png/decode_jpeg(channels=3). An image of
+    another number of channels C is stored as its C planes one under the other, a grayscale PNG of
+    (C * H, W) (no image format holds any C; `pipeline.parse_record` takes the planes apart)."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim == 3 and arr.shape[2] != 3:
+        arr = np.ascontiguousarray(arr.transpose(2, 0, 1)).reshape(-1, arr.shape[1])
+    elif arr.ndim == 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
         arr = arr[..., 0]
     buf = io.BytesIO()
     if fmt == "jpeg":
@@ -216,14 +232,18 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def image_format_of(samples: list[Sample], image_format: str) -> tuple[str, str]:
+def image_format_of(samples: list[Sample], image_format: str, channels: int = 3) -> tuple[str, str]:
     """(the records' image format, why) for --image-format. auto keeps JPEG sources JPEG, such as the
     Pet photos: lossless copies of lossy images buy nothing and took 5x the bytes for the demo's. It
     stores everything else lossless, since records are what training sees: PNG, TIFF and BMP
-    sources (microscopy, EM, medical, aerial images) stay exact to the pixel, as predict reads them."""
+    sources (microscopy, EM, medical, aerial images) stay exact to the pixel, as predict reads them.
+    Images of other than 1 or 3 channels are PNG: JPEG holds no other number."""
     if image_format != "auto":
+        if image_format == "jpeg" and channels not in (1, 3):
+            raise ConvertError(f"--image-format jpeg with --channels {channels}: JPEG holds 1 or 3 channels; "
+                               "--image-format png")
         return image_format, "--image-format"
-    if all(s.image.suffix.lower() in JPEG_SUFFIXES for s in samples):
+    if channels in (1, 3) and all(s.image.suffix.lower() in JPEG_SUFFIXES for s in samples):
         return "jpeg", "auto: every source image is a JPEG"
     return "png", "auto: not every source image is a JPEG, so none is stored lossy"
 
@@ -304,12 +324,12 @@ def listed_samples(samples: list[Sample], skipped: list[dict], listed: set[str],
 
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
               num_classes: int | None = None, page: int = 0, ignore_value: int | None = None,
-              colors: list[tuple[int, int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One labelled image (page `page` of a stack) at its own size: (uint8 (H, W, 3) image, uint8 (H, W)
-    class ids), the mask's values mapped to class ids as --layout and --classes say, and pixels of
-    value `ignore_value` to IGNORE. colors: colour-coded masks, each colour's index its value. Raises
-    BadImage saying what is wrong (naming the mask file when it is the mask)."""
-    image = load_rgb(image_path, page)
+              colors: list[tuple[int, int, int]] | None = None, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """One labelled image (page `page` of a stack) at its own size: (uint8 (H, W, channels) image,
+    uint8 (H, W) class ids), the mask's values mapped to class ids as --layout and --classes say, and
+    pixels of value `ignore_value` to IGNORE. colors: colour-coded masks, each colour's index its
+    value. Raises BadImage saying what is wrong (naming the mask file when it is the mask)."""
+    image = load_image(image_path, page, channels)
     try:
         mask = _class_ids(load_mask(mask_path, page, colors), layout, classes, num_classes, ignore_value)
     except BadImage as e:
@@ -325,12 +345,15 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
     sample = task.sample
     try:
         image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page,
-                                task.ignore_value, task.colors)
+                                task.ignore_value, task.colors, task.channels)
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
     if task.size is not None:
         h, w = task.size
-        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        # Pillow resamples (H, W, 3) images whole and other channel counts plane by plane, alike.
+        planes = [image] if image.shape[2] == 3 else [image[..., c] for c in range(image.shape[2])]
+        planes = [np.asarray(Image.fromarray(p).resize((w, h), Image.BILINEAR)) for p in planes]
+        image = planes[0] if image.shape[2] == 3 else np.stack(planes, axis=-1)
         mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
     counts = np.bincount(mask.ravel(), minlength=MAX_CLASSES)
     rec = {
@@ -426,6 +449,7 @@ def convert(
     val_list: Path | None = None,
     only: Path | None = None,
     border_distances: bool = False,
+    channels: int = 3,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -456,6 +480,10 @@ def convert(
     border_distances: training records also store d1 + d2 of each mask (`border.stored_distances`),
     from which the pipeline takes the 2015 U-Net's border weights (train.loss weighted_ce) instead of
     computing them per sample; the manifest's "border_distances" gives their units.
+    channels: the images' channels (`imageio.load_image`): 3 reads every image as RGB, 1 as
+    grayscale (EM and most microscopy: a third of the first convolution's inputs), 4 RGBA files or
+    .npy arrays of 4 channels, and any other number .npy arrays (H, W, C) only. An image of another
+    number is skipped, saying so. The manifest records "channels"; training's model takes as many.
     """
     import tensorflow as tf
 
@@ -483,6 +511,8 @@ def convert(
                            "marks the pixels left out)")
     if shards < 1:
         raise ConvertError(f"--shards {shards}: must be >= 1")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ConvertError(f"--channels {channels}: must be in [1, {MAX_CHANNELS}]")
     if not 0 <= val_fraction < 1:
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
@@ -532,7 +562,7 @@ def convert(
         raise ConvertError(f"no image with a mask found in {src} (layout {layout}); {len(skipped)} files skipped")
     if only is not None:
         samples, skipped = listed_samples(samples, skipped, only_stems, f"--list {only}")
-    image_format, format_why = image_format_of(samples, image_format)
+    image_format, format_why = image_format_of(samples, image_format, channels)
     if val_list is not None:
         split_by, units = "file", [s.image for s in samples]
         where = "SRC" if only is None else f"--list {only}"
@@ -584,7 +614,7 @@ def convert(
         val_fraction = n_val / n
     tasks = [
         Task(j, "val" if in_val[j] else "train", samples[k], layout, classes, image_size, num_classes, ignore_value,
-             image_format, tuple(color_list) if color_list else None, border_distances)
+             image_format, tuple(color_list) if color_list else None, border_distances, channels)
         for j, k in enumerate(order)
     ]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
@@ -652,6 +682,7 @@ def convert(
             "image_size": list(image_size) if image_size else None,
             "image_format": image_format,
             "image_format_why": format_why,
+            "channels": channels,
             "seed": seed,
             "val_fraction": val_fraction,
             "fold": list(fold) if fold else None,

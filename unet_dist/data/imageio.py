@@ -1,8 +1,11 @@
 """Reading user images and masks with Pillow into normalised numpy arrays.
 
 Shared by conversion and prediction so both see an image the same way: EXIF orientation applied,
-every mode (grayscale, palette, RGBA, CMYK, 16-bit, float) turned into 8-bit RGB. A multi-page TIFF
-(an electron-microscopy or microscopy stack) is read page by page: each page is an image.
+every mode (grayscale, palette, RGBA, CMYK, 16-bit, float) turned into 8-bit RGB, or into 8-bit
+grayscale for a data set of one channel. A multi-page TIFF (an electron-microscopy or microscopy
+stack) is read page by page: each page is an image. Images of other numbers of channels (a
+fluorescence image's stains, a satellite image's bands) come as numpy arrays, .npy files of shape
+(H, W, C), which no image format Pillow reads can hold; masks may be .npy arrays (H, W) as well.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # GIF: e.g. Carvana's masks
+ARRAY_SUFFIX = ".npy"  # an image or mask as a numpy array, read by numpy rather than Pillow
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp",  # GIF: e.g. Carvana's masks
+                  ARRAY_SUFFIX)
+# The most channels an image may have (convert --channels): far above any stain or band count we
+# know of, and a bound on what one record holds.
+MAX_CHANNELS = 64
 # The most pixels an image may have (32768 x 32768: 3 GiB as 8-bit RGB). Pillow's own check against
 # decompression bombs refuses 179 M pixels (about 13400 x 13400) with an error that is not an
 # OSError, and warns above half that; the slides and aerial images overlap-tile prediction is for
@@ -54,6 +62,11 @@ def page_sizes(path: str | Path) -> list[tuple[int, int]]:
     """(height, width) of each image in `path` (each page of a multi-page TIFF), from the headers,
     before EXIF orientation; [] for a file that cannot be opened, whose reading then says why.
     One pass over the pages: seeking page k from the start walks k headers."""
+    if Path(path).suffix.lower() == ARRAY_SUFFIX:
+        try:
+            return [tuple(_array(Path(path)).shape[:2])]
+        except BadImage:
+            return []
     try:
         with Image.open(path) as img:
             pages = range(page_count(path)) if Path(path).suffix.lower() in STACK_SUFFIXES else range(1)
@@ -105,7 +118,7 @@ def stacks_of(samples: list[Sample]) -> dict[Path, list[int]]:
     return stacks
 
 
-def _open(path: Path, page: int = 0) -> Image.Image:
+def _check_file(path: Path) -> None:
     try:
         size = path.stat().st_size
     except OSError as e:  # missing, or no permission: not a corrupt image
@@ -114,6 +127,28 @@ def _open(path: Path, page: int = 0) -> Image.Image:
         raise BadImage("a folder, not an image")
     if size == 0:
         raise BadImage("empty file")
+
+
+def _array(path: Path) -> np.ndarray:
+    """A .npy file, memory-mapped (its header read, its values not yet): numbers of shape (H, W) or
+    (H, W, C). Raises BadImage."""
+    _check_file(path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # pickled objects, a bad header, cut short
+        raise BadImage(f"not a numpy array file numpy can read ({e})") from None
+    if arr.ndim not in (2, 3) or 0 in arr.shape:
+        raise BadImage(f"an array of shape {arr.shape}; an image is (H, W) or (H, W, channels)")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise BadImage(f"an array of {arr.dtype}; images and masks hold real numbers")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise BadImage(f"{arr.shape[1]}x{arr.shape[0]} pixels, more than this reader's limit of {MAX_PIXELS} "
+                       "(32768x32768): cut it into smaller images")
+    return arr
+
+
+def _open(path: Path, page: int = 0) -> Image.Image:
+    _check_file(path)
     img = None
     try:
         img = Image.open(path)
@@ -162,10 +197,48 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def load_rgb(path: str | Path, page: int = 0) -> np.ndarray:
-    """Reads an image (page `page` of a multi-page TIFF) as uint8 (H, W, 3), EXIF orientation applied.
-    Raises BadImage."""
-    img = _open(Path(path), page)
+def load_image(path: str | Path, page: int = 0, channels: int = 3) -> np.ndarray:
+    """Reads an image (page `page` of a multi-page TIFF) as uint8 (H, W, channels). Raises BadImage.
+
+    channels 3: any image file, as RGB (`load_rgb`); 1: any image file, as grayscale (a colour one by
+    its luma); 4: an RGBA file, its alpha as the fourth channel (a near-infrared band stored there).
+    A .npy array (H, W) or (H, W, C) must have C == channels (H, W: one, or three equal ones); an array of 16-bit, 32-bit
+    or float values is scaled to 8 bits channel by channel as `_to_uint8` says (each stain or band
+    has its own range), the same in conversion and prediction.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ARRAY_SUFFIX:
+        arr = _array(path)
+        have = arr.shape[2] if arr.ndim == 3 else 1
+        if have != channels and not (have == 1 and channels == 3):  # (H, W) reads as gray RGB, as a gray file does
+            raise BadImage(f"{have} channel(s) (an array of shape {arr.shape}), not {channels} (convert --channels, "
+                           "a run's model.in_channels)")
+        arr = np.asarray(arr).reshape(*arr.shape[:2], have)
+        if arr.dtype == np.uint8:
+            arr = np.array(arr)  # out of the memory map
+        elif arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8) * 255
+        else:
+            arr = np.stack([_to_uint8(arr[..., c]) for c in range(have)], axis=-1)
+        return np.repeat(arr, channels, axis=-1) if have != channels else arr
+    if channels == 3:
+        return load_rgb(path, page)
+    if channels == 1:
+        return np.asarray(_pillow_image(path, page).convert("L"))[..., None]
+    if channels == 4:
+        img = _open(path, page)
+        if img.mode != "RGBA":
+            raise BadImage(f"mode {img.mode}: an image file gives 4 channels as RGBA; store others as .npy arrays "
+                           "(H, W, 4)")
+        return np.asarray(img)
+    raise BadImage(f"an image file gives 1, 3 or 4 (RGBA) channels; store {channels}-channel images as .npy arrays "
+                   f"(H, W, {channels})")
+
+
+def _pillow_image(path: Path, page: int) -> Image.Image:
+    """An image file's page decoded, 16-bit and float values scaled to 8 bits, transparency composited
+    on black: an image whose mode converts to RGB or L as it looks."""
+    img = _open(path, page)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -173,10 +246,26 @@ def load_rgb(path: str | Path, page: int = 0) -> np.ndarray:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(bg, img)
+    return img
+
+
+def load_rgb(path: str | Path, page: int = 0) -> np.ndarray:
+    """Reads an image file (page `page` of a multi-page TIFF) as uint8 (H, W, 3), EXIF orientation
+    applied. Raises BadImage."""
+    img = _pillow_image(Path(path), page)
     rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() would copy an RGB image
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise BadImage(f"unexpected image shape {rgb.shape}")
     return rgb
+
+
+def rgb_view(image: np.ndarray) -> np.ndarray:
+    """(..., C) -> (..., 3) to look at (overlays, TensorBoard): RGB as it is, the first three channels
+    of more (RGBA's colour), the first channel as gray of fewer."""
+    c = image.shape[-1]
+    if c == 3:
+        return image
+    return image[..., :3] if c > 3 else np.repeat(image[..., :1], 3, axis=-1)
 
 
 def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
@@ -187,6 +276,8 @@ def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]
     colors: a colour-coded mask instead (labelling tools, CamVid): each pixel's id is the index of
     its colour in this list, whatever the image's mode.
     """
+    if Path(path).suffix.lower() == ARRAY_SUFFIX:
+        return _array_mask(Path(path), colors)
     img = _open(Path(path), page)
     if colors is not None:
         return _ids_of_colours(np.asarray(img.convert("RGB")), colors)
@@ -205,6 +296,23 @@ def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]
         arr = arr[..., 0]
     else:
         raise BadImage(f"mask mode {img.mode} is not supported")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _array_mask(path: Path, colors: list[tuple[int, int, int]] | None) -> np.ndarray:
+    """A .npy mask: integer class ids (H, W) (or (H, W, 1)), or with `colors` (H, W, 3) colours."""
+    arr = _array(path)
+    if colors is not None:
+        if arr.ndim != 3 or arr.shape[2] != 3 or not (arr.dtype == np.uint8):
+            raise BadImage(f"an array of {arr.dtype} {arr.shape}; a colour mask array is uint8 (H, W, 3)")
+        return _ids_of_colours(np.asarray(arr), colors)
+    if arr.ndim == 3 and arr.shape[2] != 1:
+        raise BadImage(f"an array of shape {arr.shape}; a mask array is (H, W) class ids")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise BadImage(f"an array of {arr.dtype}; a mask array holds integer class ids")
+    arr = np.asarray(arr).reshape(arr.shape[:2])
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise BadImage(f"mask value {int(arr.min() if arr.min() < 0 else arr.max())} outside 0..255")
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 

@@ -29,6 +29,7 @@ from unet_dist.config import Config, ConfigError
 from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
 from unet_dist.data.border import MAX_STEP, STEPS_PER_PX, batch_distance_sums, max_sigma, reach
 from unet_dist.data.convert import RECORD_FORMATS
+from unet_dist.data.imageio import MAX_CHANNELS
 from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
 
@@ -129,6 +130,9 @@ def _check_manifest(manifest, path: Path) -> None:
         raise bad("num_classes", "an integer >= 2", k)
     if image_format(manifest) not in RECORD_FORMATS:
         raise bad("image_format", '"png" or "jpeg"', manifest["image_format"])
+    c = image_channels(manifest)
+    if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= MAX_CHANNELS:
+        raise bad("channels", f"an integer in [1, {MAX_CHANNELS}]", c)
     for split in ("train", "val"):
         part = manifest[split]
         if not isinstance(part, dict):
@@ -184,19 +188,28 @@ def image_format(manifest: dict) -> str:
     return manifest.get("image_format", "jpeg")
 
 
-def parse_record(serialized: tf.Tensor, fmt: str, border: bool = False) -> tuple[tf.Tensor, ...]:
-    """One serialized example -> image (H, W, 3) uint8, mask (H, W, 1) uint8. fmt: the manifest's
-    `image_format`, "png" or "jpeg" (a one-channel image comes out as three equal channels).
+def image_channels(manifest: dict) -> int:
+    """The channels of the data set's images (convert --channels; manifests from before it: 3)."""
+    return manifest.get("channels", 3)
+
+
+def parse_record(serialized: tf.Tensor, fmt: str, border: bool = False, channels: int = 3) -> tuple[tf.Tensor, ...]:
+    """One serialized example -> image (H, W, channels) uint8, mask (H, W, 1) uint8. fmt: the
+    manifest's `image_format`, "png" or "jpeg" (a one-channel image comes out as three equal
+    channels where channels is 3); channels: the manifest's (`image_channels`).
     border: also the record's border distances (H, W, 1) uint8 (`convert --border-distances`).
 
     Images stay uint8 until the first resampling (which outputs float32), saving a full-size pass.
     """
     ex = tf.io.parse_single_example(serialized, {**FEATURES, **({"border": FEATURES["mask"]} if border else {})})
-    if fmt == "png":
-        image = tf.io.decode_png(ex["image"], channels=3)
+    if channels not in (1, 3):  # its planes one under the other, a (C * H, W) grayscale PNG (convert._encode)
+        planes = tf.io.decode_png(ex["image"], channels=1)
+        image = tf.transpose(tf.reshape(planes, [channels, ex["height"], ex["width"]]), [1, 2, 0])
+    elif fmt == "png":
+        image = tf.io.decode_png(ex["image"], channels=channels)
     else:
         # INTEGER_FAST: a faster inverse DCT; its differences are far below the augmentation's noise.
-        image = tf.io.decode_jpeg(ex["image"], channels=3, dct_method="INTEGER_FAST")
+        image = tf.io.decode_jpeg(ex["image"], channels=channels, dct_method="INTEGER_FAST")
     mask = tf.io.decode_png(ex["mask"], channels=1)
     if border:
         return image, mask, tf.io.decode_png(ex["border"], channels=1)
@@ -303,7 +316,7 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     same way, on 1 or N workers: runs are reproducible and resumable across world sizes. Otherwise
     shards are split by file and each pipeline shuffles its own stream (no rank reads all data).
 
-    Yields dicts: image (B, H, W, 3) float32 in [0, 1] with (H, W) = `train_size(cfg)`; mask
+    Yields dicts: image (B, H, W, C) float32 in [0, 1] with (H, W) = `train_size(cfg)`, C the manifest's; mask
     (B, h, w, 1) uint8 with (h, w) the model's output size; and weight (B, h, w, 1) float32 when
     train.loss is weighted_ce. B = local_batch (drop_remainder, so every step is full).
     """
@@ -352,14 +365,14 @@ def train_dataset(data_dir: str | Path, cfg: Config, local_batch: int, global_ba
     weighted = cfg.train.loss == "weighted_ce"
     class_w = class_balance_weights(manifest)
     stored = weighted and stored_border_distances(manifest, cfg, data_dir)
-    fmt = image_format(manifest)
+    fmt, channels = image_format(manifest), image_channels(manifest)
     # Independent streams (non-deterministic mode) must not share augmentation seeds.
     base_seed = seed + ((0 if det else shard.index) << 20)
 
     def decode(index, serialized):
         # Every random number of this sample, drawn once from its own seed and carried to the batch.
         u, normals = draw(tf.stack([tf.constant(base_seed, tf.int64), index]), cfg.data.augment)
-        image, mask, *distances = parse_record(serialized, fmt, stored)
+        image, mask, *distances = parse_record(serialized, fmt, stored, channels)
         out = augment_sample(image, mask, size, u, cfg.data.augment, fraction, cfg.data.foreground_oversample,
                              *distances)
         return dict(zip(("image", "mask", "distances")[: len(out)], out, strict=True), u=u, normals=normals)
@@ -393,7 +406,7 @@ def eval_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Sha
                  manifest: dict | None = None, split: str = "val") -> tf.data.Dataset:
     """One pass over `split` for one worker: every record exactly once across all workers.
 
-    Yields dicts: image (B, H, W, 3) float32, mask (B, h, w, 1) uint8, resized to data.image_size
+    Yields dicts: image (B, H, W, C) float32, mask (B, h, w, 1) uint8, resized to data.image_size
     (no augmentation); the last batch may be smaller.
     """
     data_dir = Path(data_dir)
@@ -403,10 +416,10 @@ def eval_dataset(data_dir: str | Path, cfg: Config, local_batch: int, shard: Sha
         raise DataError(f"{data_dir}/manifest.json: no {split} shards (convert with --val-fraction > 0)")
     size = tuple(cfg.data.image_size)
 
-    fmt = image_format(manifest)
+    fmt, channels = image_format(manifest), image_channels(manifest)
 
     def prepare(serialized):
-        image, mask = parse_record(serialized, fmt)
+        image, mask = parse_record(serialized, fmt, channels=channels)
         image, mask = resize_pair(image, mask, size)
         return {"image": image, "mask": _crop_labels(mask, cfg, size)}
 
