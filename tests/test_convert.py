@@ -902,6 +902,24 @@ def test_channels_1_reads_gray_4_rgba_and_others_come_as_arrays(tmp_path, capsys
     r = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "o"), "--layout", "folders", "--channels", "4",
                  check=True)
     assert "images of 4 channels (train with model.in_channels=4) as PNG" in r.stdout, r.stdout
+    # --channels 1: colour and gray files alike are stored and read back as one channel, their luma.
+    from unet_dist.data.pipeline import parse_record
+
+    gray = tmp_path / "gray"
+    (gray / "images").mkdir(parents=True)
+    (gray / "masks").mkdir()
+    for stem, fmt in (("p", "PNG"), ("j", "JPEG")):
+        Image.fromarray(rgb).save(gray / "images" / f"{stem}.{fmt.lower()}", format=fmt)
+        Image.fromarray(np.eye(8, dtype=np.uint8)).save(gray / "masks" / f"{stem}.png")
+    for fmt in ("png", "jpeg"):
+        m = convert(gray, tmp_path / f"g{fmt}", layout="folders", channels=1, val_fraction=0.0, progress=False,
+                    image_format=fmt)
+        assert m["channels"] == 1
+        for raw in tf.data.TFRecordDataset(str(tmp_path / f"g{fmt}" / m["train"]["shards"][0])):
+            image = parse_record(raw, fmt, channels=1)[0].numpy()
+            stem = tf.io.parse_single_example(raw, FEATURES)["stem"].numpy().decode()
+            luma = load_image(gray / "images" / f"{stem}.{'png' if stem == 'p' else 'jpeg'}", channels=1)
+            assert image.shape == (8, 8, 1) and np.abs(image.astype(int) - luma).max() <= (0 if fmt == "png" else 3)
 
 
 def rng_image():
