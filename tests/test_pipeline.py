@@ -74,6 +74,25 @@ def test_border_distances_move_with_the_mask_through_the_batch_stage(cfg):
             np.testing.assert_array_equal(moved.numpy(), distances.numpy())
 
 
+@pytest.mark.parametrize("cfg", [AugmentConfig(rot90=True), AugmentConfig(elastic=True, elastic_sigma=8)])
+def test_images_of_any_channel_count_move_whole_beside_the_border_distances(cfg):
+    # Five channels: the first three come out as a 3-channel image's would, the other two move with
+    # them, and the distances that ride along as one more channel come out as they would with three.
+    from unet_dist.data.augment import augment_batch, draw
+
+    image, mask = _l_shape(48, 48)
+    five = tf.concat([image, image[..., :2] * 0.5], axis=-1)[None]
+    distances = tf.cast(mask, tf.float32)[None]
+    u, normals = draw(tf.constant([5, 1], tf.int64), cfg)
+    images3, masks3, moved3 = augment_batch(image[None], mask[None], u[None], normals[None], cfg, distances)
+    images5, masks5, moved5 = augment_batch(five, mask[None], u[None], normals[None], cfg, distances)
+    assert images5.shape == (1, 48, 48, 5) and moved5.shape == (1, 48, 48, 1)
+    np.testing.assert_allclose(images5.numpy()[..., :3], images3.numpy(), atol=1e-6)
+    np.testing.assert_allclose(images5.numpy()[..., 3:], images3.numpy()[..., :2] * 0.5, atol=1e-6)
+    np.testing.assert_array_equal(masks5.numpy(), masks3.numpy())
+    np.testing.assert_allclose(moved5.numpy(), moved3.numpy(), atol=1e-6)
+
+
 def test_alignment_check_catches_an_image_only_flip():
     image, mask = _l_shape(48, 48)
     assert _agreement(tf.reverse(image, [1]), mask) < 0.9  # the check above can fail
