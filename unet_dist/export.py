@@ -4,9 +4,9 @@
         [--tile N --overlap P] [--tta none|flip] [--precision float32|mixed_float16|mixed_bfloat16]
 
 Signature `serve`: uint8 images (B, H, W, C) of any size (C: the run's model.in_channels, 3 for
-RGB) -> {"mask": uint8 (B, H, W),
-"probabilities": float32 (B, H, W, U)}, and "colors": uint8 (B, H, W, 3) when the training masks
-were coded by colour (convert --colors): each pixel its class's colour, as predict writes them.
+RGB) -> {"mask": uint8 (B, H, W), "probabilities": float32 (B, H, W, U)}, and "colors": uint8
+(B, H, W, 3) when the training masks were coded by colour (convert --colors): each pixel its
+class's colour, as predict writes them.
 Load with tf.saved_model.load(EXPORT).serve(images).
 It predicts the way `predict` does with the same --mode, --tile, --overlap and --tta (the same TF
 function): auto resizes each image to data.image_size and the result back, unless every training

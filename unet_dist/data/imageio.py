@@ -202,9 +202,9 @@ def load_image(path: str | Path, page: int = 0, channels: int = 3) -> np.ndarray
 
     channels 3: any image file, as RGB (`load_rgb`); 1: any image file, as grayscale (a colour one by
     its luma); 4: an RGBA file, its alpha as the fourth channel (a near-infrared band stored there).
-    A .npy array (H, W) or (H, W, C) must have C == channels (H, W: one, or three equal ones); an array of 16-bit, 32-bit
-    or float values is scaled to 8 bits channel by channel as `_to_uint8` says (each stain or band
-    has its own range), the same in conversion and prediction.
+    A .npy array (H, W) or (H, W, C) must have C == channels (H, W: one, or three equal ones); an
+    array of 16-bit, 32-bit or float values is scaled to 8 bits channel by channel as `_to_uint8`
+    says (each stain or band has its own range), the same in conversion and prediction.
     """
     path = Path(path)
     if path.suffix.lower() == ARRAY_SUFFIX:
