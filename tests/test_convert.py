@@ -855,9 +855,12 @@ def test_npy_images_of_any_number_of_channels_are_stored_and_read_back_whole(tmp
     src = _array_dir(tmp_path, {**five, "wide": wide, "rgb": rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
                                 "badmask": five["u0"]},
                      masks={"badmask": np.full((20, 24), 0.5, np.float32)})
+    (src / "images" / "text.npy").write_text("not an array")
+    np.save(src / "masks" / "text.npy", np.zeros((20, 24), np.uint8))
     m = convert(src, tmp_path / "out", layout="folders", channels=5, val_fraction=0.0, progress=False)
     assert m["channels"] == 5 and m["image_format"] == "png" and m["train"]["records"] == 4
     reasons = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in m["skipped"]}
+    assert reasons["text.npy"] == "not a numpy .npy file (no .npy header)"
     assert reasons["rgb.npy"].startswith("3 channel(s) (an array of shape (20, 24, 3)), not 5 (convert --channels")
     assert "a mask array holds integer class ids" in reasons["badmask.npy"], reasons
     want = {**five, "wide": np.stack([_to_uint8(wide[..., c]) for c in range(5)], -1)}

@@ -134,6 +134,13 @@ def _array(path: Path) -> np.ndarray:
     (H, W, C). Raises BadImage."""
     _check_file(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise BadImage(f"cannot read ({e.strerror})") from None
+    if magic != b"\x93NUMPY":  # numpy itself would call any other file pickled data
+        raise BadImage("not a numpy .npy file (no .npy header)")
+    try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # pickled objects, a bad header, cut short
         raise BadImage(f"not a numpy array file numpy can read ({e})") from None
