@@ -1020,6 +1020,11 @@ def test_images_of_five_channels_train_evaluate_predict_and_export(tmp_path, cap
     assert json.loads((w / "data.json").read_text())["channels"] == 5
     ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(data), check=True)
     assert abs(json.loads(ev.stdout.strip().splitlines()[-1])["val_iou"] - summary["final_val_iou"]) < 1e-6
+    # evaluate --images reads .npy images and masks at their own sizes, as conversion did.
+    ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--layout", "folders",
+                  check=True)
+    scored = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert scored["images"] == 24 and scored["iou"] > 0.8, scored
     # predict reads .npy images as the data has them; one of another channel count is skipped, named.
     np.save(tmp_path / "rgb.npy", np.zeros((32, 32, 3), np.float32))
     out = tmp_path / "pred"
