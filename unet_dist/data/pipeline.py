@@ -202,9 +202,8 @@ def parse_record(serialized: tf.Tensor, fmt: str, border: bool = False, channels
     Images stay uint8 until the first resampling (which outputs float32), saving a full-size pass.
     """
     ex = tf.io.parse_single_example(serialized, {**FEATURES, **({"border": FEATURES["mask"]} if border else {})})
-    if channels not in (1, 3):  # its planes one under the other, a (C * H, W) grayscale PNG (convert._encode)
-        planes = tf.io.decode_png(ex["image"], channels=1)
-        image = tf.transpose(tf.reshape(planes, [channels, ex["height"], ex["width"]]), [1, 2, 0])
+    if channels not in (1, 3):  # a grayscale PNG of (H, W * C), each pixel's channels side by side (convert._encode)
+        image = tf.reshape(tf.io.decode_png(ex["image"], channels=1), [ex["height"], ex["width"], channels])
     elif fmt == "png":
         image = tf.io.decode_png(ex["image"], channels=channels)
     else:
