@@ -725,6 +725,19 @@ def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_pat
     line = init_weights(three, src)
     assert line.endswith("; the output layer starts new (1 units there, 3 here)")
     assert copied(three) == with_weights - {"logits"}
+    # Another model.in_channels: the input convolution's kernel is adapted. To one channel, summed:
+    # a gray image then gives exactly what its RGB copy gave.
+    gray = build_unet(load_config(None, tiny_overrides() + ["model.in_channels=1"]).model, (64, 64))
+    assert init_weights(gray, src).endswith("; the input convolution's kernel is adapted from 3 to 1 channels "
+                                            "(summed over them)")
+    assert copied(gray) == with_weights - {"down0_conv0"}
+    x = np.random.default_rng(0).random((2, 64, 64, 1)).astype(np.float32)
+    np.testing.assert_allclose(gray(x, training=False), trained(np.repeat(x, 3, axis=-1), training=False), atol=1e-5)
+    four = build_unet(load_config(None, tiny_overrides() + ["model.in_channels=4"]).model, (64, 64))
+    assert "adapted from 3 to 4 channels (repeated, scaled by 3/4)" in init_weights(four, src)
+    kernel = theirs["down0_conv0"][0]
+    np.testing.assert_allclose(four.get_layer("down0_conv0").get_weights()[0],
+                               np.concatenate([kernel, kernel[:, :, :1]], axis=2) * 0.75, rtol=1e-6)
     wider = build_unet(load_config(None, tiny_overrides() + ["model.base_filters=8"]).model, (64, 64))
     with pytest.raises(ConfigError, match=rf"^train.init_from {src}: its model is not this one \(layer down0_conv0: "
                                           r"\[\(3, 3, 3, 4\)\] there, \[\(3, 3, 3, 8\)\] here; .*only model.num_classes"):

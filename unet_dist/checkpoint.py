@@ -24,7 +24,7 @@ from unet_dist.atomic import atomic_write_text
 from unet_dist.config import Config, ConfigError, ModelConfig, load_workdir_config, upgrade_model_keys
 from unet_dist.distribute import Runtime
 from unet_dist.errors import tf_reason
-from unet_dist.model import build_unet, is_deep_supervision_head, main_output
+from unet_dist.model import INPUT_CONV, adapt_input_kernel, build_unet, is_deep_supervision_head, main_output
 
 # Config keys that change the variables of the model: a checkpoint of another shape cannot resume.
 MODEL_KEYS = ("depth", "base_filters", "padding", "norm", "upsample", "up_filters", "num_classes",
@@ -94,10 +94,11 @@ def init_weights(model: keras.Model, source: str | Path) -> str:
     """Copies the weights of workdir SOURCE's best (else latest) checkpoint into `model`, layer by
     layer by name: a run that starts from trained weights (fine-tuning, another data set). The
     output layer starts as initialised when its shape differs (another model.num_classes), as do
-    model.deep_supervision's heads where SOURCE has none or other ones; any other layer that is
-    missing there or of another shape is a ConfigError naming it, before anything is copied. Only
-    weights move: the optimizer, the step and the learning-rate schedule start fresh. Returns the
-    line to print.
+    model.deep_supervision's heads where SOURCE has none or other ones; the input convolution's
+    kernel is adapted to another model.in_channels (`model.adapt_input_kernel`); any other layer
+    that is missing there or of another shape is a ConfigError naming it, before anything is
+    copied. Only weights move: the optimizer, the step and the learning-rate schedule start fresh.
+    Returns the line to print.
     """
     key = f"train.init_from {source}"
     try:
@@ -111,7 +112,15 @@ def init_weights(model: keras.Model, source: str | Path) -> str:
         ours_shape = [tuple(w.shape) for w in layer.weights]
         their_shape = [tuple(w.shape) for w in src.weights] if src is not None else None
         if their_shape == ours_shape:
-            pairs.append((layer, src))
+            pairs.append((layer, src.get_weights()))
+        elif (layer.name == INPUT_CONV and src is not None and len(their_shape) == len(ours_shape)
+              and [s[:2] + s[3:] for s in their_shape] == [s[:2] + s[3:] for s in ours_shape]):
+            # Only the kernel's input channels differ (another model.in_channels); a bias is per filter.
+            kernel, *rest = src.get_weights()
+            have, want = kernel.shape[2], ours_shape[0][2]
+            pairs.append((layer, [adapt_input_kernel(kernel, want), *rest]))
+            how = "summed over them" if want == 1 else f"repeated, scaled by {have}/{want}"
+            new.append(f"the input convolution's kernel is adapted from {have} to {want} channels ({how})")
         elif layer.name == "logits" and src is not None:
             new.append(f"the output layer starts new ({their_shape[0][-1]} units there, {ours_shape[0][-1]} here)")
         elif is_deep_supervision_head(layer):
@@ -121,9 +130,10 @@ def init_weights(model: keras.Model, source: str | Path) -> str:
     if problems:
         more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
         raise ConfigError(f"{key}: its model is not this one ({'; '.join(problems[:2])}{more}); only "
-                          f"model.num_classes and model.deep_supervision may differ (see {Path(source) / 'config.yaml'})")
-    for layer, src in pairs:
-        layer.set_weights(src.get_weights())
+                          f"model.num_classes, model.deep_supervision and model.in_channels may differ (see "
+                          f"{Path(source) / 'config.yaml'})")
+    for layer, weights in pairs:
+        layer.set_weights(weights)
     return f"weights of {len(pairs)} layers from {path}" + "".join(f"; {n}" for n in new)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -11,6 +12,7 @@ from unet_dist.precision import batch_norm_dtype, bf16_batch_norm_kernel, conv_b
 from unet_dist.shapes import check_input_size, output_size
 
 _HEAD = "aux"  # the name prefix of deep supervision's head layers
+INPUT_CONV = "down0_conv0"  # the convolution that takes the image: kernel (3, 3, in_channels, base_filters)
 
 
 def build_unet(cfg: ModelConfig, input_size: tuple[int, int] | None = None) -> keras.Model:
@@ -126,6 +128,21 @@ def moving_statistics(model: keras.Model) -> list:
     """Batch norm's moving means and variances (float32 vectors of channels). Each replica updates
     its own copy from its own batch (model.sync_batch_norm off), so the copies drift apart."""
     return [v for v in model.non_trainable_variables if v.name in ("moving_mean", "moving_variance")]
+
+
+def adapt_input_kernel(kernel: np.ndarray, channels: int) -> np.ndarray:
+    """The input convolution's kernel (kh, kw, S, F), trained on images of S channels, for images of
+    `channels` (fine-tuning on other data: an RGB model on gray EM slices or on RGB + near-infrared).
+
+    To one channel: the sum over the S channels, so a gray image gives exactly the response its
+    S-channel copy (equal channels, as `convert` reads a gray image into RGB) gave. To C channels:
+    the S channels' weights repeated in turn, scaled by S / C, so that inputs of like statistics
+    give activations of the same size (the rule timm applies to pretrained PyTorch models).
+    """
+    if channels == 1:
+        return kernel.sum(axis=2, keepdims=True)
+    s = kernel.shape[2]
+    return np.tile(kernel, (1, 1, -(-channels // s), 1))[:, :, :channels] * (s / channels)
 
 
 def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
