@@ -996,7 +996,7 @@ def test_the_training_iterator_is_gone_when_train_returns(shards, tmp_path):
         gc.enable()
 
 
-def test_images_of_five_channels_train_evaluate_predict_and_export(tmp_path, capsys):
+def test_images_of_five_channels_train_evaluate_predict_and_export(shards, tmp_path, capsys):
     # The objects show in the fifth channel alone; the other four are noise. A model that learns
     # them takes every channel, in the order conversion stored them, through training and prediction.
     from PIL import Image
@@ -1055,3 +1055,10 @@ def test_images_of_five_channels_train_evaluate_predict_and_export(tmp_path, cap
     loaded = tf.saved_model.load(str(tmp_path / "export"))  # held: its functions need it alive
     served = loaded.serve(load_image(src / "images" / "s00.npy", channels=5)[None])
     np.testing.assert_array_equal(served["mask"].numpy()[0], predicted)
+    # An ensemble averages runs that take the same images: an RGB run beside it is refused in one line.
+    rgb_run = tmp_path / "rgb_run"
+    train(load_config(None, tiny_overrides(steps=1)), shards, rgb_run)
+    mixed = run_main(capsys, "unet_dist.predict", "--workdir", str(w), "--workdir", str(rgb_run),
+                     str(src / "images" / "s00.npy"), "--out", str(tmp_path / "mixed"))
+    assert mixed.returncode == 2 and mixed.stderr.strip().endswith(
+        f"--workdir {rgb_run}: images of 3 channels, but {w} takes 5: an ensemble predicts the same images"), mixed.stderr
