@@ -19,8 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
-from unet_dist.data.imageio import MAX_CHANNELS
 from unet_dist.shapes import check_input_size
+
+# The most channels an image may have (model.in_channels, convert --channels): far above any stain
+# or band count we know of, and a bound on what one record holds.
+MAX_CHANNELS = 64
 
 
 class ConfigError(ValueError):

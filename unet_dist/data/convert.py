@@ -26,10 +26,9 @@ import numpy as np
 from PIL import Image
 
 from unet_dist.atomic import atomic_write_text
-from unet_dist.config import ConfigError, writable_dir
+from unet_dist.config import MAX_CHANNELS, ConfigError, writable_dir
 from unet_dist.data.imageio import (
     IMAGE_SUFFIXES,
-    MAX_CHANNELS,
     BadImage,
     Sample,
     image_files,

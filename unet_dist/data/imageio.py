@@ -19,9 +19,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ARRAY_SUFFIX = ".npy"  # an image or mask as a numpy array, read by numpy rather than Pillow
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp",  # GIF: e.g. Carvana's masks
                   ARRAY_SUFFIX)
-# The most channels an image may have (convert --channels): far above any stain or band count we
-# know of, and a bound on what one record holds.
-MAX_CHANNELS = 64
 # The most pixels an image may have (32768 x 32768: 3 GiB as 8-bit RGB). Pillow's own check against
 # decompression bombs refuses 179 M pixels (about 13400 x 13400) with an error that is not an
 # OSError, and warns above half that; the slides and aerial images overlap-tile prediction is for

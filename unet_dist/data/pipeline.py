@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from unet_dist.config import Config, ConfigError
+from unet_dist.config import MAX_CHANNELS, Config, ConfigError
 from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
 from unet_dist.data.border import MAX_STEP, STEPS_PER_PX, batch_distance_sums, max_sigma, reach
 from unet_dist.data.convert import RECORD_FORMATS
-from unet_dist.data.imageio import MAX_CHANNELS
 from unet_dist.errors import tf_reason
 from unet_dist.shapes import output_size
 
