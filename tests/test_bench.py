@@ -144,6 +144,29 @@ def test_report_names_each_machine_when_benchmarks_ran_on_several():
     assert "(AMD EPYC), x86_64, Python 3.11.7, no GPU. Dates: d3 (c)." in two
 
 
+def test_flops_keeps_a_result_for_each_cpu_and_shows_a_row_for_each(tmp_path):
+    # The FLOPs target is a fraction of the peak of the CPU the step ran on: a run on another of
+    # these VMs keeps the one it replaces (it lost the other CPU's result), and a run on a CPU that
+    # has a kept result supersedes it.
+    from unet_dist.perf.report import _keep_per_cpu, render
+
+    variants = {"mixed_bfloat16": {"images_per_s": 1.0, "achieved_gflop_s": 2.0, "matmul_peak_gflop_s": 4.0,
+                                   "fraction_of_peak": 0.5}}
+    base = {"config": "c", "image_size": [8, 8], "forward_gflops_per_image": 1.0, "train_gflops_per_image": 3.0,
+            "command": "x", "date": "d", "variants": variants}
+    intel = {**base, "cpu": "Intel Xeon", "cpu_flags": ["avx512_bf16", "amx_bf16"]}
+    amd = {**base, "cpu": "AMD EPYC", "cpu_flags": ["avx512_bf16"]}
+    _keep_per_cpu("flops", intel, amd, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["flops@intel-xeon-avx512-bf16-amx-bf16.json"]
+    _keep_per_cpu("flops", amd, {**intel, "date": "d2"}, tmp_path)
+    _keep_per_cpu("flops", intel, intel, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["flops@amd-epyc-avx512-bf16.json"]
+    assert json.loads((tmp_path / "flops@amd-epyc-avx512-bf16.json").read_text()) == amd
+    rows = [line for line in render({"flops": intel, "flops@amd-epyc-avx512-bf16": amd}, tmp_path).splitlines()
+            if line.endswith("| 50.0% |")]
+    assert [row.split(",")[0] for row in rows] == ["| Intel Xeon (avx512_bf16", "| AMD EPYC (avx512_bf16)"], rows
+
+
 def test_report_says_which_precision_each_recipe_trained_in(tmp_path):
     from unet_dist.perf.report import render
 

@@ -50,7 +50,8 @@ def bf16_batch_norm_kernel(channels: int) -> bool:
 
     oneDNN's bfloat16 kernel works on blocks of 16 channels. On an Intel Xeon with AMX (2-core VM,
     2026-12-03; forward and backward of one layer) it took 0.40-0.66x the time of float32 and back
-    at 16 to 128 channels, and 7-22x the time at 8 and 24 (a slow path). With this rule the demo
+    at 16 to 128 channels, and 7-22x the time at 8 and 24 (a slow path); on an AMD EPYC with
+    avx512_bf16 and no AMX (2026-12-04) 0.48-0.68x at 16 to 128 and 7.2x at 8. With this rule the demo
     U-Net's step (16 to 256 channels) ran 1.41x faster, the paper's 1.14x (its first level, 8
     channels, stays in float32; fed bfloat16 there too, its step was 4x slower). Elsewhere (a GPU,
     Arm, oneDNN off) float32 and back, as before (docs/benchmarks.md).

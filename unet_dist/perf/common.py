@@ -42,14 +42,21 @@ def child_failed(bench: str, stderr: str, returncode: int) -> SystemExit:
     return SystemExit(f"bench {bench}: a child process failed: {lines[-1]}")
 
 
+# The CPU features that decide what a bfloat16 step can reach (the matmul peak, oneDNN's kernels):
+# the same model name ("Intel(R) Xeon(R) Processor") has come with and without them on these VMs.
+_MATRIX_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
 def machine() -> dict:
-    cpu = ""
+    cpu, flags = "", []
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "machine": platform.machine(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+    return {"cpus": os.cpu_count(), "cpu": cpu, "cpu_flags": [f for f in _MATRIX_FLAGS if f in flags],
+            "machine": platform.machine(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def time_iter(it, n: int, warmup: int) -> float:
