@@ -135,6 +135,14 @@ def test_exit_codes_and_summary_line(tmp_path, capsys):
     from scipy import ndimage
 
     assert 250 < ndimage.label(t == 1)[1] <= 300  # cells: touching, yet apart
+    # --ct: int16 slices in Hounsfield units, the organ (1) 30 HU above the tissue, air and bone in some.
+    run_main(capsys, "unet_dist.synthetic", str(tmp_path / "ct"), "-n", "4", "--ct", check=True)
+    hu = [np.load(p) for p in sorted((tmp_path / "ct" / "images").iterdir())]
+    t = np.asarray(Image.open(tmp_path / "ct" / "annotations" / "trimaps" / "synth_00000.png"))
+    assert hu[0].dtype == np.int16 and hu[0].shape == t.shape == (96, 96) and set(np.unique(t)) == {1, 2}
+    assert 25 < hu[0][t == 1].mean() - np.median(hu[0][t == 2]) < 35
+    air = [h.min() == -1000 and h.max() == 1800 for h in hu]
+    assert any(air) and not all(air), [(h.min(), h.max()) for h in hu]
 
 
 def test_modes_exif_and_sizes(tmp_path):
@@ -927,3 +935,67 @@ def test_channels_1_reads_gray_4_rgba_and_others_come_as_arrays(tmp_path, capsys
 
 def rng_image():
     return np.random.default_rng(1).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+
+
+def test_intensity_window_and_dataset_map_every_image_by_one_window(tmp_path, capsys):
+    # --intensity window maps every image, 16-bit and 8-bit files and arrays alike, by the given
+    # window; --intensity dataset by the 0.5th-99.5th percentiles of the training images'
+    # foreground (every value of it here: fewer than the sample's cap).
+    from unet_dist.data.imageio import windowed
+    from unet_dist.data.pipeline import parse_record
+
+    rng = np.random.default_rng(0)
+    hu = {f"ct{i}": rng.normal(40 + 20 * i, 30, (20, 24)).astype(np.int16) for i in range(3)}
+    src = _array_dir(tmp_path, hu)
+    Image.fromarray((hu["ct2"].astype(np.int32) + 1024).astype(np.uint16)).save(src / "images" / "u16.png")  # I;16
+    np.save(src / "masks" / "u16.npy", np.load(src / "masks" / "ct2.npy"))
+    Image.fromarray(np.full((20, 24), 100, np.uint8)).save(src / "images" / "gray8.png")
+    np.save(src / "masks" / "gray8.npy", np.load(src / "masks" / "ct2.npy"))
+    raw = {**{k: v.astype(np.float32) for k, v in hu.items()}, "u16": hu["ct2"] + 1024.0,
+           "gray8": np.full((20, 24), 100.0, np.float32)}
+
+    def stored(out):
+        m = json.loads((out / "manifest.json").read_text())
+        return {tf.io.parse_single_example(r, FEATURES)["stem"].numpy().decode(): parse_record(r, "png", channels=1)[0]
+                .numpy()[..., 0] for f in m["train"]["shards"] for r in tf.data.TFRecordDataset(str(out / f))}
+
+    out = tmp_path / "window"
+    proc = run_main(capsys, "unet_dist.convert", str(src), str(out), "--layout", "folders", "--channels", "1",
+                    "--val-fraction", "0", "--intensity", "window", "--window", "-20", "140", check=True)
+    assert "--intensity window: values -20 to 140 stored as 0 to 255; predict maps new images so" in proc.stdout
+    assert json.loads((out / "manifest.json").read_text())["intensity"] == {"mode": "window", "window": [[-20, 140]]}
+    got = stored(out)
+    for stem, values in raw.items():
+        np.testing.assert_array_equal(got[stem], windowed(values, -20, 140), err_msg=stem)
+    assert got["gray8"].max() == 191  # 100 of 8 bits, mapped too: (100 + 20) * 255 / 160 + 0.5 rounds down to 191
+    # dataset: the percentiles of the foreground values (the masks' square) of every training image.
+    m = convert(src, tmp_path / "dataset", layout="folders", channels=1, val_fraction=0.0, progress=False,
+                intensity="dataset")
+    fg = np.concatenate([v[4:12, 4:12].ravel() for v in raw.values()])
+    lo, hi = np.percentile(fg, (0.5, 99.5))
+    assert m["intensity"]["mode"] == "dataset" and m["intensity"]["sampled_values"] == fg.size
+    np.testing.assert_allclose(m["intensity"]["window"], [[lo, hi]], rtol=1e-6)
+    got = stored(tmp_path / "dataset")
+    for stem, values in raw.items():
+        np.testing.assert_array_equal(got[stem], windowed(values, *m["intensity"]["window"][0]), err_msg=stem)
+    # Per channel: a pair for each of 3 channels, the gray files read as 3 equal channels, each mapped by its own.
+    m = convert(src, tmp_path / "rgb", layout="folders", val_fraction=0.0, progress=False, intensity="window",
+                window=[0, 100, 0, 200, -100, 100])
+    assert m["intensity"]["window"] == [[0, 100], [0, 200], [-100, 100]]
+    rec = next(r for r in _records(tmp_path / "rgb", "train") if r["stem"].numpy() == b"gray8")
+    assert tf.io.decode_png(rec["image"]).numpy()[0, 0].tolist() == [255, 128, 255]
+    # Bad values are named before any work.
+    for args, words in ((["--intensity", "window"], "--intensity window needs --window LO HI"),
+                        (["--window", "0", "1"], "--window is for --intensity window (this is --intensity image)"),
+                        (["--intensity", "window", "--window", "5", "1"], "--window 5 1: each LO must be below its HI"),
+                        (["--intensity", "window", "--window", "0", "1", "2"], "--window 0 1 2: 3 values; give LO HI "
+                         "for every channel, or 6 values, LO HI for each of the 3 channels")):
+        proc = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "bad"), "--layout", "folders", *args)
+        assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "bad").exists()
+    # No foreground pixel in any training mask: no window to take.
+    for stem in raw:
+        np.save(src / "masks" / f"{stem}.npy", np.zeros((20, 24), np.uint8))
+    with pytest.raises(ConvertError, match="no training mask has a foreground pixel"):
+        convert(src, tmp_path / "empty", layout="folders", channels=1, val_fraction=0.0, progress=False,
+                intensity="dataset")

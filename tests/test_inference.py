@@ -463,6 +463,26 @@ def test_the_saved_model_serves_class_colours_where_the_masks_had_them(tmp_path)
     assert set(tf.saved_model.load(str(tmp_path / "plain")).serve(images)) == {"mask", "probabilities"}
 
 
+@pytest.mark.parametrize("intensity", ["window", {"window": [[0, 1]]}, {"window": [[1, 0]]}, {"window": [[0, "1"]]},
+                                       {"window": [[0, 1], [0, 1], [0, 1], [0, 1]]}, {"window": [0, 1]}])
+def test_a_bad_intensity_window_in_a_runs_data_json_is_one_line_naming_it(tmp_path, intensity):
+    # predict maps new images by it: a window that is not one [LO, HI] per channel stops it, named.
+    import json
+
+    from unet_dist.config import ConfigError
+    from unet_dist.inference import intensity_window
+
+    (tmp_path / "data.json").write_text(json.dumps({"channels": 1 if intensity != {"window": [[0, 1]]} else 3,
+                                                    "intensity": intensity}))
+    with pytest.raises(ConfigError, match=r"data\.json: 'intensity' holds no window \[LO, HI\] for each of the "
+                                          r"images' \d channels: .*; its images' intensity window is unknown"):
+        intensity_window(tmp_path)
+    (tmp_path / "data.json").write_text(json.dumps({"channels": 2, "intensity": {"window": [[-1000, 400.5], [0, 1]]}}))
+    assert intensity_window(tmp_path) == [[-1000, 400.5], [0, 1]]
+    (tmp_path / "data.json").write_text(json.dumps({"channels": 1}))  # a run from before convert --intensity
+    assert intensity_window(tmp_path) is None
+
+
 @pytest.mark.parametrize("colors", [[[0, 0, 0]], "red", [[0, 0, 0], [255, 0]], [[0, 0, 0], [256, 0, 0]],
                                     [[0, 0, 0], [1.5, 0, 0]]])
 def test_bad_colours_in_a_runs_data_json_are_one_line_naming_it(tmp_path, colors):

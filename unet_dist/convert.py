@@ -4,7 +4,7 @@
         [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
         [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE] [--list FILE] [--val-list FILE]
-        [--channels C]
+        [--channels C] [--intensity image|dataset|window [--window LO HI ...]]
 
 Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: pet vs the rest,
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
@@ -34,6 +34,12 @@ reads every image as RGB; 1 as grayscale, the natural input for EM and most micr
 files. Any C comes from numpy arrays, SRC/images/X.npy of shape (H, W, C) (fluorescence stains,
 satellite bands), of uint8 or of wider values scaled to 8 bits channel by channel; a mask may be
 an .npy array of class ids (H, W) too.
+--intensity: how images of 16 bits or floats (CT, microscopy) come to the 8 bits records hold.
+image (the default) scales each by its own 1st and 99.8th percentiles; dataset maps one window in
+every image, the 0.5th to 99.5th percentile of the training images' foreground values (classes
+above 0), as nnU-Net normalises CT, so that a value (a Hounsfield unit) means the same everywhere;
+window maps --window LO HI (e.g. --window -160 240, an abdominal CT window; or LO HI for each
+channel). Prediction maps new images with the run's window.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
@@ -45,7 +51,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from unet_dist.data.convert import CLASS_MODES, IMAGE_FORMATS, LAYOUTS, SPLIT_UNITS, ConvertError, convert
+from unet_dist.data.convert import (
+    CLASS_MODES,
+    IMAGE_FORMATS,
+    INTENSITY_MODES,
+    LAYOUTS,
+    SPLIT_UNITS,
+    ConvertError,
+    convert,
+)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -111,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=3, metavar="C",
                    help="the images' channels: 3 reads every image as RGB, 1 as grayscale (EM, most microscopy), "
                         "4 RGBA files; any C from .npy arrays (H, W, C), such as stains or satellite bands")
+    p.add_argument("--intensity", choices=INTENSITY_MODES, default="image",
+                   help="16-bit and float images to 8 bits: each by its own percentiles (image), by one window "
+                        "from the training images' foreground (dataset, nnU-Net's CT rule), or by --window")
+    p.add_argument("--window", type=float, nargs="+", metavar="V",
+                   help="--intensity window: LO HI mapped to 0 and 255 in every channel, or LO HI for each channel")
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT")
     args = p.parse_args(argv)
     try:
@@ -119,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=args.overwrite, num_classes=args.num_classes, mask_suffix=args.mask_suffix,
                     fold=args.fold, split_by=args.split_by, group=args.group, ignore_value=args.ignore_value,
                     image_format=args.image_format, colors=args.colors, val_list=args.val_list,
-                    only=args.list, border_distances=args.border_distances, channels=args.channels)
+                    only=args.list, border_distances=args.border_distances, channels=args.channels,
+                    intensity=args.intensity, window=args.window)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
@@ -149,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"convert: {records['train']} train and {records['val']} val records{files}, "
           f"{m['num_classes']} classes{left_out}, images{channels} as {m['image_format'].upper()} "
           f"({m['image_format_why']}), in {args.out}")
+    window = m["intensity"]["window"]
+    if window:  # the values that became 0 and 255, which prediction maps the same way
+        shown = window[:1] if all(w == window[0] for w in window) else window
+        print(f"convert: --intensity {m['intensity']['mode']}: values {', '.join(f'{lo:g} to {hi:g}' for lo, hi in shown)}"
+              f" stored as 0 to 255{' (each channel its own)' if len(shown) > 1 else ''}; predict maps new images so")
     return 0
 
 

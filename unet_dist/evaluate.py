@@ -104,7 +104,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         try:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
                                      sample.page, info.get("ignore_value"), info.get("colors"),
-                                     predictor.cfg.model.in_channels)
+                                     predictor.cfg.model.in_channels, predictor.window)
             probs = predictor(image)
         except (BadImage, OSError, PredictionError) as e:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)

@@ -6,7 +6,9 @@
 Signature `serve`: uint8 images (B, H, W, C) of any size (C: the run's model.in_channels, 3 for
 RGB) -> {"mask": uint8 (B, H, W), "probabilities": float32 (B, H, W, U)}, and "colors": uint8
 (B, H, W, 3) when the training masks were coded by colour (convert --colors): each pixel its
-class's colour, as predict writes them.
+class's colour, as predict writes them. For a run whose images were mapped to 8 bits by one window
+(convert --intensity dataset or window), a second signature `serve_values` takes the images' own
+values, float32 (B, H, W, C) (CT's Hounsfield units), and maps them by that window first.
 Load with tf.saved_model.load(EXPORT).serve(images).
 It predicts the way `predict` does with the same --mode, --tile, --overlap and --tta (the same TF
 function): auto resizes each image to data.image_size and the result back, unless every training
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
         return 2
     # Written beside OUT and moved into place when complete: an interrupted export leaves OUT as it was.
     with atomic_path(out) as tmp:
-        export_saved_model(predictor.models, predictor.fn, tmp, predictor.colors, predictor.cfg.model.in_channels)
+        export_saved_model(predictor.models, predictor.fn, tmp, predictor.colors, predictor.cfg.model.in_channels,
+                           predictor.window)
     print(f"export: SavedModel ({predictor.summary()}) -> {out}")
     return 0
 

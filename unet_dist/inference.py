@@ -14,6 +14,7 @@ the same code.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,26 @@ def data_info(workdir: str | Path, hint: str) -> dict | None:
                           f"{json.dumps(colors)[:80]}; {hint}")
     if colors is not None and isinstance(info.get("num_classes"), int) and len(colors) != info["num_classes"]:
         raise ConfigError(f"{meta}: {len(colors)} 'colors' for {info['num_classes']} classes ('num_classes'); {hint}")
+    intensity, channels = info.get("intensity"), info.get("channels", 3)
+    window = intensity.get("window") if isinstance(intensity, dict) else None
+    if (intensity is not None and not isinstance(intensity, dict)) or (window is not None and not (
+            isinstance(window, list) and len(window) == channels and all(
+                isinstance(w, list) and len(w) == 2 and all(type(v) in (int, float) and math.isfinite(v) for v in w)
+                and w[0] < w[1] for w in window))):
+        raise ConfigError(f"{meta}: 'intensity' holds no window [LO, HI] for each of the images' {channels} "
+                          f"channels: {json.dumps(intensity)[:80]}; {hint}")
     return info
+
+
+def _window_text(window: list | None) -> str:
+    return "each image's own range" if window is None else ", ".join(f"{lo:g} to {hi:g}" for lo, hi in window)
+
+
+def intensity_window(workdir: str | Path) -> list | None:
+    """The [lo, hi] per channel that a run's images were mapped from to 8 bits (`convert --intensity`
+    dataset or window; its data.json), or None: each image by its own percentiles."""
+    info = data_info(workdir, "its images' intensity window is unknown") or {}
+    return (info.get("intensity") or {}).get("window")
 
 
 def auto_mode(workdir: Path, cfg: Config) -> tuple[str, str]:
@@ -298,6 +318,7 @@ class Predictor:
     tiles: list[tuple[int, int] | None] = field(default_factory=list)  # each run's kept tile size; None: resize mode
     precision: str = "float32"  # the Keras policy the models compute in
     colors: list | None = None  # class i's [R, G, B] where the first run's masks were coded by colour (data.json)
+    window: list | None = None  # [lo, hi] per channel images are mapped from to 8 bits (convert --intensity), or None
     _traced: Callable | None = field(default=None, init=False, repr=False)
 
     def __call__(self, image: np.ndarray) -> tf.Tensor:
@@ -338,7 +359,7 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
 
     Raises ConfigError (or CheckpointError) naming the run, and when the runs predict other classes.
     """
-    models, cfgs, checkpoints, fns, modes, tiles = [], [], [], [], [], []
+    models, cfgs, checkpoints, fns, modes, tiles, windows = [], [], [], [], [], [], []
     for workdir in workdirs:
         model, cfg, ckpt = load_trained(workdir, which, precision)
         fn, run_mode, why = prediction_fn(model, cfg, workdir, mode, tile, overlap, tta)
@@ -349,6 +370,11 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
         if cfgs and cfg.model.in_channels != cfgs[0].model.in_channels:
             raise ConfigError(f"--workdir {workdir}: images of {cfg.model.in_channels} channels, but {workdirs[0]} "
                               f"takes {cfgs[0].model.in_channels}: an ensemble predicts the same images")
+        windows.append(intensity_window(workdir))
+        if windows[-1] != windows[0]:
+            raise ConfigError(f"--workdir {workdir}: images mapped to 8 bits from {_window_text(windows[-1])}, but "
+                              f"{workdirs[0]}'s from {_window_text(windows[0])} (convert --intensity): an ensemble "
+                              "reads each image once")
         models.append(model)
         cfgs.append(cfg)
         checkpoints.append(ckpt)
@@ -366,22 +392,25 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
     # Masks coded by colour at conversion: predict writes them, and export serves them, in these colours.
     colors = (data_info(workdirs[0], "the masks' colours are unknown") or {}).get("colors")
     if len(fns) == 1:
-        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles, precision, colors)
+        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles, precision, colors, windows[0])
 
     def averaged(images):
         return tf.add_n([f(images) for f in fns]) / len(fns)
 
     return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs", tiles,
-                     precision, colors)
+                     precision, colors, windows[0])
 
 
 def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path, colors: list | None = None,
-                       channels: int = 3) -> None:
+                       channels: int = 3, window: list | None = None) -> None:
     """SavedModel with a `serve` signature: uint8 images (B, H, W, channels) of any size (the models'
     model.in_channels; 3: RGB) -> {"mask": uint8 class
     ids (B, H, W), "probabilities": float32 (B, H, W, U)}, by `fn` (a `Predictor`'s, over `models`).
     colors: class i's [R, G, B] (masks coded by colour at conversion); the signature then also
-    returns "colors": uint8 (B, H, W, 3), each pixel its class's colour, as `predict` writes them."""
+    returns "colors": uint8 (B, H, W, 3), each pixel its class's colour, as `predict` writes them.
+    window: [lo, hi] per channel (`convert --intensity`); a second signature `serve_values` then takes
+    the images' own values, float32 (B, H, W, channels) (CT's Hounsfield units), and maps them to
+    8 bits in the graph as `imageio.windowed` does (the same float32 arithmetic) before `serve`."""
     archive = keras.export.ExportArchive()
     for model in models:
         archive.track(model)
@@ -397,4 +426,15 @@ def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path,
 
     archive.add_endpoint(name="serve", fn=serve,
                          input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
+    if window is not None:
+        lo = tf.constant([w[0] for w in window], tf.float32)
+        scale = tf.constant([255.0 / (w[1] - w[0]) for w in window], tf.float32)  # as numpy: in float64, then cast
+
+        def serve_values(values):
+            scaled = (values - lo) * scale + 0.5
+            scaled = tf.where(tf.math.is_nan(scaled), tf.zeros_like(scaled), scaled)
+            return serve(tf.cast(tf.clip_by_value(scaled, 0.0, 255.0), tf.uint8))
+
+        archive.add_endpoint(name="serve_values", fn=serve_values,
+                             input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="values")])
     archive.write_out(str(out), verbose=False)

@@ -339,7 +339,7 @@ def main(argv=None) -> int:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
             try:
-                image = load_image(sample.image, sample.page, predictor.cfg.model.in_channels)
+                image = load_image(sample.image, sample.page, predictor.cfg.model.in_channels, predictor.window)
                 probs = predictor(image).numpy()
             except (BadImage, OSError, PredictionError) as e:
                 tqdm.write(f"predict: skipping {sample.where}: {e}", file=sys.stderr)

@@ -1,11 +1,14 @@
 """Writes a synthetic segmentation set in the Oxford-IIIT Pet layout.
 
-    python -m unet_dist.synthetic OUT -n 400 --seed 0 [--sparse | --cells]
+    python -m unet_dist.synthetic OUT -n 400 --seed 0 [--sparse | --cells | --ct]
 
 --sparse: small pets (about 0.5% of the pixels) on 384x384 images, for patch training
 (data.patch_size) with foreground oversampling (data.foreground_oversample).
 --cells: EM-like 572x572 gray slices of about 300 touching cells parted by dark membranes (the
 cells the "pets"), for configs/ronneberger.yaml and its border weight map.
+--ct: CT-like 96x96 slices in Hounsfield units (int16 .npy arrays): an organ 30 HU above the soft
+tissue, a decoy 15 HU above it, air and bone at the edges of every other slice; for `convert
+--channels 1 --intensity dataset`.
 
 OUT is new, or an earlier synthetic set, which is replaced; a folder holding other images is refused.
 """
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--sparse", action="store_true", help="small pets on 384x384 images")
     kind.add_argument("--cells", action="store_true", help="EM-like slices of touching cells, 572x572")
+    kind.add_argument("--ct", action="store_true", help="CT-like slices in Hounsfield units, 96x96 .npy arrays")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"-n must be >= 1, got {args.n}")
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         p.error(str(e))
     try:
-        write_dataset(args.out, args.n, args.seed, args.sparse, args.cells)
+        write_dataset(args.out, args.n, args.seed, args.sparse, args.cells, args.ct)
     except ValueError as e:
         p.error(f"OUT {e}")
     print(f"wrote {args.n} images to {args.out}/images and trimaps to {args.out}/annotations/trimaps")

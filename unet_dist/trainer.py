@@ -435,7 +435,7 @@ def write_run_files(cfg: Config, workdir: Path, data_dir: Path, manifest: dict) 
     """config.yaml, and data.json: what prediction needs to know of the data (resized at conversion?)."""
     atomic_write_text(workdir / "config.yaml", config_yaml(cfg))
     data_meta = {k: manifest.get(k) for k in ("layout", "classes", "num_classes", "class_names", "image_size",
-                                              "record_size", "ignore_value", "colors", "channels")}
+                                              "record_size", "ignore_value", "colors", "channels", "intensity")}
     atomic_write_text(workdir / "data.json", json.dumps({**data_meta, "data": str(data_dir.resolve())}))
 
 

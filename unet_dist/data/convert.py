@@ -8,6 +8,7 @@ Shards and the manifest are written under temporary names and renamed only when 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -32,6 +33,7 @@ from unet_dist.data.imageio import (
     BadImage,
     Sample,
     image_files,
+    image_values,
     load_image,
     load_mask,
     samples_of,
@@ -49,6 +51,17 @@ MAX_CLASSES = 256
 # The class id records hold for a pixel that is not labelled (convert --ignore-value): no loss and no
 # metric counts it. With it, class ids run below 255.
 IGNORE = 255
+
+# How images of wider values than 8 bits come to the 8 bits records hold (convert --intensity):
+# "image", each image by its own percentiles (`imageio._to_uint8`; microscopy, whose brightness
+# varies from image to image with the stain and exposure); "dataset", one window for every image,
+# the 0.5th and 99.5th percentiles of the training images' labelled foreground pixels (nnU-Net's
+# normalisation of CT, where a value means a tissue whatever the image); "window", one given.
+INTENSITY_MODES = ("image", "dataset", "window")
+INTENSITY_PERCENTILES = (0.5, 99.5)
+# The most values `--intensity dataset` keeps to take the percentiles from (all channels together;
+# 64 MB of float32), drawn evenly from the training images: memory does not grow with the data set.
+INTENSITY_SAMPLE = 2**24
 
 # Oxford-IIIT Pet trimaps: 1 = pet, 2 = background, 3 = border. Our class ids: 0 = background, 1 = pet, 2 = border.
 TRIMAP_TO_CLASS = {1: 1, 2: 0, 3: 2}
@@ -81,6 +94,8 @@ class Task:
     colors: tuple[tuple[int, int, int], ...] | None = None  # colour-coded masks: class i's colour is colors[i]
     border_distances: bool = False  # training records also store the border weights' d1 + d2 (border.py)
     channels: int = 3  # the images' channels (convert --channels)
+    window: tuple[tuple[float, float], ...] | None = None  # [lo, hi] per channel (convert --intensity), or None
+    sample_size: int = 0  # --intensity dataset's first pass: foreground values to draw from this image
 
 
 def source_folders(src: Path, layout: str) -> tuple[Path, Path]:
@@ -325,20 +340,47 @@ def listed_samples(samples: list[Sample], skipped: list[dict], listed: set[str],
 
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
               num_classes: int | None = None, page: int = 0, ignore_value: int | None = None,
-              colors: list[tuple[int, int, int]] | None = None, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+              colors: list[tuple[int, int, int]] | None = None, channels: int = 3,
+              window: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One labelled image (page `page` of a stack) at its own size: (uint8 (H, W, channels) image,
     uint8 (H, W) class ids), the mask's values mapped to class ids as --layout and --classes say, and
     pixels of value `ignore_value` to IGNORE. colors: colour-coded masks, each colour's index its
-    value. Raises BadImage saying what is wrong (naming the mask file when it is the mask)."""
-    image = load_image(image_path, page, channels)
+    value. window: the intensity window (`imageio.load_image`). Raises BadImage saying what is wrong
+    (naming the mask file when it is the mask)."""
+    image = load_image(image_path, page, channels, window)
+    return image, load_labels(mask_path, image.shape[:2], layout, classes, num_classes, page, ignore_value, colors)
+
+
+def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, classes: str,
+                num_classes: int | None = None, page: int = 0, ignore_value: int | None = None,
+                colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+    """An image's mask as uint8 (H, W) class ids (`load_pair`), which must be of the image's
+    `shape` (H, W). Raises BadImage naming the mask file."""
     try:
         mask = _class_ids(load_mask(mask_path, page, colors), layout, classes, num_classes, ignore_value)
     except BadImage as e:
         raise BadImage(f"mask {mask_path}: {e}") from None
-    if mask.shape != image.shape[:2]:
-        raise BadImage(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is "
-                       f"{image.shape[1]}x{image.shape[0]}")
-    return image, mask
+    if mask.shape != tuple(shape):
+        raise BadImage(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+    return mask
+
+
+def foreground_values(task: Task) -> np.ndarray | None:
+    """Worker, `--intensity dataset`'s first pass: up to task.sample_size values (k, channels) float32
+    of the image's own (unscaled) values at its labelled foreground pixels (class id above 0), drawn
+    at random (seeded by the task's index); None for an image that cannot be read, which the
+    conversion itself then skips, saying why. Runs without TensorFlow."""
+    sample = task.sample
+    try:
+        values = image_values(sample.image, sample.page, task.channels)
+        mask = load_labels(sample.mask, values.shape[:2], task.layout, task.classes, task.num_classes, sample.page,
+                           task.ignore_value, task.colors)
+    except BadImage:
+        return None
+    where = np.flatnonzero((mask > 0) & (mask != IGNORE))
+    where = np.random.default_rng(task.index).choice(where, min(task.sample_size, where.size), replace=False)
+    values = values.reshape(-1, values.shape[2])[where].astype(np.float32)
+    return np.repeat(values, task.channels, axis=1) if values.shape[1] != task.channels else values
 
 
 def process(task: Task) -> tuple[Task, dict | None, str | None]:
@@ -346,7 +388,7 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
     sample = task.sample
     try:
         image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page,
-                                task.ignore_value, task.colors, task.channels)
+                                task.ignore_value, task.colors, task.channels, task.window)
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
     if task.size is not None:
@@ -418,6 +460,63 @@ def _example(rec: dict) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString()
 
 
+def _intensity_window(intensity: str, window: list[float] | None, channels: int) -> list[list[float]] | None:
+    """convert's --intensity and --window checked: [[lo, hi]] * channels for "window", else None."""
+    if intensity not in INTENSITY_MODES:
+        raise ConvertError(f"--intensity {intensity!r}: allowed {', '.join(INTENSITY_MODES)}")
+    if intensity != "window":
+        if window is not None:
+            raise ConvertError(f"--window is for --intensity window (this is --intensity {intensity})")
+        return None
+    if not window:
+        raise ConvertError("--intensity window needs --window LO HI (one pair for every channel, or one a channel)")
+    text = " ".join(f"{v:g}" for v in window)
+    if len(window) not in (2, 2 * channels):
+        each = "" if channels == 1 else f" for every channel, or {2 * channels} values, LO HI for each of the {channels} channels"
+        raise ConvertError(f"--window {text}: {len(window)} values; give LO HI{each}")
+    pairs = [[float(window[i]), float(window[i + 1])] for i in range(0, len(window), 2)]
+    if not all(np.isfinite(lo) and np.isfinite(hi) and lo < hi for lo, hi in pairs):
+        raise ConvertError(f"--window {text}: each LO must be below its HI, both finite numbers")
+    return pairs * (channels // len(pairs))
+
+
+def _dataset_window(tasks: list[Task], workers: int, progress: bool) -> tuple[list[list[float]], int]:
+    """--intensity dataset: ([lo, hi] per channel, the count of values they were taken from), the
+    INTENSITY_PERCENTILES of the training images' foreground values, per channel, drawn evenly
+    from every training image (`foreground_values`; at most INTENSITY_SAMPLE values in all)."""
+    from unet_dist.progress import progress as show_progress
+
+    train = [t for t in tasks if t.split == "train"]
+    channels = train[0].channels
+    each = max(1, INTENSITY_SAMPLE // (channels * len(train)))
+    parts = []
+    try:
+        with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
+              contextlib.closing(in_order(pool, foreground_values, [dataclasses.replace(t, sample_size=each)
+                                                                      for t in train], ahead=4 * workers)) as results):
+            for values in show_progress(results, len(train), "intensity", "img", shown=progress):
+                if values is not None and len(values):
+                    parts.append(values)
+    except BrokenProcessPool:
+        raise ConvertError(f"a worker process died (out of memory?) reading the {len(train)} training images' "
+                           "intensities; try fewer --workers") from None
+    if not parts:
+        raise ConvertError("--intensity dataset: no training mask has a foreground pixel (a class above 0) to take "
+                           "the intensities from; give the window itself, --intensity window --window LO HI")
+    values = np.concatenate(parts)
+    window = []
+    for c in range(channels):
+        finite = values[:, c][np.isfinite(values[:, c])]
+        lo, hi = np.percentile(finite, INTENSITY_PERCENTILES) if finite.size else (0.0, 0.0)
+        if hi <= lo and finite.size:
+            lo, hi = finite.min(), finite.max()
+        if hi <= lo:
+            raise ConvertError(f"--intensity dataset: channel {c} of the training images' foreground has the one "
+                               f"value {lo:g}; give the window itself, --intensity window --window LO HI")
+        window.append([float(lo), float(hi)])
+    return window, len(values)
+
+
 def _shards_named_in(manifest_path: Path) -> set[str]:
     """The shard file names an existing manifest lists (none if it is missing or unreadable)."""
     try:
@@ -451,6 +550,8 @@ def convert(
     only: Path | None = None,
     border_distances: bool = False,
     channels: int = 3,
+    intensity: str = "image",
+    window: list[float] | None = None,
 ) -> dict:
     """Converts SRC to shards in OUT and returns the manifest (also written to OUT/manifest.json).
 
@@ -485,6 +586,13 @@ def convert(
     grayscale (EM and most microscopy: a third of the first convolution's inputs), 4 RGBA files or
     .npy arrays of 4 channels, and any other number .npy arrays (H, W, C) only. An image of another
     number is skipped, saying so. The manifest records "channels"; training's model takes as many.
+    intensity: how images of wider values than 8 bits (16-bit, floats) come to 8 bits
+    (`INTENSITY_MODES`): "image" scales each by its own percentiles; "dataset" maps the 0.5th to
+    99.5th percentile of the training images' foreground values (a first pass over them, the
+    masks' classes above 0) to 0..255 in every image, channel by channel; "window" maps `window`
+    [lo, hi] (one pair for every channel, or a pair per channel) so. With either window every
+    image's values are mapped, 8-bit ones included. The manifest's "intensity" records the mode
+    and window, and prediction maps new images with the same window (the run's data.json).
     """
     import tensorflow as tf
 
@@ -514,6 +622,7 @@ def convert(
         raise ConvertError(f"--shards {shards}: must be >= 1")
     if not 1 <= channels <= MAX_CHANNELS:
         raise ConvertError(f"--channels {channels}: must be in [1, {MAX_CHANNELS}]")
+    window = _intensity_window(intensity, window, channels)
     if not 0 <= val_fraction < 1:
         raise ConvertError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
@@ -618,6 +727,11 @@ def convert(
              image_format, tuple(color_list) if color_list else None, border_distances, channels)
         for j, k in enumerate(order)
     ]
+    sampled = None
+    if intensity == "dataset":
+        window, sampled = _dataset_window(tasks, workers, progress)
+    if window is not None:
+        tasks = [dataclasses.replace(t, window=tuple(map(tuple, window))) for t in tasks]
     n_shards = {"train": shards, "val": max(1, min(shards, n_val))}
     tmp = {s: [out / f".{shard_name(s, i, n)}.tmp-{os.getpid()}" for i in range(n)] for s, n in n_shards.items()}
     writers = {s: [tf.io.TFRecordWriter(str(p)) for p in paths] for s, paths in tmp.items()}
@@ -684,6 +798,8 @@ def convert(
             "image_format": image_format,
             "image_format_why": format_why,
             "channels": channels,
+            "intensity": {"mode": intensity, "window": window, **({"percentiles": list(INTENSITY_PERCENTILES),
+                                                                   "sampled_values": sampled} if sampled else {})},
             "seed": seed,
             "val_fraction": val_fraction,
             "fold": list(fold) if fold else None,

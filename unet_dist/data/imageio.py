@@ -30,6 +30,8 @@ Image.MAX_IMAGE_PIXELS = None
 # Files whose pages are separate images. The ISBI 2012 EM data the 2015 U-Net was trained on ships as
 # one 30-page TIFF of images and one of labels. (An animated GIF or WebP is not a stack of samples.)
 STACK_SUFFIXES = (".tif", ".tiff")
+# Pillow's modes of one channel wider than 8 bits (16-bit and 32-bit integers, 32-bit floats).
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -179,6 +181,14 @@ def _open(path: Path, page: int = 0) -> Image.Image:
         return img
 
 
+def windowed(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Values (any shape, any real dtype) -> uint8: `lo` to 0 and `hi` to 255 (hi > lo), linearly,
+    rounded; values outside clipped, NaN 0. The one mapping of wider values to 8 bits, whether the
+    window is the image's own (`_to_uint8`) or the data set's (`load_image`'s `window`)."""
+    scaled = np.nan_to_num((arr.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo)) + 0.5, nan=0.0)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scales one single-channel image of 16-bit, 32-bit or float values to 0..255: its 1st percentile
     to 0 and its 99.8th to 255 (StarDist's and CSBDeep's default normalisation of microscopy images),
@@ -197,11 +207,10 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
         lo, hi = finite.min(), finite.max()
     if hi <= lo:  # one value everywhere: nothing to show
         return np.zeros(arr.shape, np.uint8)
-    scaled = np.nan_to_num((arr - lo) * np.float32(255.0 / (hi - lo)) + 0.5, nan=0.0)
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+    return windowed(arr, lo, hi)
 
 
-def load_image(path: str | Path, page: int = 0, channels: int = 3) -> np.ndarray:
+def load_image(path: str | Path, page: int = 0, channels: int = 3, window: list | None = None) -> np.ndarray:
     """Reads an image (page `page` of a multi-page TIFF) as uint8 (H, W, channels). Raises BadImage.
 
     channels 3: any image file, as RGB (`load_rgb`); 1: any image file, as grayscale (a colour one by
@@ -209,42 +218,64 @@ def load_image(path: str | Path, page: int = 0, channels: int = 3) -> np.ndarray
     A .npy array (H, W) or (H, W, C) must have C == channels (H, W: one, or three equal ones); an
     array of 16-bit, 32-bit or float values is scaled to 8 bits channel by channel as `_to_uint8`
     says (each stain or band has its own range), the same in conversion and prediction.
+
+    window: [[lo, hi]] * channels, the data set's intensity window (`convert --intensity`): every
+    image's values, 8-bit ones included, map from [lo, hi] to [0, 255] channel by channel
+    (`windowed`) instead of by the image's own percentiles, so that a value means the same in every
+    image (CT's Hounsfield units).
     """
+    values = image_values(path, page, channels)
+    if window is not None:
+        if values.shape[2] != channels:  # a gray file or (H, W) array read as RGB: each channel its window
+            values = np.repeat(values, channels, axis=-1)
+        return np.stack([windowed(values[..., c], lo, hi) for c, (lo, hi) in enumerate(window)], axis=-1)
+    if values.dtype != np.uint8:
+        values = np.stack([_to_uint8(values[..., c]) for c in range(values.shape[2])], axis=-1)
+    return np.repeat(values, channels, axis=-1) if values.shape[2] != channels else values
+
+
+def image_values(path: str | Path, page: int = 0, channels: int = 3) -> np.ndarray:
+    """An image's own values, unscaled: (H, W, channels), or (H, W, 1) where a gray file or an (H, W)
+    array is read for channels 3 (its one channel, to be repeated). 16-bit, 32-bit and float
+    pages and arrays keep their dtype; other image files are uint8 as `load_image` reads them
+    (RGB, luma, RGBA). Bool arrays read as 0 and 255. Raises BadImage."""
     path = Path(path)
     if path.suffix.lower() == ARRAY_SUFFIX:
-        arr = _array(path)
-        have = arr.shape[2] if arr.ndim == 3 else 1
-        if have != channels and not (have == 1 and channels == 3):  # (H, W) reads as gray RGB, as a gray file does
-            raise BadImage(f"{have} channel(s) (an array of shape {arr.shape}), not {channels} (convert --channels, "
-                           "a run's model.in_channels)")
-        arr = np.asarray(arr).reshape(*arr.shape[:2], have)
-        if arr.dtype == np.uint8:
-            arr = np.array(arr)  # out of the memory map
-        elif arr.dtype == np.bool_:
-            arr = arr.astype(np.uint8) * 255
-        else:
-            arr = np.stack([_to_uint8(arr[..., c]) for c in range(have)], axis=-1)
-        return np.repeat(arr, channels, axis=-1) if have != channels else arr
-    if channels == 3:
-        return load_rgb(path, page)
-    if channels == 1:
-        return np.asarray(_pillow_image(path, page).convert("L"))[..., None]
-    if channels == 4:
-        img = _open(path, page)
-        if img.mode != "RGBA":
-            raise BadImage(f"mode {img.mode}: an image file gives 4 channels as RGBA; store others as .npy arrays "
-                           "(H, W, 4)")
-        return np.asarray(img)
-    raise BadImage(f"an image file gives 1, 3 or 4 (RGBA) channels; store {channels}-channel images as .npy arrays "
-                   f"(H, W, {channels})")
-
-
-def _pillow_image(path: Path, page: int) -> Image.Image:
-    """An image file's page decoded, 16-bit and float values scaled to 8 bits, transparency composited
-    on black: an image whose mode converts to RGB or L as it looks."""
+        arr = np.array(_array_channels(path, channels))  # out of the memory map
+        return arr.astype(np.uint8) * 255 if arr.dtype == np.bool_ else arr
+    if channels not in (1, 3, 4):
+        raise BadImage(f"an image file gives 1, 3 or 4 (RGBA) channels; store {channels}-channel images as .npy "
+                       f"arrays (H, W, {channels})")
     img = _open(path, page)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
+    if channels == 4:
+        return _rgba(img)
+    if img.mode in _WIDE_MODES:  # one channel: gray
+        return np.asarray(img)[..., None]
+    img = _on_black(img)
+    if channels == 1:
+        return np.asarray(img.convert("L"))[..., None]
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() would copy an RGB image
+
+
+def _array_channels(path: Path, channels: int) -> np.ndarray:
+    """A .npy image as (H, W, C), memory-mapped, C == channels (or 1 for channels 3: gray)."""
+    arr = _array(path)
+    have = arr.shape[2] if arr.ndim == 3 else 1
+    if have != channels and not (have == 1 and channels == 3):  # (H, W) reads as gray RGB, as a gray file does
+        raise BadImage(f"{have} channel(s) (an array of shape {arr.shape}), not {channels} (convert --channels, "
+                       "a run's model.in_channels)")
+    return arr.reshape(*arr.shape[:2], have)
+
+
+def _rgba(img: Image.Image) -> np.ndarray:
+    if img.mode != "RGBA":
+        raise BadImage(f"mode {img.mode}: an image file gives 4 channels as RGBA; store others as .npy arrays "
+                       "(H, W, 4)")
+    return np.asarray(img)
+
+
+def _on_black(img: Image.Image) -> Image.Image:
+    """Transparency composited on black: an image whose mode converts to RGB or L as it looks."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on black so transparent pixels do not carry hidden colour into the input.
         img = img.convert("RGBA")
@@ -256,11 +287,7 @@ def _pillow_image(path: Path, page: int) -> Image.Image:
 def load_rgb(path: str | Path, page: int = 0) -> np.ndarray:
     """Reads an image file (page `page` of a multi-page TIFF) as uint8 (H, W, 3), EXIF orientation
     applied. Raises BadImage."""
-    img = _pillow_image(Path(path), page)
-    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() would copy an RGB image
-    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise BadImage(f"unexpected image shape {rgb.shape}")
-    return rgb
+    return load_image(path, page, 3)
 
 
 def rgb_view(image: np.ndarray) -> np.ndarray:

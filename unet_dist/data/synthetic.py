@@ -12,6 +12,12 @@ foreground oversampling (data.patch_size, data.foreground_oversample) is for.
 Cell sets (`cells=True`) are EM-like instead, as the 2015 U-Net's ISBI slices: gray 572x572 PNGs of
 about 300 touching cells (Voronoi regions) parted by dark membranes 2-3 pixels wide, the cells the
 "pets" and the membranes the background: what the border weight map (train.loss weighted_ce) is for.
+
+CT sets (`ct=True`) are CT-like slices in Hounsfield units instead, int16 .npy arrays of 96x96: an
+"organ" (the pet) 30 HU above the soft tissue around it, a decoy region 15 HU above it, and in
+every other slice air (-1000 HU) and bone (1800 HU) at the edges. Only a value's level tells organ
+from decoy, and the air and bone move each slice's own percentiles: what `convert --intensity
+dataset` is for.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from PIL import Image
 BORDER_PX = 2.0
 SPARSE_SIZE = 384  # sparse sets: every image this many pixels a side
 CELLS_SIZE, CELLS = 572, 300  # cell sets: pixels a side and cells an image
+CT_SIZE = 96  # CT sets: pixels a side
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -115,7 +122,24 @@ def make_cells(rng: np.random.Generator, size: int = CELLS_SIZE, cells: int = CE
     return image, np.where(membrane, 2, 1).astype(np.uint8)
 
 
-STEM = re.compile(r"synth_\d{5}\.(jpg|png)")
+def make_ct(rng: np.random.Generator, size: int = CT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (image int16 (size, size) in Hounsfield units, trimap uint8 (size, size): 1 = organ,
+    2 = the rest). Soft tissue 40 HU, the organ (a disc) 70, a decoy disc beside it 55, noise 8 HU;
+    air and bone at the edges of every other slice (by the generator's draw)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    cy, cx = rng.integers(size * 5 // 16, size * 11 // 16, 2)
+    organ = (yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(size // 10, size // 4) ** 2
+    dy, dx = rng.integers(size // 5, size * 4 // 5, 2)
+    decoy = ((yy - dy) ** 2 + (xx - dx) ** 2 < rng.integers(size // 12, size // 6) ** 2) & ~organ
+    hu = rng.normal(40, 8, (size, size)) + 30 * organ + 15 * decoy
+    if rng.random() < 0.5:
+        edge = size // 12
+        hu[:, :edge] = -1000
+        hu[:edge, edge : 2 * edge] = 1800
+    return hu.astype(np.int16), np.where(organ, 1, 2).astype(np.uint8)
+
+
+STEM = re.compile(r"synth_\d{5}\.(jpg|png|npy)")
 
 
 def foreign_files(out: Path) -> list[Path]:
@@ -124,12 +148,13 @@ def foreign_files(out: Path) -> list[Path]:
     return sorted(p for d in folders if d.is_dir() for p in d.iterdir() if not STEM.fullmatch(p.name))
 
 
-def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells: bool = False) -> None:
+def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells: bool = False,
+                  ct: bool = False) -> None:
     """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout), replacing
     an earlier synthetic set there (a smaller set must not keep the earlier one's extra samples).
     Refuses (ValueError) a folder holding other files: they would be mixed into the set.
     sparse: small pets on SPARSE_SIZE x SPARSE_SIZE images (`make_sample`); cells: EM-like slices
-    (`make_cells`), written as PNG."""
+    (`make_cells`), written as PNG; ct: CT-like slices (`make_ct`), written as int16 .npy arrays."""
     out = Path(out)
     other = foreign_files(out)
     if other:
@@ -143,6 +168,8 @@ def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells:
     for i in range(n):
         if cells:
             image, trimap = make_cells(rng)
+        elif ct:
+            image, trimap = make_ct(rng)
         elif sparse:
             image, trimap = make_sample(rng, sparse=True, min_size=SPARSE_SIZE, max_size=SPARSE_SIZE)
         else:
@@ -150,6 +177,8 @@ def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells:
         stem = f"synth_{i:05d}"
         if cells:  # lossless, as EM and microscopy images are kept
             Image.fromarray(image).save(out / "images" / f"{stem}.png")
+        elif ct:  # Hounsfield units, which no 8-bit image holds
+            np.save(out / "images" / f"{stem}.npy", image)
         else:
             Image.fromarray(image).save(out / "images" / f"{stem}.jpg", quality=92)
         Image.fromarray(trimap).save(out / "annotations" / "trimaps" / f"{stem}.png")
