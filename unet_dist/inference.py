@@ -150,7 +150,7 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
     would be), so that with an overlap as wide as the network's receptive field they give what the
     whole image through the model gives, and an image of the training size is one pass. (Mirrored
     context at the borders of such a model's images cost the demo model 6.9 points of IoU on new
-    images of its training size; for a model trained on patches it gained 1.2: docs in README.)
+    images of its training size; for a model trained on patches it gained 1.2: README, tile mode.)
     The tiles of all B images go through the model `batch` at a time (default about 2^20 input
     pixels: 16 tiles of 256x256, 3 of 572x572), cut from the images inside the loop, so memory
     beyond the images and the output is bounded by one batch of tiles however large the images.
