@@ -1043,6 +1043,20 @@ def test_a_dataset_intensity_window_maps_training_and_prediction_alike(shards, t
                   check=True)
     scored = json.loads(ev.stdout.strip().splitlines()[-1])
     assert scored["images"] == 24 and scored["iou"] > 0.8, scored
+    # The slices are the model's training size, so tile mode (auto) is one pass of each, as evaluation
+    # in training was: the val slices scored from their files give the val records' IoU. (With
+    # mirrored context at the borders, before session 37, they did not.)
+    from unet_dist.data.pipeline import FEATURES
+
+    val = [tf.io.parse_single_example(r, FEATURES)["stem"].numpy().decode()
+           for f in json.loads((data / "manifest.json").read_text())["val"]["shards"]
+           for r in tf.data.TFRecordDataset(str(data / f))]
+    (tmp_path / "val.txt").write_text("\n".join(val))
+    ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--layout", "folders",
+                  "--list", str(tmp_path / "val.txt"), check=True)
+    scored = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert scored["images"] == 6 and scored["mode"] == "tile", scored
+    assert abs(scored["iou"] - summary["final_val_iou"]) < 1e-6, (scored["iou"], summary["final_val_iou"])
     out = tmp_path / "pred"
     run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(src / "images" / "ct01.npy"), "--out", str(out),
              check=True)
