@@ -1069,10 +1069,23 @@ def test_a_dataset_intensity_window_maps_training_and_prediction_alike(shards, t
     np.testing.assert_array_equal(loaded.serve(image[None])["mask"].numpy()[0], predicted)
     values = image_values(src / "images" / "ct01.npy", channels=1).astype(np.float32)
     np.testing.assert_array_equal(loaded.serve_values(values[None])["mask"].numpy()[0], predicted)
-    # An ensemble reads each image once: a run whose images were scaled each by its own range is refused.
+    # Records of images mapped otherwise are not scored: a test set converted with a window of its
+    # own (here each image's own range) is refused, naming the flags that map it as training did;
+    # converted with them, it scores as the run's own data.
     data_own = tmp_path / "data_own"
     run_main(capsys, "unet_dist.convert", str(src), str(data_own), "--layout", "folders", "--channels", "1",
              check=True)
+    refused = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(data_own))
+    flags = ["--intensity", "window", "--window", repr(window[0][0]), repr(window[0][1])]
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        f"{data_own}/manifest.json: images mapped to 8 bits from each image's own range, but the run's training "
+        f"data from {window[0][0]:g} to {window[0][1]:g} ({w / 'data.json'}); convert it again with "
+        f"{' '.join(flags)}"), refused.stderr
+    run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "again"), "--layout", "folders", "--channels", "1",
+             "--val-fraction", "0.25", *flags, check=True)
+    ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(tmp_path / "again"), check=True)
+    assert abs(json.loads(ev.stdout.strip().splitlines()[-1])["val_iou"] - summary["final_val_iou"]) < 1e-6
+    # An ensemble reads each image once: a run whose images were scaled each by its own range is refused.
     own = tmp_path / "own"
     train(load_config(None, tiny_overrides(steps=1) + ["model.in_channels=1"]), data_own, own)
     mixed = run_main(capsys, "unet_dist.predict", "--workdir", str(w), "--workdir", str(own),

@@ -201,6 +201,7 @@ def main(argv=None) -> int:
     from unet_dist.checkpoint import CheckpointError, Checkpoints, checkpoint_path
     from unet_dist.data.pipeline import DataError, load_manifest
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
+    from unet_dist.inference import check_intensity_matches
     from unet_dist.logs import chief_progress
     from unet_dist.trainer import Evaluator, build_model_and_optimizer, check_data_matches
 
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
         manifest = load_manifest(args.data)
         check_data_matches(cfg, manifest, args.data)
+        check_intensity_matches(args.workdir, manifest, args.data)
         path = checkpoint_path(args.workdir, args.checkpoint)
     except (DataError, ConfigError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

@@ -83,6 +83,19 @@ def intensity_window(workdir: str | Path) -> list | None:
     return (info.get("intensity") or {}).get("window")
 
 
+def check_intensity_matches(workdir: str | Path, manifest: dict, data_dir: str | Path) -> None:
+    """evaluate --data: the records of `data_dir` must hold images mapped to 8 bits as the run's
+    training data was (`convert --intensity`), or its scores would be of other inputs than the
+    model learnt. Raises ConfigError naming both and the convert flags that match the run."""
+    run, data = intensity_window(workdir), (manifest.get("intensity") or {}).get("window")
+    if run != data:
+        flags = ("--intensity window --window " + " ".join(repr(float(v)) for pair in run for v in pair)
+                 if run is not None else "--intensity image")
+        raise ConfigError(f"{data_dir}/manifest.json: images mapped to 8 bits from {_window_text(data)}, but the "
+                          f"run's training data from {_window_text(run)} ({Path(workdir) / 'data.json'}); convert "
+                          f"it again with {flags}")
+
+
 def auto_mode(workdir: Path, cfg: Config) -> tuple[str, str]:
     """predict --mode auto: ('resize' or 'tile', why), from WORKDIR/data.json (the manifest's sizes).
 
