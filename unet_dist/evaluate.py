@@ -17,7 +17,8 @@ and the precision, float32 unless set (runtime.precision=auto: this machine's mi
 --data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
 or --out. --split train evaluates every training record (no augmentation): a held-out test set converted
 with --val-fraction 0, or the training fit itself. The metric keys keep their val_ prefix either way.
-These records are the size conversion made them (data.image_size when it resized).
+These records are the size conversion made them (data.image_size when it resized), and must hold
+images mapped to 8 bits as the run's training data did (convert --intensity; the error says how).
 
 --images: predicts every image of SRC (laid out as for convert; the layout and classes of the run's
 data by default) the way `predict` does with the same --mode, --tile, --overlap and --tta, and scores

@@ -20,7 +20,11 @@ For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
 stopped (every file is written beside and renamed into place, so one that is there is whole).
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
 mode, unless every training image already was data.image_size (then overlap-tile at the images' own
-pixel scale, for images of any size). It prints which mode and why.
+pixel scale, for images of any size). It prints which mode and why. Tiles of a model trained on whole
+images lie inside the image (one pass where the image is the training size); a model trained on
+patches, or with valid padding, gets mirrored context at the image's borders.
+Images are read as the run's data was converted: its channels, and its intensity window (convert
+--intensity dataset or window) where it had one.
 --workdir repeated for several runs (the folds of `convert --fold`): their probabilities are averaged.
 Started as N processes, each predicts its share of the images, on its own GPU where the node has them
 (the backend follows how predict was started, or --strategy, as in training). The shares are split by
