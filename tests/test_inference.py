@@ -483,6 +483,20 @@ def test_the_saved_model_serves_class_colours_where_the_masks_had_them(tmp_path)
     assert set(tf.saved_model.load(str(tmp_path / "plain")).serve(images)) == {"mask", "probabilities"}
 
 
+def test_the_served_window_maps_values_to_the_bytes_conversion_stores():
+    # export's serve_values maps raw values in the graph; it must give the bytes imageio.windowed
+    # gives for the same values (records, predict), out-of-window and NaN values included.
+    from unet_dist.data.imageio import windowed
+    from unet_dist.inference import windowed_tf
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(50, 400, 100_000), np.linspace(-160, 240, 4001), [np.nan, np.inf, -np.inf]])
+    values = np.stack([values, values * 3.7], -1).astype(np.float32)
+    window = [[-160.0, 240.0], [33.25, 86.5]]
+    want = np.stack([windowed(values[:, c], lo, hi) for c, (lo, hi) in enumerate(window)], -1)
+    np.testing.assert_array_equal(windowed_tf(tf.constant(values), window).numpy(), want)
+
+
 @pytest.mark.parametrize("intensity", ["window", {"window": [[0, 1]]}, {"window": [[1, 0]]}, {"window": [[0, "1"]]},
                                        {"window": [[0, 1], [0, 1], [0, 1], [0, 1]]}, {"window": [0, 1]}])
 def test_a_bad_intensity_window_in_a_runs_data_json_is_one_line_naming_it(tmp_path, intensity):

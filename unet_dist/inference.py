@@ -484,6 +484,16 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
                      precision, colors, windows[0])
 
 
+def windowed_tf(values: tf.Tensor, window: list) -> tf.Tensor:
+    """float32 (..., C) values -> uint8 (..., C), channel c mapped from window[c] = [lo, hi] to 0..255
+    with `imageio.windowed`'s float32 arithmetic, so that the same values give the same bytes."""
+    lo = tf.constant([w[0] for w in window], tf.float32)
+    scale = tf.constant([255.0 / (w[1] - w[0]) for w in window], tf.float32)  # as numpy: in float64, then cast
+    scaled = (values - lo) * scale + 0.5
+    scaled = tf.where(tf.math.is_nan(scaled), tf.zeros_like(scaled), scaled)
+    return tf.cast(tf.clip_by_value(scaled, 0.0, 255.0), tf.uint8)
+
+
 def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path, colors: list | None = None,
                        channels: int = 3, window: list | None = None) -> None:
     """SavedModel with a `serve` signature: uint8 images (B, H, W, channels) of any size (the models'
@@ -510,13 +520,8 @@ def export_saved_model(models: list[keras.Model], fn: Callable, out: str | Path,
     archive.add_endpoint(name="serve", fn=serve,
                          input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
     if window is not None:
-        lo = tf.constant([w[0] for w in window], tf.float32)
-        scale = tf.constant([255.0 / (w[1] - w[0]) for w in window], tf.float32)  # as numpy: in float64, then cast
-
         def serve_values(values):
-            scaled = (values - lo) * scale + 0.5
-            scaled = tf.where(tf.math.is_nan(scaled), tf.zeros_like(scaled), scaled)
-            return serve(tf.cast(tf.clip_by_value(scaled, 0.0, 255.0), tf.uint8))
+            return serve(windowed_tf(values, window))
 
         archive.add_endpoint(name="serve_values", fn=serve_values,
                              input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="values")])
