@@ -39,7 +39,8 @@ image (the default) scales each by its own 1st and 99.8th percentiles; dataset m
 every image, the 0.5th to 99.5th percentile of the training images' foreground values (classes
 above 0), as nnU-Net normalises CT, so that a value (a Hounsfield unit) means the same everywhere;
 window maps --window LO HI (e.g. --window -160 240, an abdominal CT window; or LO HI for each
-channel). Prediction maps new images with the run's window.
+channel). Either window maps every image, 8-bit ones too. Prediction maps new images with the run's
+window.
 --fold I/K replaces --val-fraction with k-fold cross-validation: the K conversions (I = 0..K-1, one
 --seed) validate on every image once; train a run on each and `predict --workdir RUN0 --workdir
 RUN1 ...` averages them.
