@@ -179,21 +179,19 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
         cy, cx = (oh - kh) // 2, (ow - kw) // 2  # where the kept part sits in the model's output
 
         def fn(images):
-            b, h, w = tf.unstack(tf.shape(images)[:3])
+            h, w = tf.unstack(tf.shape(images)[1:3])
             ny, nx = (h + kh - 1) // kh, (w + kw - 1) // kw
             # The context beyond the image: mirrored, as in the paper.
             x = tf.gather(images, _reflect_indices(h, top, ny * kh - h + th - kh - top), axis=1)
             x = tf.gather(x, _reflect_indices(w, left, nx * kw - w + tw - kw - left), axis=2)
-            kept = _tiles_through(model, x, tf.range(ny) * kh, tf.range(nx) * kw, (th, tw), batch, units,
-                                  lambda probs, iy, ix: probs[:, cy : cy + kh, cx : cx + kw], (kh, kw))
-            probs = tf.reshape(tf.transpose(tf.reshape(kept, [b, ny, nx, kh, kw, units]), [0, 1, 3, 2, 4, 5]),
-                               [b, ny * kh, nx * kw, units])
+            probs = _tiles_through(model, x, tf.range(ny) * kh, tf.range(nx) * kw, (th, tw), batch, units,
+                                   lambda probs, iy, ix: probs[:, cy : cy + kh, cx : cx + kw], (kh, kw))
             return probs[:, :h, :w]
     else:
         grid = 2**cfg.model.depth
 
         def fn(images):
-            b, h, w = tf.unstack(tf.shape(images)[:3])
+            h, w = tf.unstack(tf.shape(images)[1:3])
             ys, xs = _inside(h, th, (th - kh) // 2, kh, grid), _inside(w, tw, (tw - kw) // 2, kw, grid)
             # Padded to the pooling grid at the far edges only, as a whole image would be for the model.
             x = tf.gather(images, _reflect_indices(h, 0, ys.padded - h), axis=1)
@@ -204,11 +202,8 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
                 cols = tf.gather(xs.starts, ix)[:, None] + tf.range(xs.window)
                 return tf.gather(tf.gather(probs, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
 
-            kept = _tiles_through(model, x, ys.origins, xs.origins, (ys.size, xs.size), batch, units, window,
-                                  (None, None))
-            ny, nx = tf.size(ys.origins), tf.size(xs.origins)
-            probs = tf.reshape(tf.transpose(tf.reshape(kept, [b, ny, nx, ys.window, xs.window, units]),
-                                            [0, 1, 3, 2, 4, 5]), [b, ny * ys.window, nx * xs.window, units])
+            probs = _tiles_through(model, x, ys.origins, xs.origins, (ys.size, xs.size), batch, units, window,
+                                   (ys.window, xs.window))
             return tf.gather(tf.gather(probs, ys.index, axis=1), xs.index, axis=2)
 
     return mirrored(fn, one_at_a_time=True) if flip else fn
@@ -243,11 +238,12 @@ def _inside(n, tile: int, context: int, keep: int, grid: int) -> _Axis:
     return _Axis(size, padded, origins, starts, window, t * window + r - tf.gather(origins, t) - tf.gather(starts, t))
 
 
-def _tiles_through(model, x, origins_y, origins_x, size, batch: int, units: int, crop, kept_shape):
+def _tiles_through(model, x, origins_y, origins_x, size, batch: int, units: int, crop, kept):
     """The model's outputs of every tile of the images x (B, H', W', C) uint8, tile (b, i, j) of
     `size` (h, w) cut at (origins_y[i], origins_x[j]), `batch` tiles at a time, each output cropped
-    by crop(probs (m, h', w', U), i (m,), j (m,)) -> (m, *kept_shape, U): (B * ny * nx, *kept_shape, U)
-    float32, the tiles numbered image by image, row by row."""
+    by crop(probs (m, h', w', U), i (m,), j (m,)) -> (m, kh, kw, U), kept = (kh, kw) (ints, or
+    int32 scalars known when the graph runs): float32 (B, ny * kh, nx * kw, U), the crops laid side
+    by side in the tiles' order."""
     ny, nx = tf.size(origins_y), tf.size(origins_x)
     n = tf.shape(x)[0] * ny * nx
     th, tw = size
@@ -267,10 +263,13 @@ def _tiles_through(model, x, origins_y, origins_x, size, batch: int, units: int,
         return i + 1, out.write(i, tf.cast(crop(probs, iy, ix), tf.float32))
 
     chunks = (n + batch - 1) // batch
-    out = tf.TensorArray(tf.float32, size=chunks, infer_shape=False, element_shape=[None, *kept_shape, units])
+    static = [k if isinstance(k, int) else None for k in kept]
+    out = tf.TensorArray(tf.float32, size=chunks, infer_shape=False, element_shape=[None, *static, units])
     # One batch at a time (parallel_iterations=1): that bounds the activations held at once.
     _, out = tf.while_loop(lambda i, _: i < chunks, body, (0, out), parallel_iterations=1)
-    return out.concat()
+    kh, kw = kept
+    tiles = tf.reshape(out.concat(), [tf.shape(x)[0], ny, nx, kh, kw, units])
+    return tf.reshape(tf.transpose(tiles, [0, 1, 3, 2, 4, 5]), [tf.shape(x)[0], ny * kh, nx * kw, units])
 
 
 def traced(fn):
