@@ -439,6 +439,19 @@ def in_order(pool: ProcessPoolExecutor, fn: Callable, items: Iterable, ahead: in
             future.cancel()
 
 
+@contextlib.contextmanager
+def on_workers(fn: Callable, items: list, workers: int, label: str, progress: bool) -> Iterator[Iterator]:
+    """fn(item) for each item, on `workers` processes (`in_order`), with a progress bar named
+    `label`. spawn: never fork a process that has TensorFlow loaded. A worker that dies raises
+    BrokenProcessPool, which the caller turns into its own one-line error."""
+    from unet_dist.progress import progress as show_progress
+
+    with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
+          contextlib.closing(in_order(pool, fn, items, ahead=4 * workers)) as results):
+        # A bar on a terminal, a line a minute in a log file; none where progress is False.
+        yield show_progress(results, len(items), label, "img", shown=progress)
+
+
 def _example(rec: dict) -> bytes:
     import tensorflow as tf  # parent process only: workers stay free of TensorFlow
 
@@ -484,17 +497,14 @@ def _dataset_window(tasks: list[Task], workers: int, progress: bool) -> tuple[li
     """--intensity dataset: ([lo, hi] per channel, the count of values they were taken from), the
     INTENSITY_PERCENTILES of the training images' foreground values, per channel, drawn evenly
     from every training image (`foreground_values`; at most INTENSITY_SAMPLE values in all)."""
-    from unet_dist.progress import progress as show_progress
-
     train = [t for t in tasks if t.split == "train"]
     channels = train[0].channels
     each = max(1, INTENSITY_SAMPLE // (channels * len(train)))
     parts = []
     try:
-        with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
-              contextlib.closing(in_order(pool, foreground_values, [dataclasses.replace(t, sample_size=each)
-                                                                      for t in train], ahead=4 * workers)) as results):
-            for values in show_progress(results, len(train), "intensity", "img", shown=progress):
+        with on_workers(foreground_values, [dataclasses.replace(t, sample_size=each) for t in train], workers,
+                        "intensity", progress) as results:
+            for values in results:
                 if values is not None and len(values):
                     parts.append(values)
     except BrokenProcessPool:
@@ -597,7 +607,6 @@ def convert(
     import tensorflow as tf
 
     from unet_dist.data.border import MAX_STEP, STEPS_PER_PX  # it takes IGNORE from here
-    from unet_dist.progress import progress as show_progress
 
     src, out = Path(src), Path(out)
     if classes not in CLASS_MODES:
@@ -743,11 +752,8 @@ def convert(
     per_shard = {s: [0] * n for s, n in n_shards.items()}
     counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
     try:
-        # spawn: never fork a process that has TensorFlow loaded.
-        with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool,
-              contextlib.closing(in_order(pool, process, tasks, ahead=4 * workers)) as results):
-            # A bar on a terminal, a line a minute in a log file; none where progress is False.
-            for task, rec, reason in show_progress(results, len(tasks), "convert", "img", shown=progress):
+        with on_workers(process, tasks, workers, "convert", progress) as results:
+            for task, rec, reason in results:
                 if rec is None:
                     skipped.append({"file": str(task.sample.image), "reason": reason})
                     continue
