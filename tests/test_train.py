@@ -1012,7 +1012,7 @@ def _ct_like(src, n: int, seed: int = 0) -> None:
         np.save(src / "masks" / f"ct{i:02d}.npy", (trimap == 1).astype(np.uint8))
 
 
-def test_a_dataset_intensity_window_maps_training_and_prediction_alike(shards, tmp_path, capsys):
+def test_a_dataset_intensity_window_maps_training_and_prediction_alike(tmp_path, capsys):
     # convert --intensity dataset takes one window from the training images' foreground and maps
     # every image by it; the run's data.json carries it to evaluate --images, predict and export,
     # whose serve_values maps raw values in the graph to what predict computed.
