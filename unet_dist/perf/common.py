@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -56,7 +57,21 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpus": os.cpu_count(), "cpu": cpu, "cpu_flags": [f for f in _MATRIX_FLAGS if f in flags],
-            "machine": platform.machine(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+            "machine": platform.machine(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            **_gpus()}
+
+
+def _gpus() -> dict:
+    """{"gpus": [device names]} where the benchmark computed on GPUs, else {} (a CPU run's results
+    keep their keys). Only asks TensorFlow if this process has imported it already."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return {}
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return {}
+    return {"gpus": [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus],
+            "tensorflow": tf.__version__}
 
 
 def time_iter(it, n: int, warmup: int) -> float:
