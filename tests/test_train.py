@@ -131,10 +131,34 @@ def test_auto_precision_is_resolved_for_this_machine_and_recorded(shards, tmp_pa
     s = train(cfg, shards, tmp_path / "w")
     assert s["precision"] == expected
     assert load_config(tmp_path / "w" / "config.yaml").runtime.precision == expected  # what ran, for resume/predict
-    assert f"precision {expected} (auto: no GPU; the CPU " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"precision {expected} (auto: no GPU; the CPU " in out
+    # runtime.xla auto too: off without a GPU (the step is slower compiled on a CPU), and recorded.
+    assert cfg.runtime.xla is False and s["xla"] is False and "xla False (auto: no GPU" in out, out
+    assert load_config(tmp_path / "w" / "config.yaml").runtime.xla is False
     # A policy the config names is kept, whatever the machine.
     s = train(load_config(None, over + ["runtime.precision=float32", "train.steps=3"]), shards, tmp_path / "w")
     assert s["precision"] == "float32" and s["start_step"] == 2
+
+
+def test_auto_xla_is_on_where_the_step_computes_on_a_gpu(monkeypatch):
+    from unet_dist.trainer import resolve_xla
+
+    def resolved(*over, gpus=()):
+        monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: list(gpus) if kind == "GPU" else [])
+        cfg = load_config(None, list(over))
+        why = resolve_xla(cfg)
+        return cfg.runtime.xla, why
+
+    gpu = ["/physical_device:GPU:0"]
+    assert resolved(gpus=gpu) == (True, "auto: the step computes on a GPU")
+    assert resolved()[0] is False
+    assert resolved("model.sync_batch_norm=true", gpus=gpu)[0] is False  # XLA cannot compile its collectives
+    assert resolved("runtime.deterministic=true", gpus=gpu)[0] is False
+    assert resolved("runtime.xla=false", gpus=gpu) == (False, None)  # what the config says is kept
+    assert resolved("runtime.xla=true") == (True, None)
+    with pytest.raises(ConfigError, match=r"runtime.xla: got 'often'; allowed: bool or 'auto'"):
+        load_config(None, ["runtime.xla=often"])
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path, capsys):

@@ -412,10 +412,32 @@ def _cpu_list(cpus: list[int]) -> str:
     return f"{len(cpus)} CPUs ({cpus[0]}..{cpus[-1]})"
 
 
+def resolve_xla(cfg: Config) -> str | None:
+    """Replaces runtime.xla 'auto' with this process's choice; returns why (None when the config
+    said true or false, which is kept). Call it once the runtime has given this process its GPUs.
+
+    auto: on where the step computes on a GPU, off on a CPU. Under XLA the train step ran 1.6-2.2x
+    as fast on an NVIDIA H200 and 0.3-0.4x as fast on the 2-core CPU VMs (docs/benchmarks.md). Off
+    too with model.sync_batch_norm, whose collectives XLA cannot compile, and with
+    runtime.deterministic: the reproducibility tests check the path without XLA.
+    """
+    if cfg.runtime.xla != "auto":
+        return None
+    cfg.runtime.xla = False
+    if cfg.model.sync_batch_norm:
+        return "auto: model.sync_batch_norm's collectives cannot be compiled"
+    if cfg.runtime.deterministic:
+        return "auto: runtime.deterministic"
+    if not tf.config.get_visible_devices("GPU"):
+        return "auto: no GPU, and on CPUs the step is slower compiled"
+    cfg.runtime.xla = True
+    return "auto: the step computes on a GPU"
+
+
 def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int, peak_lr: float, start: int,
-             precision_why: str | None = None) -> None:
+             precision_why: str | None = None, xla_why: str | None = None) -> None:
     """The start line: backend and why, world size, batch and learning rate after scaling, precision
-    (and why, when runtime.precision was auto)."""
+    and XLA (and why, when the config said auto)."""
     by = " by NCCL" if runtime.nccl else ""
     runtime.print(
         f"unet_dist: strategy {runtime.name} ({runtime.reason}); world_size {runtime.world_size}, "
@@ -425,7 +447,8 @@ def announce(cfg: Config, runtime: Runtime, global_batch: int, per_replica: int,
         f"lr {peak_lr:g} (base {cfg.optim.learning_rate:g} at batch {cfg.optim.reference_batch_size}, "
         f"scaling {cfg.optim.lr_scaling}), warmup {cfg.optim.warmup_steps} steps, precision "
         f"{cfg.runtime.precision}{f' ({precision_why})' if precision_why else ''}, "
-        f"{f'gradients summed in {runtime.wire_dtype()}{by}, ' if runtime.num_replicas > 1 else ''}xla {cfg.runtime.xla}, "
+        f"{f'gradients summed in {runtime.wire_dtype()}{by}, ' if runtime.num_replicas > 1 else ''}xla {cfg.runtime.xla}"
+        f"{f' ({xla_why})' if xla_why else ''}, "
         f"{'synchronized batch norm, ' if cfg.model.sync_batch_norm else ''}threads {runtime.threads[0]}+{runtime.threads[1]} "
         f"on {_cpu_list(runtime.cpus)}; "
         + (f"resuming at step {start}" if start else "starting at step 0") + f" of {cfg.train.steps}")
@@ -457,6 +480,7 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
 
 def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Runtime, watchdog: Watchdog) -> dict:
     precision_why = precision.resolve(cfg.runtime)  # before config.yaml records what runs
+    xla_why = resolve_xla(cfg)
     manifest = load_manifest(data_dir)
     check_data_matches(cfg, manifest, data_dir)
     # Data converted with --val-fraction 0 (a final model on every image, as nnU-Net's fold "all"):
@@ -487,7 +511,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         runtime.print(f"unet_dist: skipping {lost} unreadable of {manifest['train']['records']} training records")
     runtime.broadcast_state(model.variables + optimizer.variables)
     total = cfg.train.steps
-    announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why)
+    announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why, xla_why)
     if not validate:
         runtime.print(f"unet_dist: {data_dir} has no validation split (converted with --val-fraction 0): training "
                       "without evaluation; no best checkpoint is kept, so predict and export use the latest")
