@@ -167,6 +167,39 @@ def test_flops_keeps_a_result_for_each_cpu_and_shows_a_row_for_each(tmp_path):
     assert [row.split(",")[0] for row in rows] == ["| Intel Xeon (avx512_bf16", "| AMD EPYC (avx512_bf16)"], rows
 
 
+def test_report_runs_the_gpu_benchmarks_only_with_gpu_and_shows_them_beside_nvidias(tmp_path, monkeypatch):
+    # The CPU VMs the report is made on have no GPU: a report there must keep the GPU results it has
+    # (run elsewhere with --gpu) and not try to run them; --gpu runs those alone.
+    import argparse
+    from pathlib import Path
+
+    from unet_dist.perf import report
+
+    ran = []
+    monkeypatch.setattr(report, "run_one", lambda name, cmd, out: ran.append(name) or {"cpu": "x"})
+    monkeypatch.setattr(report, "render", lambda results, out: "")
+    args = argparse.Namespace(out=tmp_path, render_only=False, only=None, gpu=False, data=Path("D"),
+                              demo_data=Path("DEMO"), cells_data=Path("CELLS"))
+    report.run(args)
+    assert ran == list(report.commands(args)) and not any(n.startswith("gpu_") for n in ran), ran
+    ran.clear()
+    report.run(argparse.Namespace(**{**vars(args), "gpu": True}))
+    assert ran == ["gpu_train_pets_seed", "gpu_train_ronneberger", "gpu_flops"], ran
+    assert "--data CELLS " in " ".join(report.gpu_commands(args)["gpu_train_ronneberger"]) + " "
+
+    monkeypatch.undo()
+    gpu = {"gpus": ["NVIDIA H200"], "tensorflow": "2.21.0", "cpus": 16, "cpu": "Xeon", "machine": "x86_64",
+           "python": "3.12.3", "date": "d9", "command": "bench train ronneberger", "steps": 40}
+    ronneberger = {**gpu, "config": "configs/ronneberger.yaml", "images_per_s": {"mixed_float16+xla": 284.3}}
+    cpu = {"cpus": 2, "cpu": "AMD EPYC", "machine": "x86_64", "python": "3.11.7", "date": "d1"}
+    text = report.render({"memory_like": cpu, "gpu_train_ronneberger": ronneberger}, tmp_path)
+    assert "not yet measured" not in text and "One NVIDIA H200, TensorFlow 2.21.0" in text, text[:3000]
+    assert "| 1x A100 40GB | mixed precision | 118.98 | - |" in text and "mixed_float16+xla 284.3 images/s" in text
+    assert text.count("Machine: 2 CPU cores (AMD EPYC)") == 1 and "d9" not in report._machines(
+        {"a": cpu, "gpu_train_ronneberger": ronneberger})  # the GPU run names its machine in its own section
+    assert "**GPU numbers are not yet measured**" in report.render({"a": cpu}, tmp_path)
+
+
 def test_report_says_which_precision_each_recipe_trained_in(tmp_path):
     from unet_dist.perf.report import render
 
@@ -225,7 +258,8 @@ def test_benchmarks_md_is_the_report_of_its_results_and_notes(tmp_path):
 
     shutil.copytree(ROOT / "docs" / "bench", tmp_path / "bench")
     shutil.copy(ROOT / "docs" / "benchmarks_notes.md", tmp_path)
-    run(argparse.Namespace(out=tmp_path, render_only=True, only=None, data=Path("DATA"), demo_data=Path("DEMO")))
+    run(argparse.Namespace(out=tmp_path, render_only=True, only=None, gpu=False, data=Path("DATA"),
+                           demo_data=Path("DEMO"), cells_data=Path("CELLS")))
     assert (tmp_path / "benchmarks.md").read_text() == (ROOT / "docs" / "benchmarks.md").read_text(), (
         "docs/benchmarks.md differs from its render: edit docs/benchmarks_notes.md, then run "
         "python -m unet_dist.bench report --render-only --out docs --data DATA --demo-data DEMO")

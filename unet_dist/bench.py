@@ -8,6 +8,7 @@
     python -m unet_dist.bench memory --data DATA [--predict-size 4096]
     python -m unet_dist.bench tta --data DATA [--target 0.85] [--every 25] [--repeats 1]
     python -m unet_dist.bench report --data DATA256 --demo-data DATA128 --out docs   # all of them
+    python -m unet_dist.bench report --gpu --data DATA256 --demo-data DATA128 --cells-data CELLS572  # on a GPU
 
 pipeline: images/s of our tf.data pipeline against the paper's PIL generator (open, resize, numpy
 per image; batch 8; no augmentation), on the same source images in the same run; then the config's
@@ -125,6 +126,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, default=Path("docs"))
     pr.add_argument("--only", nargs="+", help="run only these benchmarks; the others are read from OUT/bench/")
     pr.add_argument("--render-only", action="store_true", help="write the report from OUT/bench/*.json")
+    pr.add_argument("--gpu", action="store_true",
+                    help="run the GPU benchmarks (gpu_*) instead of the CPU ones; needs a GPU")
+    pr.add_argument("--cells-data", type=Path, default=Path("runs/bench/cells572"),
+                    help="EM-like slices converted at 572x572 with --border-distances (gpu_train_ronneberger)")
     return p
 
 
@@ -132,13 +137,19 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.bench == "report":
-        from unet_dist.perf.report import commands
+        from unet_dist.perf.report import commands, gpu_commands
         from unet_dist.perf.report import run as report
 
-        names = list(commands(args))
+        names = list(gpu_commands(args) if args.gpu else commands(args))
         unknown = [n for n in args.only or () if n not in names]
         if unknown:  # before anything runs: a typo would re-render the report without running anything
-            p.error(f"report --only {' '.join(unknown)}: no such benchmark; the benchmarks are {', '.join(names)}")
+            p.error(f"report --only {' '.join(unknown)}: no such benchmark{' with --gpu' if args.gpu else ''}; "
+                    f"the benchmarks are {', '.join(names)}")
+        if args.gpu and not args.render_only:
+            import tensorflow as tf
+
+            if not tf.config.list_physical_devices("GPU"):
+                p.error("report --gpu: TensorFlow sees no GPU on this machine")
         report(args)
         return 0
     from unet_dist.config import ConfigError

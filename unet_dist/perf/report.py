@@ -42,6 +42,22 @@ def commands(args) -> dict[str, list[str]]:
     }
 
 
+def gpu_commands(args) -> dict[str, list[str]]:
+    """The benchmarks `report --gpu` runs, on a machine with a GPU. A report without --gpu renders
+    their last results and never runs them: the VMs these reports are made on have no GPU."""
+    py = ["python", "-m", "unet_dist.bench"]
+    d, cells = str(args.data), str(args.cells_data)
+    return {
+        "gpu_train_pets_seed": [*py, "train", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "100",
+                                "--variants", "float32", "float32+xla", "mixed_float16", "mixed_float16+xla"],
+        "gpu_train_ronneberger": [*py, "train", "--data", cells, "--config", "configs/ronneberger.yaml", "--steps", "40",
+                                  "--set", "data.global_batch_size=8", "--variants", "float32", "mixed_float16",
+                                  "mixed_float16+xla"],
+        "gpu_flops": [*py, "flops", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "100",
+                      "--variants", "float32", "mixed_float16"],
+    }
+
+
 # Benchmarks whose target is relative to the CPU they ran on (a fraction of its own matmul peak),
 # while these VMs' CPUs differ from session to session: re-running one on another CPU keeps the
 # previous result as OUT/bench/NAME@CPU.json, one per CPU, and its table has a row for each.
@@ -136,9 +152,12 @@ def _scaling_section(res: dict, title: str) -> list[str]:
 def _machines(results: dict) -> str:
     """The machine and dates of the runs. Benchmarks re-run later (--only) may have run on another
     of these VMs, whose CPUs differ from session to session: then each machine is named with the
-    benchmarks it ran, and numbers compare within a table, not across machines."""
+    benchmarks it ran, and numbers compare within a table, not across machines. The GPU results
+    (gpu_*) name their machine in their own section."""
     groups: dict[str, dict[str, list[str]]] = {}  # machine -> date -> benchmarks
     for name, r in results.items():
+        if name.startswith("gpu_"):
+            continue
         where = f"{r.get('cpus')} CPU cores ({r.get('cpu', '?')}), {r.get('machine')}, Python {r.get('python')}, no GPU"
         groups.setdefault(where, {}).setdefault(str(r.get("date")), []).append(name)
 
@@ -155,7 +174,7 @@ def _machines(results: dict) -> str:
 
 
 # NVIDIA's published training throughput of its UNet_Medical for TensorFlow 2 (the 2015 U-Net, 572x572
-# one-channel EM tiles, batch 8 per GPU, Horovod; DeepLearningExamples, TensorFlow2/Segmentation/
+# one-channel EM tiles, batch 8 per GPU, Horovod, XLA in both precisions; DeepLearningExamples, TensorFlow2/Segmentation/
 # UNet_Medical/README.md, NGC container tensorflow:20.06-tf2-py3): (GPUs, precision, images/s, what
 # NVIDIA calls weak scaling: images/s over those of 1 GPU at the same precision, or None for 1 GPU).
 NVIDIA_UNET_MEDICAL = [
@@ -166,22 +185,66 @@ NVIDIA_UNET_MEDICAL = [
 ]
 
 
-def _nvidia() -> list[str]:
-    """The figures our GPU numbers will go beside, and the command that measures ours."""
+def _gpu(results: dict) -> list[str]:
+    """The GPU section: what `report --gpu` measured last (gpu_*), beside NVIDIA's published figures."""
+    runs = {k: results[k] for k in ("gpu_train_pets_seed", "gpu_train_ronneberger", "gpu_flops") if k in results}
+    if not runs:
+        return ["## On a GPU", "", "**GPU numbers are not yet measured**: no GPU was available to this project. The "
+                "same commands run unchanged on a GPU (mixed_float16 with loss scaling, XLA, one GPU per Horovod "
+                "rank): `python -m unet_dist.bench report --gpu ...` there.", "", *_nvidia(None)]
+    first = next(iter(runs.values()))
+    lines = ["## On a GPU", "",
+             f"One {', '.join(first['gpus'])}, TensorFlow {first.get('tensorflow', '?')}, host {first['cpus']} cores "
+             f"({first.get('cpu', '?')}), {first['date']}; how that machine was set up is in the notes below. "
+             "`float32` on this GPU means TF32 in the matrix units (TensorFlow's default). The scaling across GPUs "
+             "is not measured: that machine had one GPU.", ""]
+    if "gpu_train_pets_seed" in runs:
+        r = runs["gpu_train_pets_seed"]
+        paper = r["paper_fit_images_per_s"]
+        lines += [f"### Training step: `{r['config']}` (global batch {r['global_batch_size']}, {r['image_size']})", "",
+                  "| variant | images/s | vs paper |", "|---|---|---|",
+                  *(f"| ours, {v} | {ips:.1f} | {ips / paper:.2f}x |" for v, ips in r["images_per_s"].items()),
+                  f"| paper: model.fit on the PIL generator (float32) | {paper:.1f} | 1.00x |", "",
+                  f"Command: `{r['command']}`", ""]
+    if "gpu_flops" in runs:
+        r = runs["gpu_flops"]
+        lines += [f"### FLOPs: `{r['config']}`, {r['train_gflops_per_image']:.2f} GFLOP per training image", "",
+                  "Peak: the best of three chains of ten 8192x8192 matrix multiplies in the variant's compute dtype.",
+                  "", "| variant | images/s | achieved GFLOP/s | matmul peak GFLOP/s | fraction of peak |",
+                  "|---|---|---|---|---|",
+                  *(f"| {v} | {x['images_per_s']:.1f} | {x['achieved_gflop_s']:.0f} | {x['matmul_peak_gflop_s']:.0f} | "
+                    f"{x['fraction_of_peak']:.1%} |" for v, x in r["variants"].items()), "",
+                  f"Command: `{r['command']}`", ""]
+    return lines + _nvidia(runs.get("gpu_train_ronneberger"))
+
+
+def _nvidia(ours: dict | None) -> list[str]:
+    """NVIDIA's published figures, and ours on the same network where `ours` (a bench train result
+    of configs/ronneberger.yaml on one GPU) has been measured."""
     rows = [f"| {gpus} | {prec} | {ips:.2f} | {'-' if up is None else f'{up:.2f}x'} |"
             for gpus, prec, ips, up in NVIDIA_UNET_MEDICAL]
-    return ["What they will be compared with: NVIDIA's published training throughput of UNet_Medical for "
-            "TensorFlow 2 (the 2015 U-Net on 572x572 one-channel tiles, batch 8 per GPU, Horovod, AMP for mixed "
-            "precision; its README in NVIDIA's DeepLearningExamples, NGC container `tensorflow:20.06-tf2-py3`). "
+    lines = ["### The 2015 U-Net beside NVIDIA's UNet_Medical", "",
+             "NVIDIA's published training throughput of UNet_Medical for TensorFlow 2 (the 2015 U-Net on 572x572 "
+             "one-channel tiles, batch 8 per GPU, Horovod, XLA in both precisions, AMP for mixed precision, "
+             "averaged over 1000 steps after 200 of warm-up, its input pipeline included; its README in NVIDIA's "
+             "DeepLearningExamples, NGC container `tensorflow:20.06-tf2-py3`):", "",
+             "| GPUs | precision | NVIDIA UNet_Medical, images/s | speedup over 1 GPU |", "|---|---|---|---|",
+             *rows, ""]
+    if ours is None:
+        return lines + [
             "Ours on the same network, on EM-like slices: `python -m unet_dist.synthetic runs/bench/cells -n 48 "
             "--cells`, `python -m unet_dist.convert runs/bench/cells runs/bench/cells572 --border-distances`, then "
             "`python -m unet_dist.bench train --data runs/bench/cells572 --config configs/ronneberger.yaml "
-            "--set data.global_batch_size=8 --variants float32 mixed_float16 mixed_float16+xla` on one GPU, "
-            "`python -m unet_dist.bench pipeline --data runs/bench/cells572 --config configs/ronneberger.yaml "
-            "--image-size 572` (does the pipeline keep ahead of the GPU?), and "
-            "`python -m unet_dist.bench scaling --config configs/ronneberger.yaml` for 1 against 2 ranks.", "",
-            "| GPUs | precision | NVIDIA UNet_Medical, images/s | speedup over 1 GPU |", "|---|---|---|---|",
-            *rows, ""]
+            "--set data.global_batch_size=8 --variants float32 mixed_float16 mixed_float16+xla` on one GPU.", ""]
+    return lines + [
+        f"Ours on the same network (3-channel input) on one {', '.join(ours['gpus'])}, on EM-like slices "
+        "(`python -m unet_dist.synthetic runs/bench/cells -n 48 --cells`, then `python -m unet_dist.convert "
+        "runs/bench/cells runs/bench/cells572 --border-distances`), our train step on batches held in memory "
+        f"({ours['steps']} steps after 3 of warm-up): "
+        + ", ".join(f"{v} {ips:.1f} images/s" for v, ips in ours["images_per_s"].items())
+        + ". These are different GPUs, so the ratio is not ours against NVIDIA's code: by the vendors' datasheets "
+        "an H200 has about 3.2 times an A100's dense float16 matrix rate and 3.1 times its memory bandwidth.", "",
+        f"Command: `{ours['command']}`", ""]
 
 
 def render(results: dict, out: Path) -> str:
@@ -193,8 +256,7 @@ def render(results: dict, out: Path) -> str:
              "Data: `python -m unet_dist.synthetic runs/bench/raw -n 300 --seed 1` then `python -m unet_dist.convert "
              "runs/bench/raw runs/bench/data256 --image-size 256` (the `--data` below; source images 240-500 px "
              "a side, like the Pet photos), and the demo's `runs/demo/data` (128x128, from `make demo`).", ""]
-    lines += [_machines(results), "", "**GPU numbers are not yet measured**: no GPU was available to this project. The same commands "
-              "run unchanged on a GPU (mixed_float16 with loss scaling, XLA, one GPU per Horovod rank).", "", *_nvidia()]
+    lines += [_machines(results), "", *_gpu(results)]
 
     pipe = {k: results[k] for k in ("pipeline", "pipeline_off", "pipeline_full") if k in results}
     if pipe:
@@ -326,9 +388,10 @@ def run(args) -> None:
     out = Path(args.out)
     (out / "bench").mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, cmd in commands(args).items():
+    runs_here = gpu_commands(args) if args.gpu else commands(args)
+    for name, cmd in {**commands(args), **gpu_commands(args)}.items():
         path = out / "bench" / f"{name}.json"
-        if args.render_only or (args.only and name not in args.only):
+        if args.render_only or name not in runs_here or (args.only and name not in args.only):
             if path.exists():
                 results[name] = json.loads(path.read_text())
             continue
