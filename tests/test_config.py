@@ -62,6 +62,10 @@ def test_sync_batch_norm_needs_batch_norm_and_neither_xla_nor_accumulation():
             load_config(None, ["model.sync_batch_norm=true", f"model.norm={norm}"])
     with pytest.raises(ConfigError, match="model.sync_batch_norm: .*runtime.xla is true"):
         load_config(None, ["model.sync_batch_norm=true", "runtime.xla=true"])
+    # Under op determinism TensorFlow refuses to compile the max-pool gradient, at the first step.
+    with pytest.raises(ConfigError, match="runtime.xla: got True; allowed: false or auto when runtime.deterministic is true"):
+        load_config(None, ["runtime.deterministic=true", "runtime.xla=true"])
+    assert load_config(None, ["runtime.deterministic=true"]).runtime.xla == "auto"
     for bad in (["model.padding=valid"], ["model.depth=2"]):  # heads at levels 1..depth-2, halving sizes
         with pytest.raises(ConfigError, match=r"^config key model.deep_supervision: got True; allowed: false unless "
                                               r"model.padding is same and model.depth >= 3"):

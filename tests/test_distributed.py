@@ -29,8 +29,8 @@ EQUIV = tiny_overrides(steps=5) + ["model.norm=none", "optim.name=sgd", "optim.l
 EQUIV_SYNC_BN = [o for o in EQUIV if o != "model.norm=none"] + ["model.sync_batch_norm=true"]
 
 
-def _args(data, workdir, overrides, module="unet_dist.train"):
-    out = ["-m", module, "--data", str(data), "--workdir", str(workdir), "--deterministic"]
+def _args(data, workdir, overrides, module="unet_dist.train", deterministic=True):
+    out = ["-m", module, "--data", str(data), "--workdir", str(workdir)] + (["--deterministic"] if deterministic else [])
     for o in overrides:
         out += ["--set", o]
     return out
@@ -114,16 +114,19 @@ def _one_process(shards, tmp_path_factory, name, overrides):
     return w
 
 
-def two_replicas(backend, data, workdir, overrides):
+def two_replicas(backend, data, workdir, overrides, deterministic=True):
     """Trains on 2 replicas: MirroredStrategy over 2 logical CPUs, horovodrun -np 2, or 2 TF_CONFIG
     workers; returns the chief's stdout. Skips Horovod where it is not installed."""
     if backend == "horovod" and not HOROVODRUN.exists():
         pytest.skip("Horovod not installed (run make setup)")
     if backend == "mirrored":
-        return python_run(*_args(data, workdir, overrides + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"])).stdout
+        overrides = overrides + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"]
+    args = _args(data, workdir, overrides, deterministic=deterministic)
+    if backend == "mirrored":
+        return python_run(*args).stdout
     if backend == "horovod":
-        return horovodrun(*_args(data, workdir, overrides)).stdout
-    return multiworker(*_args(data, workdir, overrides))[0].stdout
+        return horovodrun(*args).stdout
+    return multiworker(*args)[0].stdout
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +159,19 @@ def test_horovod_three_processes_equals_one_device(shards, tmp_path_factory, tmp
     proc = horovodrun(*_args(shards, w, overrides), np_=3)
     assert "world_size 3" in proc.stdout
     _assert_same_run(ref, w, "horovod, 3 processes")
+
+
+@pytest.mark.parametrize("backend", ["mirrored", "horovod"])
+def test_the_xla_step_trains_on_each_backend(backend, shards, tmp_path):
+    # runtime.xla auto compiles the forward and backward pass wherever the step computes on a GPU,
+    # with the all-reduce outside what is compiled. Not deterministic (TensorFlow will not compile a
+    # max-pool gradient under op determinism), so the batches' order may differ from run to run:
+    # the compiled step's numbers are checked against the plain one in test_train.
+    w = tmp_path / "w"
+    out = two_replicas(backend, shards, w, EQUIV + ["runtime.xla=true"], deterministic=False)
+    assert "xla True, " in out and "replicas 2" in out, out
+    losses = _losses(w)
+    assert len(losses) == 5 and np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 
 @pytest.mark.parametrize("backend, wire", [("mirrored", "float16"), ("horovod", "float16"),

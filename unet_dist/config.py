@@ -375,6 +375,10 @@ def validate(cfg: Config) -> None:
     # ops have no XLA kernels.
     need(not (m.sync_batch_norm and r.xla is True), "model.sync_batch_norm",
          "false when runtime.xla is true (its collectives cannot be compiled by XLA)", m.sync_batch_norm)
+    # TensorFlow refuses to compile a max-pool gradient under op determinism ("do not yet have a
+    # deterministic XLA implementation"), at the first step.
+    need(not (r.deterministic and r.xla is True), "runtime.xla",
+         "false or auto when runtime.deterministic is true (XLA has no deterministic max-pool gradient)", r.xla)
     need(0 <= m.dropout < 1, "model.dropout", "0 <= dropout < 1", m.dropout)
     need(m.num_classes >= 2, "model.num_classes", ">= 2 (2 = binary)", m.num_classes)
     need(1 <= m.in_channels <= MAX_CHANNELS, "model.in_channels", f"1 to {MAX_CHANNELS}", m.in_channels)

@@ -419,7 +419,7 @@ def resolve_xla(cfg: Config) -> str | None:
     auto: on where the step computes on a GPU, off on a CPU. Under XLA the train step ran 1.6-2.2x
     as fast on an NVIDIA H200 and 0.3-0.4x as fast on the 2-core CPU VMs (docs/benchmarks.md). Off
     too with model.sync_batch_norm, whose collectives XLA cannot compile, and with
-    runtime.deterministic: the reproducibility tests check the path without XLA.
+    runtime.deterministic, under which TensorFlow will not compile a max-pool gradient.
     """
     if cfg.runtime.xla != "auto":
         return None
@@ -427,7 +427,7 @@ def resolve_xla(cfg: Config) -> str | None:
     if cfg.model.sync_batch_norm:
         return "auto: model.sync_batch_norm's collectives cannot be compiled"
     if cfg.runtime.deterministic:
-        return "auto: runtime.deterministic"
+        return "auto: runtime.deterministic, and XLA has no deterministic max-pool gradient"
     if not tf.config.get_visible_devices("GPU"):
         return "auto: no GPU, and on CPUs the step is slower compiled"
     cfg.runtime.xla = True
