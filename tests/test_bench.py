@@ -244,6 +244,16 @@ def test_bench_bad_input_is_one_line_naming_it(tmp_path, capsys):
     proc = run_main(capsys, "unet_dist.bench", "report", "--data", "d", "--demo-data", "d", "--out",
                     str(tmp_path / "docs"), "--only", "scaling", "sclaing")
     assert proc.returncode == 2 and "--only sclaing: no such benchmark" in proc.stderr, proc.stderr
+    # --gpu runs the GPU benchmarks alone, and only where there is a GPU.
+    proc = run_main(capsys, "unet_dist.bench", "report", "--gpu", "--data", "d", "--demo-data", "d", "--out",
+                    str(tmp_path / "docs"), "--only", "flops")
+    assert proc.returncode == 2 and "--only flops: no such benchmark with --gpu" in proc.stderr, proc.stderr
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        proc = run_main(capsys, "unet_dist.bench", "report", "--gpu", "--data", "d", "--demo-data", "d", "--out",
+                        str(tmp_path / "docs"))
+        assert proc.returncode == 2 and "report --gpu: TensorFlow sees no GPU" in proc.stderr, proc.stderr
     assert not (tmp_path / "docs").exists()
 
 
