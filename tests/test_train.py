@@ -166,14 +166,38 @@ def test_the_xla_step_computes_what_the_plain_one_does(micro_batches):
     # runtime.xla auto compiles the forward and backward pass on a GPU: on the same batches the
     # compiled step must give the plain step's loss and updates (to float32 rounding: XLA fuses and
     # reorders), also inside gradient accumulation's loop, batch norm's moving statistics included.
-    from unet_dist.distribute import make_runtime
-    from unet_dist.losses import training_loss
-    from unet_dist.trainer import build_model_and_optimizer, make_train_step
-
     cfg = load_config(None, tiny_overrides() + ["optim.name=sgd", "optim.momentum=0.9"])
     rng = np.random.default_rng(0)
     batches = [{"image": tf.constant(rng.random((4, 64, 64, 3)), tf.float32),
                 "mask": tf.constant(rng.integers(0, 2, (4, 64, 64, 1)), tf.uint8)} for _ in range(3)]
+    # Op determinism, which deterministic runs earlier in this process turned on for the whole
+    # process, keeps XLA from compiling the max-pool gradient (runtime.xla: true is refused with it).
+    # TensorFlow's public API can only turn it on.
+    from tensorflow.python.framework import config as tf_config
+
+    determinism = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    try:
+        runs = _plain_and_xla_runs(cfg, batches, micro_batches)
+    finally:
+        if determinism:
+            tf_config.enable_op_determinism()
+    (plain, plain_w, _), (xla, xla_w, _) = runs
+    np.testing.assert_allclose(xla, plain, rtol=1e-5)
+    # The whole weight vector's relative difference: single weights near 0 differ relatively more.
+    diff = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(plain_w, xla_w, strict=True)))
+    moved = np.sqrt(sum(np.sum((a - w0) ** 2) for a, w0 in zip(plain_w, runs[0][2], strict=True)))
+    assert diff <= 1e-3 * moved, (diff, moved)  # small beside what the three steps changed
+    assert plain[-1] != plain[0]  # it trained
+
+
+def _plain_and_xla_runs(cfg, batches, micro_batches):
+    """[(losses, weights after, initial weights)] of the plain step, then of the XLA step, from the
+    same initial weights on the same batches."""
+    from unet_dist.distribute import make_runtime
+    from unet_dist.losses import training_loss
+    from unet_dist.trainer import build_model_and_optimizer, make_train_step
+
     runs = []
     for xla in (False, True):
         runtime = make_runtime(cfg)
@@ -184,13 +208,7 @@ def test_the_xla_step_computes_what_the_plain_one_does(micro_batches):
         step = make_train_step(model, optimizer, training_loss(cfg), runtime, 4, xla, micro_batches)
         losses = [float(step(b)["loss"]) for b in batches]
         runs.append((losses, [v.numpy() for v in model.weights], init_weights))
-    (plain, plain_w, _), (xla, xla_w, _) = runs
-    np.testing.assert_allclose(xla, plain, rtol=1e-5)
-    # The whole weight vector's relative difference: single weights near 0 differ relatively more.
-    diff = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(plain_w, xla_w, strict=True)))
-    moved = np.sqrt(sum(np.sum((a - w0) ** 2) for a, w0 in zip(plain_w, runs[0][2], strict=True)))
-    assert diff <= 1e-3 * moved, (diff, moved)  # small beside what the three steps changed
-    assert plain[-1] != plain[0]  # it trained
+    return runs
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(shards, tmp_path, capsys):
