@@ -159,6 +159,12 @@ def test_auto_xla_is_on_where_the_step_computes_on_a_gpu(monkeypatch):
     assert resolved("runtime.xla=true") == (True, None)
     with pytest.raises(ConfigError, match=r"runtime.xla: got 'often'; allowed: bool or 'auto'"):
         load_config(None, ["runtime.xla=often"])
+    # 'auto' is truthy: a step built from an unresolved config would compile on a CPU (the pipeline
+    # and profile benchmarks' steps did, until they resolved it as the trainer does).
+    from unet_dist.trainer import make_train_step
+
+    with pytest.raises(TypeError, match="resolve_xla resolves 'auto'"):
+        make_train_step(None, None, None, None, 4, "auto")
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])

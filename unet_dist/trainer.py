@@ -100,6 +100,9 @@ def make_train_step(model, optimizer, loss_fn, runtime: Runtime, global_batch: i
     replicas' mean copies do: one process with 2 micro-batches trains what 2 replicas do.
     """
 
+    if not isinstance(xla, bool):  # 'auto' is truthy: it would compile on a CPU
+        raise TypeError(f"make_train_step: xla must be true or false (resolve_xla resolves 'auto'), not {xla!r}")
+
     def forward_backward(batch):
         with tf.GradientTape() as tape:
             # (B, h, w, U) float32; with model.deep_supervision a list, which loss_fn takes as it is

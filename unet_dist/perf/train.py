@@ -19,11 +19,12 @@ def prepared_step(cfg, data_dir: Path, manifest: dict, runtime=None):
     from unet_dist.data.pipeline import Shard, train_dataset
     from unet_dist.distribute import make_runtime
     from unet_dist.losses import training_loss
-    from unet_dist.trainer import build_model_and_optimizer, check_data_matches, make_train_step
+    from unet_dist.trainer import build_model_and_optimizer, check_data_matches, make_train_step, resolve_xla
 
     check_data_matches(cfg, manifest, Path(data_dir))  # the model must take the data's classes and channels
     runtime = runtime or make_runtime(cfg)
     runtime.cfg = cfg
+    resolve_xla(cfg)  # runtime.xla auto (pipeline, profile), as the trainer resolves it
     global_batch, _ = runtime.batch_sizes()
     keras.utils.set_random_seed(0)
     model, opt = build_model_and_optimizer(cfg, runtime, cfg.optim.learning_rate)
