@@ -184,7 +184,7 @@ def test_report_runs_the_gpu_benchmarks_only_with_gpu_and_shows_them_beside_nvid
     assert ran == list(report.commands(args)) and not any(n.startswith("gpu_") for n in ran), ran
     ran.clear()
     report.run(argparse.Namespace(**{**vars(args), "gpu": True}))
-    assert ran == ["gpu_train_pets_seed", "gpu_train_ronneberger", "gpu_flops"], ran
+    assert ran == ["gpu_train_pets_seed", "gpu_train_ronneberger", "gpu_flops", "gpu_pipeline_ronneberger"], ran
     assert "--data CELLS " in " ".join(report.gpu_commands(args)["gpu_train_ronneberger"]) + " "
 
     monkeypatch.undo()
@@ -192,7 +192,11 @@ def test_report_runs_the_gpu_benchmarks_only_with_gpu_and_shows_them_beside_nvid
            "python": "3.12.3", "date": "d9", "command": "bench train ronneberger", "steps": 40}
     ronneberger = {**gpu, "config": "configs/ronneberger.yaml", "images_per_s": {"mixed_float16+xla": 284.3}}
     cpu = {"cpus": 2, "cpu": "AMD EPYC", "machine": "x86_64", "python": "3.11.7", "date": "d1"}
-    text = report.render({"memory_like": cpu, "gpu_train_ronneberger": ronneberger}, tmp_path)
+    fed = {"steps": 20, "images_per_s": 250.0, "input_wait_fraction": 0.31, "input_bound": "highly"}
+    pipeline = {**gpu, "image_size": 572, "batch": 8, "images_per_s": 260.0, "fed_train": fed}
+    text = report.render({"memory_like": cpu, "gpu_train_ronneberger": ronneberger,
+                          "gpu_pipeline_ronneberger": pipeline}, tmp_path)
+    assert "waiting for input 31.0% of the time: highly input-bound" in text, text[:4000]
     assert "not yet measured" not in text and "One NVIDIA H200, TensorFlow 2.21.0" in text, text[:3000]
     assert "| 1x A100 40GB | mixed precision | 118.98 | - |" in text and "mixed_float16+xla 284.3 images/s" in text
     assert text.count("Machine: 2 CPU cores (AMD EPYC)") == 1 and "d9" not in report._machines(

@@ -1,6 +1,7 @@
 # On the device machine, repo root: bash .gpu/run_bench.sh STEP...; STEP is smoke, demo, or one of
-# bench report --gpu's benchmarks (gpu_train_pets_seed, gpu_train_ronneberger, gpu_flops). Results in
-# $OUT/docs/bench/*.json (report's layout) and $OUT/*.log; a step past its limit leaves the others.
+# bench report --gpu's benchmarks (gpu_train_pets_seed, gpu_train_ronneberger, gpu_flops,
+# gpu_pipeline_ronneberger). Results in $OUT/docs/bench/*.json (report's layout) and $OUT/*.log;
+# a step past its limit leaves the others.
 S0=$(date +%s); source .gpu/env.sh || exit $?
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for step in "$@"; do

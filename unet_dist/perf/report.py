@@ -55,6 +55,9 @@ def gpu_commands(args) -> dict[str, list[str]]:
                                   "mixed_float16+xla"],
         "gpu_flops": [*py, "flops", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "100",
                       "--variants", "float32", "mixed_float16"],
+        # Does the input pipeline (on the host's cores) keep ahead of the GPU's step?
+        "gpu_pipeline_ronneberger": [*py, "pipeline", "--data", cells, "--config", "configs/ronneberger.yaml",
+                                     "--image-size", "572", "--batches", "40", "--train-steps", "20"],
     }
 
 
@@ -187,7 +190,8 @@ NVIDIA_UNET_MEDICAL = [
 
 def _gpu(results: dict) -> list[str]:
     """The GPU section: what `report --gpu` measured last (gpu_*), beside NVIDIA's published figures."""
-    runs = {k: results[k] for k in ("gpu_train_pets_seed", "gpu_train_ronneberger", "gpu_flops") if k in results}
+    runs = {k: results[k] for k in ("gpu_train_pets_seed", "gpu_train_ronneberger", "gpu_flops",
+                                    "gpu_pipeline_ronneberger") if k in results}
     if not runs:
         return ["## On a GPU", "", "**GPU numbers are not yet measured**: no GPU was available to this project. The "
                 "same commands run unchanged on a GPU (mixed_float16 with loss scaling, XLA, one GPU per Horovod "
@@ -214,6 +218,17 @@ def _gpu(results: dict) -> list[str]:
                   "|---|---|---|---|---|",
                   *(f"| {v} | {x['images_per_s']:.1f} | {x['achieved_gflop_s']:.0f} | {x['matmul_peak_gflop_s']:.0f} | "
                     f"{x['fraction_of_peak']:.1%} |" for v, x in r["variants"].items()), "",
+                  f"Command: `{r['command']}`", ""]
+    if "gpu_pipeline_ronneberger" in runs:
+        r = runs["gpu_pipeline_ronneberger"]
+        fed = r["fed_train"]
+        lines += ["### Does the input pipeline keep ahead of the GPU?", "",
+                  f"`configs/ronneberger.yaml`'s pipeline at {r['image_size']}x{r['image_size']}, batch {r['batch']}, "
+                  f"with its augmentation (elastic deformation included), on the host's {r['cpus']} cores: "
+                  f"{r['images_per_s']:.1f} images/s alone; the config's train step on the GPU (its `auto` "
+                  f"precision and XLA) fed by it: {fed['images_per_s']:.1f} images/s over {fed['steps']} steps, "
+                  f"waiting for input {fed['input_wait_fraction']:.1%} of the time: "
+                  f"{'not' if fed['input_bound'] == 'no' else fed['input_bound']} input-bound.", "",
                   f"Command: `{r['command']}`", ""]
     return lines + _nvidia(runs.get("gpu_train_ronneberger"))
 
