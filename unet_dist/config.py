@@ -116,7 +116,7 @@ class RuntimeConfig:
 
     strategy: Literal["auto", "single", "mirrored", "multiworker", "horovod"] = "auto"
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: mixed_float16 on tensor-core GPUs, mixed_bfloat16 on CPUs with native bfloat16, else float32
-    xla: bool | Literal["auto"] = "auto"  # auto: on where the step computes on a GPU (1.6-2.2x on an H200), off on CPUs (0.3-0.4x there)
+    xla: bool | Literal["auto"] = "auto"  # auto: on where the step computes on a GPU (1.6-2.2x on an H200), off on CPUs (0.2-0.4x there)
     deterministic: bool = False
     seed: int = 0
     cluster: Literal["none", "slurm"] = "none"

@@ -420,7 +420,7 @@ def resolve_xla(cfg: Config) -> str | None:
     said true or false, which is kept). Call it once the runtime has given this process its GPUs.
 
     auto: on where the step computes on a GPU, off on a CPU. Under XLA the train step ran 1.6-2.2x
-    as fast on an NVIDIA H200 and 0.3-0.4x as fast on the 2-core CPU VMs (docs/benchmarks.md). Off
+    as fast on an NVIDIA H200 and 0.2-0.4x as fast on the 2-core CPU VMs (docs/benchmarks.md). Off
     too with model.sync_batch_norm, whose collectives XLA cannot compile, and with
     runtime.deterministic, under which TensorFlow will not compile a max-pool gradient.
     """
