@@ -119,9 +119,8 @@ def two_replicas(backend, data, workdir, overrides, deterministic=True):
     workers; returns the chief's stdout. Skips Horovod where it is not installed."""
     if backend == "horovod" and not HOROVODRUN.exists():
         pytest.skip("Horovod not installed (run make setup)")
-    if backend == "mirrored":
-        overrides = overrides + ["runtime.strategy=mirrored", "runtime.cpu_devices=2"]
-    args = _args(data, workdir, overrides, deterministic=deterministic)
+    two_cpus = ["runtime.strategy=mirrored", "runtime.cpu_devices=2"] if backend == "mirrored" else []
+    args = _args(data, workdir, overrides + two_cpus, deterministic=deterministic)
     if backend == "mirrored":
         return python_run(*args).stdout
     if backend == "horovod":

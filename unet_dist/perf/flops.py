@@ -60,11 +60,9 @@ def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
     return best
 
 
-# The dtype a precision policy computes in, for the matmul peak it is measured against.
-_COMPUTE_DTYPE = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
-
-
 def run(args) -> dict:
+    import keras
+
     from unet_dist.config import load_config
     from unet_dist.data.pipeline import load_manifest
     from unet_dist.model import build_unet
@@ -80,8 +78,7 @@ def run(args) -> dict:
     for variant in args.variants:
         vcfg = variant_config(args, variant)
         ips, runtime = step_images_per_s(vcfg, args.data, manifest, args.steps, runtime)
-        dtype = _COMPUTE_DTYPE.get(vcfg.runtime.precision, "float32")
-        peak = matmul_peak(dtype)
+        peak = matmul_peak(keras.DTypePolicy(vcfg.runtime.precision).compute_dtype)  # the variant's compute dtype
         achieved = ips * train_flops
         out["variants"][variant] = {"images_per_s": ips, "achieved_gflop_s": achieved / 1e9,
                                     "matmul_peak_gflop_s": peak / 1e9, "fraction_of_peak": achieved / peak}

@@ -190,8 +190,7 @@ NVIDIA_UNET_MEDICAL = [
 
 def _gpu(results: dict) -> list[str]:
     """The GPU section: what `report --gpu` measured last (gpu_*), beside NVIDIA's published figures."""
-    runs = {k: results[k] for k in ("gpu_train_pets_seed", "gpu_train_ronneberger", "gpu_flops",
-                                    "gpu_pipeline_ronneberger") if k in results}
+    runs = {k: r for k, r in results.items() if k.startswith("gpu_")}
     if not runs:
         return ["## On a GPU", "", "**GPU numbers are not yet measured**: no GPU was available to this project. The "
                 "same commands run unchanged on a GPU (mixed_float16 with loss scaling, XLA, one GPU per Horovod "
