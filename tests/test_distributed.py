@@ -433,6 +433,21 @@ def test_resume_across_world_sizes(shards, single_run, tmp_path, capsys):
 
 
 @needs_horovod
+def test_two_ranks_agree_that_a_resumed_run_had_stopped(shards, tmp_path):
+    # One process reaches train.target_val_iou at step 2 and stops. Rerun on 2 ranks, only rank 0
+    # reads metrics.jsonl and the other takes its reading: both evaluate and neither trains (a rank
+    # that decided alone to train on would wait for ever in the first step's all-reduce).
+    w = tmp_path / "w"
+    overrides = tiny_overrides(steps=6) + ["train.eval_every_steps=2", "train.target_val_iou=0.001"]
+    from unet_dist.train import main
+
+    assert main(_args(shards, w, overrides + ["runtime.strategy=single"])[2:]) == 0
+    proc = horovodrun(*_args(shards, w, overrides))
+    assert "world_size 2" in proc.stdout and "is already trained to step 2 (it stopped there: val IoU" in proc.stdout
+    assert sorted(p.name for p in (w / "checkpoints").glob("ckpt-*.index")) == ["ckpt-2.index"]
+
+
+@needs_horovod
 @pytest.mark.parametrize("script", ["horovodrun.sh", "mpirun.sh"])
 def test_launch_scripts_pass_arguments_through(shards, tmp_path, script):
     if script == "mpirun.sh" and shutil.which("mpirun") is None:

@@ -575,6 +575,10 @@ def test_training_stops_at_the_target_val_iou_with_a_checkpoint(shards, tmp_path
     assert tf.train.latest_checkpoint(str(tmp_path / "w" / "checkpoints")).endswith("ckpt-2")
     events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert max(e["step"] for e in events if e["event"] == "train") == 2
+    # Rerun (a requeued job): it had stopped at its target, so it is evaluated and trains no further.
+    again = train(cfg, shards, tmp_path / "w")
+    assert again["start_step"] == again["steps"] == 2, again
+    assert tf.train.latest_checkpoint(str(tmp_path / "w" / "checkpoints")).endswith("ckpt-2")
 
 
 def test_a_resumed_run_judges_a_new_best_against_the_best_so_far(tmp_path):
@@ -837,19 +841,24 @@ def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_pat
     assert "train.init_from" not in capsys.readouterr().out
 
 
-def test_early_stop_patience_stops_after_evaluations_without_a_new_best(shards, tmp_path, monkeypatch, capsys):
-    # Evaluations every step with val IoUs 0.5, 0.6, 0.55, 0.58, 0.7, ...: with patience 2 the run
-    # stops at step 4 (two evaluations after the best of step 2), saves that step, and says so.
+def _evaluations_scoring(monkeypatch, ious: list[float]) -> None:
+    """Makes the trainer's evaluations return these val IoUs, one after the other."""
     import unet_dist.trainer as T
 
-    ious = iter([0.5, 0.6, 0.55, 0.58, 0.7, 0.8, 0.9, 0.95])
+    it = iter(ious)
 
     def fake(self, panels=0, progress=None):
-        iou = next(ious)
+        iou = next(it)
         return {"val_loss": 1 - iou, "val_iou": iou, "val_dice": iou, "val_pixel_acc": iou}, np.zeros((0, 1, 1, 3),
                                                                                                       np.uint8)
 
     monkeypatch.setattr(T.Evaluator, "__call__", fake)
+
+
+def test_early_stop_patience_stops_after_evaluations_without_a_new_best(shards, tmp_path, monkeypatch, capsys):
+    # Evaluations every step with val IoUs 0.5, 0.6, 0.55, 0.58, 0.7, ...: with patience 2 the run
+    # stops at step 4 (two evaluations after the best of step 2), saves that step, and says so.
+    _evaluations_scoring(monkeypatch, [0.5, 0.6, 0.55, 0.58, 0.7, 0.8, 0.9, 0.95])
     cfg = load_config(None, tiny_overrides(steps=8) + ["train.eval_every_steps=1", "train.early_stop_patience=2"])
     s = train(cfg, shards, tmp_path / "w")
     assert s["steps"] == 4 and s["early_stopped_at_step"] == 4 and s["best_val_iou"] == 0.6
@@ -860,6 +869,34 @@ def test_early_stop_patience_stops_after_evaluations_without_a_new_best(shards, 
         in capsys.readouterr().out
     assert (tmp_path / "w" / "checkpoints" / "ckpt-4.index").exists()
     assert sorted(p.name for p in (tmp_path / "w" / "checkpoints" / "best").glob("*.index")) == ["best-2.index"]
+
+
+def test_early_stop_patience_counts_across_a_resume_and_a_stopped_run_stays_stopped(shards, tmp_path, monkeypatch,
+                                                                                     capsys):
+    # The val IoUs of the test above, with patience 2, trained in two runs: to step 3 (the last two
+    # evaluations 0.6, 0.55: one without a new best), then on to 8. The second run stops at step 4
+    # as the uninterrupted run does. A third, rerun as a requeued job would be, trains no further.
+    _evaluations_scoring(monkeypatch, [0.5, 0.6, 0.55, 0.58, 0.7, 0.59])
+    w = tmp_path / "w"
+    patience = tiny_overrides(steps=8) + ["train.eval_every_steps=1", "train.early_stop_patience=2"]
+    first = train(load_config(None, patience + ["train.steps=3"]), shards, w)
+    assert first["steps"] == 3 and first["early_stopped_at_step"] is None
+    s = train(load_config(None, patience), shards, w)
+    assert s["start_step"] == 3 and s["steps"] == 4 and s["early_stopped_at_step"] == 4 and s["best_val_iou"] == 0.6
+    assert tf.train.latest_checkpoint(str(w / "checkpoints")).endswith("ckpt-4")
+    capsys.readouterr()
+    again = train(load_config(None, patience), shards, w)  # evaluates step 4's model (0.7), trains nothing
+    assert again["start_step"] == again["steps"] == 4 and again["final_val_iou"] == 0.7
+    assert (f"{w} is already trained to step 4 (it stopped there: no new best val IoU in 2 evaluations "
+            "(train.early_stop_patience 2))") in capsys.readouterr().out
+    assert tf.train.latest_checkpoint(str(w / "checkpoints")).endswith("ckpt-4")
+    assert json.loads((w / "summary.json").read_text())["early_stopped_at_step"] == 4  # the run's own, kept
+    events = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3, 4]
+    # A larger patience trains on from there, still counting the evaluations since step 2's best:
+    # step 5's is the third.
+    more = train(load_config(None, patience + ["train.early_stop_patience=3"]), shards, w)
+    assert more["start_step"] == 4 and more["steps"] == more["early_stopped_at_step"] == 5
 
 
 def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pet_src, tmp_path, capsys):

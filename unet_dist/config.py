@@ -152,7 +152,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
-    early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best val IoU (0: off; the count restarts when a run resumes)
+    early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best val IoU (0: off; counted across resumes)
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
     gradient_accumulation_steps: int = 1  # each replica's batch in this many micro-batches, one after the other, gradients summed: the same step in less memory
     init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes (the output layer then starts new), model.deep_supervision (its heads) and model.in_channels (the input convolution's kernel is adapted) may differ

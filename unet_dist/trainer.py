@@ -33,7 +33,7 @@ from unet_dist.data.pipeline import (
 )
 from unet_dist.distribute import CollectiveError, Runtime, collective_failures, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
-from unet_dist.logs import Logger, panel_rows, plot_curves
+from unet_dist.logs import Logger, panel_rows, plot_curves, read_metrics
 from unet_dist.losses import cross_entropy, training_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import FusedBatchNorm, build_unet, main_output, moving_statistics
@@ -294,7 +294,7 @@ class TrainLoop:
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator | None, logger: Logger, optimizer,
                  global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None],
-                 watchdog: Watchdog | None = None, weights_per_sample: bool = False):
+                 watchdog: Watchdog | None = None, weights_per_sample: bool = False, since_best: int = 0):
         self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
         self.weights_per_sample = weights_per_sample  # for the input-bound advice
         self.watchdog = watchdog or Watchdog(0, 0)
@@ -304,7 +304,7 @@ class TrainLoop:
         self.last_eval: dict = {}
         self.reached: tuple[int, float] | None = None
         self.early_stop: int | None = None
-        self._since_best = 0  # evaluations since the last new best val IoU
+        self._since_best = since_best  # evaluations since the last new best val IoU (`resumed_evaluations`)
         self.images = 0
         self.input = InputClock()  # this process's wait for batches
         self._warned_input = False
@@ -409,6 +409,39 @@ class TrainLoop:
         return True
 
 
+def resumed_evaluations(workdir: Path, start: int, runtime: Runtime) -> tuple[int, int, float]:
+    """(evaluations since the last new best val IoU, the last evaluation's step, its val IoU; 0, -1,
+    -1.0 when there was none) over the eval events in WORKDIR/metrics.jsonl up to step `start`:
+    the history a resumed run carries on from, so that train.early_stop_patience counts across
+    resumes and a run that had stopped is not trained on by a rerun. The chief reads the file and
+    every process takes its reading: the loop's stop decisions must be the same on all of them."""
+    since, last_step, last_iou, best = 0, -1, -1.0, -1.0
+    if runtime.is_chief:
+        for row in read_metrics(workdir / "metrics.jsonl"):
+            iou = row.get("val_iou")
+            if row.get("event") != "eval" or not 0 < row.get("step", 0) <= start or not isinstance(iou, (int, float)):
+                continue
+            since = 0 if iou > best else since + 1  # a new best as Checkpoints.save_best judges one
+            best, last_step, last_iou = max(best, iou), row["step"], iou
+    mine = np.array([since, last_step, last_iou] if runtime.is_chief else [0, 0, 0], np.float64)
+    since, last_step, last_iou = runtime.allreduce_sum(mine)
+    return int(since), int(last_step), float(last_iou)
+
+
+def stopped_at(cfg: Config, start: int, since_best: int, last_step: int, last_iou: float) -> str | None:
+    """Why a run resumed at `start` had stopped there by its own rule, or None: its last evaluation
+    was of step `start` and met train.early_stop_patience or train.target_val_iou as this config
+    sets them (a rerun with a larger patience or target trains on)."""
+    if last_step != start:
+        return None
+    patience, target = cfg.train.early_stop_patience, cfg.train.target_val_iou
+    if patience and since_best >= patience:
+        return f"no new best val IoU in {since_best} evaluations (train.early_stop_patience {patience})"
+    if target is not None and last_iou >= target:
+        return f"val IoU {last_iou:.4f} >= train.target_val_iou {target}"
+    return None
+
+
 def _cpu_list(cpus: list[int]) -> str:
     if len(cpus) <= 8:
         return "CPUs " + ",".join(map(str, cpus))
@@ -469,8 +502,9 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, resume: bool =
           runtime: Runtime | None = None) -> dict:
     """Trains to cfg.train.steps (resuming from WORKDIR's latest checkpoint) and returns summary.json.
 
-    A WORKDIR already trained to cfg.train.steps is evaluated, and its config.yaml and summary.json
-    stay those of the run that trained it; the summary returned is this call's (start_step, no speed).
+    A WORKDIR already trained to cfg.train.steps, or stopped by train.early_stop_patience or
+    train.target_val_iou (`stopped_at`), is evaluated, and its config.yaml and summary.json stay
+    those of the run that trained it; the summary returned is this call's (start_step, no speed).
     """
     runtime = runtime or make_runtime(cfg)
     # Each process of a multi-process run watches its own progress from here (a single process has
@@ -513,7 +547,10 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
             runtime.print(f"unet_dist: data.skip_corrupt_records: {line}")
         runtime.print(f"unet_dist: skipping {lost} unreadable of {manifest['train']['records']} training records")
     runtime.broadcast_state(model.variables + optimizer.variables)
-    total = cfg.train.steps
+    # `start` is the same on every process (they all restore the same checkpoint).
+    since_best, *last = resumed_evaluations(workdir, start, runtime) if validate and start else (0, -1, -1.0)
+    stopped = stopped_at(cfg, start, since_best, *last)
+    total = start if stopped else cfg.train.steps
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why, xla_why)
     if not validate:
         runtime.print(f"unet_dist: {data_dir} has no validation split (converted with --val-fraction 0): training "
@@ -524,7 +561,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
     if runtime.is_chief and not keep:
         write_run_files(cfg, workdir, data_dir, manifest)
     if start >= total:
-        runtime.print(f"unet_dist: {workdir} is already trained to step {start} (train.steps {total})"
+        runtime.print(f"unet_dist: {workdir} is already trained to step {start} "
+                      + (f"(it stopped there: {stopped})" if stopped else f"(train.steps {total})")
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
@@ -536,7 +574,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
                      average_statistics=lambda: runtime.average_replicas(stats), watchdog=watchdog,
-                     weights_per_sample=cfg.train.loss == "weighted_ce" and not manifest.get("border_distances"))
+                     weights_per_sample=cfg.train.loss == "weighted_ce" and not manifest.get("border_distances"),
+                     since_best=since_best)
     try:
         loop.run(step_fn, lambda step: next_batch(batches[0], data_dir, manifest, step), start, total)
     finally:
