@@ -190,15 +190,24 @@ def test_report_runs_the_gpu_benchmarks_only_with_gpu_and_shows_them_beside_nvid
     monkeypatch.undo()
     gpu = {"gpus": ["NVIDIA H200"], "tensorflow": "2.21.0", "cpus": 16, "cpu": "Xeon", "machine": "x86_64",
            "python": "3.12.3", "date": "d9", "command": "bench train ronneberger", "steps": 40}
-    ronneberger = {**gpu, "config": "configs/ronneberger.yaml", "images_per_s": {"mixed_float16+xla": 284.3}}
+    ronneberger = {**gpu, "config": "configs/ronneberger.yaml", "images_per_s": {"mixed_float16+xla": 284.3},
+                   "gpu_peak_memory_mib": {"mixed_float16+xla": 5123.4}}
+    pets = {**gpu, "config": "configs/pets_seed.yaml", "global_batch_size": 32, "image_size": [256, 256],
+            "images_per_s": {"float32": 893.8, "mixed_float16": 725.2}, "paper_fit_images_per_s": 136.7,
+            "gpu_peak_memory_mib": {"float32": 1500.0, "mixed_float16": 1100.4}}
     cpu = {"cpus": 2, "cpu": "AMD EPYC", "machine": "x86_64", "python": "3.11.7", "date": "d1"}
     fed = {"steps": 20, "images_per_s": 250.0, "input_wait_fraction": 0.31, "input_bound": "highly"}
     pipeline = {**gpu, "image_size": 572, "batch": 8, "images_per_s": 260.0, "fed_train": fed}
     text = report.render({"memory_like": cpu, "gpu_train_ronneberger": ronneberger,
-                          "gpu_pipeline_ronneberger": pipeline}, tmp_path)
+                          "gpu_pipeline_ronneberger": pipeline, "gpu_train_pets_seed": pets}, tmp_path)
+    assert "| ours, mixed_float16 | 725.2 | 5.31x | 1,100 |" in text and "(float32) | 136.7 | 1.00x | - |" in text
+    assert "mixed_float16+xla 284.3 images/s (5,123 MiB of GPU memory at most)" in text
+    old = report.render({"gpu_train_pets_seed": {k: v for k, v in pets.items() if k != "gpu_peak_memory_mib"}},
+                        tmp_path)  # measured before the bench recorded it: no column
+    assert "| ours, mixed_float16 | 725.2 | 5.31x |\n" in old and "GPU memory" not in old
     assert "waiting for input 31.0% of the time: highly input-bound" in text, text[:4000]
     assert "not yet measured" not in text and "One NVIDIA H200, TensorFlow 2.21.0" in text, text[:3000]
-    assert "| 1x A100 40GB | mixed precision | 118.98 | - |" in text and "mixed_float16+xla 284.3 images/s" in text
+    assert "| 1x A100 40GB | mixed precision | 118.98 | - |" in text
     assert text.count("Machine: 2 CPU cores (AMD EPYC)") == 1 and "d9" not in report._machines(
         {"a": cpu, "gpu_train_ronneberger": ronneberger})  # the GPU run names its machine in its own section
     assert "**GPU numbers are not yet measured**" in report.render({"a": cpu}, tmp_path)

@@ -443,3 +443,33 @@ def test_the_batch_splits_into_replicas_and_micro_batches_or_names_the_key():
         sizes("data.global_batch_size=15")
     with pytest.raises(ConfigError, match=r"batch 6 \(global batch 6 over 1 replica\) into"):
         sizes("data.global_batch_size=6", "train.gradient_accumulation_steps=4", world=1)
+
+
+def test_gpu_memory_peak_is_the_fullest_gpus_and_the_fullest_processes(monkeypatch):
+    # No GPU here: the allocator's counts are faked, two GPUs in this process and a peer on rank 1.
+    import numpy as np
+    import tensorflow as tf
+
+    from unet_dist.distribute import gpu_memory_peak_mib, reset_gpu_memory_peak
+    from unet_dist.trainer import gpu_peak_over_processes
+
+    class Peer:  # rank 0 of 2; rank 1's GPU peaked at 900 MiB, or it has none (-1)
+        world_size, rank = 2, 0
+
+        def __init__(self, other):
+            self.other = other
+
+        def allreduce_sum(self, value):
+            return np.asarray(value) + np.array([0.0, self.other])
+
+    assert gpu_memory_peak_mib() is None and gpu_peak_over_processes(Peer(-1.0)) is None
+    assert gpu_peak_over_processes(Peer(900.0)) == 900.0  # a CPU chief still reports its peers' GPUs
+    peaks, reset = {"GPU:0": 300 * 2**20, "GPU:1": 700 * 2**20}, []
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0", "/device:GPU:1"] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "get_memory_info", lambda d: {"current": 0, "peak": peaks[d]})
+    monkeypatch.setattr(tf.config.experimental, "reset_memory_stats", reset.append)
+    assert gpu_memory_peak_mib() == 700.0
+    assert gpu_peak_over_processes(Peer(900.0)) == 900.0 and gpu_peak_over_processes(Peer(-1.0)) == 700.0
+    reset_gpu_memory_peak()
+    assert reset == ["GPU:0", "GPU:1"]

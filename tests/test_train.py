@@ -29,10 +29,12 @@ def test_training_learns(shards, tmp_path, capsys):
     for key in ("steps", "best_val_iou", "final_val_iou", "wall_s", "images_per_s", "world_size",
                 "global_batch_size", "precision", "input_wait_fraction", "input_bound"):
         assert key in s
+    assert s["gpu_peak_memory_mib"] is None  # no GPU here
     assert (tmp_path / "w" / "learning_curves.png").exists()
     assert list((tmp_path / "w" / "tensorboard").iterdir())
     # No terminal (a batch job's log): a line at each logged step says what the bar would.
     out = capsys.readouterr().out
+    assert "train: done: 150 steps" in out and "GPU memory" not in out
     lines = [line for line in out.splitlines() if ": loss " in line]
     train_events = [e for e in events if e["event"] == "train"]
     assert [line.split(":")[0] for line in lines] == [f"step {e['step']}/150" for e in train_events]

@@ -237,6 +237,23 @@ def _gpu_memory_growth(gpus) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
+def gpu_memory_peak_mib() -> float | None:
+    """The most memory TensorFlow's allocator has held at once on any one of this process's GPUs
+    (since it started, or since `reset_gpu_memory_peak`), in MiB; None without GPUs. With memory
+    growth on, this is what a run needs of a GPU, not what the allocator happened to reserve."""
+    n = len(tf.config.list_logical_devices("GPU"))
+    if not n:
+        return None
+    return max(tf.config.experimental.get_memory_info(f"GPU:{i}")["peak"] for i in range(n)) / 2**20
+
+
+def reset_gpu_memory_peak() -> None:
+    """Starts `gpu_memory_peak_mib`'s count again on every GPU of this process (a benchmark's
+    variants, one after another in one process)."""
+    for i in range(len(tf.config.list_logical_devices("GPU"))):
+        tf.config.experimental.reset_memory_stats(f"GPU:{i}")
+
+
 def collective_implementation(cfg: Config, num_gpus: int) -> str:
     """'nccl' or 'ring': runtime.collective for MultiWorkerMirroredStrategy, 'auto' resolved.
 

@@ -31,7 +31,7 @@ from unet_dist.data.pipeline import (
     train_dataset,
     unreadable_record,
 )
-from unet_dist.distribute import CollectiveError, Runtime, collective_failures, make_runtime
+from unet_dist.distribute import CollectiveError, Runtime, collective_failures, gpu_memory_peak_mib, make_runtime
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, panel_rows, plot_curves, read_metrics
 from unet_dist.losses import cross_entropy, training_loss
@@ -428,6 +428,15 @@ def resumed_evaluations(workdir: Path, start: int, runtime: Runtime) -> tuple[in
     return int(since), int(last_step), float(last_iou)
 
 
+def gpu_peak_over_processes(runtime: Runtime) -> float | None:
+    """The largest `gpu_memory_peak_mib` of any process (every process must call it: one
+    collective), None where none has a GPU: the GPU a run must fit on is its fullest one."""
+    peaks = np.zeros(runtime.world_size)
+    peaks[runtime.rank] = -1.0 if (mine := gpu_memory_peak_mib()) is None else mine
+    peak = float(runtime.allreduce_sum(peaks).max())
+    return None if peak < 0 else peak
+
+
 def stopped_at(cfg: Config, start: int, since_best: int, last_step: int, last_iou: float) -> str | None:
     """Why a run resumed at `start` had stopped there by its own rule, or None: its last evaluation
     was of step `start` and met train.early_stop_patience or train.target_val_iou as this config
@@ -591,6 +600,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         watchdog.arm(start)  # no step to wait for: the evaluation's batches are the progress watched
         last_eval, _ = loop.evaluator(progress=watchdog.beat)
     input_wait = worst_over_processes(loop.input, runtime)
+    gpu_peak = gpu_peak_over_processes(runtime)
     summary = {
         "steps": reached[0] if reached else loop.early_stop or total,
         "start_step": start,
@@ -621,6 +631,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         # The largest share of step time any process spent waiting for its next batch.
         "input_wait_fraction": input_wait,
         "input_bound": classify(input_wait),
+        # The most GPU memory any process held at once (TensorFlow's allocator), MiB; None on CPUs.
+        "gpu_peak_memory_mib": gpu_peak,
     }
     if runtime.is_chief and not keep:
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
@@ -631,6 +643,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
     runtime.print(f"train: done: {summary['steps']} steps, {ious}"
                   + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
                   + (f" ({summary['input_bound']} input-bound: {input_wait:.0%} of step time waiting for data)"
-                     if summary["input_bound"] in ("moderately", "highly") else "") + f"; results in {workdir}")
+                     if summary["input_bound"] in ("moderately", "highly") else "")
+                  + (f", GPU memory peak {gpu_peak:,.0f} MiB" if gpu_peak is not None else "") + f"; results in {workdir}")
     runtime.barrier()
     return summary

@@ -204,11 +204,14 @@ def _gpu(results: dict) -> list[str]:
     if "gpu_train_pets_seed" in runs:
         r = runs["gpu_train_pets_seed"]
         paper = r["paper_fit_images_per_s"]
+        mib = r.get("gpu_peak_memory_mib")  # results from before session 39 lack it
         lines += [f"### Training step: `{r['config']}` (global batch {r['global_batch_size']}, {r['image_size']})", "",
-                  "| variant | images/s | vs paper |", "|---|---|---|",
-                  *(f"| ours, {v} | {ips:.1f} | {ips / paper:.2f}x |" for v, ips in r["images_per_s"].items()),
-                  f"| paper: model.fit on the PIL generator (float32) | {paper:.1f} | 1.00x |", "",
-                  f"Command: `{r['command']}`", ""]
+                  "| variant | images/s | vs paper |" + (" peak GPU memory, MiB |" if mib else ""),
+                  "|---|---|---|" + ("---|" if mib else ""),
+                  *(f"| ours, {v} | {ips:.1f} | {ips / paper:.2f}x |" + (f" {mib[v]:,.0f} |" if mib else "")
+                    for v, ips in r["images_per_s"].items()),
+                  f"| paper: model.fit on the PIL generator (float32) | {paper:.1f} | 1.00x |" + (" - |" if mib else ""),
+                  "", f"Command: `{r['command']}`", ""]
     if "gpu_flops" in runs:
         r = runs["gpu_flops"]
         lines += [f"### FLOPs: `{r['config']}`, {r['train_gflops_per_image']:.2f} GFLOP per training image", "",
@@ -250,12 +253,14 @@ def _nvidia(ours: dict | None) -> list[str]:
             "--cells`, `python -m unet_dist.convert runs/bench/cells runs/bench/cells572 --border-distances`, then "
             "`python -m unet_dist.bench train --data runs/bench/cells572 --config configs/ronneberger.yaml "
             "--set data.global_batch_size=8 --variants float32 mixed_float16 mixed_float16+xla` on one GPU.", ""]
+    mib = ours.get("gpu_peak_memory_mib")  # results from before session 39 lack it
     return lines + [
         f"Ours on the same network (3-channel input) on one {', '.join(ours['gpus'])}, on EM-like slices "
         "(`python -m unet_dist.synthetic runs/bench/cells -n 48 --cells`, then `python -m unet_dist.convert "
         "runs/bench/cells runs/bench/cells572 --border-distances`), our train step on batches held in memory "
         f"({ours['steps']} steps after 3 of warm-up): "
-        + ", ".join(f"{v} {ips:.1f} images/s" for v, ips in ours["images_per_s"].items())
+        + ", ".join(f"{v} {ips:.1f} images/s" + (f" ({mib[v]:,.0f} MiB of GPU memory at most)" if mib else "")
+                    for v, ips in ours["images_per_s"].items())
         + ". These are other GPUs than NVIDIA's, so the ratio is not ours against NVIDIA's code"
         + "".join(f": {spec}" for gpu, spec in _BESIDE_A100.items() if any(gpu in g for g in ours["gpus"]))
         + ".", "", f"Command: `{ours['command']}`", ""]

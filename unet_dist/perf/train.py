@@ -102,14 +102,20 @@ def variant_config(args, variant: str):
 def run(args) -> dict:
     from unet_dist.config import load_config
     from unet_dist.data.pipeline import load_manifest
+    from unet_dist.distribute import gpu_memory_peak_mib, reset_gpu_memory_peak
 
     manifest = load_manifest(args.data)
     results: dict[str, float] = {}
+    gpu_peaks: dict[str, float] = {}  # MiB each variant's step held at most on a GPU (none on a CPU)
     runtime = None
     for variant in args.variants:
+        reset_gpu_memory_peak()
         results[variant], runtime = step_images_per_s(variant_config(args, variant), args.data, manifest, args.steps,
                                                       runtime)
-        print(f"bench train: {variant}: {results[variant]:.2f} images/s", file=sys.stderr, flush=True)
+        if (peak := gpu_memory_peak_mib()) is not None:
+            gpu_peaks[variant] = peak
+        print(f"bench train: {variant}: {results[variant]:.2f} images/s"
+              + (f", GPU memory peak {peak:,.0f} MiB" if peak is not None else ""), file=sys.stderr, flush=True)
     base = load_config(args.config, list(args.set))
     paper = None
     if base.model.padding == "same":
@@ -124,4 +130,4 @@ def run(args) -> dict:
     return {"bench": "train", "config": str(args.config), "images_per_s": results, "paper_fit_images_per_s": paper,
             "best_variant": best, "speedup_best": results[best] / paper if paper else None,
             "global_batch_size": base.data.global_batch_size, "image_size": base.data.image_size,
-            "steps": args.steps, **machine()}
+            "steps": args.steps, **({"gpu_peak_memory_mib": gpu_peaks} if gpu_peaks else {}), **machine()}
