@@ -109,7 +109,10 @@ def run(args) -> dict:
     gpu_peaks: dict[str, float] = {}  # MiB each variant's step held at most on a GPU (none on a CPU)
     runtime = None
     for variant in args.variants:
-        reset_gpu_memory_peak()
+        # The first variant's count starts with the process: asking TensorFlow for its GPUs before
+        # make_runtime would start it with the default threads and without memory growth.
+        if runtime is not None:
+            reset_gpu_memory_peak()
         results[variant], runtime = step_images_per_s(variant_config(args, variant), args.data, manifest, args.steps,
                                                       runtime)
         if (peak := gpu_memory_peak_mib()) is not None:
