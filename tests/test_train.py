@@ -901,6 +901,24 @@ def test_early_stop_patience_counts_across_a_resume_and_a_stopped_run_stays_stop
     assert more["start_step"] == 4 and more["steps"] == more["early_stopped_at_step"] == 5
 
 
+def test_early_stop_min_delta_asks_more_than_a_creep_of_small_gains_also_across_a_resume(shards, tmp_path,
+                                                                                         monkeypatch, capsys):
+    # 0.605 and 0.608 are new bests for the best checkpoint but not by more than 0.01 over 0.6, so
+    # with patience 2 the run stops at step 4, also when it was resumed at step 3 in between.
+    _evaluations_scoring(monkeypatch, [0.5, 0.6, 0.605, 0.608, 0.9])
+    w = tmp_path / "w"
+    patience = tiny_overrides(steps=8) + ["train.eval_every_steps=1", "train.early_stop_patience=2",
+                                          "train.early_stop_min_delta=0.01"]
+    assert train(load_config(None, patience + ["train.steps=3"]), shards, w)["early_stopped_at_step"] is None
+    s = train(load_config(None, patience), shards, w)
+    assert s["steps"] == s["early_stopped_at_step"] == 4 and s["best_val_iou"] == 0.608, s
+    assert ("step 4: no new best val IoU in 2 evaluations by more than 0.01 (train.early_stop_min_delta) "
+            "(train.early_stop_patience); stopping, best 0.6080") in capsys.readouterr().out
+    assert sorted(p.name for p in (w / "checkpoints" / "best").glob("*.index")) == ["best-4.index"]
+    with pytest.raises(ConfigError, match=r"train.early_stop_min_delta.*in \[0, 1\)"):
+        load_config(None, ["train.early_stop_min_delta=-0.1"])
+
+
 def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pet_src, tmp_path, capsys):
     # evaluate --images: what predict would write, scored against the masks at the images' own sizes
     # (the records of --data are the size conversion made them).

@@ -294,7 +294,8 @@ class TrainLoop:
 
     def __init__(self, cfg: Config, ckpts: Checkpoints, evaluator: Evaluator | None, logger: Logger, optimizer,
                  global_batch: int, steps_per_epoch: int, average_statistics: Callable[[], None],
-                 watchdog: Watchdog | None = None, weights_per_sample: bool = False, since_best: int = 0):
+                 watchdog: Watchdog | None = None, weights_per_sample: bool = False,
+                 patience: tuple[int, float] = (0, -1.0)):
         self.cfg, self.ckpts, self.evaluator, self.logger = cfg, ckpts, evaluator, logger
         self.weights_per_sample = weights_per_sample  # for the input-bound advice
         self.watchdog = watchdog or Watchdog(0, 0)
@@ -304,7 +305,9 @@ class TrainLoop:
         self.last_eval: dict = {}
         self.reached: tuple[int, float] | None = None
         self.early_stop: int | None = None
-        self._since_best = since_best  # evaluations since the last new best val IoU (`resumed_evaluations`)
+        # (evaluations without a new best, the val IoU they count from): `patience_step`, carried
+        # over a resume by `resumed_evaluations`.
+        self._patience = patience
         self.images = 0
         self.input = InputClock()  # this process's wait for batches
         self._warned_input = False
@@ -392,11 +395,11 @@ class TrainLoop:
             self.logger.message(f"step {step}: new best val IoU {self.last_eval['val_iou']:.4f}"
                                 + (f" (was {before:.4f})" if before >= 0 else ""))
         self._window_t += time.time() - started  # evaluation time is not training throughput
-        self._since_best = 0 if improved else self._since_best + 1
+        self._patience = patience_step(self._patience, self.last_eval["val_iou"], self.cfg.train.early_stop_min_delta)
         patience = self.cfg.train.early_stop_patience
-        if patience and self._since_best >= patience:
+        if patience and self._patience[0] >= patience:
             self.early_stop = step
-            self.logger.message(f"step {step}: no new best val IoU in {patience} evaluations "
+            self.logger.message(f"step {step}: no new best val IoU in {patience} evaluations{_by_more(self.cfg)} "
                                 f"(train.early_stop_patience); stopping, best {float(self.ckpts.best_iou.numpy()):.4f} "
                                 f"is in {self.ckpts.dir / 'best'}")
             return True
@@ -409,23 +412,38 @@ class TrainLoop:
         return True
 
 
-def resumed_evaluations(workdir: Path, start: int, runtime: Runtime) -> tuple[int, int, float]:
-    """(evaluations since the last new best val IoU, the last evaluation's step, its val IoU; 0, -1,
-    -1.0 when there was none) over the eval events in WORKDIR/metrics.jsonl up to step `start`:
-    the history a resumed run carries on from, so that train.early_stop_patience counts across
-    resumes and a run that had stopped is not trained on by a rerun. The chief reads the file and
-    every process takes its reading: the loop's stop decisions must be the same on all of them."""
-    since, last_step, last_iou, best = 0, -1, -1.0, -1.0
+def patience_step(state: tuple[int, float], iou: float, min_delta: float) -> tuple[int, float]:
+    """train.early_stop_patience's count after an evaluation of val IoU `iou`. state: (evaluations
+    without a new best, the val IoU they count from; (0, -1.0) before the first evaluation). As
+    Keras' EarlyStopping: a new best must beat that IoU by more than min_delta, and only one that
+    does moves it, so a slow creep of small gains still stops the run. (The best checkpoint keeps
+    any higher IoU.)"""
+    since, best = state
+    return (0, iou) if iou > best + min_delta else (since + 1, best)
+
+
+def _by_more(cfg: Config) -> str:
+    delta = cfg.train.early_stop_min_delta
+    return f" by more than {delta:g} (train.early_stop_min_delta)" if delta else ""
+
+
+def resumed_evaluations(workdir: Path, start: int, runtime: Runtime, min_delta: float
+                        ) -> tuple[tuple[int, float], int, float]:
+    """(`patience_step`'s state, the last evaluation's step, its val IoU; (0, -1.0), -1, -1.0 when
+    there was none) over the eval events in WORKDIR/metrics.jsonl up to step `start`: the history
+    a resumed run carries on from, so that train.early_stop_patience counts across resumes and a
+    run that had stopped is not trained on by a rerun. The chief reads the file and every process
+    takes its reading: the loop's stop decisions must be the same on all of them."""
+    state, last_step, last_iou = (0, -1.0), -1, -1.0
     if runtime.is_chief:
         for row in read_metrics(workdir / "metrics.jsonl"):
             iou = row.get("val_iou")
             if row.get("event") != "eval" or not 0 < row.get("step", 0) <= start or not isinstance(iou, (int, float)):
                 continue
-            since = 0 if iou > best else since + 1  # a new best as Checkpoints.save_best judges one
-            best, last_step, last_iou = max(best, iou), row["step"], iou
-    mine = np.array([since, last_step, last_iou] if runtime.is_chief else [0, 0, 0], np.float64)
-    since, last_step, last_iou = runtime.allreduce_sum(mine)
-    return int(since), int(last_step), float(last_iou)
+            state, last_step, last_iou = patience_step(state, iou, min_delta), row["step"], iou
+    mine = np.array([*state, last_step, last_iou] if runtime.is_chief else [0, 0, 0, 0], np.float64)
+    since, best, last_step, last_iou = runtime.allreduce_sum(mine)
+    return (int(since), float(best)), int(last_step), float(last_iou)
 
 
 def gpu_peak_over_processes(runtime: Runtime) -> float | None:
@@ -445,7 +463,8 @@ def stopped_at(cfg: Config, start: int, since_best: int, last_step: int, last_io
         return None
     patience, target = cfg.train.early_stop_patience, cfg.train.target_val_iou
     if patience and since_best >= patience:
-        return f"no new best val IoU in {since_best} evaluations (train.early_stop_patience {patience})"
+        return (f"no new best val IoU in {since_best} evaluations{_by_more(cfg)} (train.early_stop_patience "
+                f"{patience})")
     if target is not None and last_iou >= target:
         return f"val IoU {last_iou:.4f} >= train.target_val_iou {target}"
     return None
@@ -557,8 +576,9 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         runtime.print(f"unet_dist: skipping {lost} unreadable of {manifest['train']['records']} training records")
     runtime.broadcast_state(model.variables + optimizer.variables)
     # `start` is the same on every process (they all restore the same checkpoint).
-    since_best, *last = resumed_evaluations(workdir, start, runtime) if validate and start else (0, -1, -1.0)
-    stopped = stopped_at(cfg, start, since_best, *last)
+    patience, *last = (resumed_evaluations(workdir, start, runtime, cfg.train.early_stop_min_delta)
+                       if validate and start else ((0, -1.0), -1, -1.0))
+    stopped = stopped_at(cfg, start, patience[0], *last)
     total = start if stopped else cfg.train.steps
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why, xla_why)
     if not validate:
@@ -584,7 +604,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
                      average_statistics=lambda: runtime.average_replicas(stats), watchdog=watchdog,
                      weights_per_sample=cfg.train.loss == "weighted_ce" and not manifest.get("border_distances"),
-                     since_best=since_best)
+                     patience=patience)
     try:
         loop.run(step_fn, lambda step: next_batch(batches[0], data_dir, manifest, step), start, total)
     finally:
