@@ -247,6 +247,15 @@ def gpu_memory_peak_mib() -> float | None:
     return max(tf.config.experimental.get_memory_info(f"GPU:{i}")["peak"] for i in range(n)) / 2**20
 
 
+def each_process(runtime: Runtime, values) -> np.ndarray:
+    """Every process's `values` (n floats), one row each in rank order: (world_size, n). Every
+    process must call it: one `allreduce_sum` of a vector in which each process fills its own row."""
+    values = np.asarray(values, np.float64).ravel()
+    rows = np.zeros((runtime.world_size, values.size))
+    rows[runtime.rank] = values
+    return np.asarray(runtime.allreduce_sum(rows.ravel())).reshape(rows.shape)
+
+
 def reset_gpu_memory_peak() -> None:
     """Starts `gpu_memory_peak_mib`'s count again on every GPU of this process (a benchmark's
     variants, one after another in one process)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-import numpy as np
+from unet_dist.distribute import each_process
 
 MODERATELY, HIGHLY = 0.05, 0.20
 
@@ -88,8 +88,5 @@ class InputClock:
 def worst_over_processes(clock: InputClock, runtime) -> float | None:
     """The largest wait fraction of any process (every process must call it: one collective). A rank
     whose input lags holds up every synchronous step, so the slowest pipeline is the one to report."""
-    totals = np.zeros((runtime.world_size, 2))
-    totals[runtime.rank] = (clock.wait_s, clock.step_s)
-    totals = runtime.allreduce_sum(totals.ravel()).reshape(-1, 2)
-    fractions = [wait / step for wait, step in totals if step > 0]
+    fractions = [wait / step for wait, step in each_process(runtime, [clock.wait_s, clock.step_s]) if step > 0]
     return max(fractions) if fractions else None

@@ -31,7 +31,14 @@ from unet_dist.data.pipeline import (
     train_dataset,
     unreadable_record,
 )
-from unet_dist.distribute import CollectiveError, Runtime, collective_failures, gpu_memory_peak_mib, make_runtime
+from unet_dist.distribute import (
+    CollectiveError,
+    Runtime,
+    collective_failures,
+    each_process,
+    gpu_memory_peak_mib,
+    make_runtime,
+)
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, panel_rows, plot_curves, read_metrics
 from unet_dist.losses import cross_entropy, training_loss
@@ -449,9 +456,8 @@ def resumed_evaluations(workdir: Path, start: int, runtime: Runtime, min_delta: 
 def gpu_peak_over_processes(runtime: Runtime) -> float | None:
     """The largest `gpu_memory_peak_mib` of any process (every process must call it: one
     collective), None where none has a GPU: the GPU a run must fit on is its fullest one."""
-    peaks = np.zeros(runtime.world_size)
-    peaks[runtime.rank] = -1.0 if (mine := gpu_memory_peak_mib()) is None else mine
-    peak = float(runtime.allreduce_sum(peaks).max())
+    mine = gpu_memory_peak_mib()
+    peak = float(each_process(runtime, [-1.0 if mine is None else mine]).max())
     return None if peak < 0 else peak
 
 
