@@ -26,7 +26,7 @@ def test_training_learns(shards, tmp_path, capsys):
     events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in events if e["event"] == "train"]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
-    for key in ("steps", "best_val_iou", "final_val_iou", "wall_s", "images_per_s", "world_size",
+    for key in ("steps", "best_val_iou", "final_val_iou", "wall_s", "run_wall_s", "images_per_s", "world_size",
                 "global_batch_size", "precision", "input_wait_fraction", "input_bound"):
         assert key in s
     assert s["gpu_peak_memory_mib"] is None  # no GPU here
@@ -855,6 +855,27 @@ def _evaluations_scoring(monkeypatch, ious: list[float]) -> None:
                                                                                                       np.uint8)
 
     monkeypatch.setattr(T.Evaluator, "__call__", fake)
+
+
+def test_time_to_target_counts_the_calls_before_a_resume(shards, tmp_path, monkeypatch):
+    # A preempted run's time to target is the time it trained, all calls included; wall_s and
+    # images_per_s stay this call's. The seconds trained travel in the checkpoint.
+    _evaluations_scoring(monkeypatch, [0.5, 0.95])
+    target = tiny_overrides(steps=2) + ["train.eval_every_steps=2", "train.target_val_iou=0.9"]
+    first = train(load_config(None, target), shards, tmp_path / "w")
+    ckdir = str(tmp_path / "w" / "checkpoints")
+    saved = tf.train.load_checkpoint(tf.train.latest_checkpoint(ckdir)).get_tensor("seconds/.ATTRIBUTES/VARIABLE_VALUE")
+    assert 0 < saved <= first["wall_s"] and first["run_wall_s"] == first["wall_s"], (saved, first)
+    # As if the first call had trained for 1000 s: the second one's clock goes on from there.
+    *_, ckpts = _model_and_checkpoints(tmp_path / "w")
+    assert ckpts.restore_latest() == 2
+    ckpts.save(2, 1000.0)
+    s = train(load_config(None, target + ["train.steps=4"]), shards, tmp_path / "w")
+    assert s["start_step"] == 2 and s["target_reached_at_step"] == 4, s
+    assert s["run_wall_s"] == pytest.approx(1000 + s["wall_s"]) and s["wall_s"] < 1000, s
+    assert 1000 < s["time_to_target_s"] <= s["run_wall_s"], s
+    later = tf.train.load_checkpoint(tf.train.latest_checkpoint(ckdir)).get_tensor("seconds/.ATTRIBUTES/VARIABLE_VALUE")
+    assert 1000 < later <= s["run_wall_s"], later
 
 
 def test_early_stop_patience_stops_after_evaluations_without_a_new_best(shards, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """Checkpoints: the last K and the best by validation IoU, with tf.train.CheckpointManager.
 
 A checkpoint holds model weights, optimizer state (including the step count that drives the LR
-schedule and, under mixed_float16, the loss scale) and our own step, and nothing that depends on
+schedule and, under mixed_float16, the loss scale), our own step and the seconds trained to it, and nothing that depends on
 the number of workers or the precision, so a run saved on N workers resumes on M, and a float16
 run resumes in float32 and the reverse.
 The runtime decides who writes: the chief (single, mirrored, Horovod), or every worker with
@@ -143,6 +143,10 @@ class Checkpoints:
         self.dir = Path(workdir) / "checkpoints"
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.best_iou = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_iou")
+        # Wall seconds the run had trained for when the checkpoint was written, summed over the calls
+        # that resumed it, so summary.json's time to target counts a preempted run's earlier calls.
+        # A checkpoint written before it existed restores none: 0.
+        self.seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="train_seconds")
         # The optimizer's own state is saved as "optimizer" in every precision, and mixed_float16's
         # loss-scale wrapper (its scale and step counter) beside it as "loss_scale", so a run
         # resumes under another precision (trained on a GPU in float16, continued on a CPU in
@@ -150,7 +154,7 @@ class Checkpoints:
         inner = getattr(optimizer, "inner_optimizer", optimizer)
         scale = {"loss_scale": optimizer} if inner is not optimizer else {}
         self.ckpt = tf.train.Checkpoint(model=model, optimizer=inner, step=self.step, best_iou=self.best_iou,
-                                        **scale)
+                                        seconds=self.seconds, **scale)
         # The best checkpoint holds the weights, the step and the best IoU, not the optimizer's
         # state: predict, export, evaluate and train.init_from read the weights alone, and a resume
         # reads the latest checkpoint. For Adam that is a third of the bytes, and each new best
@@ -283,8 +287,10 @@ class Checkpoints:
                                   f"the latest complete one there is {last or 'none'}") from None
         self.runtime.cleanup_save_dir(directory)
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, seconds: float = 0.0) -> None:
+        """Writes the latest checkpoint of `step`, which the run reached after `seconds` of training."""
         self.step.assign(step)
+        self.seconds.assign(seconds)
         if self._latest is None:
             return
         self._write(self._latest, step, self.dir)

@@ -294,8 +294,9 @@ class TrainLoop:
     armed after the first step and told of each step and evaluation batch that finishes.
 
     evaluator None: data without a validation split, trained without evaluating.
-    Create it right before `run`: its clock (t_start) starts then. After `run`: last_eval (the last
-    metrics), reached ((step, seconds since t_start) when the target was met), early_stop (the step
+    Create it right before `run`, after the checkpoint is restored: its clock (t_start) starts then,
+    from the seconds the restored checkpoint had trained (`elapsed`). After `run`: last_eval (the
+    last metrics), reached ((step, `elapsed()`) when the target was met), early_stop (the step
     train.early_stop_patience stopped at, or None) and images (trained in this call).
     """
 
@@ -319,7 +320,13 @@ class TrainLoop:
         self.input = InputClock()  # this process's wait for batches
         self._warned_input = False
         self.t_start = self._window_t = time.time()
+        self.prior_seconds = float(ckpts.seconds.numpy())  # the earlier calls' share of a resumed run
         self._window_steps, self._window_loss = 0, 0.0  # steps and their summed loss since the last train event
+
+    def elapsed(self) -> float:
+        """Seconds of training to now: this call's, and the earlier calls' of a resumed run up to the
+        checkpoint it resumed from (steps a kill lost after their last checkpoint are not counted)."""
+        return self.prior_seconds + time.time() - self.t_start
 
     def run(self, step_fn, next_batch_fn, start: int, total: int) -> None:
         try:
@@ -361,14 +368,14 @@ class TrainLoop:
                 # Saved before evaluating: the steps are kept even if the evaluation fails. The best
                 # IoU that evaluation may raise is in the best checkpoint, where a resume reads it.
                 if save:
-                    self.ckpts.save(step)
+                    self.ckpts.save(step, self.elapsed())
                     self.watchdog.beat()
                 if stop:
                     self.logger.message(f"preempted: checkpoint of step {step} saved in {self.ckpts.dir}")
                     raise Preempted(step, watcher.signame or "a signal to another rank")
                 if evaluate and self._evaluate(step):
                     if not save:  # the run ends here: its last step is the latest checkpoint
-                        self.ckpts.save(step)
+                        self.ckpts.save(step, self.elapsed())
                     break
 
     def _log(self, step: int) -> None:
@@ -413,7 +420,7 @@ class TrainLoop:
         target = self.cfg.train.target_val_iou
         if target is None or self.last_eval["val_iou"] < target:
             return False
-        self.reached = (step, time.time() - self.t_start)
+        self.reached = (step, self.elapsed())
         self.logger.message(f"step {step}: val IoU {self.last_eval['val_iou']:.4f} >= train.target_val_iou {target}; "
                             f"stopping after {self.reached[1]:.0f} s")
         return True
@@ -634,7 +641,9 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         "final_val_iou": last_eval.get("val_iou"),
         "final_val_dice": last_eval.get("val_dice"),
         "final_val_loss": last_eval.get("val_loss"),
-        "wall_s": wall,
+        "wall_s": wall,  # this call's, as images_per_s
+        # Over every call that trained the run: a resumed one's earlier calls up to its checkpoint.
+        "run_wall_s": loop.prior_seconds + wall,
         "images_per_s": loop.images / wall if wall > 0 else 0.0,
         "world_size": runtime.world_size,
         "num_replicas": runtime.num_replicas,
