@@ -165,6 +165,9 @@ def test_flops_keeps_a_result_for_each_cpu_and_shows_a_row_for_each(tmp_path):
     rows = [line for line in render({"flops": intel, "flops@amd-epyc-avx512-bf16": amd}, tmp_path).splitlines()
             if line.endswith("| 50.0% |")]
     assert [row.split(",")[0] for row in rows] == ["| Intel Xeon (avx512_bf16", "| AMD EPYC (avx512_bf16)"], rows
+    # The peak's matrices as measured; a result from before it was recorded was measured at 2048.
+    assert "ten 2048x2048 matrix" in render({"flops": intel}, tmp_path)
+    assert "ten 1024x1024 matrix" in render({"flops": {**intel, "matmul_size": 1024}}, tmp_path)
 
 
 def test_report_runs_the_gpu_benchmarks_only_with_gpu_and_shows_them_beside_nvidias(tmp_path, monkeypatch):

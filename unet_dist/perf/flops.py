@@ -28,6 +28,13 @@ def forward_flops(model) -> int:
     return int(total)
 
 
+def matmul_size() -> int:
+    """The side of `matmul_peak`'s matrices here: 2048 on a CPU, 8192 on a GPU (below)."""
+    import tensorflow as tf
+
+    return 8192 if tf.config.list_physical_devices("GPU") else 2048
+
+
 def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
     """FLOP/s of a chain of n x n matrix multiplies in `dtype` with this process's threads, or on its GPU.
 
@@ -38,9 +45,7 @@ def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
     """
     import tensorflow as tf
 
-    if n is None:
-        n = 8192 if tf.config.list_physical_devices("GPU") else 2048
-
+    n = n or matmul_size()
     rng = tf.random.Generator.from_seed(0)
     a = tf.cast(rng.normal([n, n]), dtype)
     b = tf.cast(rng.normal([n, n]) / n**0.5, dtype)
@@ -73,12 +78,13 @@ def run(args) -> dict:
     train_flops = 3 * fwd  # forward + backward (gradients w.r.t. inputs and weights: 2x forward)
     manifest = load_manifest(args.data)
     out = {"bench": "flops", "config": str(args.config), "image_size": cfg.data.image_size,
-           "forward_gflops_per_image": fwd / 1e9, "train_gflops_per_image": train_flops / 1e9, "variants": {}}
+           "forward_gflops_per_image": fwd / 1e9, "train_gflops_per_image": train_flops / 1e9, "matmul_size": None, "variants": {}}
     runtime = None
     for variant in args.variants:
         vcfg = variant_config(args, variant)
         ips, runtime = step_images_per_s(vcfg, args.data, manifest, args.steps, runtime)
         peak = matmul_peak(keras.DTypePolicy(vcfg.runtime.precision).compute_dtype)  # the variant's compute dtype
+        out["matmul_size"] = matmul_size()  # after the first step: the runtime has set up the devices
         achieved = ips * train_flops
         out["variants"][variant] = {"images_per_s": ips, "achieved_gflop_s": achieved / 1e9,
                                     "matmul_peak_gflop_s": peak / 1e9, "fraction_of_peak": achieved / peak}

@@ -188,6 +188,13 @@ NVIDIA_UNET_MEDICAL = [
 ]
 
 
+def _matmul_side(flops: dict, before: int) -> str:
+    """'NxN', the matrices of a flops result's peak; results from before session 40 lack the size,
+    and were measured at `before` (the size then for their kind of device)."""
+    n = flops.get("matmul_size") or before
+    return f"{n}x{n}"
+
+
 def _gpu(results: dict) -> list[str]:
     """The GPU section: what `report --gpu` measured last (gpu_*), beside NVIDIA's published figures."""
     runs = {k: r for k, r in results.items() if k.startswith("gpu_")}
@@ -215,7 +222,8 @@ def _gpu(results: dict) -> list[str]:
     if "gpu_flops" in runs:
         r = runs["gpu_flops"]
         lines += [f"### FLOPs: `{r['config']}`, {r['train_gflops_per_image']:.2f} GFLOP per training image", "",
-                  "Peak: the best of three chains of ten 8192x8192 matrix multiplies in the variant's compute dtype.",
+                  f"Peak: the best of three chains of ten {_matmul_side(r, 8192)} matrix multiplies in the variant's "
+                  "compute dtype.",
                   "", "| variant | images/s | achieved GFLOP/s | matmul peak GFLOP/s | fraction of peak |",
                   "|---|---|---|---|---|",
                   *(f"| {v} | {x['images_per_s']:.1f} | {x['achieved_gflop_s']:.0f} | {x['matmul_peak_gflop_s']:.0f} | "
@@ -333,7 +341,7 @@ def render(results: dict, out: Path) -> str:
         lines += ["## FLOPs and the machine's peak", "",
                   f"`{r['config']}` at {r['image_size']}: {r['forward_gflops_per_image']:.2f} GFLOP forward per image "
                   f"(convolutions, counted from the layers), {r['train_gflops_per_image']:.2f} GFLOP per training "
-                  "image (3x forward). Peak: the best of three runs of a chain of ten 2048x2048 matrix "
+                  f"image (3x forward). Peak: the best of three runs of a chain of ten {_matmul_side(r, 2048)} matrix "
                   "multiplies in the same precision, in this process. The target is a fraction of the peak of "
                   "the CPU the step ran on: a row for each CPU it has run on, the latest first.", "",
                   "| CPU (matrix features), date | variant | images/s | achieved GFLOP/s | matmul peak GFLOP/s | "
