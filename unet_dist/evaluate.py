@@ -5,6 +5,7 @@
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
         [--mask-suffix S] [--list FILE] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
+        [--postprocess none|largest[:C,...]]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
 
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
@@ -26,7 +27,10 @@ the masks at the images' own sizes; --list FILE scores only the images FILE name
 test or val list, read as convert --val-list reads it). Several runs (the folds of `convert --fold`)
 are scored as their averaged predictions. The metrics (unprefixed) go to the first run's
 eval_images.json, or --out, with each image's own scores (per_image) and, for multi-page TIFFs, each
-stack's scores over all its pages (per_stack), worst first.
+stack's scores over all its pages (per_stack), worst first. --postprocess scores the masks as
+`predict --postprocess` writes them; whatever it says, the file's largest_component gives, for each
+class but the background, its IoU as predicted and with only its largest connected component kept
+in each image (`unet_dist/postprocess.py`), and a line names the classes that this helps.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from unet_dist.config import (
     writable_dir,
 )
 from unet_dist.data.convert import LAYOUTS
-from unet_dist.predict import add_mode_args, my_share, predictor_options, sum_over_processes
+from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, predictor_options, sum_over_processes
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
@@ -69,6 +73,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
+    from unet_dist.postprocess import advice, applied, describe, moved_by_truth
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -84,7 +89,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         if args.list:
             samples, skipped = listed_samples(samples, skipped, read_image_list(args.list, "--list"),
                                               f"--list {args.list}")
-        predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
+        predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision,
+                                   postprocess=args.postprocess)
     except (ConfigError, ConvertError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -99,6 +105,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(samples), k, k), np.float64)
+    moved = np.zeros_like(counts)  # what keeping each class's largest component moves (`moved_by_truth`)
     seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
@@ -111,11 +118,15 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
         # The record evaluation's own class rule and counting, at the image's size.
-        counts[i] = confusion_matrix(truth, predict_classes(probs), k, ignores(info)).numpy()
+        predicted = predict_classes(probs)
+        counts[i] = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
+        moved[i] = moved_by_truth(predicted.numpy(), truth, k)
         seen[i] = 1
     try:
-        total = sum_over_processes(runtime, np.concatenate([counts.ravel(), seen]))
-        counts, read = total[: counts.size].reshape(counts.shape).astype(np.int64), total[counts.size :] > 0
+        total = sum_over_processes(runtime, np.concatenate([counts.ravel(), moved.ravel(), seen]))
+        n = counts.size
+        raw, moved = (total[j * n : (j + 1) * n].reshape(counts.shape).astype(np.int64) for j in (0, 1))
+        read = total[2 * n :] > 0
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
@@ -123,6 +134,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
               file=sys.stderr)
         return 1
+    counts = applied(raw, moved, predictor.postprocess)  # the masks as predict --postprocess writes them
     labelled = counts.sum(axis=(1, 2)) > 0  # not every pixel left out (convert --ignore-value)
     if not labelled.any():
         print(f"evaluate: error: --images {args.images}: every mask pixel of its {int(read.sum())} images is the "
@@ -146,7 +158,15 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                "skipped": len(skipped) + int((~read).sum()), "source": str(args.images),
                **({"list": str(args.list.resolve())} if args.list else {}), "mode": predictor.mode,
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
-               "world_size": runtime.world_size, "precision": predictor.precision}
+               "world_size": runtime.world_size, "precision": predictor.precision,
+               "postprocess": describe(predictor.postprocess),
+               "largest_component": advice(raw[read].sum(axis=0), moved[read].sum(axis=0))}
+    helps = [a for a in metrics["largest_component"] if a["helps"]]
+    if helps:
+        print("evaluate: keeping only the largest connected component raises the IoU of "
+              + ", ".join(f"class {a['class']} from {a['iou']:.4f} to {a['iou_largest_only']:.4f}" for a in helps)
+              + f" on these images (predict --postprocess {describe(tuple(a['class'] for a in helps))})",
+              file=sys.stderr)
     print(json.dumps(metrics))
     # The file adds each image's own scores, worst first: where to look when the mean disappoints.
     worst_first = sorted(per_image, key=lambda r: r["iou"])
@@ -174,12 +194,14 @@ def main(argv=None) -> int:
                         help="score only the images FILE names, one a line (as convert --val-list: a data set's "
                              "own test or val list)")
     add_mode_args(images)
+    add_postprocess_arg(images)
     args = p.parse_args(argv)
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
              ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
-             + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none"))
+             + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
+             + ["--postprocess"] * (args.postprocess != "none"))
     if other:
         p.error(f"{', '.join(other)}: not used with {'--images' if args.images else '--data'}")
     if args.data and len(args.workdir) > 1:

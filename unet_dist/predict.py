@@ -1,7 +1,8 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
-        [--mode auto|tile|resize] [--tta none|flip] [--probabilities] [--continue] [--strategy auto|single|...]
+        [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]] [--probabilities]
+        [--continue] [--strategy auto|single|...]
         [--set runtime.KEY=VALUE ...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
@@ -16,6 +17,9 @@ the page masks as one stack, one file per volume as the input was.
 over the runs and mirror images), float32, the same size: one page, the foreground's, for a model of
 two classes; else one page per class, class k's on page k.
 For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
+--postprocess largest keeps only the largest connected component of each class but the background in
+the masks (largest:1,3: of those classes), as nnU-Net does where it helps (`unet_dist/postprocess.py`;
+`evaluate --images` says for which classes it does); --probabilities are written as predicted.
 --continue leaves out the images whose files are all in PRED already: it finishes a predict that was
 stopped (every file is written beside and renamed into place, so one that is there is whole).
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
@@ -215,6 +219,14 @@ def add_mode_args(p: argparse.ArgumentParser) -> None:
                    help="flip: average over the image and its 3 mirror images (4x the compute)")
 
 
+def add_postprocess_arg(p: argparse.ArgumentParser) -> None:
+    """predict's and evaluate --images' --postprocess (`unet_dist.postprocess`)."""
+    p.add_argument("--postprocess", default="none", metavar="none|largest[:C,...]",
+                   help="largest: keep only the largest connected component of each class but the background "
+                        "(largest:1,3: of those classes), the rest of it becoming background, as nnU-Net does "
+                        "where it helps; evaluate --images says for which classes it does")
+
+
 def predictor_options(args: argparse.Namespace) -> dict:
     """`inference.load_predictor`'s keyword arguments from the --checkpoint and `add_mode_args` flags."""
     return {"which": args.checkpoint, "mode": args.mode, "overlap": args.overlap, "tta": args.tta,
@@ -277,6 +289,7 @@ def main(argv=None) -> int:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, required=True)
     add_mode_args(p)
+    add_postprocess_arg(p)
     p.add_argument("--probabilities", action="store_true",
                    help="also write STEM_probs.tif: float32 probabilities (the foreground's for two classes, "
                         "else one page per class)")
@@ -308,13 +321,14 @@ def main(argv=None) -> int:
     from unet_dist.config import load_workdir_config
     from unet_dist.data.imageio import BadImage, load_image, rgb_view
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
-    from unet_dist.inference import PredictionError, classes_from_probs, load_predictor
+    from unet_dist.inference import PredictionError, load_predictor
     from unet_dist.logs import chief_progress
 
     try:
         runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy, args.runtime_set)
         writable_dir(args.out, "--out")
-        predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision)
+        predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision,
+                                   postprocess=args.postprocess)
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -351,7 +365,7 @@ def main(argv=None) -> int:
                 if sample.stacked:
                     counts[2 + stack_index[sample.image]] += 1
                 continue
-            writer.put(rgb_view(image), np.asarray(classes_from_probs(probs)), sample.name,
+            writer.put(rgb_view(image), predictor.mask(probs), sample.name,
                        probs if args.probabilities else None)
     except OSError as e:  # a write failed (a full disk): the next images would fail the same way
         unwritten = e
