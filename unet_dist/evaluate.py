@@ -30,7 +30,9 @@ eval_images.json, or --out, with each image's own scores (per_image) and, for mu
 stack's scores over all its pages (per_stack), worst first. --postprocess scores the masks as
 `predict --postprocess` writes them; whatever it says, the file's largest_component gives, for each
 class but the background, its IoU as predicted and with only its largest connected component kept
-in each image (`unet_dist/postprocess.py`), and a line names the classes that this helps.
+in each image (`unet_dist/postprocess.py`), and a line names the classes that this helps. objects
+scores each such class's connected components against the truth's (matched at IoU > 0.5): whether
+touching objects came out apart (`unet_dist/objects.py`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
-    from unet_dist.postprocess import advice, applied, describe, moved_by_truth
+    from unet_dist.objects import FIELDS, object_counts, object_scores
+    from unet_dist.postprocess import advice, applied, describe, keep_largest, moved_by_truth
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -106,6 +109,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
     counts = np.zeros((len(samples), k, k), np.float64)
     moved = np.zeros_like(counts)  # what keeping each class's largest component moves (`moved_by_truth`)
+    objects = np.zeros((len(samples), k, FIELDS))  # `object_counts` of the masks as predict writes them
     seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
@@ -121,12 +125,14 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         predicted = predict_classes(probs)
         counts[i] = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
         moved[i] = moved_by_truth(predicted.numpy(), truth, k)
+        objects[i] = object_counts(keep_largest(predicted.numpy(), predictor.postprocess), truth, k)
         seen[i] = 1
     try:
-        total = sum_over_processes(runtime, np.concatenate([counts.ravel(), moved.ravel(), seen]))
+        total = sum_over_processes(runtime, np.concatenate([counts.ravel(), moved.ravel(), objects.ravel(), seen]))
         n = counts.size
         raw, moved = (total[j * n : (j + 1) * n].reshape(counts.shape).astype(np.int64) for j in (0, 1))
-        read = total[2 * n :] > 0
+        objects = total[2 * n : 2 * n + objects.size].reshape(objects.shape)
+        read = total[2 * n + objects.size :] > 0
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
@@ -160,6 +166,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
                "world_size": runtime.world_size, "precision": predictor.precision,
                "postprocess": describe(predictor.postprocess),
+               "objects": object_scores(objects[read].sum(axis=0)),
                "largest_component": advice(raw[read].sum(axis=0), moved[read].sum(axis=0))}
     helps = [a for a in metrics["largest_component"] if a["helps"]]
     if helps:

@@ -16,8 +16,7 @@ import numpy as np
 
 from unet_dist.config import ConfigError
 from unet_dist.data.convert import IGNORE
-
-EIGHT_CONNECTED = np.ones((3, 3), bool)
+from unet_dist.objects import components
 
 
 def parse(text: str, num_classes: int) -> tuple[int, ...]:
@@ -51,9 +50,7 @@ def describe(classes: tuple[int, ...]) -> str:
 def outside_largest(mask: np.ndarray, c: int) -> np.ndarray:
     """(H, W) bool: the pixels of class c in `mask` (H, W) class ids outside its largest 8-connected
     component (of equal ones, the first in raster order is kept)."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask == c, structure=EIGHT_CONNECTED)
+    labels, n = components(mask, c)
     if n <= 1:
         return np.zeros(mask.shape, bool)
     sizes = np.bincount(labels.ravel())

@@ -1,0 +1,56 @@
+"""Object-level scores: connected components matched to the truth's at IoU > 0.5."""
+
+import numpy as np
+import pytest
+
+from unet_dist.data.convert import IGNORE
+from unet_dist.objects import object_counts, object_scores
+
+
+def _cells():
+    truth = np.zeros((10, 12), np.uint8)
+    truth[0:5, 0:5] = 1  # A
+    truth[0:5, 6:11] = 1  # B, parted from A by a membrane one pixel wide
+    truth[7:10, 0:4] = 1  # C
+    return truth
+
+
+def test_merged_objects_count_as_misses_where_pixel_iou_hardly_moves():
+    truth = _cells()
+    pred = truth.copy()
+    pred[0:5, 5] = 1  # the membrane lost: A and B come out as one object
+    pred[9, 11] = 1  # a speck
+    rows = object_counts(pred, truth, 2)
+    assert rows[0].tolist() == [0, 0, 0, 0]
+    assert rows[1].tolist() == [3, 3, 1, 1.0]  # three true, three predicted, C matched at IoU 1
+    (s,) = object_scores(rows)
+    assert (s["class"], s["true_objects"], s["predicted_objects"], s["matched"]) == (1, 3, 3, 1)
+    assert s["precision"] == s["recall"] == s["f1"] == pytest.approx(1 / 3) and s["seg"] == pytest.approx(1 / 3)
+    exact = object_scores(object_counts(truth, truth, 2))[0]
+    assert exact["f1"] == exact["seg"] == 1.0
+
+
+def test_a_match_needs_more_than_half_the_union():
+    truth = np.zeros((4, 8), np.uint8)
+    truth[:, 0:4] = 1  # 16 pixels
+    half = truth.copy()
+    half[:, 4:8] = 1  # IoU 16 / 32: not a match
+    more = truth.copy()
+    more[:, 4:7] = 1  # 16 / 28
+    assert object_counts(half, truth, 2)[1].tolist() == [1, 1, 0, 0]
+    assert object_counts(more, truth, 2)[1].tolist() == [1, 1, 1, pytest.approx(16 / 28)]
+
+
+def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():
+    truth = _cells()
+    truth[7:10, 6:12] = IGNORE
+    pred = truth.copy()
+    pred[pred == IGNORE] = 0
+    pred[8, 8] = 1  # an object wholly where the truth is left out: none
+    pred[0:5, 0:5] = 2  # A predicted as class 2
+    rows = object_counts(pred, truth, 3)
+    assert rows[1].tolist() == [3, 2, 2, 2.0]
+    assert rows[2].tolist() == [0, 1, 0, 0]
+    two = object_scores(rows)[1]
+    assert (two["class"], two["recall"], two["seg"], two["precision"], two["f1"]) == (2, None, None, 0.0, 0.0)
+    assert object_scores(np.zeros((3, 4))) == []  # no object anywhere: nothing to score

@@ -1,0 +1,70 @@
+"""Object-level scores of predicted masks: each class's connected components matched to the truth's.
+
+Pixel IoU cannot tell whether touching objects came out apart: two cells merged into one blob
+lose a membrane's few pixels. The 2015 U-Net's border weights (train.loss weighted_ce) are there to
+part them, so `evaluate --images` also counts objects: the connected components of each class but
+the background in the truth and in the prediction, a predicted object matching a true one where
+their IoU is above 0.5 (then the match is unique, as in the Data Science Bowl 2018's and the cell
+tracking challenge's measures). From the counts, summed over images and processes: precision,
+recall and F1 of the objects, and SEG (the cell tracking challenge's: the mean over true objects of
+the IoU of their match, 0 for none). Components are 8-connected, as `postprocess` takes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unet_dist.data.convert import IGNORE
+
+EIGHT_CONNECTED = np.ones((3, 3), bool)
+MATCH_IOU = 0.5
+# Per image and class: true objects, predicted objects, matched pairs, the matched pairs' IoUs summed.
+FIELDS = 4
+
+
+def components(mask: np.ndarray, c: int) -> tuple[np.ndarray, int]:
+    """(int32 labels (H, W): 0 outside class c, 1..n its 8-connected components in raster order, n)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask == c, structure=EIGHT_CONNECTED)
+    return labels, int(n)
+
+
+def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, FIELDS) float64 for predicted class ids `pred` (H, W) against `truth` (H, W): row c,
+    class c's [true objects, predicted objects, matches, the matches' IoUs summed]; row 0, the
+    background's, is zeros. Pixels whose truth is IGNORE are counted in neither object (a predicted
+    object lying wholly there is none), as `metrics.confusion_matrix` leaves them out."""
+    out = np.zeros((num_classes, FIELDS))
+    valid = (truth != IGNORE).ravel()
+    for c in range(1, num_classes):
+        (lt, nt), (lp, npred) = components(truth, c), components(pred, c)
+        t, p = lt.ravel()[valid], lp.ravel()[valid]
+        area_t = np.bincount(t, minlength=nt + 1)
+        area_p = np.bincount(p, minlength=npred + 1)
+        both = (t > 0) & (p > 0)
+        # Overlapping (true, predicted) pairs alone: a dense table of a noisy prediction's many
+        # specks against hundreds of cells would take gigabytes.
+        pairs, inter = np.unique(t[both].astype(np.int64) * (npred + 1) + p[both], return_counts=True)
+        ti, pi = pairs // (npred + 1), pairs % (npred + 1)
+        iou = inter / (area_t[ti] + area_p[pi] - inter)
+        matched = iou > MATCH_IOU
+        out[c] = [nt, np.count_nonzero(area_p[1:]), matched.sum(), iou[matched].sum()]
+    return out
+
+
+def object_scores(counts: np.ndarray) -> list[dict]:
+    """`object_counts` rows (K, FIELDS), summed over images -> for each class but the background
+    with a true or predicted object: its counts, precision, recall, F1 and SEG (None where a
+    ratio has nothing to count)."""
+    out = []
+    for c, (truth, predicted, matched, iou_sum) in enumerate(counts):
+        if c == 0 or not truth + predicted:
+            continue
+        out.append({"class": c, "true_objects": int(truth), "predicted_objects": int(predicted),
+                    "matched": int(matched),
+                    "precision": float(matched / predicted) if predicted else None,
+                    "recall": float(matched / truth) if truth else None,
+                    "f1": float(2 * matched / (truth + predicted)),
+                    "seg": float(iou_sum / truth) if truth else None})
+    return out
