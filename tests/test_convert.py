@@ -135,6 +135,14 @@ def test_exit_codes_and_summary_line(tmp_path, capsys):
     from scipy import ndimage
 
     assert 250 < ndimage.label(t == 1)[1] <= 300  # cells: touching, yet apart
+    # --faint-membranes: the same cells, membranes 0.08 darker than their cell instead of dark.
+    run_main(capsys, "unet_dist.synthetic", str(tmp_path / "faint"), "-n", "1", "--cells", "--faint-membranes",
+             check=True)
+    faint = np.asarray(Image.open(tmp_path / "faint" / "images" / "synth_00000.png")).astype(float)
+    assert (np.asarray(Image.open(tmp_path / "faint" / "annotations" / "trimaps" / "synth_00000.png")) == t).all()
+    dark = np.asarray(image).astype(float)
+    assert dark[t == 1].mean() - dark[t == 2].mean() > 80 and 10 < faint[t == 1].mean() - faint[t == 2].mean() < 30
+    assert run_main(capsys, "unet_dist.synthetic", str(tmp_path / "f2"), "--faint-membranes").returncode == 2
     # --ct: int16 slices in Hounsfield units, the organ (1) 30 HU above the tissue, air and bone in some.
     run_main(capsys, "unet_dist.synthetic", str(tmp_path / "ct"), "-n", "4", "--ct", check=True)
     hu = [np.load(p) for p in sorted((tmp_path / "ct" / "images").iterdir())]

@@ -12,6 +12,7 @@ foreground oversampling (data.patch_size, data.foreground_oversample) is for.
 Cell sets (`cells=True`) are EM-like instead, as the 2015 U-Net's ISBI slices: gray 572x572 PNGs of
 about 300 touching cells (Voronoi regions) parted by dark membranes 2-3 pixels wide, the cells the
 "pets" and the membranes the background: what the border weight map (train.loss weighted_ce) is for.
+With faint membranes, barely darker than the cells, a model must learn the thin gaps to part them.
 
 CT sets (`ct=True`) are CT-like slices in Hounsfield units instead, int16 .npy arrays of 96x96: an
 "organ" (the pet) 30 HU above the soft tissue around it, a decoy region 15 HU above it, and in
@@ -31,6 +32,7 @@ from PIL import Image
 BORDER_PX = 2.0
 SPARSE_SIZE = 384  # sparse sets: every image this many pixels a side
 CELLS_SIZE, CELLS = 572, 300  # cell sets: pixels a side and cells an image
+FAINT_MEMBRANE = 0.08  # cell sets with faint membranes: how much darker than the cell (noise: 0.06)
 CT_SIZE = 96  # CT sets: pixels a side
 
 
@@ -104,9 +106,13 @@ def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 5
     return image, trimap
 
 
-def make_cells(rng: np.random.Generator, size: int = CELLS_SIZE, cells: int = CELLS) -> tuple[np.ndarray, np.ndarray]:
+def make_cells(rng: np.random.Generator, size: int = CELLS_SIZE, cells: int = CELLS,
+               faint: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Returns (image uint8 (size, size), trimap uint8 (size, size): 1 = cell, 2 = membrane). A
-    pixel is membrane where its nearest two cell centres are within 2.5 pixels of equidistant."""
+    pixel is membrane where its nearest two cell centres are within 2.5 pixels of equidistant.
+    faint: membranes FAINT_MEMBRANE darker than their cell (a contrast about the noise's) instead of
+    dark, as touching cells in light microscopy often are: cells then merge unless a model learns
+    the thin gaps, what the 2015 U-Net's border weights are for."""
     from scipy.spatial import cKDTree
 
     yy, xx = np.mgrid[0:size, 0:size]
@@ -116,7 +122,10 @@ def make_cells(rng: np.random.Generator, size: int = CELLS_SIZE, cells: int = CE
     # Cells of their own shade with grain and organelle-like blobs; membranes dark.
     shade = rng.uniform(0.55, 0.8, cells)[which[:, 0]].reshape(size, size)
     blobs = _smooth_noise(rng, size, size, cells=size // 12)
-    img = np.where(membrane, 0.2, shade - 0.25 * np.maximum(blobs - 0.6, 0))
+    if faint:
+        img = np.where(membrane, shade - FAINT_MEMBRANE, shade) - 0.25 * np.maximum(blobs - 0.6, 0)
+    else:
+        img = np.where(membrane, 0.2, shade - 0.25 * np.maximum(blobs - 0.6, 0))
     img = img + rng.normal(0, 0.06, size=img.shape)
     image = (np.clip(img, 0, 1) * 255).astype(np.uint8)
     return image, np.where(membrane, 2, 1).astype(np.uint8)
@@ -149,12 +158,12 @@ def foreign_files(out: Path) -> list[Path]:
 
 
 def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells: bool = False,
-                  ct: bool = False) -> None:
+                  ct: bool = False, faint: bool = False) -> None:
     """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout), replacing
     an earlier synthetic set there (a smaller set must not keep the earlier one's extra samples).
     Refuses (ValueError) a folder holding other files: they would be mixed into the set.
     sparse: small pets on SPARSE_SIZE x SPARSE_SIZE images (`make_sample`); cells: EM-like slices
-    (`make_cells`), written as PNG; ct: CT-like slices (`make_ct`), written as int16 .npy arrays."""
+    (`make_cells`, faint membranes with `faint`), written as PNG; ct: CT-like slices (`make_ct`), written as int16 .npy arrays."""
     out = Path(out)
     other = foreign_files(out)
     if other:
@@ -167,7 +176,7 @@ def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells:
     rng = np.random.default_rng(seed)
     for i in range(n):
         if cells:
-            image, trimap = make_cells(rng)
+            image, trimap = make_cells(rng, faint=faint)
         elif ct:
             image, trimap = make_ct(rng)
         elif sparse:
