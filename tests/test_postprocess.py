@@ -102,7 +102,7 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     (lc,) = raw["largest_component"]
     assert raw["postprocess"] == "none" and lc["class"] == 1 and lc["iou"] == raw["iou_per_class"][1]
     said = capsys.readouterr().err
-    assert ("keeping only the largest connected component raises the IoU of class 1" in said) == lc["helps"]
+    assert ("keeping only the largest connected component raises the IoU of class 1 (pet)" in said) == lc["helps"]
     assert evaluate_main(["--workdir", str(w), *src, "--postprocess", "largest", "--out", str(tmp_path / "pp.json")]) == 0
     pp = json.loads((tmp_path / "pp.json").read_text())
     assert pp["postprocess"] == "largest:1" and pp["iou_per_class"][1] == pytest.approx(lc["iou_largest_only"])

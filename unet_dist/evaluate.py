@@ -169,9 +169,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                "objects": object_scores(objects[read].sum(axis=0)),
                "largest_component": advice(raw[read].sum(axis=0), moved[read].sum(axis=0))}
     helps = [a for a in metrics["largest_component"] if a["helps"]]
+    names = info.get("class_names") or []
     if helps:
         print("evaluate: keeping only the largest connected component raises the IoU of "
-              + ", ".join(f"class {a['class']} from {a['iou']:.4f} to {a['iou_largest_only']:.4f}" for a in helps)
+              + ", ".join(f"class {a['class']}" + (f" ({names[a['class']]})" if a["class"] < len(names) else "")
+                          + f" from {a['iou']:.4f} to {a['iou_largest_only']:.4f}" for a in helps)
               + f" on these images (predict --postprocess {describe(tuple(a['class'] for a in helps))})",
               file=sys.stderr)
     print(json.dumps(metrics))
