@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from unet_dist.data.convert import IGNORE
-from unet_dist.objects import object_counts, object_scores
+from unet_dist.objects import object_counts, object_f1, object_scores
 
 
 def _cells():
@@ -26,6 +26,7 @@ def test_merged_objects_count_as_misses_where_pixel_iou_hardly_moves():
     (s,) = object_scores(rows)
     assert (s["class"], s["true_objects"], s["predicted_objects"], s["matched"]) == (1, 3, 3, 1)
     assert s["precision"] == s["recall"] == s["f1"] == pytest.approx(1 / 3) and s["seg"] == pytest.approx(1 / 3)
+    assert object_f1(rows) == [None, pytest.approx(1 / 3)]  # evaluate's per-image rows
     exact = object_scores(object_counts(truth, truth, 2))[0]
     assert exact["f1"] == exact["seg"] == 1.0
 
@@ -53,4 +54,5 @@ def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():
     assert rows[2].tolist() == [0, 1, 0, 0]
     two = object_scores(rows)[1]
     assert (two["class"], two["recall"], two["seg"], two["precision"], two["f1"]) == (2, None, None, 0.0, 0.0)
-    assert object_scores(np.zeros((3, 4))) == []  # no object anywhere: nothing to score
+    assert object_f1(rows) == [None, pytest.approx(0.8), 0.0]
+    assert object_scores(np.zeros((3, 4))) == [] and object_f1(np.zeros((3, 4))) == [None] * 3  # no object anywhere

@@ -119,6 +119,7 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
         objects += object_counts(pred, truth, 2)
     assert pp["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
     # Its object scores are those of the masks predict wrote: one object an image at most now.
+    assert all(r["object_f1_per_class"][0] is None for r in pp["per_image"])
     (mine,) = object_scores(objects)
     assert pp["objects"] == [pytest.approx(mine)]
     assert pp["objects"][0]["predicted_objects"] <= len(list((pet_src / "images").iterdir()))

@@ -32,7 +32,8 @@ stack's scores over all its pages (per_stack), worst first. --postprocess scores
 class but the background, its IoU as predicted and with only its largest connected component kept
 in each image (`unet_dist/postprocess.py`), and a line names the classes that this helps. objects
 scores each such class's connected components against the truth's (matched at IoU > 0.5): whether
-touching objects came out apart (`unet_dist/objects.py`).
+touching objects came out apart (`unet_dist/objects.py`); each per_image and per_stack row has its
+object F1 per class.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
-    from unet_dist.objects import FIELDS, object_counts, object_scores
+    from unet_dist.objects import FIELDS, object_counts, object_f1, object_scores
     from unet_dist.postprocess import advice, applied, describe, keep_largest, moved_by_truth
 
     try:
@@ -149,16 +150,18 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     if not runtime.is_chief:
         return 0
 
-    def own(cm):  # an image's or a stack's own scores
-        return {key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")}
+    def own(cm, objs):  # an image's or a stack's own scores: counts and `object_counts` rows summed over it
+        return {**{key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")},
+                "object_f1_per_class": object_f1(objs)}
 
     per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
-                  **own(counts[i])} for i in np.flatnonzero(read & labelled)]
+                  **own(counts[i], objects[i])} for i in np.flatnonzero(read & labelled)]
     # A stack (an EM or microscopy volume) is also scored whole, from its pages' summed counts: the
     # per-volume score nnU-Net and the EM challenges report.
     stacks = {f: kept for f, pages in stacks_of(samples).items()
               if (kept := [i for i in pages if read[i]]) and labelled[kept].any()}
-    per_stack = sorted(({"image": str(f), "pages": len(pages), **own(counts[pages].sum(axis=0))}
+    per_stack = sorted(({"image": str(f), "pages": len(pages),
+                         **own(counts[pages].sum(axis=0), objects[pages].sum(axis=0))}
                         for f, pages in stacks.items()), key=lambda r: r["iou"])
     metrics = {**scores(counts[read].sum(axis=0)), "images": int(read.sum()),
                "skipped": len(skipped) + int((~read).sum()), "source": str(args.images),

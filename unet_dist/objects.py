@@ -7,7 +7,8 @@ the background in the truth and in the prediction, a predicted object matching a
 their IoU is above 0.5 (then the match is unique, as in the Data Science Bowl 2018's and the cell
 tracking challenge's measures). From the counts, summed over images and processes: precision,
 recall and F1 of the objects, and SEG (the cell tracking challenge's: the mean over true objects of
-the IoU of their match, 0 for none). Components are 8-connected, as `postprocess` takes them.
+the IoU of their match, 0 for none). Components are 8-connected, as `postprocess` takes them, and
+each page of a stack is counted alone (a cell cut by two slices is two objects).
 """
 
 from __future__ import annotations
@@ -68,3 +69,9 @@ def object_scores(counts: np.ndarray) -> list[dict]:
                     "f1": float(2 * matched / (truth + predicted)),
                     "seg": float(iou_sum / truth) if truth else None})
     return out
+
+
+def object_f1(counts: np.ndarray) -> list[float | None]:
+    """Each class's object F1 from `object_counts` rows (K, FIELDS): None for the background and
+    for a class with no object in truth or prediction, as `metrics.scores` gives a class's IoU."""
+    return [None if c == 0 or not t + p else float(2 * m / (t + p)) for c, (t, p, m, _) in enumerate(counts)]
