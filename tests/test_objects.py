@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from unet_dist.data.convert import IGNORE
-from unet_dist.objects import object_counts, object_f1, object_scores
+from unet_dist.objects import object_counts, object_f1, object_scores, pooled
 
 
 def _cells():
@@ -55,4 +55,7 @@ def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():
     two = object_scores(rows)[1]
     assert (two["class"], two["recall"], two["seg"], two["precision"], two["f1"]) == (2, None, None, 0.0, 0.0)
     assert object_f1(rows) == [None, pytest.approx(0.8), 0.0]
+    # Training's evaluation pools the classes: 2 matches of 3 true and 3 predicted objects.
+    assert pooled(rows) == {"object_f1": pytest.approx(2 / 3), "seg": pytest.approx(2 / 3)}
+    assert pooled(np.zeros((3, 4))) == {"object_f1": None, "seg": None}
     assert object_scores(np.zeros((3, 4))) == [] and object_f1(np.zeros((3, 4))) == [None] * 3  # no object anywhere

@@ -320,11 +320,13 @@ def test_valid_padding_and_weighted_loss_train(shards, tmp_path):
 def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, monkeypatch):
     w = tmp_path / "w"
     args = ["--data", str(shards), "--workdir", str(w), "--deterministic"]
-    for o in tiny_overrides(steps=3):
+    for o in tiny_overrides(steps=3) + ["train.object_metrics=true"]:
         args += ["--set", o]
     run_module("unet_dist.train", *args, check=True)  # one real `python -m`; the rest run main() here
     summary = json.loads((w / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 1
+    (last,) = [e for e in map(json.loads, (w / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
+    assert {"val_object_f1", "val_seg"} <= set(last) and summary["final_val_object_f1"] == last["val_object_f1"]
     again = run_main(capsys, "unet_dist.train", *args, check=True)  # already done: resumes at 3, trains nothing
     assert "resuming at step 3" in again.stdout
     ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), check=True)
@@ -332,6 +334,7 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     assert json.loads((w / "eval.json").read_text()) == metrics and not list(w.glob(".eval.json.*"))
     assert metrics["val_records"] == json.loads((shards / "manifest.json").read_text())["val"]["records"]
     assert abs(metrics["val_iou"] - summary["final_val_iou"]) < 1e-6 or metrics["step"] != 3
+    assert metrics["val_object_f1"] == last["val_object_f1"] and metrics["val_seg"] == last["val_seg"]
     # Predict on odd sizes and modes.
     from PIL import Image
 

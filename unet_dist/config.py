@@ -151,6 +151,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 3
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
+    object_metrics: bool = False  # evaluations also match the val masks' objects (connected components): val_object_f1, val_seg; for touching objects (cells)
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
     early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best val IoU (0: off; counted across resumes)
     early_stop_min_delta: float = 0.0  # for the patience, a new best must beat the last one it counted from by more than this (Keras' min_delta)

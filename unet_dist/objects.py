@@ -71,6 +71,15 @@ def object_scores(counts: np.ndarray) -> list[dict]:
     return out
 
 
+def pooled(counts: np.ndarray) -> dict:
+    """`object_counts` rows (K, FIELDS) summed over images -> the objects of every class but the
+    background together: {"object_f1", "seg"} (None where there is no true or predicted object;
+    SEG None without true objects), the numbers training's evaluation logs."""
+    truth, predicted, matched, iou_sum = counts[1:].sum(axis=0)
+    return {"object_f1": float(2 * matched / (truth + predicted)) if truth + predicted else None,
+            "seg": float(iou_sum / truth) if truth else None}
+
+
 def object_f1(counts: np.ndarray) -> list[float | None]:
     """Each class's object F1 from `object_counts` rows (K, FIELDS): None for the background and
     for a class with no object in truth or prediction, as `metrics.scores` gives a class's IoU."""

@@ -44,6 +44,7 @@ from unet_dist.logs import Logger, panel_rows, plot_curves, read_metrics
 from unet_dist.losses import cross_entropy, training_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import FusedBatchNorm, build_unet, main_output, moving_statistics
+from unet_dist.objects import FIELDS, object_counts, pooled
 from unet_dist.optimizers import build_optimizer
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import scaled_learning_rate
@@ -174,11 +175,14 @@ class Evaluator:
     Built once per run: the eval step is traced and the dataset built once, not at every evaluation
     (re-tracing the model cost seconds per evaluation on a CPU, more than the evaluation itself for
     the demo). Call it for (metrics dict with val_* keys, panel array (N, h, 4w, 3) uint8 from this
-    process).
+    process). objects: also val_object_f1 and val_seg, every record's objects matched on the host
+    (`unet_dist.objects`) and their counts summed with the confusion matrix.
     """
 
-    def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, split: str = "val"):
+    def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, split: str = "val",
+                 objects: bool = False):
         self.k = k = manifest["num_classes"]
+        self.objects = objects
         ignore = ignores(manifest)
         self.runtime = runtime
         self.data_dir, self.manifest, self.split = data_dir, manifest, split
@@ -204,6 +208,7 @@ class Evaluator:
         """progress: called after each batch (the training loop's `Watchdog.beat`)."""
         k = self.k
         cm = np.zeros((k, k), np.float64)
+        objects = np.zeros((k, FIELDS))
         loss_sum, count = 0.0, 0
         panel = np.zeros((0, 1, 1, 3), np.uint8)
         try:
@@ -212,6 +217,9 @@ class Evaluator:
                 cm += c.numpy()
                 loss_sum += float(ls)
                 count += int(n)
+                if self.objects:
+                    masks = batch["mask"].numpy()[..., 0]
+                    objects += sum(object_counts(p, m, k) for p, m in zip(pred.numpy(), masks, strict=True))
                 if progress:
                     progress()
                 if panels and panel.shape[0] == 0:
@@ -222,14 +230,18 @@ class Evaluator:
             what = {"val": "validation", "train": "training"}[self.split]
             raise DataError(f"{what} data unreadable: {unreadable_record(self.data_dir, self.manifest, self.split, e)}"
                             "; convert again") from None
-        total = self.runtime.sum_shares(np.concatenate([cm.ravel(), [loss_sum, count]]), "their part of the evaluation")
-        cm, loss_sum, count = total[: k * k].reshape(k, k), total[-2], total[-1]
+        total = self.runtime.sum_shares(np.concatenate([cm.ravel(), objects.ravel(), [loss_sum, count]]),
+                                        "their part of the evaluation")
+        cm, objects = total[: k * k].reshape(k, k), total[k * k : -2].reshape(objects.shape)
+        loss_sum, count = total[-2], total[-1]
         s = scores(cm)
         metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
                    "val_pixel_acc": s["pixel_acc"], "val_iou_per_class": s["iou_per_class"],
                    "val_records": int(count)}
         if "fg_iou" in s:
             metrics["val_fg_iou"] = s["fg_iou"]
+        if self.objects:
+            metrics.update({f"val_{key}": v for key, v in pooled(objects).items()})
         return metrics, panel
 
 
@@ -612,7 +624,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                               cfg.runtime.xla, cfg.train.gradient_accumulation_steps)
     batches = [iter(runtime.distribute(  # a list, emptied when the loop ends (below)
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))]
-    loop = TrainLoop(cfg, ckpts, Evaluator(model, cfg, runtime, data_dir, manifest) if validate else None,
+    evaluator = Evaluator(model, cfg, runtime, data_dir, manifest, objects=cfg.train.object_metrics) if validate else None
+    loop = TrainLoop(cfg, ckpts, evaluator,
                      Logger(workdir, runtime.is_chief, total, start), optimizer, global_batch,
                      steps_per_epoch=max(1, manifest["train"]["records"] // global_batch),
                      average_statistics=lambda: runtime.average_replicas(stats), watchdog=watchdog,
@@ -641,6 +654,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         "final_val_iou": last_eval.get("val_iou"),
         "final_val_dice": last_eval.get("val_dice"),
         "final_val_loss": last_eval.get("val_loss"),
+        "final_val_object_f1": last_eval.get("val_object_f1"),  # with train.object_metrics
         "wall_s": wall,  # this call's, as images_per_s
         # Over every call that trained the run: a resumed one's earlier calls up to its checkpoint.
         "run_wall_s": loop.prior_seconds + wall,
