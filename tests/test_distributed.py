@@ -322,6 +322,7 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert e1["val_records"] == e2["val_records"]
     for k in ("val_iou", "val_dice", "val_pixel_acc", "val_loss"):
         assert abs(e1[k] - e2[k]) < 1e-6, (k, e1[k], e2[k])
+    assert e1["val_object_f1"] == e2["val_object_f1"] and e1["val_seg"] == pytest.approx(e2["val_seg"]), (e1, e2)
     # The training's last evaluation saw the model it saved: the ranks' mean of batch norm's moving
     # statistics, which each rank updates from its own batch (not rank 0's copy on half the images).
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)
