@@ -100,7 +100,7 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     assert evaluate_main(["--workdir", str(w), *src, "--out", str(tmp_path / "raw.json")]) == 0
     raw = json.loads((tmp_path / "raw.json").read_text())
     (lc,) = raw["largest_component"]
-    assert raw["postprocess"] == "none" and lc["class"] == 1 and lc["iou"] == raw["iou_per_class"][1]
+    assert raw["postprocess"] == "none" and (lc["class"], lc["name"]) == (1, "pet") and lc["iou"] == raw["iou_per_class"][1]
     said = capsys.readouterr().err
     assert ("keeping only the largest connected component raises the IoU of class 1 (pet)" in said) == lc["helps"]
     assert evaluate_main(["--workdir", str(w), *src, "--postprocess", "largest", "--out", str(tmp_path / "pp.json")]) == 0
@@ -121,7 +121,7 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     # Its object scores are those of the masks predict wrote: one object an image at most now.
     assert all(r["object_f1_per_class"][0] is None for r in pp["per_image"])
     (mine,) = object_scores(objects)
-    assert pp["objects"] == [pytest.approx(mine)]
+    assert pp["objects"] == [pytest.approx({**mine, "name": "pet"})]
     assert pp["objects"][0]["predicted_objects"] <= len(list((pet_src / "images").iterdir()))
     assert raw["objects"][0]["predicted_objects"] > pp["objects"][0]["predicted_objects"]
     # Bad values, before any work; the flag is not one of --data's.

@@ -171,11 +171,14 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                "postprocess": describe(predictor.postprocess),
                "objects": object_scores(objects[read].sum(axis=0)),
                "largest_component": advice(raw[read].sum(axis=0), moved[read].sum(axis=0))}
-    helps = [a for a in metrics["largest_component"] if a["helps"]]
     names = info.get("class_names") or []
+    for row in metrics["objects"] + metrics["largest_component"]:  # the class's name, as data.json has it
+        if row["class"] < len(names):
+            row["name"] = names[row["class"]]
+    helps = [a for a in metrics["largest_component"] if a["helps"]]
     if helps:
         print("evaluate: keeping only the largest connected component raises the IoU of "
-              + ", ".join(f"class {a['class']}" + (f" ({names[a['class']]})" if a["class"] < len(names) else "")
+              + ", ".join(f"class {a['class']}" + (f" ({a['name']})" if "name" in a else "")
                           + f" from {a['iou']:.4f} to {a['iou_largest_only']:.4f}" for a in helps)
               + f" on these images (predict --postprocess {describe(tuple(a['class'] for a in helps))})",
               file=sys.stderr)
