@@ -1,6 +1,7 @@
 """Training on one process: it learns, it resumes exactly, it stops on NaN, it predicts and exports."""
 
 import json
+import re
 import shutil
 import time
 
@@ -846,16 +847,16 @@ def test_init_from_another_run_copies_its_weights_layer_by_layer(shards, tmp_pat
     assert "train.init_from" not in capsys.readouterr().out
 
 
-def _evaluations_scoring(monkeypatch, ious: list[float]) -> None:
-    """Makes the trainer's evaluations return these val IoUs, one after the other."""
+def _evaluations_scoring(monkeypatch, ious: list[float], dice: list[float] | None = None) -> None:
+    """Makes the trainer's evaluations return these val IoUs (and val Dice, else the IoUs), one after the other."""
     import unet_dist.trainer as T
 
-    it = iter(ious)
+    it = iter(zip(ious, dice or ious, strict=True))
 
     def fake(self, panels=0, progress=None):
-        iou = next(it)
-        return {"val_loss": 1 - iou, "val_iou": iou, "val_dice": iou, "val_pixel_acc": iou}, np.zeros((0, 1, 1, 3),
-                                                                                                      np.uint8)
+        iou, d = next(it)
+        return {"val_loss": 1 - iou, "val_iou": iou, "val_dice": d, "val_pixel_acc": iou}, np.zeros((0, 1, 1, 3),
+                                                                                                    np.uint8)
 
     monkeypatch.setattr(T.Evaluator, "__call__", fake)
 
@@ -941,6 +942,32 @@ def test_early_stop_min_delta_asks_more_than_a_creep_of_small_gains_also_across_
     assert sorted(p.name for p in (w / "checkpoints" / "best").glob("*.index")) == ["best-4.index"]
     with pytest.raises(ConfigError, match=r"train.early_stop_min_delta.*in \[0, 1\)"):
         load_config(None, ["train.early_stop_min_delta=-0.1"])
+
+
+def test_train_monitor_picks_the_best_checkpoint_and_counts_the_patience(shards, tmp_path, monkeypatch, capsys):
+    # Monitored by val Dice, the best is step 3's (0.7) and two evaluations without a better Dice
+    # stop the run at step 5; by val IoU it would have been step 2's, stopping at step 4.
+    _evaluations_scoring(monkeypatch, [0.5, 0.9, 0.6, 0.6, 0.6, 0.6], [0.5, 0.6, 0.7, 0.65, 0.66, 0.2])
+    w = tmp_path / "w"
+    over = tiny_overrides(steps=6) + ["train.eval_every_steps=1", "train.early_stop_patience=2"]
+    s = train(load_config(None, over + ["train.monitor=val_dice"]), shards, w)
+    assert s["steps"] == s["early_stopped_at_step"] == 5, s
+    assert (s["monitor"], s["best_monitored"], s["best_val_iou"]) == ("val_dice", 0.7, None), s
+    out = capsys.readouterr().out
+    assert "step 3: new best val_dice 0.7000 (was 0.6000)" in out and "no new best val_dice in 2 evaluations" in out
+    assert sorted(p.name for p in (w / "checkpoints" / "best").glob("*.index")) == ["best-3.index"]
+    # Resumed by val IoU, no patience: the best kept by Dice is of another metric, so step 6's
+    # evaluation replaces it though step 2's IoU was higher.
+    s = train(load_config(None, tiny_overrides(steps=6) + ["train.eval_every_steps=1"]), shards, w)
+    assert s["start_step"] == 5 and s["best_monitored"] == s["best_val_iou"] == 0.6, s
+    assert f"train.monitor is val_iou, and was val_dice when {w / 'checkpoints' / 'best'} was kept" in (
+        capsys.readouterr().out)
+    assert sorted(p.name for p in (w / "checkpoints" / "best").glob("*.index")) == ["best-6.index"]
+    for bad, message in ((["train.monitor=val_object_f1"], "only with train.object_metrics: true"),
+                         (["train.monitor=val_fg_iou", "model.num_classes=3", "train.loss=cce"], "num_classes 2"),
+                         (["train.monitor=val_loss"], "'val_iou' | 'val_fg_iou'")):
+        with pytest.raises(ConfigError, match=f"train.monitor.*{re.escape(message)}"):
+            load_config(None, bad)
 
 
 def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pet_src, tmp_path, capsys):

@@ -152,12 +152,17 @@ class TrainConfig:
     keep_checkpoints: int = 3
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
     object_metrics: bool = False  # evaluations also match the val masks' objects (connected components): val_object_f1, val_seg; for touching objects (cells)
+    monitor: Literal["val_iou", "val_fg_iou", "val_dice", "val_object_f1", "val_seg"] = "val_iou"  # the evaluation metric (higher is better) that picks the best checkpoint and that early_stop_patience counts
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
-    early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best val IoU (0: off; counted across resumes)
+    early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best train.monitor (0: off; counted across resumes)
     early_stop_min_delta: float = 0.0  # for the patience, a new best must beat the last one it counted from by more than this (Keras' min_delta)
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
     gradient_accumulation_steps: int = 1  # each replica's batch in this many micro-batches, one after the other, gradients summed: the same step in less memory
     init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes (the output layer then starts new), model.deep_supervision (its heads) and model.in_channels (the input convolution's kernel is adapted) may differ
+
+
+# train.monitor's metrics, in a fixed order (a resumed run tells the others its earlier one by index).
+MONITORS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["monitor"])
 
 
 @dataclass
@@ -445,6 +450,10 @@ def validate(cfg: Config) -> None:
     need(t.image_panels >= 0, "train.image_panels", ">= 0", t.image_panels)
     need(t.early_stop_patience >= 0, "train.early_stop_patience", ">= 0 (0 = off)", t.early_stop_patience)
     need(0 <= t.early_stop_min_delta < 1, "train.early_stop_min_delta", "in [0, 1)", t.early_stop_min_delta)
+    need(t.monitor not in ("val_object_f1", "val_seg") or t.object_metrics, "train.monitor",
+         "val_object_f1 or val_seg only with train.object_metrics: true (which computes them)", t.monitor)
+    need(t.monitor != "val_fg_iou" or m.num_classes == 2, "train.monitor",
+         "val_fg_iou (the foreground's IoU) only with model.num_classes 2", t.monitor)
     need(t.loss not in ("bce",) or m.num_classes == 2, "train.loss", "'bce' only with model.num_classes 2; use 'cce'", t.loss)
     need(t.target_val_iou is None or 0 < t.target_val_iou <= 1, "train.target_val_iou", "null or in (0, 1]",
          t.target_val_iou)

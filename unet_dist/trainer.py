@@ -20,7 +20,7 @@ import tensorflow as tf
 from unet_dist import precision
 from unet_dist.atomic import atomic_write_text
 from unet_dist.checkpoint import Checkpoints, check_free_space, init_weights
-from unet_dist.config import Config, ConfigError, config_yaml, writable_dir
+from unet_dist.config import MONITORS, Config, ConfigError, config_yaml, load_workdir_config, writable_dir
 from unet_dist.data.convert import ignores
 from unet_dist.data.pipeline import (
     DataError,
@@ -407,25 +407,25 @@ class TrainLoop:
         self._window_t, self._window_steps, self._window_loss = now, 0, 0.0
 
     def _evaluate(self, step: int) -> bool:
-        """Evaluates, logs, keeps the best checkpoint; True when the run should stop here: val IoU
-        reached the target, or train.early_stop_patience evaluations brought no new best. Every rank
-        decides alike: the metrics are summed over all of them."""
+        """Evaluates, logs, keeps the best checkpoint (by train.monitor); True when the run should stop
+        here: val IoU reached the target, or train.early_stop_patience evaluations brought no new
+        best. Every rank decides alike: the metrics are summed over all of them."""
         started = time.time()
         self.last_eval, panel = self.evaluator(self.cfg.train.image_panels, self.watchdog.beat)
         self.watchdog.beat()
         self.logger.eval(step, self.last_eval)
         self.logger.images(step, panel)
         before = float(self.ckpts.best_iou.numpy())  # -1 before the first evaluation
-        improved = self.ckpts.save_best(step, self.last_eval["val_iou"])
+        value, name = monitored(self.cfg, self.last_eval), _monitor_name(self.cfg)
+        improved = self.ckpts.save_best(step, value)
         if improved:  # which checkpoint best/ holds, for a reader of the log (as Keras' ModelCheckpoint says)
-            self.logger.message(f"step {step}: new best val IoU {self.last_eval['val_iou']:.4f}"
-                                + (f" (was {before:.4f})" if before >= 0 else ""))
+            self.logger.message(f"step {step}: new best {name} {value:.4f}" + (f" (was {before:.4f})" if before >= 0 else ""))
         self._window_t += time.time() - started  # evaluation time is not training throughput
-        self._patience = patience_step(self._patience, self.last_eval["val_iou"], self.cfg.train.early_stop_min_delta)
+        self._patience = patience_step(self._patience, value, self.cfg.train.early_stop_min_delta)
         patience = self.cfg.train.early_stop_patience
         if patience and self._patience[0] >= patience:
             self.early_stop = step
-            self.logger.message(f"step {step}: no new best val IoU in {patience} evaluations{_by_more(self.cfg)} "
+            self.logger.message(f"step {step}: no new best {name} in {patience} evaluations{_by_more(self.cfg)} "
                                 f"(train.early_stop_patience); stopping, best {float(self.ckpts.best_iou.numpy()):.4f} "
                                 f"is in {self.ckpts.dir / 'best'}")
             return True
@@ -453,23 +453,42 @@ def _by_more(cfg: Config) -> str:
     return f" by more than {delta:g} (train.early_stop_min_delta)" if delta else ""
 
 
-def resumed_evaluations(workdir: Path, start: int, runtime: Runtime, min_delta: float
-                        ) -> tuple[tuple[int, float], int, float]:
-    """(`patience_step`'s state, the last evaluation's step, its val IoU; (0, -1.0), -1, -1.0 when
-    there was none) over the eval events in WORKDIR/metrics.jsonl up to step `start`: the history
+def monitored(cfg: Config, metrics: dict) -> float:
+    """The value of train.monitor in an evaluation's metrics; -1 where it has none (no object in
+    the val masks or the prediction for val_object_f1): never a new best, as before any evaluation."""
+    value = metrics.get(cfg.train.monitor)
+    return float(value) if isinstance(value, (int, float)) else -1.0
+
+
+def _monitor_name(cfg: Config) -> str:
+    return "val IoU" if cfg.train.monitor == "val_iou" else cfg.train.monitor
+
+
+def resumed_evaluations(workdir: Path, start: int, runtime: Runtime, cfg: Config
+                        ) -> tuple[tuple[int, float], int, float, str | None]:
+    """(`patience_step`'s state over train.monitor, the last evaluation's step, its val IoU; (0,
+    -1.0), -1, -1.0 when there was none; the train.monitor of WORKDIR/config.yaml where it is not
+    this config's, else None) over the eval events in WORKDIR/metrics.jsonl up to step
+    `start`: the history
     a resumed run carries on from, so that train.early_stop_patience counts across resumes and a
     run that had stopped is not trained on by a rerun. The chief reads the file and every process
     takes its reading: the loop's stop decisions must be the same on all of them."""
-    state, last_step, last_iou = (0, -1.0), -1, -1.0
+    state, last_step, last_iou, other = (0, -1.0), -1, -1.0, -1
     if runtime.is_chief:
+        try:  # written by the run that saved the checkpoint (before train.monitor existed: val_iou)
+            before = load_workdir_config(workdir).train.monitor
+        except ConfigError:
+            before = cfg.train.monitor
+        other = MONITORS.index(before) if before != cfg.train.monitor else -1
         for row in read_metrics(workdir / "metrics.jsonl"):
             iou = row.get("val_iou")
             if row.get("event") != "eval" or not 0 < row.get("step", 0) <= start or not isinstance(iou, (int, float)):
                 continue
-            state, last_step, last_iou = patience_step(state, iou, min_delta), row["step"], iou
-    mine = np.array([*state, last_step, last_iou] if runtime.is_chief else [0, 0, 0, 0], np.float64)
-    since, best, last_step, last_iou = runtime.allreduce_sum(mine)
-    return (int(since), float(best)), int(last_step), float(last_iou)
+            state = patience_step(state, monitored(cfg, row), cfg.train.early_stop_min_delta)
+            last_step, last_iou = row["step"], iou
+    mine = np.array([*state, last_step, last_iou, other] if runtime.is_chief else [0] * 5, np.float64)
+    since, best, last_step, last_iou, other = runtime.allreduce_sum(mine)
+    return (int(since), float(best)), int(last_step), float(last_iou), MONITORS[int(other)] if other >= 0 else None
 
 
 def gpu_peak_over_processes(runtime: Runtime) -> float | None:
@@ -488,7 +507,7 @@ def stopped_at(cfg: Config, start: int, since_best: int, last_step: int, last_io
         return None
     patience, target = cfg.train.early_stop_patience, cfg.train.target_val_iou
     if patience and since_best >= patience:
-        return (f"no new best val IoU in {since_best} evaluations{_by_more(cfg)} (train.early_stop_patience "
+        return (f"no new best {_monitor_name(cfg)} in {since_best} evaluations{_by_more(cfg)} (train.early_stop_patience "
                 f"{patience})")
     if target is not None and last_iou >= target:
         return f"val IoU {last_iou:.4f} >= train.target_val_iou {target}"
@@ -601,9 +620,13 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         runtime.print(f"unet_dist: skipping {lost} unreadable of {manifest['train']['records']} training records")
     runtime.broadcast_state(model.variables + optimizer.variables)
     # `start` is the same on every process (they all restore the same checkpoint).
-    patience, *last = (resumed_evaluations(workdir, start, runtime, cfg.train.early_stop_min_delta)
-                       if validate and start else ((0, -1.0), -1, -1.0))
-    stopped = stopped_at(cfg, start, patience[0], *last)
+    patience, last_step, last_iou, monitor_was = (resumed_evaluations(workdir, start, runtime, cfg)
+                                                  if validate and start else ((0, -1.0), -1, -1.0, None))
+    if monitor_was:  # the best checkpoint's value is of another metric: the next evaluation is a new best
+        ckpts.best_iou.assign(-1.0)
+        runtime.print(f"unet_dist: train.monitor is {cfg.train.monitor}, and was {monitor_was} when "
+                      f"{workdir / 'checkpoints' / 'best'} was kept: the next evaluation replaces it")
+    stopped = stopped_at(cfg, start, patience[0], last_step, last_iou)
     total = start if stopped else cfg.train.steps
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why, xla_why)
     if not validate:
@@ -647,10 +670,15 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         last_eval, _ = loop.evaluator(progress=watchdog.beat)
     input_wait = worst_over_processes(loop.input, runtime)
     gpu_peak = gpu_peak_over_processes(runtime)
+    best = max(float(ckpts.best_iou.numpy()), monitored(cfg, last_eval)) if validate else None
     summary = {
         "steps": reached[0] if reached else loop.early_stop or total,
         "start_step": start,
-        "best_val_iou": max(float(ckpts.best_iou.numpy()), last_eval.get("val_iou", -1.0)) if validate else None,
+        # train.monitor's best: the best checkpoint's (a rerun's evaluation of the last step counted);
+        # best_val_iou is the same number where the monitor is val IoU, the default.
+        "monitor": cfg.train.monitor,
+        "best_monitored": best,
+        "best_val_iou": best if cfg.train.monitor == "val_iou" else None,
         "final_val_iou": last_eval.get("val_iou"),
         "final_val_dice": last_eval.get("val_dice"),
         "final_val_loss": last_eval.get("val_loss"),
@@ -687,7 +715,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         deep = ", deep supervision" if cfg.model.deep_supervision else ""
         plot_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png", f"train loss ({cfg.train.loss}{deep})")
-    ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {summary['best_val_iou']:.4f}" if validate
+    ious = (f"final val IoU {summary['final_val_iou']:.4f}, best {_monitor_name(cfg)} {summary['best_monitored']:.4f}"
+            if validate
             else "no validation split")
     runtime.print(f"train: done: {summary['steps']} steps, {ious}"
                   + (f", {summary['images_per_s']:.1f} images/s" if start < total else ", nothing left to train")
