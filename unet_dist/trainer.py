@@ -622,12 +622,13 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
     # `start` is the same on every process (they all restore the same checkpoint).
     patience, last_step, last_iou, monitor_was = (resumed_evaluations(workdir, start, runtime, cfg)
                                                   if validate and start else ((0, -1.0), -1, -1.0, None))
-    if monitor_was:  # the best checkpoint's value is of another metric: the next evaluation is a new best
-        ckpts.best_iou.assign(-1.0)
-        runtime.print(f"unet_dist: train.monitor is {cfg.train.monitor}, and was {monitor_was} when "
-                      f"{workdir / 'checkpoints' / 'best'} was kept: the next evaluation replaces it")
     stopped = stopped_at(cfg, start, patience[0], last_step, last_iou)
     total = start if stopped else cfg.train.steps
+    if monitor_was:  # the best checkpoint's value is of another metric: the next evaluation is a new best
+        ckpts.best_iou.assign(-1.0)
+        if start < total:
+            runtime.print(f"unet_dist: train.monitor is {cfg.train.monitor}, and was {monitor_was} when "
+                          f"{workdir / 'checkpoints' / 'best'} was kept: the next evaluation replaces it")
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why, xla_why)
     if not validate:
         runtime.print(f"unet_dist: {data_dir} has no validation split (converted with --val-fraction 0): training "
