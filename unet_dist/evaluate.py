@@ -123,10 +123,10 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
         # The record evaluation's own class rule and counting, at the image's size.
-        predicted = predict_classes(probs)
+        predicted = predict_classes(probs).numpy()
         counts[i] = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
-        moved[i] = moved_by_truth(predicted.numpy(), truth, k)
-        objects[i] = object_counts(keep_largest(predicted.numpy(), predictor.postprocess), truth, k)
+        moved[i] = moved_by_truth(predicted, truth, k)
+        objects[i] = object_counts(keep_largest(predicted, predictor.postprocess), truth, k)
         seen[i] = 1
     try:
         total = sum_over_processes(runtime, np.concatenate([counts.ravel(), moved.ravel(), objects.ravel(), seen]))

@@ -58,29 +58,28 @@ def object_scores(counts: np.ndarray) -> list[dict]:
     """`object_counts` rows (K, FIELDS), summed over images -> for each class but the background
     with a true or predicted object: its counts, precision, recall, F1 and SEG (None where a
     ratio has nothing to count)."""
-    out = []
-    for c, (truth, predicted, matched, iou_sum) in enumerate(counts):
-        if c == 0 or not truth + predicted:
-            continue
-        out.append({"class": c, "true_objects": int(truth), "predicted_objects": int(predicted),
-                    "matched": int(matched),
-                    "precision": float(matched / predicted) if predicted else None,
-                    "recall": float(matched / truth) if truth else None,
-                    "f1": float(2 * matched / (truth + predicted)),
-                    "seg": float(iou_sum / truth) if truth else None})
-    return out
+    return [{"class": c, "true_objects": int(row[0]), "predicted_objects": int(row[1]), "matched": int(row[2]),
+             **_ratios(*row)} for c, row in enumerate(counts) if c and row[0] + row[1]]
+
+
+def _ratios(truth: float, predicted: float, matched: float, iou_sum: float) -> dict:
+    """Precision, recall, F1 and SEG of one `object_counts` row (or a sum of rows), None where a
+    ratio has nothing to count."""
+    return {"precision": float(matched / predicted) if predicted else None,
+            "recall": float(matched / truth) if truth else None,
+            "f1": float(2 * matched / (truth + predicted)) if truth + predicted else None,
+            "seg": float(iou_sum / truth) if truth else None}
 
 
 def pooled(counts: np.ndarray) -> dict:
     """`object_counts` rows (K, FIELDS) summed over images -> the objects of every class but the
     background together: {"object_f1", "seg"} (None where there is no true or predicted object;
     SEG None without true objects), the numbers training's evaluation logs."""
-    truth, predicted, matched, iou_sum = counts[1:].sum(axis=0)
-    return {"object_f1": float(2 * matched / (truth + predicted)) if truth + predicted else None,
-            "seg": float(iou_sum / truth) if truth else None}
+    ratios = _ratios(*counts[1:].sum(axis=0))
+    return {"object_f1": ratios["f1"], "seg": ratios["seg"]}
 
 
 def object_f1(counts: np.ndarray) -> list[float | None]:
     """Each class's object F1 from `object_counts` rows (K, FIELDS): None for the background and
     for a class with no object in truth or prediction, as `metrics.scores` gives a class's IoU."""
-    return [None if c == 0 or not t + p else float(2 * m / (t + p)) for c, (t, p, m, _) in enumerate(counts)]
+    return [_ratios(*row)["f1"] if c else None for c, row in enumerate(counts)]

@@ -102,5 +102,6 @@ def advice(cm: np.ndarray, moved: np.ndarray) -> list[dict]:
         if moved[c].any():
             after = scores(applied(cm, moved, (c,)))["iou_per_class"][c]
             out.append({"class": c, "iou": before[c], "iou_largest_only": after,
-                        "helps": after is not None and (before[c] is None or after > before[c])})
+                        # None after: class c was left only where the truth is ignored.
+                        "helps": after is not None and after > before[c]})
     return out
