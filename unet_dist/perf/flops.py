@@ -78,13 +78,14 @@ def run(args) -> dict:
     train_flops = 3 * fwd  # forward + backward (gradients w.r.t. inputs and weights: 2x forward)
     manifest = load_manifest(args.data)
     out = {"bench": "flops", "config": str(args.config), "image_size": cfg.data.image_size,
-           "forward_gflops_per_image": fwd / 1e9, "train_gflops_per_image": train_flops / 1e9, "matmul_size": None, "variants": {}}
+           "forward_gflops_per_image": fwd / 1e9, "train_gflops_per_image": train_flops / 1e9, "matmul_size": None,
+           "variants": {}}
     runtime = None
     for variant in args.variants:
         vcfg = variant_config(args, variant)
         ips, runtime = step_images_per_s(vcfg, args.data, manifest, args.steps, runtime)
-        peak = matmul_peak(keras.DTypePolicy(vcfg.runtime.precision).compute_dtype)  # the variant's compute dtype
-        out["matmul_size"] = matmul_size()  # after the first step: the runtime has set up the devices
+        out["matmul_size"] = n = matmul_size()  # after the first step: the runtime has set up the devices
+        peak = matmul_peak(keras.DTypePolicy(vcfg.runtime.precision).compute_dtype, n)  # the variant's compute dtype
         achieved = ips * train_flops
         out["variants"][variant] = {"images_per_s": ips, "achieved_gflop_s": achieved / 1e9,
                                     "matmul_peak_gflop_s": peak / 1e9, "fraction_of_peak": achieved / peak}
