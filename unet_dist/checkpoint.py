@@ -1,9 +1,9 @@
 """Checkpoints: the last K and the best by validation IoU, with tf.train.CheckpointManager.
 
 A checkpoint holds model weights, optimizer state (including the step count that drives the LR
-schedule and, under mixed_float16, the loss scale), our own step and the seconds trained to it, and nothing that depends on
-the number of workers or the precision, so a run saved on N workers resumes on M, and a float16
-run resumes in float32 and the reverse.
+schedule and, under mixed_float16, the loss scale), our own step and the seconds trained to it,
+and nothing that depends on the number of workers or the precision, so a run saved on N workers
+resumes on M, and a float16 run resumes in float32 and the reverse.
 The runtime decides who writes: the chief (single, mirrored, Horovod), or every worker with
 non-chief workers writing to a temporary folder (MultiWorkerMirroredStrategy).
 """

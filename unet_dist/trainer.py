@@ -325,8 +325,8 @@ class TrainLoop:
         self.last_eval: dict = {}
         self.reached: tuple[int, float] | None = None
         self.early_stop: int | None = None
-        # (evaluations without a new best, the val IoU they count from): `patience_step`, carried
-        # over a resume by `resumed_evaluations`.
+        # (evaluations without a new best, the monitored value they count from): `patience_step`,
+        # carried over a resume by `resumed_evaluations`.
         self._patience = patience
         self.images = 0
         self.input = InputClock()  # this process's wait for batches
@@ -438,14 +438,14 @@ class TrainLoop:
         return True
 
 
-def patience_step(state: tuple[int, float], iou: float, min_delta: float) -> tuple[int, float]:
-    """train.early_stop_patience's count after an evaluation of val IoU `iou`. state: (evaluations
-    without a new best, the val IoU they count from; (0, -1.0) before the first evaluation). As
-    Keras' EarlyStopping: a new best must beat that IoU by more than min_delta, and only one that
-    does moves it, so a slow creep of small gains still stops the run. (The best checkpoint keeps
-    any higher IoU.)"""
+def patience_step(state: tuple[int, float], value: float, min_delta: float) -> tuple[int, float]:
+    """train.early_stop_patience's count after an evaluation whose train.monitor is `value`
+    (`monitored`). state: (evaluations without a new best, the value they count from; (0, -1.0)
+    before the first evaluation). As Keras' EarlyStopping: a new best must beat that value by more
+    than min_delta, and only one that does moves it, so a slow creep of small gains still stops the
+    run. (The best checkpoint keeps any higher value.)"""
     since, best = state
-    return (0, iou) if iou > best + min_delta else (since + 1, best)
+    return (0, value) if value > best + min_delta else (since + 1, best)
 
 
 def _by_more(cfg: Config) -> str:
@@ -468,10 +468,9 @@ def resumed_evaluations(workdir: Path, start: int, runtime: Runtime, cfg: Config
                         ) -> tuple[tuple[int, float], int, float, str | None]:
     """(`patience_step`'s state over train.monitor, the last evaluation's step, its val IoU; (0,
     -1.0), -1, -1.0 when there was none; the train.monitor of WORKDIR/config.yaml where it is not
-    this config's, else None) over the eval events in WORKDIR/metrics.jsonl up to step
-    `start`: the history
-    a resumed run carries on from, so that train.early_stop_patience counts across resumes and a
-    run that had stopped is not trained on by a rerun. The chief reads the file and every process
+    this config's, else None) over the eval events in WORKDIR/metrics.jsonl up to step `start`: the
+    history a resumed run carries on from, so that train.early_stop_patience counts across resumes
+    and a run that had stopped is not trained on by a rerun. The chief reads the file and every process
     takes its reading: the loop's stop decisions must be the same on all of them."""
     state, last_step, last_iou, other = (0, -1.0), -1, -1.0, -1
     if runtime.is_chief:

@@ -163,7 +163,8 @@ def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells:
     an earlier synthetic set there (a smaller set must not keep the earlier one's extra samples).
     Refuses (ValueError) a folder holding other files: they would be mixed into the set.
     sparse: small pets on SPARSE_SIZE x SPARSE_SIZE images (`make_sample`); cells: EM-like slices
-    (`make_cells`, faint membranes with `faint`), written as PNG; ct: CT-like slices (`make_ct`), written as int16 .npy arrays."""
+    (`make_cells`, faint membranes with `faint`), written as PNG; ct: CT-like slices (`make_ct`),
+    written as int16 .npy arrays."""
     out = Path(out)
     other = foreign_files(out)
     if other:
