@@ -336,13 +336,14 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     pages[0].save(tmp_path / "vol.tif", save_all=True, append_images=pages[1:])
     common = ["--workdir", str(w), "--strategy", "single"]
     assert predict_main([*common, str(src / "images"), str(tmp_path / "vol.tif"), "--out", str(tmp_path / "p1"),
-                         "--probabilities"]) == 0
+                         "--probabilities", "--instances"]) == 0
     assert evaluate_main([*common, "--images", str(src), "--out", str(tmp_path / "e1.json"),
                           "--postprocess", "largest"]) == 0
     proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), str(tmp_path / "vol.tif"),
-                      "--out", str(tmp_path / "p2"), "--probabilities")
+                      "--out", str(tmp_path / "p2"), "--probabilities", "--instances")
     assert proc.stdout.count("predict: 50 images on 2 processes") == 1, proc.stdout  # the chief's summary alone
-    assert proc.stdout.count("the 3 page masks of") == 1 and "(their probabilities in vol_probs.tif)" in proc.stdout
+    assert proc.stdout.count("the 3 page masks of") == 1, proc.stdout
+    assert "(their probabilities in vol_probs.tif, their instances in vol_instances.tif)" in proc.stdout
     assert proc.stderr.count("skipping") == 1, proc.stderr
     horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / "e2.json"),
                "--postprocess", "largest")
@@ -362,18 +363,25 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
             stacked.seek(i)
             one = np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_probs.tif"))
             np.testing.assert_allclose(np.asarray(stacked), one, atol=1e-6)
+    with Image.open(tmp_path / "p2" / "vol_instances.tif") as stacked:  # each page's objects numbered alone
+        assert stacked.n_frames == 3
+        for i in range(3):
+            stacked.seek(i)
+            labels, mask = np.asarray(stacked), np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_mask.png"))
+            assert np.array_equal(labels, np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_instances.tif")))
+            assert np.array_equal(labels > 0, mask > 0) and labels.max() >= 1
     # --continue after a stop: the images (a stack's page too) whose files are not all there are
     # predicted again, the others left alone (the chief's view, which every rank splits alike).
     redo = {"vol_p001": "_probs.tif", masks[0][: -len("_mask.png")]: "_mask.png",
-            masks[5][: -len("_mask.png")]: "_overlay.png"}
+            masks[5][: -len("_mask.png")]: "_overlay.png", masks[9][: -len("_mask.png")]: "_instances.tif"}
     for stem, kind in redo.items():
         (tmp_path / "p2" / f"{stem}{kind}").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p2").iterdir()
-            if not p.name.startswith((*(f"{stem}_" for stem in redo), "vol_mask", "vol_probs"))}  # stacks: rewritten
+            if not p.name.startswith((*(f"{stem}_" for stem in redo), "vol_mask", "vol_probs", "vol_instances"))}  # stacks
     proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), str(tmp_path / "vol.tif"),
-                      "--out", str(tmp_path / "p2"), "--probabilities", "--continue")
-    assert f"predict: leaving out 47 of 51 images, predicted in {tmp_path / 'p2'} already (--continue)" in proc.stderr
-    assert proc.stdout.count("predict: 3 images on 2 processes") == 1, proc.stdout  # and the corrupt one, skipped
+                      "--out", str(tmp_path / "p2"), "--probabilities", "--instances", "--continue")
+    assert f"predict: leaving out 46 of 51 images, predicted in {tmp_path / 'p2'} already (--continue)" in proc.stderr
+    assert proc.stdout.count("predict: 4 images on 2 processes") == 1, proc.stdout  # and the corrupt one, skipped
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p2").iterdir() if p.name in kept} == kept
     for stem, kind in redo.items():
         assert (tmp_path / "p2" / f"{stem}{kind}").exists(), stem

@@ -59,3 +59,25 @@ def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():
     assert pooled(rows) == {"object_f1": pytest.approx(2 / 3), "seg": pytest.approx(2 / 3)}
     assert pooled(np.zeros((3, 4))) == {"object_f1": None, "seg": None}
     assert object_scores(np.zeros((3, 4))) == [] and object_f1(np.zeros((3, 4))) == [None] * 3  # no object anywhere
+
+
+def test_instances_number_each_object_of_each_class_apart():
+    # predict --instances: the objects object_counts matches, numbered: class 1's in raster order,
+    # then class 2's; 0 on the background. 16-bit while the count fits, 32-bit past it.
+    from unet_dist.objects import instances
+
+    mask = _cells()
+    mask[9, 11] = 1  # a speck, an object of its own
+    mask[6, 4] = 1  # touches C's corner (7, 3) diagonally: one object with C, first in raster order
+    mask[2:4, 11] = 2  # class 2 beside B: an object of another class
+    labels = instances(mask)
+    assert labels.dtype == np.uint16
+    assert np.array_equal(labels > 0, mask > 0)
+    assert [labels[0, 0], labels[0, 6], labels[6, 4], labels[7, 0], labels[9, 11], labels[2, 11]] == [1, 2, 3, 3, 4, 5]
+    for i in range(1, labels.max() + 1):  # each instance is one class
+        assert len(np.unique(mask[labels == i])) == 1
+    assert np.array_equal(instances(np.zeros((3, 3), np.uint8)), np.zeros((3, 3)))
+    specks = np.zeros((520, 520), np.uint8)
+    specks[::2, ::2] = 1  # 67,600 objects 8-connected to none
+    many = instances(specks)
+    assert many.dtype == np.int32 and many.max() == 260 * 260 and many[518, 518] == many.max()

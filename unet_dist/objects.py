@@ -31,6 +31,21 @@ def components(mask: np.ndarray, c: int) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
+def instances(classes: np.ndarray) -> np.ndarray:
+    """Class ids (H, W) -> instance labels (H, W), `predict --instances`: 0 on the background (class
+    0), and each 8-connected component of every other class numbered from 1, class 1's first, each
+    class's in raster order (as `components` finds them). uint16, or int32 past 65,535 objects (what
+    a 16-bit TIFF holds: the cell tracking challenge's format). An instance's class is the mask's at
+    any of its pixels."""
+    out, total = np.zeros(classes.shape, np.int32), 0
+    for c in np.unique(classes[classes > 0]):
+        labels, n = components(classes, c)
+        inside = labels > 0
+        out[inside] = labels[inside] + total
+        total += n
+    return out.astype(np.uint16) if total <= np.iinfo(np.uint16).max else out
+
+
 def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, FIELDS) float64 for predicted class ids `pred` (H, W) against `truth` (H, W): row c,
     class c's [true objects, predicted objects, matches, the matches' IoUs summed]; row 0, the

@@ -2,12 +2,13 @@
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
         [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]] [--probabilities]
-        [--continue] [--strategy auto|single|...]
+        [--instances] [--continue] [--strategy auto|single|...]
         [--set runtime.KEY=VALUE ...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
-less what an earlier predict wrote there (X_mask.png with X_overlay.png, X_probs.tif, X_mask.tif stacks).
+less what an earlier predict wrote there (X_mask.png with X_overlay.png, X_probs.tif, X_instances.tif,
+X_mask.tif stacks).
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask); for page 7 of a multi-page
@@ -17,6 +18,9 @@ the page masks as one stack, one file per volume as the input was.
 over the runs and mirror images), float32, the same size: one page, the foreground's, for a model of
 two classes; else one page per class, class k's on page k.
 For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
+--instances also writes PRED/<stem>_instances.tif: each connected object of the mask numbered (a
+label image, 0 on the background; 16-bit, as the cell tracking challenge takes them), so that cells
+the model parted come out as cells (`objects.instances`); a stack's holds its pages', each numbered alone.
 --postprocess largest keeps only the largest connected component of each class but the background in
 the masks (largest:1,3: of those classes), as nnU-Net does where it helps (`unet_dist/postprocess.py`;
 `evaluate --images` says for which classes it does); --probabilities are written as predicted.
@@ -55,8 +59,9 @@ from unet_dist.config import ConfigError, add_runtime_set_arg, add_strategy_arg,
 
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 # What predict writes for an image STEM (a stack's page: STEM_pNNN), and for a stack STEM once its
-# pages are written: STEM + STACK_MASK and, with --probabilities, STEM + PROBS.
-MASK, OVERLAY, PROBS, STACK_MASK = "_mask.png", "_overlay.png", "_probs.tif", "_mask.tif"
+# pages are written: STEM + STACK_MASK and, with --probabilities and --instances, STEM + PROBS and
+# STEM + INSTANCES.
+MASK, OVERLAY, PROBS, INSTANCES, STACK_MASK = "_mask.png", "_overlay.png", "_probs.tif", "_instances.tif", "_mask.tif"
 
 
 def _save(image: Image.Image, path: Path, **params) -> None:
@@ -88,9 +93,10 @@ def palette(colors: list | None) -> list[int]:
 
 
 def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None,
-                 colors: list | None = None) -> None:
+                 colors: list | None = None, instances: bool = False) -> None:
     """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), OUT/STEM_overlay.png
-    (image | mask | image * mask) and, given probs (H, W, U), OUT/STEM_probs.tif (`probability_pages`).
+    (image | mask | image * mask), given probs (H, W, U) OUT/STEM_probs.tif (`probability_pages`)
+    and with `instances` OUT/STEM_instances.tif (`objects.instances` of the mask).
     Thread-safe: Pillow's encoders and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(palette(colors))
@@ -108,6 +114,10 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, p
     _save(panel, out / f"{stem}{OVERLAY}", format="PNG", compress_level=1)
     if probs is not None:
         _save_tiff(probability_pages(probs), out / f"{stem}{PROBS}")
+    if instances:
+        from unet_dist.objects import instances as label
+
+        _save_tiff([Image.fromarray(label(classes))], out / f"{stem}{INSTANCES}")
 
 
 class Writer:
@@ -118,15 +128,16 @@ class Writer:
     about 22 bytes a pixel, its overlay most), which bounds the memory held. The first error (a full
     disk) is raised by `put` or `close`."""
 
-    def __init__(self, out: Path, threads: int = 2, colors: list | None = None, pixels: int = 2**26):
+    def __init__(self, out: Path, threads: int = 2, colors: list | None = None, pixels: int = 2**26,
+                 instances: bool = False):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        self.out, self.limit, self.pixels, self.colors = out, 2 * threads, pixels, colors
+        self.out, self.limit, self.pixels, self.colors, self.instances = out, 2 * threads, pixels, colors, instances
         self.pool, self.pending = ThreadPoolExecutor(threads, thread_name_prefix="predict-writer"), deque()
 
     def put(self, image: np.ndarray, classes: np.ndarray, stem: str, probs: np.ndarray | None = None) -> None:
-        future = self.pool.submit(save_outputs, image, classes, self.out, stem, probs, self.colors)
+        future = self.pool.submit(save_outputs, image, classes, self.out, stem, probs, self.colors, self.instances)
         self.pending.append((future, classes.size))
         while len(self.pending) > self.limit or (
                 len(self.pending) > 1 and sum(n for _, n in self.pending) > self.pixels):
@@ -144,8 +155,8 @@ class Writer:
 def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """(the paths given, with each folder replaced by the image files directly in it (sorted by name,
     hidden files left out), less the outputs of an earlier predict into it (each X_overlay.png with
-    the X_mask.png and X_probs.tif beside it, and X_mask.tif and X_probs.tif beside X_p000_overlay.png,
-    a stack's): predicting into the input folder and then predicting that folder again must not
+    the X_mask.png, X_probs.tif and X_instances.tif beside it, and X_mask.tif, X_probs.tif and
+    X_instances.tif beside X_p000_overlay.png, a stack's): predicting into the input folder and then predicting that folder again must not
     predict the masks; a line for each folder with such outputs).
     Raises ConfigError for a folder without any image."""
     from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
@@ -161,15 +172,15 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
         for name in names:
             stem = name.removesuffix(OVERLAY)
             if stem != name and f"{stem}{MASK}" in names:  # a mask PNG alone may be the user's own image
-                earlier |= {name, f"{stem}{MASK}", f"{stem}{PROBS}"}
+                earlier |= {name, f"{stem}{MASK}", f"{stem}{PROBS}", f"{stem}{INSTANCES}"}
                 volume = stem.removesuffix("_p000")
-                if volume != stem:  # a stack's first page: the stacks of its masks and probabilities
-                    earlier |= {f"{volume}{STACK_MASK}", f"{volume}{PROBS}"}
+                if volume != stem:  # a stack's first page: the stacks of its masks, probabilities and instances
+                    earlier |= {f"{volume}{STACK_MASK}", f"{volume}{PROBS}", f"{volume}{INSTANCES}"}
         earlier &= names
         if earlier:
             pairs = sum(name.endswith(OVERLAY) for name in earlier)
-            notes.append(f"predict: {path}: leaving out {pairs} earlier predictions (X_mask.png with X_overlay.png "
-                         "and X_probs.tif, and X_mask.tif stacks)")
+            notes.append(f"predict: {path}: leaving out {pairs} earlier predictions (X_mask.png with X_overlay.png, "
+                         "X_probs.tif and X_instances.tif, and X_mask.tif stacks)")
         found = [p for p in found if p.name not in earlier]
         if not found:
             raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -183,15 +194,17 @@ def _frames(path: Path) -> list[Image.Image]:
         return [frame.copy() for frame in ImageSequence.Iterator(image)]
 
 
-def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: bool = False) -> tuple[str, bool]:
+def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: bool = False,
+                instances: bool = False) -> tuple[str, bool]:
     """Writes OUT/STEM_mask.tif, the page masks (STEM_pNNN_mask.png, from every process) as one
-    multi-page TIFF of palette class ids, and with `probabilities` OUT/STEM_probs.tif, the pages'
-    STEM_pNNN_probs.tif pages in page order; returns (predict's line about them, whether all were written).
+    multi-page TIFF of palette class ids, with `probabilities` OUT/STEM_probs.tif, the pages'
+    STEM_pNNN_probs.tif pages in page order, and with `instances` OUT/STEM_instances.tif, likewise;
+    returns (predict's line about them, whether all were written).
     Not written when pages were skipped, or when a page's file is not in OUT (processes on other
     nodes wrote into a folder of their own, not a shared one). Holds one stack at a time in memory
     (masks one byte a pixel, probabilities four a page). Raises OSError when a write fails."""
-    kinds = [(MASK, STACK_MASK), (PROBS, PROBS)][:1 + probabilities]  # (a page's file, the stack's)
-    targets = [out / f"{path.stem}{stacked}" for _, stacked in kinds]
+    kinds = [(MASK, STACK_MASK)] + [(PROBS, PROBS)] * probabilities + [(INSTANCES, INSTANCES)] * instances
+    targets = [out / f"{path.stem}{stacked}" for _, stacked in kinds]  # kinds: (a page's file, the stack's)
     names = " and ".join(t.name for t in targets)
     if failed:
         return f"predict: {names} not written: {failed} of the {len(pages)} pages of {path} were skipped", False
@@ -205,7 +218,9 @@ def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: 
                 return (f"predict: {target.name} not written: {file.name} unreadable in {out} ({e}); with several "
                         "nodes, --out must be a folder they share"), False
         _save_tiff(frames, target)
-    also = f" (their probabilities in {targets[1].name})" if probabilities else ""
+    extras = [f"their {what} in {t.name}" for what, t in zip(
+        ["probabilities"] * probabilities + ["instances"] * instances, targets[1:], strict=True)]
+    also = f" ({', '.join(extras)})" if extras else ""
     return f"predict: {targets[0]}: the {len(pages)} page masks of {path} as one stack{also}", True
 
 
@@ -264,12 +279,15 @@ def my_share(samples: list, predictor, runtime) -> list[int]:
     return shard.balanced([predictor.cost((int(h), int(w))) for h, w in sizes])
 
 
-def left_to_predict(samples: list, out: Path, probabilities: bool, runtime) -> list[int]:
-    """--continue: the indices of `samples` whose files (mask, overlay, and probabilities when asked)
-    are not all in `out` yet. Every process gets the chief's view, taken before any process writes
+def page_files(probabilities: bool, instances: bool) -> tuple[str, ...]:
+    """What predict writes for each image (a stack's page): after STEM, in `out`."""
+    return (MASK, OVERLAY) + (PROBS,) * probabilities + (INSTANCES,) * instances
+
+
+def left_to_predict(samples: list, out: Path, kinds: tuple[str, ...], runtime) -> list[int]:
+    """--continue: the indices of `samples` whose files (`page_files`) are not all in `out` yet. Every process gets the chief's view, taken before any process writes
     (the others wait for it in the sum): a process that looked later would see new files and split
     the rest otherwise. Raises CollectiveError."""
-    kinds = (MASK, OVERLAY, PROBS) if probabilities else (MASK, OVERLAY)
     done = np.array([all((out / f"{s.name}{kind}").exists() for kind in kinds) for s in samples], np.float64)
     done = runtime.sum_shares(done * runtime.is_chief, "loading the model") > 0
     return [i for i in range(len(samples)) if not done[i]]
@@ -293,6 +311,9 @@ def main(argv=None) -> int:
     p.add_argument("--probabilities", action="store_true",
                    help="also write STEM_probs.tif: float32 probabilities (the foreground's for two classes, "
                         "else one page per class)")
+    p.add_argument("--instances", action="store_true",
+                   help="also write STEM_instances.tif: the mask's connected objects numbered 1, 2, ... (16-bit "
+                        "label image, 0 on the background), each class's after the one before")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="leave out the images whose outputs are all in --out already: finishes a predict that "
                         "was stopped (each file is written whole or not at all)")
@@ -337,7 +358,7 @@ def main(argv=None) -> int:
     todo = list(range(len(samples)))
     if args.resume:
         try:
-            todo = left_to_predict(samples, args.out, args.probabilities, runtime)
+            todo = left_to_predict(samples, args.out, page_files(args.probabilities, args.instances), runtime)
         except CollectiveError as e:
             print(f"predict: error: {e}", file=sys.stderr)
             return 1
@@ -352,7 +373,8 @@ def main(argv=None) -> int:
     stack_index = {path: i for i, path in enumerate(stacks)}
     # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
     counts, unwritten = np.zeros(2 + len(stacks)), None
-    writer = Writer(args.out, colors=predictor.colors)  # masks coded by colour come out in those colours
+    # Masks coded by colour come out in those colours.
+    writer = Writer(args.out, colors=predictor.colors, instances=args.instances)
     try:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
@@ -393,7 +415,7 @@ def main(argv=None) -> int:
         for path, pages in stacks.items():
             try:
                 said, whole = write_stack(path, [samples[i] for i in pages], int(counts[2 + stack_index[path]]),
-                                          args.out, args.probabilities)
+                                          args.out, args.probabilities, args.instances)
             except OSError as e:
                 print(f"predict: error: writing into {args.out}: {e}; the page masks are whole", file=sys.stderr)
                 return 1
