@@ -217,14 +217,14 @@ class Evaluator:
                 cm += c.numpy()
                 loss_sum += float(ls)
                 count += int(n)
+                if self.objects or (panels and panel.shape[0] == 0):  # the host's copies, taken once
+                    pred, masks = pred.numpy(), batch["mask"].numpy()[..., 0]
                 if self.objects:
-                    masks = batch["mask"].numpy()[..., 0]
-                    objects += sum(object_counts(p, m, k) for p, m in zip(pred.numpy(), masks, strict=True))
+                    objects += sum(object_counts(p, m, k) for p, m in zip(pred, masks, strict=True))
                 if progress:
                     progress()
                 if panels and panel.shape[0] == 0:
-                    panel = panel_rows(batch["image"].numpy()[:panels], batch["mask"].numpy()[:panels, ..., 0],
-                                       pred.numpy()[:panels], k)
+                    panel = panel_rows(batch["image"].numpy()[:panels], masks[:panels], pred[:panels], k)
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
             # Never skipped (data.skip_corrupt_records is for training): metrics must count every val record.
             what = {"val": "validation", "train": "training"}[self.split]
