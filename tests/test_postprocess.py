@@ -1,7 +1,8 @@
-"""Largest-component post-processing: the masks, the confusion-matrix arithmetic evaluate uses, and
-predict and evaluate --images with --postprocess."""
+"""Post-processing (the largest component, small objects removed): the masks, the arithmetic
+evaluate uses to measure it, and predict and evaluate --images with --postprocess."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,18 @@ from unet_dist.config import ConfigError, load_config
 from unet_dist.data.convert import IGNORE
 from unet_dist.metrics import confusion_matrix, scores
 from unet_dist.objects import object_counts, object_scores
-from unet_dist.postprocess import advice, applied, keep_largest, moved_by_truth, parse
+from unet_dist.postprocess import (
+    SIZES,
+    Postprocess,
+    advice,
+    applied,
+    keep_largest,
+    moved_by_truth,
+    parse,
+    remove_small,
+    size_advice,
+    size_effect,
+)
 
 
 def test_keep_largest_cuts_each_chosen_class_to_its_largest_8_connected_component():
@@ -67,16 +79,78 @@ def test_advice_says_for_which_classes_the_largest_component_helps():
     assert advice(cm, np.zeros_like(moved)) == []  # nothing to cut: nothing said
 
 
-@pytest.mark.parametrize("text,classes", [("none", ()), ("largest", (1, 2, 3)), ("largest:3,1,3", (1, 3))])
-def test_postprocess_values(text, classes):
-    assert parse(text, 4) == classes
+def test_remove_small_takes_the_components_under_the_size_alone():
+    m = np.zeros((6, 8), np.uint8)
+    m[0:2, 0:2] = 1  # 4 pixels
+    m[2, 2] = 1  # touches it at a corner: one component of 5
+    m[5, 7] = 1  # a speck
+    m[4:6, 0:2] = 2  # 4 pixels of class 2
+    assert (remove_small(m, (1,), 5) == np.where(np.arange(48).reshape(6, 8) == 47, 0, m)).all()
+    cut = remove_small(m, (1, 2), 6)
+    assert not cut.any() and m[5, 7] == 1  # the mask given is left as it is
+    assert (Postprocess((2,), 2, (1,))(m) == remove_small(m, (1,), 2)).all()  # the speck, then class 2's one
+
+
+def test_size_effect_gives_the_scores_of_the_masks_without_their_small_objects():
+    # evaluate sums `size_effect` over images and processes and derives every min-size from it:
+    # each must score as the masks remove_small cuts do, pixels and objects.
+    rng = np.random.default_rng(1)
+    k = 3
+    preds, truths = [], []
+    for _ in range(3):
+        truth = np.zeros((40, 48), np.uint8)
+        for y, x in rng.integers(0, 36, (12, 2)):
+            truth[y : y + rng.integers(2, 9), x : x + rng.integers(2, 9)] = rng.integers(1, k)
+        pred = truth.copy()
+        noise = rng.random(truth.shape)
+        pred[noise < 0.08] = rng.integers(0, k, (noise < 0.08).sum())  # specks, holes, objects cut apart
+        truth[rng.random(truth.shape) < 0.05] = IGNORE
+        preds.append(pred)
+        truths.append(truth)
+
+    def scored(masks):
+        cm = sum(confusion_matrix(t, tf.constant(p, tf.int32), k, ignore=True).numpy()
+                 for p, t in zip(masks, truths, strict=True))
+        return cm, sum(object_counts(p, t, k) for p, t in zip(masks, truths, strict=True))
+
+    cm, objects = scored(preds)
+    rows = size_advice(cm, objects, sum(size_effect(p, t, k) for p, t in zip(preds, truths, strict=True)))
+    assert [r["class"] for r in rows] == [1, 2]
+    for row in rows:
+        c = row["class"]
+        assert (row["object_f1"], row["iou"]) == (object_scores(objects)[c - 1]["f1"], scores(cm)["iou_per_class"][c])
+        assert [r["min_size"] for r in row["by_min_size"]] == list(SIZES)
+        for r in row["by_min_size"][:7]:
+            cut_cm, cut_objects = scored([remove_small(p, (c,), r["min_size"]) for p in preds])
+            (mine,) = [o for o in object_scores(cut_objects) if o["class"] == c] or [{"f1": 0.0, "seg": 0.0}]
+            assert r["object_f1"] == pytest.approx(mine["f1"]) and r["seg"] == pytest.approx(mine["seg"])
+            assert r["iou"] == pytest.approx(scores(cut_cm)["iou_per_class"][c])
+            assert r["removed_objects"] == objects[c, 1] - cut_objects[c, 1]
+        assert row["by_min_size"][0]["removed_objects"] > 0  # the single-pixel specks
+        best = max(r["object_f1"] for r in row["by_min_size"])
+        assert row["helps"] == (best > row["object_f1"])
+        assert row["by_min_size"][[r["object_f1"] for r in row["by_min_size"]].index(best)]["min_size"] == (
+            row["best_min_size"])
+
+
+@pytest.mark.parametrize("text,want,named", [
+    ("none", Postprocess(), "none"), ("largest", Postprocess((1, 2, 3)), "largest:1,2,3"),
+    ("largest:3,1,3", Postprocess((1, 3)), "largest:1,3"), ("min-size:32", Postprocess((), 32, (1, 2, 3)), None),
+    ("largest:1+min-size:8:3", Postprocess((1,), 8, (3,)), "min-size:8:3+largest:1")])
+def test_postprocess_values(text, want, named):
+    got = parse(text, 4)
+    assert got == want and bool(got) == (text != "none")
+    assert str(got) == (named or "min-size:32:1,2,3") and parse(str(got), 4) == got  # the value that gives it
 
 
 @pytest.mark.parametrize("text,message", [
-    ("big", "none, largest"), ("largest:", "none, largest"), ("largest:a", "'a' is not a list of class ids"),
-    ("largest:0", "class 0 is not one of this model's classes 1 to 3"), ("largest:4", "class 4 is not one")])
+    ("big", "none, or largest"), ("largest:", "none, or largest"), ("largest:a", "'a' is not a list of class ids"),
+    ("largest:0", "class 0 is not one of this model's classes 1 to 3"), ("largest:4", "class 4 is not one"),
+    ("largest+largest:1", "none, or largest"), ("min-size", "whole number of pixels from 2 up"),
+    ("min-size:1", "not 'min-size:1'"), ("min-size:4.5", "not 'min-size:4.5'"), ("min-size:9:", "not 'min-size:9:'"),
+    ("min-size:9:5", "class 5 is not one")])
 def test_bad_postprocess_values_are_named(text, message):
-    with pytest.raises(ConfigError, match=f"--postprocess '{text}': .*{message}"):
+    with pytest.raises(ConfigError, match=f"--postprocess {re.escape(repr(text))}: .*{re.escape(message)}"):
         parse(text, 4)
 
 
@@ -124,6 +198,25 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     assert pp["objects"] == [pytest.approx({**mine, "name": "pet"})]
     assert pp["objects"][0]["predicted_objects"] <= len(list((pet_src / "images").iterdir()))
     assert raw["objects"][0]["predicted_objects"] > pp["objects"][0]["predicted_objects"]
+    # min-size: evaluate's measure of each size is the score of the masks predict writes with it.
+    (small,) = raw["small_objects"]
+    assert (small["class"], small["name"], small["object_f1"]) == (1, "pet", raw["objects"][0]["f1"])
+    best = next(r for r in small["by_min_size"] if r["min_size"] == small["best_min_size"])
+    assert small["helps"] and best["object_f1"] > small["object_f1"], small  # the bright specks go
+    assert (f"removing the objects under {best['min_size']} pixels raises the object F1 of class 1 (pet) from "
+            f"{small['object_f1']:.4f} to {best['object_f1']:.4f}") in said
+    flag = f"min-size:{best['min_size']}"
+    assert f"(predict --postprocess {flag}:1)" in said
+    assert evaluate_main(["--workdir", str(w), *src, "--postprocess", flag, "--out", str(tmp_path / "ms.json")]) == 0
+    ms = json.loads((tmp_path / "ms.json").read_text())
+    assert ms["postprocess"] == f"{flag}:1" and ms["iou_per_class"][1] == pytest.approx(best["iou"])
+    assert (ms["objects"][0]["f1"], ms["objects"][0]["seg"]) == pytest.approx((best["object_f1"], best["seg"]))
+    assert ms["small_objects"] == raw["small_objects"]  # measured on the masks as predicted, whatever the flag
+    assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "pred_ms"),
+                         "--postprocess", flag, "--instances"]) == 0
+    for path in sorted((pet_src / "images").iterdir()):
+        labels = np.asarray(Image.open(tmp_path / "pred_ms" / f"{path.stem}_instances.tif"))
+        assert np.bincount(labels.ravel())[1:].min(initial=best["min_size"]) >= best["min_size"]
     # Bad values, before any work; the flag is not one of --data's.
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "p2"),
                          "--postprocess", "largest:2"]) == 2

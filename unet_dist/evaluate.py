@@ -5,7 +5,7 @@
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
         [--mask-suffix S] [--list FILE] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
-        [--postprocess none|largest[:C,...]]
+        [--postprocess none|largest[:C,...]|min-size:N[:C,...]]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
 
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
@@ -30,7 +30,9 @@ eval_images.json, or --out, with each image's own scores (per_image) and, for mu
 stack's scores over all its pages (per_stack), worst first. --postprocess scores the masks as
 `predict --postprocess` writes them; whatever it says, the file's largest_component gives, for each
 class but the background, its IoU as predicted and with only its largest connected component kept
-in each image (`unet_dist/postprocess.py`), and a line names the classes that this helps. objects
+in each image, and small_objects its object F1, SEG and IoU as predicted and without its objects
+under 2, 4, ... 4096 pixels (`unet_dist/postprocess.py`); a line names the classes that each helps
+and the --postprocess value to pass. objects
 scores each such class's connected components against the truth's (matched at IoU > 0.5): whether
 touching objects came out apart (`unet_dist/objects.py`); each per_image and per_stack row has its
 object F1 per class.
@@ -77,7 +79,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
     from unet_dist.objects import FIELDS, object_counts, object_f1, object_scores
-    from unet_dist.postprocess import advice, applied, describe, keep_largest, moved_by_truth
+    from unet_dist.postprocess import SIZES, advice, moved_by_truth, size_advice, size_effect
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -107,11 +109,14 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
-    # float64: the collectives sum it on every backend, exactly up to 2**53 pixels.
-    counts = np.zeros((len(samples), k, k), np.float64)
-    moved = np.zeros_like(counts)  # what keeping each class's largest component moves (`moved_by_truth`)
-    objects = np.zeros((len(samples), k, FIELDS))  # `object_counts` of the masks as predict writes them
+    # float64: the collectives sum it on every backend, exactly up to 2**53 pixels. Each image's
+    # counts of the masks as predict --postprocess writes them, for its own row:
+    counts = np.zeros((len(samples), k, k), np.float64)  # confusion matrices
+    objects = np.zeros((len(samples), k, FIELDS))  # `object_counts`
     seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
+    # And over this process's images, of the masks as predicted, what post-processing would do:
+    raw = {"cm": np.zeros((k, k)), "objects": np.zeros((k, FIELDS)), "moved": np.zeros((k, k)),  # `moved_by_truth`
+           "small": np.zeros((k, len(SIZES), 3 + k))}  # `size_effect`
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
@@ -124,16 +129,22 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             continue
         # The record evaluation's own class rule and counting, at the image's size.
         predicted = predict_classes(probs).numpy()
-        counts[i] = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
-        moved[i] = moved_by_truth(predicted, truth, k)
-        objects[i] = object_counts(keep_largest(predicted, predictor.postprocess), truth, k)
+        raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
+        raw_objects = object_counts(predicted, truth, k)
+        for key, value in (("cm", raw_cm), ("objects", raw_objects), ("moved", moved_by_truth(predicted, truth, k)),
+                           ("small", size_effect(predicted, truth, k))):
+            raw[key] += value
+        if predictor.postprocess:
+            written = predictor.postprocess(predicted)
+            counts[i] = confusion_matrix(truth, written, k, ignores(info)).numpy()
+            objects[i] = object_counts(written, truth, k)
+        else:
+            counts[i], objects[i] = raw_cm, raw_objects
         seen[i] = 1
     try:
-        total = sum_over_processes(runtime, np.concatenate([counts.ravel(), moved.ravel(), objects.ravel(), seen]))
-        n = counts.size
-        raw, moved = (total[j * n : (j + 1) * n].reshape(counts.shape).astype(np.int64) for j in (0, 1))
-        objects = total[2 * n : 2 * n + objects.size].reshape(objects.shape)
-        read = total[2 * n + objects.size :] > 0
+        counts, objects, seen, *summed = summed_over_processes(runtime, [counts, objects, seen, *raw.values()])
+        raw = dict(zip(raw, summed, strict=True))
+        read = seen > 0
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
@@ -141,7 +152,6 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
               file=sys.stderr)
         return 1
-    counts = applied(raw, moved, predictor.postprocess)  # the masks as predict --postprocess writes them
     labelled = counts.sum(axis=(1, 2)) > 0  # not every pixel left out (convert --ignore-value)
     if not labelled.any():
         print(f"evaluate: error: --images {args.images}: every mask pixel of its {int(read.sum())} images is the "
@@ -168,26 +178,54 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                **({"list": str(args.list.resolve())} if args.list else {}), "mode": predictor.mode,
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
                "world_size": runtime.world_size, "precision": predictor.precision,
-               "postprocess": describe(predictor.postprocess),
+               "postprocess": str(predictor.postprocess),
                "objects": object_scores(objects[read].sum(axis=0)),
-               "largest_component": advice(raw[read].sum(axis=0), moved[read].sum(axis=0))}
+               "largest_component": advice(raw["cm"].astype(np.int64), raw["moved"].astype(np.int64)),
+               "small_objects": size_advice(raw["cm"], raw["objects"], raw["small"])}
     names = info.get("class_names") or []
-    for row in metrics["objects"] + metrics["largest_component"]:  # the class's name, as data.json has it
-        if row["class"] < len(names):
+    for row in metrics["objects"] + metrics["largest_component"] + metrics["small_objects"]:
+        if row["class"] < len(names):  # the class's name, as data.json has it
             row["name"] = names[row["class"]]
-    helps = [a for a in metrics["largest_component"] if a["helps"]]
-    if helps:
-        print("evaluate: keeping only the largest connected component raises the IoU of "
-              + ", ".join(f"class {a['class']}" + (f" ({a['name']})" if "name" in a else "")
-                          + f" from {a['iou']:.4f} to {a['iou_largest_only']:.4f}" for a in helps)
-              + f" on these images (predict --postprocess {describe(tuple(a['class'] for a in helps))})",
-              file=sys.stderr)
+    for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"]):
+        print(line, file=sys.stderr)
     print(json.dumps(metrics))
     # The file adds each image's own scores, worst first: where to look when the mean disappoints.
     worst_first = sorted(per_image, key=lambda r: r["iou"])
     atomic_write_text(out, json.dumps({**metrics, **({"per_stack": per_stack} if per_stack else {}),
                                        "per_image": worst_first}, indent=1))
     return 0
+
+
+def summed_over_processes(runtime, arrays: list) -> list:
+    """`predict.sum_over_processes` of several float64 arrays in one collective, each back in its shape."""
+    import numpy as np
+
+    total = sum_over_processes(runtime, np.concatenate([a.ravel() for a in arrays]))
+    ends = np.cumsum([a.size for a in arrays])
+    return [part.reshape(a.shape) for a, part in zip(arrays, np.split(total, ends[:-1]), strict=True)]
+
+
+def postprocess_advice(largest: list[dict], small: list[dict]) -> list[str]:
+    """evaluate --images' lines about the classes whose largest component alone raises their IoU
+    (`postprocess.advice` rows), and those whose object F1 rises without their small objects
+    (`postprocess.size_advice` rows), with the --postprocess value that does it."""
+    def named(row):
+        return f"class {row['class']}" + (f" ({row['name']})" if "name" in row else "")
+
+    lines = []
+    helps = [a for a in largest if a["helps"]]
+    if helps:
+        lines.append("evaluate: keeping only the largest connected component raises the IoU of "
+                     + ", ".join(f"{named(a)} from {a['iou']:.4f} to {a['iou_largest_only']:.4f}" for a in helps)
+                     + f" on these images (predict --postprocess largest:{','.join(str(a['class']) for a in helps)})")
+    for row in small:
+        if row["helps"]:
+            best = next(r for r in row["by_min_size"] if r["min_size"] == row["best_min_size"])
+            iou = "" if row["iou"] is None or best["iou"] is None else f"; IoU {row['iou']:.4f} -> {best['iou']:.4f}"
+            lines.append(f"evaluate: removing the objects under {best['min_size']} pixels raises the object F1 of "
+                         f"{named(row)} from {row['object_f1']:.4f} to {best['object_f1']:.4f} ({best['removed_objects']} "
+                         f"removed{iou}) on these images (predict --postprocess min-size:{best['min_size']}:{row['class']})")
+    return lines
 
 
 def main(argv=None) -> int:

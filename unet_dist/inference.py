@@ -27,7 +27,7 @@ import tensorflow as tf
 from unet_dist.checkpoint import restore_trained
 from unet_dist.config import Config, ConfigError
 from unet_dist.metrics import predict_classes
-from unet_dist.postprocess import describe, keep_largest, parse
+from unet_dist.postprocess import Postprocess, parse
 from unet_dist.shapes import output_size
 
 
@@ -402,7 +402,7 @@ class Predictor:
     precision: str = "float32"  # the Keras policy the models compute in
     colors: list | None = None  # class i's [R, G, B] where the first run's masks were coded by colour (data.json)
     window: list | None = None  # [lo, hi] per channel images are mapped from to 8 bits (convert --intensity), or None
-    postprocess: tuple[int, ...] = ()  # the classes `mask` keeps the largest component of (predict --postprocess)
+    postprocess: Postprocess = Postprocess()  # what `mask` does to the class ids (predict --postprocess)
     _traced: Callable | None = field(default=None, init=False, repr=False)
 
     def __call__(self, image: np.ndarray) -> tf.Tensor:
@@ -421,8 +421,8 @@ class Predictor:
 
     def mask(self, probs) -> np.ndarray:
         """(H, W) uint8 class ids of probabilities (H, W, U), post-processed as --postprocess said
-        (`postprocess.keep_largest`)."""
-        return keep_largest(np.asarray(classes_from_probs(probs)), self.postprocess)
+        (`postprocess.Postprocess`)."""
+        return self.postprocess(np.asarray(classes_from_probs(probs)))
 
     def cost(self, size: tuple[int, int]) -> int:
         """The relative time to predict an image of `size` (H, W): the model's inputs over the runs,
@@ -436,7 +436,7 @@ class Predictor:
         ckpts = self.checkpoints
         return (f"{self.mode} mode: {self.why}; checkpoint{'s' * (len(ckpts) > 1)} {', '.join(ckpts)}; "
                 f"precision {self.precision}"
-                + (f"; --postprocess {describe(self.postprocess)}" if self.postprocess else ""))
+                + (f"; --postprocess {self.postprocess}" if self.postprocess else ""))
 
 
 def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto",
@@ -482,15 +482,15 @@ def load_predictor(workdirs: list[Path], which: str = "best", mode: str = "auto"
                           "add --mode tile to predict in tiles")
     # Masks coded by colour at conversion: predict writes them, and export serves them, in these colours.
     colors = (data_info(workdirs[0], "the masks' colours are unknown") or {}).get("colors")
-    largest = parse(postprocess, cfgs[0].model.num_classes)
+    post = parse(postprocess, cfgs[0].model.num_classes)
     if len(fns) == 1:
-        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles, precision, colors, windows[0], largest)
+        return Predictor(fns[0], models, cfgs[0], checkpoints, mode, why, tiles, precision, colors, windows[0], post)
 
     def averaged(images):
         return tf.add_n([f(images) for f in fns]) / len(fns)
 
     return Predictor(averaged, models, cfgs[0], checkpoints, mode, f"{why}; averaged over {len(fns)} runs", tiles,
-                     precision, colors, windows[0], largest)
+                     precision, colors, windows[0], post)
 
 
 def windowed_tf(values: tf.Tensor, window: list) -> tf.Tensor:

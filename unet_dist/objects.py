@@ -46,26 +46,38 @@ def instances(classes: np.ndarray) -> np.ndarray:
     return out.astype(np.uint16) if total <= np.iinfo(np.uint16).max else out
 
 
+def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Class c's objects in predicted class ids `pred` (H, W) matched to those of `truth` (H, W):
+    (the true objects, the predicted objects' labels (H, W) as `components` gives them, and for
+    predicted object 1..n: whether it counts (bool (n,): not wholly where the truth is IGNORE),
+    the IoU of its match (float64 (n,), 0 for none)). IGNORE pixels are in neither object, as
+    `metrics.confusion_matrix` leaves them out."""
+    valid = (truth != IGNORE).ravel()
+    (lt, nt), (lp, npred) = components(truth, c), components(pred, c)
+    t, p = lt.ravel()[valid], lp.ravel()[valid]
+    area_t = np.bincount(t, minlength=nt + 1)
+    area_p = np.bincount(p, minlength=npred + 1)
+    both = (t > 0) & (p > 0)
+    # Overlapping (true, predicted) pairs alone: a dense table of a noisy prediction's many specks
+    # against hundreds of cells would take gigabytes.
+    pairs, inter = np.unique(t[both].astype(np.int64) * (npred + 1) + p[both], return_counts=True)
+    ti, pi = pairs // (npred + 1), pairs % (npred + 1)
+    iou = inter / (area_t[ti] + area_p[pi] - inter)
+    matched = iou > MATCH_IOU  # above half the union: each object in one such pair at most
+    match_iou = np.zeros(npred + 1)
+    match_iou[pi[matched]] = iou[matched]
+    return nt, lp, area_p[1:] > 0, match_iou[1:]
+
+
 def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, FIELDS) float64 for predicted class ids `pred` (H, W) against `truth` (H, W): row c,
     class c's [true objects, predicted objects, matches, the matches' IoUs summed]; row 0, the
     background's, is zeros. Pixels whose truth is IGNORE are counted in neither object (a predicted
     object lying wholly there is none), as `metrics.confusion_matrix` leaves them out."""
     out = np.zeros((num_classes, FIELDS))
-    valid = (truth != IGNORE).ravel()
     for c in range(1, num_classes):
-        (lt, nt), (lp, npred) = components(truth, c), components(pred, c)
-        t, p = lt.ravel()[valid], lp.ravel()[valid]
-        area_t = np.bincount(t, minlength=nt + 1)
-        area_p = np.bincount(p, minlength=npred + 1)
-        both = (t > 0) & (p > 0)
-        # Overlapping (true, predicted) pairs alone: a dense table of a noisy prediction's many
-        # specks against hundreds of cells would take gigabytes.
-        pairs, inter = np.unique(t[both].astype(np.int64) * (npred + 1) + p[both], return_counts=True)
-        ti, pi = pairs // (npred + 1), pairs % (npred + 1)
-        iou = inter / (area_t[ti] + area_p[pi] - inter)
-        matched = iou > MATCH_IOU
-        out[c] = [nt, np.count_nonzero(area_p[1:]), matched.sum(), iou[matched].sum()]
+        nt, _, counted, match_iou = matched_objects(pred, truth, c)
+        out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(match_iou), match_iou.sum()]
     return out
 
 
@@ -74,10 +86,10 @@ def object_scores(counts: np.ndarray) -> list[dict]:
     with a true or predicted object: its counts, precision, recall, F1 and SEG (None where a
     ratio has nothing to count)."""
     return [{"class": c, "true_objects": int(row[0]), "predicted_objects": int(row[1]), "matched": int(row[2]),
-             **_ratios(*row)} for c, row in enumerate(counts) if c and row[0] + row[1]]
+             **ratios(*row)} for c, row in enumerate(counts) if c and row[0] + row[1]]
 
 
-def _ratios(truth: float, predicted: float, matched: float, iou_sum: float) -> dict:
+def ratios(truth: float, predicted: float, matched: float, iou_sum: float) -> dict:
     """Precision, recall, F1 and SEG of one `object_counts` row (or a sum of rows), None where a
     ratio has nothing to count."""
     return {"precision": float(matched / predicted) if predicted else None,
@@ -90,11 +102,11 @@ def pooled(counts: np.ndarray) -> dict:
     """`object_counts` rows (K, FIELDS) summed over images -> the objects of every class but the
     background together: {"object_f1", "seg"} (None where there is no true or predicted object;
     SEG None without true objects), the numbers training's evaluation logs."""
-    ratios = _ratios(*counts[1:].sum(axis=0))
-    return {"object_f1": ratios["f1"], "seg": ratios["seg"]}
+    pooled_ratios = ratios(*counts[1:].sum(axis=0))
+    return {"object_f1": pooled_ratios["f1"], "seg": pooled_ratios["seg"]}
 
 
 def object_f1(counts: np.ndarray) -> list[float | None]:
     """Each class's object F1 from `object_counts` rows (K, FIELDS): None for the background and
     for a class with no object in truth or prediction, as `metrics.scores` gives a class's IoU."""
-    return [_ratios(*row)["f1"] if c else None for c, row in enumerate(counts)]
+    return [ratios(*row)["f1"] if c else None for c, row in enumerate(counts)]

@@ -1,34 +1,91 @@
-"""Post-processing of predicted masks: only the largest connected component of chosen classes kept.
+"""Post-processing of predicted masks: small objects removed, only the largest object kept.
 
-Where a class is one object an image (an organ in a CT slice, the pet of a pet photo), its pixels
-outside the largest component are false positives; nnU-Net tests this on each class's validation
-predictions and keeps it where it helps, MONAI offers it as KeepLargestConnectedComponent. Whether
-it helps is the data's question, so `evaluate --images` measures it for every class (`advice`) and
-`predict --postprocess` applies it. Pixels of class c outside its largest component become class 0,
-the background; components are 8-connected (pixels that touch at a corner are one, MONAI's
-default), each page of a stack on its own. It runs on the host (scipy), after the probabilities:
---probabilities writes them as predicted, and the SavedModel of `export` does not include it.
+Two steps, either or both, each for chosen classes; the pixels they take become class 0, the
+background, and components are 8-connected (pixels that touch at a corner are one, MONAI's
+default), each page of a stack on its own:
+- min-size:N removes each component of fewer than N pixels: the specks and fragments beside real
+  objects, which cost object precision where a class has many objects (cells; Cellpose drops masks
+  under 15 pixels, MONAI offers RemoveSmallObjects). It runs first.
+- largest keeps only the largest component: where a class is one object an image (an organ in a CT
+  slice, the pet of a pet photo), its pixels outside it are false positives. nnU-Net tests this on
+  each class's validation predictions and keeps it where it helps; MONAI offers it as
+  KeepLargestConnectedComponent.
+Whether either helps is the data's question, so `evaluate --images` measures both for every class
+(`advice`, `size_advice`) and `predict --postprocess` applies them. They run on the host (scipy),
+after the probabilities: --probabilities writes them as predicted, and the SavedModel of `export`
+does not include them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from unet_dist.config import ConfigError
 from unet_dist.data.convert import IGNORE
-from unet_dist.objects import components
+from unet_dist.objects import components, matched_objects, ratios
+
+# The min-size thresholds `evaluate --images` measures (`size_effect`): 2, 4, ... 4096 pixels.
+SIZES = tuple(2**i for i in range(1, 13))
+USAGE = ("none, or largest[:C,...] (keep each class's largest object; every class but the background 0, or "
+         "those), min-size:N[:C,...] (remove objects under N pixels), or both joined by +")
 
 
-def parse(text: str, num_classes: int) -> tuple[int, ...]:
-    """--postprocess TEXT -> the classes to keep the largest component of, for a model of
-    `num_classes` classes: 'none' -> (), 'largest' -> every class but the background (0),
-    'largest:1,3' -> those. ConfigError naming the value."""
+@dataclass(frozen=True)
+class Postprocess:
+    """What --postprocess does to a mask: `small`'s components under `min_size` pixels removed,
+    then `largest`'s cut to their largest component. False when it does nothing."""
+
+    largest: tuple[int, ...] = ()
+    min_size: int = 0
+    small: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.largest or self.small)
+
+    def __str__(self) -> str:
+        """The --postprocess value that gives this one, classes named: 'none', 'min-size:32:1+largest:2'."""
+        steps = ([f"min-size:{self.min_size}:{_listed(self.small)}"] * bool(self.small)
+                 + [f"largest:{_listed(self.largest)}"] * bool(self.largest))
+        return "+".join(steps) or "none"
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        """`mask` (H, W) class ids post-processed: a copy where anything changes."""
+        if self.small:
+            mask = remove_small(mask, self.small, self.min_size)
+        return keep_largest(mask, self.largest) if self.largest else mask
+
+
+def _listed(classes: tuple[int, ...]) -> str:
+    return ",".join(map(str, classes))
+
+
+def parse(text: str, num_classes: int) -> Postprocess:
+    """--postprocess TEXT for a model of `num_classes` classes: 'none'; 'largest' (every class but
+    the background 0) or 'largest:1,3' (those); 'min-size:N' or 'min-size:N:1,3'; or one of each
+    joined by '+'. ConfigError naming the value."""
     if text == "none":
-        return ()
-    kind, _, listed = text.partition(":")
-    if kind != "largest" or (_ and not listed):
-        raise ConfigError(f"--postprocess {text!r}: none, largest (every class but the background 0), or "
-                          "largest:C[,C...] (those classes)")
+        return Postprocess()
+    found: dict[str, tuple] = {}
+    for step in text.split("+"):
+        kind, _, rest = step.partition(":")
+        if kind not in ("largest", "min-size") or kind in found or (_ and not rest):
+            raise ConfigError(f"--postprocess {text!r}: {USAGE}")
+        size = None
+        if kind == "min-size":
+            size, _, rest = rest.partition(":")
+            if not size.isdigit() or int(size) < 2 or (_ and not rest):
+                raise ConfigError(f"--postprocess {text!r}: min-size takes a whole number of pixels from 2 up "
+                                  f"(min-size:N or min-size:N:C[,C...]), not {step!r}")
+        found[kind] = (_classes(text, rest, num_classes), size)
+    largest, _ = found.get("largest", ((), None))
+    small, size = found.get("min-size", ((), 0))
+    return Postprocess(largest, int(size), small)
+
+
+def _classes(text: str, listed: str, num_classes: int) -> tuple[int, ...]:
+    """A step's classes: those `listed` names ('1,3'), or every class but the background where it is empty."""
     if not listed:
         return tuple(range(1, num_classes))
     try:
@@ -40,11 +97,6 @@ def parse(text: str, num_classes: int) -> tuple[int, ...]:
         raise ConfigError(f"--postprocess {text!r}: class {bad[0]} is not one of this model's classes 1 to "
                           f"{num_classes - 1} (0, the background, takes the removed pixels)")
     return tuple(sorted(set(classes)))
-
-
-def describe(classes: tuple[int, ...]) -> str:
-    """The --postprocess value that gives `classes` ('none', 'largest:1,3')."""
-    return f"largest:{','.join(map(str, classes))}" if classes else "none"
 
 
 def outside_largest(mask: np.ndarray, c: int) -> np.ndarray:
@@ -64,6 +116,19 @@ def keep_largest(mask: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
     out = mask.copy()
     for c in classes:
         out[outside_largest(mask, c)] = 0
+    return out
+
+
+def remove_small(mask: np.ndarray, classes: tuple[int, ...], min_size: int) -> np.ndarray:
+    """`mask` (H, W) class ids with each component of `classes` of fewer than `min_size` pixels
+    given to class 0. A copy: the mask given is left as it is."""
+    out = mask.copy()
+    for c in classes:
+        labels, n = components(mask, c)
+        if n:
+            small = np.bincount(labels.ravel()) < min_size
+            small[0] = False
+            out[small[labels]] = 0
     return out
 
 
@@ -104,4 +169,61 @@ def advice(cm: np.ndarray, moved: np.ndarray) -> list[dict]:
             out.append({"class": c, "iou": before[c], "iou_largest_only": after,
                         # None after: class c was left only where the truth is ignored.
                         "helps": after is not None and after > before[c]})
+    return out
+
+
+def size_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, len(SIZES), 3 + K) float64: at [c, j], what removing class c's objects under SIZES[j]
+    pixels from predicted class ids `pred` (H, W) takes from the object counts against `truth`
+    (H, W) (`objects.object_counts`' predicted objects, matches and matched IoU), then the pixels it
+    moves to the background by their truth class (IGNORE not counted). Summed over images, with
+    `size_advice`, what any min-size does, as `moved_by_truth` gives largest's effect."""
+    out = np.zeros((num_classes, len(SIZES), 3 + num_classes))
+    t = truth.ravel()
+    scored = t != IGNORE
+    for c in range(1, num_classes):
+        _, labels, counted, match_iou = matched_objects(pred, truth, c)
+        n = len(counted)
+        if not n:
+            continue
+        lab = labels.ravel()
+        size = np.bincount(lab, minlength=n + 1)[1:]
+        inside = (lab > 0) & scored
+        by_truth = np.bincount(lab[inside].astype(np.int64) * num_classes + t[inside],
+                               minlength=(n + 1) * num_classes).reshape(n + 1, num_classes)[1:]
+        for j, limit in enumerate(SIZES):
+            under = size < limit
+            out[c, j] = [np.count_nonzero(counted & under), np.count_nonzero(match_iou[under]),
+                         match_iou[under].sum(), *by_truth[under].sum(axis=0)]
+    return out
+
+
+def size_advice(cm: np.ndarray, objects: np.ndarray, effect: np.ndarray) -> list[dict]:
+    """For each class but the background with a predicted object: its object F1, SEG and IoU as
+    predicted and after removing its objects under each of SIZES pixels (`cm` (K, K) confusion
+    matrix, `objects` (K, FIELDS) `object_counts` and `effect` `size_effect`, each summed over the
+    images), the min-size of the highest object F1 (the smallest of equals), and whether that
+    raises the F1. Removing objects cannot raise SEG (each true object's best match can only go)."""
+    from unet_dist.metrics import scores
+
+    out = []
+    for c in range(1, cm.shape[0]):
+        if not objects[c, 1]:
+            continue
+        rows = []
+        for j, limit in enumerate(SIZES):
+            removed = effect[c, j]
+            after = objects[c] - np.array([0, *removed[:3]])
+            cut = np.array(cm, np.float64)
+            cut[:, c] -= removed[3:]
+            cut[:, 0] += removed[3:]
+            kept = ratios(*after)
+            rows.append({"min_size": limit, "removed_objects": int(removed[0]), "object_f1": kept["f1"],
+                         "seg": kept["seg"], "iou": scores(cut)["iou_per_class"][c]})
+        before = ratios(*objects[c])
+        best = max(rows, key=lambda r: -1 if r["object_f1"] is None else r["object_f1"])
+        out.append({"class": c, "object_f1": before["f1"], "seg": before["seg"],
+                    "iou": scores(cm)["iou_per_class"][c], "by_min_size": rows, "best_min_size": best["min_size"],
+                    "helps": best["object_f1"] is not None and before["f1"] is not None
+                    and best["object_f1"] > before["f1"]})
     return out

@@ -1,8 +1,8 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
-        [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]] [--probabilities]
-        [--instances] [--continue] [--strategy auto|single|...]
+        [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]|min-size:N[:C,...]]
+        [--probabilities] [--instances] [--continue] [--strategy auto|single|...]
         [--set runtime.KEY=VALUE ...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
@@ -22,8 +22,10 @@ For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
 label image, 0 on the background; 16-bit, as the cell tracking challenge takes them), so that cells
 the model parted come out as cells (`objects.instances`); a stack's holds its pages', each numbered alone.
 --postprocess largest keeps only the largest connected component of each class but the background in
-the masks (largest:1,3: of those classes), as nnU-Net does where it helps (`unet_dist/postprocess.py`;
-`evaluate --images` says for which classes it does); --probabilities are written as predicted.
+the masks (largest:1,3: of those classes), as nnU-Net does where it helps; min-size:N (min-size:N:1,3)
+removes their components of fewer than N pixels (specks, fragments of cells), and min-size:N+largest
+does both (`unet_dist/postprocess.py`; `evaluate --images` says for which classes each helps, and
+which N); --probabilities are written as predicted.
 --continue leaves out the images whose files are all in PRED already: it finishes a predict that was
 stopped (every file is written beside and renamed into place, so one that is there is whole).
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
@@ -236,10 +238,11 @@ def add_mode_args(p: argparse.ArgumentParser) -> None:
 
 def add_postprocess_arg(p: argparse.ArgumentParser) -> None:
     """predict's and evaluate --images' --postprocess (`unet_dist.postprocess`)."""
-    p.add_argument("--postprocess", default="none", metavar="none|largest[:C,...]",
+    p.add_argument("--postprocess", default="none", metavar="none|largest[:C,...]|min-size:N[:C,...]",
                    help="largest: keep only the largest connected component of each class but the background "
                         "(largest:1,3: of those classes), the rest of it becoming background, as nnU-Net does "
-                        "where it helps; evaluate --images says for which classes it does")
+                        "where it helps; min-size:N: remove their components of fewer than N pixels; both: "
+                        "min-size:N+largest; evaluate --images says for which classes each helps")
 
 
 def predictor_options(args: argparse.Namespace) -> dict:
