@@ -114,9 +114,12 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     counts = np.zeros((len(samples), k, k), np.float64)  # confusion matrices
     objects = np.zeros((len(samples), k, FIELDS))  # `object_counts`
     seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
-    # And over this process's images, of the masks as predicted, what post-processing would do:
-    raw = {"cm": np.zeros((k, k)), "objects": np.zeros((k, FIELDS)), "moved": np.zeros((k, k)),  # `moved_by_truth`
-           "small": np.zeros((k, len(SIZES), 3 + k))}  # `size_effect`
+    # And of the masks as predicted, what post-processing would do to them: whole numbers summed
+    # over this process's images, sums of IoUs kept per image (then each image's come from one
+    # process, and they are added in one order on any number of processes, to the same bits).
+    raw = {"cm": np.zeros((k, k)), "moved": np.zeros((k, k)),  # `moved_by_truth`
+           "small": np.zeros((k, len(SIZES), 3 + k)),  # `size_effect`; its IoUs (field 2) in small_iou
+           "objects": np.zeros((len(samples), k, FIELDS)), "small_iou": np.zeros((len(samples), k, len(SIZES)))}
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
@@ -131,9 +134,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         predicted = predict_classes(probs).numpy()
         raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
         raw_objects = object_counts(predicted, truth, k)
-        for key, value in (("cm", raw_cm), ("objects", raw_objects), ("moved", moved_by_truth(predicted, truth, k)),
-                           ("small", size_effect(predicted, truth, k))):
-            raw[key] += value
+        small = size_effect(predicted, truth, k)
+        raw["objects"][i], raw["small_iou"][i] = raw_objects, small[..., 2]
+        raw["cm"] += raw_cm
+        raw["moved"] += moved_by_truth(predicted, truth, k)
+        raw["small"] += small
         if predictor.postprocess:
             written = predictor.postprocess(predicted)
             counts[i] = confusion_matrix(truth, written, k, ignores(info)).numpy()
@@ -144,6 +149,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     try:
         counts, objects, seen, *summed = summed_over_processes(runtime, [counts, objects, seen, *raw.values()])
         raw = dict(zip(raw, summed, strict=True))
+        raw["objects"] = raw["objects"].sum(axis=0)
+        raw["small"][..., 2] = raw.pop("small_iou").sum(axis=0)
         read = seen > 0
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
