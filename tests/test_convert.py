@@ -143,6 +143,15 @@ def test_exit_codes_and_summary_line(tmp_path, capsys):
     dark = np.asarray(image).astype(float)
     assert dark[t == 1].mean() - dark[t == 2].mean() > 80 and 10 < faint[t == 1].mean() - faint[t == 2].mean() < 30
     assert run_main(capsys, "unet_dist.synthetic", str(tmp_path / "f2"), "--faint-membranes").returncode == 2
+    # --instance-masks: the same cells as instance label images (folders layout), each cell's id on
+    # its membrane pixels too; written over the trimap set, which goes.
+    run_main(capsys, "unet_dist.synthetic", str(tmp_path / "faint"), "-n", "1", "--cells", "--faint-membranes",
+             "--instance-masks", check=True)
+    ids = np.asarray(Image.open(tmp_path / "faint" / "masks" / "synth_00000.png"))
+    assert not (tmp_path / "faint" / "annotations" / "trimaps").exists()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "faint" / "images" / "synth_00000.png")), faint)
+    assert ids.shape == (572, 572) and ids.min() == 1 and 250 < len(np.unique(ids)) <= 300
+    assert all(len(np.unique(ids[t == 1][ndimage.label(t == 1)[0][t == 1] == k])) == 1 for k in (1, 50, 100))
     # --ct: int16 slices in Hounsfield units, the organ (1) 30 HU above the tissue, air and bone in some.
     run_main(capsys, "unet_dist.synthetic", str(tmp_path / "ct"), "-n", "4", "--ct", check=True)
     hu = [np.load(p) for p in sorted((tmp_path / "ct" / "images").iterdir())]
@@ -259,6 +268,49 @@ def test_folders_layout_binary_255_and_multiclass(tmp_path):
         Image.fromarray(mask).save(src / "masks" / f"s{i}.png")
     with pytest.raises(ConvertError, match=r"\(0/255 masks are two classes: --classes binary\)"):
         convert(src, tmp_path / "mc255", **kw)
+
+
+def test_instance_masks_become_objects_parted_where_they_touch(tmp_path, capsys):
+    # --classes instances: label images (0 background, an id per object, 16-bit here, ids past 255)
+    # of touching cells. Two classes, the touching objects parted by a gap one pixel wide, so that
+    # their 8-connected components are the objects again, at the source size and resized.
+    from unet_dist.data.convert import instance_classes
+    from unet_dist.objects import components
+
+    labels = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [0, 3, 3, 0], [0, 3, 3, 0]])
+    assert instance_classes(labels).tolist() == [[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0], [0, 1, 1, 0]]
+    src = tmp_path / "cells"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    yy, xx = np.mgrid[0:64, 0:64]
+    centres = [(10, 12), (12, 40), (40, 10), (44, 44), (30, 28), (55, 60)]
+    nearest = np.argmin([(yy - y) ** 2 + (xx - x) ** 2 for y, x in centres], axis=0)
+    tiles = (nearest + 1) * 300  # every pixel in a cell, each touching its neighbours: ids 300 ... 1800
+    tiles[:2] = 0  # some background
+    for i, ids in enumerate((tiles, tiles.T)):
+        Image.fromarray(np.full((64, 64), 90 + i, np.uint8)).save(src / "images" / f"c{i}.png")
+        Image.fromarray(ids.astype(np.uint16)).save(src / "masks" / f"c{i}.png")
+    np.save(src / "images" / "c2.npy", np.zeros((64, 64, 3), np.uint8))
+    np.save(src / "masks" / "c2.npy", tiles)  # an array of ids, any width
+    kw = {"layout": "folders", "classes": "instances", "shards": 1, "val_fraction": 0, "workers": 1,
+          "progress": False}
+    m = convert(src, tmp_path / "o", **kw)
+    assert (m["num_classes"], m["class_names"], m["train"]["records"]) == (2, ["background", "object"], 3)
+    for rec in _records(tmp_path / "o", "train"):
+        mask = tf.io.decode_png(rec["mask"]).numpy()[..., 0]
+        assert components(mask, 1)[1] == len(centres)  # each cell its own object
+        assert 0.02 < (mask[2:] == 0).mean() < 0.15  # the gaps: thin
+    small = convert(src, tmp_path / "s", image_size=(40, 40), **kw)  # gaps drawn at the new size
+    assert small["train"]["records"] == 3
+    for rec in _records(tmp_path / "s", "train"):
+        assert components(tf.io.decode_png(rec["mask"]).numpy()[..., 0], 1)[1] == len(centres)
+    # A negative id is named; the other layouts and --colors do not take instances.
+    np.save(src / "masks" / "c2.npy", -tiles)
+    m = convert(src, tmp_path / "o", overwrite=True, **kw)
+    assert m["skipped"] == [{"file": str(src / "images" / "c2.npy"), "reason": f"mask {src / 'masks' / 'c2.npy'}: "
+                             "instance id -1800: ids are 0 (background) or positive"}]
+    with pytest.raises(ConvertError, match="^--classes instances needs --layout folders$"):
+        convert(_pet_dir(tmp_path), tmp_path / "p", classes="instances")
 
 
 def test_pixels_of_the_ignore_value_are_left_out(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Converts a folder of images and masks to sharded TFRecords and a manifest.
 
     python -m unet_dist.convert SRC OUT [--layout oxford-pet|folders] [--image-size H[xW]]
-        [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass]
+        [--shards N] [--val-fraction F] [--seed S] [--workers K] [--classes binary|trimap|multiclass|instances]
         [--num-classes N] [--mask-suffix S] [--fold I/K] [--split-by auto|file|page] [--group REGEX]
         [--ignore-value V] [--image-format auto|png|jpeg] [--colors FILE] [--list FILE] [--val-list FILE]
         [--channels C] [--intensity image|dataset|window [--window LO HI ...]]
@@ -10,6 +10,12 @@ Layouts: oxford-pet = SRC/images/*.jpg + SRC/annotations/trimaps/*.png (binary: 
 or the 3 trimap classes); folders = SRC/images/* + SRC/masks/* with matching stems (mask values are
 class ids 0..N-1, or 0/255 when --classes binary; --num-classes N when some ids do not occur in the
 masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are skipped and listed in manifest.json.
+--classes instances (folders): the masks are instance label images, as the cell tracking challenge
+and the Data Science Bowl 2018 give them (0 the background, each object its own id: 16- or 32-bit
+PNG or TIFF, or .npy). They become two classes, object and background, with a gap one pixel wide
+wherever two objects touch (drawn after any --image-size), so that touching cells stay apart, as
+the 2015 U-Net's membranes keep them: with --border-distances and train.loss weighted_ce the model
+learns to part them, and `predict --instances` numbers them again.
 A multi-page TIFF (an EM or microscopy stack) and its mask stack give one sample per page, X_p000, X_p001, ...
 The pages of a stack stay in one split (--split-by file, the default where SRC has two image files
 or more): neighbouring slices are nearly the same image. --split-by page splits them like separate

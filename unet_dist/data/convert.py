@@ -41,7 +41,7 @@ from unet_dist.data.imageio import (
 
 LAYOUTS = ("oxford-pet", "folders")
 SPLIT_UNITS = ("auto", "file", "page")
-CLASS_MODES = ("binary", "trimap", "multiclass")
+CLASS_MODES = ("binary", "trimap", "multiclass", "instances")
 # How records store their images. JPEG at quality 95 with 4:2:0 chroma changes most pixels by a
 # level or two, and colour detail a pixel wide is lost to the halved chroma; PNG keeps every value.
 RECORD_FORMATS = ("png", "jpeg")  # what a manifest's "image_format" may be
@@ -169,10 +169,26 @@ def split_units(samples: list[Sample], split_by: str, group: str | None,
     return split_by, units, "images" if len(set(units)) == len(samples) else "files"
 
 
+def instance_classes(labels: np.ndarray) -> np.ndarray:
+    """An instance label image (H, W) (0 background, each object its own positive id) -> uint8 class
+    ids: 1 on the objects, 0 on the background and on a gap one pixel wide wherever two objects
+    touch (the pixels of the one with the higher id that touch, at a side or a corner, one with a
+    lower id). The 2015 U-Net's cells come so, parted by their membranes: their 8-connected
+    components are the objects again (`objects.components`, `predict --instances`), and the border
+    weights (`border.distance_sum`) see each as its own."""
+    from scipy import ndimage
+
+    lower = ndimage.minimum_filter(np.where(labels > 0, labels, labels.max(initial=0) + 1), size=3, mode="nearest")
+    return ((labels > 0) & (lower >= labels)).astype(np.uint8)
+
+
 def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | None = None,
                ignore_value: int | None = None) -> np.ndarray:
     """(H, W) source mask values -> uint8 class ids as --layout and --classes say; pixels of value
     `ignore_value` become IGNORE, and the other values must be the layout's (BadImage otherwise)."""
+    if classes == "instances":
+        ignored = mask == ignore_value if ignore_value is not None else np.zeros(mask.shape, bool)
+        return np.where(ignored, np.uint8(IGNORE), instance_classes(np.where(ignored, 0, mask))).astype(np.uint8)
     if ignore_value is None:
         return _labelled_ids(mask, np.unique(mask), layout, classes, num_classes)
     ignored = mask == ignore_value
@@ -341,28 +357,39 @@ def listed_samples(samples: list[Sample], skipped: list[dict], listed: set[str],
 def load_pair(image_path: str | Path, mask_path: str | Path, layout: str, classes: str,
               num_classes: int | None = None, page: int = 0, ignore_value: int | None = None,
               colors: list[tuple[int, int, int]] | None = None, channels: int = 3,
-              window: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+              window: list | None = None, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One labelled image (page `page` of a stack) at its own size: (uint8 (H, W, channels) image,
     uint8 (H, W) class ids), the mask's values mapped to class ids as --layout and --classes say, and
     pixels of value `ignore_value` to IGNORE. colors: colour-coded masks, each colour's index its
-    value. window: the intensity window (`imageio.load_image`). Raises BadImage saying what is wrong
-    (naming the mask file when it is the mask)."""
+    value. window: the intensity window (`imageio.load_image`). size: the mask resized to (H, W)
+    (`load_labels`; the image is left at its size). Raises BadImage saying what is wrong (naming the
+    mask file when it is the mask)."""
     image = load_image(image_path, page, channels, window)
-    return image, load_labels(mask_path, image.shape[:2], layout, classes, num_classes, page, ignore_value, colors)
+    return image, load_labels(mask_path, image.shape[:2], layout, classes, num_classes, page, ignore_value, colors,
+                              size)
 
 
 def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, classes: str,
                 num_classes: int | None = None, page: int = 0, ignore_value: int | None = None,
-                colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+                colors: list[tuple[int, int, int]] | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
     """An image's mask as uint8 (H, W) class ids (`load_pair`), which must be of the image's
-    `shape` (H, W). Raises BadImage naming the mask file."""
+    `shape` (H, W); with `size`, resized to it (nearest neighbour) before its values become class
+    ids: the same ids as resizing them, except for instances, whose gaps where objects touch are
+    drawn at the new size and so stay one pixel wide. Raises BadImage naming the mask file."""
     try:
-        mask = _class_ids(load_mask(mask_path, page, colors), layout, classes, num_classes, ignore_value)
+        mask = load_mask(mask_path, page, colors, wide=classes == "instances")
     except BadImage as e:
         raise BadImage(f"mask {mask_path}: {e}") from None
     if mask.shape != tuple(shape):
         raise BadImage(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
-    return mask
+    if size is not None:
+        h, w = size
+        mask = np.asarray(Image.fromarray(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
+                          .resize((w, h), Image.NEAREST))
+    try:
+        return _class_ids(mask, layout, classes, num_classes, ignore_value)
+    except BadImage as e:
+        raise BadImage(f"mask {mask_path}: {e}") from None
 
 
 def foreground_values(task: Task) -> np.ndarray | None:
@@ -388,7 +415,7 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
     sample = task.sample
     try:
         image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page,
-                                task.ignore_value, task.colors, task.channels, task.window)
+                                task.ignore_value, task.colors, task.channels, task.window, task.size)
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
     if task.size is not None:
@@ -397,7 +424,6 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
         planes = [image] if image.shape[2] == 3 else [image[..., c] for c in range(image.shape[2])]
         planes = [np.asarray(Image.fromarray(p).resize((w, h), Image.BILINEAR)) for p in planes]
         image = planes[0] if image.shape[2] == 3 else np.stack(planes, axis=-1)
-        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
     counts = np.bincount(mask.ravel(), minlength=MAX_CLASSES)
     rec = {
         "image": _encode(image, task.image_format),
@@ -613,8 +639,8 @@ def convert(
         raise ConvertError(f"--classes {classes!r}: allowed {', '.join(CLASS_MODES)}")
     if classes == "trimap" and layout != "oxford-pet":
         raise ConvertError("--classes trimap needs --layout oxford-pet")
-    if classes == "multiclass" and layout != "folders":
-        raise ConvertError("--classes multiclass needs --layout folders")
+    if classes in ("multiclass", "instances") and layout != "folders":
+        raise ConvertError(f"--classes {classes} needs --layout folders")
     if num_classes is not None and classes != "multiclass":
         raise ConvertError(f"--num-classes is for --classes multiclass; {classes} has a fixed number")
     if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
@@ -644,7 +670,7 @@ def convert(
     val_stems = read_image_list(val_list, "--val-list") if val_list is not None else None
     color_list, color_names = read_colors(Path(colors)) if colors is not None else (None, None)
     if color_list is not None:
-        if layout != "folders" or classes == "trimap":
+        if layout != "folders" or classes in ("trimap", "instances"):
             raise ConvertError("--colors needs --layout folders and --classes multiclass (or binary, of 2 colours)")
         if classes == "binary" and len(color_list) != 2:
             raise ConvertError(f"--colors {colors}: {len(color_list)} colours with --classes binary, which has 2; "
@@ -784,7 +810,7 @@ def convert(
                     raise ConvertError(f"--ignore-value {ignore_value}: every mask pixel of the {written[s]} {s} "
                                        f"images in {src} has that value; nothing is labelled")
         total = counts["train"] + counts["val"]
-        num_classes = {"binary": 2, "trimap": 3}.get(classes) or _check_class_ids(np.nonzero(total)[0].tolist(),
+        num_classes = {"binary": 2, "trimap": 3, "instances": 2}.get(classes) or _check_class_ids(np.nonzero(total)[0].tolist(),
                                                                                    num_classes)
         # Round robin fills the shards in order, so with fewer records than shards (small sets, files
         # skipped) the empty ones are the last: they are dropped, and every shard holds records.
@@ -798,7 +824,7 @@ def convert(
             "num_classes": num_classes,
             "class_names": color_names or {
                 "binary": ["rest", "pet"] if layout == "oxford-pet" else ["background", "foreground"],
-                "trimap": ["background", "pet", "border"]}.get(classes, [str(c) for c in range(num_classes)]),
+                "trimap": ["background", "pet", "border"], "instances": ["background", "object"]}.get(classes, [str(c) for c in range(num_classes)]),
             "colors": [list(c) for c in color_list] if color_list else None,
             "image_size": list(image_size) if image_size else None,
             "image_format": image_format,

@@ -299,16 +299,19 @@ def rgb_view(image: np.ndarray) -> np.ndarray:
     return image[..., :3] if c > 3 else np.repeat(image[..., :1], 3, axis=-1)
 
 
-def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]] | None = None,
+              wide: bool = False) -> np.ndarray:
     """Reads a mask of class ids (page `page` of a multi-page TIFF) as uint8 (H, W), EXIF orientation
     applied. Raises BadImage.
 
     Palette images keep their indices (not their colours); an RGB mask must be gray (R == G == B).
     colors: a colour-coded mask instead (labelling tools, CamVid): each pixel's id is the index of
     its colour in this list, whatever the image's mode.
+    wide: an instance label image (convert --classes instances) instead: int64 (H, W) ids of any
+    size from 16- and 32-bit images and .npy arrays (negative ones refused).
     """
     if Path(path).suffix.lower() == ARRAY_SUFFIX:
-        return _array_mask(Path(path), colors)
+        return _array_mask(Path(path), colors, wide)
     img = _open(Path(path), page)
     if colors is not None:
         return _ids_of_colours(np.asarray(img.convert("RGB")), colors)
@@ -316,6 +319,8 @@ def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]
         arr = np.asarray(img if img.mode != "1" else img.convert("L"))
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img)
+        if wide:
+            return _ids(arr)
         if arr.max(initial=0) > 255:
             raise BadImage(f"mask value {int(arr.max())} > 255")
         arr = arr.astype(np.uint8)
@@ -327,10 +332,17 @@ def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]
         arr = arr[..., 0]
     else:
         raise BadImage(f"mask mode {img.mode} is not supported")
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return _ids(arr) if wide else np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def _array_mask(path: Path, colors: list[tuple[int, int, int]] | None) -> np.ndarray:
+def _ids(arr: np.ndarray) -> np.ndarray:
+    """An instance label image's ids as int64 (H, W); BadImage for a negative one."""
+    if arr.size and arr.min() < 0:
+        raise BadImage(f"instance id {int(arr.min())}: ids are 0 (background) or positive")
+    return arr.astype(np.int64)
+
+
+def _array_mask(path: Path, colors: list[tuple[int, int, int]] | None, wide: bool = False) -> np.ndarray:
     """A .npy mask: integer class ids (H, W) (or (H, W, 1)), or with `colors` (H, W, 3) colours."""
     arr = _array(path)
     if colors is not None:
@@ -342,6 +354,8 @@ def _array_mask(path: Path, colors: list[tuple[int, int, int]] | None) -> np.nda
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise BadImage(f"an array of {arr.dtype}; a mask array holds integer class ids")
     arr = np.asarray(arr).reshape(arr.shape[:2])
+    if wide:
+        return _ids(arr)
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise BadImage(f"mask value {int(arr.min() if arr.min() < 0 else arr.max())} outside 0..255")
     return np.ascontiguousarray(arr, dtype=np.uint8)

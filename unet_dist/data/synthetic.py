@@ -107,12 +107,14 @@ def make_sample(rng: np.random.Generator, min_size: int = 240, max_size: int = 5
 
 
 def make_cells(rng: np.random.Generator, size: int = CELLS_SIZE, cells: int = CELLS,
-               faint: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               faint: bool = False, instances: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Returns (image uint8 (size, size), trimap uint8 (size, size): 1 = cell, 2 = membrane). A
     pixel is membrane where its nearest two cell centres are within 2.5 pixels of equidistant.
     faint: membranes FAINT_MEMBRANE darker than their cell (a contrast about the noise's) instead of
     dark, as touching cells in light microscopy often are: cells then merge unless a model learns
-    the thin gaps, what the 2015 U-Net's border weights are for."""
+    the thin gaps, what the 2015 U-Net's border weights are for.
+    instances: an instance label image uint16 (size, size) instead of the trimap, each pixel its
+    nearest cell's id 1..cells, membranes included (cells touching, as annotators label them)."""
     from scipy.spatial import cKDTree
 
     yy, xx = np.mgrid[0:size, 0:size]
@@ -128,6 +130,8 @@ def make_cells(rng: np.random.Generator, size: int = CELLS_SIZE, cells: int = CE
         img = np.where(membrane, 0.2, shade - 0.25 * np.maximum(blobs - 0.6, 0))
     img = img + rng.normal(0, 0.06, size=img.shape)
     image = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    if instances:
+        return image, (which[:, 0] + 1).reshape(size, size).astype(np.uint16)
     return image, np.where(membrane, 2, 1).astype(np.uint8)
 
 
@@ -152,32 +156,38 @@ STEM = re.compile(r"synth_\d{5}\.(jpg|png|npy)")
 
 
 def foreign_files(out: Path) -> list[Path]:
-    """Files in OUT's images/ and annotations/trimaps/ that write_dataset did not write."""
-    folders = [Path(out) / "images", Path(out) / "annotations" / "trimaps"]
+    """Files in OUT's images/, annotations/trimaps/ and masks/ that write_dataset did not write."""
+    folders = [Path(out) / "images", Path(out) / "annotations" / "trimaps", Path(out) / "masks"]
     return sorted(p for d in folders if d.is_dir() for p in d.iterdir() if not STEM.fullmatch(p.name))
 
 
 def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells: bool = False,
-                  ct: bool = False, faint: bool = False) -> None:
+                  ct: bool = False, faint: bool = False, instances: bool = False) -> None:
     """Writes OUT/images/*.jpg and OUT/annotations/trimaps/*.png (Oxford-IIIT Pet layout), replacing
     an earlier synthetic set there (a smaller set must not keep the earlier one's extra samples).
     Refuses (ValueError) a folder holding other files: they would be mixed into the set.
     sparse: small pets on SPARSE_SIZE x SPARSE_SIZE images (`make_sample`); cells: EM-like slices
-    (`make_cells`, faint membranes with `faint`), written as PNG; ct: CT-like slices (`make_ct`),
-    written as int16 .npy arrays."""
+    (`make_cells`, faint membranes with `faint`), written as PNG; with `instances` their instance
+    label images instead of trimaps, as 16-bit PNG in OUT/masks (the folders layout, for convert
+    --classes instances); ct: CT-like slices (`make_ct`), written as int16 .npy arrays."""
     out = Path(out)
     other = foreign_files(out)
     if other:
         raise ValueError(f"{out} holds files this command did not write (such as {other[0]}): synthetic samples "
                          "would be mixed into them; give a new folder")
-    for folder in (out / "images", out / "annotations" / "trimaps"):
+    masks = out / "masks" if instances else out / "annotations" / "trimaps"
+    for folder in (out / "images", out / "annotations" / "trimaps", out / "masks"):
+        if folder.is_dir():  # an earlier set's files, and the folder of its masks if they were of the other kind
+            for p in folder.iterdir():
+                p.unlink()
+            if folder not in (out / "images", masks):
+                folder.rmdir()
+    for folder in (out / "images", masks):
         folder.mkdir(parents=True, exist_ok=True)
-        for p in folder.iterdir():
-            p.unlink()
     rng = np.random.default_rng(seed)
     for i in range(n):
         if cells:
-            image, trimap = make_cells(rng, faint=faint)
+            image, trimap = make_cells(rng, faint=faint, instances=instances)
         elif ct:
             image, trimap = make_ct(rng)
         elif sparse:
@@ -191,4 +201,4 @@ def write_dataset(out: Path, n: int, seed: int = 0, sparse: bool = False, cells:
             np.save(out / "images" / f"{stem}.npy", image)
         else:
             Image.fromarray(image).save(out / "images" / f"{stem}.jpg", quality=92)
-        Image.fromarray(trimap).save(out / "annotations" / "trimaps" / f"{stem}.png")
+        Image.fromarray(trimap).save(masks / f"{stem}.png")
