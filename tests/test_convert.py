@@ -304,6 +304,14 @@ def test_instance_masks_become_objects_parted_where_they_touch(tmp_path, capsys)
     assert small["train"]["records"] == 3
     for rec in _records(tmp_path / "s", "train"):
         assert components(tf.io.decode_png(rec["mask"]).numpy()[..., 0], 1)[1] == len(centres)
+    # Instances drawn in colours for viewing: each colour an object, black the background.
+    palette = np.array([[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30], [200, 30, 200],
+                        [30, 200, 200]], np.uint8)
+    Image.fromarray(palette[tiles // 300]).save(src / "masks" / "c1.png")
+    m = convert(src, tmp_path / "o", overwrite=True, **kw)
+    (rgb,) = [r for r in _records(tmp_path / "o", "train") if tf.io.decode_png(r["image"]).numpy().mean() == 91]
+    mask = tf.io.decode_png(rgb["mask"]).numpy()[..., 0]
+    assert components(mask, 1)[1] == len(centres) and not mask[:2].any() and 0.02 < (mask[2:] == 0).mean() < 0.15
     # A negative id is named; the other layouts and --colors do not take instances.
     np.save(src / "masks" / "c2.npy", -tiles)
     m = convert(src, tmp_path / "o", overwrite=True, **kw)

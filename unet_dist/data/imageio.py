@@ -308,7 +308,9 @@ def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]
     colors: a colour-coded mask instead (labelling tools, CamVid): each pixel's id is the index of
     its colour in this list, whatever the image's mode.
     wide: an instance label image (convert --classes instances) instead: int64 (H, W) ids of any
-    size from 16- and 32-bit images and .npy arrays (negative ones refused).
+    size from 16- and 32-bit images and .npy arrays (negative ones refused), and from an RGB image
+    each colour's (R << 16 | G << 8 | B: black the background, any other colour one object), as
+    instance masks drawn for viewing come.
     """
     if Path(path).suffix.lower() == ARRAY_SUFFIX:
         return _array_mask(Path(path), colors, wide)
@@ -326,6 +328,8 @@ def load_mask(path: str | Path, page: int = 0, colors: list[tuple[int, int, int]
         arr = arr.astype(np.uint8)
     elif img.mode in ("RGB", "RGBA", "LA"):
         arr = np.asarray(img.convert("RGB"))
+        if wide:
+            return (arr[..., 0].astype(np.int64) << 16) | (arr[..., 1].astype(np.int64) << 8) | arr[..., 2]
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             raise BadImage("colour mask: masks must hold class ids (one channel, or R == G == B), or give the "
                            "classes' colours (convert --colors)")
