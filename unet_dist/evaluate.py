@@ -78,7 +78,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
-    from unet_dist.objects import FIELDS, object_counts, object_f1, object_scores
+    from unet_dist.objects import FIELDS, matched_objects, object_counts, object_f1, object_scores
     from unet_dist.postprocess import SIZES, advice, moved_by_truth, size_advice, size_effect
 
     try:
@@ -133,8 +133,9 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         # The record evaluation's own class rule and counting, at the image's size.
         predicted = predict_classes(probs).numpy()
         raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
-        raw_objects = object_counts(predicted, truth, k)
-        small = size_effect(predicted, truth, k)
+        matched = [matched_objects(predicted, truth, c) for c in range(1, k)]  # labelled once for both
+        raw_objects = object_counts(predicted, truth, k, matched)
+        small = size_effect(predicted, truth, k, matched)
         raw["objects"][i], raw["small_iou"][i] = raw_objects, small[..., 2]
         raw["cm"] += raw_cm
         raw["moved"] += moved_by_truth(predicted, truth, k)
