@@ -69,13 +69,13 @@ def parse(text: str, num_classes: int) -> Postprocess:
         return Postprocess()
     found: dict[str, tuple] = {}
     for step in text.split("+"):
-        kind, _, rest = step.partition(":")
-        if kind not in ("largest", "min-size") or kind in found or (_ and not rest):
+        kind, colon, rest = step.partition(":")
+        if kind not in ("largest", "min-size") or kind in found or (colon and not rest):
             raise ConfigError(f"--postprocess {text!r}: {USAGE}")
         size = None
         if kind == "min-size":
-            size, _, rest = rest.partition(":")
-            if not size.isdigit() or int(size) < 2 or (_ and not rest):
+            size, colon, rest = rest.partition(":")
+            if not size.isdigit() or int(size) < 2 or (colon and not rest):
                 raise ConfigError(f"--postprocess {text!r}: min-size takes a whole number of pixels from 2 up "
                                   f"(min-size:N or min-size:N:C[,C...]), not {step!r}")
         found[kind] = (_classes(text, rest, num_classes), size)
