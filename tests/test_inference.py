@@ -294,13 +294,13 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
         f"directory: '{tmp_path / 'v_p000_mask.png'}'); with several nodes, --out must be a folder they share", False)
     probs = np.full((6, 8, 1), 0.75, np.float32)
     for page in pages:
-        save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, page.name, probs, instances=True)
+        save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, page.name, probs, instances=(1,))
     assert write_stack(path, pages, 0, tmp_path, probabilities=True, instances=True) == (
         f"predict: {tmp_path / 'v_mask.tif'}: the 2 page masks of {path} as one stack (their probabilities in "
         "v_probs.tif, their instances in v_instances.tif)", True)
     assert all((tmp_path / f"v{kind}").exists() for kind in ("_mask.tif", "_probs.tif", "_instances.tif"))
     # An image's pair, probabilities and instances.
-    save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "c", probs, instances=True)
+    save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "c", probs, instances=(1,))
     found, notes = expand_folders([tmp_path])
     assert [p.name for p in found] == ["a.png", "b_mask.png", "d_probs.tif", "v.tif"]
     assert notes == [f"predict: {tmp_path}: leaving out 4 earlier predictions (X_mask.png with X_overlay.png, "

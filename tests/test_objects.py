@@ -77,6 +77,9 @@ def test_instances_number_each_object_of_each_class_apart():
     for i in range(1, labels.max() + 1):  # each instance is one class
         assert len(np.unique(mask[labels == i])) == 1
     assert np.array_equal(instances(np.zeros((3, 3), np.uint8)), np.zeros((3, 3)))
+    # Of chosen classes alone (cells, not the class of their borders): the others are 0.
+    ones = instances(mask, (1,))
+    assert np.array_equal(ones, np.where(mask == 1, labels, 0)) and np.array_equal(instances(mask, (2,)) > 0, mask == 2)
     specks = np.zeros((520, 520), np.uint8)
     specks[::2, ::2] = 1  # 67,600 objects 8-connected to none
     many = instances(specks)

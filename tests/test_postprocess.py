@@ -222,6 +222,14 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
                          "--postprocess", "largest:2"]) == 2
     assert "predict: error: --postprocess 'largest:2': class 2 is not one of this model's classes 1 to 1" in (
         capsys.readouterr().err)
+    assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "p2"),
+                         "--instances", "--instance-classes", "1,2"]) == 2
+    assert "predict: error: --instance-classes '1,2': class 2 is not one of this model's classes 1 to 1" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "p2"),
+                      "--instance-classes", "1"])
+    assert "--instance-classes: used with --instances only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate_main(["--workdir", str(w), "--data", str(shards), "--postprocess", "largest"])
     assert "--postprocess: not used with --data" in capsys.readouterr().err

@@ -31,14 +31,15 @@ def components(mask: np.ndarray, c: int) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
-def instances(classes: np.ndarray) -> np.ndarray:
+def instances(classes: np.ndarray, which: tuple[int, ...] | None = None) -> np.ndarray:
     """Class ids (H, W) -> instance labels (H, W), `predict --instances`: 0 on the background (class
-    0), and each 8-connected component of every other class numbered from 1, class 1's first, each
-    class's in raster order (as `components` finds them). uint16, or int32 past 65,535 objects (what
+    0), and each 8-connected component of every other class (or of the classes `which` names, 0
+    elsewhere) numbered from 1, the lowest class's first, each class's in raster order (as
+    `components` finds them). uint16, or int32 past 65,535 objects (what
     a 16-bit TIFF holds: the cell tracking challenge's format). An instance's class is the mask's at
     any of its pixels."""
     out, total = np.zeros(classes.shape, np.int32), 0
-    for c in np.unique(classes[classes > 0]):
+    for c in np.unique(classes[classes > 0]) if which is None else which:
         labels, n = components(classes, c)
         inside = labels > 0
         out[inside] = labels[inside] + total

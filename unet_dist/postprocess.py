@@ -78,24 +78,26 @@ def parse(text: str, num_classes: int) -> Postprocess:
             if not size.isdigit() or int(size) < 2 or (colon and not rest):
                 raise ConfigError(f"--postprocess {text!r}: min-size takes a whole number of pixels from 2 up "
                                   f"(min-size:N or min-size:N:C[,C...]), not {step!r}")
-        found[kind] = (_classes(text, rest, num_classes), size)
+        found[kind] = (class_list(f"--postprocess {text!r}", rest, num_classes), size)
     largest, _ = found.get("largest", ((), None))
     small, size = found.get("min-size", ((), 0))
     return Postprocess(largest, int(size), small)
 
 
-def _classes(text: str, listed: str, num_classes: int) -> tuple[int, ...]:
-    """A step's classes: those `listed` names ('1,3'), or every class but the background where it is empty."""
+def class_list(flag: str, listed: str, num_classes: int) -> tuple[int, ...]:
+    """The classes `listed` names ('1,3'; sorted, once each), or every class but the background where
+    it is empty, for a model of `num_classes` classes. ConfigError starting with `flag` (the option
+    and its value) where an id is not a number or not one of classes 1..num_classes-1."""
     if not listed:
         return tuple(range(1, num_classes))
     try:
         classes = [int(c) for c in listed.split(",")]
     except ValueError:
-        raise ConfigError(f"--postprocess {text!r}: {listed!r} is not a list of class ids such as 1,3") from None
+        raise ConfigError(f"{flag}: {listed!r} is not a list of class ids such as 1,3") from None
     bad = [c for c in classes if not 1 <= c < num_classes]
     if bad:
-        raise ConfigError(f"--postprocess {text!r}: class {bad[0]} is not one of this model's classes 1 to "
-                          f"{num_classes - 1} (0, the background, takes the removed pixels)")
+        raise ConfigError(f"{flag}: class {bad[0]} is not one of this model's classes 1 to {num_classes - 1} "
+                          "(0 is the background)")
     return tuple(sorted(set(classes)))
 
 

@@ -2,7 +2,7 @@
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
         [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]|min-size:N[:C,...]]
-        [--probabilities] [--instances] [--continue] [--strategy auto|single|...]
+        [--probabilities] [--instances [--instance-classes C,...]] [--continue] [--strategy auto|single|...]
         [--set runtime.KEY=VALUE ...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
@@ -21,6 +21,7 @@ For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
 --instances also writes PRED/<stem>_instances.tif: each connected object of the mask numbered (a
 label image, 0 on the background; 16-bit, as the cell tracking challenge takes them), so that cells
 the model parted come out as cells (`objects.instances`); a stack's holds its pages', each numbered alone.
+--instance-classes 1 numbers the objects of class 1 alone (not those of a class 2 of cell borders).
 --postprocess largest keeps only the largest connected component of each class but the background in
 the masks (largest:1,3: of those classes), as nnU-Net does where it helps; min-size:N (min-size:N:1,3)
 removes their components of fewer than N pixels (specks, fragments of cells), and min-size:N+largest
@@ -95,10 +96,10 @@ def palette(colors: list | None) -> list[int]:
 
 
 def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None,
-                 colors: list | None = None, instances: bool = False) -> None:
+                 colors: list | None = None, instances: tuple[int, ...] | None = None) -> None:
     """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), OUT/STEM_overlay.png
     (image | mask | image * mask), given probs (H, W, U) OUT/STEM_probs.tif (`probability_pages`)
-    and with `instances` OUT/STEM_instances.tif (`objects.instances` of the mask).
+    and given the classes `instances` OUT/STEM_instances.tif (`objects.instances` of the mask).
     Thread-safe: Pillow's encoders and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(palette(colors))
@@ -116,10 +117,10 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, p
     _save(panel, out / f"{stem}{OVERLAY}", format="PNG", compress_level=1)
     if probs is not None:
         _save_tiff(probability_pages(probs), out / f"{stem}{PROBS}")
-    if instances:
+    if instances is not None:
         from unet_dist.objects import instances as label
 
-        _save_tiff([Image.fromarray(label(classes))], out / f"{stem}{INSTANCES}")
+        _save_tiff([Image.fromarray(label(classes, instances))], out / f"{stem}{INSTANCES}")
 
 
 class Writer:
@@ -131,7 +132,7 @@ class Writer:
     disk) is raised by `put` or `close`."""
 
     def __init__(self, out: Path, threads: int = 2, colors: list | None = None, pixels: int = 2**26,
-                 instances: bool = False):
+                 instances: tuple[int, ...] | None = None):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
@@ -158,7 +159,8 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """(the paths given, with each folder replaced by the image files directly in it (sorted by name,
     hidden files left out), less the outputs of an earlier predict into it (each X_overlay.png with
     the X_mask.png, X_probs.tif and X_instances.tif beside it, and X_mask.tif, X_probs.tif and
-    X_instances.tif beside X_p000_overlay.png, a stack's): predicting into the input folder and then predicting that folder again must not
+    X_instances.tif beside X_p000_overlay.png, a stack's): predicting into the input folder and
+    then predicting that folder again must not
     predict the masks; a line for each folder with such outputs).
     Raises ConfigError for a folder without any image."""
     from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
@@ -317,12 +319,17 @@ def main(argv=None) -> int:
     p.add_argument("--instances", action="store_true",
                    help="also write STEM_instances.tif: the mask's connected objects numbered 1, 2, ... (16-bit "
                         "label image, 0 on the background), each class's after the one before")
+    p.add_argument("--instance-classes", metavar="C,...",
+                   help="with --instances: number the objects of these classes only (default: every class but "
+                        "the background)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="leave out the images whose outputs are all in --out already: finishes a predict that "
                         "was stopped (each file is written whole or not at all)")
     add_strategy_arg(p, "the backend (default: auto, from how predict was started)")
     add_runtime_set_arg(p)
     args = p.parse_args(argv)
+    if args.instance_classes is not None and not args.instances:
+        p.error("--instance-classes: used with --instances only")
     from unet_dist.data.imageio import samples_of, stacks_of
 
     try:
@@ -347,12 +354,15 @@ def main(argv=None) -> int:
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, load_predictor
     from unet_dist.logs import chief_progress
+    from unet_dist.postprocess import class_list
 
     try:
         runtime = make_trained_run_runtime(load_workdir_config(args.workdir[0]), args.strategy, args.runtime_set)
         writable_dir(args.out, "--out")
         predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision,
                                    postprocess=args.postprocess)
+        numbered = class_list(f"--instance-classes {args.instance_classes!r}", args.instance_classes or "",
+                              predictor.cfg.model.num_classes) if args.instances else None
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -377,7 +387,7 @@ def main(argv=None) -> int:
     # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
     counts, unwritten = np.zeros(2 + len(stacks)), None
     # Masks coded by colour come out in those colours.
-    writer = Writer(args.out, colors=predictor.colors, instances=args.instances)
+    writer = Writer(args.out, colors=predictor.colors, instances=numbered)
     try:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
