@@ -84,3 +84,45 @@ def test_instances_number_each_object_of_each_class_apart():
     specks[::2, ::2] = 1  # 67,600 objects 8-connected to none
     many = instances(specks)
     assert many.dtype == np.int32 and many.max() == 260 * 260 and many[518, 518] == many.max()
+
+
+def test_evaluate_scores_instance_masks_against_their_instances(tmp_path, monkeypatch):
+    # Data converted from instance masks (convert --classes instances): evaluate --images matches
+    # predicted objects to the instances, whole, not to the components of the gap-cut classes.
+    # Here the "model" predicts the classes exactly: every cell found, but without its gap pixels,
+    # so SEG is below 1 (it would be 1 against the components).
+    import json
+
+    import tensorflow as tf
+    from conftest import tiny_overrides
+    from PIL import Image
+
+    import unet_dist.inference as inference
+    from unet_dist.config import load_config
+    from unet_dist.data.convert import convert, instance_classes
+    from unet_dist.evaluate import main as evaluate_main
+    from unet_dist.trainer import train
+
+    src = tmp_path / "cells"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    yy, xx = np.mgrid[0:64, 0:64]
+    rng = np.random.default_rng(0)
+    cells = 0
+    for i in range(4):
+        centres = rng.integers(4, 60, (7, 2))
+        ids = np.argmin([(yy - y) ** 2 + (xx - x) ** 2 for y, x in centres], axis=0) + 10  # ids 10..16, all touching
+        cells += len(np.unique(ids))
+        Image.fromarray((instance_classes(ids) * 200).astype(np.uint8)).save(src / "images" / f"c{i}.png")
+        Image.fromarray(ids.astype(np.uint16)).save(src / "masks" / f"c{i}.png")
+    convert(src, tmp_path / "data", layout="folders", classes="instances", shards=1, val_fraction=0.25, workers=1,
+            progress=False)
+    w = tmp_path / "w"
+    train(load_config(None, tiny_overrides(steps=1)), tmp_path / "data", w)
+    monkeypatch.setattr(inference.Predictor, "__call__",
+                        lambda self, image: tf.constant(image[..., :1].astype(np.float32) / 255 > 0.5, tf.float32))
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--out", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    (o,) = e["objects"]
+    assert (o["name"], o["true_objects"], o["predicted_objects"], o["matched"]) == ("object", cells, cells, cells)
+    assert 0.6 < o["seg"] < 0.98 and e["iou_per_class"][1] == 1.0  # the pixels: as the masks' classes

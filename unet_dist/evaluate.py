@@ -35,7 +35,8 @@ under 2, 4, ... 4096 pixels (`unet_dist/postprocess.py`); a line names the class
 and the --postprocess value to pass. objects
 scores each such class's connected components against the truth's (matched at IoU > 0.5): whether
 touching objects came out apart (`unet_dist/objects.py`); each per_image and per_stack row has its
-object F1 per class.
+object F1 per class. Where the run's data were instance masks (convert --classes instances), the
+true objects are the masks' instances themselves, whole, as the cell tracking challenge scores them.
 """
 
 from __future__ import annotations
@@ -72,7 +73,15 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
 
     from unet_dist.atomic import atomic_write_text
     from unet_dist.checkpoint import CheckpointError
-    from unet_dist.data.convert import ConvertError, find_pairs, ignores, listed_samples, load_pair, read_image_list
+    from unet_dist.data.convert import (
+        ConvertError,
+        find_pairs,
+        ignores,
+        listed_samples,
+        load_instance_ids,
+        load_pair,
+        read_image_list,
+    )
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.inference import PredictionError, data_info, load_predictor
@@ -88,6 +97,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             raise ConfigError(f"{args.workdir[0] / 'data.json'} (written by train) has no classes: the masks "
                               "cannot be read as the run's classes")
         layout = args.layout or info.get("layout", "oxford-pet")
+        instances = info["classes"] == "instances"
         samples, skipped = find_pairs(args.images, layout, args.mask_suffix)
         if not samples:
             raise ConfigError(f"--images {args.images}: no image with a mask ({layout} layout; "
@@ -126,6 +136,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
                                      sample.page, info.get("ignore_value"), info.get("colors"),
                                      predictor.cfg.model.in_channels, predictor.window)
+            # Instance masks: objects are matched to the instances, not to the components of their classes.
+            ids = load_instance_ids(sample.mask, sample.page, info.get("ignore_value")) if instances else None
             probs = predictor(image)
         except (BadImage, OSError, PredictionError) as e:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
@@ -133,7 +145,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         # The record evaluation's own class rule and counting, at the image's size.
         predicted = predict_classes(probs).numpy()
         raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
-        matched = [matched_objects(predicted, truth, c) for c in range(1, k)]  # labelled once for both
+        matched = [matched_objects(predicted, truth, c, ids) for c in range(1, k)]  # labelled once for both
         raw_objects = object_counts(predicted, truth, k, matched)
         small = size_effect(predicted, truth, k, matched)
         raw["objects"][i], raw["small_iou"][i] = raw_objects, small[..., 2]
@@ -143,7 +155,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         if predictor.postprocess:
             written = predictor.postprocess(predicted)
             counts[i] = confusion_matrix(truth, written, k, ignores(info)).numpy()
-            objects[i] = object_counts(written, truth, k)
+            objects[i] = object_counts(written, truth, k, truth_ids=ids)
         else:
             counts[i], objects[i] = raw_cm, raw_objects
         seen[i] = 1

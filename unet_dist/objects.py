@@ -47,14 +47,19 @@ def instances(classes: np.ndarray, which: tuple[int, ...] | None = None) -> np.n
     return out.astype(np.uint16) if total <= np.iinfo(np.uint16).max else out
 
 
-def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int,
+                    truth_ids: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Class c's objects in predicted class ids `pred` (H, W) matched to those of `truth` (H, W):
     (the true objects, the predicted objects' labels (H, W) as `components` gives them, and for
     predicted object 1..n: whether it counts (bool (n,): not wholly where the truth is IGNORE),
     the IoU of its match (float64 (n,), 0 for none)). IGNORE pixels are in neither object, as
-    `metrics.confusion_matrix` leaves them out."""
+    `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an instance
+    label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of class c's
+    components in `truth`: instance masks, whose objects the gaps of `convert.instance_classes`
+    may have cut a sliver off, and whose gap pixels are theirs."""
     valid = (truth != IGNORE).ravel()
-    (lt, nt), (lp, npred) = components(truth, c), components(pred, c)
+    lt, nt = (truth_ids, int(truth_ids.max(initial=0))) if truth_ids is not None else components(truth, c)
+    lp, npred = components(pred, c)
     t, p = lt.ravel()[valid], lp.ravel()[valid]
     area_t = np.bincount(t, minlength=nt + 1)
     area_p = np.bincount(p, minlength=npred + 1)
@@ -72,15 +77,17 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int) -> tuple[int, n
     return nt, lp, area_p[1:] > 0, match_iou[1:]
 
 
-def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: list | None = None) -> np.ndarray:
+def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: list | None = None,
+                  truth_ids: np.ndarray | None = None) -> np.ndarray:
     """(K, FIELDS) float64 for predicted class ids `pred` (H, W) against `truth` (H, W): row c,
     class c's [true objects, predicted objects, matches, the matches' IoUs summed]; row 0, the
     background's, is zeros. Pixels whose truth is IGNORE are counted in neither object (a predicted
     object lying wholly there is none), as `metrics.confusion_matrix` leaves them out. matched:
-    `matched_objects` of classes 1..K-1, where the caller has them already."""
+    `matched_objects` of classes 1..K-1, where the caller has them already; truth_ids: the true
+    objects of class 1, the one class of instance masks (`matched_objects`)."""
     out = np.zeros((num_classes, FIELDS))
     for c in range(1, num_classes):
-        nt, _, counted, match_iou = matched[c - 1] if matched else matched_objects(pred, truth, c)
+        nt, _, counted, match_iou = matched[c - 1] if matched else matched_objects(pred, truth, c, truth_ids)
         out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(match_iou), match_iou.sum()]
     return out
 

@@ -392,6 +392,21 @@ def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, clas
         raise BadImage(f"mask {mask_path}: {e}") from None
 
 
+def load_instance_ids(mask_path: str | Path, page: int = 0, ignore_value: int | None = None) -> np.ndarray:
+    """An instance mask's objects as int64 (H, W) ids 0 (none, and `ignore_value`'s pixels) to n,
+    numbered in the order of their own ids: what `evaluate --images` matches predicted objects
+    against (`objects.matched_objects`). Raises BadImage naming the mask file."""
+    try:
+        ids = load_mask(mask_path, page, wide=True)
+    except BadImage as e:
+        raise BadImage(f"mask {mask_path}: {e}") from None
+    if ignore_value is not None:
+        ids = np.where(ids == ignore_value, 0, ids)
+    values, numbered = np.unique(ids, return_inverse=True)
+    numbered = numbered.reshape(ids.shape)
+    return numbered if values[0] == 0 else numbered + 1
+
+
 def foreground_values(task: Task) -> np.ndarray | None:
     """Worker, `--intensity dataset`'s first pass: up to task.sample_size values (k, channels) float32
     of the image's own (unscaled) values at its labelled foreground pixels (class id above 0), drawn
