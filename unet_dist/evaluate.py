@@ -145,7 +145,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         # The record evaluation's own class rule and counting, at the image's size.
         predicted = predict_classes(probs).numpy()
         raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
-        matched = [matched_objects(predicted, truth, c, ids) for c in range(1, k)]  # labelled once for both
+        # Labelled once for both tables.
+        matched = [matched_objects(predicted, truth, c, ids if c == 1 else None) for c in range(1, k)]
         raw_objects = object_counts(predicted, truth, k, matched)
         small = size_effect(predicted, truth, k, matched)
         raw["objects"][i], raw["small_iou"][i] = raw_objects, small[..., 2]

@@ -35,9 +35,8 @@ def instances(classes: np.ndarray, which: tuple[int, ...] | None = None) -> np.n
     """Class ids (H, W) -> instance labels (H, W), `predict --instances`: 0 on the background (class
     0), and each 8-connected component of every other class (or of the classes `which` names, 0
     elsewhere) numbered from 1, the lowest class's first, each class's in raster order (as
-    `components` finds them). uint16, or int32 past 65,535 objects (what
-    a 16-bit TIFF holds: the cell tracking challenge's format). An instance's class is the mask's at
-    any of its pixels."""
+    `components` finds them). uint16, or int32 past 65,535 objects (what a 16-bit TIFF holds: the
+    cell tracking challenge's format). An instance's class is the mask's at any of its pixels."""
     out, total = np.zeros(classes.shape, np.int32), 0
     for c in np.unique(classes[classes > 0]) if which is None else which:
         labels, n = components(classes, c)
@@ -87,7 +86,8 @@ def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched
     objects of class 1, the one class of instance masks (`matched_objects`)."""
     out = np.zeros((num_classes, FIELDS))
     for c in range(1, num_classes):
-        nt, _, counted, match_iou = matched[c - 1] if matched else matched_objects(pred, truth, c, truth_ids)
+        nt, _, counted, match_iou = (matched[c - 1] if matched
+                                     else matched_objects(pred, truth, c, truth_ids if c == 1 else None))
         out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(match_iou), match_iou.sum()]
     return out
 
