@@ -160,8 +160,8 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
     hidden files left out), less the outputs of an earlier predict into it (each X_overlay.png with
     the X_mask.png, X_probs.tif and X_instances.tif beside it, and X_mask.tif, X_probs.tif and
     X_instances.tif beside X_p000_overlay.png, a stack's): predicting into the input folder and
-    then predicting that folder again must not
-    predict the masks; a line for each folder with such outputs).
+    then predicting that folder again must not predict the masks; a line for each folder with such
+    outputs).
     Raises ConfigError for a folder without any image."""
     from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
 
@@ -206,7 +206,8 @@ def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: 
     returns (predict's line about them, whether all were written).
     Not written when pages were skipped, or when a page's file is not in OUT (processes on other
     nodes wrote into a folder of their own, not a shared one). Holds one stack at a time in memory
-    (masks one byte a pixel, probabilities four a page). Raises OSError when a write fails."""
+    (masks one byte a pixel, probabilities four a page, instances two or four). Raises OSError when
+    a write fails."""
     kinds = [(MASK, STACK_MASK)] + [(PROBS, PROBS)] * probabilities + [(INSTANCES, INSTANCES)] * instances
     targets = [out / f"{path.stem}{stacked}" for _, stacked in kinds]  # kinds: (a page's file, the stack's)
     names = " and ".join(t.name for t in targets)
@@ -290,9 +291,10 @@ def page_files(probabilities: bool, instances: bool) -> tuple[str, ...]:
 
 
 def left_to_predict(samples: list, out: Path, kinds: tuple[str, ...], runtime) -> list[int]:
-    """--continue: the indices of `samples` whose files (`page_files`) are not all in `out` yet. Every process gets the chief's view, taken before any process writes
-    (the others wait for it in the sum): a process that looked later would see new files and split
-    the rest otherwise. Raises CollectiveError."""
+    """--continue: the indices of `samples` whose files (`kinds`, from `page_files`) are not all in
+    `out` yet. Every process gets the chief's view, taken before any process writes (the others
+    wait for it in the sum): a process that looked later would see new files and split the rest
+    otherwise. Raises CollectiveError."""
     done = np.array([all((out / f"{s.name}{kind}").exists() for kind in kinds) for s in samples], np.float64)
     done = runtime.sum_shares(done * runtime.is_chief, "loading the model") > 0
     return [i for i in range(len(samples)) if not done[i]]
