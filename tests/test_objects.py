@@ -22,24 +22,30 @@ def test_merged_objects_count_as_misses_where_pixel_iou_hardly_moves():
     pred[9, 11] = 1  # a speck
     rows = object_counts(pred, truth, 2)
     assert rows[0].tolist() == [0, 0, 0, 0]
-    assert rows[1].tolist() == [3, 3, 1, 1.0]  # three true, three predicted, C matched at IoU 1
+    # Three true, three predicted, C matched at IoU 1. SEG (the cell tracking challenge's) credits
+    # A and B with their IoU with the blob, which covers each wholly: 25 / 55.
+    assert rows[1].tolist() == [3, 3, 1, pytest.approx(1 + 2 * 25 / 55)]
     (s,) = object_scores(rows)
     assert (s["class"], s["true_objects"], s["predicted_objects"], s["matched"]) == (1, 3, 3, 1)
-    assert s["precision"] == s["recall"] == s["f1"] == pytest.approx(1 / 3) and s["seg"] == pytest.approx(1 / 3)
+    assert s["precision"] == s["recall"] == s["f1"] == pytest.approx(1 / 3)
+    assert s["seg"] == pytest.approx((1 + 2 * 25 / 55) / 3)
     assert object_f1(rows) == [None, pytest.approx(1 / 3)]  # evaluate's per-image rows
     exact = object_scores(object_counts(truth, truth, 2))[0]
     assert exact["f1"] == exact["seg"] == 1.0
 
 
-def test_a_match_needs_more_than_half_the_union():
+def test_a_match_needs_more_than_half_the_union_and_seg_more_than_half_the_true_object():
     truth = np.zeros((4, 8), np.uint8)
     truth[:, 0:4] = 1  # 16 pixels
     half = truth.copy()
     half[:, 4:8] = 1  # IoU 16 / 32: not a match
     more = truth.copy()
     more[:, 4:7] = 1  # 16 / 28
-    assert object_counts(half, truth, 2)[1].tolist() == [1, 1, 0, 0]
+    assert object_counts(half, truth, 2)[1].tolist() == [1, 1, 0, 0.5]  # SEG: it covers the true object
     assert object_counts(more, truth, 2)[1].tolist() == [1, 1, 1, pytest.approx(16 / 28)]
+    small = np.zeros_like(truth)
+    small[:, 0:2] = 1  # 8 of its 16 pixels: half, not more
+    assert object_counts(small, truth, 2)[1].tolist() == [1, 1, 0, 0]
 
 
 def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():

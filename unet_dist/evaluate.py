@@ -125,11 +125,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     objects = np.zeros((len(samples), k, FIELDS))  # `object_counts`
     seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
     # And of the masks as predicted, what post-processing would do to them: whole numbers summed
-    # over this process's images, sums of IoUs kept per image (then each image's come from one
+    # over this process's images, sums of IoUs (SEG's) kept per image (then each image's come from one
     # process, and they are added in one order on any number of processes, to the same bits).
     raw = {"cm": np.zeros((k, k)), "moved": np.zeros((k, k)),  # `moved_by_truth`
-           "small": np.zeros((k, len(SIZES), 3 + k)),  # `size_effect`; its IoUs (field 2) in small_iou
-           "objects": np.zeros((len(samples), k, FIELDS)), "small_iou": np.zeros((len(samples), k, len(SIZES)))}
+           "small": np.zeros((k, len(SIZES), 3 + k)),  # `size_effect`; its SEG sums (field 2) in small_seg
+           "objects": np.zeros((len(samples), k, FIELDS)), "small_seg": np.zeros((len(samples), k, len(SIZES)))}
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
@@ -149,7 +149,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         matched = [matched_objects(predicted, truth, c, ids if c == 1 else None) for c in range(1, k)]
         raw_objects = object_counts(predicted, truth, k, matched)
         small = size_effect(predicted, truth, k, matched)
-        raw["objects"][i], raw["small_iou"][i] = raw_objects, small[..., 2]
+        raw["objects"][i], raw["small_seg"][i] = raw_objects, small[..., 2]
         raw["cm"] += raw_cm
         raw["moved"] += moved_by_truth(predicted, truth, k)
         raw["small"] += small
@@ -164,7 +164,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         counts, objects, seen, *summed = summed_over_processes(runtime, [counts, objects, seen, *raw.values()])
         raw = dict(zip(raw, summed, strict=True))
         raw["objects"] = raw["objects"].sum(axis=0)
-        raw["small"][..., 2] = raw.pop("small_iou").sum(axis=0)
+        raw["small"][..., 2] = raw.pop("small_seg").sum(axis=0)
         read = seen > 0
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

@@ -4,11 +4,13 @@ Pixel IoU cannot tell whether touching objects came out apart: two cells merged 
 lose a membrane's few pixels. The 2015 U-Net's border weights (train.loss weighted_ce) are there to
 part them, so `evaluate --images` also counts objects: the connected components of each class but
 the background in the truth and in the prediction, a predicted object matching a true one where
-their IoU is above 0.5 (then the match is unique, as in the Data Science Bowl 2018's and the cell
-tracking challenge's measures). From the counts, summed over images and processes: precision,
-recall and F1 of the objects, and SEG (the cell tracking challenge's: the mean over true objects of
-the IoU of their match, 0 for none). Components are 8-connected, as `postprocess` takes them, and
-each page of a stack is counted alone (a cell cut by two slices is two objects).
+their IoU is above 0.5 (then the match is unique, as in the Data Science Bowl 2018's measure). From
+the counts, summed over images and processes: precision, recall and F1 of the objects, and the cell
+tracking challenge's SEG: the mean over true objects of their IoU with the predicted object that
+covers more than half of them (0 where none does). SEG's match is looser than the F1's: a blob of
+two merged cells covers more than half of each, and each scores its IoU with it (below 0.5) where
+the F1 counts two misses. Components are 8-connected, as `postprocess` takes them, and each page of
+a stack is counted alone (a cell cut by two slices is two objects).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from unet_dist.data.convert import IGNORE
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 MATCH_IOU = 0.5
-# Per image and class: true objects, predicted objects, matched pairs, the matched pairs' IoUs summed.
+# Per image and class: true objects, predicted objects, matched pairs, and SEG's sum: the IoUs of
+# the true objects with the predicted ones that cover more than half of them.
 FIELDS = 4
+SEG_COVER = 0.5  # of a true object's pixels, that its SEG match covers
 
 
 def components(mask: np.ndarray, c: int) -> tuple[np.ndarray, int]:
@@ -47,12 +51,13 @@ def instances(classes: np.ndarray, which: tuple[int, ...] | None = None) -> np.n
 
 
 def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int,
-                    truth_ids: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+                    truth_ids: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Class c's objects in predicted class ids `pred` (H, W) matched to those of `truth` (H, W):
     (the true objects, the predicted objects' labels (H, W) as `components` gives them, and for
     predicted object 1..n: whether it counts (bool (n,): not wholly where the truth is IGNORE),
-    the IoU of its match (float64 (n,), 0 for none)). IGNORE pixels are in neither object, as
-    `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an instance
+    whether it matches a true object at IoU > 0.5 (bool (n,)), and its part of SEG's sum (float64
+    (n,): its IoUs with the true objects it covers more than half of, several where it merged
+    them)). IGNORE pixels are in neither object, as `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an instance
     label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of class c's
     components in `truth`: instance masks, whose objects the gaps of `convert.instance_classes`
     may have cut a sliver off, and whose gap pixels are theirs."""
@@ -70,10 +75,13 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int,
     pairs, inter = np.unique(t[both].astype(key) * key(npred + 1) + p[both].astype(key), return_counts=True)
     ti, pi = pairs // (npred + 1), pairs % (npred + 1)
     iou = inter / (area_t[ti] + area_p[pi] - inter)
-    matched = iou > MATCH_IOU  # above half the union: each object in one such pair at most
-    match_iou = np.zeros(npred + 1)
-    match_iou[pi[matched]] = iou[matched]
-    return nt, lp, area_p[1:] > 0, match_iou[1:]
+    matched = np.zeros(npred + 1, bool)
+    matched[pi[iou > MATCH_IOU]] = True  # above half the union: each object in one such pair at most
+    # SEG: a true object's match covers more than half of it, so there is one at most; a predicted
+    # object can be the match of several.
+    covers = inter > SEG_COVER * area_t[ti]
+    seg = np.bincount(pi[covers], weights=iou[covers], minlength=npred + 1)
+    return nt, lp, area_p[1:] > 0, matched[1:], seg[1:]
 
 
 def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: list | None = None,
@@ -83,12 +91,13 @@ def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched
     background's, is zeros. Pixels whose truth is IGNORE are counted in neither object (a predicted
     object lying wholly there is none), as `metrics.confusion_matrix` leaves them out. matched:
     `matched_objects` of classes 1..K-1, where the caller has them already; truth_ids: the true
-    objects of class 1, the one class of instance masks (`matched_objects`)."""
+    objects of class 1, the one class of instance masks (`matched_objects`). A matched pair's
+    objects meet both SEG's test and the F1's, since IoU > 0.5 takes more than half of each."""
     out = np.zeros((num_classes, FIELDS))
     for c in range(1, num_classes):
-        nt, _, counted, match_iou = (matched[c - 1] if matched
+        nt, _, counted, hits, seg = (matched[c - 1] if matched
                                      else matched_objects(pred, truth, c, truth_ids if c == 1 else None))
-        out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(match_iou), match_iou.sum()]
+        out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(hits), seg.sum()]
     return out
 
 
@@ -100,13 +109,13 @@ def object_scores(counts: np.ndarray) -> list[dict]:
              **ratios(*row)} for c, row in enumerate(counts) if c and row[0] + row[1]]
 
 
-def ratios(truth: float, predicted: float, matched: float, iou_sum: float) -> dict:
+def ratios(truth: float, predicted: float, matched: float, seg_sum: float) -> dict:
     """Precision, recall, F1 and SEG of one `object_counts` row (or a sum of rows), None where a
     ratio has nothing to count."""
     return {"precision": float(matched / predicted) if predicted else None,
             "recall": float(matched / truth) if truth else None,
             "f1": float(2 * matched / (truth + predicted)) if truth + predicted else None,
-            "seg": float(iou_sum / truth) if truth else None}
+            "seg": float(seg_sum / truth) if truth else None}
 
 
 def pooled(counts: np.ndarray) -> dict:

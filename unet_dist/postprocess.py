@@ -177,7 +177,7 @@ def advice(cm: np.ndarray, moved: np.ndarray) -> list[dict]:
 def size_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: list | None = None) -> np.ndarray:
     """(K, len(SIZES), 3 + K) float64: at [c, j], what removing class c's objects under SIZES[j]
     pixels from predicted class ids `pred` (H, W) takes from the object counts against `truth`
-    (H, W) (`objects.object_counts`' predicted objects, matches and matched IoU), then the pixels it
+    (H, W) (`objects.object_counts`' predicted objects, matches and SEG's sum), then the pixels it
     moves to the background by their truth class (IGNORE not counted). Summed over images, with
     `size_advice`, what any min-size does, as `moved_by_truth` gives largest's effect. matched:
     `objects.matched_objects` of classes 1..K-1, where the caller has them already."""
@@ -185,7 +185,7 @@ def size_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: 
     t = truth.ravel()
     scored = t != IGNORE
     for c in range(1, num_classes):
-        _, labels, counted, match_iou = matched[c - 1] if matched else matched_objects(pred, truth, c)
+        _, labels, counted, hits, seg = matched[c - 1] if matched else matched_objects(pred, truth, c)
         n = len(counted)
         if not n:
             continue
@@ -196,8 +196,8 @@ def size_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: 
                                minlength=(n + 1) * num_classes).reshape(n + 1, num_classes)[1:]
         for j, limit in enumerate(SIZES):
             under = size < limit
-            out[c, j] = [np.count_nonzero(counted & under), np.count_nonzero(match_iou[under]),
-                         match_iou[under].sum(), *by_truth[under].sum(axis=0)]
+            out[c, j] = [np.count_nonzero(counted & under), np.count_nonzero(hits & under), seg[under].sum(),
+                         *by_truth[under].sum(axis=0)]
     return out
 
 
