@@ -206,7 +206,7 @@ def size_advice(cm: np.ndarray, objects: np.ndarray, effect: np.ndarray) -> list
     predicted and after removing its objects under each of SIZES pixels (`cm` (K, K) confusion
     matrix, `objects` (K, FIELDS) `object_counts` and `effect` `size_effect`, each summed over the
     images), the min-size of the highest object F1 (the smallest of equals), and whether that
-    raises the F1. Removing objects cannot raise SEG (each true object's best match can only go)."""
+    raises the F1. Removing objects cannot raise SEG (a true object's match can only go)."""
     from unet_dist.metrics import scores
 
     out = []
