@@ -825,8 +825,8 @@ def convert(
                     raise ConvertError(f"--ignore-value {ignore_value}: every mask pixel of the {written[s]} {s} "
                                        f"images in {src} has that value; nothing is labelled")
         total = counts["train"] + counts["val"]
-        num_classes = {"binary": 2, "trimap": 3, "instances": 2}.get(classes) or _check_class_ids(np.nonzero(total)[0].tolist(),
-                                                                                   num_classes)
+        fixed = {"binary": 2, "trimap": 3, "instances": 2}.get(classes)
+        num_classes = fixed or _check_class_ids(np.nonzero(total)[0].tolist(), num_classes)
         # Round robin fills the shards in order, so with fewer records than shards (small sets, files
         # skipped) the empty ones are the last: they are dropped, and every shard holds records.
         kept = {s: min(n, written[s]) for s, n in n_shards.items()}
