@@ -217,9 +217,9 @@ def size_advice(cm: np.ndarray, objects: np.ndarray, effect: np.ndarray) -> list
         for j, limit in enumerate(SIZES):
             removed = effect[c, j]
             after = objects[c] - np.array([0, *removed[:3]])
-            cut = np.array(cm, np.float64)
-            cut[:, c] -= removed[3:]
-            cut[:, 0] += removed[3:]
+            moved = np.zeros(cm.shape)  # `moved_by_truth`'s layout: row c, what class c gives the background
+            moved[c] = removed[3:]
+            cut = applied(np.asarray(cm, np.float64), moved, (c,))
             kept = ratios(*after)
             rows.append({"min_size": limit, "removed_objects": int(removed[0]), "object_f1": kept["f1"],
                          "seg": kept["seg"], "iou": scores(cut)["iou_per_class"][c]})
