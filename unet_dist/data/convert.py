@@ -376,10 +376,7 @@ def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, clas
     `shape` (H, W); with `size`, resized to it (nearest neighbour) before its values become class
     ids: the same ids as resizing them, except for instances, whose gaps where objects touch are
     drawn at the new size and so stay one pixel wide. Raises BadImage naming the mask file."""
-    try:
-        mask = load_mask(mask_path, page, colors, wide=classes == "instances")
-    except BadImage as e:
-        raise BadImage(f"mask {mask_path}: {e}") from None
+    mask = _read_mask(mask_path, page, colors, wide=classes == "instances")
     if mask.shape != tuple(shape):
         raise BadImage(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
     if size is not None:
@@ -392,14 +389,19 @@ def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, clas
         raise BadImage(f"mask {mask_path}: {e}") from None
 
 
+def _read_mask(mask_path: str | Path, page: int, colors: list | None = None, wide: bool = False) -> np.ndarray:
+    """`imageio.load_mask`, its BadImage naming the mask file."""
+    try:
+        return load_mask(mask_path, page, colors, wide)
+    except BadImage as e:
+        raise BadImage(f"mask {mask_path}: {e}") from None
+
+
 def load_instance_ids(mask_path: str | Path, page: int = 0, ignore_value: int | None = None) -> np.ndarray:
     """An instance mask's objects as int64 (H, W) ids 0 (none, and `ignore_value`'s pixels) to n,
     numbered in the order of their own ids: what `evaluate --images` matches predicted objects
     against (`objects.matched_objects`). Raises BadImage naming the mask file."""
-    try:
-        ids = load_mask(mask_path, page, wide=True)
-    except BadImage as e:
-        raise BadImage(f"mask {mask_path}: {e}") from None
+    ids = _read_mask(mask_path, page, wide=True)
     if ignore_value is not None:
         ids = np.where(ids == ignore_value, 0, ids)
     values, numbered = np.unique(ids, return_inverse=True)
