@@ -12,9 +12,9 @@ class ids 0..N-1, or 0/255 when --classes binary; --num-classes N when some ids 
 masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are skipped and listed in manifest.json.
 --classes instances (folders): the masks are instance label images, as the cell tracking challenge
 and the Data Science Bowl 2018 give them (0 the background, each object its own id: 16- or 32-bit
-PNG or TIFF, or .npy; or an RGB image of a colour per object, black the background). They become two classes, object and background, with a gap one pixel wide
-wherever two objects touch (drawn after any --image-size), so that touching cells stay apart, as
-the 2015 U-Net's membranes keep them: with --border-distances and train.loss weighted_ce the model
+PNG or TIFF, or .npy; or an RGB image of a colour per object, black the background). They become
+two classes, object and background, with a gap one pixel wide wherever two objects touch (drawn
+after any --image-size), so that touching cells stay apart, as the 2015 U-Net's membranes keep them: with --border-distances and train.loss weighted_ce the model
 learns to part them, and `predict --instances` numbers them again.
 A multi-page TIFF (an EM or microscopy stack) and its mask stack give one sample per page, X_p000, X_p001, ...
 The pages of a stack stay in one split (--split-by file, the default where SRC has two image files

@@ -1,4 +1,4 @@
-"""Writes a synthetic segmentation set in the Oxford-IIIT Pet layout.
+"""Writes a synthetic segmentation set in the Oxford-IIIT Pet layout (the folders layout with --instance-masks).
 
     python -m unet_dist.synthetic OUT -n 400 --seed 0 [--sparse | --cells [--faint-membranes] [--instance-masks] | --ct]
 
