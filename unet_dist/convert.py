@@ -14,8 +14,9 @@ masks; --mask-suffix _mask when the mask of X.jpg is X_mask.png). Bad files are 
 and the Data Science Bowl 2018 give them (0 the background, each object its own id: 16- or 32-bit
 PNG or TIFF, or .npy; or an RGB image of a colour per object, black the background). They become
 two classes, object and background, with a gap one pixel wide wherever two objects touch (drawn
-after any --image-size), so that touching cells stay apart, as the 2015 U-Net's membranes keep them: with --border-distances and train.loss weighted_ce the model
-learns to part them, and `predict --instances` numbers them again.
+after any --image-size), so that touching cells stay apart, as the 2015 U-Net's membranes keep them:
+with --border-distances and train.loss weighted_ce the model learns to part them, and `predict
+--instances` numbers them again.
 A multi-page TIFF (an EM or microscopy stack) and its mask stack give one sample per page, X_p000, X_p001, ...
 The pages of a stack stay in one split (--split-by file, the default where SRC has two image files
 or more): neighbouring slices are nearly the same image. --split-by page splits them like separate
