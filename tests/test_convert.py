@@ -317,6 +317,18 @@ def test_instance_masks_become_objects_parted_where_they_touch(tmp_path, capsys)
     m = convert(src, tmp_path / "o", overwrite=True, **kw)
     assert m["skipped"] == [{"file": str(src / "images" / "c2.npy"), "reason": f"mask {src / 'masks' / 'c2.npy'}: "
                              "instance id -1800: ids are 0 (background) or positive"}]
+    # A binary mask of the same cells, their membranes drawn, is not instances: every cell would be one object.
+    np.save(src / "masks" / "c2.npy", np.where(instance_classes(tiles) > 0, 255, 0))
+    m = convert(src, tmp_path / "o", overwrite=True, **kw)
+    assert m["skipped"] == [{"file": str(src / "images" / "c2.npy"), "reason": f"mask {src / 'masks' / 'c2.npy'}: "
+                             "its 1 id is 6 separate objects: not an instance label image (an id per object) but a "
+                             "binary or class mask; convert it with --classes binary or multiclass, or label its "
+                             "objects first"}]
+    ids = tiles.copy()
+    ids[:, 43:45] = np.where(ids[:, 43:45] == 1200, 0, ids[:, 43:45])  # a cell cut in two: still instances
+    assert components(instance_classes(ids), 1)[1] == len(centres) + 1
+    np.save(src / "masks" / "c2.npy", ids)
+    assert convert(src, tmp_path / "o", overwrite=True, **kw)["skipped"] == []
     with pytest.raises(ConvertError, match="^--classes instances needs --layout folders$"):
         convert(_pet_dir(tmp_path), tmp_path / "p", classes="instances")
 

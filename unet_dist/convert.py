@@ -16,7 +16,8 @@ PNG or TIFF, or .npy; or an RGB image of a colour per object, black the backgrou
 two classes, object and background, with a gap one pixel wide wherever two objects touch (drawn
 after any --image-size), so that touching cells stay apart, as the 2015 U-Net's membranes keep them:
 with --border-distances and train.loss weighted_ce the model learns to part them, and `predict
---instances` numbers them again.
+--instances` numbers them again. A mask whose ids are each many separate objects (a binary or class
+mask) is skipped, saying so: its cells would be one object.
 A multi-page TIFF (an EM or microscopy stack) and its mask stack give one sample per page, X_p000, X_p001, ...
 The pages of a stack stay in one split (--split-by file, the default where SRC has two image files
 or more): neighbouring slices are nearly the same image. --split-by page splits them like separate

@@ -182,13 +182,32 @@ def instance_classes(labels: np.ndarray) -> np.ndarray:
     return ((labels > 0) & (lower >= labels)).astype(np.uint8)
 
 
+def _check_instances(ids: np.ndarray, objects: np.ndarray) -> None:
+    """BadImage where instance label image `ids` (H, W) holds at least twice as many separate
+    objects (8-connected components of `instance_classes`' `objects`) as ids, and three or more: a
+    binary or class mask passed as instances (each of its ids many cells), whose objects would all
+    be one, with no gap drawn between touching ones, and score as one object an image. An object in
+    two pieces (a cell cut by the image's edge and back) passes."""
+    from scipy import ndimage
+
+    _, pieces = ndimage.label(objects, structure=np.ones((3, 3), bool))
+    n = np.unique(ids[ids > 0]).size
+    if pieces >= max(3, 2 * n):
+        raise BadImage(f"its {n} id{'s' * (n != 1)} {'are' if n != 1 else 'is'} {pieces} separate objects: "
+                       "not an instance label image (an id per object) but a binary or class mask; convert it "
+                       "with --classes binary or multiclass, or label its objects first")
+
+
 def _class_ids(mask: np.ndarray, layout: str, classes: str, num_classes: int | None = None,
                ignore_value: int | None = None) -> np.ndarray:
     """(H, W) source mask values -> uint8 class ids as --layout and --classes say; pixels of value
     `ignore_value` become IGNORE, and the other values must be the layout's (BadImage otherwise)."""
     if classes == "instances":
         ignored = mask == ignore_value if ignore_value is not None else np.zeros(mask.shape, bool)
-        return np.where(ignored, np.uint8(IGNORE), instance_classes(np.where(ignored, 0, mask))).astype(np.uint8)
+        ids = np.where(ignored, 0, mask)
+        objects = instance_classes(ids)
+        _check_instances(ids, objects)
+        return np.where(ignored, np.uint8(IGNORE), objects).astype(np.uint8)
     if ignore_value is None:
         return _labelled_ids(mask, np.unique(mask), layout, classes, num_classes)
     ignored = mask == ignore_value
