@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from unet_dist.data.convert import IGNORE
-from unet_dist.objects import object_counts, object_f1, object_scores, pooled
+from unet_dist.objects import FIELDS, THRESHOLDS, object_counts, object_f1, object_scores, pooled
 
 
 def _cells():
@@ -21,10 +21,10 @@ def test_merged_objects_count_as_misses_where_pixel_iou_hardly_moves():
     pred[0:5, 5] = 1  # the membrane lost: A and B come out as one object
     pred[9, 11] = 1  # a speck
     rows = object_counts(pred, truth, 2)
-    assert rows[0].tolist() == [0, 0, 0, 0]
+    assert not rows[0].any()
     # Three true, three predicted, C matched at IoU 1. SEG (the cell tracking challenge's) credits
     # A and B with their IoU with the blob, which covers each wholly: 25 / 55.
-    assert rows[1].tolist() == [3, 3, 1, pytest.approx(1 + 2 * 25 / 55)]
+    assert rows[1, :4].tolist() == [3, 3, 1, pytest.approx(1 + 2 * 25 / 55)]
     (s,) = object_scores(rows)
     assert (s["class"], s["true_objects"], s["predicted_objects"], s["matched"]) == (1, 3, 3, 1)
     assert s["precision"] == s["recall"] == s["f1"] == pytest.approx(1 / 3)
@@ -41,11 +41,30 @@ def test_a_match_needs_more_than_half_the_union_and_seg_more_than_half_the_true_
     half[:, 4:8] = 1  # IoU 16 / 32: not a match
     more = truth.copy()
     more[:, 4:7] = 1  # 16 / 28
-    assert object_counts(half, truth, 2)[1].tolist() == [1, 1, 0, 0.5]  # SEG: it covers the true object
-    assert object_counts(more, truth, 2)[1].tolist() == [1, 1, 1, pytest.approx(16 / 28)]
+    assert object_counts(half, truth, 2)[1, :4].tolist() == [1, 1, 0, 0.5]  # SEG: it covers the true object
+    assert object_counts(more, truth, 2)[1, :4].tolist() == [1, 1, 1, pytest.approx(16 / 28)]
     small = np.zeros_like(truth)
     small[:, 0:2] = 1  # 8 of its 16 pixels: half, not more
-    assert object_counts(small, truth, 2)[1].tolist() == [1, 1, 0, 0]
+    assert object_counts(small, truth, 2)[1, :4].tolist() == [1, 1, 0, 0]
+
+
+def test_matches_are_also_counted_above_stricter_ious_as_cell_benchmarks_report_them():
+    # A exact (IoU 1), B cut to IoU 20/25 = 0.8, C to 9/12 = 0.75, and a speck: 3 true objects, 4
+    # predicted. A match at a threshold needs an IoU above it, as at 0.5.
+    truth = _cells()
+    pred = truth.copy()
+    pred[0:5, 6] = 0
+    pred[7:10, 3] = 0
+    pred[9, 11] = 1
+    (s,) = object_scores(object_counts(pred, truth, 2))
+    assert THRESHOLDS == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    matched = [3, 3, 3, 3, 3, 2, 1, 1, 1, 1]
+    assert [b["iou"] for b in s["by_iou"]] == list(THRESHOLDS) and [b["matched"] for b in s["by_iou"]] == matched
+    assert s["by_iou"][0] == {"iou": 0.5, "matched": 3, "precision": 0.75, "recall": 1.0, "f1": pytest.approx(6 / 7),
+                              "ap": 0.75}
+    assert [b["ap"] for b in s["by_iou"]] == pytest.approx([m / (3 + 4 - m) for m in matched])  # TP / (TP+FP+FN)
+    assert s["mean_ap"] == pytest.approx((5 * 3 / 4 + 2 / 5 + 4 * 1 / 6) / 10)
+    assert s["panoptic_quality"] == pytest.approx((1 + 0.8 + 0.75) / (3 + 1 / 2))  # IoUs / (TP + FP/2 + FN/2)
 
 
 def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():
@@ -56,15 +75,15 @@ def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():
     pred[8, 8] = 1  # an object wholly where the truth is left out: none
     pred[0:5, 0:5] = 2  # A predicted as class 2
     rows = object_counts(pred, truth, 3)
-    assert rows[1].tolist() == [3, 2, 2, 2.0]
-    assert rows[2].tolist() == [0, 1, 0, 0]
+    assert rows[1, :4].tolist() == [3, 2, 2, 2.0]
+    assert rows[2, :4].tolist() == [0, 1, 0, 0]
     two = object_scores(rows)[1]
     assert (two["class"], two["recall"], two["seg"], two["precision"], two["f1"]) == (2, None, None, 0.0, 0.0)
     assert object_f1(rows) == [None, pytest.approx(0.8), 0.0]
     # Training's evaluation pools the classes: 2 matches of 3 true and 3 predicted objects.
     assert pooled(rows) == {"object_f1": pytest.approx(2 / 3), "seg": pytest.approx(2 / 3)}
-    assert pooled(np.zeros((3, 4))) == {"object_f1": None, "seg": None}
-    assert object_scores(np.zeros((3, 4))) == [] and object_f1(np.zeros((3, 4))) == [None] * 3  # no object anywhere
+    assert pooled(np.zeros((3, FIELDS))) == {"object_f1": None, "seg": None}
+    assert object_scores(np.zeros((3, FIELDS))) == [] and object_f1(np.zeros((3, FIELDS))) == [None] * 3  # no object anywhere
 
 
 def test_instances_number_each_object_of_each_class_apart():

@@ -35,8 +35,9 @@ in each image, and small_objects its object F1, SEG and IoU as predicted and wit
 under 2, 4, ... 4096 pixels (`unet_dist/postprocess.py`); a line names the classes that each helps
 and the --postprocess value to pass. objects
 scores each such class's connected components against the truth's (matched at IoU > 0.5): whether
-touching objects came out apart (`unet_dist/objects.py`); each per_image and per_stack row has its
-object F1 per class. Where the run's data were instance masks (convert --classes instances), the
+touching objects came out apart (`unet_dist/objects.py`), with the panoptic quality and the matches
+above each IoU from 0.5 to 0.95 (by_iou, mean_ap: the cell benchmarks' average precision); each
+per_image and per_stack row has its object F1 per class. Where the run's data were instance masks (convert --classes instances), the
 true objects are the masks' instances themselves, whole, as the cell tracking challenge scores them.
 """
 

@@ -21,9 +21,14 @@ from unet_dist.data.convert import IGNORE
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 MATCH_IOU = 0.5
-# Per image and class: true objects, predicted objects, matched pairs, and SEG's sum: the IoUs of
-# the true objects with the predicted ones that cover more than half of them.
-FIELDS = 4
+# The IoUs above which `object_scores` also counts matches (by_iou): 0.5, 0.55, ... 0.95, the Data
+# Science Bowl 2018's and StarDist's; Cellpose reports 0.5, 0.75 and 0.9 of them. Above 0.5 each
+# object is in one pair at most, so the pairs of the 0.5 match are all there is to count.
+THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+# Per image and class: true objects, predicted objects, matched pairs (IoU > 0.5), SEG's sum (the
+# IoUs of the true objects with the predicted ones that cover more than half of them), the matched
+# pairs' IoUs summed (panoptic quality's), and the pairs matched at each of THRESHOLDS[1:].
+FIELDS = 5 + len(THRESHOLDS) - 1
 SEG_COVER = 0.5  # of a true object's pixels, that its SEG match covers
 
 
@@ -55,9 +60,9 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int,
     """Class c's objects in predicted class ids `pred` (H, W) matched to those of `truth` (H, W):
     (the true objects, the predicted objects' labels (H, W) as `components` gives them, and for
     predicted object 1..n: whether it counts (bool (n,): not wholly where the truth is IGNORE),
-    whether it matches a true object at IoU > 0.5 (bool (n,)), and its part of SEG's sum (float64
-    (n,): its IoUs with the true objects it covers more than half of, several where it merged
-    them)). IGNORE pixels are in neither object, as `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an instance
+    its IoU with the true object it matches at IoU > 0.5 (float64 (n,), 0 where it matches none),
+    and its part of SEG's sum (float64 (n,): its IoUs with the true objects it covers more than
+    half of, several where it merged them)). IGNORE pixels are in neither object, as `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an instance
     label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of class c's
     components in `truth`: instance masks, whose objects the gaps of `convert.instance_classes`
     may have cut a sliver off, and whose gap pixels are theirs."""
@@ -75,8 +80,9 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int,
     pairs, inter = np.unique(t[both].astype(key) * key(npred + 1) + p[both].astype(key), return_counts=True)
     ti, pi = pairs // (npred + 1), pairs % (npred + 1)
     iou = inter / (area_t[ti] + area_p[pi] - inter)
-    matched = np.zeros(npred + 1, bool)
-    matched[pi[iou > MATCH_IOU]] = True  # above half the union: each object in one such pair at most
+    matched = np.zeros(npred + 1)
+    pair = iou > MATCH_IOU  # above half the union: each object in one such pair at most
+    matched[pi[pair]] = iou[pair]
     # SEG: a true object's match covers more than half of it, so there is one at most; a predicted
     # object can be the match of several.
     covers = inter > SEG_COVER * area_t[ti]
@@ -87,31 +93,53 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int,
 def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: list | None = None,
                   truth_ids: np.ndarray | None = None) -> np.ndarray:
     """(K, FIELDS) float64 for predicted class ids `pred` (H, W) against `truth` (H, W): row c,
-    class c's [true objects, predicted objects, matches, the matches' IoUs summed]; row 0, the
-    background's, is zeros. Pixels whose truth is IGNORE are counted in neither object (a predicted
+    class c's [true objects, predicted objects, matches, SEG's sum, the matches' IoUs summed, the
+    matches above each of THRESHOLDS[1:]]; row 0, the background's, is zeros. Pixels whose truth is IGNORE are counted in neither object (a predicted
     object lying wholly there is none), as `metrics.confusion_matrix` leaves them out. matched:
     `matched_objects` of classes 1..K-1, where the caller has them already; truth_ids: the true
     objects of class 1, the one class of instance masks (`matched_objects`). A matched pair's
     objects meet both SEG's test and the F1's, since IoU > 0.5 takes more than half of each."""
     out = np.zeros((num_classes, FIELDS))
     for c in range(1, num_classes):
-        nt, _, counted, hits, seg = (matched[c - 1] if matched
-                                     else matched_objects(pred, truth, c, truth_ids if c == 1 else None))
-        out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(hits), seg.sum()]
+        nt, _, counted, match_iou, seg = (matched[c - 1] if matched
+                                          else matched_objects(pred, truth, c, truth_ids if c == 1 else None))
+        out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(match_iou), seg.sum(), match_iou.sum(),
+                  *[np.count_nonzero(match_iou > t) for t in THRESHOLDS[1:]]]
     return out
 
 
 def object_scores(counts: np.ndarray) -> list[dict]:
     """`object_counts` rows (K, FIELDS), summed over images -> for each class but the background
     with a true or predicted object: its counts, precision, recall, F1 and SEG (None where a
-    ratio has nothing to count)."""
-    return [{"class": c, "true_objects": int(row[0]), "predicted_objects": int(row[1]), "matched": int(row[2]),
-             **ratios(*row)} for c, row in enumerate(counts) if c and row[0] + row[1]]
+    ratio has nothing to count), the panoptic quality (Kirillov et al. 2019: the matches' IoUs
+    summed, over TP + FP / 2 + FN / 2), and by_iou: at each of
+    THRESHOLDS, the matches above it, their precision, recall and F1, and TP / (TP + FP + FN)
+    (what the Data Science Bowl 2018 and Cellpose call average precision, StarDist accuracy; here
+    of the objects pooled over images), with mean_ap its mean over THRESHOLDS (the Bowl averaged
+    each image's)."""
+    out = []
+    for c, row in enumerate(counts):
+        if not c or not row[0] + row[1]:
+            continue
+        truth, predicted = row[0], row[1]
+        by_iou = []
+        for t, matched in zip(THRESHOLDS, [row[2], *row[5:]], strict=True):
+            r = ratios([truth, predicted, matched, 0])
+            by_iou.append({"iou": t, "matched": int(matched), "precision": r["precision"], "recall": r["recall"],
+                           "f1": r["f1"], "ap": float(matched / (truth + predicted - matched))})
+        out.append({"class": c, "true_objects": int(truth), "predicted_objects": int(predicted),
+                    "matched": int(row[2]), **ratios(row),
+                    # TP + FP / 2 + FN / 2 = (true + predicted) / 2
+                    "panoptic_quality": float(2 * row[4] / (truth + predicted)),
+                    "mean_ap": float(np.mean([b["ap"] for b in by_iou])), "by_iou": by_iou})
+    return out
 
 
-def ratios(truth: float, predicted: float, matched: float, seg_sum: float) -> dict:
-    """Precision, recall, F1 and SEG of one `object_counts` row (or a sum of rows), None where a
-    ratio has nothing to count."""
+def ratios(row) -> dict:
+    """Precision, recall, F1 and SEG of one `object_counts` row (or a sum of rows; its first four
+    fields: true, predicted and matched objects, SEG's sum), None where a ratio has nothing to
+    count."""
+    truth, predicted, matched, seg_sum = (float(v) for v in row[:4])
     return {"precision": float(matched / predicted) if predicted else None,
             "recall": float(matched / truth) if truth else None,
             "f1": float(2 * matched / (truth + predicted)) if truth + predicted else None,
@@ -122,11 +150,11 @@ def pooled(counts: np.ndarray) -> dict:
     """`object_counts` rows (K, FIELDS) summed over images -> the objects of every class but the
     background together: {"object_f1", "seg"} (None where there is no true or predicted object;
     SEG None without true objects), the numbers training's evaluation logs."""
-    pooled_ratios = ratios(*counts[1:].sum(axis=0))
+    pooled_ratios = ratios(counts[1:].sum(axis=0))
     return {"object_f1": pooled_ratios["f1"], "seg": pooled_ratios["seg"]}
 
 
 def object_f1(counts: np.ndarray) -> list[float | None]:
     """Each class's object F1 from `object_counts` rows (K, FIELDS): None for the background and
     for a class with no object in truth or prediction, as `metrics.scores` gives a class's IoU."""
-    return [ratios(*row)["f1"] if c else None for c, row in enumerate(counts)]
+    return [ratios(row)["f1"] if c else None for c, row in enumerate(counts)]

@@ -185,7 +185,7 @@ def size_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: 
     t = truth.ravel()
     scored = t != IGNORE
     for c in range(1, num_classes):
-        _, labels, counted, hits, seg = matched[c - 1] if matched else matched_objects(pred, truth, c)
+        _, labels, counted, match_iou, seg = matched[c - 1] if matched else matched_objects(pred, truth, c)
         n = len(counted)
         if not n:
             continue
@@ -196,7 +196,7 @@ def size_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: 
                                minlength=(n + 1) * num_classes).reshape(n + 1, num_classes)[1:]
         for j, limit in enumerate(SIZES):
             under = size < limit
-            out[c, j] = [np.count_nonzero(counted & under), np.count_nonzero(hits & under), seg[under].sum(),
+            out[c, j] = [np.count_nonzero(counted & under), np.count_nonzero(match_iou[under]), seg[under].sum(),
                          *by_truth[under].sum(axis=0)]
     return out
 
@@ -216,14 +216,14 @@ def size_advice(cm: np.ndarray, objects: np.ndarray, effect: np.ndarray) -> list
         rows = []
         for j, limit in enumerate(SIZES):
             removed = effect[c, j]
-            after = objects[c] - np.array([0, *removed[:3]])
+            after = objects[c, :4] - np.array([0, *removed[:3]])
             moved = np.zeros(cm.shape)  # `moved_by_truth`'s layout: row c, what class c gives the background
             moved[c] = removed[3:]
             cut = applied(np.asarray(cm, np.float64), moved, (c,))
-            kept = ratios(*after)
+            kept = ratios(after)
             rows.append({"min_size": limit, "removed_objects": int(removed[0]), "object_f1": kept["f1"],
                          "seg": kept["seg"], "iou": scores(cut)["iou_per_class"][c]})
-        before = ratios(*objects[c])
+        before = ratios(objects[c])
         best = max(rows, key=lambda r: -1 if r["object_f1"] is None else r["object_f1"])
         out.append({"class": c, "object_f1": before["f1"], "seg": before["seg"],
                     "iou": scores(cm)["iou_per_class"][c], "by_min_size": rows, "best_min_size": best["min_size"],
