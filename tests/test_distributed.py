@@ -338,7 +338,7 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert predict_main([*common, str(src / "images"), str(tmp_path / "vol.tif"), "--out", str(tmp_path / "p1"),
                          "--probabilities", "--instances"]) == 0
     assert evaluate_main([*common, "--images", str(src), "--out", str(tmp_path / "e1.json"),
-                          "--postprocess", "min-size:16+largest"]) == 0
+                          "--postprocess", "min-size:16+largest+grow:2"]) == 0
     proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), str(tmp_path / "vol.tif"),
                       "--out", str(tmp_path / "p2"), "--probabilities", "--instances")
     assert proc.stdout.count("predict: 50 images on 2 processes") == 1, proc.stdout  # the chief's summary alone
@@ -346,7 +346,7 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert "(their probabilities in vol_probs.tif, their instances in vol_instances.tif)" in proc.stdout
     assert proc.stderr.count("skipping") == 1, proc.stderr
     horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / "e2.json"),
-               "--postprocess", "min-size:16+largest")
+               "--postprocess", "min-size:16+largest+grow:2")
     masks = sorted(p.name for p in (tmp_path / "p1").glob("*_mask.png"))
     assert len(masks) == 50 and masks == sorted(p.name for p in (tmp_path / "p2").glob("*_mask.png"))
     for name in masks:
@@ -390,8 +390,9 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     e1, e2 = (json.loads((tmp_path / f"e{n}.json").read_text()) for n in (1, 2))
     assert (e1.pop("world_size"), e2.pop("world_size")) == (1, 2)
     assert (e1["images"], e1["skipped"]) == (47, 1)
-    assert e1["postprocess"] == "min-size:16:1+largest:1"
+    assert e1["postprocess"] == "min-size:16:1+largest:1+grow:2:1"
     assert e1["small_objects"][0]["by_min_size"][0]["removed_objects"] > 0
+    assert e1["grown_objects"][0]["by_grow"][0]["seg"] != e1["grown_objects"][0]["seg"]
     assert e1 == e2  # every count, score and per-image row, and what post-processing does
 
 

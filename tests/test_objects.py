@@ -111,6 +111,42 @@ def test_instances_number_each_object_of_each_class_apart():
     assert many.dtype == np.int32 and many.max() == 260 * 260 and many[518, 518] == many.max()
 
 
+def test_grown_objects_take_the_background_nearest_them_and_are_scored_so():
+    # Two cells tiling the image, predicted with the gap between them two pixels too wide: each
+    # 6x5 of its 6x6 (IoU 5/6). Grown by a pixel, each takes the gap column beside it: exact.
+    from unet_dist.objects import grown, instances, matched_objects
+    from unet_dist.postprocess import GROWS, SIZES, grow_advice, grow_effect, size_effect
+
+    truth = np.ones((6, 12), np.uint8)
+    ids = np.where(np.arange(12) < 6, 1, 2)[None].repeat(6, axis=0)
+    pred = truth.copy()
+    pred[:, 5:7] = 0
+    assert object_counts(pred, truth, 2, truth_ids=ids)[1, :4].tolist() == [2, 2, 2, pytest.approx(10 / 6)]
+    assert object_counts(pred, truth, 2, truth_ids=ids, grows=(0, 1))[1, :4].tolist() == [2, 2, 2, 2.0]
+    assert np.array_equal(instances(pred, grows=(0, 1)), ids)
+    rows = grow_advice(grow_effect(pred, truth, 2, ids))
+    assert [r["grow"] for r in rows[0]["by_grow"]] == list(GROWS)
+    assert (rows[0]["seg"], rows[0]["best_grow"], rows[0]["helps"]) == (pytest.approx(5 / 6), 1, True)
+    # min-size, which runs before growing, sizes grown objects by their pixels as predicted (30,
+    # not 36: under 32) and gives the background those alone.
+    effect = size_effect(pred, truth, 2, [matched_objects(pred, truth, 1, ids, grow=1)])
+    assert effect[1, SIZES.index(32)].tolist() == [2, 2, 2.0, 0, 60] and not effect[1, SIZES.index(16)].any()
+    # Up to N pixels, Euclidean: a lone pixel grown by 1 is a plus; by 1.5, the 3x3 square. Never
+    # over another object or class (free), and ties go to either object.
+    lone = np.zeros((5, 5), np.int32)
+    lone[2, 2] = 7
+    assert grown(lone, lone == 0, 1).tolist()[1:4] == [[0, 0, 7, 0, 0], [0, 7, 7, 7, 0], [0, 0, 7, 0, 0]]
+    assert (grown(lone, lone == 0, 1.5)[1:4, 1:4] == 7).all() and grown(lone, lone == 0, 2).sum() == 7 * 13
+    walled = np.zeros((5, 5), bool)
+    walled[1] = True  # the one row it may take
+    assert np.array_equal(grown(lone, walled, 1) > 0, (lone > 0) | (walled & (grown(lone, lone == 0, 1) > 0)))
+    # Class 2 grows over the background class 1 left, not over class 1.
+    two = np.zeros((3, 7), np.uint8)
+    two[:, 0], two[:, 6] = 1, 2
+    assert instances(two, grows=(0, 2, 2)).tolist() == [[1, 1, 1, 0, 2, 2, 2]] * 3
+    assert instances(two, grows=(0, 3, 3)).tolist() == [[1, 1, 1, 1, 2, 2, 2]] * 3  # the middle column: class 1's
+
+
 def test_evaluate_scores_instance_masks_against_their_instances(tmp_path, monkeypatch):
     # Data converted from instance masks (convert --classes instances): evaluate --images matches
     # predicted objects to the instances, whole, not to the components of the gap-cut classes.

@@ -12,8 +12,9 @@ from conftest import tiny_overrides
 from unet_dist.config import ConfigError, load_config
 from unet_dist.data.convert import IGNORE
 from unet_dist.metrics import confusion_matrix, scores
-from unet_dist.objects import FIELDS, object_counts, object_scores
+from unet_dist.objects import FIELDS, instances, object_counts, object_scores
 from unet_dist.postprocess import (
+    GROWS,
     SIZES,
     Postprocess,
     advice,
@@ -136,7 +137,9 @@ def test_size_effect_gives_the_scores_of_the_masks_without_their_small_objects()
 @pytest.mark.parametrize("text,want,named", [
     ("none", Postprocess(), "none"), ("largest", Postprocess((1, 2, 3)), "largest:1,2,3"),
     ("largest:3,1,3", Postprocess((1, 3)), "largest:1,3"), ("min-size:32", Postprocess((), 32, (1, 2, 3)), None),
-    ("largest:1+min-size:8:3", Postprocess((1,), 8, (3,)), "min-size:8:3+largest:1")])
+    ("largest:1+min-size:8:3", Postprocess((1,), 8, (3,)), "min-size:8:3+largest:1"),
+    ("grow:3", Postprocess(grow=3, grown=(1, 2, 3)), "grow:3:1,2,3"),
+    ("grow:2:1+min-size:8:1", Postprocess((), 8, (1,), 2, (1,)), "min-size:8:1+grow:2:1")])
 def test_postprocess_values(text, want, named):
     got = parse(text, 4)
     assert got == want and bool(got) == (text != "none")
@@ -148,7 +151,8 @@ def test_postprocess_values(text, want, named):
     ("largest:0", "class 0 is not one of this model's classes 1 to 3"), ("largest:4", "class 4 is not one"),
     ("largest+largest:1", "none, or largest"), ("min-size", "whole number of pixels from 2 up"),
     ("min-size:1", "not 'min-size:1'"), ("min-size:4.5", "not 'min-size:4.5'"), ("min-size:9:", "not 'min-size:9:'"),
-    ("min-size:9:5", "class 5 is not one")])
+    ("min-size:9:5", "class 5 is not one"), ("grow:0", "grow takes a whole number of pixels from 1 to 64"),
+    ("grow:65", "not 'grow:65'"), ("grow:2+grow:3", "none, or largest"), ("grow:2:0", "class 0 is not one")])
 def test_bad_postprocess_values_are_named(text, message):
     with pytest.raises(ConfigError, match=f"--postprocess {re.escape(repr(text))}: .*{re.escape(message)}"):
         parse(text, 4)
@@ -219,6 +223,30 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     for path in sorted((pet_src / "images").iterdir()):
         labels = np.asarray(Image.open(tmp_path / "pred_ms" / f"{path.stem}_instances.tif"))
         assert np.bincount(labels.ravel())[1:].min(initial=best["min_size"]) >= best["min_size"]
+    # grow: objects grown over the background, the mask as predicted. evaluate's measure of each
+    # growth is the score with the flag, and predict numbers the objects so grown.
+    (grown,) = raw["grown_objects"]
+    assert [r["grow"] for r in grown["by_grow"]] == list(GROWS) and grown["object_f1"] == raw["objects"][0]["f1"]
+    by = grown["by_grow"][1]
+    assert evaluate_main(["--workdir", str(w), *src, "--postprocess", "grow:2", "--out", str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert (g["postprocess"], g["iou"]) == ("grow:2:1", raw["iou"])  # pixels as predicted
+    assert (g["objects"][0]["f1"], g["objects"][0]["seg"], g["objects"][0]["mean_ap"]) == pytest.approx(
+        (by["object_f1"], by["seg"], by["mean_ap"]))
+    assert g["objects"][0]["seg"] != raw["objects"][0]["seg"]
+    assert ("growing the objects of class 1 (pet)" in said) == grown["helps"]
+    assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "pred_g"),
+                         "--postprocess", "grow:2", "--instances"]) == 0
+    pixels = np.zeros(2, np.int64)  # of the objects, of class 1
+    for path in sorted((pet_src / "images").iterdir()):
+        mask = np.asarray(Image.open(tmp_path / "pred_g" / f"{path.stem}_mask.png"))
+        labels = np.asarray(Image.open(tmp_path / "pred_g" / f"{path.stem}_instances.tif"))
+        assert np.array_equal(labels, instances(mask, (1,), (0, 2)))
+        pixels += [(labels > 0).sum(), (mask == 1).sum()]
+    assert pixels[0] > pixels[1]  # grown
+    assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "p2"),
+                         "--postprocess", "grow:2"]) == 2
+    assert "predict: error: --postprocess 'grow:2': grow is used with --instances only" in capsys.readouterr().err
     # Bad values, before any work; the flag is not one of --data's.
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "p2"),
                          "--postprocess", "largest:2"]) == 2

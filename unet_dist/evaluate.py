@@ -5,7 +5,7 @@
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
         [--mask-suffix S] [--list FILE] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
-        [--postprocess none|largest[:C,...]|min-size:N[:C,...]]
+        [--postprocess none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
 
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
@@ -32,8 +32,9 @@ stack's scores over all its pages (per_stack), worst first. --postprocess scores
 `predict --postprocess` writes them; whatever it says, the file's largest_component gives, for each
 class but the background, its IoU as predicted and with only its largest connected component kept
 in each image, and small_objects its object F1, SEG and IoU as predicted and without its objects
-under 2, 4, ... 4096 pixels (`unet_dist/postprocess.py`); a line names the classes that each helps
-and the --postprocess value to pass. objects
+under 2, 4, ... 4096 pixels, and grown_objects their object F1, SEG, panoptic quality and mean AP
+with their objects grown by 1, 2, 3, 4, 6 and 8 pixels over the background (`unet_dist/postprocess.py`);
+a line names the classes that each helps and the --postprocess value to pass. objects
 scores each such class's connected components against the truth's (matched at IoU > 0.5): whether
 touching objects came out apart (`unet_dist/objects.py`), with the panoptic quality and the matches
 above each IoU from 0.5 to 0.95 (by_iou, mean_ap: the cell benchmarks' average precision); each
@@ -90,7 +91,16 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
     from unet_dist.objects import FIELDS, matched_objects, object_counts, object_f1, object_scores
-    from unet_dist.postprocess import SIZES, advice, moved_by_truth, size_advice, size_effect
+    from unet_dist.postprocess import (
+        GROWS,
+        SIZES,
+        advice,
+        grow_advice,
+        grow_effect,
+        moved_by_truth,
+        size_advice,
+        size_effect,
+    )
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -116,6 +126,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         for s in skipped:
             print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
     k = predictor.cfg.model.num_classes
+    grows = predictor.postprocess.grows(k)  # the objects' growth (--postprocess grow:N), or None
     try:
         share = my_share(samples, predictor, runtime)
     except CollectiveError as e:
@@ -131,7 +142,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     # process, and they are added in one order on any number of processes, to the same bits).
     raw = {"cm": np.zeros((k, k)), "moved": np.zeros((k, k)),  # `moved_by_truth`
            "small": np.zeros((k, len(SIZES), 3 + k)),  # `size_effect`; its SEG sums (field 2) in small_seg
-           "objects": np.zeros((len(samples), k, FIELDS)), "small_seg": np.zeros((len(samples), k, len(SIZES)))}
+           "objects": np.zeros((len(samples), k, FIELDS)), "small_seg": np.zeros((len(samples), k, len(SIZES))),
+           "grow": np.zeros((len(samples), 1 + len(GROWS), k, FIELDS))}  # `grow_effect`
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
@@ -148,24 +160,26 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         predicted = predict_classes(probs).numpy()
         raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
         # Labelled once for both tables.
-        matched = [matched_objects(predicted, truth, c, ids if c == 1 else None) for c in range(1, k)]
+        matched = [matched_objects(predicted, truth, c, ids if c == 1 else None, grows[c] if grows else 0)
+                   for c in range(1, k)]
         raw_objects = object_counts(predicted, truth, k, matched)
         small = size_effect(predicted, truth, k, matched)
         raw["objects"][i], raw["small_seg"][i] = raw_objects, small[..., 2]
+        raw["grow"][i] = grow_effect(predicted, truth, k, ids)
         raw["cm"] += raw_cm
         raw["moved"] += moved_by_truth(predicted, truth, k)
         raw["small"] += small
         if predictor.postprocess:
             written = predictor.postprocess(predicted)
             counts[i] = confusion_matrix(truth, written, k, ignores(info)).numpy()
-            objects[i] = object_counts(written, truth, k, truth_ids=ids)
+            objects[i] = object_counts(written, truth, k, truth_ids=ids, grows=grows)
         else:
             counts[i], objects[i] = raw_cm, raw_objects
         seen[i] = 1
     try:
         counts, objects, seen, *summed = summed_over_processes(runtime, [counts, objects, seen, *raw.values()])
         raw = dict(zip(raw, summed, strict=True))
-        raw["objects"] = raw["objects"].sum(axis=0)
+        raw["objects"], raw["grow"] = raw["objects"].sum(axis=0), raw["grow"].sum(axis=0)
         raw["small"][..., 2] = raw.pop("small_seg").sum(axis=0)
         read = seen > 0
     except CollectiveError as e:
@@ -204,12 +218,13 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                "postprocess": str(predictor.postprocess),
                "objects": object_scores(objects[read].sum(axis=0)),
                "largest_component": advice(raw["cm"].astype(np.int64), raw["moved"].astype(np.int64)),
-               "small_objects": size_advice(raw["cm"], raw["objects"], raw["small"])}
+               "small_objects": size_advice(raw["cm"], raw["objects"], raw["small"]),
+               "grown_objects": grow_advice(raw["grow"])}
     names = info.get("class_names") or []
-    for row in metrics["objects"] + metrics["largest_component"] + metrics["small_objects"]:
+    for row in metrics["objects"] + metrics["largest_component"] + metrics["small_objects"] + metrics["grown_objects"]:
         if row["class"] < len(names):  # the class's name, as data.json has it
             row["name"] = names[row["class"]]
-    for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"]):
+    for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"], metrics["grown_objects"]):
         print(line, file=sys.stderr)
     print(json.dumps(metrics))
     # The file adds each image's own scores, worst first: where to look when the mean disappoints.
@@ -228,10 +243,11 @@ def summed_over_processes(runtime, arrays: list) -> list:
     return [part.reshape(a.shape) for a, part in zip(arrays, np.split(total, ends[:-1]), strict=True)]
 
 
-def postprocess_advice(largest: list[dict], small: list[dict]) -> list[str]:
+def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict]) -> list[str]:
     """evaluate --images' lines about the classes whose largest component alone raises their IoU
-    (`postprocess.advice` rows), and those whose object F1 rises without their small objects
-    (`postprocess.size_advice` rows), with the --postprocess value that does it."""
+    (`postprocess.advice` rows), those whose object F1 rises without their small objects
+    (`postprocess.size_advice` rows), and those whose SEG rises with their objects grown
+    (`postprocess.grow_advice` rows), with the --postprocess value that does it."""
     def named(row):
         return f"class {row['class']}" + (f" ({row['name']})" if "name" in row else "")
 
@@ -248,6 +264,13 @@ def postprocess_advice(largest: list[dict], small: list[dict]) -> list[str]:
             lines.append(f"evaluate: removing the objects under {best['min_size']} pixels raises the object F1 of "
                          f"{named(row)} from {row['object_f1']:.4f} to {best['object_f1']:.4f} ({best['removed_objects']} "
                          f"removed{iou}) on these images (predict --postprocess min-size:{best['min_size']}:{row['class']})")
+    for row in grown:
+        if row["helps"]:
+            best = next(r for r in row["by_grow"] if r["grow"] == row["best_grow"])
+            lines.append(f"evaluate: growing the objects of {named(row)} by {best['grow']} pixels over the background "
+                         f"raises their SEG from {row['seg']:.4f} to {best['seg']:.4f} (object F1 "
+                         f"{row['object_f1']:.4f} -> {best['object_f1']:.4f}) on these images (predict --instances "
+                         f"--postprocess grow:{best['grow']}:{row['class']})")
     return lines
 
 

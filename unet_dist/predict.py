@@ -1,7 +1,7 @@
 """Predicts masks for images of any size and mode with a trained workdir.
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
-        [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]|min-size:N[:C,...]]
+        [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]]
         [--probabilities] [--instances [--instance-classes C,...]] [--continue] [--strategy auto|single|...]
         [--set runtime.KEY=VALUE ...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
@@ -25,8 +25,11 @@ the model parted come out as cells (`objects.instances`); a stack's holds its pa
 --postprocess largest keeps only the largest connected component of each class but the background in
 the masks (largest:1,3: of those classes), as nnU-Net does where it helps; min-size:N (min-size:N:1,3)
 removes their components of fewer than N pixels (specks, fragments of cells), and min-size:N+largest
-does both (`unet_dist/postprocess.py`; `evaluate --images` says for which classes each helps, and
-which N); --probabilities are written as predicted.
+does both; with --instances, grow:N (grow:N:1,3) grows the numbered objects by up to N pixels over
+the background, each background pixel to its nearest object, the mask staying as predicted: for
+cells that touch, which a model trained to part them predicts a few pixels short of their edges
+(`unet_dist/postprocess.py`; `evaluate --images` says for which classes each helps, and which N);
+--probabilities are written as predicted.
 --continue leaves out the images whose files are all in PRED already: it finishes a predict that was
 stopped (every file is written beside and renamed into place, so one that is there is whole).
 --mode auto predicts at the scale training saw, which resized every image to data.image_size: resize
@@ -96,10 +99,12 @@ def palette(colors: list | None) -> list[int]:
 
 
 def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None,
-                 colors: list | None = None, instances: tuple[int, ...] | None = None) -> None:
+                 colors: list | None = None, instances: tuple[int, ...] | None = None,
+                 grows: tuple[int, ...] | None = None) -> None:
     """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), OUT/STEM_overlay.png
     (image | mask | image * mask), given probs (H, W, U) OUT/STEM_probs.tif (`probability_pages`)
-    and given the classes `instances` OUT/STEM_instances.tif (`objects.instances` of the mask).
+    and given the classes `instances` OUT/STEM_instances.tif (`objects.instances` of the mask, its
+    objects grown by `grows`, --postprocess grow:N).
     Thread-safe: Pillow's encoders and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(palette(colors))
@@ -120,7 +125,7 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, p
     if instances is not None:
         from unet_dist.objects import instances as label
 
-        _save_tiff([Image.fromarray(label(classes, instances))], out / f"{stem}{INSTANCES}")
+        _save_tiff([Image.fromarray(label(classes, instances, grows))], out / f"{stem}{INSTANCES}")
 
 
 class Writer:
@@ -132,15 +137,17 @@ class Writer:
     disk) is raised by `put` or `close`."""
 
     def __init__(self, out: Path, threads: int = 2, colors: list | None = None, pixels: int = 2**26,
-                 instances: tuple[int, ...] | None = None):
+                 instances: tuple[int, ...] | None = None, grows: tuple[int, ...] | None = None):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        self.out, self.limit, self.pixels, self.colors, self.instances = out, 2 * threads, pixels, colors, instances
+        self.out, self.limit, self.pixels, self.colors = out, 2 * threads, pixels, colors
+        self.instances, self.grows = instances, grows
         self.pool, self.pending = ThreadPoolExecutor(threads, thread_name_prefix="predict-writer"), deque()
 
     def put(self, image: np.ndarray, classes: np.ndarray, stem: str, probs: np.ndarray | None = None) -> None:
-        future = self.pool.submit(save_outputs, image, classes, self.out, stem, probs, self.colors, self.instances)
+        future = self.pool.submit(save_outputs, image, classes, self.out, stem, probs, self.colors, self.instances,
+                                  self.grows)
         self.pending.append((future, classes.size))
         while len(self.pending) > self.limit or (
                 len(self.pending) > 1 and sum(n for _, n in self.pending) > self.pixels):
@@ -241,11 +248,13 @@ def add_mode_args(p: argparse.ArgumentParser) -> None:
 
 def add_postprocess_arg(p: argparse.ArgumentParser) -> None:
     """predict's and evaluate --images' --postprocess (`unet_dist.postprocess`)."""
-    p.add_argument("--postprocess", default="none", metavar="none|largest[:C,...]|min-size:N[:C,...]",
+    p.add_argument("--postprocess", default="none", metavar="none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]",
                    help="largest: keep only the largest connected component of each class but the background "
                         "(largest:1,3: of those classes), the rest of it becoming background, as nnU-Net does "
-                        "where it helps; min-size:N: remove their components of fewer than N pixels; both: "
-                        "min-size:N+largest; evaluate --images says for which classes each helps")
+                        "where it helps; min-size:N: remove their components of fewer than N pixels; grow:N: "
+                        "grow their objects by up to N pixels over the background (the objects --instances "
+                        "numbers and evaluate scores; the mask stays as predicted); several: "
+                        "min-size:N+largest+grow:M; evaluate --images says for which classes each helps")
 
 
 def predictor_options(args: argparse.Namespace) -> dict:
@@ -365,6 +374,9 @@ def main(argv=None) -> int:
                                    postprocess=args.postprocess)
         numbered = class_list(f"--instance-classes {args.instance_classes!r}", args.instance_classes or "",
                               predictor.cfg.model.num_classes) if args.instances else None
+        if predictor.postprocess.grown and not args.instances:
+            raise ConfigError(f"--postprocess {args.postprocess!r}: grow is used with --instances only (it grows "
+                              "the numbered objects; the mask stays as predicted)")
     except (ConfigError, CheckpointError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -389,7 +401,8 @@ def main(argv=None) -> int:
     # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
     counts, unwritten = np.zeros(2 + len(stacks)), None
     # Masks coded by colour come out in those colours.
-    writer = Writer(args.out, colors=predictor.colors, instances=numbered)
+    writer = Writer(args.out, colors=predictor.colors, instances=numbered,
+                    grows=predictor.postprocess.grows(predictor.cfg.model.num_classes))
     try:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
