@@ -9,8 +9,10 @@ the counts, summed over images and processes: precision, recall and F1 of the ob
 tracking challenge's SEG: the mean over true objects of their IoU with the predicted object that
 covers more than half of them (0 where none does). SEG's match is looser than the F1's: a blob of
 two merged cells covers more than half of each, and each scores its IoU with it (below 0.5) where
-the F1 counts two misses. Components are 8-connected, as `postprocess` takes them, and each page of
-a stack is counted alone (a cell cut by two slices is two objects).
+the F1 counts two misses. Stricter matches (IoU above 0.55 ... 0.95) give the cell benchmarks'
+average precision and the panoptic quality (`object_scores`). Components are 8-connected, as
+`postprocess` takes them, grown over the background where `--postprocess grow:N` says (`grown`),
+and each page of a stack is counted alone (a cell cut by two slices is two objects).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def components(mask: np.ndarray, c: int, grow: int = 0) -> tuple[np.ndarray, int
     return labels, int(n)
 
 
-def grown(labels: np.ndarray, free: np.ndarray, by: int) -> np.ndarray:
+def grown(labels: np.ndarray, free: np.ndarray, by: float) -> np.ndarray:
     """Object labels (H, W) (0 none) with each object grown by up to `by` pixels (Euclidean) over the
     `free` pixels (bool (H, W)): each free pixel within `by` of an object goes to the nearest one
     (of equally near ones, either), as scikit-image's expand_labels grows them. A model that leaves
@@ -87,10 +89,11 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.n
     predicted object 1..n: whether it counts (bool (n,): not wholly where the truth is IGNORE),
     its IoU with the true object it matches at IoU > 0.5 (float64 (n,), 0 where it matches none),
     and its part of SEG's sum (float64 (n,): its IoUs with the true objects it covers more than
-    half of, several where it merged them)). IGNORE pixels are in neither object, as `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an instance
-    label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of class c's
-    components in `truth`: instance masks, whose objects the gaps of `convert.instance_classes`
-    may have cut a sliver off, and whose gap pixels are theirs."""
+    half of, several where it merged them)). IGNORE pixels are in neither object, as
+    `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an
+    instance label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of
+    class c's components in `truth`: instance masks, whose objects the gaps of
+    `convert.instance_classes` may have cut a sliver off, and whose gap pixels are theirs."""
     valid = (truth != IGNORE).ravel()
     lt, nt = (truth_ids, int(truth_ids.max(initial=0))) if truth_ids is not None else components(truth, c)
     lp, npred = components(pred, c, grow)
@@ -119,12 +122,13 @@ def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched
                   truth_ids: np.ndarray | None = None, grows: tuple[int, ...] | None = None) -> np.ndarray:
     """(K, FIELDS) float64 for predicted class ids `pred` (H, W) against `truth` (H, W): row c,
     class c's [true objects, predicted objects, matches, SEG's sum, the matches' IoUs summed, the
-    matches above each of THRESHOLDS[1:]]; row 0, the background's, is zeros. Pixels whose truth is IGNORE are counted in neither object (a predicted
-    object lying wholly there is none), as `metrics.confusion_matrix` leaves them out. matched:
-    `matched_objects` of classes 1..K-1, where the caller has them already; truth_ids: the true
-    objects of class 1, the one class of instance masks (`matched_objects`); grows: for each class
-    id, the pixels its predicted objects grow by (`components`). A matched pair's
-    objects meet both SEG's test and the F1's, since IoU > 0.5 takes more than half of each."""
+    matches above each of THRESHOLDS[1:]]; row 0, the background's, is zeros. Pixels whose truth
+    is IGNORE are counted in neither object (a predicted object lying wholly there is none), as
+    `metrics.confusion_matrix` leaves them out. matched: `matched_objects` of classes 1..K-1,
+    where the caller has them already; truth_ids: the true objects of class 1, the one class of
+    instance masks (`matched_objects`); grows: for each class id, the pixels its predicted objects
+    grow by (`components`). A matched pair's objects meet both SEG's test and the F1's, since
+    IoU > 0.5 takes more than half of each."""
     out = np.zeros((num_classes, FIELDS))
     for c in range(1, num_classes):
         nt, _, counted, match_iou, seg = (matched[c - 1] if matched else matched_objects(
@@ -138,11 +142,10 @@ def object_scores(counts: np.ndarray) -> list[dict]:
     """`object_counts` rows (K, FIELDS), summed over images -> for each class but the background
     with a true or predicted object: its counts, precision, recall, F1 and SEG (None where a
     ratio has nothing to count), the panoptic quality (Kirillov et al. 2019: the matches' IoUs
-    summed, over TP + FP / 2 + FN / 2), and by_iou: at each of
-    THRESHOLDS, the matches above it, their precision, recall and F1, and TP / (TP + FP + FN)
-    (what the Data Science Bowl 2018 and Cellpose call average precision, StarDist accuracy; here
-    of the objects pooled over images), with mean_ap its mean over THRESHOLDS (the Bowl averaged
-    each image's)."""
+    summed, over TP + FP / 2 + FN / 2), and by_iou: at each of THRESHOLDS, the matches above it,
+    their precision, recall and F1, and TP / (TP + FP + FN) (what the Data Science Bowl 2018 and
+    Cellpose call average precision, StarDist accuracy; here of the objects pooled over images),
+    with mean_ap its mean over THRESHOLDS (the Bowl averaged each image's)."""
     out = []
     for c, row in enumerate(counts):
         if not c or not row[0] + row[1]:

@@ -59,7 +59,7 @@ class Postprocess:
         return bool(self.largest or self.small or self.grown)
 
     def __str__(self) -> str:
-        """The --postprocess value that gives this one, classes named: 'none', 'min-size:32:1+largest:2'."""
+        """The --postprocess value that gives this one, classes named: 'none', 'min-size:32:1+largest:2+grow:3:1'."""
         steps = ([f"min-size:{self.min_size}:{_listed(self.small)}"] * bool(self.small)
                  + [f"largest:{_listed(self.largest)}"] * bool(self.largest)
                  + [f"grow:{self.grow}:{_listed(self.grown)}"] * bool(self.grown))
@@ -204,9 +204,10 @@ def size_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: 
     moves to the background by their truth class (IGNORE not counted). Summed over images, with
     `size_advice`, what any min-size does, as `moved_by_truth` gives largest's effect. matched:
     `objects.matched_objects` of classes 1..K-1, where the caller has them already. Objects grown
-    there (grow:N) are sized, and give the background, their own class's pixels alone, as min-size
-    removes them before they grow; that their neighbours would grow into the room they leave is not
-    counted (a few pixels of each: the F1 and SEG after it are at most that much low)."""
+    there (grow:N) are sized by, and give the background, their own class's pixels alone, as
+    min-size removes them before they grow; that their neighbours would then grow into the room
+    they leave is not counted, so with grow the F1 and SEG after a removal can be a little low
+    (evaluate's `objects` scores the masks and objects predict writes, exactly)."""
     out = np.zeros((num_classes, len(SIZES), 3 + num_classes))
     t = truth.ravel()
     scored = t != IGNORE
@@ -271,8 +272,9 @@ def grow_advice(effect: np.ndarray) -> list[dict]:
     """For each class but the background with a predicted object: its object F1, SEG, panoptic
     quality and mean AP (`objects.object_scores`) as predicted and with its objects grown by each
     of GROWS pixels (`effect`: `grow_effect` summed over the images), the growth of the highest SEG
-    (the smallest of equals), and whether that raises it. Growing changes no object count, only
-    the objects' pixels, so SEG (each true object's IoU with its match) is the score it moves."""
+    (the smallest of equals), and whether that raises it. Growing adds and removes no object, only
+    pixels of them, so it is chosen by SEG (each true object's IoU with its match), the cell
+    tracking challenge's measure of the objects' outlines."""
     out = []
     for c in range(1, effect.shape[1]):
         if not effect[0, c, 1]:  # no predicted object: none to grow
