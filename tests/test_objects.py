@@ -127,6 +127,17 @@ def test_grown_objects_take_the_background_nearest_them_and_are_scored_so():
     rows = grow_advice(grow_effect(pred, truth, 2, ids))
     assert [r["grow"] for r in rows[0]["by_grow"]] == list(GROWS)
     assert (rows[0]["seg"], rows[0]["best_grow"], rows[0]["helps"]) == (pytest.approx(5 / 6), 1, True)
+    # The table evaluate sums, from one distance transform a class: object_counts with each growth.
+    rng = np.random.default_rng(3)
+    blocks = np.zeros((40, 48), np.uint8)
+    for y, x in rng.integers(0, 36, (14, 2)):
+        blocks[y : y + rng.integers(3, 10), x : x + rng.integers(3, 10)] = rng.integers(1, 3)
+    noisy = np.where(rng.random(blocks.shape) < 0.1, 0, blocks)  # holes, objects cut apart and short
+    blocks[rng.random(blocks.shape) < 0.05] = IGNORE
+    effect = grow_effect(noisy, blocks, 3)
+    for j, g in enumerate((0, *GROWS)):
+        assert np.array_equal(effect[j], object_counts(noisy, blocks, 3, grows=(g, g, g))), g
+    assert not np.array_equal(effect[0], effect[1])
     # min-size, which runs before growing, sizes grown objects by their pixels as predicted (30,
     # not 36: under 32) and gives the background those alone.
     effect = size_effect(pred, truth, 2, [matched_objects(pred, truth, 1, ids, grow=1)])

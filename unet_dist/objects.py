@@ -17,6 +17,8 @@ and each page of a stack is counted alone (a cell cut by two slices is two objec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from unet_dist.data.convert import IGNORE
@@ -52,13 +54,20 @@ def grown(labels: np.ndarray, free: np.ndarray, by: float) -> np.ndarray:
     the background between touching cells a few pixels too wide predicts each cell short of its
     edge (`--postprocess grow:N`, measured by `evaluate --images`). The distance transform takes
     two int64 indices a pixel: 256 MiB for 16 megapixels."""
+    return next(grown_steps(labels, free, (by,)))
+
+
+def grown_steps(labels: np.ndarray, free: np.ndarray, steps) -> Iterator[np.ndarray]:
+    """`grown(labels, free, by)` for each `by` of `steps`, from one distance transform (most of
+    the time: 27 of 30 ms on a 572x572 slice)."""
     from scipy import ndimage
 
     dist, nearest = ndimage.distance_transform_edt(labels == 0, return_indices=True)
-    take = free & (labels == 0) & (dist <= by)
-    out = labels.copy()
-    out[take] = labels[nearest[0][take], nearest[1][take]]
-    return out
+    nearest_label = labels[nearest[0], nearest[1]]
+    del nearest
+    open_ = free & (labels == 0)
+    for by in steps:
+        yield np.where(open_ & (dist <= by), nearest_label, labels)
 
 
 def instances(classes: np.ndarray, which: tuple[int, ...] | None = None,
@@ -82,7 +91,8 @@ def instances(classes: np.ndarray, which: tuple[int, ...] | None = None,
 
 
 def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.ndarray | None = None,
-                    grow: int = 0) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    grow: int = 0, objects: tuple[np.ndarray, int] | None = None
+                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Class c's objects in predicted class ids `pred` (H, W), grown by `grow` pixels over its
     background (`components`; the truth's never are), matched to those of `truth` (H, W):
     (the true objects, the predicted objects' labels (H, W) as `components` gives them, and for
@@ -93,10 +103,12 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.n
     `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an
     instance label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of
     class c's components in `truth`: instance masks, whose objects the gaps of
-    `convert.instance_classes` may have cut a sliver off, and whose gap pixels are theirs."""
+    `convert.instance_classes` may have cut a sliver off, and whose gap pixels are theirs.
+    objects: the predicted objects (labels (H, W), n), where the caller has them already (grown
+    or not), instead of `components(pred, c, grow)`."""
     valid = (truth != IGNORE).ravel()
     lt, nt = (truth_ids, int(truth_ids.max(initial=0))) if truth_ids is not None else components(truth, c)
-    lp, npred = components(pred, c, grow)
+    lp, npred = objects if objects is not None else components(pred, c, grow)
     t, p = lt.ravel()[valid], lp.ravel()[valid]
     area_t = np.bincount(t, minlength=nt + 1)
     area_p = np.bincount(p, minlength=npred + 1)
@@ -131,11 +143,16 @@ def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched
     IoU > 0.5 takes more than half of each."""
     out = np.zeros((num_classes, FIELDS))
     for c in range(1, num_classes):
-        nt, _, counted, match_iou, seg = (matched[c - 1] if matched else matched_objects(
+        out[c] = count_row(matched[c - 1] if matched else matched_objects(
             pred, truth, c, truth_ids if c == 1 else None, grows[c] if grows else 0))
-        out[c] = [nt, np.count_nonzero(counted), np.count_nonzero(match_iou), seg.sum(), match_iou.sum(),
-                  *[np.count_nonzero(match_iou > t) for t in THRESHOLDS[1:]]]
     return out
+
+
+def count_row(matched: tuple) -> np.ndarray:
+    """One class's `object_counts` row (FIELDS,) from its `matched_objects`."""
+    nt, _, counted, match_iou, seg = matched
+    return np.array([nt, np.count_nonzero(counted), np.count_nonzero(match_iou), seg.sum(), match_iou.sum(),
+                     *[np.count_nonzero(match_iou > t) for t in THRESHOLDS[1:]]], np.float64)
 
 
 def object_scores(counts: np.ndarray) -> list[dict]:

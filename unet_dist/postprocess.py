@@ -31,7 +31,15 @@ import numpy as np
 
 from unet_dist.config import ConfigError
 from unet_dist.data.convert import IGNORE
-from unet_dist.objects import components, matched_objects, object_counts, object_scores, ratios
+from unet_dist.objects import (
+    FIELDS,
+    components,
+    count_row,
+    grown_steps,
+    matched_objects,
+    object_scores,
+    ratios,
+)
 
 # The min-size thresholds `evaluate --images` measures (`size_effect`): 2, 4, ... 4096 pixels.
 SIZES = tuple(2**i for i in range(1, 13))
@@ -263,9 +271,16 @@ def grow_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int,
                 truth_ids: np.ndarray | None = None) -> np.ndarray:
     """(1 + len(GROWS), K, FIELDS) float64: `objects.object_counts` of predicted class ids `pred`
     (H, W) against `truth` (H, W) with every class's objects as predicted, then grown by each of
-    GROWS pixels (truth_ids: as for object_counts). Summed over images, `grow_advice`'s table."""
-    return np.stack([object_counts(pred, truth, num_classes, truth_ids=truth_ids, grows=(g,) * num_classes)
-                     for g in (0, *GROWS)])
+    GROWS pixels (truth_ids: as for object_counts). Summed over images, `grow_advice`'s table.
+    Each class's objects are labelled once and grown from one distance transform (`grown_steps`)."""
+    out = np.zeros((1 + len(GROWS), num_classes, FIELDS))
+    for c in range(1, num_classes):
+        labels, n = components(pred, c)
+        ids = truth_ids if c == 1 else None
+        steps = grown_steps(labels, pred == 0, GROWS) if n else [labels] * len(GROWS)
+        for j, objects in enumerate([labels, *steps]):
+            out[j, c] = count_row(matched_objects(pred, truth, c, ids, objects=(objects, n)))
+    return out
 
 
 def grow_advice(effect: np.ndarray) -> list[dict]:
