@@ -31,15 +31,16 @@ eval_images.json, or --out, with each image's own scores (per_image) and, for mu
 stack's scores over all its pages (per_stack), worst first. --postprocess scores the masks as
 `predict --postprocess` writes them; whatever it says, the file's largest_component gives, for each
 class but the background, its IoU as predicted and with only its largest connected component kept
-in each image, and small_objects its object F1, SEG and IoU as predicted and without its objects
-under 2, 4, ... 4096 pixels, and grown_objects their object F1, SEG, panoptic quality and mean AP
-with their objects grown by 1, 2, 3, 4, 6 and 8 pixels over the background (`unet_dist/postprocess.py`);
-a line names the classes that each helps and the --postprocess value to pass. objects
-scores each such class's connected components against the truth's (matched at IoU > 0.5): whether
-touching objects came out apart (`unet_dist/objects.py`), with the panoptic quality and the matches
-above each IoU from 0.5 to 0.95 (by_iou, mean_ap: the cell benchmarks' average precision); each
-per_image and per_stack row has its object F1 per class. Where the run's data were instance masks (convert --classes instances), the
-true objects are the masks' instances themselves, whole, as the cell tracking challenge scores them.
+in each image, small_objects its object F1, SEG and IoU as predicted and without its objects under
+2, 4, ... 4096 pixels, and grown_objects its object F1, SEG, panoptic quality and mean AP with its
+objects grown by 1, 2, 3, 4, 6 and 8 pixels over the background (`unet_dist/postprocess.py`); a
+line names the classes that each helps and the --postprocess value to pass. objects scores each
+such class's connected components (grown as --postprocess grow:N says) against the truth's
+(matched at IoU > 0.5): whether touching objects came out apart (`unet_dist/objects.py`), with the
+panoptic quality and the matches above each IoU from 0.5 to 0.95 (by_iou, mean_ap: the cell
+benchmarks' average precision); each per_image and per_stack row has its object F1 per class.
+Where the run's data were instance masks (convert --classes instances), the true objects are the
+masks' instances themselves, whole, as the cell tracking challenge scores them.
 """
 
 from __future__ import annotations
