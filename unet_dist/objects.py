@@ -52,8 +52,8 @@ def grown(labels: np.ndarray, free: np.ndarray, by: float) -> np.ndarray:
     `free` pixels (bool (H, W)): each free pixel within `by` of an object goes to the nearest one
     (of equally near ones, either), as scikit-image's expand_labels grows them. A model that leaves
     the background between touching cells a few pixels too wide predicts each cell short of its
-    edge (`--postprocess grow:N`, measured by `evaluate --images`). The distance transform takes
-    two int64 indices a pixel: 256 MiB for 16 megapixels."""
+    edge (`--postprocess grow:N`, measured by `evaluate --images`). The distance transform takes 16
+    bytes a pixel (a float64 distance, two int32 indices): 256 MiB for 16 megapixels."""
     return next(grown_steps(labels, free, (by,)))
 
 
