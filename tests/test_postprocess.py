@@ -228,13 +228,19 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     (grown,) = raw["grown_objects"]
     assert [r["grow"] for r in grown["by_grow"]] == list(GROWS) and grown["object_f1"] == raw["objects"][0]["f1"]
     by = grown["by_grow"][1]
+    capsys.readouterr()
     assert evaluate_main(["--workdir", str(w), *src, "--postprocess", "grow:2", "--out", str(tmp_path / "g.json")]) == 0
-    g = json.loads((tmp_path / "g.json").read_text())
+    g, said_g = json.loads((tmp_path / "g.json").read_text()), capsys.readouterr().err
+    # With grow given, min-size is measured on the grown objects, and its flag keeps the growth.
+    (small_g,) = g["small_objects"]
+    assert small_g["object_f1"] == pytest.approx(by["object_f1"]) and small_g["helps"], small_g
+    assert f"(predict --instances --postprocess min-size:{small_g['best_min_size']}:1+grow:2:1)" in said_g
     assert (g["postprocess"], g["iou"]) == ("grow:2:1", raw["iou"])  # pixels as predicted
     assert (g["objects"][0]["f1"], g["objects"][0]["seg"], g["objects"][0]["mean_ap"]) == pytest.approx(
         (by["object_f1"], by["seg"], by["mean_ap"]))
     assert g["objects"][0]["seg"] != raw["objects"][0]["seg"]
     assert ("growing the objects of class 1 (pet)" in said) == grown["helps"]
+    assert ("measures min-size on the grown objects" in said) == grown["helps"]  # min-size helps too (above)
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "pred_g"),
                          "--postprocess", "grow:2", "--instances"]) == 0
     pixels = np.zeros(2, np.int64)  # of the objects, of class 1

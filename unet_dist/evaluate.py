@@ -225,7 +225,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     for row in metrics["objects"] + metrics["largest_component"] + metrics["small_objects"] + metrics["grown_objects"]:
         if row["class"] < len(names):  # the class's name, as data.json has it
             row["name"] = names[row["class"]]
-    for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"], metrics["grown_objects"]):
+    for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"], metrics["grown_objects"],
+                                   predictor.postprocess):
         print(line, file=sys.stderr)
     print(json.dumps(metrics))
     # The file adds each image's own scores, worst first: where to look when the mean disappoints.
@@ -244,11 +245,15 @@ def summed_over_processes(runtime, arrays: list) -> list:
     return [part.reshape(a.shape) for a, part in zip(arrays, np.split(total, ends[:-1]), strict=True)]
 
 
-def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict]) -> list[str]:
+def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict], given) -> list[str]:
     """evaluate --images' lines about the classes whose largest component alone raises their IoU
     (`postprocess.advice` rows), those whose object F1 rises without their small objects
     (`postprocess.size_advice` rows), and those whose SEG rises with their objects grown
-    (`postprocess.grow_advice` rows), with the --postprocess value that does it."""
+    (`postprocess.grow_advice` rows), with the --postprocess value that does it. given: the
+    `postprocess.Postprocess` evaluate was given, whose growth the min-size table measured with
+    (so its flag keeps it)."""
+    from unet_dist.postprocess import Postprocess
+
     def named(row):
         return f"class {row['class']}" + (f" ({row['name']})" if "name" in row else "")
 
@@ -264,14 +269,17 @@ def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict]
             iou = "" if row["iou"] is None or best["iou"] is None else f"; IoU {row['iou']:.4f} -> {best['iou']:.4f}"
             lines.append(f"evaluate: removing the objects under {best['min_size']} pixels raises the object F1 of "
                          f"{named(row)} from {row['object_f1']:.4f} to {best['object_f1']:.4f} ({best['removed_objects']} "
-                         f"removed{iou}) on these images (predict --postprocess min-size:{best['min_size']}:{row['class']})")
+                         f"removed{iou}) on these images (predict{' --instances' * bool(given.grown)} --postprocess "
+                         f"{Postprocess(min_size=best['min_size'], small=(row['class'],), grow=given.grow, grown=given.grown)})")
     for row in grown:
         if row["helps"]:
             best = next(r for r in row["by_grow"] if r["grow"] == row["best_grow"])
             lines.append(f"evaluate: growing the objects of {named(row)} by {best['grow']} pixels over the background "
                          f"raises their SEG from {row['seg']:.4f} to {best['seg']:.4f} (object F1 "
                          f"{row['object_f1']:.4f} -> {best['object_f1']:.4f}) on these images (predict --instances "
-                         f"--postprocess grow:{best['grow']}:{row['class']})")
+                         f"--postprocess grow:{best['grow']}:{row['class']})"
+                         + (f"; evaluate --images --postprocess grow:{best['grow']}:{row['class']} measures min-size on "
+                            "the grown objects" if any(r["helps"] for r in small) and not given.grown else ""))
     return lines
 
 
