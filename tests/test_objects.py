@@ -65,6 +65,15 @@ def test_matches_are_also_counted_above_stricter_ious_as_cell_benchmarks_report_
     assert [b["ap"] for b in s["by_iou"]] == pytest.approx([m / (3 + 4 - m) for m in matched])  # TP / (TP+FP+FN)
     assert s["mean_ap"] == pytest.approx((5 * 3 / 4 + 2 / 5 + 4 * 1 / 6) / 10)
     assert s["panoptic_quality"] == pytest.approx((1 + 0.8 + 0.75) / (3 + 1 / 2))  # IoUs / (TP + FP/2 + FN/2)
+    # The Data Science Bowl's way: each image's TP / (TP + FP + FN), averaged over the images with an
+    # object. Three cells found exactly, one missed in another image, and an image of none.
+    missed, empty = np.zeros_like(truth), np.zeros_like(truth)
+    missed[2:5, 2:5] = 1
+    rows = np.stack([object_counts(truth, truth, 2), object_counts(empty, missed, 2), object_counts(empty, empty, 2)])
+    (s,) = object_scores(rows.sum(axis=0), per_image=rows)
+    assert [b["ap"] for b in s["by_iou"]] == [0.75] * 10  # pooled: 3 / (4 + 3 - 3)
+    assert [b["image_ap"] for b in s["by_iou"]] == [0.5] * 10 and s["image_mean_ap"] == 0.5  # (1 + 0) / 2
+    assert "image_mean_ap" not in object_scores(rows.sum(axis=0))[0]
 
 
 def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():

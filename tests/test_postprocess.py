@@ -12,7 +12,7 @@ from conftest import tiny_overrides
 from unet_dist.config import ConfigError, load_config
 from unet_dist.data.convert import IGNORE
 from unet_dist.metrics import confusion_matrix, scores
-from unet_dist.objects import FIELDS, instances, object_counts, object_scores
+from unet_dist.objects import instances, object_counts, object_scores
 from unet_dist.postprocess import (
     GROWS,
     SIZES,
@@ -188,17 +188,17 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "pred"),
                          "--postprocess", "largest:1"]) == 0
     assert "--postprocess largest:1" in capsys.readouterr().out
-    cm, objects = np.zeros((2, 2), np.int64), np.zeros((2, FIELDS))
+    cm, objects = np.zeros((2, 2), np.int64), []
     for path in sorted((pet_src / "images").iterdir()):
         truth = (np.asarray(Image.open(pet_src / "annotations" / "trimaps" / f"{path.stem}.png")) == 1).astype(int)
         pred = np.asarray(Image.open(tmp_path / "pred" / f"{path.stem}_mask.png")).astype(int)
         assert ndimage.label(pred == 1, structure=np.ones((3, 3)))[1] <= 1
         cm += np.bincount((truth * 2 + pred).ravel(), minlength=4).reshape(2, 2)
-        objects += object_counts(pred, truth, 2)
+        objects.append(object_counts(pred, truth, 2))
     assert pp["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
     # Its object scores are those of the masks predict wrote: one object an image at most now.
     assert all(r["object_f1_per_class"][0] is None for r in pp["per_image"])
-    (mine,) = object_scores(objects)
+    (mine,) = object_scores(sum(objects), per_image=np.stack(objects))
     (theirs,) = pp["objects"]
     assert [pytest.approx(b) for b in mine.pop("by_iou")] == theirs.pop("by_iou")
     assert theirs == pytest.approx({**mine, "name": "pet"})

@@ -38,7 +38,8 @@ line names the classes that each helps and the --postprocess value to pass. obje
 such class's connected components (grown as --postprocess grow:N says) against the truth's
 (matched at IoU > 0.5): whether touching objects came out apart (`unet_dist/objects.py`), with the
 panoptic quality and the matches above each IoU from 0.5 to 0.95 (by_iou, mean_ap: the cell
-benchmarks' average precision); each per_image and per_stack row has its object F1 per class.
+benchmarks' average precision, pooled and image_mean_ap each image's averaged); each per_image
+and per_stack row has its object F1 per class.
 Where the run's data were instance masks (convert --classes instances), the true objects are the
 masks' instances themselves, whole, as the cell tracking challenge scores them.
 """
@@ -217,7 +218,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
                "world_size": runtime.world_size, "precision": predictor.precision,
                "postprocess": str(predictor.postprocess),
-               "objects": object_scores(objects[read].sum(axis=0)),
+               "objects": object_scores(objects[read].sum(axis=0), per_image=objects[read]),
                "largest_component": advice(raw["cm"].astype(np.int64), raw["moved"].astype(np.int64)),
                "small_objects": size_advice(raw["cm"], raw["objects"], raw["small"]),
                "grown_objects": grow_advice(raw["grow"])}

@@ -155,29 +155,38 @@ def count_row(matched: tuple) -> np.ndarray:
                      *[np.count_nonzero(match_iou > t) for t in THRESHOLDS[1:]]], np.float64)
 
 
-def object_scores(counts: np.ndarray) -> list[dict]:
+def object_scores(counts: np.ndarray, per_image: np.ndarray | None = None) -> list[dict]:
     """`object_counts` rows (K, FIELDS), summed over images -> for each class but the background
     with a true or predicted object: its counts, precision, recall, F1 and SEG (None where a
     ratio has nothing to count), the panoptic quality (Kirillov et al. 2019: the matches' IoUs
     summed, over TP + FP / 2 + FN / 2), and by_iou: at each of THRESHOLDS, the matches above it,
     their precision, recall and F1, and TP / (TP + FP + FN) (what the Data Science Bowl 2018 and
-    Cellpose call average precision, StarDist accuracy; here of the objects pooled over images),
-    with mean_ap its mean over THRESHOLDS (the Bowl averaged each image's)."""
+    Cellpose call average precision, StarDist accuracy) of the objects pooled over images, with
+    mean_ap its mean over THRESHOLDS. per_image: the rows (N, K, FIELDS) of each image, for the
+    Bowl's way too: each image's TP / (TP + FP + FN) averaged over the images with an object of
+    the class, true or predicted (image_ap in by_iou, image_mean_ap its mean over THRESHOLDS)."""
     out = []
     for c, row in enumerate(counts):
         if not c or not row[0] + row[1]:
             continue
         truth, predicted = row[0], row[1]
+        image_ap = None
+        if per_image is not None:
+            rows = per_image[:, c][per_image[:, c, 0] + per_image[:, c, 1] > 0]
+            matched = rows[:, [2, *range(5, FIELDS)]]  # (images, THRESHOLDS)
+            image_ap = (matched / (rows[:, :1] + rows[:, 1:2] - matched)).mean(axis=0)
         by_iou = []
-        for t, matched in zip(THRESHOLDS, [row[2], *row[5:]], strict=True):
+        for i, (t, matched) in enumerate(zip(THRESHOLDS, [row[2], *row[5:]], strict=True)):
             r = ratios([truth, predicted, matched, 0])
             by_iou.append({"iou": t, "matched": int(matched), "precision": r["precision"], "recall": r["recall"],
-                           "f1": r["f1"], "ap": float(matched / (truth + predicted - matched))})
+                           "f1": r["f1"], "ap": float(matched / (truth + predicted - matched)),
+                           **({"image_ap": float(image_ap[i])} if image_ap is not None else {})})
         out.append({"class": c, "true_objects": int(truth), "predicted_objects": int(predicted),
                     "matched": int(row[2]), **ratios(row),
                     # TP + FP / 2 + FN / 2 = (true + predicted) / 2
                     "panoptic_quality": float(2 * row[4] / (truth + predicted)),
-                    "mean_ap": float(np.mean([b["ap"] for b in by_iou])), "by_iou": by_iou})
+                    "mean_ap": float(np.mean([b["ap"] for b in by_iou])),
+                    **({"image_mean_ap": float(image_ap.mean())} if image_ap is not None else {}), "by_iou": by_iou})
     return out
 
 
