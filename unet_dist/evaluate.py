@@ -171,12 +171,12 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         raw["cm"] += raw_cm
         raw["moved"] += moved_by_truth(predicted, truth, k)
         raw["small"] += small
-        if predictor.postprocess:
-            written = predictor.postprocess(predicted)
+        written = predictor.postprocess(predicted)  # `predicted` itself where it changes no pixel (grow alone)
+        if written is predicted:  # and then its objects are the raw ones, grown as the flag says
+            counts[i], objects[i] = raw_cm, raw_objects
+        else:
             counts[i] = confusion_matrix(truth, written, k, ignores(info)).numpy()
             objects[i] = object_counts(written, truth, k, truth_ids=ids, grows=grows)
-        else:
-            counts[i], objects[i] = raw_cm, raw_objects
         seen[i] = 1
     try:
         counts, objects, seen, *summed = summed_over_processes(runtime, [counts, objects, seen, *raw.values()])

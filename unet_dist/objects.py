@@ -33,6 +33,7 @@ THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 # IoUs of the true objects with the predicted ones that cover more than half of them), the matched
 # pairs' IoUs summed (panoptic quality's), and the pairs matched at each of THRESHOLDS[1:].
 FIELDS = 5 + len(THRESHOLDS) - 1
+AT_THRESHOLDS = [2, *range(5, FIELDS)]  # the fields of the matches above each of THRESHOLDS
 SEG_COVER = 0.5  # of a true object's pixels, that its SEG match covers
 
 
@@ -103,8 +104,8 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.n
     `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an
     instance label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of
     class c's components in `truth`: instance masks, whose objects the gaps of
-    `convert.instance_classes` may have cut a sliver off, and whose gap pixels are theirs.
-    objects: the predicted objects (labels (H, W), n), where the caller has them already (grown
+    `convert.instance_classes` may have cut a sliver off, and whose gap pixels are theirs (or
+    class c's components, where the caller has them already). objects: the predicted objects (labels (H, W), n), where the caller has them already (grown
     or not), instead of `components(pred, c, grow)`."""
     valid = (truth != IGNORE).ravel()
     lt, nt = (truth_ids, int(truth_ids.max(initial=0))) if truth_ids is not None else components(truth, c)
@@ -173,10 +174,10 @@ def object_scores(counts: np.ndarray, per_image: np.ndarray | None = None) -> li
         image_ap = None
         if per_image is not None:
             rows = per_image[:, c][per_image[:, c, 0] + per_image[:, c, 1] > 0]
-            matched = rows[:, [2, *range(5, FIELDS)]]  # (images, THRESHOLDS)
+            matched = rows[:, AT_THRESHOLDS]  # (images, THRESHOLDS)
             image_ap = (matched / (rows[:, :1] + rows[:, 1:2] - matched)).mean(axis=0)
         by_iou = []
-        for i, (t, matched) in enumerate(zip(THRESHOLDS, [row[2], *row[5:]], strict=True)):
+        for i, (t, matched) in enumerate(zip(THRESHOLDS, row[AT_THRESHOLDS], strict=True)):
             r = ratios([truth, predicted, matched, 0])
             by_iou.append({"iou": t, "matched": int(matched), "precision": r["precision"], "recall": r["recall"],
                            "f1": r["f1"], "ap": float(matched / (truth + predicted - matched)),

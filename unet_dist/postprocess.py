@@ -79,7 +79,8 @@ class Postprocess:
         return tuple(self.grow * (c in self.grown) for c in range(num_classes)) if self.grown else None
 
     def __call__(self, mask: np.ndarray) -> np.ndarray:
-        """`mask` (H, W) class ids post-processed: a copy where anything changes."""
+        """`mask` (H, W) class ids post-processed: a copy where a step changes pixels (min-size,
+        largest), else `mask` itself (grow alone shapes objects, not the mask)."""
         if self.small:
             mask = remove_small(mask, self.small, self.min_size)
         return keep_largest(mask, self.largest) if self.largest else mask
@@ -272,11 +273,12 @@ def grow_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int,
     """(1 + len(GROWS), K, FIELDS) float64: `objects.object_counts` of predicted class ids `pred`
     (H, W) against `truth` (H, W) with every class's objects as predicted, then grown by each of
     GROWS pixels (truth_ids: as for object_counts). Summed over images, `grow_advice`'s table.
-    Each class's objects are labelled once and grown from one distance transform (`grown_steps`)."""
+    Each class's objects, true and predicted, are labelled once, and grown from one distance
+    transform (`grown_steps`)."""
     out = np.zeros((1 + len(GROWS), num_classes, FIELDS))
     for c in range(1, num_classes):
         labels, n = components(pred, c)
-        ids = truth_ids if c == 1 else None
+        ids = truth_ids if c == 1 and truth_ids is not None else components(truth, c)[0]
         steps = grown_steps(labels, pred == 0, GROWS) if n else [labels] * len(GROWS)
         for j, objects in enumerate([labels, *steps]):
             out[j, c] = count_row(matched_objects(pred, truth, c, ids, objects=(objects, n)))
