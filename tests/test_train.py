@@ -970,6 +970,54 @@ def test_train_monitor_picks_the_best_checkpoint_and_counts_the_patience(shards,
             load_config(None, bad)
 
 
+def test_object_postprocess_scores_the_objects_predict_would_give(shards, tmp_path, capsys):
+    # train.object_postprocess: val_object_f1 and val_seg of the masks' objects after predict's
+    # --postprocess (small ones removed, then grown); the pixel metrics stay the network's.
+    from unet_dist.data.pipeline import eval_dataset, load_manifest
+    from unet_dist.inference import load_trained
+    from unet_dist.objects import FIELDS, components, count_row, grown, matched_objects, pooled
+    from unet_dist.postprocess import remove_small
+
+    w = tmp_path / "w"
+    value = "grow:1+min-size:6"  # written in any order, as --postprocess
+    s = train(load_config(None, tiny_overrides(steps=2) + [
+        "train.object_metrics=true", f"train.object_postprocess={value}", "train.monitor=val_seg"]), shards, w)
+    (logged,) = [e for e in map(json.loads, (w / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
+    model, cfg, _ = load_trained(w, "latest")
+    rows, raw_rows, changed = np.zeros(FIELDS), np.zeros(FIELDS), [0, 0]
+    for batch in eval_dataset(shards, cfg, 4, manifest=load_manifest(shards)):
+        pred = np.argmax(np.concatenate([1 - (p := model(batch["image"]).numpy()), p], -1), -1)
+        for p, m in zip(pred, batch["mask"].numpy()[..., 0], strict=True):
+            kept = remove_small(p, (1,), 6)  # by hand: removed, then each object grown by a pixel
+            labels, n = components(kept, 1)
+            objects = grown(labels, kept == 0, 1)
+            changed[0] += int((kept != p).sum())
+            changed[1] += int((objects != labels).sum())
+            rows += count_row(matched_objects(kept, m, 1, objects=(objects, n)))
+            raw_rows += count_row(matched_objects(p, m, 1))
+    assert min(changed) > 0, changed  # both steps changed this model's objects
+    want, raw = pooled(np.stack([np.zeros(FIELDS), rows])), pooled(np.stack([np.zeros(FIELDS), raw_rows]))
+    assert want != raw
+    assert (logged["val_object_f1"], logged["val_seg"]) == pytest.approx((want["object_f1"], want["seg"]), abs=1e-12)
+    assert s["best_monitored"] == pytest.approx(want["seg"])
+    # evaluate --data scores the run's objects the same way, and says how.
+    ev = json.loads(run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards),
+                             "--checkpoint", "latest", check=True).stdout.strip().splitlines()[-1])
+    assert (ev["val_object_f1"], ev["val_seg"], ev["val_iou"]) == (logged["val_object_f1"], logged["val_seg"],
+                                                                   logged["val_iou"])
+    assert ev["object_postprocess"] == "min-size:6:1+grow:1:1"
+    # Resumed with other post-processing, the best checkpoint's val_seg was of other objects.
+    train(load_config(None, tiny_overrides(steps=3) + ["train.object_metrics=true", "train.monitor=val_seg",
+                                                        "train.object_postprocess=grow:1"]), shards, w)
+    assert (f"train.monitor is val_seg of objects after grow:1, and was val_seg of objects after {value} when"
+            in capsys.readouterr().out)
+    for bad, message in ((["train.object_postprocess=grow:1"], "none unless train.object_metrics is true"),
+                         (["train.object_metrics=true", "train.object_postprocess=grow:0"],
+                          "'grow:0': grow takes a whole number of pixels from 1 to 64")):
+        with pytest.raises(ConfigError, match=f"train.object_postprocess.*{re.escape(message)}"):
+            load_config(None, bad)
+
+
 def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pet_src, tmp_path, capsys):
     # evaluate --images: what predict would write, scored against the masks at the images' own sizes
     # (the records of --data are the size conversion made them).

@@ -152,6 +152,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
     object_metrics: bool = False  # evaluations also match the val masks' objects (connected components): val_object_f1, val_seg; for touching objects (cells)
+    object_postprocess: str = "none"  # with object_metrics: the objects scored are those predict --postprocess with this value gives (min-size:N, largest, grow:N, joined by +); pixel metrics stay as predicted
     monitor: Literal["val_iou", "val_fg_iou", "val_dice", "val_object_f1", "val_seg"] = "val_iou"  # the evaluation metric (higher is better) that picks the best checkpoint and that early_stop_patience counts
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)
     early_stop_patience: int = 0  # stop after this many evaluations in a row without a new best train.monitor (0: off; counted across resumes)
@@ -159,10 +160,6 @@ class TrainConfig:
     max_skipped_steps: int = 50  # mixed_float16: consecutive skipped (non-finite) steps before stopping
     gradient_accumulation_steps: int = 1  # each replica's batch in this many micro-batches, one after the other, gradients summed: the same step in less memory
     init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes (the output layer then starts new), model.deep_supervision (its heads) and model.in_channels (the input convolution's kernel is adapted) may differ
-
-
-# train.monitor's metrics, in a fixed order (a resumed run tells the others its earlier one by index).
-MONITORS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["monitor"])
 
 
 @dataclass
@@ -452,6 +449,13 @@ def validate(cfg: Config) -> None:
     need(0 <= t.early_stop_min_delta < 1, "train.early_stop_min_delta", "in [0, 1)", t.early_stop_min_delta)
     need(t.monitor not in ("val_object_f1", "val_seg") or t.object_metrics, "train.monitor",
          "val_object_f1 or val_seg only with train.object_metrics: true (which computes them)", t.monitor)
+    if t.object_postprocess != "none":
+        from unet_dist.postprocess import parse  # here: postprocess imports this module
+
+        parse(t.object_postprocess, m.num_classes, "config key train.object_postprocess")
+    need(t.object_postprocess == "none" or t.object_metrics, "train.object_postprocess",
+         "none unless train.object_metrics is true (the post-processing shapes the objects it scores)",
+         t.object_postprocess)
     need(t.monitor != "val_fg_iou" or m.num_classes == 2, "train.monitor",
          "val_fg_iou (the foreground's IoU) only with model.num_classes 2", t.monitor)
     need(t.loss not in ("bce",) or m.num_classes == 2, "train.loss", "'bce' only with model.num_classes 2; use 'cce'", t.loss)

@@ -364,7 +364,8 @@ def main(argv=None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
     metrics.update({"split": args.split, "checkpoint": path, "step": int(ckpts.step.numpy()),
-                    "world_size": runtime.world_size, "precision": cfg.runtime.precision})
+                    "world_size": runtime.world_size, "precision": cfg.runtime.precision,
+                    "object_postprocess": str(evaluator.postprocess)})  # the run's train.object_postprocess
     if runtime.is_chief:
         print(json.dumps(metrics))
         atomic_write_text(out, json.dumps(metrics, indent=1))  # a kill mid-write keeps the earlier file

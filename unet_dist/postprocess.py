@@ -90,11 +90,12 @@ def _listed(classes: tuple[int, ...]) -> str:
     return ",".join(map(str, classes))
 
 
-def parse(text: str, num_classes: int) -> Postprocess:
+def parse(text: str, num_classes: int, name: str = "--postprocess") -> Postprocess:
     """--postprocess TEXT for a model of `num_classes` classes: 'none'; 'largest' (every class but
     the background 0) or 'largest:1,3' (those); 'min-size:N' or 'min-size:N:1,3'; 'grow:N' or
     'grow:N:1,3'; or several, each once, joined by '+' (they run in that order whatever the order
-    given). ConfigError naming the value."""
+    given). ConfigError naming the value, and `name`, where it came from (the option, or a config key
+    such as train.object_postprocess)."""
     if text == "none":
         return Postprocess()
     found: dict[str, tuple] = {}
@@ -102,14 +103,14 @@ def parse(text: str, num_classes: int) -> Postprocess:
     for step in text.split("+"):
         kind, colon, rest = step.partition(":")
         if kind not in ("largest", *sizes) or kind in found or (colon and not rest):
-            raise ConfigError(f"--postprocess {text!r}: {USAGE}")
+            raise ConfigError(f"{name} {text!r}: {USAGE}")
         size = None
         if kind in sizes:
             (low, high), (size, colon, rest) = sizes[kind], rest.partition(":")
             if not size.isdigit() or int(size) < low or (high and int(size) > high) or (colon and not rest):
-                raise ConfigError(f"--postprocess {text!r}: {kind} takes a whole number of pixels from {low}"
+                raise ConfigError(f"{name} {text!r}: {kind} takes a whole number of pixels from {low}"
                                   f"{f' to {high}' if high else ' up'} ({kind}:N or {kind}:N:C[,C...]), not {step!r}")
-        found[kind] = (class_list(f"--postprocess {text!r}", rest, num_classes), size)
+        found[kind] = (class_list(f"{name} {text!r}", rest, num_classes), size)
     largest, _ = found.get("largest", ((), None))
     small, size = found.get("min-size", ((), 0))
     grown, grow = found.get("grow", ((), 0))

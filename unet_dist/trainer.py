@@ -20,7 +20,7 @@ import tensorflow as tf
 from unet_dist import precision
 from unet_dist.atomic import atomic_write_text
 from unet_dist.checkpoint import Checkpoints, check_free_space, init_weights
-from unet_dist.config import MONITORS, Config, ConfigError, config_yaml, load_workdir_config, writable_dir
+from unet_dist.config import Config, ConfigError, config_yaml, load_workdir_config, writable_dir
 from unet_dist.data.convert import ignores
 from unet_dist.data.pipeline import (
     DataError,
@@ -46,6 +46,7 @@ from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import FusedBatchNorm, build_unet, main_output, moving_statistics
 from unet_dist.objects import FIELDS, object_counts, pooled
 from unet_dist.optimizers import build_optimizer
+from unet_dist.postprocess import parse
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import scaled_learning_rate
 from unet_dist.watchdog import Watchdog
@@ -176,13 +177,19 @@ class Evaluator:
     (re-tracing the model cost seconds per evaluation on a CPU, more than the evaluation itself for
     the demo). Call it for (metrics dict with val_* keys, panel array (N, h, 4w, 3) uint8 from this
     process). objects: also val_object_f1 and val_seg, every record's objects matched on the host
-    (`unet_dist.objects`) and their counts summed with the confusion matrix.
+    (`unet_dist.objects`) and their counts summed with the confusion matrix; the objects are those
+    `predict --postprocess` gives with train.object_postprocess (small ones removed, grown), which
+    the pixel metrics do not see.
     """
 
     def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, split: str = "val",
                  objects: bool = False):
         self.k = k = manifest["num_classes"]
         self.objects = objects
+        # What predict will do to the masks and their objects: the scores (and train.monitor's
+        # val_seg) are of those, where a border-weight model's cells come out short of their edges.
+        self.postprocess = parse(cfg.train.object_postprocess, k, "config key train.object_postprocess")
+        self.grows = self.postprocess.grows(k)
         ignore = ignores(manifest)
         self.runtime = runtime
         self.data_dir, self.manifest, self.split = data_dir, manifest, split
@@ -220,7 +227,8 @@ class Evaluator:
                 if self.objects or (panels and panel.shape[0] == 0):  # the host's copies, taken once
                     pred, masks = pred.numpy(), batch["mask"].numpy()[..., 0]
                 if self.objects:
-                    objects += sum(object_counts(p, m, k) for p, m in zip(pred, masks, strict=True))
+                    objects += sum(object_counts(self.postprocess(p), m, k, grows=self.grows)
+                                   for p, m in zip(pred, masks, strict=True))
                 if progress:
                     progress()
                 if panels and panel.shape[0] == 0:
@@ -467,27 +475,39 @@ def _monitor_name(cfg: Config) -> str:
 def resumed_evaluations(workdir: Path, start: int, runtime: Runtime, cfg: Config
                         ) -> tuple[tuple[int, float], int, float, str | None]:
     """(`patience_step`'s state over train.monitor, the last evaluation's step, its val IoU; (0,
-    -1.0), -1, -1.0 when there was none; the train.monitor of WORKDIR/config.yaml where it is not
-    this config's, else None) over the eval events in WORKDIR/metrics.jsonl up to step `start`: the
-    history a resumed run carries on from, so that train.early_stop_patience counts across resumes
-    and a run that had stopped is not trained on by a rerun. The chief reads the file and every process
-    takes its reading: the loop's stop decisions must be the same on all of them."""
-    state, last_step, last_iou, other = (0, -1.0), -1, -1.0, -1
+    -1.0), -1, -1.0 when there was none; what the best checkpoint was kept by where it is not what
+    this config monitors, else None: the train.monitor of WORKDIR/config.yaml, with its
+    train.object_postprocess where the monitor is of objects) over the eval events in
+    WORKDIR/metrics.jsonl up to step `start`: the history a resumed run carries on from, so that
+    train.early_stop_patience counts across resumes and a run that had stopped is not trained on by
+    a rerun. The chief reads the files and every process takes its reading: the loop's stop
+    decisions must be the same on all of them (the others' text of the monitor is the chief's only
+    where it is the chief's to print)."""
+    state, last_step, last_iou, changed, was = (0, -1.0), -1, -1.0, 0, None
     if runtime.is_chief:
         try:  # written by the run that saved the checkpoint (before train.monitor existed: val_iou)
-            before = load_workdir_config(workdir).train.monitor
+            before = load_workdir_config(workdir).train
         except ConfigError:
-            before = cfg.train.monitor
-        other = MONITORS.index(before) if before != cfg.train.monitor else -1
+            before = cfg.train
+        was = _monitor_text(before)
+        changed = int(was != _monitor_text(cfg.train))
         for row in read_metrics(workdir / "metrics.jsonl"):
             iou = row.get("val_iou")
             if row.get("event") != "eval" or not 0 < row.get("step", 0) <= start or not isinstance(iou, (int, float)):
                 continue
             state = patience_step(state, monitored(cfg, row), cfg.train.early_stop_min_delta)
             last_step, last_iou = row["step"], iou
-    mine = np.array([*state, last_step, last_iou, other] if runtime.is_chief else [0] * 5, np.float64)
-    since, best, last_step, last_iou, other = runtime.allreduce_sum(mine)
-    return (int(since), float(best)), int(last_step), float(last_iou), MONITORS[int(other)] if other >= 0 else None
+    mine = np.array([*state, last_step, last_iou, changed] if runtime.is_chief else [0] * 5, np.float64)
+    since, best, last_step, last_iou, changed = runtime.allreduce_sum(mine)
+    return (int(since), float(best)), int(last_step), float(last_iou), (was or "another metric") if changed else None
+
+
+def _monitor_text(t) -> str:
+    """What the best checkpoint is kept by: train.monitor, and for the objects' metrics the
+    post-processing of the objects they score ('val_seg of objects after grow:2')."""
+    if t.monitor in ("val_object_f1", "val_seg") and t.object_postprocess != "none":
+        return f"{t.monitor} of objects after {t.object_postprocess}"
+    return t.monitor
 
 
 def gpu_peak_over_processes(runtime: Runtime) -> float | None:
@@ -626,7 +646,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
     if monitor_was:  # the best checkpoint's value is of another metric: the next evaluation is a new best
         ckpts.best_iou.assign(-1.0)
         if start < total:
-            runtime.print(f"unet_dist: train.monitor is {cfg.train.monitor}, and was {monitor_was} when "
+            runtime.print(f"unet_dist: train.monitor is {_monitor_text(cfg.train)}, and was {monitor_was} when "
                           f"{workdir / 'checkpoints' / 'best'} was kept: the next evaluation replaces it")
     announce(cfg, runtime, global_batch, per_replica, peak_lr, start, precision_why, xla_why)
     if not validate:
