@@ -343,7 +343,8 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
                       "--out", str(tmp_path / "p2"), "--probabilities", "--instances")
     assert proc.stdout.count("predict: 50 images on 2 processes") == 1, proc.stdout  # the chief's summary alone
     assert proc.stdout.count("the 3 page masks of") == 1, proc.stdout
-    assert "(their probabilities in vol_probs.tif, their instances in vol_instances.tif)" in proc.stdout
+    assert ("(their probabilities in vol_probs.tif, their instances in vol_instances.tif, their objects in "
+            "vol_objects.csv)") in proc.stdout
     assert proc.stderr.count("skipping") == 1, proc.stderr
     horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / "e2.json"),
                "--postprocess", "min-size:16+largest+grow:2")
@@ -370,6 +371,14 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
             labels, mask = np.asarray(stacked), np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_mask.png"))
             assert np.array_equal(labels, np.asarray(Image.open(tmp_path / "p1" / f"vol_p{i:03d}_instances.tif")))
             assert np.array_equal(labels > 0, mask > 0) and labels.max() >= 1
+    # Each image's objects measured alike on 1 and 2 processes, a stack's pages' in one table.
+    for name in [*masks, "vol"]:
+        stem = name.removesuffix("_mask.png")
+        assert (tmp_path / "p1" / f"{stem}_objects.csv").read_text() == (
+            tmp_path / "p2" / f"{stem}_objects.csv").read_text(), stem
+    stack_rows = (tmp_path / "p2" / "vol_objects.csv").read_text().splitlines()
+    assert stack_rows[0].startswith("page,label,class,area,") and {r.split(",")[0] for r in stack_rows[1:]} == {
+        "0", "1", "2"}
     # --continue after a stop: the images (a stack's page too) whose files are not all there are
     # predicted again, the others left alone (the chief's view, which every rank splits alike).
     redo = {"vol_p001": "_probs.tif", masks[0][: -len("_mask.png")]: "_mask.png",
@@ -377,7 +386,8 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     for stem, kind in redo.items():
         (tmp_path / "p2" / f"{stem}{kind}").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p2").iterdir()
-            if not p.name.startswith((*(f"{stem}_" for stem in redo), "vol_mask", "vol_probs", "vol_instances"))}  # stacks
+            if not p.name.startswith((*(f"{stem}_" for stem in redo), "vol_mask", "vol_probs", "vol_instances",
+                                                                     "vol_objects"))}  # stacks
     proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), str(tmp_path / "vol.tif"),
                       "--out", str(tmp_path / "p2"), "--probabilities", "--instances", "--continue")
     assert f"predict: leaving out 46 of 51 images, predicted in {tmp_path / 'p2'} already (--continue)" in proc.stderr

@@ -297,8 +297,12 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
         save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, page.name, probs, instances=(1,))
     assert write_stack(path, pages, 0, tmp_path, probabilities=True, instances=True) == (
         f"predict: {tmp_path / 'v_mask.tif'}: the 2 page masks of {path} as one stack (their probabilities in "
-        "v_probs.tif, their instances in v_instances.tif)", True)
+        "v_probs.tif, their instances in v_instances.tif, their objects in v_objects.csv)", True)
     assert all((tmp_path / f"v{kind}").exists() for kind in ("_mask.tif", "_probs.tif", "_instances.tif"))
+    # Each page's one object (the whole 6x8 page), after its page's number.
+    assert (tmp_path / "v_objects.csv").read_text() == (
+        "page,label,class,area,centroid_y,centroid_x,top,left,bottom,right,mean_probability\n"
+        "0,1,1,48,2.5000,3.5000,0,0,6,8,0.7500\n1,1,1,48,2.5000,3.5000,0,0,6,8,0.7500\n")
     # An image's pair, probabilities and instances.
     save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "c", probs, instances=(1,))
     found, notes = expand_folders([tmp_path])

@@ -207,3 +207,28 @@ def test_evaluate_scores_instance_masks_against_their_instances(tmp_path, monkey
     (o,) = e["objects"]
     assert (o["name"], o["true_objects"], o["predicted_objects"], o["matched"]) == ("object", cells, cells, cells)
     assert 0.6 < o["seg"] < 0.98 and e["iou_per_class"][1] == 1.0  # the pixels: as the masks' classes
+
+
+def test_each_numbered_object_is_measured_by_its_pixels_and_its_confidence_by_the_masks():
+    # predict --instances' STEM_objects.csv rows: grown pixels count in the area and the box, not
+    # in the mean probability of the object's class (they are background in the mask).
+    from unet_dist.objects import instances, measured
+
+    classes = np.zeros((8, 10), np.uint8)
+    classes[1:3, 1:4] = 1  # 6 pixels of class 1
+    classes[5:8, 6:9] = 2  # 9 of class 2
+    probs = np.zeros((8, 10, 3), np.float32)
+    probs[..., 0] = 1
+    probs[1:3, 1:4] = [0.1, 0.7, 0.2]
+    probs[1, 1] = [0.1, 0.9, 0.0]
+    probs[5:8, 6:9] = [0.2, 0.2, 0.6]
+    labels = instances(classes, grows=(0, 1, 0))  # class 1's object grown by a pixel: its 4-neighbours
+    first, second = measured(labels, classes, probs)
+    assert first == (1, 1, 16, 1.5, 2.0, 0, 0, 4, 5, pytest.approx((0.9 + 5 * 0.7) / 6))
+    assert second == (2, 2, 9, 6.0, 7.0, 5, 6, 8, 9, pytest.approx(0.6))
+    assert measured(labels, classes)[1] == (2, 2, 9, 6.0, 7.0, 5, 6, 8, 9, None)
+    # A sigmoid's one unit is the foreground's probability.
+    binary = (classes > 0).astype(np.uint8)
+    fg = probs[..., 1:2] + probs[..., 2:3]
+    assert [r[-1] for r in measured(instances(binary), binary, fg)] == pytest.approx([(0.9 + 5 * 0.9) / 6, 0.8])
+    assert measured(np.zeros((4, 4), np.uint16), np.zeros((4, 4), np.uint8)) == []

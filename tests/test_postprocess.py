@@ -243,13 +243,20 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     assert ("measures min-size on the grown objects" in said) == grown["helps"]  # min-size helps too (above)
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "pred_g"),
                          "--postprocess", "grow:2", "--instances"]) == 0
-    pixels = np.zeros(2, np.int64)  # of the objects, of class 1
+    pixels, numbered = np.zeros(2, np.int64), 0  # of the objects, of class 1; the objects' rows
     for path in sorted((pet_src / "images").iterdir()):
         mask = np.asarray(Image.open(tmp_path / "pred_g" / f"{path.stem}_mask.png"))
         labels = np.asarray(Image.open(tmp_path / "pred_g" / f"{path.stem}_instances.tif"))
         assert np.array_equal(labels, instances(mask, (1,), (0, 2)))
         pixels += [(labels > 0).sum(), (mask == 1).sum()]
+        # Each object's row: its area grown, its confidence over the pixels the mask gives it (> 0.5).
+        rows = [r.split(",") for r in (tmp_path / "pred_g" / f"{path.stem}_objects.csv").read_text().splitlines()[1:]]
+        assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
+            (i, 1, n) for i, n in enumerate(np.bincount(labels.ravel())[1:], 1)]
+        assert all(0.5 < float(r[-1]) <= 1 for r in rows)
+        numbered += len(rows)
     assert pixels[0] > pixels[1]  # grown
+    assert f"; {numbered:,} objects numbered (STEM_instances.tif, STEM_objects.csv)" in capsys.readouterr().out
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "p2"),
                          "--postprocess", "grow:2"]) == 2
     assert "predict: error: --postprocess 'grow:2': grow is used with --instances only" in capsys.readouterr().err

@@ -91,6 +91,42 @@ def instances(classes: np.ndarray, which: tuple[int, ...] | None = None,
     return out.astype(np.uint16) if total <= np.iinfo(np.uint16).max else out
 
 
+# The columns of `measured`, predict --instances' STEM_objects.csv.
+MEASURES = ("label", "class", "area", "centroid_y", "centroid_x", "top", "left", "bottom", "right",
+            "mean_probability")
+
+
+def measured(labels: np.ndarray, classes: np.ndarray, probs: np.ndarray | None = None) -> list[tuple]:
+    """Each object of an instance label image `labels` (H, W) (0 none, else 1..n, as `instances`
+    numbers them) measured, a tuple of MEASURES per label present, in label order: its class (the
+    mask `classes` (H, W) has it at every pixel of the object but those it grew over, which are
+    background), its area in pixels, its centroid (the mean row and column of its pixels), its
+    bounding box (rows top to bottom - 1, columns left to right - 1, as numpy slices take them),
+    and the mean over the pixels the mask gives it of the probability of its class (a confidence,
+    as Cellpose and StarDist give each object one; None without probs (H, W, U): U = 1, a sigmoid's
+    foreground, or one per class). For counting cells and their sizes without reading the labels."""
+    from scipy import ndimage
+
+    n = int(labels.max(initial=0))
+    if not n:
+        return []
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1)
+    index = np.flatnonzero(area[1:]) + 1  # the labels present
+    centroids = ndimage.center_of_mass(labels > 0, labels, index)
+    kind = ndimage.maximum(classes, labels, index)
+    boxes = ndimage.find_objects(labels, max_label=n)
+    mean = [None] * len(index)
+    if probs is not None:
+        own = probs[..., 0] if probs.shape[-1] == 1 else np.take_along_axis(probs, classes[..., None], -1)[..., 0]
+        core = (classes.ravel() > 0) & (flat > 0)
+        pixels = np.bincount(flat[core], minlength=n + 1)
+        mean = np.bincount(flat[core], weights=own.ravel()[core], minlength=n + 1)[index] / np.maximum(pixels[index], 1)
+    return [(int(i), int(c), int(area[i]), float(y), float(x), boxes[i - 1][0].start, boxes[i - 1][1].start,
+             boxes[i - 1][0].stop, boxes[i - 1][1].stop, None if m is None else float(m))
+            for i, c, (y, x), m in zip(index, np.atleast_1d(kind), centroids, mean, strict=True)]
+
+
 def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.ndarray | None = None,
                     grow: int = 0, objects: tuple[np.ndarray, int] | None = None
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

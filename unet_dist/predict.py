@@ -21,6 +21,9 @@ For a stack, PRED/<stem>_probs.tif then holds every page's, in page order.
 --instances also writes PRED/<stem>_instances.tif: each connected object of the mask numbered (a
 label image, 0 on the background; 16-bit, as the cell tracking challenge takes them), so that cells
 the model parted come out as cells (`objects.instances`); a stack's holds its pages', each numbered alone.
+It also writes PRED/<stem>_objects.csv, a row per object: its label, class, area in pixels, centroid,
+bounding box and mean probability of its class (`objects.measured`); a stack's lists its pages', each
+row after its page number. The line predict ends with counts the objects numbered.
 --instance-classes 1 numbers the objects of class 1 alone (not those of a class 2 of cell borders).
 --postprocess largest keeps only the largest connected component of each class but the background in
 the masks (largest:1,3: of those classes), as nnU-Net does where it helps; min-size:N (min-size:N:1,3)
@@ -68,6 +71,7 @@ PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 13
 # pages are written: STEM + STACK_MASK and, with --probabilities and --instances, STEM + PROBS and
 # STEM + INSTANCES.
 MASK, OVERLAY, PROBS, INSTANCES, STACK_MASK = "_mask.png", "_overlay.png", "_probs.tif", "_instances.tif", "_mask.tif"
+OBJECTS = "_objects.csv"  # with --instances: a row per object (`objects.measured`); a stack's has its pages'
 
 
 def _save(image: Image.Image, path: Path, **params) -> None:
@@ -98,13 +102,25 @@ def palette(colors: list | None) -> list[int]:
     return flat + [128] * (768 - len(flat))
 
 
+def objects_csv(rows: list[tuple]) -> str:
+    """STEM_objects.csv: a header of `objects.MEASURES` and a row per object (`objects.measured`)."""
+    from unet_dist.objects import MEASURES
+
+    def text(v):  # centroids and probabilities to 4 decimals; no probability: empty
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    return "".join(",".join(map(text, row)) + "\n" for row in [MEASURES, *rows])
+
+
 def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None,
                  colors: list | None = None, instances: tuple[int, ...] | None = None,
-                 grows: tuple[int, ...] | None = None) -> None:
+                 grows: tuple[int, ...] | None = None, write_probs: bool = True) -> int:
     """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), OUT/STEM_overlay.png
-    (image | mask | image * mask), given probs (H, W, U) OUT/STEM_probs.tif (`probability_pages`)
-    and given the classes `instances` OUT/STEM_instances.tif (`objects.instances` of the mask, its
-    objects grown by `grows`, --postprocess grow:N).
+    (image | mask | image * mask), given probs (H, W, U) and `write_probs` OUT/STEM_probs.tif
+    (`probability_pages`), and given the classes `instances` OUT/STEM_instances.tif
+    (`objects.instances` of the mask, its objects grown by `grows`, --postprocess grow:N) and
+    OUT/STEM_objects.csv, each object's class, size, place and mean probability (`objects.measured`;
+    the probability column empty without probs). Returns the objects numbered (0 without `instances`).
     Thread-safe: Pillow's encoders and the file writes release the GIL."""
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(palette(colors))
@@ -120,12 +136,18 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, p
     # zlib level 1: photos barely compress losslessly (a 486x403 overlay: 374 KiB against 362 at the
     # default level 6), and it encodes in half the time (30 against 58 ms).
     _save(panel, out / f"{stem}{OVERLAY}", format="PNG", compress_level=1)
-    if probs is not None:
+    if probs is not None and write_probs:
         _save_tiff(probability_pages(probs), out / f"{stem}{PROBS}")
-    if instances is not None:
-        from unet_dist.objects import instances as label
+    if instances is None:
+        return 0
+    from unet_dist.objects import instances as label
+    from unet_dist.objects import measured
 
-        _save_tiff([Image.fromarray(label(classes, instances, grows))], out / f"{stem}{INSTANCES}")
+    labels = label(classes, instances, grows)
+    _save_tiff([Image.fromarray(labels)], out / f"{stem}{INSTANCES}")
+    rows = measured(labels, classes, probs)
+    atomic.atomic_write_text(out / f"{stem}{OBJECTS}", objects_csv(rows))
+    return len(rows)
 
 
 class Writer:
@@ -133,31 +155,34 @@ class Writer:
     on a CPU the PNG encoding took longer than the demo model's prediction (2.1 against 1.7 s for
     48 images), and on a GPU it is nearly all of the time. At most 2 * threads images wait, and
     images of more than `pixels` pixels together only while they are one (encoding an image takes
-    about 22 bytes a pixel, its overlay most), which bounds the memory held. The first error (a full
-    disk) is raised by `put` or `close`."""
+    about 22 bytes a pixel, its overlay most, and the probabilities 4 a class), which bounds the
+    memory held. The first error (a full disk) is raised by `put` or `close`. `objects` counts the
+    objects numbered (--instances) in the images written so far. probabilities: write the probs
+    `put` is given as STEM_probs.tif (else they only measure the objects)."""
 
     def __init__(self, out: Path, threads: int = 2, colors: list | None = None, pixels: int = 2**26,
-                 instances: tuple[int, ...] | None = None, grows: tuple[int, ...] | None = None):
+                 instances: tuple[int, ...] | None = None, grows: tuple[int, ...] | None = None,
+                 probabilities: bool = True):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         self.out, self.limit, self.pixels, self.colors = out, 2 * threads, pixels, colors
-        self.instances, self.grows = instances, grows
+        self.instances, self.grows, self.probabilities, self.objects = instances, grows, probabilities, 0
         self.pool, self.pending = ThreadPoolExecutor(threads, thread_name_prefix="predict-writer"), deque()
 
     def put(self, image: np.ndarray, classes: np.ndarray, stem: str, probs: np.ndarray | None = None) -> None:
         future = self.pool.submit(save_outputs, image, classes, self.out, stem, probs, self.colors, self.instances,
-                                  self.grows)
+                                  self.grows, self.probabilities)
         self.pending.append((future, classes.size))
         while len(self.pending) > self.limit or (
                 len(self.pending) > 1 and sum(n for _, n in self.pending) > self.pixels):
-            self.pending.popleft()[0].result()
+            self.objects += self.pending.popleft()[0].result()
 
     def close(self) -> None:
         """Waits for every write; the first error is raised after the others have finished."""
         try:
             while self.pending:
-                self.pending.popleft()[0].result()
+                self.objects += self.pending.popleft()[0].result()
         finally:
             self.pool.shutdown(wait=True)
 
@@ -209,29 +234,38 @@ def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: 
                 instances: bool = False) -> tuple[str, bool]:
     """Writes OUT/STEM_mask.tif, the page masks (STEM_pNNN_mask.png, from every process) as one
     multi-page TIFF of palette class ids, with `probabilities` OUT/STEM_probs.tif, the pages'
-    STEM_pNNN_probs.tif pages in page order, and with `instances` OUT/STEM_instances.tif, likewise;
-    returns (predict's line about them, whether all were written).
+    STEM_pNNN_probs.tif pages in page order, and with `instances` OUT/STEM_instances.tif, likewise,
+    and OUT/STEM_objects.csv, the pages' rows after their page number; returns (predict's line
+    about them, whether all were written).
     Not written when pages were skipped, or when a page's file is not in OUT (processes on other
     nodes wrote into a folder of their own, not a shared one). Holds one stack at a time in memory
     (masks one byte a pixel, probabilities four a page, instances two or four). Raises OSError when
     a write fails."""
-    kinds = [(MASK, STACK_MASK)] + [(PROBS, PROBS)] * probabilities + [(INSTANCES, INSTANCES)] * instances
+    kinds = ([(MASK, STACK_MASK)] + [(PROBS, PROBS)] * probabilities
+             + [(INSTANCES, INSTANCES), (OBJECTS, OBJECTS)] * instances)
     targets = [out / f"{path.stem}{stacked}" for _, stacked in kinds]  # kinds: (a page's file, the stack's)
     names = " and ".join(t.name for t in targets)
     if failed:
         return f"predict: {names} not written: {failed} of the {len(pages)} pages of {path} were skipped", False
     for (kind, _), target in zip(kinds, targets, strict=True):
-        frames = []
+        frames, rows = [], []
         for page in pages:
             file = out / f"{page.name}{kind}"
             try:
-                frames += _frames(file)
-            except OSError as e:
+                if kind == OBJECTS:  # text: each row after its page's number
+                    head, *lines = file.read_text().splitlines()
+                    rows += [f"{page.page},{line}\n" for line in lines]
+                else:
+                    frames += _frames(file)
+            except (OSError, ValueError) as e:  # ValueError: an empty file, no header to take
                 return (f"predict: {target.name} not written: {file.name} unreadable in {out} ({e}); with several "
                         "nodes, --out must be a folder they share"), False
-        _save_tiff(frames, target)
+        if kind == OBJECTS:
+            atomic.atomic_write_text(target, "".join([f"page,{head}\n", *rows]))
+        else:
+            _save_tiff(frames, target)
     extras = [f"their {what} in {t.name}" for what, t in zip(
-        ["probabilities"] * probabilities + ["instances"] * instances, targets[1:], strict=True)]
+        ["probabilities"] * probabilities + ["instances", "objects"] * instances, targets[1:], strict=True)]
     also = f" ({', '.join(extras)})" if extras else ""
     return f"predict: {targets[0]}: the {len(pages)} page masks of {path} as one stack{also}", True
 
@@ -296,7 +330,7 @@ def my_share(samples: list, predictor, runtime) -> list[int]:
 
 def page_files(probabilities: bool, instances: bool) -> tuple[str, ...]:
     """What predict writes for each image (a stack's page): after STEM, in `out`."""
-    return (MASK, OVERLAY) + (PROBS,) * probabilities + (INSTANCES,) * instances
+    return (MASK, OVERLAY) + (PROBS,) * probabilities + (INSTANCES, OBJECTS) * instances
 
 
 def left_to_predict(samples: list, out: Path, kinds: tuple[str, ...], runtime) -> list[int]:
@@ -329,7 +363,8 @@ def main(argv=None) -> int:
                         "else one page per class)")
     p.add_argument("--instances", action="store_true",
                    help="also write STEM_instances.tif: the mask's connected objects numbered 1, 2, ... (16-bit "
-                        "label image, 0 on the background), each class's after the one before")
+                        "label image, 0 on the background), each class's after the one before, and "
+                        "STEM_objects.csv: each object's class, area, centroid, box and mean probability")
     p.add_argument("--instance-classes", metavar="C,...",
                    help="with --instances: number the objects of these classes only (default: every class but "
                         "the background)")
@@ -398,11 +433,13 @@ def main(argv=None) -> int:
         return 1
     stacks = stacks_of(samples)
     stack_index = {path: i for i, path in enumerate(stacks)}
-    # [images skipped, 1 if a write failed, then the pages skipped of each stack]: summed over processes
-    counts, unwritten = np.zeros(2 + len(stacks)), None
+    # [images skipped, 1 if a write failed, objects numbered, then the pages skipped of each stack]:
+    # summed over processes
+    counts, unwritten = np.zeros(3 + len(stacks)), None
     # Masks coded by colour come out in those colours.
     writer = Writer(args.out, colors=predictor.colors, instances=numbered,
-                    grows=predictor.postprocess.grows(predictor.cfg.model.num_classes))
+                    grows=predictor.postprocess.grows(predictor.cfg.model.num_classes),
+                    probabilities=args.probabilities)
     try:
         for i in chief_progress(runtime, "predict", "img", share):  # no two processes write one file
             sample = samples[i]
@@ -413,10 +450,10 @@ def main(argv=None) -> int:
                 tqdm.write(f"predict: skipping {sample.where}: {e}", file=sys.stderr)
                 counts[0] += 1
                 if sample.stacked:
-                    counts[2 + stack_index[sample.image]] += 1
+                    counts[3 + stack_index[sample.image]] += 1
                 continue
             writer.put(rgb_view(image), predictor.mask(probs), sample.name,
-                       probs if args.probabilities else None)
+                       probs if args.probabilities or args.instances else None)  # instances: their confidence
     except OSError as e:  # a write failed (a full disk): the next images would fail the same way
         unwritten = e
     finally:
@@ -424,6 +461,7 @@ def main(argv=None) -> int:
             writer.close()
         except OSError as e:
             unwritten = unwritten or e
+    counts[2] = writer.objects
     if unwritten:
         print(f"predict: error: writing into {args.out}: {unwritten}; the masks written before it are whole",
               file=sys.stderr)
@@ -438,11 +476,13 @@ def main(argv=None) -> int:
         return 1
     failed = int(counts[0])
     processes = f" on {runtime.world_size} processes" * (runtime.world_size > 1)
-    runtime.print(f"predict: {len(todo) - failed} images{processes} ({predictor.summary()}) -> {args.out}")
+    numbered_line = f"; {int(counts[2]):,} objects numbered (STEM{INSTANCES}, STEM{OBJECTS})" * bool(args.instances)
+    runtime.print(f"predict: {len(todo) - failed} images{processes} ({predictor.summary()}) -> {args.out}"
+                  f"{numbered_line}")
     if runtime.is_chief:  # after the sum: every process's pages are written
         for path, pages in stacks.items():
             try:
-                said, whole = write_stack(path, [samples[i] for i in pages], int(counts[2 + stack_index[path]]),
+                said, whole = write_stack(path, [samples[i] for i in pages], int(counts[3 + stack_index[path]]),
                                           args.out, args.probabilities, args.instances)
             except OSError as e:
                 print(f"predict: error: writing into {args.out}: {e}; the page masks are whole", file=sys.stderr)
