@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -213,3 +215,53 @@ def test_deep_supervised_loss_weighs_each_level_by_its_resolution():
             + base(y[:, 2::4, 2::4], probs[2], w[:, 2::4, 2::4])) / 7
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
     assert deep_supervised(base, [0]) is base
+
+
+@pytest.mark.parametrize("loss", ["bce", "cce", "focal", "ce_dice"])
+def test_class_weights_weight_each_labelled_pixel_of_the_cross_entropy_by_its_class(loss):
+    from unet_dist.config import ConfigError, load_config
+    from unet_dist.data.convert import IGNORE
+    from unet_dist.losses import class_weights, focal
+
+    k = 2 if loss in ("bce", "ce_dice") else 3
+    frac = [0.9, 0.1] if k == 2 else [0.8, 0.2, 0.0]
+    manifest = {"num_classes": k, "class_pixel_fraction": frac}
+    balanced = class_weights(TrainConfig(class_weights="balanced"), manifest)
+    sqrt = class_weights(TrainConfig(class_weights="sqrt"), manifest)
+    # 1/f and 1/sqrt(f), scaled to a mean pixel weight of 1 over the training masks; an unseen class 1.
+    want = ([1 / 1.8, 5.0], [0.9**-0.5, 0.1**-0.5]) if k == 2 else ([0.625, 2.5, 1.0], [0.8**-0.5, 0.2**-0.5, 1.0])
+    np.testing.assert_allclose(balanced, want[0], rtol=1e-6)
+    np.testing.assert_allclose(sqrt[:2] / sqrt[0], np.array(want[1][:2]) / want[1][0], rtol=1e-6)
+    assert np.dot(frac, balanced) == pytest.approx(1) and np.dot(frac, sqrt) == pytest.approx(1)
+    assert class_weights(TrainConfig(), manifest) is None
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, k, (2, 8, 8, 1)).astype(np.uint8)
+    y[0, :2] = IGNORE  # left out: in no loss, whatever its weight would be
+    p = rng.random((2, 8, 8, k)) + 0.05
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
+    p = p[..., 1:] if k == 2 else p
+    cw = np.array([0.5, 3.0, 7.0][:k], np.float32)
+    got = get_loss(TrainConfig(loss=loss), ignore=True, class_w=cw)(tf.constant(y), tf.constant(p))
+    ids = np.where(y == IGNORE, 0, y)
+    per_pixel = tf.constant(cw[ids])
+    plain = get_loss(TrainConfig(loss=loss), ignore=True)
+    if loss == "focal":
+        want_loss = focal(tf.constant(y), tf.constant(p), per_pixel, ignore=True)
+    else:  # weighted cross-entropy by hand, over the labelled pixels; ce_dice's dice unweighted
+        probs_k = np.concatenate([1 - p, p], -1) if k == 2 else p
+        ce = -np.log(np.take_along_axis(probs_k, ids.astype(np.int64), -1))[..., 0] * cw[ids][..., 0]
+        keep = y[..., 0] != IGNORE
+        want_loss = np.array([ce[i][keep[i]].mean() for i in range(2)])
+        if loss == "ce_dice":
+            want_loss = want_loss + soft_dice(tf.constant(y), tf.constant(p), ignore=True).numpy()
+    np.testing.assert_allclose(got.numpy(), np.asarray(want_loss), rtol=1e-5)
+    assert not np.allclose(got.numpy(), plain(tf.constant(y), tf.constant(p)).numpy(), rtol=1e-3)
+    # Refused in one line naming the key: a loss without a cross-entropy to weight, the wrong
+    # number of weights, fractions the data does not have.
+    for bad, message in ((["train.loss=dice", "train.class_weights=balanced"], "none with train.loss dice"),
+                         (["train.class_weights=[1, 2, 3]"], "none, balanced, sqrt, or 2 weights >= 0"),
+                         (["train.class_weights=[0, 0]"], "not all 0")):
+        with pytest.raises(ConfigError, match=f"train.class_weights.*{re.escape(message)}"):
+            load_config(None, bad)
+    with pytest.raises(ConfigError, match="train.class_weights: balanced needs the training masks' class pixel"):
+        class_weights(TrainConfig(class_weights="balanced"), {"num_classes": 2})

@@ -318,6 +318,15 @@ def test_valid_padding_and_weighted_loss_train(shards, tmp_path):
     assert s["final_val_iou"] is not None
 
 
+def test_class_weights_come_from_the_training_masks_and_are_said(shards, tmp_path, capsys):
+    frac = json.loads((shards / "manifest.json").read_text())["class_pixel_fraction"]
+    s = train(load_config(None, tiny_overrides(steps=1) + ["train.class_weights=balanced"]), shards, tmp_path / "w")
+    want = [1 / (2 * f) for f in frac]
+    assert s["class_weights"] == pytest.approx(want, rel=1e-6)
+    assert (f"train.class_weights balanced: the classes' pixels weighted {want[0]:.4g}, {want[1]:.4g} in the "
+            f"cross-entropy (their shares of the training masks: {frac[0]:.4g}, {frac[1]:.4g})") in capsys.readouterr().out
+
+
 def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, monkeypatch):
     w = tmp_path / "w"
     args = ["--data", str(shards), "--workdir", str(w), "--deterministic"]

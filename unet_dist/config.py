@@ -144,6 +144,7 @@ class TrainConfig:
     steps: int = 1000
     loss: Literal["bce", "cce", "dice", "ce_dice", "focal", "weighted_ce"] = "bce"
     focal_gamma: float = 2.0
+    class_weights: Literal["none", "balanced", "sqrt"] | list[float] = "none"  # each class's pixels' weight in the cross-entropy (bce, cce, focal, ce_dice's): balanced 1/frequency, sqrt 1/sqrt(frequency), from the training masks, the mean pixel weight kept 1; or one weight a class
     weight_w0: float = 10.0  # 2015 border weight
     weight_sigma: float = 5.0
     log_every_steps: int = 20  # a train event (metrics.jsonl, TensorBoard, log line): mean loss and speed since the last
@@ -464,6 +465,12 @@ def validate(cfg: Config) -> None:
     need(t.weight_sigma > 0, "train.weight_sigma", "> 0", t.weight_sigma)
     need(t.weight_w0 >= 0, "train.weight_w0", ">= 0", t.weight_w0)
     need(t.focal_gamma >= 0, "train.focal_gamma", ">= 0", t.focal_gamma)
+    cw = t.class_weights
+    need(cw == "none" or t.loss not in ("dice", "weighted_ce"), "train.class_weights",
+         "none with train.loss dice (no cross-entropy to weight) or weighted_ce (its w_c balances the classes)", cw)
+    need(not isinstance(cw, list) or (len(cw) == m.num_classes and min(cw) >= 0 and max(cw) > 0),
+         "train.class_weights", f"none, balanced, sqrt, or {m.num_classes} weights >= 0 (model.num_classes), "
+         "not all 0", cw)
     need(t.init_from is None or t.init_from.strip() != "", "train.init_from", "null or a workdir", t.init_from)
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from unet_dist.config import Config, TrainConfig
+from unet_dist.config import Config, ConfigError, TrainConfig
 from unet_dist.data.convert import IGNORE
 
 EPS = 1e-6
@@ -85,11 +86,42 @@ def focal(y_true, y_prob, weight=None, gamma: float = 2.0, ignore: bool = False)
     return pixel_mean(fl, valid)
 
 
-def get_loss(cfg: TrainConfig, ignore: bool = False) -> LossFn:
+def class_weights(cfg: TrainConfig, manifest: dict) -> np.ndarray | None:
+    """train.class_weights for the data of `manifest`: (K,) float32, the weight of each class's
+    pixels in the cross-entropy, or None (none). balanced: 1 / f_c, sqrt: 1 / sqrt(f_c), with f_c
+    the share of class c among the training masks' labelled pixels (the manifest's
+    class_pixel_fraction; balanced is scikit-learn's 'balanced' and the 2015 U-Net's w_c), scaled
+    so that the mean pixel weight over the training masks is 1: the loss keeps its size, and the
+    learning rate its meaning. A class with no training pixel gets 1 (no pixel uses it). A list:
+    those weights. Raises ConfigError naming the key where the manifest has no fractions."""
+    w = cfg.class_weights
+    if w == "none":
+        return None
+    if isinstance(w, list):
+        return np.asarray(w, np.float32)
+    frac = np.asarray(manifest.get("class_pixel_fraction") or [], np.float64)
+    if frac.size != manifest["num_classes"]:
+        raise ConfigError(f"config key train.class_weights: {w} needs the training masks' class pixel fractions, "
+                          "which the data's manifest.json lacks; convert it again, or give one weight a class")
+    seen = frac > 0
+    weights = np.where(seen, np.where(seen, frac, 1.0) ** (-1.0 if w == "balanced" else -0.5), 0.0)
+    weights /= (frac * weights).sum()
+    return np.where(seen, weights, 1.0).astype(np.float32)
+
+
+def get_loss(cfg: TrainConfig, ignore: bool = False, class_w: np.ndarray | None = None) -> LossFn:
     """The configured per-example loss. 'weighted_ce' expects the pipeline's 2015 weight map.
-    ignore: leave out pixels whose id is IGNORE (the manifest's ignore_value is set)."""
+    ignore: leave out pixels whose id is IGNORE (the manifest's ignore_value is set). class_w: (K,)
+    weights of each class's pixels in the cross-entropy (`class_weights`; not for dice and
+    weighted_ce, whose map weights the classes itself)."""
+    def by_class(y):  # (B, h, w, 1) each pixel's class weight, or None
+        if class_w is None:
+            return None
+        ids, _ = labelled(y, ignore)  # IGNORE ids read as 0; those pixels count in no loss anyway
+        return tf.gather(tf.constant(class_w, tf.float32), tf.cast(ids, tf.int32))
+
     if cfg.loss in ("bce", "cce"):
-        return lambda y, p, w=None: cross_entropy(y, p, ignore=ignore)
+        return lambda y, p, w=None: cross_entropy(y, p, by_class(y), ignore=ignore)
     if cfg.loss == "weighted_ce":
         def weighted(y, p, w=None):
             if w is None:
@@ -99,9 +131,9 @@ def get_loss(cfg: TrainConfig, ignore: bool = False) -> LossFn:
     if cfg.loss == "dice":
         return lambda y, p, w=None: soft_dice(y, p, ignore=ignore)
     if cfg.loss == "ce_dice":
-        return lambda y, p, w=None: cross_entropy(y, p, ignore=ignore) + soft_dice(y, p, ignore=ignore)
+        return lambda y, p, w=None: cross_entropy(y, p, by_class(y), ignore=ignore) + soft_dice(y, p, ignore=ignore)
     if cfg.loss == "focal":
-        return lambda y, p, w=None: focal(y, p, gamma=cfg.focal_gamma, ignore=ignore)
+        return lambda y, p, w=None: focal(y, p, by_class(y), gamma=cfg.focal_gamma, ignore=ignore)
     raise ValueError(f"unknown loss {cfg.loss!r}")
 
 
@@ -128,8 +160,8 @@ def deep_supervised(loss_fn: LossFn, levels: list[int]) -> LossFn:
     return supervised
 
 
-def training_loss(cfg: Config, ignore: bool = False) -> LossFn:
+def training_loss(cfg: Config, ignore: bool = False, class_w: np.ndarray | None = None) -> LossFn:
     """train.loss (`get_loss`) over the outputs model.deep_supervision gives the model, if any."""
     from unet_dist.model import supervised_levels
 
-    return deep_supervised(get_loss(cfg.train, ignore), supervised_levels(cfg.model))
+    return deep_supervised(get_loss(cfg.train, ignore, class_w), supervised_levels(cfg.model))

@@ -41,7 +41,7 @@ from unet_dist.distribute import (
 )
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, panel_rows, plot_curves, read_metrics
-from unet_dist.losses import cross_entropy, training_loss
+from unet_dist.losses import class_weights, cross_entropy, training_loss
 from unet_dist.metrics import confusion_matrix, predict_classes, scores
 from unet_dist.model import FusedBatchNorm, build_unet, main_output, moving_statistics
 from unet_dist.objects import FIELDS, object_counts, pooled
@@ -611,6 +611,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
     xla_why = resolve_xla(cfg)
     manifest = load_manifest(data_dir)
     check_data_matches(cfg, manifest, data_dir)
+    class_w = class_weights(cfg.train, manifest)
     # Data converted with --val-fraction 0 (a final model on every image, as nnU-Net's fold "all"):
     # train without evaluating; there is no best checkpoint, and predict and export take the latest.
     validate = manifest["val"]["records"] > 0
@@ -663,7 +664,12 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
-    step_fn = make_train_step(model, optimizer, training_loss(cfg, ignores(manifest)), runtime, global_batch,
+    if class_w is not None:
+        runtime.print(f"unet_dist: train.class_weights {cfg.train.class_weights}: the classes' pixels weighted "
+                      f"{', '.join(f'{w:.4g}' for w in class_w)} in the cross-entropy"
+                      + (f" (their shares of the training masks: {', '.join(f'{f:.4g}' for f in frac)})"
+                         if (frac := manifest.get("class_pixel_fraction")) else ""))
+    step_fn = make_train_step(model, optimizer, training_loss(cfg, ignores(manifest), class_w), runtime, global_batch,
                               cfg.runtime.xla, cfg.train.gradient_accumulation_steps)
     batches = [iter(runtime.distribute(  # a list, emptied when the loop ends (below)
         lambda shard, b: train_dataset(data_dir, cfg, b, global_batch, shard, start, manifest)))]
@@ -713,6 +719,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
         "per_replica_batch_size": per_replica,
         "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "learning_rate": peak_lr,
+        "class_weights": None if class_w is None else [float(w) for w in class_w],
         "lr_scaling": cfg.optim.lr_scaling,
         "warmup_steps": cfg.optim.warmup_steps,
         "precision": cfg.runtime.precision,
