@@ -123,7 +123,7 @@ def test_instances_number_each_object_of_each_class_apart():
 def test_grown_objects_take_the_background_nearest_them_and_are_scored_so():
     # Two cells tiling the image, predicted with the gap between them two pixels too wide: each
     # 6x5 of its 6x6 (IoU 5/6). Grown by a pixel, each takes the gap column beside it: exact.
-    from unet_dist.objects import grown, instances, matched_objects
+    from unet_dist.objects import class_objects, grown, instances, matched_objects
     from unet_dist.postprocess import GROWS, SIZES, grow_advice, grow_effect, size_effect
 
     truth = np.ones((6, 12), np.uint8)
@@ -149,7 +149,7 @@ def test_grown_objects_take_the_background_nearest_them_and_are_scored_so():
     assert not np.array_equal(effect[0], effect[1])
     # min-size, which runs before growing, sizes grown objects by their pixels as predicted (30,
     # not 36: under 32) and gives the background those alone.
-    effect = size_effect(pred, truth, 2, [matched_objects(pred, truth, 1, ids, grow=1)])
+    effect = size_effect(pred, truth, 2, [matched_objects(pred, truth, 1, ids, objects=class_objects(pred, (1,), (0, 1))[1])])
     assert effect[1, SIZES.index(32)].tolist() == [2, 2, 2.0, 0, 60] and not effect[1, SIZES.index(16)].any()
     # Up to N pixels, Euclidean: a lone pixel grown by 1 is a plus; by 1.5, the 3x3 square. Never
     # over another object or class (free), and ties go to either object.
@@ -165,6 +165,11 @@ def test_grown_objects_take_the_background_nearest_them_and_are_scored_so():
     two[:, 0], two[:, 6] = 1, 2
     assert instances(two, grows=(0, 2, 2)).tolist() == [[1, 1, 1, 0, 2, 2, 2]] * 3
     assert instances(two, grows=(0, 3, 3)).tolist() == [[1, 1, 1, 1, 2, 2, 2]] * 3  # the middle column: class 1's
+    # And they are scored as predict numbers them: against these very objects, every class exact.
+    numbered = instances(two, grows=(0, 3, 3))
+    as_numbered = np.where(numbered == 2, 2, np.minimum(numbered, 1)).astype(np.uint8)
+    for counts in (object_counts(two, as_numbered, 3, grows=(0, 3, 3)), grow_effect(two, as_numbered, 3)[3]):
+        assert counts[1:, 3].tolist() == [1.0, 1.0], counts  # SEG's sums: IoU 1 each
 
 
 def test_evaluate_scores_instance_masks_against_their_instances(tmp_path, monkeypatch):

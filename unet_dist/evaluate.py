@@ -92,7 +92,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import confusion_matrix, predict_classes, scores
-    from unet_dist.objects import FIELDS, matched_objects, object_counts, object_f1, object_scores
+    from unet_dist.objects import FIELDS, class_objects, matched_objects, object_counts, object_f1, object_scores
     from unet_dist.postprocess import (
         GROWS,
         SIZES,
@@ -162,8 +162,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         predicted = predict_classes(probs).numpy()
         raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
         # Labelled once for both tables.
-        matched = [matched_objects(predicted, truth, c, ids if c == 1 else None, grows[c] if grows else 0)
-                   for c in range(1, k)]
+        objs = class_objects(predicted, range(1, k), grows)  # grown as predict --instances grows them
+        matched = [matched_objects(predicted, truth, c, ids if c == 1 else None, objects=objs[c]) for c in range(1, k)]
         raw_objects = object_counts(predicted, truth, k, matched)
         small = size_effect(predicted, truth, k, matched)
         raw["objects"][i], raw["small_seg"][i] = raw_objects, small[..., 2]

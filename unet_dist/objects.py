@@ -37,14 +37,12 @@ AT_THRESHOLDS = [2, *range(5, FIELDS)]  # the fields of the matches above each o
 SEG_COVER = 0.5  # of a true object's pixels, that its SEG match covers
 
 
-def components(mask: np.ndarray, c: int, grow: int = 0) -> tuple[np.ndarray, int]:
+def components(mask: np.ndarray, c: int) -> tuple[np.ndarray, int]:
     """(int32 labels (H, W): 0 outside class c's objects, 1..n its 8-connected components in raster
-    order, n); with `grow`, each component grown over the background (class 0) as `grown` does."""
+    order, n)."""
     from scipy import ndimage
 
     labels, n = ndimage.label(mask == c, structure=EIGHT_CONNECTED)
-    if grow and n:
-        labels = grown(labels, mask == 0, grow)
     return labels, int(n)
 
 
@@ -71,20 +69,35 @@ def grown_steps(labels: np.ndarray, free: np.ndarray, steps) -> Iterator[np.ndar
         yield np.where(open_ & (dist <= by), nearest_label, labels)
 
 
+def class_objects(classes: np.ndarray, which=None, grows: tuple[int, ...] | None = None
+                  ) -> dict[int, tuple[np.ndarray, int]]:
+    """{class id: (its objects' labels (H, W) as `components` numbers them, n)} for each class of
+    `which` (default: every class but the background 0 present in `classes` (H, W)), in class order,
+    each class's objects grown by grows[c] pixels (`grown`) over the background that no lower
+    class's took: the objects `instances` numbers, and so those `object_counts` and `evaluate
+    --images` score, and training's evaluations with train.object_postprocess."""
+    out, taken = {}, None
+    for c in np.unique(classes[classes > 0]) if which is None else which:
+        labels, n = components(classes, c)
+        if grows and grows[c] and n:
+            free = classes == 0
+            labels = grown(labels, free if taken is None else free & ~taken, grows[c])
+            taken = labels > 0 if taken is None else taken | (labels > 0)
+        out[int(c)] = labels, n
+    return out
+
+
 def instances(classes: np.ndarray, which: tuple[int, ...] | None = None,
               grows: tuple[int, ...] | None = None) -> np.ndarray:
     """Class ids (H, W) -> instance labels (H, W), `predict --instances`: 0 on the background (class
     0), and each 8-connected component of every other class (or of the classes `which` names, 0
     elsewhere) numbered from 1, the lowest class's first, each class's in raster order (as
     `components` finds them). grows: for each class id, the pixels its objects grow by over the
-    background (`grown`) that no lower class's took. uint16, or int32 past 65,535 objects (what a
-    16-bit TIFF holds: the cell tracking challenge's format). An instance's class is the mask's at
-    any of its pixels but those it grew over."""
+    background that no lower class's took (`class_objects`). uint16, or int32 past 65,535 objects
+    (what a 16-bit TIFF holds: the cell tracking challenge's format). An instance's class is the
+    mask's at any of its pixels but those it grew over."""
     out, total = np.zeros(classes.shape, np.int32), 0
-    for c in np.unique(classes[classes > 0]) if which is None else which:
-        labels, n = components(classes, c)
-        if grows and grows[c] and n:
-            labels = grown(labels, (classes == 0) & (out == 0), grows[c])
+    for labels, n in class_objects(classes, which, grows).values():
         inside = labels > 0
         out[inside] = labels[inside] + total
         total += n
@@ -128,10 +141,10 @@ def measured(labels: np.ndarray, classes: np.ndarray, probs: np.ndarray | None =
 
 
 def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.ndarray | None = None,
-                    grow: int = 0, objects: tuple[np.ndarray, int] | None = None
+                    objects: tuple[np.ndarray, int] | None = None
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Class c's objects in predicted class ids `pred` (H, W), grown by `grow` pixels over its
-    background (`components`; the truth's never are), matched to those of `truth` (H, W):
+    """Class c's objects in predicted class ids `pred` (H, W) (`components`, or `objects`), matched
+    to those of `truth` (H, W) (the truth's are never grown):
     (the true objects, the predicted objects' labels (H, W) as `components` gives them, and for
     predicted object 1..n: whether it counts (bool (n,): not wholly where the truth is IGNORE),
     its IoU with the true object it matches at IoU > 0.5 (float64 (n,), 0 where it matches none),
@@ -141,11 +154,12 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.n
     instance label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of
     class c's components in `truth`: instance masks, whose objects the gaps of
     `convert.instance_classes` may have cut a sliver off, and whose gap pixels are theirs (or
-    class c's components, where the caller has them already). objects: the predicted objects (labels (H, W), n), where the caller has them already (grown
-    or not), instead of `components(pred, c, grow)`."""
+    class c's components, where the caller has them already). objects: the predicted objects (labels
+    (H, W), n), where the caller has them already, or grown (`class_objects`), instead of
+    `components(pred, c)`."""
     valid = (truth != IGNORE).ravel()
     lt, nt = (truth_ids, int(truth_ids.max(initial=0))) if truth_ids is not None else components(truth, c)
-    lp, npred = objects if objects is not None else components(pred, c, grow)
+    lp, npred = objects if objects is not None else components(pred, c)
     t, p = lt.ravel()[valid], lp.ravel()[valid]
     area_t = np.bincount(t, minlength=nt + 1)
     area_p = np.bincount(p, minlength=npred + 1)
@@ -176,12 +190,13 @@ def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched
     `metrics.confusion_matrix` leaves them out. matched: `matched_objects` of classes 1..K-1,
     where the caller has them already; truth_ids: the true objects of class 1, the one class of
     instance masks (`matched_objects`); grows: for each class id, the pixels its predicted objects
-    grow by (`components`). A matched pair's objects meet both SEG's test and the F1's, since
+    grow by (`class_objects`: as predict --instances grows them). A matched pair's objects meet both SEG's test and the F1's, since
     IoU > 0.5 takes more than half of each."""
     out = np.zeros((num_classes, FIELDS))
+    objects = None if matched else class_objects(pred, range(1, num_classes), grows)
     for c in range(1, num_classes):
         out[c] = count_row(matched[c - 1] if matched else matched_objects(
-            pred, truth, c, truth_ids if c == 1 else None, grows[c] if grows else 0))
+            pred, truth, c, truth_ids if c == 1 else None, objects=objects[c]))
     return out
 
 
