@@ -198,6 +198,10 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     assert pp["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
     # Its object scores are those of the masks predict wrote: one object an image at most now.
     assert all(r["object_f1_per_class"][0] is None for r in pp["per_image"])
+    by_name = {r["image"]: r for r in pp["per_image"]}  # and each image's objects counted
+    for path, counts in zip(sorted((pet_src / "images").iterdir()), objects, strict=True):
+        assert by_name[str(path)]["true_objects_per_class"] == [None, int(counts[1, 0])]
+        assert by_name[str(path)]["predicted_objects_per_class"] == [None, int(counts[1, 1])] != [None, 0]
     (mine,) = object_scores(sum(objects), per_image=np.stack(objects))
     (theirs,) = pp["objects"]
     assert [pytest.approx(b) for b in mine.pop("by_iou")] == theirs.pop("by_iou")

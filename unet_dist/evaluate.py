@@ -200,8 +200,12 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 0
 
     def own(cm, objs):  # an image's or a stack's own scores: counts and `object_counts` rows summed over it
+        # The objects counted too, per class (None for the background): a count's error, where
+        # cells are counted, is the number read first.
         return {**{key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")},
-                "object_f1_per_class": object_f1(objs)}
+                "object_f1_per_class": object_f1(objs),
+                **{f"{what}_objects_per_class": [None, *objs[1:, field].astype(int).tolist()]
+                   for field, what in ((0, "true"), (1, "predicted"))}}
 
     per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
                   **own(counts[i], objects[i])} for i in np.flatnonzero(read & labelled)]
