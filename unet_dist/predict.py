@@ -69,7 +69,7 @@ from unet_dist.config import ConfigError, add_runtime_set_arg, add_strategy_arg,
 PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180]
 # What predict writes for an image STEM (a stack's page: STEM_pNNN), and for a stack STEM once its
 # pages are written: STEM + STACK_MASK and, with --probabilities and --instances, STEM + PROBS and
-# STEM + INSTANCES.
+# STEM + INSTANCES with STEM + OBJECTS.
 MASK, OVERLAY, PROBS, INSTANCES, STACK_MASK = "_mask.png", "_overlay.png", "_probs.tif", "_instances.tif", "_mask.tif"
 OBJECTS = "_objects.csv"  # with --instances: a row per object (`objects.measured`); a stack's has its pages'
 
