@@ -325,6 +325,15 @@ def test_class_weights_come_from_the_training_masks_and_are_said(shards, tmp_pat
     assert s["class_weights"] == pytest.approx(want, rel=1e-6)
     assert (f"train.class_weights balanced: the classes' pixels weighted {want[0]:.4g}, {want[1]:.4g} in the "
             f"cross-entropy (their shares of the training masks: {frac[0]:.4g}, {frac[1]:.4g})") in capsys.readouterr().out
+    # Without weights, a class under 1% of the pixels meets plain cross-entropy: the start says what helps.
+    from unet_dist.trainer import class_balance_lines
+
+    sparse = {"num_classes": 3, "class_pixel_fraction": [0.985, 0.01, 0.005], "class_names": ["bg", "pet", "tag"]}
+    assert class_balance_lines(load_config(None, ["model.num_classes=3", "train.loss=cce"]), sparse, None) == [
+        "unet_dist: class 2 (tag) is 0.50% of the training masks' labelled pixels, which plain cross-entropy "
+        "(train.loss cce) learns slowly; train.loss ce_dice, or train.class_weights sqrt, learns it sooner (README)"]
+    assert class_balance_lines(load_config(None, ["model.num_classes=3", "train.loss=ce_dice"]), sparse, None) == []
+    assert class_balance_lines(load_config(None, ["train.loss=bce"]), {"class_pixel_fraction": [0.9, 0.1]}, None) == []
 
 
 def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, monkeypatch):

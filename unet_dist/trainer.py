@@ -510,6 +510,28 @@ def _monitor_text(t) -> str:
     return t.monitor
 
 
+# Below this share of the training masks' labelled pixels a class is rare (README: a 0.48% class).
+RARE_CLASS = 0.01
+
+
+def class_balance_lines(cfg: Config, manifest: dict, class_w: np.ndarray | None) -> list[str]:
+    """What training says at start about the classes' balance: the weights train.class_weights gave
+    them, or where plain cross-entropy meets a rare class, what learns it sooner."""
+    frac = manifest.get("class_pixel_fraction") or []
+    if class_w is not None:
+        return [f"unet_dist: train.class_weights {cfg.train.class_weights}: the classes' pixels weighted "
+                f"{', '.join(f'{w:.4g}' for w in class_w)} in the cross-entropy"
+                + (f" (their shares of the training masks: {', '.join(f'{f:.4g}' for f in frac)})" if frac else "")]
+    rare = [(f, c) for c, f in enumerate(frac) if 0 < f < RARE_CLASS]
+    if cfg.train.loss not in ("bce", "cce") or not rare:
+        return []
+    f, c = min(rare)
+    name = manifest.get("class_names") or []
+    return [f"unet_dist: class {c}{f' ({name[c]})' if c < len(name) else ''} is {f:.2%} of the training masks' "
+            f"labelled pixels, which plain cross-entropy (train.loss {cfg.train.loss}) learns slowly; train.loss "
+            "ce_dice, or train.class_weights sqrt, learns it sooner (README)"]
+
+
 def gpu_peak_over_processes(runtime: Runtime) -> float | None:
     """The largest `gpu_memory_peak_mib` of any process (every process must call it: one
     collective), None where none has a GPU: the GPU a run must fit on is its fullest one."""
@@ -664,11 +686,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
-    if class_w is not None:
-        runtime.print(f"unet_dist: train.class_weights {cfg.train.class_weights}: the classes' pixels weighted "
-                      f"{', '.join(f'{w:.4g}' for w in class_w)} in the cross-entropy"
-                      + (f" (their shares of the training masks: {', '.join(f'{f:.4g}' for f in frac)})"
-                         if (frac := manifest.get("class_pixel_fraction")) else ""))
+    for line in class_balance_lines(cfg, manifest, class_w):
+        runtime.print(line)
     step_fn = make_train_step(model, optimizer, training_loss(cfg, ignores(manifest), class_w), runtime, global_batch,
                               cfg.runtime.xla, cfg.train.gradient_accumulation_steps)
     batches = [iter(runtime.distribute(  # a list, emptied when the loop ends (below)
