@@ -74,6 +74,13 @@ def test_matches_are_also_counted_above_stricter_ious_as_cell_benchmarks_report_
     assert [b["ap"] for b in s["by_iou"]] == [0.75] * 10  # pooled: 3 / (4 + 3 - 3)
     assert [b["image_ap"] for b in s["by_iou"]] == [0.5] * 10 and s["image_mean_ap"] == 0.5  # (1 + 0) / 2
     assert "image_mean_ap" not in object_scores(rows.sum(axis=0))[0]
+    # Each image's count: off by 0 and 1 (of 3 and 1 true), the empty image left out. With one more
+    # off by 1 of 3 (the speck, one too many), the pooled count is right (7 against 7), the images' not.
+    assert (s["image_count_error"], s["image_count_relative_error"]) == (0.5, 0.5)
+    rows = np.concatenate([rows, object_counts(pred, truth, 2)[None]])
+    (s,) = object_scores(rows.sum(axis=0), per_image=rows)
+    assert s["true_objects"] == s["predicted_objects"] == 7
+    assert (s["image_count_error"], s["image_count_relative_error"]) == pytest.approx((2 / 3, (0 + 1 + 1 / 3) / 3))
 
 
 def test_ignored_pixels_count_in_no_object_and_classes_are_scored_apart():

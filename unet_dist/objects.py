@@ -216,17 +216,24 @@ def object_scores(counts: np.ndarray, per_image: np.ndarray | None = None) -> li
     Cellpose call average precision, StarDist accuracy) of the objects pooled over images, with
     mean_ap its mean over THRESHOLDS. per_image: the rows (N, K, FIELDS) of each image, for the
     Bowl's way too: each image's TP / (TP + FP + FN) averaged over the images with an object of
-    the class, true or predicted (image_ap in by_iou, image_mean_ap its mean over THRESHOLDS)."""
+    the class, true or predicted (image_ap in by_iou, image_mean_ap its mean over THRESHOLDS), and
+    how far each image's count of objects is off, |predicted - true|, averaged over the same images
+    (image_count_error) and, over those with a true object, as a share of its true count
+    (image_count_relative_error): a pooled count hides errors that cancel between images."""
     out = []
     for c, row in enumerate(counts):
         if not c or not row[0] + row[1]:
             continue
         truth, predicted = row[0], row[1]
-        image_ap = None
+        image_ap, counting = None, {}
         if per_image is not None:
             rows = per_image[:, c][per_image[:, c, 0] + per_image[:, c, 1] > 0]
             matched = rows[:, AT_THRESHOLDS]  # (images, THRESHOLDS)
             image_ap = (matched / (rows[:, :1] + rows[:, 1:2] - matched)).mean(axis=0)
+            off, true = np.abs(rows[:, 1] - rows[:, 0]), rows[:, 0]
+            counting = {"image_count_error": float(off.mean()),
+                        "image_count_relative_error": float((off[true > 0] / true[true > 0]).mean())
+                        if (true > 0).any() else None}
         by_iou = []
         for i, (t, matched) in enumerate(zip(THRESHOLDS, row[AT_THRESHOLDS], strict=True)):
             r = ratios([truth, predicted, matched, 0])
@@ -238,7 +245,8 @@ def object_scores(counts: np.ndarray, per_image: np.ndarray | None = None) -> li
                     # TP + FP / 2 + FN / 2 = (true + predicted) / 2
                     "panoptic_quality": float(2 * row[4] / (truth + predicted)),
                     "mean_ap": float(np.mean([b["ap"] for b in by_iou])),
-                    **({"image_mean_ap": float(image_ap.mean())} if image_ap is not None else {}), "by_iou": by_iou})
+                    **({"image_mean_ap": float(image_ap.mean())} if image_ap is not None else {}), **counting,
+                    "by_iou": by_iou})
     return out
 
 
