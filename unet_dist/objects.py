@@ -190,8 +190,8 @@ def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched
     `metrics.confusion_matrix` leaves them out. matched: `matched_objects` of classes 1..K-1,
     where the caller has them already; truth_ids: the true objects of class 1, the one class of
     instance masks (`matched_objects`); grows: for each class id, the pixels its predicted objects
-    grow by (`class_objects`: as predict --instances grows them). A matched pair's objects meet both SEG's test and the F1's, since
-    IoU > 0.5 takes more than half of each."""
+    grow by (`class_objects`: as predict --instances grows them). A matched pair's objects meet
+    both SEG's test and the F1's, since IoU > 0.5 takes more than half of each."""
     out = np.zeros((num_classes, FIELDS))
     objects = None if matched else class_objects(pred, range(1, num_classes), grows)
     for c in range(1, num_classes):
