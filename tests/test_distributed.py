@@ -346,6 +346,7 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert ("(their probabilities in vol_probs.tif, their instances in vol_instances.tif, their objects in "
             "vol_objects.csv)") in proc.stdout
     assert proc.stderr.count("skipping") == 1, proc.stderr
+    assert f"no X_objects.csv in {tmp_path / 'p2'} for 1 of the 51 images (skipped," in proc.stderr
     horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--out", str(tmp_path / "e2.json"),
                "--postprocess", "min-size:16+largest+grow:2")
     masks = sorted(p.name for p in (tmp_path / "p1").glob("*_mask.png"))
@@ -376,6 +377,7 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
         stem = name.removesuffix("_mask.png")
         assert (tmp_path / "p1" / f"{stem}_objects.csv").read_text() == (
             tmp_path / "p2" / f"{stem}_objects.csv").read_text(), stem
+    assert (tmp_path / "p1" / "objects.csv").read_text() == (tmp_path / "p2" / "objects.csv").read_text()
     stack_rows = (tmp_path / "p2" / "vol_objects.csv").read_text().splitlines()
     assert stack_rows[0].startswith("page,label,class,area,") and {r.split(",")[0] for r in stack_rows[1:]} == {
         "0", "1", "2"}
@@ -387,12 +389,14 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
         (tmp_path / "p2" / f"{stem}{kind}").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p2").iterdir()
             if not p.name.startswith((*(f"{stem}_" for stem in redo), "vol_mask", "vol_probs", "vol_instances",
-                                                                     "vol_objects"))}  # stacks
+                                                                     "vol_objects", "objects.csv"))}  # stacks, table
     proc = horovodrun("-m", "unet_dist.predict", "--workdir", str(w), str(src / "images"), str(tmp_path / "vol.tif"),
                       "--out", str(tmp_path / "p2"), "--probabilities", "--instances", "--continue")
     assert f"predict: leaving out 46 of 51 images, predicted in {tmp_path / 'p2'} already (--continue)" in proc.stderr
     assert proc.stdout.count("predict: 4 images on 2 processes") == 1, proc.stdout  # and the corrupt one, skipped
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p2").iterdir() if p.name in kept} == kept
+    # The table again holds every image's objects, those predicted before the stop too.
+    assert (tmp_path / "p1" / "objects.csv").read_text() == (tmp_path / "p2" / "objects.csv").read_text()
     for stem, kind in redo.items():
         assert (tmp_path / "p2" / f"{stem}{kind}").exists(), stem
         a, b = (np.asarray(Image.open(tmp_path / d / f"{stem}_mask.png")) for d in ("p1", "p2"))

@@ -260,7 +260,15 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
         assert all(0.5 < float(r[-1]) <= 1 for r in rows)
         numbered += len(rows)
     assert pixels[0] > pixels[1]  # grown
-    assert f"; {numbered:,} objects numbered (STEM_instances.tif, STEM_objects.csv)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"; {numbered:,} objects numbered (STEM_instances.tif, STEM_objects.csv)" in said
+    # And every image's rows in one table, after the image's path and page.
+    assert f"predict: {tmp_path / 'pred_g' / 'objects.csv'}: the {numbered:,} objects of " in said
+    table = (tmp_path / "pred_g" / "objects.csv").read_text().splitlines()
+    first = sorted((pet_src / "images").iterdir())[0]
+    head, *own = (tmp_path / "pred_g" / f"{first.stem}_objects.csv").read_text().splitlines()
+    assert table[0] == f"image,page,{head}" and len(table) == 1 + numbered
+    assert table[1 : 1 + len(own)] == [f"{first},,{row}" for row in own]
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "p2"),
                          "--postprocess", "grow:2"]) == 2
     assert "predict: error: --postprocess 'grow:2': grow is used with --instances only" in capsys.readouterr().err

@@ -23,7 +23,8 @@ label image, 0 on the background; 16-bit, as the cell tracking challenge takes t
 the model parted come out as cells (`objects.instances`); a stack's holds its pages', each numbered alone.
 It also writes PRED/<stem>_objects.csv, a row per object: its label, class, area in pixels, centroid,
 bounding box and mean probability of its class (`objects.measured`); a stack's lists its pages', each
-row after its page number. The line predict ends with counts the objects numbered.
+row after its page number. PRED/objects.csv has every image's rows in one table, after its path
+and page. The line predict ends with counts the objects numbered.
 --instance-classes 1 numbers the objects of class 1 alone (not those of a class 2 of cell borders).
 --postprocess largest keeps only the largest connected component of each class but the background in
 the masks (largest:1,3: of those classes), as nnU-Net does where it helps; min-size:N (min-size:N:1,3)
@@ -72,6 +73,7 @@ PALETTE = [0, 0, 0, 255, 255, 255, 230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 13
 # STEM + INSTANCES with STEM + OBJECTS.
 MASK, OVERLAY, PROBS, INSTANCES, STACK_MASK = "_mask.png", "_overlay.png", "_probs.tif", "_instances.tif", "_mask.tif"
 OBJECTS = "_objects.csv"  # with --instances: a row per object (`objects.measured`); a stack's has its pages'
+ALL_OBJECTS = "objects.csv"  # with --instances: every image's rows in one table (`objects_table`)
 
 
 def _save(image: Image.Image, path: Path, **params) -> None:
@@ -268,6 +270,36 @@ def write_stack(path: Path, pages: list, failed: int, out: Path, probabilities: 
         ["probabilities"] * probabilities + ["instances", "objects"] * instances, targets[1:], strict=True)]
     also = f" ({', '.join(extras)})" if extras else ""
     return f"predict: {targets[0]}: the {len(pages)} page masks of {path} as one stack{also}", True
+
+
+def objects_table(samples: list, out: Path) -> tuple[str, bool]:
+    """Writes OUT/objects.csv: the rows of every image's STEM_objects.csv in OUT (from every
+    process, and from an earlier predict that --continue finished), in the order of `samples`,
+    each after its image's path and page (empty but for a stack's page), so that a folder's
+    objects are one table to read. Returns (predict's line about it, whether every image had its
+    table). Raises OSError when the write fails."""
+    import csv
+    import io
+
+    from unet_dist.objects import MEASURES
+
+    rows, missing, images = [], 0, 0
+    for sample in samples:
+        try:
+            _, *lines = (out / f"{sample.name}{OBJECTS}").read_text().splitlines()
+        except (OSError, ValueError):  # ValueError: empty, no header
+            missing += 1
+            continue
+        where = io.StringIO()  # the path quoted where it holds a comma or a quote, as csv readers expect
+        csv.writer(where, lineterminator="").writerow([sample.image, sample.page if sample.stacked else ""])
+        rows += [f"{where.getvalue()},{line}\n" for line in lines]
+        images += 1
+    atomic.atomic_write_text(out / ALL_OBJECTS, "".join([",".join(("image", "page", *MEASURES)) + "\n", *rows]))
+    said = f"predict: {out / ALL_OBJECTS}: the {len(rows):,} objects of {images} images in one table"
+    if missing:
+        said += (f"; no X{OBJECTS} in {out} for {missing} of the {len(samples)} images (skipped, or predicted on a "
+                 "node that does not share --out)")
+    return said, not missing
 
 
 def add_mode_args(p: argparse.ArgumentParser) -> None:
@@ -486,6 +518,13 @@ def main(argv=None) -> int:
                                           args.out, args.probabilities, args.instances)
             except OSError as e:
                 print(f"predict: error: writing into {args.out}: {e}; the page masks are whole", file=sys.stderr)
+                return 1
+            print(said, file=sys.stdout if whole else sys.stderr)
+        if args.instances:
+            try:
+                said, whole = objects_table(samples, args.out)
+            except OSError as e:
+                print(f"predict: error: writing into {args.out}: {e}; the masks are whole", file=sys.stderr)
                 return 1
             print(said, file=sys.stdout if whole else sys.stderr)
     return 1 if todo and failed == len(todo) else 0
