@@ -163,6 +163,10 @@ class TrainConfig:
     init_from: str | None = None  # a workdir whose best (else latest) model weights start this run (fine-tuning; a run that resumes ignores it); only model.num_classes (the output layer then starts new), model.deep_supervision (its heads) and model.in_channels (the input convolution's kernel is adapted) may differ
 
 
+# train.monitor's metrics of objects, which train.object_metrics computes (`objects.pooled`).
+OBJECT_MONITORS = ("val_object_f1", "val_seg")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -448,7 +452,7 @@ def validate(cfg: Config) -> None:
     need(t.image_panels >= 0, "train.image_panels", ">= 0", t.image_panels)
     need(t.early_stop_patience >= 0, "train.early_stop_patience", ">= 0 (0 = off)", t.early_stop_patience)
     need(0 <= t.early_stop_min_delta < 1, "train.early_stop_min_delta", "in [0, 1)", t.early_stop_min_delta)
-    need(t.monitor not in ("val_object_f1", "val_seg") or t.object_metrics, "train.monitor",
+    need(t.monitor not in OBJECT_MONITORS or t.object_metrics, "train.monitor",
          "val_object_f1 or val_seg only with train.object_metrics: true (which computes them)", t.monitor)
     if t.object_postprocess != "none":
         from unet_dist.postprocess import parse  # here: postprocess imports this module

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist.atomic import atomic_write_text
+from unet_dist.config import OBJECT_MONITORS
 from unet_dist.data.convert import IGNORE
 from unet_dist.data.imageio import rgb_view
 from unet_dist.progress import progress, terminal_bar, time_left
@@ -104,7 +105,7 @@ class Logger:
                     tf.summary.scalar(f"val/{k.removeprefix('val_')}", v)
         self.message(f"step {step}: val_loss {m['val_loss']:.4f}  val_iou {m['val_iou']:.4f}  "
                      f"val_dice {m['val_dice']:.4f}  val_pixel_acc {m['val_pixel_acc']:.4f}"
-                     + "".join(f"  {k} {m[k]:.4f}" for k in ("val_object_f1", "val_seg") if m.get(k) is not None))
+                     + "".join(f"  {k} {m[k]:.4f}" for k in OBJECT_MONITORS if m.get(k) is not None))
 
     def images(self, step: int, panel: np.ndarray) -> None:
         """panel: (N, h, 4w, 3) uint8 rows of input | truth | prediction | overlay."""

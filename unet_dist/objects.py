@@ -76,13 +76,12 @@ def class_objects(classes: np.ndarray, which=None, grows: tuple[int, ...] | None
     each class's objects grown by grows[c] pixels (`grown`) over the background that no lower
     class's took: the objects `instances` numbers, and so those `object_counts` and `evaluate
     --images` score, and training's evaluations with train.object_postprocess."""
-    out, taken = {}, None
+    out, free = {}, None  # free: the background no lower class's objects grew over
     for c in np.unique(classes[classes > 0]) if which is None else which:
         labels, n = components(classes, c)
         if grows and grows[c] and n:
-            free = classes == 0
-            labels = grown(labels, free if taken is None else free & ~taken, grows[c])
-            taken = labels > 0 if taken is None else taken | (labels > 0)
+            labels = grown(labels, classes == 0 if free is None else free, grows[c])
+            free = (classes == 0 if free is None else free) & (labels == 0)
         out[int(c)] = labels, n
     return out
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from unet_dist import precision
 from unet_dist.atomic import atomic_write_text
 from unet_dist.checkpoint import Checkpoints, check_free_space, init_weights
-from unet_dist.config import Config, ConfigError, config_yaml, load_workdir_config, writable_dir
+from unet_dist.config import OBJECT_MONITORS, Config, ConfigError, config_yaml, load_workdir_config, writable_dir
 from unet_dist.data.convert import ignores
 from unet_dist.data.pipeline import (
     DataError,
@@ -505,7 +505,7 @@ def resumed_evaluations(workdir: Path, start: int, runtime: Runtime, cfg: Config
 def _monitor_text(t) -> str:
     """What the best checkpoint is kept by: train.monitor, and for the objects' metrics the
     post-processing of the objects they score ('val_seg of objects after grow:2')."""
-    if t.monitor in ("val_object_f1", "val_seg") and t.object_postprocess != "none":
+    if t.monitor in OBJECT_MONITORS and t.object_postprocess != "none":
         return f"{t.monitor} of objects after {t.object_postprocess}"
     return t.monitor
 
