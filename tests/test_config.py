@@ -34,6 +34,9 @@ def test_defaults_and_presets_load_and_read_back_from_a_runs_config_yaml(tmp_pat
         ("data.augment.hue=0.9", ["data.augment.hue"]),
         ("data.augment.scale_min=0.4", ["data.augment.scale_min", "0.5 <= scale_min"]),
         ("data.augment.scale_prob=0", ["data.augment.scale_prob", "0 < scale_prob <= 1"]),
+        ("data.augment.noise=-0.1", ["data.augment.noise", "0 to 1"]),
+        ("data.augment.blur_prob=0", ["data.augment.blur_prob", "0 < blur_prob <= 1"]),
+        ("data.augment.gamma=5", ["data.augment.gamma", "0 to 4"]),
         ("data.per_replica_batch_size=8", ["set exactly one"]),
         ("model.up_filters=[4, 2]", ["model.up_filters"]),
         ("data.patch_size=[512, 128]", ["data.patch_size", "0 < h <= 256"]),
@@ -84,6 +87,14 @@ def test_rot90_needs_a_square_training_input():
     # Only the patch is turned: a square patch of a non-square image is fine.
     cfg = load_config(None, ["data.augment.rot90=true", "data.image_size=[256, 320]", "data.patch_size=[128, 128]"])
     assert cfg.data.augment.rot90
+
+
+def test_a_blur_wider_than_the_trained_input_is_refused():
+    # The kernel's radius (3 sigma) mirrors past the edge of what is trained on: the patch when set.
+    load_config(None, ["data.augment.blur=3", "data.image_size=[32, 32]", "model.depth=2"])
+    with pytest.raises(ConfigError, match=r"^config key data.augment.blur: .*at most 2.33333: .*\[8, 8\]"):
+        load_config(None, ["data.augment.blur=3", "data.image_size=[32, 32]", "data.patch_size=[8, 8]",
+                           "model.depth=2"])
 
 
 def test_valid_padding_sizes_are_checked():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -24,6 +25,11 @@ from unet_dist.shapes import check_input_size
 # The most channels an image may have (model.in_channels, convert --channels): far above any stain
 # or band count we know of, and a bound on what one record holds.
 MAX_CHANNELS = 64
+
+
+def blur_radius(sigma: float) -> int:
+    """Pixels each side of the centre of data.augment's Gaussian blur kernel (3 sigma)."""
+    return math.ceil(3 * sigma)
 
 
 class ConfigError(ValueError):
@@ -47,6 +53,14 @@ class AugmentConfig:
     brightness: float = 0.1  # max delta on [0, 1] images; 0 disables
     contrast: float = 0.1  # factor in [1 - c, 1 + c]; 0 disables
     hue: float = 0.0  # max hue delta in [0, 0.5]; 0 disables
+    # Intensity transforms for images whose quality varies (microscopy, CT, MRI), as nnU-Net's
+    # training applies them, each to a share of the samples: Gaussian noise, Gaussian blur, gamma.
+    noise: float = 0.0  # max std of Gaussian noise on [0, 1] images, each noisy sample's drawn in [0, noise]; 0 disables
+    noise_prob: float = 0.1  # share of the samples given noise (nnU-Net: 0.1)
+    blur: float = 0.0  # max Gaussian blur sigma in pixels, drawn in [blur / 2, blur] (nnU-Net: 0.5-1); 0 disables
+    blur_prob: float = 0.2  # share of the samples blurred (nnU-Net: 0.2)
+    gamma: float = 0.0  # x ** g, g drawn log-evenly in [1 / (1 + gamma), 1 + gamma] (nnU-Net ~0.7-1.5: 0.5); 0 disables
+    gamma_prob: float = 0.3  # share of the samples given a gamma (nnU-Net: 0.3)
 
 
 @dataclass
@@ -371,6 +385,11 @@ def validate(cfg: Config) -> None:
     need(0 <= a.brightness <= 1, "data.augment.brightness", "0 to 1", a.brightness)
     need(0 <= a.contrast < 1, "data.augment.contrast", "0 to <1", a.contrast)
     need(0 <= a.hue <= 0.5, "data.augment.hue", "0 to 0.5", a.hue)
+    need(0 <= a.noise <= 1, "data.augment.noise", "0 to 1", a.noise)
+    need(0 <= a.blur <= 5, "data.augment.blur", "0 to 5 (pixels)", a.blur)
+    need(0 <= a.gamma <= 4, "data.augment.gamma", "0 to 4", a.gamma)
+    for key in ("noise_prob", "blur_prob", "gamma_prob"):
+        need(0 < getattr(a, key) <= 1, f"data.augment.{key}", f"0 < {key} <= 1", getattr(a, key))
     # rot90 turns what is trained on: the patch when there is one (checked below), else the image.
     need(a.rot90 is False or d.patch_size is not None or d.image_size[0] == d.image_size[1], "data.augment.rot90",
          "false unless image_size (or patch_size when set) is square", a.rot90)
@@ -413,6 +432,11 @@ def validate(cfg: Config) -> None:
         need(a.rot90 is False or d.patch_size[0] == d.patch_size[1], "data.augment.rot90",
              "false unless patch_size is square", a.rot90)
         fits_network("patch_size")
+    # The blur mirrors the image past its edges by its kernel's radius, which must stay inside it.
+    trained = d.patch_size if d.patch_size is not None else d.image_size
+    need(a.blur == 0 or blur_radius(a.blur) < min(trained), "data.augment.blur",
+         f"at most {(min(trained) - 1) / 3:g}: its kernel's radius (3 sigma) must be under the trained size {trained}",
+         a.blur)
 
     need(o.learning_rate > 0, "optim.learning_rate", "> 0", o.learning_rate)
     need(0 <= o.momentum < 1, "optim.momentum", "0 <= momentum < 1", o.momentum)
