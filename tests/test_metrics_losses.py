@@ -221,6 +221,7 @@ def test_deep_supervised_loss_weighs_each_level_by_its_resolution():
 def test_class_weights_weight_each_labelled_pixel_of_the_cross_entropy_by_its_class(loss):
     from unet_dist.config import ConfigError, load_config
     from unet_dist.data.convert import IGNORE
+    from unet_dist.data.pipeline import class_balance_weights
     from unet_dist.losses import class_weights, focal
 
     k = 2 if loss in ("bce", "ce_dice") else 3
@@ -234,6 +235,8 @@ def test_class_weights_weight_each_labelled_pixel_of_the_cross_entropy_by_its_cl
     np.testing.assert_allclose(sqrt[:2] / sqrt[0], np.array(want[1][:2]) / want[1][0], rtol=1e-6)
     assert np.dot(frac, balanced) == pytest.approx(1) and np.dot(frac, sqrt) == pytest.approx(1)
     assert class_weights(TrainConfig(), manifest) is None
+    # weighted_ce's w_c (the 2015 map's) is balanced's: an unseen class no longer turns it off.
+    np.testing.assert_allclose(class_balance_weights(manifest), balanced, rtol=1e-6)
     rng = np.random.default_rng(1)
     y = rng.integers(0, k, (2, 8, 8, 1)).astype(np.uint8)
     y[0, :2] = IGNORE  # left out: in no loss, whatever its weight would be

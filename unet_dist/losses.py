@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from unet_dist.config import Config, ConfigError, TrainConfig
 from unet_dist.data.convert import IGNORE
+from unet_dist.data.pipeline import class_balance_weights
 
 EPS = 1e-6
 LossFn = Callable[[tf.Tensor, tf.Tensor, "tf.Tensor | None"], tf.Tensor]
@@ -99,14 +100,10 @@ def class_weights(cfg: TrainConfig, manifest: dict) -> np.ndarray | None:
         return None
     if isinstance(w, list):
         return np.asarray(w, np.float32)
-    frac = np.asarray(manifest.get("class_pixel_fraction") or [], np.float64)
-    if frac.size != manifest["num_classes"]:
+    if len(manifest.get("class_pixel_fraction") or []) != manifest["num_classes"]:
         raise ConfigError(f"config key train.class_weights: {w} needs the training masks' class pixel fractions, "
                           "which the data's manifest.json lacks; convert it again, or give one weight a class")
-    seen = frac > 0
-    weights = np.where(seen, np.where(seen, frac, 1.0) ** (-1.0 if w == "balanced" else -0.5), 0.0)
-    weights /= (frac * weights).sum()
-    return np.where(seen, weights, 1.0).astype(np.float32)
+    return class_balance_weights(manifest, 1.0 if w == "balanced" else 0.5)
 
 
 def get_loss(cfg: TrainConfig, ignore: bool = False, class_w: np.ndarray | None = None) -> LossFn:

@@ -272,13 +272,20 @@ def border_weights(masks: tf.Tensor, distances: tf.Tensor, class_w: np.ndarray, 
     return tf.gather(tf.constant(class_w, tf.float32), ids) + tf.where(masks == 0, border, 0.0)
 
 
-def class_balance_weights(manifest: dict) -> np.ndarray:
-    """w_c: inverse class frequency from the manifest, normalised so the mean pixel weight is 1."""
+def class_balance_weights(manifest: dict, power: float = 1.0) -> np.ndarray:
+    """(K,) float32 w_c = f_c ** -power, f_c the share of class c among the training masks' labelled
+    pixels (the manifest's class_pixel_fraction), scaled so that the mean pixel weight over the
+    training masks is 1. power 1 is inverse frequency (the 2015 U-Net's w_c, scikit-learn's
+    'balanced'), 0.5 its square root. A class with no training pixel gets 1 (no pixel uses it);
+    a manifest without fractions gives all ones."""
     frac = np.asarray(manifest.get("class_pixel_fraction") or [], np.float64)
     k = manifest["num_classes"]
-    if frac.size != k or np.any(frac <= 0):
+    if frac.size != k:
         return np.ones(k, np.float32)
-    return (1.0 / (k * frac)).astype(np.float32)
+    seen = frac > 0
+    weights = np.where(seen, np.where(seen, frac, 1.0) ** -power, 0.0)
+    weights /= (frac * weights).sum()
+    return np.where(seen, weights, 1.0).astype(np.float32)
 
 
 def _options(deterministic: bool) -> tf.data.Options:
