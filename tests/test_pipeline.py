@@ -109,8 +109,8 @@ def test_augmentation_is_a_function_of_the_seed():
 
 def test_noise_blur_and_gamma_each_change_their_share_of_the_samples_by_the_drawn_amount():
     # Each sample against numpy/scipy from its own draws: noise of the drawn std, then its own
-    # Gaussian blur (one depthwise convolution serves the batch), then its own gamma; the samples not
-    # drawn for a transform pass it unchanged, and no mask moves.
+    # Gaussian blur, its own coarser resolution and its own gamma; the samples not drawn for a
+    # transform pass it unchanged, and no mask moves.
     from scipy.ndimage import gaussian_filter
 
     from unet_dist.data import augment as aug
@@ -118,7 +118,7 @@ def test_noise_blur_and_gamma_each_change_their_share_of_the_samples_by_the_draw
     image, mask = _l_shape(48, 48)
     image = image * 0.3 + 0.35  # in [0.35, 0.65]: noise of std 0.1 at most is almost never clipped
     cfg = AugmentConfig(flip=False, scale_crop=False, brightness=0, contrast=0, noise=0.1, noise_prob=0.5,
-                        blur=1.5, blur_prob=0.5, gamma=0.5, gamma_prob=0.5)
+                        blur=1.5, blur_prob=0.5, gamma=0.5, gamma_prob=0.5, lowres=0.5, lowres_prob=0.5)
     n = 40
     draws = [aug.draw(tf.constant([9, s], tf.int64), cfg) for s in range(n)]
     u, normals = tf.stack([d[0] for d in draws]), tf.stack([d[1] for d in draws])
@@ -126,7 +126,7 @@ def test_noise_blur_and_gamma_each_change_their_share_of_the_samples_by_the_draw
     images, masks = tf.stack([x[0] for x in sampled]), tf.stack([x[1] for x in sampled])
     out, out_masks = aug.augment_batch(images, masks, u, normals, cfg)
     np.testing.assert_array_equal(out_masks.numpy(), np.repeat(mask.numpy()[None], n, axis=0))
-    counts = dict.fromkeys(("noise", "blur", "gamma"), 0)
+    counts = dict.fromkeys(("noise", "blur", "lowres", "gamma"), 0)
     for s in range(n):
         us, x, got = u[s].numpy(), image.numpy(), images[s].numpy()
         if us[aug._NOISE_P] < cfg.noise_prob:
@@ -140,6 +140,11 @@ def test_noise_blur_and_gamma_each_change_their_share_of_the_samples_by_the_draw
             counts["blur"] += 1
             sigma = cfg.blur * (0.5 + 0.5 * us[aug._BLUR_SIGMA])
             x = gaussian_filter(x, (sigma, sigma, 0), mode="mirror", truncate=5 / sigma)  # radius ceil(3 * 1.5)
+        if us[aug._LOWRES_P] < cfg.lowres_prob:  # nearest neighbour down (pixel centres), bicubic up
+            counts["lowres"] += 1
+            n = max(1, int(np.round(np.float32(48) * np.float32(1 - cfg.lowres * us[aug._LOWRES]))))
+            at = np.minimum(np.floor((np.arange(n, dtype=np.float32) + 0.5) * np.float32(48 / n)), 47).astype(int)
+            x = np.clip(tf.image.resize(x[at][:, at], (48, 48), method="bicubic").numpy(), 0, 1)
         if us[aug._GAMMA_P] < cfg.gamma_prob:
             counts["gamma"] += 1
             g = np.exp((2 * us[aug._GAMMA] - 1) * np.log(1.5))
@@ -202,11 +207,11 @@ def test_per_record_sharding_with_fewer_shards_than_workers(shards):
 
 
 def test_deterministic_mode_is_world_size_independent_and_resumable(shards):
-    # The noise's seed is each sample's own too (noise, blur and gamma on half the samples).
+    # The noise's seed is each sample's own too (noise, blur, lowres and gamma on half the samples).
     cfg = load_config(None, ["runtime.deterministic=true", "data.image_size=[64, 64]", "model.depth=2",
                              "data.augment.elastic=true", "data.augment.noise=0.1", "data.augment.noise_prob=0.5",
                              "data.augment.blur=1", "data.augment.blur_prob=0.5", "data.augment.gamma=0.5",
-                             "data.augment.gamma_prob=0.5"])
+                             "data.augment.gamma_prob=0.5", "data.augment.lowres=0.5", "data.augment.lowres_prob=0.5"])
     one = [b["image"].numpy() for b in train_dataset(shards, cfg, 4, 4, Shard(0, 1)).take(6)]
     w0 = [b["image"].numpy() for b in train_dataset(shards, cfg, 2, 4, Shard(0, 2)).take(6)]
     w1 = [b["image"].numpy() for b in train_dataset(shards, cfg, 2, 4, Shard(1, 2)).take(6)]

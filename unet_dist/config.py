@@ -54,13 +54,16 @@ class AugmentConfig:
     contrast: float = 0.1  # factor in [1 - c, 1 + c]; 0 disables
     hue: float = 0.0  # max hue delta in [0, 0.5]; 0 disables
     # Intensity transforms for images whose quality varies (microscopy, CT, MRI), as nnU-Net's
-    # training applies them, each to a share of the samples: Gaussian noise, Gaussian blur, gamma.
+    # training applies them, each to a share of the samples: Gaussian noise, Gaussian blur, gamma,
+    # and a coarser resolution.
     noise: float = 0.0  # max std of Gaussian noise on [0, 1] images, each noisy sample's drawn in [0, noise]; 0 disables
     noise_prob: float = 0.1  # share of the samples given noise (nnU-Net: 0.1)
     blur: float = 0.0  # max Gaussian blur sigma in pixels, drawn in [blur / 2, blur] (nnU-Net: 0.5-1); 0 disables
     blur_prob: float = 0.2  # share of the samples blurred (nnU-Net: 0.2)
     gamma: float = 0.0  # x ** g, g drawn log-evenly in [1 / (1 + gamma), 1 + gamma] (nnU-Net ~0.7-1.5: 0.5); 0 disables
     gamma_prob: float = 0.3  # share of the samples given a gamma (nnU-Net: 0.3)
+    lowres: float = 0.0  # down by a factor drawn in [1 - lowres, 1] (nearest), back up (bicubic) (nnU-Net: 0.5); 0 disables
+    lowres_prob: float = 0.25  # share of the samples made coarse (nnU-Net: 0.25)
 
 
 @dataclass
@@ -388,7 +391,8 @@ def validate(cfg: Config) -> None:
     need(0 <= a.noise <= 1, "data.augment.noise", "0 to 1", a.noise)
     need(0 <= a.blur <= 5, "data.augment.blur", "0 to 5 (pixels)", a.blur)
     need(0 <= a.gamma <= 4, "data.augment.gamma", "0 to 4", a.gamma)
-    for key in ("noise_prob", "blur_prob", "gamma_prob"):
+    need(0 <= a.lowres <= 0.9, "data.augment.lowres", "0 to 0.9", a.lowres)
+    for key in ("noise_prob", "blur_prob", "gamma_prob", "lowres_prob"):
         need(0 < getattr(a, key) <= 1, f"data.augment.{key}", f"0 < {key} <= 1", getattr(a, key))
     # rot90 turns what is trained on: the patch when there is one (checked below), else the image.
     need(a.rot90 is False or d.patch_size is not None or d.image_size[0] == d.image_size[1], "data.augment.rot90",

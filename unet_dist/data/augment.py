@@ -5,8 +5,8 @@ Two stages, chosen by measurement (docs/benchmarks.md):
   image, resampled once straight to the network size, whatever the original size; brightness and
   contrast ride on the scaling to [0, 1] that the resampled image needs anyway;
 - per batch, `augment_batch` (only when one of them is on): rotations (`ImageProjectiveTransformV3`,
-  the kernel behind Keras' preprocessing layers), elastic deformation, blur, gamma and hue, where
-  per-op overhead is amortised. Gaussian noise is added per sample, at the end of the first stage,
+  the kernel behind Keras' preprocessing layers), elastic deformation, blur, a coarser resolution,
+  gamma and hue, where per-op overhead is amortised. Gaussian noise is added per sample, at the end of the first stage,
   since each sample's noise comes from its own seed.
 
 Every random draw of sample i comes from its own stateless seed, so a sample is augmented the same
@@ -29,8 +29,8 @@ from unet_dist.data.convert import IGNORE
 # uses at the end leaves every earlier draw, and every earlier run's augmentation, as it was.)
 (_FLIP_H, _FLIP_V, _ROT90, _ZOOM, _SHIFT_X, _SHIFT_Y, _ANGLE, _BRIGHT, _CONTRAST, _HUE,
  _FG, _FG_CLASS, _FG_PIXEL, _NOISE_P, _NOISE_STD, _NOISE_SEED, _BLUR_P, _BLUR_SIGMA, _GAMMA_P,
- _GAMMA) = range(20)
-UNIFORMS = 20
+ _GAMMA, _LOWRES_P, _LOWRES) = range(22)
+UNIFORMS = 22
 _NOISE_STREAM = 0x6E6F6973  # first word of the noise's seeds, apart from every other stream's
 
 
@@ -218,9 +218,9 @@ def _noise(image: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
 
 
 def needs_batch_stage(cfg: AugmentConfig) -> bool:
-    """Whether `augment_batch` has anything to do (rotations, elastic deformation, blur, gamma or hue)."""
+    """Whether `augment_batch` has anything to do (rotations, elastic deformation or an intensity transform)."""
     return (cfg.rot90 or cfg.rotate_degrees > 0 or (cfg.elastic and cfg.elastic_sigma > 0) or cfg.hue > 0
-            or cfg.blur > 0 or cfg.gamma > 0)
+            or cfg.blur > 0 or cfg.lowres > 0 or cfg.gamma > 0)
 
 
 def _rotation(u: tf.Tensor, h: int, w: int, cfg: AugmentConfig) -> tf.Tensor | None:
@@ -291,26 +291,47 @@ def _elastic(images, masks, normals, transforms, cfg: AugmentConfig):
     return images, masks
 
 
+def _some(images: tf.Tensor, u: tf.Tensor, which: int, prob: float, transform) -> tf.Tensor:
+    """transform(image (H, W, C), v (UNIFORMS,)) applied to each sample of images (B, H, W, C), B
+    static, whose uniform u[i, which] < prob, one sample at a time; the others are left as they are
+    and cost nothing. One op per sample: a convolution over the batch's samples side by side (as
+    channels) rounded otherwise for other batch sizes, and a sample must be augmented alike
+    whatever batch it lands in (a world-size-independent deterministic run)."""
+    return tf.stack([tf.cond(v[which] < prob, lambda image=image, v=v: transform(image, v), lambda image=image: image)
+                     for image, v in zip(tf.unstack(images), tf.unstack(u), strict=True)])
+
+
 def _blur(images: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     """A share blur_prob of the samples blurred by a Gaussian of a sigma drawn evenly in [blur / 2,
-    blur] pixels, mirrored past the edges; the others are left as they are. images (B, H, W, C) with
-    B and C static. One separable convolution per sample blurred: one over the batch's samples
-    side by side (as channels) gave other roundings for other batch sizes, and a sample must be
-    augmented alike whatever batch it lands in (a world-size-independent deterministic run)."""
+    blur] pixels, mirrored past the edges (a separable depthwise convolution). images (B, H, W, C)
+    with B and C static."""
     r = blur_radius(cfg.blur)
     x = tf.range(-r, r + 1, dtype=tf.float32)
-    c = images.shape[-1]
-    out = []
-    for image, v in zip(tf.unstack(images), tf.unstack(u), strict=True):
-        def blurred(image=image, v=v):
-            kernel = tf.exp(-0.5 * tf.square(x / (cfg.blur * (0.5 + 0.5 * v[_BLUR_SIGMA]))))
-            kernel = tf.tile((kernel / tf.reduce_sum(kernel))[:, None, None], [1, c, 1])  # (2r + 1, C, 1)
-            padded = tf.pad(image[None], [[0, 0], [r, r], [r, r], [0, 0]], mode="REFLECT")
-            once = tf.nn.depthwise_conv2d(padded, kernel[:, None], [1, 1, 1, 1], "VALID")
-            return tf.nn.depthwise_conv2d(once, kernel[None], [1, 1, 1, 1], "VALID")[0]
 
-        out.append(tf.cond(v[_BLUR_P] < cfg.blur_prob, blurred, lambda image=image: image))
-    return tf.stack(out)
+    def blurred(image, v):
+        kernel = tf.exp(-0.5 * tf.square(x / (cfg.blur * (0.5 + 0.5 * v[_BLUR_SIGMA]))))
+        kernel = tf.tile((kernel / tf.reduce_sum(kernel))[:, None, None], [1, image.shape[-1], 1])  # (2r + 1, C, 1)
+        padded = tf.pad(image[None], [[0, 0], [r, r], [r, r], [0, 0]], mode="REFLECT")
+        once = tf.nn.depthwise_conv2d(padded, kernel[:, None], [1, 1, 1, 1], "VALID")
+        return tf.nn.depthwise_conv2d(once, kernel[None], [1, 1, 1, 1], "VALID")[0]
+
+    return _some(images, u, _BLUR_P, cfg.blur_prob, blurred)
+
+
+def _lowres(images: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
+    """nnU-Net's low-resolution simulation: a share lowres_prob of the samples taken down to a
+    share drawn evenly in [1 - lowres, 1] of their height and width by nearest neighbour, then back
+    up bicubically (clipped to [0, 1]), as an image scanned more coarsely and interpolated.
+    images (B, H, W, C) with B, H and W static."""
+    h, w = images.shape[1], images.shape[2]
+
+    def coarse(image, v):
+        zoom = 1.0 - cfg.lowres * v[_LOWRES]
+        small = tf.maximum(tf.cast(tf.round(tf.constant([h, w], tf.float32) * zoom), tf.int32), 1)
+        down = tf.image.resize(image, small, method="nearest")
+        return tf.clip_by_value(tf.image.resize(down, (h, w), method="bicubic"), 0.0, 1.0)
+
+    return _some(images, u, _LOWRES_P, cfg.lowres_prob, coarse)
 
 
 def _gamma(images: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
@@ -330,10 +351,12 @@ def _hue(images: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
 
 def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf.Tensor,
                   cfg: AugmentConfig, distances: tf.Tensor | None = None) -> tuple[tf.Tensor, ...]:
-    """Rotations, elastic deformation, blur, gamma and hue jitter of a batch (after `augment_sample`).
+    """Rotations, elastic deformation, blur, a coarser resolution, gamma and hue jitter of a batch
+    (after `augment_sample`).
 
     Args:
-      images: (B, H, W, C) float32 in [0, 1], H, W and C static (B too for blur); C == 3 for hue.
+      images: (B, H, W, C) float32 in [0, 1], H, W and C static (B too for blur and lowres); C == 3
+        for hue.
       masks: (B, H, W, 1) uint8 class ids.
       u, normals: (B, UNIFORMS) and (B, g, g, 2), each sample's draws (`draw`, as given to `augment_sample`).
       cfg: which transforms are on; pixels from outside the image are mirrored.
@@ -360,6 +383,8 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, u: tf.Tensor, normals: tf
         images, extra = images[..., :c], (images[..., c:],)
     if cfg.blur > 0:
         images = _blur(images, u, cfg)
+    if cfg.lowres > 0:
+        images = _lowres(images, u, cfg)
     if cfg.gamma > 0:
         images = _gamma(images, u, cfg)
     if cfg.hue > 0:
