@@ -123,11 +123,12 @@ def test_pipeline_bench_runs_on_data_the_papers_generator_cannot_read(tmp_path):
         Image.fromarray((rng.random((64, 64)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "src" / "masks" / f"x{i}.png")
     convert(tmp_path / "src", tmp_path / "data", layout="folders", shards=2, progress=False)
     cmd = [sys.executable, "-m", "unet_dist.bench", "pipeline", "--data", str(tmp_path / "data"), "--batches", "2",
-           "--image-size", "64", "--train-steps", "1", "--set", "model.depth=2", "--set", "model.base_filters=4"]
+           "--image-size", "64", "--train-steps", "1", "--set", "model.depth=2", "--set", "model.base_filters=4",
+           "--augment", "intensity"]  # nnU-Net's intensity transforms on one channel
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["images_per_s"] > 0 and res["fed_train"]["steps"] == 1, res
+    assert res["images_per_s"] > 0 and res["fed_train"]["steps"] == 1 and res["augment"] == "intensity", res
     assert res["paper_pil_images_per_s"] is None and res["speedup"] is None
     assert "not in the Oxford-Pet layout" in res["paper_skipped"]
 

@@ -1,6 +1,6 @@
 """Benchmarks; each subcommand prints JSON as its last line. docs/benchmarks.md comes from `report`.
 
-    python -m unet_dist.bench pipeline --data DATA [--batches 150] [--augment on|off|full] [--train-steps 10]
+    python -m unet_dist.bench pipeline --data DATA [--batches 150] [--augment on|off|full|intensity] [--train-steps 10]
     python -m unet_dist.bench train --data DATA --config configs/pets_seed.yaml [--steps 10]
     python -m unet_dist.bench flops --data DATA --config configs/pets_seed.yaml
     python -m unet_dist.bench profile --data DATA --config configs/pets_seed.yaml [--steps 5]
@@ -68,9 +68,10 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--data", type=Path, required=True)
     pp.add_argument("--source", type=Path, help="the raw Pet-layout folder (default: the manifest's source)")
     pp.add_argument("--batches", type=positive, default=150)
-    pp.add_argument("--augment", choices=("on", "off", "full"), default="on",
+    pp.add_argument("--augment", choices=("on", "off", "full", "intensity"), default="on",
                     help="on: the config's augmentation (default: flips, zoom/crop, brightness, contrast); "
-                         "full: plus rotation and elastic deformation")
+                         "full: plus rotation and elastic deformation; intensity: plus noise, blur, lowres "
+                         "and gamma on nnU-Net's shares of the samples")
     pp.add_argument("--image-size", type=positive, default=256)
     pp.add_argument("--train-steps", type=positive, default=10,
                     help="steps of the config's train step fed by the pipeline (is it input-bound?)")

@@ -38,6 +38,9 @@ def run(args) -> dict:
                       "data.augment.contrast=0"]
     elif args.augment == "full":
         overrides += ["data.augment.rotate_degrees=10", "data.augment.elastic=true"]
+    elif args.augment == "intensity":  # nnU-Net's intensity transforms at its shares of the samples
+        overrides += ["data.augment.noise=0.1", "data.augment.blur=1", "data.augment.lowres=0.5",
+                      "data.augment.gamma=0.5"]
     cfg = load_config(args.config, overrides + list(args.set))
     ds = train_dataset(args.data, cfg, batch, batch, Shard(0, 1), manifest=manifest)
     it = iter(ds)

@@ -28,6 +28,7 @@ def commands(args) -> dict[str, list[str]]:
         "pipeline": [*py, "pipeline", "--data", d, "--batches", "150"],
         "pipeline_off": [*py, "pipeline", "--data", d, "--batches", "150", "--augment", "off"],
         "pipeline_full": [*py, "pipeline", "--data", d, "--batches", "40", "--augment", "full"],
+        "pipeline_intensity": [*py, "pipeline", "--data", d, "--batches", "150", "--augment", "intensity"],
         "train_pets_seed": [*py, "train", "--data", d, "--config", "configs/pets_seed.yaml", "--steps", "6"],
         "train_demo": [*py, "train", "--data", d, "--config", "configs/demo.yaml", "--steps", "20",
                        "--set", "data.image_size=[256, 256]"],
@@ -290,7 +291,7 @@ def render(results: dict, out: Path) -> str:
              "a side, like the Pet photos), and the demo's `runs/demo/data` (128x128, from `make demo`).", ""]
     lines += [_machines(results), "", *_gpu(results)]
 
-    pipe = {k: results[k] for k in ("pipeline", "pipeline_off", "pipeline_full") if k in results}
+    pipe = {k: results[k] for k in ("pipeline", "pipeline_off", "pipeline_full", "pipeline_intensity") if k in results}
     if pipe:
         lines += ["## Input pipeline vs the paper's PIL generator", "",
                   "Images/s delivered at 256x256, batch 8. The paper's generator opens each source image with PIL, "
@@ -303,7 +304,8 @@ def render(results: dict, out: Path) -> str:
                   "| augmentation | ours, images/s | paper PIL, images/s | ratio | train step fed by it, images/s | "
                   "waiting for input | command |", "|---|---|---|---|---|---|---|"]
         names = {"pipeline": "on (flips, zoom/crop, brightness, contrast)", "pipeline_off": "off",
-                 "pipeline_full": "full (+ rotation, elastic)"}
+                 "pipeline_full": "full (+ rotation, elastic)",
+                 "pipeline_intensity": "intensity (+ noise, blur, lowres, gamma on nnU-Net's shares)"}
         for k, r in pipe.items():
             fed = r.get("fed_train")  # absent from runs before the fed measurement
             fed_cells = (f"{fed['images_per_s']:.1f} ({fed['steps']} steps) | {fed['input_wait_fraction']:.2%}: "
