@@ -6,8 +6,8 @@ Two stages, chosen by measurement (docs/benchmarks.md):
   contrast ride on the scaling to [0, 1] that the resampled image needs anyway;
 - per batch, `augment_batch` (only when one of them is on): rotations (`ImageProjectiveTransformV3`,
   the kernel behind Keras' preprocessing layers), elastic deformation, blur, a coarser resolution,
-  gamma and hue, where per-op overhead is amortised. Gaussian noise is added per sample, at the end of the first stage,
-  since each sample's noise comes from its own seed.
+  gamma and hue, where per-op overhead is amortised. Gaussian noise is added per sample, at the
+  end of the first stage, since each sample's noise comes from its own seed.
 
 Every random draw of sample i comes from its own stateless seed, so a sample is augmented the same
 way whatever the batch it lands in, the pipeline's parallelism or the number of workers, and a
@@ -138,12 +138,12 @@ def augment_sample(image: tf.Tensor, mask: tf.Tensor, size: tuple[int, int], u: 
     """Zoom, random crop, flips, brightness, contrast and noise of one sample, resampled once to `size`.
 
     image (H, W, C) uint8 or float32 in [0, 1], mask (H, W, 1) uint8, any H, W; u (UNIFORMS,) the
-    sample's uniforms from `draw`; fraction: the share of the image's height and width one output covers
-    before zoom (1 for whole images, patch / image_size for patch training). A share scale_prob of
-    the samples is zoomed by a factor in [scale_min, scale_max], the others not: a (fraction / zoom)
-    window in whole pixels is placed at random inside the image (around it, where the window is
-    larger: zooming out, `_mirrored_window`) and flipped on the source pixels (small and uint8),
-    then resized: bilinear for the image, nearest neighbour for the mask. With patches (fraction <
+    sample's uniforms from `draw`; fraction: the share of the image's height and width one output
+    covers before zoom (1 for whole images, patch / image_size for patch training). A share
+    scale_prob of the samples is zoomed by a factor in [scale_min, scale_max], the others not: a
+    (fraction / zoom) window in whole pixels is placed at random inside the image (around it, where
+    the window is larger: zooming out, `_mirrored_window`) and flipped on the source pixels (small
+    and uint8), then resized: bilinear for the image, nearest neighbour for the mask. With patches (fraction <
     1), a share `foreground` of the windows (nnU-Net's oversample_foreground_percent, drawn per
     sample) is placed to hold a foreground pixel (`_foreground_pixel`) anywhere in it; an image with
     none gets a window placed evenly. Brightness and contrast are one multiply-add on the resized
