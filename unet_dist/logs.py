@@ -138,21 +138,33 @@ def panel_rows(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_clas
     truth pixels that are not labelled (IGNORE) blue. The overlay tints predicted foreground, like
     the paper's PlotLearning callback.
     """
-    n, H, W = images.shape[:3]
-    h, w = truth.shape[1:3]
+    img = shown_images(images, truth.shape[1:3])
+    return np.concatenate([img, class_shades(truth, num_classes), class_shades(pred, num_classes),
+                           tinted(img, pred > 0)], axis=2)
+
+
+def shown_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W, C) float images in [0, 1] -> (N, h, w, 3) uint8, centre-cropped to the label size
+    (h, w) (valid padding) and shown as RGB (`rgb_view`)."""
+    (H, W), (h, w) = images.shape[1:3], size
     top, left = (H - h) // 2, (W - w) // 2
-    img = (np.clip(rgb_view(images[:, top : top + h, left : left + w]), 0, 1) * 255).astype(np.uint8)
+    return (np.clip(rgb_view(images[:, top : top + h, left : left + w]), 0, 1) * 255).astype(np.uint8)
+
+
+def class_shades(ids: np.ndarray, num_classes: int) -> np.ndarray:
+    """(..., h, w) class ids -> (..., h, w, 3) uint8: shades of gray from black (class 0) to white,
+    and blue where a pixel is not labelled (IGNORE, convert --ignore-value)."""
     scale = 255 // max(1, num_classes - 1)
+    out = np.repeat((ids.astype(np.int32) * scale).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+    out[ids == IGNORE] = (90, 90, 200)  # pixels left out of the loss and metrics
+    return out
 
-    def gray(ids):
-        out = np.repeat((ids.astype(np.int32) * scale).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
-        out[ids == IGNORE] = (90, 90, 200)  # pixels left out of the loss and metrics (convert --ignore-value)
-        return out
 
-    overlay = img.copy()
-    fg = pred > 0
-    overlay[fg] = (0.5 * overlay[fg] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
-    return np.concatenate([img, gray(truth), gray(pred), overlay], axis=2)
+def tinted(img: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) images with the pixels `where` (...) half red."""
+    out = img.copy()
+    out[where] = (0.5 * out[where] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+    return out
 
 
 def plot_curves(metrics_path: Path, out_png: Path, train_loss: str = "train loss") -> None:
