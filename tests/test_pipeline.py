@@ -153,6 +153,20 @@ def test_noise_blur_and_gamma_each_change_their_share_of_the_samples_by_the_draw
     assert all(0.25 * n <= c <= 0.75 * n for c in counts.values()), counts
 
 
+def test_the_augmentation_is_described_in_one_line():
+    from unet_dist.data.augment import describe
+
+    plain = ["data.augment.flip=false", "data.augment.scale_crop=false", "data.augment.brightness=0",
+             "data.augment.contrast=0"]
+    assert describe(load_config(None, plain).data.augment) == "none"
+    intensity = ["data.augment.noise=0.1", "data.augment.blur=1", "data.augment.lowres=0.5", "data.augment.gamma=0.5"]
+    assert describe(load_config(None, plain + intensity).data.augment) == (
+        "noise std 0-0.1 on 10%, blur sigma 0.5-1 px on 20%, lowres 0.5-1 on 25%, gamma 0.667-1.5 on 30%")
+    assert describe(load_config(None, ["data.augment.rotate_degrees=15", "data.augment.elastic=true",
+                                       "data.augment.scale_prob=1"]).data.augment) == (
+        "flips, zoom 0.8-1.25, rotation +-15 degrees, elastic 3x3 grid sigma 10 px, brightness 0.1, contrast 0.1")
+
+
 def _keys(batches):
     """A fingerprint per image (augmentation off: the same record gives the same pixels)."""
     return [hash(img.tobytes()) for b in batches for img in b["image"].numpy()]

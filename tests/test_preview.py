@@ -21,7 +21,10 @@ def test_preview_shows_the_samples_training_takes_first(capsys, shards, tmp_path
     overrides = tiny_overrides() + AUGMENT + ["runtime.deterministic=true"]
     proc = run_main(capsys, "unet_dist.preview", "--data", str(shards), "--out", str(tmp_path / "p"), "-n", "5",
                     *_sets(overrides), check=True)
-    assert proc.stdout.strip().splitlines()[-1].startswith("preview: wrote 5 training samples (64x64")
+    *_, said, wrote = proc.stdout.strip().splitlines()
+    assert said == ("preview: data.augment: flips, zoom 0.8-1.25 on 20%, rotation +-20 degrees, brightness 0.1, "
+                    "contrast 0.1, noise std 0-0.1 on 50%, blur sigma 0.5-1 px on 50%")
+    assert wrote.startswith("preview: wrote 5 training samples (64x64")
     cfg = load_config(None, overrides)
     stream = iter(train_dataset(shards, cfg, 4, 4, Shard(0, 1)))
     batches = [next(stream), next(stream)]

@@ -323,8 +323,10 @@ def test_class_weights_come_from_the_training_masks_and_are_said(shards, tmp_pat
     s = train(load_config(None, tiny_overrides(steps=1) + ["train.class_weights=balanced"]), shards, tmp_path / "w")
     want = [1 / (2 * f) for f in frac]
     assert s["class_weights"] == pytest.approx(want, rel=1e-6)
+    out = capsys.readouterr().out
     assert (f"train.class_weights balanced: the classes' pixels weighted {want[0]:.4g}, {want[1]:.4g} in the "
-            f"cross-entropy (their shares of the training masks: {frac[0]:.4g}, {frac[1]:.4g})") in capsys.readouterr().out
+            f"cross-entropy (their shares of the training masks: {frac[0]:.4g}, {frac[1]:.4g})") in out
+    assert "unet_dist: data.augment: flips, zoom 0.8-1.25 on 20%, brightness 0.1, contrast 0.1\n" in out  # the defaults
     # Without weights, a class under 1% of the pixels meets plain cross-entropy: the start says what helps.
     from unet_dist.trainer import class_balance_lines
 

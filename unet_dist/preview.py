@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
     from PIL import Image
 
+    from unet_dist.data.augment import describe
     from unet_dist.data.pipeline import DataError, Shard, load_manifest, train_dataset, train_size
     from unet_dist.errors import tf_reason
     from unet_dist.trainer import check_data_matches
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
         Image.fromarray(row).save(args.out / f"sample_{i:03d}.png")
     Image.fromarray(np.concatenate(list(shown))).save(args.out / "samples.png")
     h, w = train_size(cfg)
+    print(f"preview: data.augment: {describe(cfg.data.augment)}")
     print(f"preview: wrote {len(shown)} training samples ({h}x{w}, augmented as training augments them) to "
           f"{args.out}/sample_*.png, and all of them in {args.out / 'samples.png'}")
     return 0

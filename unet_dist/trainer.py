@@ -21,6 +21,7 @@ from unet_dist import precision
 from unet_dist.atomic import atomic_write_text
 from unet_dist.checkpoint import Checkpoints, check_free_space, init_weights
 from unet_dist.config import OBJECT_MONITORS, Config, ConfigError, config_yaml, load_workdir_config, writable_dir
+from unet_dist.data.augment import describe as describe_augmentation
 from unet_dist.data.convert import ignores
 from unet_dist.data.pipeline import (
     DataError,
@@ -688,6 +689,7 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
 
     for line in class_balance_lines(cfg, manifest, class_w):
         runtime.print(line)
+    runtime.print(f"unet_dist: data.augment: {describe_augmentation(cfg.data.augment)}")
     step_fn = make_train_step(model, optimizer, training_loss(cfg, ignores(manifest), class_w), runtime, global_batch,
                               cfg.runtime.xla, cfg.train.gradient_accumulation_steps)
     batches = [iter(runtime.distribute(  # a list, emptied when the loop ends (below)

@@ -217,6 +217,36 @@ def _noise(image: tf.Tensor, u: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     return tf.cond(u[_NOISE_P] < cfg.noise_prob, noisy, lambda: image)
 
 
+def describe(cfg: AugmentConfig) -> str:
+    """What data.augment does to the training samples, in one line: each transform that is on,
+    its range, and the share of the samples it touches where that is not all of them."""
+    def share(p: float) -> str:
+        return f" on {p:.0%}" if p < 1 else ""
+
+    parts = []
+    if cfg.flip:
+        parts.append("flips")
+    if cfg.rot90:
+        parts.append("90-degree turns")
+    if cfg.scale_crop:
+        parts.append(f"zoom {cfg.scale_min:g}-{cfg.scale_max:g}{share(cfg.scale_prob)}")
+    if cfg.rotate_degrees > 0:
+        parts.append(f"rotation +-{cfg.rotate_degrees:g} degrees")
+    if cfg.elastic and cfg.elastic_sigma > 0:
+        parts.append(f"elastic {cfg.elastic_grid}x{cfg.elastic_grid} grid sigma {cfg.elastic_sigma:g} px")
+    parts += [f"{name} {value:g}" for name, value in
+              (("brightness", cfg.brightness), ("contrast", cfg.contrast), ("hue", cfg.hue)) if value > 0]
+    if cfg.noise > 0:
+        parts.append(f"noise std 0-{cfg.noise:g}{share(cfg.noise_prob)}")
+    if cfg.blur > 0:
+        parts.append(f"blur sigma {cfg.blur / 2:g}-{cfg.blur:g} px{share(cfg.blur_prob)}")
+    if cfg.lowres > 0:
+        parts.append(f"lowres {1 - cfg.lowres:g}-1{share(cfg.lowres_prob)}")
+    if cfg.gamma > 0:
+        parts.append(f"gamma {1 / (1 + cfg.gamma):.3g}-{1 + cfg.gamma:g}{share(cfg.gamma_prob)}")
+    return ", ".join(parts) or "none"
+
+
 def needs_batch_stage(cfg: AugmentConfig) -> bool:
     """Whether `augment_batch` has anything to do (rotations, elastic deformation or an intensity transform)."""
     return (cfg.rot90 or cfg.rotate_degrees > 0 or (cfg.elastic and cfg.elastic_sigma > 0) or cfg.hue > 0
