@@ -283,9 +283,10 @@ def class_balance_weights(manifest: dict, power: float = 1.0) -> np.ndarray:
     if frac.size != k:
         return np.ones(k, np.float32)
     seen = frac > 0
-    weights = np.where(seen, np.where(seen, frac, 1.0) ** -power, 0.0)
-    weights /= (frac * weights).sum()
-    return np.where(seen, weights, 1.0).astype(np.float32)
+    weights = np.ones(k)
+    weights[seen] = frac[seen] ** -power
+    weights[seen] /= (frac[seen] * weights[seen]).sum()
+    return weights.astype(np.float32)
 
 
 def _options(deterministic: bool) -> tf.data.Options:
