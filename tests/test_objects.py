@@ -172,6 +172,10 @@ def test_grown_objects_take_the_background_nearest_them_and_are_scored_so():
     two[:, 0], two[:, 6] = 1, 2
     assert instances(two, grows=(0, 2, 2)).tolist() == [[1, 1, 1, 0, 2, 2, 2]] * 3
     assert instances(two, grows=(0, 3, 3)).tolist() == [[1, 1, 1, 1, 2, 2, 2]] * 3  # the middle column: class 1's
+    # Numbering class 2 alone (predict --instance-classes 2) gives it the same objects: class 1 still
+    # grows first and keeps the middle column.
+    assert instances(two, (2,), grows=(0, 3, 3)).tolist() == [[0, 0, 0, 0, 1, 1, 1]] * 3
+    assert instances(two, (1,), grows=(0, 3, 3)).tolist() == [[1, 1, 1, 1, 0, 0, 0]] * 3
     # And they are scored as predict numbers them: against these very objects, every class exact.
     numbered = instances(two, grows=(0, 3, 3))
     as_numbered = np.where(numbered == 2, 2, np.minimum(numbered, 1)).astype(np.uint8)

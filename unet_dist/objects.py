@@ -75,14 +75,19 @@ def class_objects(classes: np.ndarray, which=None, grows: tuple[int, ...] | None
     `which` (default: every class but the background 0 present in `classes` (H, W)), in class order,
     each class's objects grown by grows[c] pixels (`grown`) over the background that no lower
     class's took: the objects `instances` numbers, and so those `object_counts` and `evaluate
-    --images` score, and training's evaluations with train.object_postprocess."""
+    --images` score, and training's evaluations with train.object_postprocess. A lower class that
+    grows takes its background whether `which` names it or not, so that a class's objects are the
+    same however many classes are numbered (predict --instance-classes against evaluate)."""
+    present = [int(c) for c in np.unique(classes[classes > 0])]
+    wanted = present if which is None else sorted(int(c) for c in which)
     out, free = {}, None  # free: the background no lower class's objects grew over
-    for c in np.unique(classes[classes > 0]) if which is None else which:
+    for c in sorted(set(wanted) | {c for c in present if grows and grows[c] and c < max(wanted, default=0)}):
         labels, n = components(classes, c)
         if grows and grows[c] and n:
             labels = grown(labels, classes == 0 if free is None else free, grows[c])
             free = (classes == 0 if free is None else free) & (labels == 0)
-        out[int(c)] = labels, n
+        if c in wanted:
+            out[c] = labels, n
     return out
 
 
