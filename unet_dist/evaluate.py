@@ -83,7 +83,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         find_pairs,
         ignores,
         listed_samples,
-        load_instance_ids,
+        load_instance_pair,
         load_pair,
         read_image_list,
     )
@@ -149,11 +149,15 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
-            image, truth = load_pair(sample.image, sample.mask, layout, info["classes"], info.get("num_classes"),
-                                     sample.page, info.get("ignore_value"), info.get("colors"),
-                                     predictor.cfg.model.in_channels, predictor.window)
             # Instance masks: objects are matched to the instances, not to the components of their classes.
-            ids = load_instance_ids(sample.mask, sample.page, info.get("ignore_value")) if instances else None
+            if instances:
+                image, truth, ids = load_instance_pair(sample.image, sample.mask, sample.page, info.get("ignore_value"),
+                                                       predictor.cfg.model.in_channels, predictor.window)
+            else:
+                (image, truth), ids = load_pair(sample.image, sample.mask, layout, info["classes"],
+                                                info.get("num_classes"), sample.page, info.get("ignore_value"),
+                                                info.get("colors"), predictor.cfg.model.in_channels,
+                                                predictor.window), None
             probs = predictor(image)
         except (BadImage, OSError, PredictionError) as e:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)

@@ -155,7 +155,7 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.n
     and its part of SEG's sum (float64 (n,): its IoUs with the true objects it covers more than
     half of, several where it merged them)). IGNORE pixels are in neither object, as
     `metrics.confusion_matrix` leaves them out. truth_ids: the true objects themselves, an
-    instance label image (H, W) of ids 0 (none) to n (`convert.load_instance_ids`), instead of
+    instance label image (H, W) of ids 0 (none) to n (`convert.load_instance_pair`), instead of
     class c's components in `truth`: instance masks, whose objects the gaps of
     `convert.instance_classes` may have cut a sliver off, and whose gap pixels are theirs (or
     class c's components, where the caller has them already). objects: the predicted objects (labels

@@ -395,9 +395,7 @@ def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, clas
     `shape` (H, W); with `size`, resized to it (nearest neighbour) before its values become class
     ids: the same ids as resizing them, except for instances, whose gaps where objects touch are
     drawn at the new size and so stay one pixel wide. Raises BadImage naming the mask file."""
-    mask = _read_mask(mask_path, page, colors, wide=classes == "instances")
-    if mask.shape != tuple(shape):
-        raise BadImage(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+    mask = _read_mask(mask_path, page, colors, wide=classes == "instances", shape=shape)
     if size is not None:
         h, w = size
         mask = np.asarray(Image.fromarray(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
@@ -408,24 +406,36 @@ def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, clas
         raise BadImage(f"mask {mask_path}: {e}") from None
 
 
-def _read_mask(mask_path: str | Path, page: int, colors: list | None = None, wide: bool = False) -> np.ndarray:
-    """`imageio.load_mask`, its BadImage naming the mask file."""
+def _read_mask(mask_path: str | Path, page: int, colors: list | None = None, wide: bool = False,
+               shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """`imageio.load_mask`, its BadImage naming the mask file; given the image's `shape` (H, W),
+    a mask of another size is refused."""
     try:
-        return load_mask(mask_path, page, colors, wide)
+        mask = load_mask(mask_path, page, colors, wide)
     except BadImage as e:
         raise BadImage(f"mask {mask_path}: {e}") from None
+    if shape is not None and mask.shape != tuple(shape):
+        raise BadImage(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+    return mask
 
 
-def load_instance_ids(mask_path: str | Path, page: int = 0, ignore_value: int | None = None) -> np.ndarray:
-    """An instance mask's objects as int64 (H, W) ids 0 (none, and `ignore_value`'s pixels) to n,
-    numbered in the order of their own ids: what `evaluate --images` matches predicted objects
-    against (`objects.matched_objects`). Raises BadImage naming the mask file."""
-    ids = _read_mask(mask_path, page, wide=True)
+def load_instance_pair(image_path: str | Path, mask_path: str | Path, page: int = 0, ignore_value: int | None = None,
+                       channels: int = 3, window: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image with an instance mask (--classes instances), the mask read once: `load_pair`'s
+    (image, class ids) and the mask's objects as int64 (H, W) ids 0 (none, and `ignore_value`'s
+    pixels) to n, numbered in the order of their own ids: what `evaluate --images` matches predicted
+    objects against (`objects.matched_objects`). Raises BadImage naming the mask file."""
+    image = load_image(image_path, page, channels, window)
+    ids = _read_mask(mask_path, page, wide=True, shape=image.shape[:2])
+    try:
+        classes = _class_ids(ids, "folders", "instances", ignore_value=ignore_value)
+    except BadImage as e:
+        raise BadImage(f"mask {mask_path}: {e}") from None
     if ignore_value is not None:
         ids = np.where(ids == ignore_value, 0, ids)
     values, numbered = np.unique(ids, return_inverse=True)
     numbered = numbered.reshape(ids.shape)
-    return numbered if values[0] == 0 else numbered + 1
+    return image, classes, numbered if values[0] == 0 else numbered + 1
 
 
 def foreground_values(task: Task) -> np.ndarray | None:
