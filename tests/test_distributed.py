@@ -407,6 +407,7 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert e1["postprocess"] == "min-size:16:1+largest:1+grow:2:1"
     assert e1["small_objects"][0]["by_min_size"][0]["removed_objects"] > 0
     assert e1["grown_objects"][0]["by_grow"][0]["seg"] != e1["grown_objects"][0]["seg"]
+    assert e1["boundary"][0]["images"] > 40 and "hd95_per_class" in e1["per_image"][0]
     assert e1 == e2  # every count, score and per-image row, and what post-processing does
 
 

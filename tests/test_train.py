@@ -1048,6 +1048,7 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
     from unet_dist.evaluate import main as evaluate_main
     from unet_dist.metrics import scores
     from unet_dist.predict import main as predict_main
+    from unet_dist.surface import boundary_rows, boundary_scores, per_class
 
     w = tmp_path / "w"
     train(load_config(None, tiny_overrides(steps=3)), shards, w)
@@ -1076,7 +1077,7 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
     # The same as predict's masks (same mode and mirroring) scored by hand at full size.
     assert predict_main(["--workdir", str(w), *(str(src / "images" / f"{s}.jpg") for s in stems),
                          "--out", str(tmp_path / "pred"), "--tta", "flip"]) == 0
-    cm = np.zeros((2, 2), np.int64)
+    cm, outlines = np.zeros((2, 2), np.int64), []
     for stem in stems:
         truth = (np.asarray(Image.open(src / "annotations" / "trimaps" / f"{stem}.png")) == 1).astype(int)
         pred = np.asarray(Image.open(tmp_path / "pred" / f"{stem}_mask.png")).astype(int)
@@ -1085,7 +1086,11 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
         cm += one
         mine = next(r for r in per_image if r["image"].endswith(f"{stem}.jpg"))
         assert mine["fg_iou"] == pytest.approx(scores(one)["fg_iou"], abs=1e-12)
+        outlines.append(boundary_rows(pred, truth, 2))  # and the outlines' distances, each image's
+        assert {key: mine[key] for key in per_class(outlines[-1])} == per_class(outlines[-1])
     assert metrics["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
+    assert metrics["boundary"] == [{**row, "name": "pet"} for row in boundary_scores(np.stack(outlines))]
+    assert metrics["boundary"][0]["images"] == 5
     # --list: the images a data set's own test list names (as convert --val-list reads it), each
     # scored as in the whole folder; a listed image that is skipped is still named.
     listing = tmp_path / "test.txt"
@@ -1107,7 +1112,10 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
     assert "is not in the --layout oxford-pet layout" in capsys.readouterr().err
     for argv, message in ((["--images", str(src), "--split", "train"], "--split: not used with --images"),
                           (["--data", str(shards), "--list", str(listing)], "--list: not used with --data"),
-                          (["--data", str(shards), "--tta", "flip"], "--tta: not used with --data")):
+                          (["--data", str(shards), "--tta", "flip"], "--tta: not used with --data"),
+                          (["--data", str(shards), "--nsd-tolerance", "3"], "--nsd-tolerance: not used with --data"),
+                          (["--images", str(src), "--nsd-tolerance", "-1"],
+                           "--nsd-tolerance -1.0: a distance in pixels, 0 or more")):
         with pytest.raises(SystemExit):
             evaluate_main(["--workdir", str(w), *argv])
         assert message in capsys.readouterr().err

@@ -5,7 +5,7 @@
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --data DATA
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
         [--mask-suffix S] [--list FILE] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
-        [--postprocess none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]]
+        [--postprocess none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]] [--nsd-tolerance PX]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
 
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
@@ -39,7 +39,11 @@ such class's connected components (grown as --postprocess grow:N says) against t
 (matched at IoU > 0.5): whether touching objects came out apart (`unet_dist/objects.py`), with the
 panoptic quality and the matches above each IoU from 0.5 to 0.95 (by_iou, mean_ap: the cell
 benchmarks' average precision, pooled and image_mean_ap each image's averaged); each per_image
-and per_stack row has its object F1 per class.
+and per_stack row has its object F1 per class. boundary gives, for each class but the background,
+how far its outlines lie from the truth's in pixels (`unet_dist/surface.py`): the mean and median
+HD95 and the mean ASSD over the images with the class in both masks, the mean NSD (the share of
+outline pixels within --nsd-tolerance pixels of the other's), and the images where the class was
+missed or spurious; each per_image row has them per class.
 Where the run's data were instance masks (convert --classes instances), the true objects are the
 masks' instances themselves, whole, as the cell tracking challenge scores them.
 """
@@ -62,6 +66,7 @@ from unet_dist.config import (
 )
 from unet_dist.data.convert import LAYOUTS
 from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, predictor_options, sum_over_processes
+from unet_dist.surface import TOLERANCE
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
@@ -103,6 +108,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         size_advice,
         size_effect,
     )
+    from unet_dist.surface import FIELDS as BOUNDARY_FIELDS
+    from unet_dist.surface import boundary_rows, boundary_scores, per_class
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -139,6 +146,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     counts = np.zeros((len(samples), k, k), np.float64)  # confusion matrices
     objects = np.zeros((len(samples), k, FIELDS))  # `object_counts`
     seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
+    boundary = np.zeros((len(samples), k, BOUNDARY_FIELDS))  # `surface.boundary_rows`
     # And of the masks as predicted, what post-processing would do to them: whole numbers summed
     # over this process's images, sums of IoUs (SEG's) kept per image (then each image's come from one
     # process, and they are added in one order on any number of processes, to the same bits).
@@ -181,9 +189,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         else:
             counts[i] = confusion_matrix(truth, written, k, ignores(info)).numpy()
             objects[i] = object_counts(written, truth, k, truth_ids=ids, grows=grows)
+        boundary[i] = boundary_rows(written, truth, k, args.nsd_tolerance)
         seen[i] = 1
     try:
-        counts, objects, seen, *summed = summed_over_processes(runtime, [counts, objects, seen, *raw.values()])
+        counts, objects, boundary, seen, *summed = summed_over_processes(
+            runtime, [counts, objects, boundary, seen, *raw.values()])
         raw = dict(zip(raw, summed, strict=True))
         raw["objects"], raw["grow"] = raw["objects"].sum(axis=0), raw["grow"].sum(axis=0)
         raw["small"][..., 2] = raw.pop("small_seg").sum(axis=0)
@@ -212,7 +222,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                    for field, what in ((0, "true"), (1, "predicted"))}}
 
     per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
-                  **own(counts[i], objects[i])} for i in np.flatnonzero(read & labelled)]
+                  **own(counts[i], objects[i]), **per_class(boundary[i])} for i in np.flatnonzero(read & labelled)]
     # A stack (an EM or microscopy volume) is also scored whole, from its pages' summed counts: the
     # per-volume score nnU-Net and the EM challenges report.
     stacks = {f: kept for f, pages in stacks_of(samples).items()
@@ -227,11 +237,13 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                "world_size": runtime.world_size, "precision": predictor.precision,
                "postprocess": str(predictor.postprocess),
                "objects": object_scores(objects[read].sum(axis=0), per_image=objects[read]),
+               "boundary": boundary_scores(boundary[read], args.nsd_tolerance),
                "largest_component": advice(raw["cm"].astype(np.int64), raw["moved"].astype(np.int64)),
                "small_objects": size_advice(raw["cm"], raw["objects"], raw["small"]),
                "grown_objects": grow_advice(raw["grow"])}
     names = info.get("class_names") or []
-    for row in metrics["objects"] + metrics["largest_component"] + metrics["small_objects"] + metrics["grown_objects"]:
+    for row in (metrics["objects"] + metrics["boundary"] + metrics["largest_component"] + metrics["small_objects"]
+                + metrics["grown_objects"]):
         if row["class"] < len(names):  # the class's name, as data.json has it
             row["name"] = names[row["class"]]
     for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"], metrics["grown_objects"],
@@ -312,13 +324,18 @@ def main(argv=None) -> int:
                              "own test or val list)")
     add_mode_args(images)
     add_postprocess_arg(images)
+    images.add_argument("--nsd-tolerance", type=float, default=TOLERANCE, metavar="PX",
+                        help=f"outline pixels this close to the other mask's outline count in NSD (default "
+                             f"{TOLERANCE:g}; `unet_dist/surface.py`)")
     args = p.parse_args(argv)
+    if not args.nsd_tolerance >= 0:
+        p.error(f"--nsd-tolerance {args.nsd_tolerance}: a distance in pixels, 0 or more")
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
              ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
-             + ["--postprocess"] * (args.postprocess != "none"))
+             + ["--postprocess"] * (args.postprocess != "none") + ["--nsd-tolerance"] * (args.nsd_tolerance != TOLERANCE))
     if other:
         p.error(f"{', '.join(other)}: not used with {'--images' if args.images else '--data'}")
     if args.data and len(args.workdir) > 1:

@@ -1,0 +1,113 @@
+"""Boundary distances of predicted masks: how far each class's outline lies from the truth's.
+
+IoU and Dice count pixels, so they hardly see what matters where a mask is measured or drawn on: a
+speck of a class far from its object, or an outline a few pixels off along its whole length, each
+move a few hundred pixels of many thousands. The medical benchmarks (the Medical Segmentation
+Decathlon, Metrics Reloaded's recommendations, MONAI's metrics) report boundary distances beside the
+overlap, and `evaluate --images` does too, per image and class, in pixels:
+
+- HD95: the 95th percentile of the distances from each outline pixel of the prediction to the
+  truth's outline, and of the truth's to the prediction's, the larger of the two (MONAI's
+  `compute_hausdorff_distance(percentile=95)`): the Hausdorff distance, less its 5% worst pixels.
+- ASSD: the mean of all those distances, both ways (the average symmetric surface distance).
+- NSD: the share of the outline pixels, both ways, within `tolerance` pixels of the other outline
+  (Nikolov et al. 2021's normalised surface Dice): 1 where the outlines agree to the tolerance.
+
+A class's outline is its pixels with a 4-neighbour outside the class (the mask less its binary
+erosion, as MONAI's `get_mask_edges`), the image's edge counting as outside. The distances are
+Euclidean, from one distance transform each way. Pixels left out of the truth (IGNORE, convert
+--ignore-value) are left out of the prediction too, so an outline anywhere in an ignored band (the
+Pet trimaps' border) is as good as the truth's. An image with a class in one mask only has no
+distance for it (it counts as missed or spurious, and its NSD is 0); with the class in neither it
+is not counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unet_dist.data.convert import IGNORE
+
+# Per image and class: truth has the class, prediction has it, HD95, ASSD, NSD (the distances 0
+# unless both have it).
+FIELDS = 5
+TOLERANCE = 2.0  # NSD's default tolerance in pixels
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W) -> bool (H, W): the pixels of `mask` with a 4-neighbour outside it or past the
+    image's edge."""
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _distances_to(edge: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """(n,) float64: the Euclidean distance from each pixel of `at` (bool (H, W)) to the nearest
+    pixel of `edge` (bool (H, W), not empty)."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~edge)[at]
+
+
+def boundary_row(pred: np.ndarray, truth: np.ndarray, c: int, tolerance: float = TOLERANCE) -> np.ndarray:
+    """(FIELDS,) float64 for class c of predicted class ids `pred` (H, W) against `truth` (H, W)
+    (IGNORE: left out of both). The outlines and distance transforms are taken in the box around
+    both masks' pixels of c, which changes none (every outline pixel is in it, and a pixel on its
+    edge has a neighbour outside it that is of neither mask) and keeps a small object's cost
+    small on a large image."""
+    t = truth == c
+    p = (pred == c) & (truth != IGNORE)
+    has_t, has_p = bool(t.any()), bool(p.any())
+    if not (has_t and has_p):
+        return np.array([has_t, has_p, 0.0, 0.0, 0.0])
+    rows, cols = np.flatnonzero((t | p).any(axis=1)), np.flatnonzero((t | p).any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    edge_t, edge_p = outline(t[box]), outline(p[box])
+    d_pt, d_tp = _distances_to(edge_t, edge_p), _distances_to(edge_p, edge_t)
+    both = np.concatenate([d_pt, d_tp])
+    hd95 = max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
+    return np.array([1.0, 1.0, hd95, both.mean(), np.mean(both <= tolerance)])
+
+
+def boundary_rows(pred: np.ndarray, truth: np.ndarray, num_classes: int, tolerance: float = TOLERANCE) -> np.ndarray:
+    """(K, FIELDS) float64: `boundary_row` of each class but the background (row 0 zeros)."""
+    out = np.zeros((num_classes, FIELDS))
+    for c in range(1, num_classes):
+        out[c] = boundary_row(pred, truth, c, tolerance)
+    return out
+
+
+def per_class(rows: np.ndarray) -> dict[str, list]:
+    """One image's `boundary_rows` (K, FIELDS) -> {hd95_per_class, assd_per_class, nsd_per_class}:
+    lists of K, None for the background and where the image has no such distance."""
+    both = (rows[:, 0] > 0) & (rows[:, 1] > 0)
+    either = (rows[:, 0] > 0) | (rows[:, 1] > 0)
+    out = {}
+    for name, field, counted in (("hd95", 2, both), ("assd", 3, both), ("nsd", 4, either)):
+        out[f"{name}_per_class"] = [None] + [float(rows[c, field]) if counted[c] else None
+                                             for c in range(1, len(rows))]
+    return out
+
+
+def boundary_scores(rows: np.ndarray, tolerance: float = TOLERANCE) -> list[dict]:
+    """(N, K, FIELDS) `boundary_rows` of N images -> for each class but the background in any of
+    them: the mean and median HD95 and the mean ASSD over the images with the class in both masks
+    (None where none has), the mean NSD over those with it in either, and how many images had it
+    in the truth alone (missed) and in the prediction alone (spurious). Each image weighs the same,
+    as the benchmarks average these distances."""
+    out = []
+    for c in range(1, rows.shape[1]):
+        t, p = rows[:, c, 0] > 0, rows[:, c, 1] > 0
+        if not (t | p).any():
+            continue
+        both = rows[t & p, c]
+        out.append({"class": c, "images": int((t & p).sum()), "hd95": _mean(both[:, 2]),
+                    "hd95_median": float(np.median(both[:, 2])) if len(both) else None,
+                    "assd": _mean(both[:, 3]), "nsd": _mean(rows[t | p, c, 4]), "nsd_tolerance": tolerance,
+                    "missed": int((t & ~p).sum()), "spurious": int((p & ~t).sum())})
+    return out
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
