@@ -288,3 +288,12 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     with pytest.raises(SystemExit):
         evaluate_main(["--workdir", str(w), "--data", str(shards), "--postprocess", "largest"])
     assert "--postprocess: not used with --data" in capsys.readouterr().err
+
+
+def test_advice_shows_a_small_gain_with_the_digits_that_tell_it_apart():
+    from unet_dist.evaluate import apart
+
+    assert apart(0.9617923050, 0.9617954015) == "0.96179 to 0.96180"
+    assert apart(0.96179230, 0.96179290) == "0.961792 to 0.961793"
+    assert apart(0.9, 0.95, " -> ") == "0.9000 -> 0.9500"
+    assert apart(0.5, 0.5) == "0.5000 to 0.5000"

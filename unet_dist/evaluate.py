@@ -266,6 +266,15 @@ def summed_over_processes(runtime, arrays: list) -> list:
     return [part.reshape(a.shape) for a, part in zip(arrays, np.split(total, ends[:-1]), strict=True)]
 
 
+def apart(before: float, after: float, between: str = " to ") -> str:
+    """'0.9618 to 0.9631': two scores to 4 decimals, or to as many more (up to 8) as tell them
+    apart, so that a gain of 3e-6 does not read as none."""
+    digits = 4
+    while digits < 8 and f"{before:.{digits}f}" == f"{after:.{digits}f}" and before != after:
+        digits += 1
+    return f"{before:.{digits}f}{between}{after:.{digits}f}"
+
+
 def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict], given) -> list[str]:
     """evaluate --images' lines about the classes whose largest component alone raises their IoU
     (`postprocess.advice` rows), those whose object F1 rises without their small objects
@@ -282,22 +291,22 @@ def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict]
     helps = [a for a in largest if a["helps"]]
     if helps:
         lines.append("evaluate: keeping only the largest connected component raises the IoU of "
-                     + ", ".join(f"{named(a)} from {a['iou']:.4f} to {a['iou_largest_only']:.4f}" for a in helps)
+                     + ", ".join(f"{named(a)} from {apart(a['iou'], a['iou_largest_only'])}" for a in helps)
                      + f" on these images (predict --postprocess largest:{','.join(str(a['class']) for a in helps)})")
     for row in small:
         if row["helps"]:
             best = next(r for r in row["by_min_size"] if r["min_size"] == row["best_min_size"])
-            iou = "" if row["iou"] is None or best["iou"] is None else f"; IoU {row['iou']:.4f} -> {best['iou']:.4f}"
+            iou = "" if row["iou"] is None or best["iou"] is None else f"; IoU {apart(row['iou'], best['iou'], ' -> ')}"
             lines.append(f"evaluate: removing the objects under {best['min_size']} pixels raises the object F1 of "
-                         f"{named(row)} from {row['object_f1']:.4f} to {best['object_f1']:.4f} ({best['removed_objects']} "
+                         f"{named(row)} from {apart(row['object_f1'], best['object_f1'])} ({best['removed_objects']} "
                          f"removed{iou}) on these images (predict{' --instances' * bool(given.grown)} --postprocess "
                          f"{Postprocess(min_size=best['min_size'], small=(row['class'],), grow=given.grow, grown=given.grown)})")
     for row in grown:
         if row["helps"]:
             best = next(r for r in row["by_grow"] if r["grow"] == row["best_grow"])
             lines.append(f"evaluate: growing the objects of {named(row)} by {best['grow']} pixels over the background "
-                         f"raises their SEG from {row['seg']:.4f} to {best['seg']:.4f} (object F1 "
-                         f"{row['object_f1']:.4f} -> {best['object_f1']:.4f}) on these images (predict --instances "
+                         f"raises their SEG from {apart(row['seg'], best['seg'])} (object F1 "
+                         f"{apart(row['object_f1'], best['object_f1'], ' -> ')}) on these images (predict --instances "
                          f"--postprocess grow:{best['grow']}:{row['class']})"
                          + (f"; evaluate --images --postprocess grow:{best['grow']}:{row['class']} measures min-size on "
                             "the grown objects" if any(r["helps"] for r in small) and not given.grown else ""))
