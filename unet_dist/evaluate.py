@@ -304,7 +304,8 @@ def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict]
     for row in grown:
         if row["helps"]:
             best = next(r for r in row["by_grow"] if r["grow"] == row["best_grow"])
-            lines.append(f"evaluate: growing the objects of {named(row)} by {best['grow']} pixels over the background "
+            lines.append(f"evaluate: growing the objects of {named(row)} by {best['grow']} "
+                         f"pixel{'s' * (best['grow'] != 1)} over the background "
                          f"raises their SEG from {apart(row['seg'], best['seg'])} (object F1 "
                          f"{apart(row['object_f1'], best['object_f1'], ' -> ')}) on these images (predict --instances "
                          f"--postprocess grow:{best['grow']}:{row['class']})"
