@@ -1079,3 +1079,41 @@ def test_intensity_window_and_dataset_map_every_image_by_one_window(tmp_path, ca
     with pytest.raises(ConvertError, match="no training mask has a foreground pixel"):
         convert(src, tmp_path / "empty", layout="folders", channels=1, val_fraction=0.0, progress=False,
                 intensity="dataset")
+
+
+def test_convert_counts_the_objects_and_warns_where_its_resize_merges_them(tmp_path, capsys):
+    # Squares 7 pixels wide a pixel apart, as cells parted by a membrane: halved by --image-size
+    # (nearest: Pillow keeps the odd pixels), the gaps close; at their own size or doubled they
+    # stay apart.
+    from unet_dist.data.convert import object_counts
+
+    grid = np.zeros((64, 64), np.uint8)
+    for y in range(0, 64, 8):
+        for x in range(0, 64, 8):
+            grid[y + 1 : y + 8, x + 1 : x + 8] = 1
+    halved = np.asarray(Image.fromarray(grid).resize((32, 32), Image.NEAREST))
+    counts = object_counts(grid, halved)
+    assert counts[:, 1].tolist() == [64, 1] and not counts[:, 2:].any()
+    assert object_counts(grid, grid)[:, 1].tolist() == [64, 64]
+    speck = np.zeros((16, 16), np.uint8)
+    speck[3:5, 3:5], speck[10, 10] = 2, 2  # 4 pixels: counted; 1: under the 4 stored pixels counted
+    assert object_counts(speck, speck)[:, 2].tolist() == [1, 1]
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i in range(3):
+        Image.fromarray(np.stack([grid * 200] * 3, -1)).save(src / "images" / f"g{i}.png")
+        Image.fromarray(grid * 255).save(src / "masks" / f"g{i}.png")
+    done = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / "half"), "--layout", "folders",
+                    "--image-size", "32", check=True)
+    assert "the images are 64x64 at their own size, stored at 32x32; objects an image (8-connected, as evaluate " \
+           "counts them): foreground 64" in done.stdout
+    assert ("convert: warning: --image-size 32x32 (shrinking the images 2x on average) merges the objects of class 1 "
+            "(foreground): 64 an image at their own size, 1 as stored. Keep their size") in done.stderr
+    m = json.loads((tmp_path / "half" / "manifest.json").read_text())
+    assert m["own_size"] == {"min": [64, 64], "max": [64, 64], "mean": [64.0, 64.0]}
+    assert m["objects"] == {"images": 3, "per_image_own": [None, 64.0], "per_image_stored": [None, 1.0]}
+    for size in ([], ["--image-size", "128"]):
+        kept = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / f"kept{len(size)}"), "--layout",
+                        "folders", *size, check=True)
+        assert "foreground 64" in kept.stdout and "warning" not in kept.stderr, kept.stderr

@@ -178,12 +178,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"convert: {records['train']} train and {records['val']} val records{files}, "
           f"{m['num_classes']} classes{left_out}, images{channels} as {m['image_format'].upper()} "
           f"({m['image_format_why']}), in {args.out}")
+    for line in data_lines(m):
+        print(line, file=sys.stderr if line.startswith("convert: warning") else sys.stdout)
     window = m["intensity"]["window"]
     if window:  # the values that became 0 and 255, which prediction maps the same way
         shown = window[:1] if all(w == window[0] for w in window) else window
         print(f"convert: --intensity {m['intensity']['mode']}: values {', '.join(f'{lo:g} to {hi:g}' for lo, hi in shown)}"
               f" stored as 0 to 255{' (each channel its own)' if len(shown) > 1 else ''}; predict maps new images so")
     return 0
+
+
+def data_lines(m: dict) -> list[str]:
+    """What the manifest `m` says of the images' own sizes and their objects: a line of each, and a
+    warning for each class whose objects --image-size merged or broke apart (a tenth or more of
+    them; `data.convert.object_counts`), with what keeps them."""
+    lo, hi, mean = m["own_size"]["min"], m["own_size"]["max"], m["own_size"]["mean"]
+    sizes = f"{lo[1]}x{lo[0]}" if lo == hi else f"{lo[1]}x{lo[0]} to {hi[1]}x{hi[0]}"
+    names, objects = m["class_names"], m["objects"]
+    lines = [f"convert: the images are {sizes} at their own size"
+             + (f", stored at {m['image_size'][1]}x{m['image_size'][0]}" if m["image_size"] else "")]
+    own, stored = objects["per_image_own"], objects["per_image_stored"]
+    if objects["images"]:
+        lines[0] += "; objects an image (8-connected, as evaluate counts them): " + ", ".join(
+            f"{names[c]} {own[c]:.4g}" for c in range(1, len(own)))
+    for c in range(1, len(own)):
+        if m["image_size"] and own[c] and abs(stored[c] - own[c]) >= 0.1 * own[c]:
+            h, w = m["image_size"]
+            shrink = min(mean[0] / h, mean[1] / w)
+            lines.append(f"convert: warning: --image-size {w}x{h} ({'shrinking' if shrink > 1 else 'scaling'} the "
+                         f"images {shrink:.2g}x on average) {'merges' if stored[c] < own[c] else 'breaks apart'} "
+                         f"the objects of class {c} ({names[c]}): {own[c]:.4g} an image at their own size, "
+                         f"{stored[c]:.4g} as stored. Keep their size (leave out --image-size, and train with "
+                         f"data.image_size at it, on patches with data.patch_size where whole images do not fit), "
+                         f"or convert at a larger --image-size")
+    return lines
 
 
 if __name__ == "__main__":

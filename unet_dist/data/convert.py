@@ -396,6 +396,12 @@ def load_labels(mask_path: str | Path, shape: tuple[int, ...], layout: str, clas
     ids: the same ids as resizing them, except for instances, whose gaps where objects touch are
     drawn at the new size and so stay one pixel wide. Raises BadImage naming the mask file."""
     mask = _read_mask(mask_path, page, colors, wide=classes == "instances", shape=shape)
+    return _labels(mask, mask_path, layout, classes, num_classes, ignore_value, size)
+
+
+def _labels(mask: np.ndarray, mask_path: str | Path, layout: str, classes: str, num_classes: int | None,
+            ignore_value: int | None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """`load_labels` of a mask read already (`_read_mask`)."""
     if size is not None:
         h, w = size
         mask = np.asarray(Image.fromarray(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
@@ -456,14 +462,47 @@ def foreground_values(task: Task) -> np.ndarray | None:
     return np.repeat(values, task.channels, axis=1) if values.shape[1] != task.channels else values
 
 
+def object_counts(own: np.ndarray, stored: np.ndarray) -> np.ndarray | None:
+    """(2, MAX_CLASSES) int64: the objects (8-connected components, `objects.components`) of each
+    class id but 0 and IGNORE in a mask at the image's own size (`own`, (H, W) class ids) and as
+    stored (`stored`, (h, w): resized by --image-size, or `own` itself), counting only those of at
+    least 4 stored pixels (own: 4 / scale^2): the objects that should survive the resize, so that
+    fewer stored than own means that resizing merged them (the gaps between touching cells
+    closed). None for a mask over 2^26 pixels, whose labels would take 4 bytes a pixel."""
+    from unet_dist.objects import components
+
+    if own.size > 2**26:
+        return None
+    out = np.zeros((2, MAX_CLASSES), np.int64)
+    least = 4 * own.size / stored.size  # stored pixels -> own pixels
+    for c in np.unique(own):
+        if c == 0 or c == IGNORE:
+            continue
+        for row, (mask, smallest) in enumerate(((own, least), (stored, 4))):
+            if row and stored is own:
+                out[1, c] = out[0, c]
+                continue
+            labels, n = components(mask, c)
+            out[row, c] = int((np.bincount(labels.ravel(), minlength=n + 1)[1:] >= smallest).sum()) if n else 0
+    return out
+
+
 def process(task: Task) -> tuple[Task, dict | None, str | None]:
     """Worker: (task, record fields, None) or (task, None, reason). Runs without TensorFlow."""
     sample = task.sample
     try:
-        image, mask = load_pair(sample.image, sample.mask, task.layout, task.classes, task.num_classes, sample.page,
-                                task.ignore_value, task.colors, task.channels, task.window, task.size)
+        image = load_image(sample.image, sample.page, task.channels, task.window)
+        raw = _read_mask(sample.mask, sample.page, task.colors, wide=task.classes == "instances",
+                         shape=image.shape[:2])
+        own = _labels(raw, sample.mask, task.layout, task.classes, task.num_classes, task.ignore_value)
+        mask = own if task.size is None else _labels(raw, sample.mask, task.layout, task.classes, task.num_classes,
+                                                     task.ignore_value, task.size)
+        del raw
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
+    objects = object_counts(own, mask)
+    own_size = own.shape
+    del own
     if task.size is not None:
         h, w = task.size
         # Pillow resamples (H, W, 3) images whole and other channel counts plane by plane, alike.
@@ -478,6 +517,8 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
         "width": image.shape[1],
         "stem": task.sample.name,
         "counts": counts,
+        "own_size": own_size,
+        "objects": objects,
     }
     if task.border_distances and task.split == "train":  # evaluation has no weights
         from unet_dist.data.border import stored_distances
@@ -821,6 +862,9 @@ def convert(
     # The smallest and largest (height, width) of the records: whether the images share one pixel
     # scale (predict --mode auto). Running bounds, so memory does not grow with the data set.
     size_min, size_max = np.full(2, np.iinfo(np.int64).max), np.zeros(2, np.int64)
+    # The images' own sizes (before --image-size), and their objects own and stored (`object_counts`).
+    own_min, own_max, own_sum = np.full(2, np.iinfo(np.int64).max), np.zeros(2, np.int64), np.zeros(2, np.int64)
+    objects, objects_images = np.zeros((2, MAX_CLASSES), np.int64), 0
     per_shard = {s: [0] * n for s, n in n_shards.items()}
     counts = {"train": np.zeros(MAX_CLASSES, np.int64), "val": np.zeros(MAX_CLASSES, np.int64)}
     try:
@@ -837,6 +881,11 @@ def convert(
                 counts[s] += rec["counts"]
                 size_min = np.minimum(size_min, (rec["height"], rec["width"]))
                 size_max = np.maximum(size_max, (rec["height"], rec["width"]))
+                own_min, own_max = np.minimum(own_min, rec["own_size"]), np.maximum(own_max, rec["own_size"])
+                own_sum += rec["own_size"]
+                if rec["objects"] is not None:
+                    objects += rec["objects"]
+                    objects_images += 1
         for ws in writers.values():
             for w in ws:
                 w.close()
@@ -891,6 +940,13 @@ def convert(
             "val": {"records": written["val"], "shards": names["val"]},
             "skipped": skipped,
             "record_size": {"min": size_min.tolist(), "max": size_max.tolist()},
+            "own_size": {"min": own_min.tolist(), "max": own_max.tolist(),
+                         "mean": (own_sum / max(1, written["train"] + written["val"])).round(1).tolist()},
+            # Per image (of those under 2^26 pixels), each class's objects of 4 stored pixels or more
+            # at the images' own size and as stored: fewer stored means --image-size merged them.
+            "objects": {"images": objects_images, **{
+                key: [None, *(objects[row, 1:num_classes] / max(1, objects_images)).round(2).tolist()]
+                for row, key in enumerate(("per_image_own", "per_image_stored"))}},
             # Of the labelled pixels: the pipeline's class-balancing weights (weighted_ce) need them to sum to 1.
             "class_pixel_fraction": (counts["train"][:num_classes] / max(1, counts["train"].sum())).round(6).tolist(),
             "ignore_value": ignore_value,
