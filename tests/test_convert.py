@@ -1085,19 +1085,19 @@ def test_convert_counts_the_objects_and_warns_where_its_resize_merges_them(tmp_p
     # Squares 7 pixels wide a pixel apart, as cells parted by a membrane: halved by --image-size
     # (nearest: Pillow keeps the odd pixels), the gaps close; at their own size or doubled they
     # stay apart.
-    from unet_dist.data.convert import object_counts
+    from unet_dist.data.convert import object_census
 
     grid = np.zeros((64, 64), np.uint8)
     for y in range(0, 64, 8):
         for x in range(0, 64, 8):
             grid[y + 1 : y + 8, x + 1 : x + 8] = 1
     halved = np.asarray(Image.fromarray(grid).resize((32, 32), Image.NEAREST))
-    counts = object_counts(grid, halved)
+    counts = object_census(grid, halved)
     assert counts[:, 1].tolist() == [64, 1] and not counts[:, 2:].any()
-    assert object_counts(grid, grid)[:, 1].tolist() == [64, 64]
+    assert object_census(grid, grid)[:, 1].tolist() == [64, 64]
     speck = np.zeros((16, 16), np.uint8)
     speck[3:5, 3:5], speck[10, 10] = 2, 2  # 4 pixels: counted; 1: under the 4 stored pixels counted
-    assert object_counts(speck, speck)[:, 2].tolist() == [1, 1]
+    assert object_census(speck, speck)[:, 2].tolist() == [1, 1]
     src = tmp_path / "src"
     (src / "images").mkdir(parents=True)
     (src / "masks").mkdir()
@@ -1117,3 +1117,17 @@ def test_convert_counts_the_objects_and_warns_where_its_resize_merges_them(tmp_p
         kept = run_main(capsys, "unet_dist.convert", str(src), str(tmp_path / f"kept{len(size)}"), "--layout",
                         "folders", *size, check=True)
         assert "foreground 64" in kept.stdout and "warning" not in kept.stderr, kept.stderr
+    # Records kept at their own size and shrunk by training's data.image_size instead: train says so
+    # at start, counting the first records as the pipeline resizes them.
+    from unet_dist.config import load_config
+    from unet_dist.data.pipeline import load_manifest
+    from unet_dist.trainer import resize_lines
+
+    data = tmp_path / "kept0"
+    manifest = load_manifest(data)
+    (line,) = resize_lines(load_config(None, ["data.image_size=[32, 32]"]), manifest, data)
+    assert line == ("unet_dist: warning: data.image_size [32, 32] shrinks the training records (64x64) 2x and merges "
+                    "the objects of class 1 (foreground): 64 a record as stored, 1 at data.image_size (the first 2 "
+                    "records). Train at the records' size (--set data.image_size=[64,64]), on patches "
+                    "(data.patch_size) where whole images do not fit")
+    assert resize_lines(load_config(None, ["data.image_size=[64, 64]"]), manifest, data) == []

@@ -67,6 +67,7 @@ from unet_dist.data.convert import (
     LAYOUTS,
     SPLIT_UNITS,
     ConvertError,
+    census_changes,
     convert,
 )
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 def data_lines(m: dict) -> list[str]:
     """What the manifest `m` says of the images' own sizes and their objects: a line of each, and a
     warning for each class whose objects --image-size merged or broke apart (a tenth or more of
-    them; `data.convert.object_counts`), with what keeps them."""
+    them; `data.convert.object_census`), with what keeps them."""
     lo, hi, mean = m["own_size"]["min"], m["own_size"]["max"], m["own_size"]["mean"]
     sizes = f"{lo[1]}x{lo[0]}" if lo == hi else f"{lo[1]}x{lo[0]} to {hi[1]}x{hi[0]}"
     names, objects = m["class_names"], m["objects"]
@@ -201,16 +202,15 @@ def data_lines(m: dict) -> list[str]:
     if objects["images"]:
         lines[0] += "; objects an image (8-connected, as evaluate counts them): " + ", ".join(
             f"{names[c]} {own[c]:.4g}" for c in range(1, len(own)))
-    for c in range(1, len(own)):
-        if m["image_size"] and own[c] and abs(stored[c] - own[c]) >= 0.1 * own[c]:
-            h, w = m["image_size"]
-            shrink = min(mean[0] / h, mean[1] / w)
-            lines.append(f"convert: warning: --image-size {w}x{h} ({'shrinking' if shrink > 1 else 'scaling'} the "
-                         f"images {shrink:.2g}x on average) {'merges' if stored[c] < own[c] else 'breaks apart'} "
-                         f"the objects of class {c} ({names[c]}): {own[c]:.4g} an image at their own size, "
-                         f"{stored[c]:.4g} as stored. Keep their size (leave out --image-size, and train with "
-                         f"data.image_size at it, on patches with data.patch_size where whole images do not fit), "
-                         f"or convert at a larger --image-size")
+    for c, verb in census_changes(own, stored) if m["image_size"] else []:
+        h, w = m["image_size"]
+        shrink = min(mean[0] / h, mean[1] / w)
+        lines.append(f"convert: warning: --image-size {w}x{h} ({'shrinking' if shrink > 1 else 'scaling'} the "
+                     f"images {shrink:.2g}x on average) {verb} "
+                     f"the objects of class {c} ({names[c]}): {own[c]:.4g} an image at their own size, "
+                     f"{stored[c]:.4g} as stored. Keep their size (leave out --image-size, and train with "
+                     f"data.image_size at it, on patches with data.patch_size where whole images do not fit), "
+                     f"or convert at a larger --image-size")
     return lines
 
 

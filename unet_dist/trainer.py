@@ -29,6 +29,7 @@ from unet_dist.data.pipeline import (
     image_channels,
     load_manifest,
     lost_records,
+    resize_census,
     train_dataset,
     unreadable_record,
 )
@@ -533,6 +534,27 @@ def class_balance_lines(cfg: Config, manifest: dict, class_w: np.ndarray | None)
             "ce_dice, or train.class_weights sqrt, learns it sooner (README)"]
 
 
+def resize_lines(cfg: Config, manifest: dict, data_dir: Path) -> list[str]:
+    """Where data.image_size shrinks the training records (kept at the images' own size, as convert
+    advises for small objects close together), a warning for each class whose objects that merges
+    or breaks apart in the first records (`pipeline.resize_census`; the rule convert warns by)."""
+    from unet_dist.data.convert import census_changes
+
+    h, w = cfg.data.image_size
+    big = (manifest.get("record_size") or {}).get("max")
+    if not big or (big[0] <= h and big[1] <= w):
+        return []
+    census, n = resize_census(data_dir, manifest, (h, w))
+    names = manifest.get("class_names") or []
+    sizes = f"{big[1]}x{big[0]}" + (" at most" if manifest["record_size"]["min"] != big else "")
+    return [f"unet_dist: warning: data.image_size [{h}, {w}] shrinks the training records ({sizes}) "
+            f"{min(big[0] / h, big[1] / w):.2g}x and {verb} the objects of class {c}"
+            f"{f' ({names[c]})' if c < len(names) else ''}: {census[0, c] / n:.4g} a record as stored, "
+            f"{census[1, c] / n:.4g} at data.image_size (the first {n} records). Train at the records' size "
+            f"(--set data.image_size=[{big[0]},{big[1]}]), on patches (data.patch_size) where whole images do not fit"
+            for c, verb in census_changes(census[0].tolist(), census[1].tolist())] if n else []
+
+
 def gpu_peak_over_processes(runtime: Runtime) -> float | None:
     """The largest `gpu_memory_peak_mib` of any process (every process must call it: one
     collective), None where none has a GPU: the GPU a run must fit on is its fullest one."""
@@ -687,7 +709,8 @@ def _train(cfg: Config, data_dir: Path, workdir: Path, resume: bool, runtime: Ru
                       + ("; evaluating it, and keeping the config.yaml and summary.json of the run that trained it"
                          if keep else ""))
 
-    for line in class_balance_lines(cfg, manifest, class_w):
+    for line in class_balance_lines(cfg, manifest, class_w) + (resize_lines(cfg, manifest, data_dir)
+                                                               if runtime.is_chief else []):
         runtime.print(line)
     runtime.print(f"unet_dist: data.augment: {describe_augmentation(cfg.data.augment)}")
     step_fn = make_train_step(model, optimizer, training_loss(cfg, ignores(manifest), class_w), runtime, global_batch,

@@ -462,7 +462,7 @@ def foreground_values(task: Task) -> np.ndarray | None:
     return np.repeat(values, task.channels, axis=1) if values.shape[1] != task.channels else values
 
 
-def object_counts(own: np.ndarray, stored: np.ndarray) -> np.ndarray | None:
+def object_census(own: np.ndarray, stored: np.ndarray) -> np.ndarray | None:
     """(2, MAX_CLASSES) int64: the objects (8-connected components, `objects.components`) of each
     class id but 0 and IGNORE in a mask at the image's own size (`own`, (H, W) class ids) and as
     stored (`stored`, (h, w): resized by --image-size, or `own` itself), counting only those of at
@@ -487,6 +487,14 @@ def object_counts(own: np.ndarray, stored: np.ndarray) -> np.ndarray | None:
     return out
 
 
+def census_changes(own: list, stored: list) -> list[tuple[int, str]]:
+    """The classes whose objects a resize merged or broke apart: (class id, 'merges' or 'breaks
+    apart') for each class id >= 1 whose count `stored` (a list by class id: per image, summed,
+    or None) differs from `own` by a tenth of it or more (`object_census`'s two rows)."""
+    return [(c, "merges" if stored[c] < own[c] else "breaks apart") for c in range(1, len(own))
+            if own[c] and abs(stored[c] - own[c]) >= 0.1 * own[c]]
+
+
 def process(task: Task) -> tuple[Task, dict | None, str | None]:
     """Worker: (task, record fields, None) or (task, None, reason). Runs without TensorFlow."""
     sample = task.sample
@@ -500,7 +508,7 @@ def process(task: Task) -> tuple[Task, dict | None, str | None]:
         del raw
     except BadImage as e:
         return task, None, f"page {sample.page}: {e}" if sample.stacked else str(e)
-    objects = object_counts(own, mask)
+    objects = object_census(own, mask)
     own_size = own.shape
     del own
     if task.size is not None:
@@ -862,7 +870,7 @@ def convert(
     # The smallest and largest (height, width) of the records: whether the images share one pixel
     # scale (predict --mode auto). Running bounds, so memory does not grow with the data set.
     size_min, size_max = np.full(2, np.iinfo(np.int64).max), np.zeros(2, np.int64)
-    # The images' own sizes (before --image-size), and their objects own and stored (`object_counts`).
+    # The images' own sizes (before --image-size), and their objects own and stored (`object_census`).
     own_min, own_max, own_sum = np.full(2, np.iinfo(np.int64).max), np.zeros(2, np.int64), np.zeros(2, np.int64)
     objects, objects_images = np.zeros((2, MAX_CLASSES), np.int64), 0
     per_shard = {s: [0] * n for s, n in n_shards.items()}

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from unet_dist.config import MAX_CHANNELS, Config, ConfigError
-from unet_dist.data.augment import augment_batch, augment_sample, draw, needs_batch_stage, resize_pair
+from unet_dist.data.augment import augment_batch, augment_sample, draw, nearest, needs_batch_stage, resize_pair
 from unet_dist.data.border import MAX_STEP, STEPS_PER_PX, batch_distance_sums, max_sigma, reach
 from unet_dist.data.convert import RECORD_FORMATS
 from unet_dist.errors import tf_reason
@@ -190,6 +190,23 @@ def image_format(manifest: dict) -> str:
 def image_channels(manifest: dict) -> int:
     """The channels of the data set's images (convert --channels; manifests from before it: 3)."""
     return manifest.get("channels", 3)
+
+
+def resize_census(data_dir: Path, manifest: dict, size: tuple[int, int], records: int = 8) -> tuple[np.ndarray, int]:
+    """(`convert.object_census` summed over the first `records` training records: (2, MAX_CLASSES)
+    each class's objects in the masks as stored and resized to `size` (H, W) as the pipeline
+    resizes them (`augment.nearest`), the number of records counted): whether data.image_size
+    merges the objects that conversion kept apart."""
+    from unet_dist.data.convert import MAX_CLASSES, object_census
+
+    total, n = np.zeros((2, MAX_CLASSES), np.int64), 0
+    files = [str(data_dir / f) for f in manifest["train"]["shards"]]
+    for serialized in tf.data.TFRecordDataset(files).take(records):
+        _, mask = parse_record(serialized, manifest.get("image_format", "jpeg"), channels=image_channels(manifest))
+        counted = object_census(mask.numpy()[..., 0], nearest(mask, size).numpy()[..., 0])
+        if counted is not None:
+            total, n = total + counted, n + 1
+    return total, n
 
 
 def parse_record(serialized: tf.Tensor, fmt: str, border: bool = False, channels: int = 3) -> tuple[tf.Tensor, ...]:
