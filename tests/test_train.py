@@ -1091,6 +1091,18 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
     assert metrics["iou_per_class"] == pytest.approx(scores(cm)["iou_per_class"], abs=1e-12)
     assert metrics["boundary"] == [{**row, "name": "pet"} for row in boundary_scores(np.stack(outlines))]
     assert metrics["boundary"][0]["images"] == 5
+    # The same rows as a table for a spreadsheet, a column per score and class, in the same order.
+    import csv
+
+    with open(w / "eval_images.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["image"] for t in table] == [r["image"] for r in per_image] and table[0]["page"] == ""
+    for t, r in zip(table, per_image, strict=True):
+        assert float(t["iou"]) == pytest.approx(r["iou"], rel=1e-5)
+        assert float(t["dice_rest"]) == pytest.approx(r["dice_per_class"][0], rel=1e-5)
+        assert float(t["hd95_pet"]) == pytest.approx(r["hd95_per_class"][1], rel=1e-5, abs=1e-9)
+        assert int(t["predicted_objects_pet"]) == r["predicted_objects_per_class"][1]
+    assert "hd95_rest" not in table[0] and "nsd_pet" in table[0]
     # --list: the images a data set's own test list names (as convert --val-list reads it), each
     # scored as in the whole folder; a listed image that is skipped is still named.
     listing = tmp_path / "test.txt"
@@ -1099,6 +1111,10 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
                           "--out", str(tmp_path / "listed.json")]) == 0
     out, err = capsys.readouterr()
     listed = json.loads((tmp_path / "listed.json").read_text())
+    assert len((tmp_path / "listed.csv").read_text().splitlines()) == 1 + 2  # --out's table beside it
+    from unet_dist.evaluate import table_path
+
+    assert table_path(tmp_path / "scores.csv") == tmp_path / "scores.csv.csv"
     assert (listed["images"], listed["skipped"], listed["list"]) == (2, 1, str(listing.resolve()))
     assert "small.png is 9x9" in err and "nomask" not in err and "list" not in metrics
     assert sorted(listed["per_image"], key=lambda r: r["image"]) == sorted(

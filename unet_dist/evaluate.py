@@ -43,7 +43,9 @@ and per_stack row has its object F1 per class. boundary gives, for each class bu
 how far its outlines lie from the truth's in pixels (`unet_dist/surface.py`): the mean and median
 HD95 and the mean ASSD over the images with the class in both masks, the mean NSD (the share of
 outline pixels within --nsd-tolerance pixels of the other's), and the images where the class was
-missed or spurious; each per_image row has them per class.
+missed or spurious; each per_image row has them per class. The per_image rows also go to a
+table beside the JSON, eval_images.csv (--out's name with .csv), a row per image and a column per
+score and class (iou_NAME, dice_NAME, hd95_NAME, ..., object_f1_NAME), worst first.
 Where the run's data were instance masks (convert --classes instances), the true objects are the
 masks' instances themselves, whole, as the cell tracking challenge scores them.
 """
@@ -216,7 +218,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     def own(cm, objs):  # an image's or a stack's own scores: counts and `object_counts` rows summed over it
         # The objects counted too, per class (None for the background): a count's error, where
         # cells are counted, is the number read first.
-        return {**{key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class")},
+        return {**{key: v for key, v in scores(cm).items()
+                   if key in ("iou", "fg_iou", "iou_per_class", "dice_per_class")},
                 "object_f1_per_class": object_f1(objs),
                 **{f"{what}_objects_per_class": [None, *objs[1:, field].astype(int).tolist()]
                    for field, what in ((0, "true"), (1, "predicted"))}}
@@ -254,7 +257,39 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     worst_first = sorted(per_image, key=lambda r: r["iou"])
     atomic_write_text(out, json.dumps({**metrics, **({"per_stack": per_stack} if per_stack else {}),
                                        "per_image": worst_first}, indent=1))
+    atomic_write_text(table_path(out), per_image_csv(worst_first, [names[c] if c < len(names) else str(c)
+                                                                   for c in range(k)]))
     return 0
+
+
+def table_path(out: Path) -> Path:
+    """Where evaluate --images writes its per-image table: --out's name with .csv for its suffix
+    (eval_images.csv), or with .csv added where --out is a .csv itself."""
+    return out.with_name(out.name + ".csv") if out.suffix == ".csv" else out.with_suffix(".csv")
+
+
+# The per-image table's columns for each class (`per_image_csv`): the per_image rows' lists, the
+# background's left out where it has none.
+TABLE_FIELDS = ("iou", "dice", "hd95", "assd", "nsd", "true_objects", "predicted_objects", "object_f1")
+
+
+def per_image_csv(rows: list[dict], names: list[str]) -> str:
+    """The per_image rows of evaluate --images (worst first) as CSV, for a spreadsheet: image, page
+    (empty for an image that is not a stack's page), mean IoU, then for each class NAME the
+    columns iou_NAME, dice_NAME, ... (TABLE_FIELDS; the background's IoU and Dice alone), empty
+    where the image has no such score."""
+    import csv
+    import io
+
+    columns = [(f, c) for c in range(len(names)) for f in TABLE_FIELDS if c or f in ("iou", "dice")]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "page", "iou", *(f"{f}_{names[c]}" for f, c in columns)])
+    for r in rows:
+        cells = [r[f"{f}_per_class"][c] for f, c in columns]
+        writer.writerow([r["image"], r.get("page", ""), f"{r['iou']:.6g}",
+                         *("" if v is None else v if isinstance(v, int) else f"{v:.6g}" for v in cells)])
+    return buf.getvalue()
 
 
 def summed_over_processes(runtime, arrays: list) -> list:
