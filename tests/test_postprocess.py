@@ -291,7 +291,7 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
 
 
 def test_advice_shows_a_small_gain_with_the_digits_that_tell_it_apart():
-    from unet_dist.evaluate import apart
+    from unet_dist.image_scores import apart
 
     assert apart(0.9617923050, 0.9617954015) == "0.96179 to 0.96180"
     assert apart(0.96179230, 0.96179290) == "0.961792 to 0.961793"

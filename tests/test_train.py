@@ -1112,7 +1112,7 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
     out, err = capsys.readouterr()
     listed = json.loads((tmp_path / "listed.json").read_text())
     assert len((tmp_path / "listed.csv").read_text().splitlines()) == 1 + 2  # --out's table beside it
-    from unet_dist.evaluate import table_path
+    from unet_dist.image_scores import table_path
 
     assert table_path(tmp_path / "scores.csv") == tmp_path / "scores.csv.csv"
     assert (listed["images"], listed["skipped"], listed["list"]) == (2, 1, str(listing.resolve()))

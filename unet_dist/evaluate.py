@@ -67,20 +67,15 @@ from unet_dist.config import (
     writable_dir,
 )
 from unet_dist.data.convert import LAYOUTS
-from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, predictor_options, sum_over_processes
+from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, predictor_options
 from unet_dist.surface import TOLERANCE
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
-    """--images: each labelled image of args.images predicted as `predict` would, scored at its own size.
-
-    Metrics come from one confusion matrix summed over every pixel of every image (no average of
-    per-image scores), as the record evaluation does; the file also lists each image's own IoU, worst
-    first. An unreadable image or mask is skipped and named. With N processes each predicts its share
-    (`predict.my_share`); their per-image confusion matrices are summed in one collective (K*K numbers
-    an image).
-    """
-    import numpy as np
+    """--images: each labelled image of args.images predicted as `predict` would, scored at its own
+    size (`image_scores.ImageScores`). An unreadable image or mask is skipped and named. With N
+    processes each predicts its share (`predict.my_share`), and their counts are summed in one
+    collective."""
     from tqdm import tqdm
 
     from unet_dist.atomic import atomic_write_text
@@ -96,22 +91,10 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     )
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
+    from unet_dist.image_scores import ImageScores, per_image_csv, postprocess_advice, table_path
     from unet_dist.inference import PredictionError, data_info, load_predictor
     from unet_dist.logs import chief_progress
-    from unet_dist.metrics import confusion_matrix, predict_classes, scores
-    from unet_dist.objects import FIELDS, class_objects, matched_objects, object_counts, object_f1, object_scores
-    from unet_dist.postprocess import (
-        GROWS,
-        SIZES,
-        advice,
-        grow_advice,
-        grow_effect,
-        moved_by_truth,
-        size_advice,
-        size_effect,
-    )
-    from unet_dist.surface import FIELDS as BOUNDARY_FIELDS
-    from unet_dist.surface import boundary_rows, boundary_scores, per_class
+    from unet_dist.metrics import predict_classes
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -137,25 +120,12 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         for s in skipped:
             print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
     k = predictor.cfg.model.num_classes
-    grows = predictor.postprocess.grows(k)  # the objects' growth (--postprocess grow:N), or None
     try:
         share = my_share(samples, predictor, runtime)
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
-    # float64: the collectives sum it on every backend, exactly up to 2**53 pixels. Each image's
-    # counts of the masks as predict --postprocess writes them, for its own row:
-    counts = np.zeros((len(samples), k, k), np.float64)  # confusion matrices
-    objects = np.zeros((len(samples), k, FIELDS))  # `object_counts`
-    seen = np.zeros(len(samples), np.float64)  # read and predicted (its pixels may all be left out)
-    boundary = np.zeros((len(samples), k, BOUNDARY_FIELDS))  # `surface.boundary_rows`
-    # And of the masks as predicted, what post-processing would do to them: whole numbers summed
-    # over this process's images, sums of IoUs (SEG's) kept per image (then each image's come from one
-    # process, and they are added in one order on any number of processes, to the same bits).
-    raw = {"cm": np.zeros((k, k)), "moved": np.zeros((k, k)),  # `moved_by_truth`
-           "small": np.zeros((k, len(SIZES), 3 + k)),  # `size_effect`; its SEG sums (field 2) in small_seg
-           "objects": np.zeros((len(samples), k, FIELDS)), "small_seg": np.zeros((len(samples), k, len(SIZES))),
-           "grow": np.zeros((len(samples), 1 + len(GROWS), k, FIELDS))}  # `grow_effect`
+    image_scores = ImageScores(len(samples), k, predictor.postprocess, ignores(info), args.nsd_tolerance)
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
@@ -172,181 +142,42 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         except (BadImage, OSError, PredictionError) as e:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
-        # The record evaluation's own class rule and counting, at the image's size.
-        predicted = predict_classes(probs).numpy()
-        raw_cm = confusion_matrix(truth, predicted, k, ignores(info)).numpy()
-        # Labelled once for both tables.
-        objs = class_objects(predicted, range(1, k), grows)  # grown as predict --instances grows them
-        matched = [matched_objects(predicted, truth, c, ids if c == 1 else None, objects=objs[c]) for c in range(1, k)]
-        raw_objects = object_counts(predicted, truth, k, matched)
-        small = size_effect(predicted, truth, k, matched)
-        raw["objects"][i], raw["small_seg"][i] = raw_objects, small[..., 2]
-        raw["grow"][i] = grow_effect(predicted, truth, k, ids)
-        raw["cm"] += raw_cm
-        raw["moved"] += moved_by_truth(predicted, truth, k)
-        raw["small"] += small
-        written = predictor.postprocess(predicted)  # `predicted` itself where it changes no pixel (grow alone)
-        if written is predicted:  # and then its objects are the raw ones, grown as the flag says
-            counts[i], objects[i] = raw_cm, raw_objects
-        else:
-            counts[i] = confusion_matrix(truth, written, k, ignores(info)).numpy()
-            objects[i] = object_counts(written, truth, k, truth_ids=ids, grows=grows)
-        boundary[i] = boundary_rows(written, truth, k, args.nsd_tolerance)
-        seen[i] = 1
+        image_scores.add(i, predict_classes(probs).numpy(), truth, ids)  # the record evaluation's class rule
     try:
-        counts, objects, boundary, seen, *summed = summed_over_processes(
-            runtime, [counts, objects, boundary, seen, *raw.values()])
-        raw = dict(zip(raw, summed, strict=True))
-        raw["objects"], raw["grow"] = raw["objects"].sum(axis=0), raw["grow"].sum(axis=0)
-        raw["small"][..., 2] = raw.pop("small_seg").sum(axis=0)
-        read = seen > 0
+        image_scores.sum_over(runtime)
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
+    read = image_scores.read
     if not read.any():
         print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
               file=sys.stderr)
         return 1
-    labelled = counts.sum(axis=(1, 2)) > 0  # not every pixel left out (convert --ignore-value)
-    if not labelled.any():
+    if not image_scores.labelled.any():
         print(f"evaluate: error: --images {args.images}: every mask pixel of its {int(read.sum())} images is the "
               f"ignore value {info.get('ignore_value')} of the run's data.json; nothing to score", file=sys.stderr)
         return 1
     if not runtime.is_chief:
         return 0
-
-    def own(cm, objs):  # an image's or a stack's own scores: counts and `object_counts` rows summed over it
-        # The objects counted too, per class (None for the background): a count's error, where
-        # cells are counted, is the number read first.
-        return {**{key: v for key, v in scores(cm).items()
-                   if key in ("iou", "fg_iou", "iou_per_class", "dice_per_class")},
-                "object_f1_per_class": object_f1(objs),
-                **{f"{what}_objects_per_class": [None, *objs[1:, field].astype(int).tolist()]
-                   for field, what in ((0, "true"), (1, "predicted"))}}
-
-    per_image = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
-                  **own(counts[i], objects[i]), **per_class(boundary[i])} for i in np.flatnonzero(read & labelled)]
-    # A stack (an EM or microscopy volume) is also scored whole, from its pages' summed counts: the
-    # per-volume score nnU-Net and the EM challenges report.
-    stacks = {f: kept for f, pages in stacks_of(samples).items()
-              if (kept := [i for i in pages if read[i]]) and labelled[kept].any()}
-    per_stack = sorted(({"image": str(f), "pages": len(pages),
-                         **own(counts[pages].sum(axis=0), objects[pages].sum(axis=0))}
-                        for f, pages in stacks.items()), key=lambda r: r["iou"])
-    metrics = {**scores(counts[read].sum(axis=0)), "images": int(read.sum()),
-               "skipped": len(skipped) + int((~read).sum()), "source": str(args.images),
-               **({"list": str(args.list.resolve())} if args.list else {}), "mode": predictor.mode,
-               "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
-               "world_size": runtime.world_size, "precision": predictor.precision,
-               "postprocess": str(predictor.postprocess),
-               "objects": object_scores(objects[read].sum(axis=0), per_image=objects[read]),
-               "boundary": boundary_scores(boundary[read], args.nsd_tolerance),
-               "largest_component": advice(raw["cm"].astype(np.int64), raw["moved"].astype(np.int64)),
-               "small_objects": size_advice(raw["cm"], raw["objects"], raw["small"]),
-               "grown_objects": grow_advice(raw["grow"])}
     names = info.get("class_names") or []
-    for row in (metrics["objects"] + metrics["boundary"] + metrics["largest_component"] + metrics["small_objects"]
-                + metrics["grown_objects"]):
-        if row["class"] < len(names):  # the class's name, as data.json has it
-            row["name"] = names[row["class"]]
+    summary = image_scores.summary(names)
+    tables = {key: summary.pop(key) for key in ("objects", "boundary", "largest_component", "small_objects",
+                                                 "grown_objects")}
+    metrics = {**summary, "images": int(read.sum()), "skipped": len(skipped) + int((~read).sum()),
+               "source": str(args.images), **({"list": str(args.list.resolve())} if args.list else {}),
+               "mode": predictor.mode, "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
+               "world_size": runtime.world_size, "precision": predictor.precision,
+               "postprocess": str(predictor.postprocess), **tables}
     for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"], metrics["grown_objects"],
                                    predictor.postprocess):
         print(line, file=sys.stderr)
     print(json.dumps(metrics))
-    # The file adds each image's own scores, worst first: where to look when the mean disappoints.
-    worst_first = sorted(per_image, key=lambda r: r["iou"])
+    per_image, per_stack = image_scores.per_image(samples), image_scores.per_stack(stacks_of(samples))
     atomic_write_text(out, json.dumps({**metrics, **({"per_stack": per_stack} if per_stack else {}),
-                                       "per_image": worst_first}, indent=1))
-    atomic_write_text(table_path(out), per_image_csv(worst_first, [names[c] if c < len(names) else str(c)
-                                                                   for c in range(k)]))
+                                       "per_image": per_image}, indent=1))
+    atomic_write_text(table_path(out), per_image_csv(per_image, [names[c] if c < len(names) else str(c)
+                                                                 for c in range(k)]))
     return 0
-
-
-def table_path(out: Path) -> Path:
-    """Where evaluate --images writes its per-image table: --out's name with .csv for its suffix
-    (eval_images.csv), or with .csv added where --out is a .csv itself."""
-    return out.with_name(out.name + ".csv") if out.suffix == ".csv" else out.with_suffix(".csv")
-
-
-# The per-image table's columns for each class (`per_image_csv`): the per_image rows' lists, the
-# background's left out where it has none.
-TABLE_FIELDS = ("iou", "dice", "hd95", "assd", "nsd", "true_objects", "predicted_objects", "object_f1")
-
-
-def per_image_csv(rows: list[dict], names: list[str]) -> str:
-    """The per_image rows of evaluate --images (worst first) as CSV, for a spreadsheet: image, page
-    (empty for an image that is not a stack's page), mean IoU, then for each class NAME the
-    columns iou_NAME, dice_NAME, ... (TABLE_FIELDS; the background's IoU and Dice alone), empty
-    where the image has no such score."""
-    import csv
-    import io
-
-    columns = [(f, c) for c in range(len(names)) for f in TABLE_FIELDS if c or f in ("iou", "dice")]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", "page", "iou", *(f"{f}_{names[c]}" for f, c in columns)])
-    for r in rows:
-        cells = [r[f"{f}_per_class"][c] for f, c in columns]
-        writer.writerow([r["image"], r.get("page", ""), f"{r['iou']:.6g}",
-                         *("" if v is None else v if isinstance(v, int) else f"{v:.6g}" for v in cells)])
-    return buf.getvalue()
-
-
-def summed_over_processes(runtime, arrays: list) -> list:
-    """`predict.sum_over_processes` of several float64 arrays in one collective, each back in its shape."""
-    import numpy as np
-
-    total = sum_over_processes(runtime, np.concatenate([a.ravel() for a in arrays]))
-    ends = np.cumsum([a.size for a in arrays])
-    return [part.reshape(a.shape) for a, part in zip(arrays, np.split(total, ends[:-1]), strict=True)]
-
-
-def apart(before: float, after: float, between: str = " to ") -> str:
-    """'0.9618 to 0.9631': two scores to 4 decimals, or to as many more (up to 8) as tell them
-    apart, so that a gain of 3e-6 does not read as none."""
-    digits = 4
-    while digits < 8 and f"{before:.{digits}f}" == f"{after:.{digits}f}" and before != after:
-        digits += 1
-    return f"{before:.{digits}f}{between}{after:.{digits}f}"
-
-
-def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict], given) -> list[str]:
-    """evaluate --images' lines about the classes whose largest component alone raises their IoU
-    (`postprocess.advice` rows), those whose object F1 rises without their small objects
-    (`postprocess.size_advice` rows), and those whose SEG rises with their objects grown
-    (`postprocess.grow_advice` rows), with the --postprocess value that does it. given: the
-    `postprocess.Postprocess` evaluate was given, whose growth the min-size table measured with
-    (so its flag keeps it)."""
-    from unet_dist.postprocess import Postprocess
-
-    def named(row):
-        return f"class {row['class']}" + (f" ({row['name']})" if "name" in row else "")
-
-    lines = []
-    helps = [a for a in largest if a["helps"]]
-    if helps:
-        lines.append("evaluate: keeping only the largest connected component raises the IoU of "
-                     + ", ".join(f"{named(a)} from {apart(a['iou'], a['iou_largest_only'])}" for a in helps)
-                     + f" on these images (predict --postprocess largest:{','.join(str(a['class']) for a in helps)})")
-    for row in small:
-        if row["helps"]:
-            best = next(r for r in row["by_min_size"] if r["min_size"] == row["best_min_size"])
-            iou = "" if row["iou"] is None or best["iou"] is None else f"; IoU {apart(row['iou'], best['iou'], ' -> ')}"
-            lines.append(f"evaluate: removing the objects under {best['min_size']} pixels raises the object F1 of "
-                         f"{named(row)} from {apart(row['object_f1'], best['object_f1'])} ({best['removed_objects']} "
-                         f"removed{iou}) on these images (predict{' --instances' * bool(given.grown)} --postprocess "
-                         f"{Postprocess(min_size=best['min_size'], small=(row['class'],), grow=given.grow, grown=given.grown)})")
-    for row in grown:
-        if row["helps"]:
-            best = next(r for r in row["by_grow"] if r["grow"] == row["best_grow"])
-            lines.append(f"evaluate: growing the objects of {named(row)} by {best['grow']} "
-                         f"pixel{'s' * (best['grow'] != 1)} over the background "
-                         f"raises their SEG from {apart(row['seg'], best['seg'])} (object F1 "
-                         f"{apart(row['object_f1'], best['object_f1'], ' -> ')}) on these images (predict --instances "
-                         f"--postprocess grow:{best['grow']}:{row['class']})"
-                         + (f"; evaluate --images --postprocess grow:{best['grow']}:{row['class']} measures min-size on "
-                            "the grown objects" if any(r["helps"] for r in small) and not given.grown else ""))
-    return lines
 
 
 def main(argv=None) -> int:
