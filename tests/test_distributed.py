@@ -323,6 +323,8 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     for k in ("val_iou", "val_dice", "val_pixel_acc", "val_loss"):
         assert abs(e1[k] - e2[k]) < 1e-6, (k, e1[k], e2[k])
     assert e1["val_object_f1"] == e2["val_object_f1"] and e1["val_seg"] == pytest.approx(e2["val_seg"]), (e1, e2)
+    assert e1["val_nsd"] is not None and [e1[f"val_{m}"] for m in ("hd95", "assd", "nsd")] == pytest.approx(
+        [e2[f"val_{m}"] for m in ("hd95", "assd", "nsd")])
     # The training's last evaluation saw the model it saved: the ranks' mean of batch norm's moving
     # statistics, which each rank updates from its own batch (not rank 0's copy on half the images).
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)

@@ -1004,7 +1004,9 @@ def test_object_postprocess_scores_the_objects_predict_would_give(shards, tmp_pa
         "train.object_metrics=true", f"train.object_postprocess={value}", "train.monitor=val_seg"]), shards, w)
     (logged,) = [e for e in map(json.loads, (w / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
     model, cfg, _ = load_trained(w, "latest")
-    rows, raw_rows, changed = np.zeros(FIELDS), np.zeros(FIELDS), [0, 0]
+    from unet_dist.surface import SUMS, boundary_rows, boundary_sums, pooled_boundary
+
+    rows, raw_rows, changed, outlines = np.zeros(FIELDS), np.zeros(FIELDS), [0, 0], np.zeros(SUMS)
     for batch in eval_dataset(shards, cfg, 4, manifest=load_manifest(shards)):
         pred = np.argmax(np.concatenate([1 - (p := model(batch["image"]).numpy()), p], -1), -1)
         for p, m in zip(pred, batch["mask"].numpy()[..., 0], strict=True):
@@ -1015,16 +1017,20 @@ def test_object_postprocess_scores_the_objects_predict_would_give(shards, tmp_pa
             changed[1] += int((objects != labels).sum())
             rows += count_row(matched_objects(kept, m, 1, objects=(objects, n)))
             raw_rows += count_row(matched_objects(p, m, 1))
+            outlines += boundary_sums(boundary_rows(kept, m, 2))  # the outlines of the mask as written
     assert min(changed) > 0, changed  # both steps changed this model's objects
     want, raw = pooled(np.stack([np.zeros(FIELDS), rows])), pooled(np.stack([np.zeros(FIELDS), raw_rows]))
     assert want != raw
     assert (logged["val_object_f1"], logged["val_seg"]) == pytest.approx((want["object_f1"], want["seg"]), abs=1e-12)
     assert s["best_monitored"] == pytest.approx(want["seg"])
+    assert outlines[0] > 0 and [logged[f"val_{key}"] for key in ("hd95", "assd", "nsd")] == pytest.approx(
+        list(pooled_boundary(outlines).values()), abs=1e-9)
     # evaluate --data scores the run's objects the same way, and says how.
     ev = json.loads(run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards),
                              "--checkpoint", "latest", check=True).stdout.strip().splitlines()[-1])
     assert (ev["val_object_f1"], ev["val_seg"], ev["val_iou"]) == (logged["val_object_f1"], logged["val_seg"],
                                                                    logged["val_iou"])
+    assert (ev["val_hd95"], ev["val_nsd"]) == pytest.approx((logged["val_hd95"], logged["val_nsd"]), abs=1e-12)
     assert ev["object_postprocess"] == "min-size:6:1+grow:1:1"
     # Resumed with other post-processing, the best checkpoint's val_seg was of other objects.
     train(load_config(None, tiny_overrides(steps=3) + ["train.object_metrics=true", "train.monitor=val_seg",

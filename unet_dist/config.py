@@ -169,7 +169,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 3
     image_panels: int = 4  # images in the TensorBoard panel at each evaluation
-    object_metrics: bool = False  # evaluations also match the val masks' objects (connected components): val_object_f1, val_seg; for touching objects (cells)
+    object_metrics: bool = False  # evaluations also match the val masks' objects (connected components): val_object_f1, val_seg (and the outlines' val_hd95, val_assd, val_nsd); for touching objects (cells)
     object_postprocess: str = "none"  # with object_metrics: the objects scored are those predict --postprocess with this value gives (min-size:N, largest, grow:N, joined by +); pixel metrics stay as predicted
     monitor: Literal["val_iou", "val_fg_iou", "val_dice", "val_object_f1", "val_seg"] = "val_iou"  # the evaluation metric (higher is better) that picks the best checkpoint and that early_stop_patience counts
     target_val_iou: float | None = None  # stop once an evaluation reaches this val IoU (time-to-accuracy)

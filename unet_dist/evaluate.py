@@ -16,7 +16,8 @@ how long the first process to finish waits for the others (runtime.stall_shutdow
 and the precision, float32 unless set (runtime.precision=auto: this machine's mixed policy, as `predict`).
 
 --data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
-or --out, object scores included (val_object_f1, val_seg: `unet_dist/objects.py`). --split train
+or --out, object scores included (val_object_f1, val_seg: `unet_dist/objects.py`) and the outlines'
+distances (val_hd95, val_assd, val_nsd: `unet_dist/surface.py`, pooled over records and classes). --split train
 evaluates every training record (no augmentation): a held-out test set converted with
 --val-fraction 0, or the training fit itself. The metric keys keep their val_ prefix either way.
 These records are the size conversion made them (data.image_size when it resized), and must hold

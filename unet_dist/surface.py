@@ -111,3 +111,25 @@ def boundary_scores(rows: np.ndarray, tolerance: float = TOLERANCE) -> list[dict
 
 def _mean(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if len(values) else None
+
+
+# `boundary_sums`: the (image, class) pairs with the class in both masks, their HD95s and ASSDs
+# summed, the pairs with it in either, their NSDs summed.
+SUMS = 5
+
+
+def boundary_sums(rows: np.ndarray) -> np.ndarray:
+    """One image's `boundary_rows` (K, FIELDS) -> (SUMS,) float64 over its classes but the
+    background, to be summed over images and processes (`pooled_boundary`)."""
+    fg = rows[1:]
+    both, either = (fg[:, 0] > 0) & (fg[:, 1] > 0), (fg[:, 0] > 0) | (fg[:, 1] > 0)
+    return np.array([both.sum(), fg[both, 2].sum(), fg[both, 3].sum(), either.sum(), fg[either, 4].sum()])
+
+
+def pooled_boundary(sums: np.ndarray) -> dict:
+    """`boundary_sums` summed over images -> {"hd95", "assd", "nsd"}: the means over every (image,
+    class but the background) pair that has them (None where none has), the classes pooled as
+    `objects.pooled` pools the objects' scores: what training's evaluation and evaluate --data log."""
+    both, hd95, assd, either, nsd = sums
+    return {"hd95": float(hd95 / both) if both else None, "assd": float(assd / both) if both else None,
+            "nsd": float(nsd / either) if either else None}

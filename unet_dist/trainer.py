@@ -51,6 +51,8 @@ from unet_dist.optimizers import build_optimizer
 from unet_dist.postprocess import parse
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import scaled_learning_rate
+from unet_dist.surface import SUMS as BOUNDARY_SUMS
+from unet_dist.surface import boundary_rows, boundary_sums, pooled_boundary
 from unet_dist.watchdog import Watchdog
 
 
@@ -181,7 +183,8 @@ class Evaluator:
     process). objects: also val_object_f1 and val_seg, every record's objects matched on the host
     (`unet_dist.objects`) and their counts summed with the confusion matrix; the objects are those
     `predict --postprocess` gives with train.object_postprocess (small ones removed, grown), which
-    the pixel metrics do not see.
+    the pixel metrics do not see; and val_hd95, val_assd and val_nsd, the outlines' distances of
+    those masks (`unet_dist.surface`), pooled over records and classes.
     """
 
     def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, split: str = "val",
@@ -217,7 +220,7 @@ class Evaluator:
         """progress: called after each batch (the training loop's `Watchdog.beat`)."""
         k = self.k
         cm = np.zeros((k, k), np.float64)
-        objects = np.zeros((k, FIELDS))
+        objects, outlines = np.zeros((k, FIELDS)), np.zeros(BOUNDARY_SUMS)
         loss_sum, count = 0.0, 0
         panel = np.zeros((0, 1, 1, 3), np.uint8)
         try:
@@ -229,8 +232,10 @@ class Evaluator:
                 if self.objects or (panels and panel.shape[0] == 0):  # the host's copies, taken once
                     pred, masks = pred.numpy(), batch["mask"].numpy()[..., 0]
                 if self.objects:
-                    objects += sum(object_counts(self.postprocess(p), m, k, grows=self.grows)
-                                   for p, m in zip(pred, masks, strict=True))
+                    for p, m in zip(pred, masks, strict=True):
+                        written = self.postprocess(p)
+                        objects += object_counts(written, m, k, grows=self.grows)
+                        outlines += boundary_sums(boundary_rows(written, m, k))
                 if progress:
                     progress()
                 if panels and panel.shape[0] == 0:
@@ -240,9 +245,10 @@ class Evaluator:
             what = {"val": "validation", "train": "training"}[self.split]
             raise DataError(f"{what} data unreadable: {unreadable_record(self.data_dir, self.manifest, self.split, e)}"
                             "; convert again") from None
-        total = self.runtime.sum_shares(np.concatenate([cm.ravel(), objects.ravel(), [loss_sum, count]]),
+        total = self.runtime.sum_shares(np.concatenate([cm.ravel(), objects.ravel(), outlines, [loss_sum, count]]),
                                         "their part of the evaluation")
-        cm, objects = total[: k * k].reshape(k, k), total[k * k : -2].reshape(objects.shape)
+        cm, objects = total[: k * k].reshape(k, k), total[k * k : k * k + objects.size].reshape(objects.shape)
+        outlines = total[k * k + objects.size : -2]
         loss_sum, count = total[-2], total[-1]
         s = scores(cm)
         metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
@@ -251,7 +257,7 @@ class Evaluator:
         if "fg_iou" in s:
             metrics["val_fg_iou"] = s["fg_iou"]
         if self.objects:
-            metrics.update({f"val_{key}": v for key, v in pooled(objects).items()})
+            metrics.update({f"val_{key}": v for key, v in {**pooled(objects), **pooled_boundary(outlines)}.items()})
         return metrics, panel
 
 
