@@ -47,6 +47,10 @@ print(f"\ndemo: val IoU {ev['val_iou']:.4f} (pet IoU {ev.get('val_fg_iou', float
 im = json.load(open(f"{run}/train/eval_images.json"))
 print(f"demo: IoU {im['iou']:.4f} (pet IoU {im['fg_iou']:.4f}) on {im['images']} held-out images at their own sizes "
       f"(240-500 px), predicted as predict does ({im['mode']} mode)")
+(pet,) = im["boundary"]
+print(f"demo: the pets' outlines: HD95 {pet['hd95']:.1f} px (mean over the images; median {pet['hd95_median']:.1f}), "
+      f"NSD {pet['nsd']:.3f} at {pet['nsd_tolerance']:g} px; each image's scores, worst first, in "
+      f"{run}/train/eval_images.csv")
 print(f"demo: overlays in {run}/predictions/*_overlay.png, learning curves in {run}/train/learning_curves.png, "
       f"TensorBoard: tensorboard --logdir {run}/train/tensorboard")
 PYEOF
