@@ -185,6 +185,9 @@ def test_predict_and_evaluate_images_post_process_alike(shards, pet_src, tmp_pat
     pp = json.loads((tmp_path / "pp.json").read_text())
     assert pp["postprocess"] == "largest:1" and pp["iou_per_class"][1] == pytest.approx(lc["iou_largest_only"])
     assert pp["iou_per_class"][1] != raw["iou_per_class"][1]
+    # And its outlines both ways: the masks as predicted, and as predict --postprocess largest writes them.
+    assert (lc["hd95"], lc["hd95_largest_only"]) == pytest.approx((raw["boundary"][0]["hd95"], pp["boundary"][0]["hd95"]))
+    assert lc["hd95_largest_only"] != lc["hd95"]
     assert predict_main(["--workdir", str(w), str(pet_src / "images"), "--out", str(tmp_path / "pred"),
                          "--postprocess", "largest:1"]) == 0
     assert "--postprocess largest:1" in capsys.readouterr().out

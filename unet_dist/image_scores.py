@@ -24,6 +24,7 @@ from unet_dist.postprocess import (
     advice,
     grow_advice,
     grow_effect,
+    largest_outlines,
     moved_by_truth,
     size_advice,
     size_effect,
@@ -56,7 +57,8 @@ class ImageScores:
         self.raw = {"cm": np.zeros((k, k)), "moved": np.zeros((k, k)),  # `moved_by_truth`
                     "small": np.zeros((k, len(SIZES), 3 + k)),  # `size_effect`; its SEG sums (field 2) in small_seg
                     "objects": np.zeros((n, k, FIELDS)), "small_seg": np.zeros((n, k, len(SIZES))),
-                    "grow": np.zeros((n, 1 + len(GROWS), k, FIELDS))}  # `grow_effect`
+                    "grow": np.zeros((n, 1 + len(GROWS), k, FIELDS)),  # `grow_effect`
+                    "outlines": np.zeros((n, 2, k, BOUNDARY_FIELDS))}  # `largest_outlines`
 
     def add(self, i: int, predicted: np.ndarray, truth: np.ndarray, ids: np.ndarray | None = None) -> None:
         """Image i's counts: `predicted` (H, W) class ids as the model predicts them (the record
@@ -74,6 +76,7 @@ class ImageScores:
         raw["grow"][i] = grow_effect(predicted, truth, k, ids)
         raw["cm"] += raw_cm
         raw["moved"] += moved_by_truth(predicted, truth, k)
+        raw["outlines"][i] = largest_outlines(predicted, truth, k, self.tolerance)
         raw["small"] += small
         written = self.postprocess(predicted)  # `predicted` itself where it changes no pixel (grow alone)
         if written is predicted:  # and then its objects are the raw ones, grown as the flag says
@@ -138,7 +141,8 @@ class ImageScores:
         out = {**scores(self.counts[read].sum(axis=0)),
                "objects": object_scores(self.objects[read].sum(axis=0), per_image=self.objects[read]),
                "boundary": boundary_scores(self.boundary[read], self.tolerance),
-               "largest_component": advice(raw["cm"].astype(np.int64), raw["moved"].astype(np.int64)),
+               "largest_component": advice(raw["cm"].astype(np.int64), raw["moved"].astype(np.int64),
+                                           raw["outlines"][read]),
                "small_objects": size_advice(raw["cm"], raw["objects"], raw["small"]),
                "grown_objects": grow_advice(raw["grow"])}
         for key in ("objects", "boundary", "largest_component", "small_objects", "grown_objects"):
@@ -206,11 +210,16 @@ def postprocess_advice(largest: list[dict], small: list[dict], grown: list[dict]
     def named(row):
         return f"class {row['class']}" + (f" ({row['name']})" if "name" in row else "")
 
+    def hd95(row):  # what it does to the outlines, where both have them
+        if row.get("hd95") is None or row.get("hd95_largest_only") is None:
+            return ""
+        return f" (HD95 {row['hd95']:.2f} -> {row['hd95_largest_only']:.2f} px)"
+
     lines = []
     helps = [a for a in largest if a["helps"]]
     if helps:
         lines.append("evaluate: keeping only the largest connected component raises the IoU of "
-                     + ", ".join(f"{named(a)} from {apart(a['iou'], a['iou_largest_only'])}" for a in helps)
+                     + ", ".join(f"{named(a)} from {apart(a['iou'], a['iou_largest_only'])}" + hd95(a) for a in helps)
                      + f" on these images (predict --postprocess largest:{','.join(str(a['class']) for a in helps)})")
     for row in small:
         if row["helps"]:

@@ -179,6 +179,21 @@ def moved_by_truth(mask: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
     return out
 
 
+def largest_outlines(mask: np.ndarray, truth: np.ndarray, num_classes: int, tolerance: float) -> np.ndarray:
+    """(2, K, surface.FIELDS): `surface.boundary_rows` of `mask` (H, W) against `truth` (H, W) as
+    predicted (row 0) and with each class cut to its largest component alone (row 1): the
+    outlines' side of `advice`, where a speck far from the object barely moves the IoU but sets
+    the HD95 (the pet's largest component, nnU-Net's organ's)."""
+    from unet_dist.surface import FIELDS, boundary_row
+
+    out = np.zeros((2, num_classes, FIELDS))
+    for c in range(1, num_classes):
+        out[0, c] = boundary_row(mask, truth, c, tolerance)
+        outside = outside_largest(mask, c)
+        out[1, c] = boundary_row(np.where(outside, 0, mask), truth, c, tolerance) if outside.any() else out[0, c]
+    return out
+
+
 def applied(cm: np.ndarray, moved: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
     """Confusion matrix `cm` (K, K; truth rows, prediction columns) of masks as predicted, made that
     of the same masks after `keep_largest(classes)`, from their `moved_by_truth` (summed alike):
@@ -190,18 +205,24 @@ def applied(cm: np.ndarray, moved: np.ndarray, classes: tuple[int, ...]) -> np.n
     return out
 
 
-def advice(cm: np.ndarray, moved: np.ndarray) -> list[dict]:
+def advice(cm: np.ndarray, moved: np.ndarray, outlines: np.ndarray | None = None) -> list[dict]:
     """For each class but the background that post-processing would change: its IoU as predicted and
     with only its largest component kept (`cm`, `moved`: over all images), and whether that helps:
-    the test nnU-Net makes on its validation predictions."""
+    the test nnU-Net makes on its validation predictions. outlines: the images' `largest_outlines`
+    (N, 2, K, FIELDS), for the mean HD95 of each both ways (hd95, hd95_largest_only; None where no
+    image has the class in both masks)."""
     from unet_dist.metrics import scores
+    from unet_dist.surface import boundary_scores
 
     before = scores(cm)["iou_per_class"]
+    hd95 = [{row["class"]: row["hd95"] for row in boundary_scores(outlines[:, j])} for j in (0, 1)] \
+        if outlines is not None else None
     out = []
     for c in range(1, cm.shape[0]):
         if moved[c].any():
             after = scores(applied(cm, moved, (c,)))["iou_per_class"][c]
             out.append({"class": c, "iou": before[c], "iou_largest_only": after,
+                        **({"hd95": hd95[0].get(c), "hd95_largest_only": hd95[1].get(c)} if hd95 else {}),
                         # None after: class c was left only where the truth is ignored.
                         "helps": after is not None and after > before[c]})
     return out
