@@ -81,10 +81,11 @@ class ImageScores:
         written = self.postprocess(predicted)  # `predicted` itself where it changes no pixel (grow alone)
         if written is predicted:  # and then its objects are the raw ones, grown as the flag says
             self.counts[i], self.objects[i] = raw_cm, raw_objects
+            self.boundary[i] = raw["outlines"][i, 0]
         else:
             self.counts[i] = confusion_matrix(truth, written, k, self.ignore).numpy()
             self.objects[i] = object_counts(written, truth, k, truth_ids=ids, grows=self.grows)
-        self.boundary[i] = boundary_rows(written, truth, k, self.tolerance)
+            self.boundary[i] = boundary_rows(written, truth, k, self.tolerance)
         self.seen[i] = 1
 
     def sum_over(self, runtime) -> None:
