@@ -215,8 +215,9 @@ def advice(cm: np.ndarray, moved: np.ndarray, outlines: np.ndarray | None = None
     from unet_dist.surface import boundary_scores
 
     before = scores(cm)["iou_per_class"]
-    hd95 = [{row["class"]: row["hd95"] for row in boundary_scores(outlines[:, j])} for j in (0, 1)] \
-        if outlines is not None else None
+    hd95 = None  # {class: mean HD95} as predicted, and with the largest component alone
+    if outlines is not None:
+        hd95 = [{row["class"]: row["hd95"] for row in boundary_scores(outlines[:, j])} for j in (0, 1)]
     out = []
     for c in range(1, cm.shape[0]):
         if moved[c].any():
