@@ -26,6 +26,7 @@ from unet_dist.postprocess import (
     grow_effect,
     largest_outlines,
     moved_by_truth,
+    outside_largest_each,
     size_advice,
     size_effect,
 )
@@ -75,8 +76,9 @@ class ImageScores:
         raw["objects"][i], raw["small_seg"][i] = raw_objects, small[..., 2]
         raw["grow"][i] = grow_effect(predicted, truth, k, ids)
         raw["cm"] += raw_cm
-        raw["moved"] += moved_by_truth(predicted, truth, k)
-        raw["outlines"][i] = largest_outlines(predicted, truth, k, self.tolerance)
+        outside = outside_largest_each(predicted, k)  # each class's components labelled once for both
+        raw["moved"] += moved_by_truth(predicted, truth, k, outside)
+        raw["outlines"][i] = largest_outlines(predicted, truth, k, self.tolerance, outside)
         raw["small"] += small
         written = self.postprocess(predicted)  # `predicted` itself where it changes no pixel (grow alone)
         if written is predicted:  # and then its objects are the raw ones, grown as the flag says

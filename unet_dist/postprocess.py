@@ -167,30 +167,41 @@ def remove_small(mask: np.ndarray, classes: tuple[int, ...], min_size: int) -> n
     return out
 
 
-def moved_by_truth(mask: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+def outside_largest_each(mask: np.ndarray, num_classes: int) -> list[np.ndarray | None]:
+    """[None, `outside_largest(mask, 1)`, ..., `outside_largest(mask, K-1)`]: labelled once for
+    `moved_by_truth` and `largest_outlines` of the same mask."""
+    return [None, *(outside_largest(mask, c) for c in range(1, num_classes))]
+
+
+def moved_by_truth(mask: np.ndarray, truth: np.ndarray, num_classes: int,
+                   outside: list[np.ndarray | None] | None = None) -> np.ndarray:
     """(K, K) int64: row c, column t: the pixels `keep_largest(mask, (c,))` would move from class c
     to the background whose truth (H, W) is class t. Row 0 is zeros; truth IGNORE is not counted,
     as `metrics.confusion_matrix` does not count it. With `applied`, what post-processing any set
-    of classes does to a confusion matrix: the classes' pixels are disjoint."""
+    of classes does to a confusion matrix: the classes' pixels are disjoint. outside: the mask's
+    `outside_largest_each`, where the caller has it."""
+    outside = outside or outside_largest_each(mask, num_classes)
     out = np.zeros((num_classes, num_classes), np.int64)
     for c in range(1, num_classes):
-        t = truth[outside_largest(mask, c)]
+        t = truth[outside[c]]
         out[c] = np.bincount(t[t != IGNORE], minlength=num_classes)[:num_classes]
     return out
 
 
-def largest_outlines(mask: np.ndarray, truth: np.ndarray, num_classes: int, tolerance: float) -> np.ndarray:
+def largest_outlines(mask: np.ndarray, truth: np.ndarray, num_classes: int, tolerance: float,
+                     outside: list[np.ndarray | None] | None = None) -> np.ndarray:
     """(2, K, surface.FIELDS): `surface.boundary_rows` of `mask` (H, W) against `truth` (H, W) as
     predicted (row 0) and with each class cut to its largest component alone (row 1): the
     outlines' side of `advice`, where a speck far from the object barely moves the IoU but sets
-    the HD95 (the pet's largest component, nnU-Net's organ's)."""
+    the HD95 (the pet's largest component, nnU-Net's organ's). outside: as `moved_by_truth`'s."""
     from unet_dist.surface import FIELDS, boundary_row
 
+    outside = outside or outside_largest_each(mask, num_classes)
     out = np.zeros((2, num_classes, FIELDS))
     for c in range(1, num_classes):
         out[0, c] = boundary_row(mask, truth, c, tolerance)
-        outside = outside_largest(mask, c)
-        out[1, c] = boundary_row(np.where(outside, 0, mask), truth, c, tolerance) if outside.any() else out[0, c]
+        cut = outside[c]
+        out[1, c] = boundary_row(np.where(cut, 0, mask), truth, c, tolerance) if cut.any() else out[0, c]
     return out
 
 
