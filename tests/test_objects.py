@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from unet_dist.data.convert import IGNORE
-from unet_dist.objects import FIELDS, THRESHOLDS, object_counts, object_f1, object_scores, pooled
+from unet_dist.objects import EIGHT_CONNECTED, FIELDS, THRESHOLDS, object_counts, object_f1, object_scores, pooled
 
 
 def _cells():
@@ -125,6 +125,71 @@ def test_instances_number_each_object_of_each_class_apart():
     specks[::2, ::2] = 1  # 67,600 objects 8-connected to none
     many = instances(specks)
     assert many.dtype == np.int32 and many.max() == 260 * 260 and many[518, 518] == many.max()
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_matches_equal_their_definition_pair_by_pair(monkeypatch, dense):
+    # matched_objects counts the (true, predicted) overlaps in a dense table where it fits (a chunk
+    # of pixels at a time) and by sorting the overlapping pairs where it does not: both must give
+    # what every pair's IoU gives.
+    import unet_dist.objects as objects
+
+    monkeypatch.setattr(objects, "_table_fits", lambda cells, pixels: dense)
+    monkeypatch.setattr(objects, "PAIR_CHUNK", 64)  # several chunks an image, a table's worth each
+    rng = np.random.default_rng(11)
+    for trial in range(12):
+        truth = np.zeros((48, 56), np.uint8)
+        for y, x in rng.integers(0, 44, (10, 2)):
+            truth[y : y + rng.integers(2, 12), x : x + rng.integers(2, 12)] = 1
+        pred = np.where(rng.random(truth.shape) < 0.15, 1 - truth, truth)  # specks, holes, merges
+        if trial % 2:
+            truth[rng.random(truth.shape) < 0.1] = IGNORE
+        ids = objects.components(truth, 1)[0].astype(np.uint16) if trial % 3 == 0 else None
+        nt, lp, counts, matched, seg = objects.matched_objects(pred, truth, 1, ids)
+        lt = objects.components(truth, 1)[0] if ids is None else ids
+        valid = truth != IGNORE
+        want_matched, want_seg = np.zeros(lp.max()), np.zeros(lp.max())
+        for j in range(1, lp.max() + 1):
+            pj = (lp == j) & valid
+            for i in range(1, nt + 1):
+                ti = (lt == i) & valid
+                inter = (ti & pj).sum()
+                iou = inter / (ti.sum() + pj.sum() - inter) if inter else 0.0
+                want_matched[j - 1] += iou * (iou > 0.5)
+                want_seg[j - 1] += iou * (inter > 0.5 * ti.sum())
+            assert counts[j - 1] == pj.any()
+        assert nt == lt.max() and np.array_equal(lp, objects.components(pred, 1)[0])
+        assert matched.tolist() == pytest.approx(want_matched.tolist(), abs=1e-12)
+        assert seg.tolist() == pytest.approx(want_seg.tolist(), abs=1e-12)
+
+
+@pytest.mark.parametrize("strip_pixels", [1, 37, 2**22])
+def test_growth_in_strips_equals_one_transform_of_the_whole_image(monkeypatch, strip_pixels):
+    # nearest_objects searches strips of rows with the growth's reach above and below, to bound
+    # its memory on large images. It must give what one distance transform of the whole image
+    # gives (the code before it), equal ties included: grid points 2 to 8 apart are full of them.
+    from scipy import ndimage
+
+    import unet_dist.objects as objects
+
+    monkeypatch.setattr(objects, "STRIP_PIXELS", strip_pixels)  # 1: a row a strip
+    rng = np.random.default_rng(7)
+    steps = (1, 1.5, 2, 3, 4, 6, 8)
+    checked = 0
+    for trial in range(60):
+        h, w = rng.integers(3, 90, 2)
+        points = rng.random((h, w)) < rng.choice([0.003, 0.02, 0.1])
+        if trial % 3 == 0:
+            points = np.zeros((h, w), bool)
+            points[:: rng.integers(2, 9), :: rng.integers(2, 9)] = True
+        labels, n = ndimage.label(points, structure=EIGHT_CONNECTED)
+        free = rng.random((h, w)) < 0.9
+        dist, (ni, nj) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        for by, got in zip(steps, objects.grown_steps(labels, free, steps), strict=True):
+            want = np.where(free & (labels == 0) & (dist <= by), labels[ni, nj], labels) if n else labels
+            assert got.dtype == labels.dtype and np.array_equal(got, want), (trial, by)
+            checked += 1
+    assert checked == 60 * len(steps)
 
 
 def test_grown_objects_take_the_background_nearest_them_and_are_scored_so():

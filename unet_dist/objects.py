@@ -51,22 +51,57 @@ def grown(labels: np.ndarray, free: np.ndarray, by: float) -> np.ndarray:
     `free` pixels (bool (H, W)): each free pixel within `by` of an object goes to the nearest one
     (of equally near ones, either), as scikit-image's expand_labels grows them. A model that leaves
     the background between touching cells a few pixels too wide predicts each cell short of its
-    edge (`--postprocess grow:N`, measured by `evaluate --images`). The distance transform takes 16
-    bytes a pixel (a float64 distance, two int32 indices): 256 MiB for 16 megapixels."""
+    edge (`--postprocess grow:N`, measured by `evaluate --images`)."""
     return next(grown_steps(labels, free, (by,)))
 
 
 def grown_steps(labels: np.ndarray, free: np.ndarray, steps) -> Iterator[np.ndarray]:
-    """`grown(labels, free, by)` for each `by` of `steps`, from one distance transform (most of
-    the time: 27 of 30 ms on a 572x572 slice)."""
+    """`grown(labels, free, by)` for each `by` of `steps`, from one nearest-object search
+    (`nearest_objects`), each (H, W) int32 made as it is asked for."""
+    reach = int(np.ceil(max(steps, default=0)))
+    near, d2 = nearest_objects(labels, free, reach)
+    for by in steps:
+        yield np.where(d2 <= by * by, near, 0).astype(labels.dtype, copy=False)
+
+
+# Pixels of the strips `nearest_objects` searches one at a time: its memory is about 25 bytes a
+# pixel of a strip (100 MiB), whatever the image's size.
+STRIP_PIXELS = 2**22
+
+
+def nearest_objects(labels: np.ndarray, free: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """For object labels (H, W) (0 none) and the pixels they may grow over (`free`, bool (H, W)):
+    (the label of the nearest object (H, W), its squared Euclidean distance (H, W), unsigned), at
+    each object pixel its own label and 0, at each free background pixel within `reach` pixels of
+    an object the nearest one's (of equally near ones, either) and its distance, elsewhere a
+    distance above reach**2. The distance transform (scipy's, which takes 40 bytes a pixel) runs
+    on strips of rows with `reach` rows above and below, so an 8192x8192 image needs no more than a
+    572x572 one: exact, since an object within `reach` of a pixel lies within `reach` rows of it,
+    and equal ties go the same way (a test checks it against the whole image's transform)."""
     from scipy import ndimage
 
-    dist, nearest = ndimage.distance_transform_edt(labels == 0, return_indices=True)
-    nearest_label = labels[nearest[0], nearest[1]]
-    del nearest
-    open_ = free & (labels == 0)
-    for by in steps:
-        yield np.where(open_ & (dist <= by), nearest_label, labels)
+    far = reach * reach + 1
+    d2 = np.where(labels > 0, 0, far).astype(np.uint8 if far < 2**8 else np.uint16 if far < 2**16 else np.uint32)
+    near = labels.copy()
+    height, width = labels.shape
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    for r0 in range(0, height if reach > 0 else 0, rows):
+        r1 = min(height, r0 + rows)
+        a, b = max(0, r0 - reach), min(height, r1 + reach)
+        open_ = free[r0:r1] & (labels[r0:r1] == 0)
+        if not open_.any() or not labels[a:b].any():
+            continue
+        part = labels[a:b]
+        fi, fj = ndimage.distance_transform_edt(part == 0, return_distances=False, return_indices=True)[:, r0 - a:r1 - a]
+        # Offsets clipped past reach before squaring: exact where it matters, and no int32
+        # overflow on an image 50,000 pixels wide.
+        di = np.minimum(np.abs(fi - np.arange(r0 - a, r1 - a, dtype=fi.dtype)[:, None]), reach + 1)
+        dj = np.minimum(np.abs(fj - np.arange(width, dtype=fj.dtype)), reach + 1)
+        dist2 = di * di + dj * dj
+        reached = open_ & (dist2 <= reach * reach)
+        d2[r0:r1][reached] = dist2[reached]
+        near[r0:r1][reached] = part[fi[reached], fj[reached]]
+    return near, d2
 
 
 def class_objects(classes: np.ndarray, which=None, grows: tuple[int, ...] | None = None
@@ -161,19 +196,40 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.n
     class c's components, where the caller has them already). objects: the predicted objects (labels
     (H, W), n), where the caller has them already, or grown (`class_objects`), instead of
     `components(pred, c)`."""
-    valid = (truth != IGNORE).ravel()
     lt, nt = (truth_ids, int(truth_ids.max(initial=0))) if truth_ids is not None else components(truth, c)
     lp, npred = objects if objects is not None else components(pred, c)
-    t, p = lt.ravel()[valid], lp.ravel()[valid]
-    area_t = np.bincount(t, minlength=nt + 1)
-    area_p = np.bincount(p, minlength=npred + 1)
-    both = (t > 0) & (p > 0)
-    # Overlapping (true, predicted) pairs alone: a dense table of a noisy prediction's many specks
-    # against hundreds of cells would take gigabytes.
-    # int32 keys where they fit: np.unique sorts them, half the time of int64 on a 16 MP image.
-    key = np.int32 if (nt + 1) * (npred + 1) < 2**31 else np.int64
-    pairs, inter = np.unique(t[both].astype(key) * key(npred + 1) + p[both].astype(key), return_counts=True)
-    ti, pi = pairs // (npred + 1), pairs % (npred + 1)
+    cells = (nt + 1) * (npred + 1)
+    if _table_fits(cells, truth.size):
+        # Every (true, predicted) pair's overlap from bincounts of PAIR_CHUNK pixels at a time (a
+        # table's worth where it is larger): one pass, in cache, where sorting the pairs takes
+        # several times as long and 20 bytes a pixel (evaluate --images scores an image's objects
+        # 9 times). Keys in bincount's own type, which it would copy others to.
+        flat_t, flat_p, flat_truth = lt.ravel(), lp.ravel(), truth.ravel()
+        table = np.zeros(cells + 1, np.int64)
+        step = max(cells, PAIR_CHUNK)
+        for a in range(0, flat_t.size, step):
+            keys = flat_t[a : a + step].astype(np.intp)
+            keys *= npred + 1
+            keys += flat_p[a : a + step]
+            keys[flat_truth[a : a + step] == IGNORE] = cells  # a bin past the table's, dropped
+            table += np.bincount(keys, minlength=cells + 1)
+        table = table[:cells].reshape(nt + 1, npred + 1)
+        area_t, area_p = table.sum(axis=1), table.sum(axis=0)
+        ti, pi = np.nonzero(table[1:, 1:])  # in the order of the sort below
+        ti, pi = ti + 1, pi + 1
+        inter = table[ti, pi]
+    else:
+        # Overlapping pairs alone: a dense table of a noisy prediction's many specks against
+        # hundreds of cells would take gigabytes.
+        valid = (truth != IGNORE).ravel()
+        t, p = lt.ravel()[valid], lp.ravel()[valid]
+        area_t = np.bincount(t, minlength=nt + 1)
+        area_p = np.bincount(p, minlength=npred + 1)
+        both = (t > 0) & (p > 0)
+        # int32 keys where they fit: np.unique sorts them, half the time of int64 on a 16 MP image.
+        key = np.int32 if cells < 2**31 else np.int64
+        pairs, inter = np.unique(t[both].astype(key) * key(npred + 1) + p[both].astype(key), return_counts=True)
+        ti, pi = pairs // (npred + 1), pairs % (npred + 1)
     iou = inter / (area_t[ti] + area_p[pi] - inter)
     matched = np.zeros(npred + 1)
     pair = iou > MATCH_IOU  # above half the union: each object in one such pair at most
@@ -183,6 +239,15 @@ def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.n
     covers = inter > SEG_COVER * area_t[ti]
     seg = np.bincount(pi[covers], weights=iou[covers], minlength=npred + 1)
     return nt, lp, area_p[1:] > 0, matched[1:], seg[1:]
+
+
+PAIR_CHUNK = 2**20  # pixels `matched_objects` counts at a time (8 MiB of keys)
+
+
+def _table_fits(cells: int, pixels: int) -> bool:
+    """Whether `matched_objects` counts the pairs in a dense (true, predicted) table: where it is no
+    larger than the pixels (or 8 MiB)."""
+    return cells <= max(pixels, 2**20)
 
 
 def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: list | None = None,

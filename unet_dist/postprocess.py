@@ -25,6 +25,7 @@ of `export` does not include them.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -307,9 +308,9 @@ def grow_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int,
     """(1 + len(GROWS), K, FIELDS) float64: `objects.object_counts` of predicted class ids `pred`
     (H, W) against `truth` (H, W) with every class's objects as predicted, then grown by each of
     GROWS pixels (truth_ids: as for object_counts). Summed over images, `grow_advice`'s table.
-    Each class's objects, true and predicted, are labelled once, and grown from one distance
-    transform (`grown_steps`), over the background no lower class's took at that growth (as
-    `objects.class_objects` grows them)."""
+    Each class's objects, true and predicted, are labelled once, and grown from one nearest-object
+    search (`grown_steps`), one growth held at a time, over the background no lower class's took at
+    that growth (as `objects.class_objects` grows them)."""
     out = np.zeros((1 + len(GROWS), num_classes, FIELDS))
     # The background lower classes' objects took at each of GROWS, where a higher class may grow.
     taken = np.zeros((len(GROWS), *pred.shape), bool) if num_classes > 2 else None
@@ -317,7 +318,7 @@ def grow_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int,
         labels, n = components(pred, c)
         ids = truth_ids if c == 1 and truth_ids is not None else components(truth, c)[0]
         steps = grown_steps(labels, pred == 0, GROWS) if n else [labels] * len(GROWS)
-        for j, objects in enumerate([labels, *steps]):
+        for j, objects in enumerate(itertools.chain([labels], steps)):
             if j and taken is not None:  # not free: every other pixel goes where it went
                 objects = np.where(taken[j - 1], 0, objects)
                 taken[j - 1] |= objects > 0
