@@ -81,7 +81,8 @@ def nearest_objects(labels: np.ndarray, free: np.ndarray, reach: int) -> tuple[n
     from scipy import ndimage
 
     far = reach * reach + 1
-    d2 = np.where(labels > 0, 0, far).astype(np.uint8 if far < 2**8 else np.uint16 if far < 2**16 else np.uint32)
+    d2 = np.full(labels.shape, far, np.uint8 if far < 2**8 else np.uint16 if far < 2**16 else np.uint32)
+    d2[labels > 0] = 0
     near = labels.copy()
     height, width = labels.shape
     rows = max(1, STRIP_PIXELS // max(width, 1))
@@ -162,21 +163,38 @@ def measured(labels: np.ndarray, classes: np.ndarray, probs: np.ndarray | None =
     n = int(labels.max(initial=0))
     if not n:
         return []
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1)
+    # Per label, summed over strips of rows (a few MiB of temporaries where scipy's center_of_mass
+    # and maximum take 8 bytes a pixel each, and 3.5 s for 18,000 objects on 8192x8192): its
+    # pixels, their rows and columns, and of the pixels the mask gives it (classes > 0) how many,
+    # their classes, and the probabilities of their class.
+    height, width = labels.shape
+    sums = np.zeros((6, n + 1))
+    step = max(1, PAIR_CHUNK // max(width, 1))
+    columns = np.arange(width, dtype=np.float64)
+    for r0 in range(0, height, step):
+        flat, kinds = labels[r0 : r0 + step].ravel(), classes[r0 : r0 + step].ravel()
+        rows = len(flat) // width
+        core = kinds > 0
+        sums[0] += np.bincount(flat, minlength=n + 1)
+        sums[1] += np.bincount(flat, weights=np.repeat(np.arange(r0, r0 + rows, dtype=np.float64), width), minlength=n + 1)
+        sums[2] += np.bincount(flat, weights=np.tile(columns, rows), minlength=n + 1)
+        sums[3] += np.bincount(flat, weights=core, minlength=n + 1)
+        sums[4] += np.bincount(flat, weights=kinds, minlength=n + 1)
+        if probs is not None:
+            part = probs[r0 : r0 + step]
+            own = part[..., 0] if part.shape[-1] == 1 else np.take_along_axis(part, kinds.reshape(rows, width, 1), -1)
+            sums[5] += np.bincount(flat[core], weights=own.ravel()[core], minlength=n + 1)
+    area, row_sum, column_sum, pixels, kind_sum, prob_sum = sums
     index = np.flatnonzero(area[1:]) + 1  # the labels present
-    centroids = ndimage.center_of_mass(labels > 0, labels, index)
-    kind = ndimage.maximum(classes, labels, index)
+    # Each object has one class at each pixel the mask gives it (a component of that class), at
+    # least one such pixel, and background at those it grew over: so the mean is that class.
+    kind = np.rint(kind_sum[index] / pixels[index]).astype(int)
     boxes = ndimage.find_objects(labels, max_label=n)
-    mean = [None] * len(index)
-    if probs is not None:
-        own = probs[..., 0] if probs.shape[-1] == 1 else np.take_along_axis(probs, classes[..., None], -1)[..., 0]
-        core = (classes.ravel() > 0) & (flat > 0)
-        pixels = np.bincount(flat[core], minlength=n + 1)
-        mean = np.bincount(flat[core], weights=own.ravel()[core], minlength=n + 1)[index] / np.maximum(pixels[index], 1)
-    return [(int(i), int(c), int(area[i]), float(y), float(x), boxes[i - 1][0].start, boxes[i - 1][1].start,
-             boxes[i - 1][0].stop, boxes[i - 1][1].stop, None if m is None else float(m))
-            for i, c, (y, x), m in zip(index, np.atleast_1d(kind), centroids, mean, strict=True)]
+    mean = [None] * len(index) if probs is None else prob_sum[index] / pixels[index]
+    return [(int(i), int(c), int(area[i]), float(row_sum[i] / area[i]), float(column_sum[i] / area[i]),
+             boxes[i - 1][0].start, boxes[i - 1][1].start, boxes[i - 1][0].stop, boxes[i - 1][1].stop,
+             None if m is None else float(m))
+            for i, c, m in zip(index, kind, mean, strict=True)]
 
 
 def matched_objects(pred: np.ndarray, truth: np.ndarray, c: int, truth_ids: np.ndarray | None = None,
