@@ -68,13 +68,13 @@ class ImageScores:
         components)."""
         k, raw = self.k, self.raw
         raw_cm = confusion_matrix(truth, predicted, k, self.ignore).numpy()
+        raw["grow"][i] = grow_effect(predicted, truth, k, ids)  # first: the largest, while nothing else is held
         # Labelled once for both tables.
         objs = class_objects(predicted, range(1, k), self.grows)  # grown as predict --instances grows them
         matched = [matched_objects(predicted, truth, c, ids if c == 1 else None, objects=objs[c]) for c in range(1, k)]
         raw_objects = object_counts(predicted, truth, k, matched)
         small = size_effect(predicted, truth, k, matched)
         raw["objects"][i], raw["small_seg"][i] = raw_objects, small[..., 2]
-        raw["grow"][i] = grow_effect(predicted, truth, k, ids)
         raw["cm"] += raw_cm
         outside = outside_largest_each(predicted, k)  # each class's components labelled once for both
         raw["moved"] += moved_by_truth(predicted, truth, k, outside)

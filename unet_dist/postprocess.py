@@ -323,6 +323,7 @@ def grow_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int,
                 objects = np.where(taken[j - 1], 0, objects)
                 taken[j - 1] |= objects > 0
             out[j, c] = count_row(matched_objects(pred, truth, c, ids, objects=(objects, n)))
+            del objects  # before the next growth is made
     return out
 
 
