@@ -263,9 +263,11 @@ PAIR_CHUNK = 2**20  # pixels `matched_objects` counts at a time (8 MiB of keys)
 
 
 def _table_fits(cells: int, pixels: int) -> bool:
-    """Whether `matched_objects` counts the pairs in a dense (true, predicted) table: where it is no
-    larger than the pixels (or 8 MiB)."""
-    return cells <= max(pixels, 2**20)
+    """Whether `matched_objects` counts the pairs in a dense (true, predicted) table: where it has
+    no more cells than the image has pixels. Past that, zeroing and searching the table costs more
+    than sorting the pairs (`object_counts` of a 572x572 slice, 221 cells against 4,660 predicted
+    specks: 12.5 ms with the table, 6.4 ms sorted)."""
+    return cells <= pixels
 
 
 def object_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, matched: list | None = None,
