@@ -188,9 +188,10 @@ def measured(labels: np.ndarray, classes: np.ndarray, probs: np.ndarray | None =
     index = np.flatnonzero(area[1:]) + 1  # the labels present
     # Each object has one class at each pixel the mask gives it (a component of that class), at
     # least one such pixel, and background at those it grew over: so the mean is that class.
-    kind = np.rint(kind_sum[index] / pixels[index]).astype(int)
+    given = np.maximum(pixels[index], 1)  # (0 class and mean where the mask gives it none)
+    kind = np.rint(kind_sum[index] / given).astype(int)
     boxes = ndimage.find_objects(labels, max_label=n)
-    mean = [None] * len(index) if probs is None else prob_sum[index] / pixels[index]
+    mean = [None] * len(index) if probs is None else prob_sum[index] / given
     return [(int(i), int(c), int(area[i]), float(row_sum[i] / area[i]), float(column_sum[i] / area[i]),
              boxes[i - 1][0].start, boxes[i - 1][1].start, boxes[i - 1][0].stop, boxes[i - 1][1].stop,
              None if m is None else float(m))

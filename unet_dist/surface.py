@@ -17,9 +17,9 @@ A class's outline is its pixels with a 4-neighbour outside the class (the mask l
 erosion, as MONAI's `get_mask_edges`), the image's edge counting as outside. The distances are
 Euclidean, to the nearest pixel of the other outline (a k-d tree each way). Pixels left out of the
 truth (IGNORE, convert --ignore-value) are left out of the prediction too, so an outline anywhere
-in an ignored band (the Pet trimaps' border) is as good as the truth's. An image with a class in one mask only has no
-distance for it (it counts as missed or spurious, and its NSD is 0); with the class in neither it
-is not counted.
+in an ignored band (the Pet trimaps' border) is as good as the truth's. An image with a class in
+one mask only has no distance for it (it counts as missed or spurious, and its NSD is 0); with the
+class in neither it is not counted.
 """
 
 from __future__ import annotations
