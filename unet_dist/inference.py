@@ -310,7 +310,11 @@ def resize_predict_fn(model: keras.Model, cfg: Config, flip: bool = False):
 
     def fn(images):
         size = tf.shape(images)[1:3]
-        x = tf.image.resize(tf.image.convert_image_dtype(images, tf.float32), (oh, ow), antialias=True)
+        # Resized, then scaled to [0, 1] as convert_image_dtype scales (resizing is linear): the
+        # whole image is taken to float32 once, inside resize, not twice (12 bytes a pixel of RGB).
+        x = tf.image.resize(images, (oh, ow), antialias=True)
+        dtype = tf.as_dtype(images.dtype)
+        x = x * (1.0 / dtype.max) if dtype.is_integer else x
         if ph or pw:
             x = tf.gather(x, _reflect_indices(oh, ph, th - oh - ph), axis=1)
             x = tf.gather(x, _reflect_indices(ow, pw, tw - ow - pw), axis=2)
@@ -323,7 +327,7 @@ def resize_predict_fn(model: keras.Model, cfg: Config, flip: bool = False):
 def classes_from_probs(probs):
     """(..., U) probabilities -> (...) uint8 class ids (works on numpy and tensors): the evaluation's
     `metrics.predict_classes`, as uint8 for the mask PNGs and the SavedModel's masks."""
-    return tf.cast(predict_classes(probs), tf.uint8)
+    return predict_classes(probs, tf.uint8)
 
 
 MIRRORS = ([], [2], [1], [1, 2])  # the axes of (N, h, w, C) each mirror image reverses: none, left-right, up-down, both

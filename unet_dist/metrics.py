@@ -13,11 +13,12 @@ import tensorflow as tf
 from unet_dist.data.convert import IGNORE
 
 
-def predict_classes(y_prob: tf.Tensor) -> tf.Tensor:
-    """(B, h, w, U) probabilities -> (B, h, w) int32 class ids (threshold 0.5 when U == 1)."""
+def predict_classes(y_prob: tf.Tensor, dtype: tf.DType = tf.int32) -> tf.Tensor:
+    """(B, h, w, U) probabilities -> (B, h, w) class ids of `dtype` (threshold 0.5 when U == 1).
+    Squeezed, not sliced: a slice would copy the probabilities (4 bytes a pixel of a large image)."""
     if y_prob.shape[-1] == 1:
-        return tf.cast(y_prob[..., 0] >= 0.5, tf.int32)
-    return tf.argmax(y_prob, axis=-1, output_type=tf.int32)
+        return tf.cast(tf.squeeze(y_prob, -1) >= 0.5, dtype)
+    return tf.cast(tf.argmax(y_prob, axis=-1, output_type=tf.int32), dtype)
 
 
 def confusion_matrix(y_true: tf.Tensor, y_pred: tf.Tensor, num_classes: int, ignore: bool = False) -> tf.Tensor:
