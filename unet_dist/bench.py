@@ -22,7 +22,8 @@ scaling: weak scaling (in-memory batches, one thread per process), 1 vs 2 proces
 MultiWorkerMirroredStrategy: efficiency = ips(2) / (2 * ips(1)), both measured in each 2-process job
 in alternating rounds (the chief also runs the 1-process step while the other rank waits).
 memory: peak RSS of training (demo, pets_seed), of conversion at two data set sizes, and of
-predict (tile mode) for a 512x512 image and a large one, with what each pixel more costs.
+predict and evaluate --images (tile mode) for a 512x512 image and a large one, with what each pixel
+more costs.
 tta: wall time to a val IoU, configs/demo.yaml against the paper's recipe (RMSprop, BCE).
 """
 
@@ -108,12 +109,12 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--set", action="append", default=[])
     pw.add_argument("--rounds", type=int, default=0)
     pw.add_argument("--pause-dir")
-    pm = sub.add_parser("memory", help="peak RSS of training, conversion and prediction")
+    pm = sub.add_parser("memory", help="peak RSS of training, conversion, prediction and evaluation")
     pm.add_argument("--data", type=Path, required=True)
     pm.add_argument("--steps", type=positive, default=20)
     pm.add_argument("--convert-sizes", type=positive, nargs=2, default=[200, 2000])
     pm.add_argument("--predict-size", type=positive, default=4096,
-                    help="predict's memory for an image this large (square, tile mode) over a 512x512 one")
+                    help="predict's and evaluate's memory for an image this large (square, tile mode) over a 512x512 one")
     pa = sub.add_parser("tta", help="time to a val IoU: ours vs the paper's recipe")
     pa.add_argument("--data", type=Path, required=True)
     pa.add_argument("--config", default="configs/demo.yaml")

@@ -1,4 +1,4 @@
-"""Peak resident memory of training, conversion and prediction, each measured in a fresh process."""
+"""Peak resident memory of training, conversion, prediction and evaluation, each measured in a fresh process."""
 
 from __future__ import annotations
 
@@ -25,26 +25,35 @@ def peak_rss_mib(cmd: list[str]) -> float:
     return int(kib) / 1024
 
 
-_PREDICT_SMALL = 512  # px: predict's memory for a large image is measured over this one's
+_PREDICT_SMALL = 512  # px: the memory of a large image is measured over this one's
 
 
-def _predict_peaks(workdir: Path, image: Path, sizes: list[int], tmp: Path) -> dict:
-    """Peak RSS of `predict --mode tile` (mask and overlay, no --tta) of one square image of each
-    size (`image` resized: its content matters only to the PNG encoder), and the bytes it grows by
-    per pixel of image from the first size to the last: what a large image costs."""
+def _large_image_peaks(workdir: Path, image: Path, mask: Path, sizes: list[int], tmp: Path) -> dict:
+    """Peak RSS of `predict --mode tile` (mask and overlay, no --tta) and of `evaluate --images
+    --mode tile` (every analysis: objects, their growth, outlines) of one square image of each size
+    (`image` and its trimap `mask` resized: the content matters to the PNG encoder and the objects),
+    and the bytes each grows by per pixel of image from the first size to the last: what a large
+    image costs."""
     from PIL import Image
 
-    peaks = {}  # size -> MiB
+    out = {}
     for size in sizes:
-        path = tmp / f"predict{size}" / "image.png"
-        path.parent.mkdir()
+        folder = tmp / f"large{size}"  # an oxford-pet layout of one image, for evaluate
+        path, trimap = folder / "images" / "image.png", folder / "annotations" / "trimaps" / "image.png"
+        path.parent.mkdir(parents=True)
+        trimap.parent.mkdir(parents=True)
         Image.open(image).convert("RGB").resize((size, size), Image.BICUBIC).save(path)
-        peaks[size] = peak_rss_mib([sys.executable, "-m", "unet_dist.predict", "--workdir", str(workdir), str(path),
-                                  "--out", str(path.parent / "out"), "--mode", "tile"])
-        print(f"bench memory: predict {size}x{size}: {peaks[size]:.0f} MiB", file=sys.stderr)
+        Image.open(mask).resize((size, size), Image.NEAREST).save(trimap)
+        for name, args in (("predict", [str(path), "--out", str(folder / "out")]),
+                           ("evaluate", ["--images", str(folder), "--out", str(folder / "eval.json")])):
+            key = f"{name}_{size}x{size}_peak_rss_mib"
+            out[key] = peak_rss_mib([sys.executable, "-m", f"unet_dist.{name}", "--workdir", str(workdir), *args,
+                                     "--mode", "tile"])
+            print(f"bench memory: {name} {size}x{size}: {out[key]:.0f} MiB", file=sys.stderr)
     small, large = sizes[0], sizes[-1]
-    out = {f"predict_{size}x{size}_peak_rss_mib": mib for size, mib in peaks.items()}
-    out["predict_bytes_per_pixel"] = (peaks[large] - peaks[small]) * 2**20 / (large**2 - small**2)
+    for name in ("predict", "evaluate"):
+        grown = out[f"{name}_{large}x{large}_peak_rss_mib"] - out[f"{name}_{small}x{small}_peak_rss_mib"]
+        out[f"{name}_bytes_per_pixel"] = grown * 2**20 / (large**2 - small**2)
     return out
 
 
@@ -69,8 +78,10 @@ def run(args) -> dict:
             res[f"convert_{n}_peak_rss_mib"] = peak_rss_mib(
                 [py, "-m", "unet_dist.convert", str(src), str(tmp / f"out{n}"), "--workers", "2"])
             print(f"bench memory: convert {n}: {res[f'convert_{n}_peak_rss_mib']:.0f} MiB", file=sys.stderr)
-        res.update(_predict_peaks(tmp / "demo", next((tmp / f"src{min(args.convert_sizes)}" / "images").iterdir()),
-                                  [_PREDICT_SMALL, args.predict_size], tmp))
+        src = tmp / f"src{min(args.convert_sizes)}"
+        image = min((src / "images").iterdir())
+        res.update(_large_image_peaks(tmp / "demo", image, src / "annotations" / "trimaps" / f"{image.stem}.png",
+                                      [_PREDICT_SMALL, args.predict_size], tmp))
     small, large = min(args.convert_sizes), max(args.convert_sizes)
     res["convert_growth"] = res[f"convert_{large}_peak_rss_mib"] / res[f"convert_{small}_peak_rss_mib"] - 1
     res["train_steps"] = args.steps
