@@ -183,10 +183,10 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
             h, w = tf.unstack(tf.shape(images)[1:3])
             ny, nx = (h + kh - 1) // kh, (w + kw - 1) // kw
             # The context beyond the image: mirrored, as in the paper.
-            x = tf.gather(images, _reflect_indices(h, top, ny * kh - h + th - kh - top), axis=1)
-            x = tf.gather(x, _reflect_indices(w, left, nx * kw - w + tw - kw - left), axis=2)
-            probs = _tiles_through(model, x, tf.range(ny) * kh, tf.range(nx) * kw, (th, tw), batch, units,
-                                   lambda probs, iy, ix: probs[:, cy : cy + kh, cx : cx + kw], (kh, kw))
+            padded = (_reflect_indices(h, top, ny * kh - h + th - kh - top),
+                      _reflect_indices(w, left, nx * kw - w + tw - kw - left))
+            probs = _tiles_through(model, images, padded, tf.range(ny) * kh, tf.range(nx) * kw, (th, tw), batch,
+                                   units, lambda probs, iy, ix: probs[:, cy : cy + kh, cx : cx + kw], (kh, kw))
             return probs[:, :h, :w]
     else:
         grid = 2**cfg.model.depth
@@ -195,16 +195,15 @@ def tile_predict_fn(model: keras.Model, cfg: Config, tile: tuple[int, int] | Non
             h, w = tf.unstack(tf.shape(images)[1:3])
             ys, xs = _inside(h, th, (th - kh) // 2, kh, grid), _inside(w, tw, (tw - kw) // 2, kw, grid)
             # Padded to the pooling grid at the far edges only, as a whole image would be for the model.
-            x = tf.gather(images, _reflect_indices(h, 0, ys.padded - h), axis=1)
-            x = tf.gather(x, _reflect_indices(w, 0, xs.padded - w), axis=2)
+            padded = (_reflect_indices(h, 0, ys.padded - h), _reflect_indices(w, 0, xs.padded - w))
 
             def window(probs, iy, ix):  # each tile's output rows and columns that any output pixel takes
                 rows = tf.gather(ys.starts, iy)[:, None] + tf.range(ys.window)
                 cols = tf.gather(xs.starts, ix)[:, None] + tf.range(xs.window)
                 return tf.gather(tf.gather(probs, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
 
-            probs = _tiles_through(model, x, ys.origins, xs.origins, (ys.size, xs.size), batch, units, window,
-                                   (ys.window, xs.window))
+            probs = _tiles_through(model, images, padded, ys.origins, xs.origins, (ys.size, xs.size), batch, units,
+                                   window, (ys.window, xs.window))
             return tf.gather(tf.gather(probs, ys.index, axis=1), xs.index, axis=2)
 
     return mirrored(fn, one_at_a_time=True) if flip else fn
@@ -239,12 +238,14 @@ def _inside(n, tile: int, context: int, keep: int, grid: int) -> _Axis:
     return _Axis(size, padded, origins, starts, window, t * window + r - tf.gather(origins, t) - tf.gather(starts, t))
 
 
-def _tiles_through(model, x, origins_y, origins_x, size, batch: int, units: int, crop, kept):
-    """The model's outputs of every tile of the images x (B, H', W', C) uint8, tile (b, i, j) of
-    `size` (h, w) cut at (origins_y[i], origins_x[j]), `batch` tiles at a time, each output cropped
-    by crop(probs (m, h', w', U), i (m,), j (m,)) -> (m, kh, kw, U), kept = (kh, kw) (ints, or
-    int32 scalars known when the graph runs): float32 (B, ny * kh, nx * kw, U), the crops laid side
-    by side in the tiles' order."""
+def _tiles_through(model, x, padded, origins_y, origins_x, size, batch: int, units: int, crop, kept):
+    """The model's outputs of every tile of the images x (B, H, W, C) uint8 padded as `padded` says
+    ((H',) rows and (W',) columns of x: `_reflect_indices`; the padded images are never made, their
+    tiles are cut through the indices), tile (b, i, j) of `size` (h, w) cut at (origins_y[i],
+    origins_x[j]) of the padded images, `batch` tiles at a time, each output cropped by crop(probs
+    (m, h', w', U), i (m,), j (m,)) -> (m, kh, kw, U), kept = (kh, kw) (ints, or int32 scalars
+    known when the graph runs): float32 (B, ny * kh, nx * kw, U), the crops laid side by side in
+    the tiles' order."""
     ny, nx = tf.size(origins_y), tf.size(origins_x)
     n = tf.shape(x)[0] * ny * nx
     th, tw = size
@@ -253,8 +254,8 @@ def _tiles_through(model, x, origins_y, origins_x, size, batch: int, units: int,
         j = tf.range(i * batch, tf.minimum(i * batch + batch, n))
         k = j % (ny * nx)
         iy, ix = k // nx, k % nx
-        rows = tf.gather(origins_y, iy)[:, None] + tf.range(th)  # (m, th)
-        cols = tf.gather(origins_x, ix)[:, None] + tf.range(tw)  # (m, tw)
+        rows = tf.gather(padded[0], tf.gather(origins_y, iy)[:, None] + tf.range(th))  # (m, th) rows of x
+        cols = tf.gather(padded[1], tf.gather(origins_x, ix)[:, None] + tf.range(tw))  # (m, tw) columns of x
         m = tf.size(j)
         index = tf.stack([tf.broadcast_to((j // (ny * nx))[:, None, None], [m, th, tw]),
                           tf.broadcast_to(rows[:, :, None], [m, th, tw]),
