@@ -64,8 +64,8 @@ def grown_steps(labels: np.ndarray, free: np.ndarray, steps) -> Iterator[np.ndar
         yield np.where(d2 <= by * by, near, 0).astype(labels.dtype, copy=False)
 
 
-# Pixels of the strips `nearest_objects` searches one at a time: its memory is about 25 bytes a
-# pixel of a strip (100 MiB), whatever the image's size.
+# Pixels of the strips `nearest_objects` searches one at a time: beyond its results, its memory is
+# about 25 bytes a pixel of a strip (100 MiB), whatever the image's size.
 STRIP_PIXELS = 2**22
 
 
@@ -74,10 +74,11 @@ def nearest_objects(labels: np.ndarray, free: np.ndarray, reach: int) -> tuple[n
     (the label of the nearest object (H, W), its squared Euclidean distance (H, W), unsigned), at
     each object pixel its own label and 0, at each free background pixel within `reach` pixels of
     an object the nearest one's (of equally near ones, either) and its distance, elsewhere a
-    distance above reach**2. The distance transform (scipy's, which takes 40 bytes a pixel) runs
-    on strips of rows with `reach` rows above and below, so an 8192x8192 image needs no more than a
-    572x572 one: exact, since an object within `reach` of a pixel lies within `reach` rows of it,
-    and equal ties go the same way (a test checks it against the whole image's transform)."""
+    distance above reach**2. The distance transform (scipy's, 33 bytes a pixel at its peak) runs
+    on strips of rows with `reach` rows above and below, so that beyond its two results (5 bytes a
+    pixel) an 8192x8192 image needs no more than a 2048x2048 one. Exact, since an object within
+    `reach` of a pixel lies within `reach` rows of it, and equal ties go the same way (a test checks
+    it against the whole image's transform)."""
     from scipy import ndimage
 
     far = reach * reach + 1
