@@ -42,15 +42,16 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def _distances_to(edge: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """(n,) float64: the Euclidean distance from each pixel of `at` (bool (H, W)) to the nearest
-    pixel of `edge` (bool (H, W), not empty), in raster order. A k-d tree of the outline's pixels,
-    not a distance transform of the box: an outline is a small part of a large mask, and scipy's
-    transform takes 33 bytes a pixel of the box at its peak (2.2 GB for one object across an
-    8192x8192 image). The distances are the same: the square root of an integer, in float64."""
+def _distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For two outlines' pixels a (n, 2) and b (m, 2) (row, column; neither empty): the Euclidean
+    distance from each pixel of a to the nearest of b (n,) float64, and from each of b to the
+    nearest of a (m,). k-d trees of the outlines' pixels, not distance transforms of the box: an
+    outline is a small part of a large mask, and scipy's transform takes 33 bytes a pixel of the box
+    at its peak (2.2 GB for one object across an 8192x8192 image). The distances are the same: the
+    square root of an integer, in float64."""
     from scipy.spatial import KDTree
 
-    return KDTree(np.argwhere(edge)).query(np.argwhere(at))[0]
+    return KDTree(b).query(a)[0], KDTree(a).query(b)[0]
 
 
 def boundary_row(pred: np.ndarray, truth: np.ndarray, c: int, tolerance: float = TOLERANCE) -> np.ndarray:
@@ -65,8 +66,7 @@ def boundary_row(pred: np.ndarray, truth: np.ndarray, c: int, tolerance: float =
         return np.array([has_t, has_p, 0.0, 0.0, 0.0])
     rows, cols = np.flatnonzero((t | p).any(axis=1)), np.flatnonzero((t | p).any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    edge_t, edge_p = outline(t[box]), outline(p[box])
-    d_pt, d_tp = _distances_to(edge_t, edge_p), _distances_to(edge_p, edge_t)
+    d_pt, d_tp = _distances(np.argwhere(outline(p[box])), np.argwhere(outline(t[box])))
     both = np.concatenate([d_pt, d_tp])
     hd95 = max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
     return np.array([1.0, 1.0, hd95, both.mean(), np.mean(both <= tolerance)])
