@@ -426,6 +426,14 @@ class Runtime:
             with collective_failures():
                 return self.allreduce_sum(value)
 
+    def sum_shares_each(self, arrays: list, what: str, hint: str = "") -> list[np.ndarray]:
+        """`sum_shares` of several float64 arrays (or numbers) in one collective, each back in its
+        shape."""
+        total = self.sum_shares(np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64, copy=False), what,
+                                hint)
+        ends = np.cumsum([np.size(a) for a in arrays])
+        return [part.reshape(np.shape(a)) for a, part in zip(arrays, np.split(total, ends[:-1]), strict=True)]
+
     def broadcast_state(self, variables: list) -> None:
         """Makes every process start from rank 0's values (Horovod only; tf.distribute syncs itself)."""
 

@@ -92,7 +92,9 @@ class ImageScores:
 
     def sum_over(self, runtime) -> None:
         """Every process's counts summed, on each (one collective; raises CollectiveError)."""
-        self.counts, self.objects, self.boundary, self.seen, *summed = summed_over_processes(
+        from unet_dist.predict import sum_over_processes
+
+        self.counts, self.objects, self.boundary, self.seen, *summed = sum_over_processes(
             runtime, [self.counts, self.objects, self.boundary, self.seen, *self.raw.values()])
         raw = dict(zip(self.raw, summed, strict=True))
         raw["objects"], raw["grow"] = raw["objects"].sum(axis=0), raw["grow"].sum(axis=0)
@@ -183,15 +185,6 @@ def per_image_csv(rows: list[dict], names: list[str]) -> str:
         writer.writerow([r["image"], r.get("page", ""), f"{r['iou']:.6g}",
                          *("" if v is None else v if isinstance(v, int) else f"{v:.6g}" for v in cells)])
     return buf.getvalue()
-
-
-def summed_over_processes(runtime, arrays: list) -> list:
-    """`predict.sum_over_processes` of several float64 arrays in one collective, each back in its shape."""
-    from unet_dist.predict import sum_over_processes
-
-    total = sum_over_processes(runtime, np.concatenate([a.ravel() for a in arrays]))
-    ends = np.cumsum([a.size for a in arrays])
-    return [part.reshape(a.shape) for a, part in zip(arrays, np.split(total, ends[:-1]), strict=True)]
 
 
 def apart(before: float, after: float, between: str = " to ") -> str:

@@ -375,11 +375,11 @@ def left_to_predict(samples: list, out: Path, kinds: tuple[str, ...], runtime) -
     return [i for i in range(len(samples)) if not done[i]]
 
 
-def sum_over_processes(runtime, counts: np.ndarray) -> np.ndarray:
-    """`Runtime.sum_shares` of predict's (and evaluate --images') counts, once every image of this
-    process's share is done."""
-    return runtime.sum_shares(counts, "their images", hint=" (an image that takes longer than that to predict "
-                              "needs a larger limit: --set runtime.stall_shutdown_seconds=N)")
+def sum_over_processes(runtime, counts: list[np.ndarray]) -> list[np.ndarray]:
+    """`Runtime.sum_shares_each` of predict's (and evaluate --images') counts, once every image of
+    this process's share is done."""
+    return runtime.sum_shares_each(counts, "their images", hint=" (an image that takes longer than that to "
+                                   "predict needs a larger limit: --set runtime.stall_shutdown_seconds=N)")
 
 
 def main(argv=None) -> int:
@@ -500,7 +500,7 @@ def main(argv=None) -> int:
         counts[1] = 1
     # Every process takes part in the sum, also one that stopped: the others would wait for it.
     try:
-        counts = sum_over_processes(runtime, counts)
+        (counts,) = sum_over_processes(runtime, [counts])
     except CollectiveError as e:
         print(f"predict: error: {e}; the masks written in {args.out} are whole", file=sys.stderr)
         return 1

@@ -245,11 +245,8 @@ class Evaluator:
             what = {"val": "validation", "train": "training"}[self.split]
             raise DataError(f"{what} data unreadable: {unreadable_record(self.data_dir, self.manifest, self.split, e)}"
                             "; convert again") from None
-        total = self.runtime.sum_shares(np.concatenate([cm.ravel(), objects.ravel(), outlines, [loss_sum, count]]),
-                                        "their part of the evaluation")
-        cm, objects = total[: k * k].reshape(k, k), total[k * k : k * k + objects.size].reshape(objects.shape)
-        outlines = total[k * k + objects.size : -2]
-        loss_sum, count = total[-2], total[-1]
+        cm, objects, outlines, (loss_sum, count) = self.runtime.sum_shares_each(
+            [cm, objects, outlines, [loss_sum, count]], "their part of the evaluation")
         s = scores(cm)
         metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
                    "val_pixel_acc": s["pixel_acc"], "val_iou_per_class": s["iou_per_class"],
