@@ -325,6 +325,14 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert e1["val_object_f1"] == e2["val_object_f1"] and e1["val_seg"] == pytest.approx(e2["val_seg"]), (e1, e2)
     assert e1["val_nsd"] is not None and [e1[f"val_{m}"] for m in ("hd95", "assd", "nsd")] == pytest.approx(
         [e2[f"val_{m}"] for m in ("hd95", "assd", "nsd")])
+    # Each record's own row, whichever rank scored it, under its own name (rank 1's records are the
+    # odd ones of the split).
+    rows1, rows2 = ({r["record"]: r for r in e["per_record"]} for e in (e1, e2))
+    assert len(rows1) == e1["val_records"] and rows1.keys() == rows2.keys()
+    for name, r in rows1.items():
+        assert r["iou_per_class"] == pytest.approx(rows2[name]["iou_per_class"], abs=1e-6), name
+        assert r["hd95_per_class"] == pytest.approx(rows2[name]["hd95_per_class"]), name
+        assert r["true_objects_per_class"] == rows2[name]["true_objects_per_class"], name
     # The training's last evaluation saw the model it saved: the ranks' mean of batch norm's moving
     # statistics, which each rank updates from its own batch (not rank 0's copy on half the images).
     assert abs(s["final_val_loss"] - e1["val_loss"]) < 1e-6 and abs(s["final_val_iou"] - e1["val_iou"]) < 1e-6, (s, e1)

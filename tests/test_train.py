@@ -338,6 +338,33 @@ def test_class_weights_come_from_the_training_masks_and_are_said(shards, tmp_pat
     assert class_balance_lines(load_config(None, ["train.loss=bce"]), {"class_pixel_fraction": [0.9, 0.1]}, None) == []
 
 
+def check_per_record(rows: list[dict], metrics: dict, shards, manifest: dict, table) -> None:
+    """evaluate --data's per_record rows: one for each val record, named by its stem (read here from
+    the records themselves), worst IoU first, adding up to the pooled scores, and the same in the CSV."""
+    import tensorflow as tf
+
+    stems = []
+    for f in manifest["val"]["shards"]:
+        for raw in tf.data.TFRecordDataset(str(shards / f)).as_numpy_iterator():
+            stems.append(tf.train.Example.FromString(raw).features.feature["stem"].bytes_list.value[0].decode())
+    assert sorted(r["record"] for r in rows) == sorted(stems) and len(stems) == metrics["val_records"]
+    ious = [r["iou"] for r in rows]
+    assert ious == sorted(ious) and all(0 <= v <= 1 for v in ious)
+    # The pooled outline distances are the means over every (record, class) pair that has them,
+    # and the pooled object F1 is 2 TP / (true + predicted) over every record's objects.
+    hd95 = [v for r in rows for v in r["hd95_per_class"] if v is not None]
+    assert metrics["val_hd95"] == pytest.approx(sum(hd95) / len(hd95)) if hd95 else metrics["val_hd95"] is None
+    nsd = [v for r in rows for v in r["nsd_per_class"] if v is not None]
+    assert metrics["val_nsd"] == pytest.approx(sum(nsd) / len(nsd))
+    counts = [(f or 0, t + p) for r in rows for f, t, p in zip(
+        r["object_f1_per_class"][1:], r["true_objects_per_class"][1:], r["predicted_objects_per_class"][1:], strict=True)]
+    found, matched = sum(n for _, n in counts), sum(f * n / 2 for f, n in counts)
+    assert metrics["val_object_f1"] == pytest.approx(2 * matched / found)
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("record,iou,iou_rest,dice_rest,iou_pet,dice_pet,hd95_pet,") and "page" not in lines[0]
+    assert [line.split(",")[0] for line in lines[1:]] == [r["record"] for r in rows]
+
+
 def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, monkeypatch):
     w = tmp_path / "w"
     args = ["--data", str(shards), "--workdir", str(w), "--deterministic"]
@@ -352,10 +379,14 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     assert "resuming at step 3" in again.stdout
     ev = run_main(capsys, "unet_dist.evaluate", "--workdir", str(w), "--data", str(shards), check=True)
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert json.loads((w / "eval.json").read_text()) == metrics and not list(w.glob(".eval.json.*"))
-    assert metrics["val_records"] == json.loads((shards / "manifest.json").read_text())["val"]["records"]
+    written = json.loads((w / "eval.json").read_text())
+    per_record = written.pop("per_record")
+    assert written == metrics and not list(w.glob(".eval.json.*"))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert metrics["val_records"] == manifest["val"]["records"]
     assert abs(metrics["val_iou"] - summary["final_val_iou"]) < 1e-6 or metrics["step"] != 3
     assert metrics["val_object_f1"] == last["val_object_f1"] and metrics["val_seg"] == last["val_seg"]
+    check_per_record(per_record, metrics, shards, manifest, w / "eval.csv")
     # Predict on odd sizes and modes.
     from PIL import Image
 

@@ -17,7 +17,10 @@ and the precision, float32 unless set (runtime.precision=auto: this machine's mi
 
 --data: prints the metrics as JSON and writes them to WORKDIR/eval.json (--split train: eval_train.json),
 or --out, object scores included (val_object_f1, val_seg: `unet_dist/objects.py`) and the outlines'
-distances (val_hd95, val_assd, val_nsd: `unet_dist/surface.py`, pooled over records and classes). --split train
+distances (val_hd95, val_assd, val_nsd: `unet_dist/surface.py`, pooled over records and classes). The file
+also holds each record's own scores (per_record, named by the image it was converted from, worst IoU
+first: IoU and Dice, object F1 and counts, HD95, ASSD and NSD per class), and so does a table beside
+it, eval.csv (--out's name with .csv), a row per record as evaluate --images writes its. --split train
 evaluates every training record (no augmentation): a held-out test set converted with
 --val-fraction 0, or the training fit itself. The metric keys keep their val_ prefix either way.
 These records are the size conversion made them (data.image_size when it resized), and must hold
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     try:
-        evaluator = Evaluator(model, cfg, runtime, args.data, manifest, args.split, objects=True)
+        evaluator = Evaluator(model, cfg, runtime, args.data, manifest, args.split, objects=True, per_record=True)
         with chief_progress(runtime, "evaluate", "batch", total=evaluator.batches) as bar:
             metrics, _ = evaluator(progress=bar.update)
     except DataError as e:
@@ -271,8 +274,14 @@ def main(argv=None) -> int:
                     "world_size": runtime.world_size, "precision": cfg.runtime.precision,
                     "object_postprocess": str(evaluator.postprocess)})  # the run's train.object_postprocess
     if runtime.is_chief:
+        from unet_dist.image_scores import per_image_csv, table_path
+
+        per_record = metrics.pop("per_record")
         print(json.dumps(metrics))
-        atomic_write_text(out, json.dumps(metrics, indent=1))  # a kill mid-write keeps the earlier file
+        atomic_write_text(out, json.dumps({**metrics, "per_record": per_record}, indent=1))  # a kill mid-write keeps the earlier file
+        names = manifest.get("class_names") or []
+        atomic_write_text(table_path(out), per_image_csv(per_record, [names[c] if c < len(names) else str(c)
+                                                                     for c in range(manifest["num_classes"])], "record"))
     return 0
 
 

@@ -34,6 +34,17 @@ from unet_dist.surface import FIELDS as BOUNDARY_FIELDS
 from unet_dist.surface import boundary_rows, boundary_scores, per_class
 
 
+def own_scores(cm: np.ndarray, objs: np.ndarray) -> dict:
+    """An image's, a stack's or a record's own scores from its (K, K) confusion matrix and
+    `object_counts` rows (K, FIELDS): mean IoU, each class's IoU, Dice and object F1, and the
+    objects counted, per class (None for the background): a count's error, where cells are
+    counted, is the number read first."""
+    return {**{key: v for key, v in scores(cm).items() if key in ("iou", "fg_iou", "iou_per_class", "dice_per_class")},
+            "object_f1_per_class": object_f1(objs),
+            **{f"{what}_objects_per_class": [None, *objs[1:, field].astype(int).tolist()]
+               for field, what in ((0, "true"), (1, "predicted"))}}
+
+
 class ImageScores:
     """The counts of `n` images of `k` classes, an image at a time (`add`), summed over processes
     (`sum_over`), then scored (`per_image`, `per_stack`, `summary`).
@@ -111,21 +122,11 @@ class ImageScores:
         """(n,) bool: the images with a pixel not left out (convert --ignore-value)."""
         return self.counts.sum(axis=(1, 2)) > 0
 
-    def _own(self, cm: np.ndarray, objs: np.ndarray) -> dict:
-        """An image's or a stack's own scores: counts and `object_counts` rows summed over it, the
-        objects counted too, per class (None for the background): a count's error, where cells are
-        counted, is the number read first."""
-        return {**{key: v for key, v in scores(cm).items()
-                   if key in ("iou", "fg_iou", "iou_per_class", "dice_per_class")},
-                "object_f1_per_class": object_f1(objs),
-                **{f"{what}_objects_per_class": [None, *objs[1:, field].astype(int).tolist()]
-                   for field, what in ((0, "true"), (1, "predicted"))}}
-
     def per_image(self, samples: list) -> list[dict]:
         """Each scored image's own row (`samples`: the `imageio.Sample`s of the n images), worst
         IoU first: where to look when the mean disappoints."""
         rows = [{"image": str(samples[i].image), **({"page": samples[i].page} if samples[i].stacked else {}),
-                 **self._own(self.counts[i], self.objects[i]), **per_class(self.boundary[i])}
+                 **own_scores(self.counts[i], self.objects[i]), **per_class(self.boundary[i])}
                 for i in np.flatnonzero(self.read & self.labelled)]
         return sorted(rows, key=lambda r: r["iou"])
 
@@ -135,7 +136,7 @@ class ImageScores:
         kept = {f: pages for f, all_pages in stacks.items()
                 if (pages := [i for i in all_pages if self.read[i]]) and self.labelled[pages].any()}
         return sorted(({"image": str(f), "pages": len(pages),
-                        **self._own(self.counts[pages].sum(axis=0), self.objects[pages].sum(axis=0))}
+                        **own_scores(self.counts[pages].sum(axis=0), self.objects[pages].sum(axis=0))}
                        for f, pages in kept.items()), key=lambda r: r["iou"])
 
     def summary(self, names: list[str]) -> dict:
@@ -168,21 +169,23 @@ def table_path(out: Path) -> Path:
 TABLE_FIELDS = ("iou", "dice", "hd95", "assd", "nsd", "true_objects", "predicted_objects", "object_f1")
 
 
-def per_image_csv(rows: list[dict], names: list[str]) -> str:
+def per_image_csv(rows: list[dict], names: list[str], key: str = "image") -> str:
     """The per_image rows of evaluate --images (worst first) as CSV, for a spreadsheet: image, page
     (empty for an image that is not a stack's page), mean IoU, then for each class NAME the
     columns iou_NAME, dice_NAME, ... (TABLE_FIELDS; the background's IoU and Dice alone), empty
-    where the image has no such score."""
+    where the image has no such score. key "record": evaluate --data's per_record rows, a record
+    a row and no page column."""
     import csv
     import io
 
     columns = [(f, c) for c in range(len(names)) for f in TABLE_FIELDS if c or f in ("iou", "dice")]
+    page = ["page"] if key == "image" else []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", "page", "iou", *(f"{f}_{names[c]}" for f, c in columns)])
+    writer.writerow([key, *page, "iou", *(f"{f}_{names[c]}" for f, c in columns)])
     for r in rows:
         cells = [r[f"{f}_per_class"][c] for f, c in columns]
-        writer.writerow([r["image"], r.get("page", ""), f"{r['iou']:.6g}",
+        writer.writerow([r[key], *([r.get("page", "")] if page else []), f"{r['iou']:.6g}",
                          *("" if v is None else v if isinstance(v, int) else f"{v:.6g}" for v in cells)])
     return buf.getvalue()
 

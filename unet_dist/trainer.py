@@ -29,6 +29,7 @@ from unet_dist.data.pipeline import (
     image_channels,
     load_manifest,
     lost_records,
+    record_stems,
     resize_census,
     train_dataset,
     unreadable_record,
@@ -41,6 +42,7 @@ from unet_dist.distribute import (
     gpu_memory_peak_mib,
     make_runtime,
 )
+from unet_dist.image_scores import own_scores
 from unet_dist.input_bound import InputClock, advice, classify, worst_over_processes
 from unet_dist.logs import Logger, panel_rows, plot_curves, read_metrics
 from unet_dist.losses import class_weights, cross_entropy, training_loss
@@ -51,8 +53,9 @@ from unet_dist.optimizers import build_optimizer
 from unet_dist.postprocess import parse
 from unet_dist.preemption import Preempted, PreemptionWatcher
 from unet_dist.schedule import scaled_learning_rate
+from unet_dist.surface import FIELDS as BOUNDARY_FIELDS
 from unet_dist.surface import SUMS as BOUNDARY_SUMS
-from unet_dist.surface import boundary_rows, boundary_sums, pooled_boundary
+from unet_dist.surface import boundary_rows, boundary_sums, per_class, pooled_boundary
 from unet_dist.watchdog import Watchdog
 
 
@@ -184,22 +187,25 @@ class Evaluator:
     (`unet_dist.objects`) and their counts summed with the confusion matrix; the objects are those
     `predict --postprocess` gives with train.object_postprocess (small ones removed, grown), which
     the pixel metrics do not see; and val_hd95, val_assd and val_nsd, the outlines' distances of
-    those masks (`unet_dist.surface`), pooled over records and classes.
+    those masks (`unet_dist.surface`), pooled over records and classes. per_record (with objects):
+    also metrics["per_record"], each record's own scores (`image_scores.own_scores`, the outlines'
+    distances per class), named by its stem and worst IoU first: evaluate --data's table.
     """
 
     def __init__(self, model, cfg: Config, runtime: Runtime, data_dir: Path, manifest: dict, split: str = "val",
-                 objects: bool = False):
+                 objects: bool = False, per_record: bool = False):
         self.k = k = manifest["num_classes"]
         self.objects = objects
         # What predict will do to the masks and their objects: the scores (and train.monitor's
         # val_seg) are of those, where a border-weight model's cells come out short of their edges.
         self.postprocess = parse(cfg.train.object_postprocess, k, "config key train.object_postprocess")
         self.grows = self.postprocess.grows(k)
-        ignore = ignores(manifest)
+        self.ignore = ignore = ignores(manifest)
         self.runtime = runtime
         self.data_dir, self.manifest, self.split = data_dir, manifest, split
+        self.per_record = per_record and objects
         _, per_replica = runtime.batch_sizes()
-        shard = runtime.process_shard
+        self.shard = shard = runtime.process_shard
         self.dataset = eval_dataset(data_dir, cfg, per_replica, shard, manifest, split)
         model = main_output(model)  # deep supervision's heads are training's alone
         # The batches this process runs: its records are every count-th from its index (eval_dataset).
@@ -223,19 +229,29 @@ class Evaluator:
         objects, outlines = np.zeros((k, FIELDS)), np.zeros(BOUNDARY_SUMS)
         loss_sum, count = 0.0, 0
         panel = np.zeros((0, 1, 1, 3), np.uint8)
+        # Each record's own counts at its index in the split (this process's are every shard.count-th
+        # from shard.index, as eval_dataset shards them): zeros elsewhere, summed over processes.
+        n = self.manifest[self.split]["records"] if self.per_record else 0
+        own = [np.zeros((n, k, k)), np.zeros((n, k, FIELDS)), np.zeros((n, k, BOUNDARY_FIELDS))]
+        index = self.shard.index
         try:
             for batch in self.dataset:
-                c, ls, n, pred = self.eval_step(batch)
+                c, ls, b, pred = self.eval_step(batch)
                 cm += c.numpy()
                 loss_sum += float(ls)
-                count += int(n)
+                count += int(b)
                 if self.objects or (panels and panel.shape[0] == 0):  # the host's copies, taken once
                     pred, masks = pred.numpy(), batch["mask"].numpy()[..., 0]
                 if self.objects:
                     for p, m in zip(pred, masks, strict=True):
                         written = self.postprocess(p)
-                        objects += object_counts(written, m, k, grows=self.grows)
-                        outlines += boundary_sums(boundary_rows(written, m, k))
+                        counted, rows = object_counts(written, m, k, grows=self.grows), boundary_rows(written, m, k)
+                        objects += counted
+                        outlines += boundary_sums(rows)
+                        if self.per_record:
+                            own[0][index] = confusion_matrix(m, p, k, self.ignore).numpy()
+                            own[1][index], own[2][index] = counted, rows
+                            index += self.shard.count
                 if progress:
                     progress()
                 if panels and panel.shape[0] == 0:
@@ -245,8 +261,8 @@ class Evaluator:
             what = {"val": "validation", "train": "training"}[self.split]
             raise DataError(f"{what} data unreadable: {unreadable_record(self.data_dir, self.manifest, self.split, e)}"
                             "; convert again") from None
-        cm, objects, outlines, (loss_sum, count) = self.runtime.sum_shares_each(
-            [cm, objects, outlines, [loss_sum, count]], "their part of the evaluation")
+        cm, objects, outlines, (loss_sum, count), *own = self.runtime.sum_shares_each(
+            [cm, objects, outlines, [loss_sum, count], *own], "their part of the evaluation")
         s = scores(cm)
         metrics = {"val_loss": float(loss_sum / max(count, 1)), "val_iou": s["iou"], "val_dice": s["dice"],
                    "val_pixel_acc": s["pixel_acc"], "val_iou_per_class": s["iou_per_class"],
@@ -255,6 +271,13 @@ class Evaluator:
             metrics["val_fg_iou"] = s["fg_iou"]
         if self.objects:
             metrics.update({f"val_{key}": v for key, v in {**pooled(objects), **pooled_boundary(outlines)}.items()})
+        if self.per_record and self.runtime.is_chief:
+            own_cm, own_objects, own_outlines = own
+            stems = record_stems(self.data_dir, self.manifest, self.split)
+            metrics["per_record"] = sorted(
+                ({"record": stem, **own_scores(own_cm[i], own_objects[i]), **per_class(own_outlines[i])}
+                 for i, stem in enumerate(stems) if own_cm[i].sum() > 0),  # not every pixel left out
+                key=lambda r: r["iou"])
         return metrics, panel
 
 

@@ -181,6 +181,15 @@ def unreadable_record(data_dir: Path, manifest: dict, split: str, error: tf.erro
     return lines[0] if lines else f"a record that does not decode ({tf_reason(error)})"
 
 
+def record_stems(data_dir: Path, manifest: dict, split: str) -> list[str]:
+    """The stems (convert's `Sample.name`) of `split`'s records, in the order eval_dataset reads
+    them (its shards' order): a record's name by its index."""
+    files = [str(Path(data_dir) / f) for f in manifest[split]["shards"]]
+    stem = {"stem": FEATURES["stem"]}
+    ds = tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, stem)["stem"])
+    return [s.decode() for s in ds.as_numpy_iterator()]
+
+
 def image_format(manifest: dict) -> str:
     """How the data set's records store their images: "png" or "jpeg" (manifests from before
     convert --image-format: jpeg, the one format there was)."""
