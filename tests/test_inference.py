@@ -307,9 +307,26 @@ def test_a_folder_predicted_into_before_is_predicted_without_those_outputs(tmp_p
     save_outputs(image, np.ones((6, 8), np.uint8), tmp_path, "c", probs, instances=(1,))
     found, notes = expand_folders([tmp_path])
     assert [p.name for p in found] == ["a.png", "b_mask.png", "d_probs.tif", "v.tif"]
-    assert notes == [f"predict: {tmp_path}: leaving out 4 earlier predictions (X_mask.png with X_overlay.png, "
-                     "X_probs.tif and X_instances.tif, and X_mask.tif stacks)"]
+    # a's pair, c's four files, each of v's pages' four and v's three stacks.
+    assert notes == [f"predict: {tmp_path}: leaving out 17 files of earlier predictions and masks (X_mask.png with "
+                     "X_overlay.png; X_mask.*, X_overlay.png, X_probs.tif and X_instances.tif beside an image X; "
+                     "X_mask.tif stacks)"]
     assert expand_folders([tmp_path / "a_mask.png"]) == ([tmp_path / "a_mask.png"], [])  # named, it is predicted
+    # Without overlays (predict --no-overlay), the outputs are known by the image beside them: an
+    # image's, a stack's pages' and its stack; and so are masks kept beside their images, as
+    # Kaggle's LGG MRI set keeps X_mask.tif beside X.tif. A mask alone (b's) stays an image.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("a.png", "b_mask.png", "m.tif", "m_mask.tif", "v.tif", "w_1.jpg", "w_1_mask.jpg"):
+        (plain / name).write_bytes((tmp_path / ("v.tif" if name == "v.tif" else "a.png")).read_bytes())
+    save_outputs(None, np.ones((6, 8), np.uint8), plain, "a", probs, instances=(1,))
+    for page in pages:
+        save_outputs(None, np.ones((6, 8), np.uint8), plain, page.name)
+    assert write_stack(path, pages, 0, plain)[1]
+    assert not list(plain.glob("*_overlay.png"))
+    found, notes = expand_folders([plain])
+    assert [p.name for p in found] == ["a.png", "b_mask.png", "m.tif", "v.tif", "w_1.jpg"]
+    assert notes[0].startswith(f"predict: {plain}: leaving out 8 files of earlier predictions and masks (")
 
 
 def test_an_image_the_device_has_no_memory_for_is_one_line():

@@ -435,6 +435,17 @@ def test_cli_train_evaluate_predict_export(shards, pet_src, tmp_path, capsys, mo
     again = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out",
                      str(out / "folder"), "--continue", check=True)
     assert "leaving out 2 of 2 images" in again.stderr and "predict: 0 images (" in again.stdout  # all done: exit 0
+    # --no-overlay: the masks alone, the same ones; --continue then counts an image done without its overlay.
+    run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out", str(out / "plain"),
+             "--no-overlay", check=True)
+    assert sorted(p.name for p in (out / "plain").iterdir()) == ["a_mask.png", "b_mask.png"]
+    for name in ("a_mask.png", "b_mask.png"):
+        assert (out / "plain" / name).read_bytes() == (out / "folder" / name).read_bytes(), name
+    (out / "plain" / "b_mask.png").unlink()
+    again = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder"), "--out",
+                     str(out / "plain"), "--no-overlay", "--continue", check=True)
+    assert "leaving out 1 of 2 images" in again.stderr and sorted(p.name for p in (out / "plain").iterdir()) == [
+        "a_mask.png", "b_mask.png"]
     empty = run_main(capsys, "unet_dist.predict", "--workdir", str(w), str(tmp_path / "folder" / "deeper"), "--out",
                      str(out / "empty"))
     assert empty.returncode == 2 and "deeper: a folder without image files (.bmp" in empty.stderr, empty.stderr

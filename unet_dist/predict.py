@@ -2,18 +2,19 @@
 
     python -m unet_dist.predict --workdir RUN [--workdir RUN2 ...] IMAGE_OR_FOLDER... --out PRED [--tile 256 --overlap 32]
         [--mode auto|tile|resize] [--tta none|flip] [--postprocess none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]]
-        [--probabilities] [--instances [--instance-classes C,...]] [--continue] [--strategy auto|single|...]
+        [--probabilities] [--instances [--instance-classes C,...]] [--no-overlay] [--continue] [--strategy ...]
         [--set runtime.KEY=VALUE ...]
     horovodrun -np 4 python -m unet_dist.predict --workdir RUN FOLDER --out PRED    # or srun, mpirun, TF_CONFIG
 
 A folder stands for the image files directly in it (.jpg, .png, .bmp, .tif, ...; not its subfolders),
 less what an earlier predict wrote there (X_mask.png with X_overlay.png, X_probs.tif, X_instances.tif,
-X_mask.tif stacks).
+X_mask.tif stacks) and masks kept beside their images (X_mask.* beside X.*).
 
 Writes PRED/<stem>_mask.png (class ids as palette indices, same size as the input after EXIF
 orientation) and PRED/<stem>_overlay.png (image | mask | image * mask); for page 7 of a multi-page
 TIFF, <stem>_p007_mask.png and <stem>_p007_overlay.png, and once every page is done, PRED/<stem>_mask.tif:
-the page masks as one stack, one file per volume as the input was.
+the page masks as one stack, one file per volume as the input was. --no-overlay writes no overlays:
+the masks alone (and what the flags below add), for many or very large images.
 --probabilities also writes PRED/<stem>_probs.tif: the probabilities the mask was taken from (averaged
 over the runs and mirror images), float32, the same size: one page, the foreground's, for a model of
 two classes; else one page per class, class k's on page k.
@@ -114,11 +115,11 @@ def objects_csv(rows: list[tuple]) -> str:
     return "".join(",".join(map(text, row)) + "\n" for row in [MEASURES, *rows])
 
 
-def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None,
+def save_outputs(image: np.ndarray | None, classes: np.ndarray, out: Path, stem: str, probs: np.ndarray | None = None,
                  colors: list | None = None, instances: tuple[int, ...] | None = None,
                  grows: tuple[int, ...] | None = None, write_probs: bool = True) -> int:
-    """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), OUT/STEM_overlay.png
-    (image | mask | image * mask), given probs (H, W, U) and `write_probs` OUT/STEM_probs.tif
+    """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), given the image
+    (H, W, 3) uint8 OUT/STEM_overlay.png (image | mask | image * mask; None: no overlay), given probs (H, W, U) and `write_probs` OUT/STEM_probs.tif
     (`probability_pages`), and given the classes `instances` OUT/STEM_instances.tif
     (`objects.instances` of the mask, its objects grown by `grows`, --postprocess grow:N) and
     OUT/STEM_objects.csv, each object's class, size, place and mean probability (`objects.measured`;
@@ -127,17 +128,8 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, p
     mask = Image.fromarray(classes.astype(np.uint8), "P")
     mask.putpalette(palette(colors))
     _save(mask, out / f"{stem}{MASK}", format="PNG")
-    # Assembled in Pillow, pasting each part where it goes: copies through numpy took twice the
-    # memory (28 bytes a pixel of the image, on top of it, for an 8192x8192 image).
-    h, w = classes.shape
-    shown, panel = Image.fromarray(image), Image.new("RGB", (3 * w, h))
-    panel.paste(shown, (0, 0))
-    panel.paste(mask, (w, 0))
-    panel.paste(shown, (2 * w, 0), Image.fromarray(classes > 0).convert("L"))  # image * (mask > 0)
-    del shown
-    # zlib level 1: photos barely compress losslessly (a 486x403 overlay: 374 KiB against 362 at the
-    # default level 6), and it encodes in half the time (30 against 58 ms).
-    _save(panel, out / f"{stem}{OVERLAY}", format="PNG", compress_level=1)
+    if image is not None:
+        _save_overlay(image, classes, mask, out / f"{stem}{OVERLAY}")
     if probs is not None and write_probs:
         _save_tiff(probability_pages(probs), out / f"{stem}{PROBS}")
     if instances is None:
@@ -150,6 +142,21 @@ def save_outputs(image: np.ndarray, classes: np.ndarray, out: Path, stem: str, p
     rows = measured(labels, classes, probs)
     atomic.atomic_write_text(out / f"{stem}{OBJECTS}", objects_csv(rows))
     return len(rows)
+
+
+def _save_overlay(image: np.ndarray, classes: np.ndarray, mask: Image.Image, path: Path) -> None:
+    """The panel image | mask | image * (mask > 0), (H, 3W) RGB, as a PNG."""
+    # Assembled in Pillow, pasting each part where it goes: copies through numpy took twice the
+    # memory (28 bytes a pixel of the image, on top of it, for an 8192x8192 image).
+    h, w = classes.shape
+    shown, panel = Image.fromarray(image), Image.new("RGB", (3 * w, h))
+    panel.paste(shown, (0, 0))
+    panel.paste(mask, (w, 0))
+    panel.paste(shown, (2 * w, 0), Image.fromarray(classes > 0).convert("L"))  # image * (mask > 0)
+    del shown
+    # zlib level 1: photos barely compress losslessly (a 486x403 overlay: 374 KiB against 362 at the
+    # default level 6), and it encodes in half the time (30 against 58 ms).
+    _save(panel, path, format="PNG", compress_level=1)
 
 
 class Writer:
@@ -172,7 +179,7 @@ class Writer:
         self.instances, self.grows, self.probabilities, self.objects = instances, grows, probabilities, 0
         self.pool, self.pending = ThreadPoolExecutor(threads, thread_name_prefix="predict-writer"), deque()
 
-    def put(self, image: np.ndarray, classes: np.ndarray, stem: str, probs: np.ndarray | None = None) -> None:
+    def put(self, image: np.ndarray | None, classes: np.ndarray, stem: str, probs: np.ndarray | None = None) -> None:
         future = self.pool.submit(save_outputs, image, classes, self.out, stem, probs, self.colors, self.instances,
                                   self.grows, self.probabilities)
         self.pending.append((future, classes.size))
@@ -189,14 +196,29 @@ class Writer:
             self.pool.shutdown(wait=True)
 
 
+def named_output_of(name: str) -> str | None:
+    """The X whose output or mask a file name says it is: X_overlay.png, X_probs.tif,
+    X_instances.tif, X_mask.<any suffix> (predict's X_mask.png and X_mask.tif stacks, and masks
+    kept beside their images, as Kaggle's LGG MRI set keeps X_mask.tif beside X.tif); else None."""
+    for kind in (OVERLAY, PROBS, INSTANCES):
+        if name.endswith(kind) and len(name) > len(kind):
+            return name[: -len(kind)]
+    stem = name.rpartition(".")[0]
+    return stem.removesuffix("_mask") if stem.endswith("_mask") and len(stem) > len("_mask") else None
+
+
 def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """(the paths given, with each folder replaced by the image files directly in it (sorted by name,
-    hidden files left out), less the outputs of an earlier predict into it (each X_overlay.png with
-    the X_mask.png, X_probs.tif and X_instances.tif beside it, and X_mask.tif, X_probs.tif and
-    X_instances.tif beside X_p000_overlay.png, a stack's): predicting into the input folder and
-    then predicting that folder again must not predict the masks; a line for each folder with such
-    outputs).
+    hidden files left out), less the outputs of an earlier predict into it and masks kept beside
+    their images: each file named as an output or mask of X (`named_output_of`) where X is an
+    image of the folder, or a page of one (X = STEM_pNNN beside STEM.tif), and, whatever the
+    folder holds, X_overlay.png with the X_mask.png, X_probs.tif and X_instances.tif beside it,
+    and a stack's X_mask.tif, X_probs.tif and X_instances.tif beside X_p000_overlay.png:
+    predicting into the input folder and then predicting that folder again must not predict the
+    masks; a line for each folder with such files).
     Raises ConfigError for a folder without any image."""
+    import re
+
     from unet_dist.data.imageio import IMAGE_SUFFIXES, image_files
 
     out: list[Path] = []
@@ -207,6 +229,12 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
             continue
         found = image_files(path)
         names, earlier = {p.name for p in found}, set()
+        named = {name: x for name in names if (x := named_output_of(name)) is not None}
+        images = {Path(name).stem for name in names - named.keys()}
+        for name, x in named.items():
+            page = re.fullmatch(r"(.+)_p\d{3,}", x)  # a stack's page: samples_of's names
+            if x in images or (page and page[1] in images):
+                earlier.add(name)
         for name in names:
             stem = name.removesuffix(OVERLAY)
             if stem != name and f"{stem}{MASK}" in names:  # a mask PNG alone may be the user's own image
@@ -216,9 +244,9 @@ def expand_folders(paths: list[Path]) -> tuple[list[Path], list[str]]:
                     earlier |= {f"{volume}{STACK_MASK}", f"{volume}{PROBS}", f"{volume}{INSTANCES}"}
         earlier &= names
         if earlier:
-            pairs = sum(name.endswith(OVERLAY) for name in earlier)
-            notes.append(f"predict: {path}: leaving out {pairs} earlier predictions (X_mask.png with X_overlay.png, "
-                         "X_probs.tif and X_instances.tif, and X_mask.tif stacks)")
+            notes.append(f"predict: {path}: leaving out {len(earlier)} files of earlier predictions and masks "
+                         "(X_mask.png with X_overlay.png; X_mask.*, X_overlay.png, X_probs.tif and X_instances.tif "
+                         "beside an image X; X_mask.tif stacks)")
         found = [p for p in found if p.name not in earlier]
         if not found:
             raise ConfigError(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -360,9 +388,9 @@ def my_share(samples: list, predictor, runtime) -> list[int]:
     return shard.balanced([predictor.cost((int(h), int(w))) for h, w in sizes])
 
 
-def page_files(probabilities: bool, instances: bool) -> tuple[str, ...]:
+def page_files(probabilities: bool, instances: bool, overlay: bool = True) -> tuple[str, ...]:
     """What predict writes for each image (a stack's page): after STEM, in `out`."""
-    return (MASK, OVERLAY) + (PROBS,) * probabilities + (INSTANCES, OBJECTS) * instances
+    return (MASK,) + (OVERLAY,) * overlay + (PROBS,) * probabilities + (INSTANCES, OBJECTS) * instances
 
 
 def left_to_predict(samples: list, out: Path, kinds: tuple[str, ...], runtime) -> list[int]:
@@ -400,6 +428,9 @@ def main(argv=None) -> int:
     p.add_argument("--instance-classes", metavar="C,...",
                    help="with --instances: number the objects of these classes only (default: every class but "
                         "the background)")
+    p.add_argument("--no-overlay", dest="overlay", action="store_false",
+                   help="write no STEM_overlay.png (image | mask | masked image, three times the image's pixels "
+                        "to encode): for many images or very large ones, where the masks are what is needed")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="leave out the images whose outputs are all in --out already: finishes a predict that "
                         "was stopped (each file is written whole or not at all)")
@@ -452,7 +483,8 @@ def main(argv=None) -> int:
     todo = list(range(len(samples)))
     if args.resume:
         try:
-            todo = left_to_predict(samples, args.out, page_files(args.probabilities, args.instances), runtime)
+            todo = left_to_predict(samples, args.out, page_files(args.probabilities, args.instances, args.overlay),
+                                   runtime)
         except CollectiveError as e:
             print(f"predict: error: {e}", file=sys.stderr)
             return 1
@@ -484,7 +516,7 @@ def main(argv=None) -> int:
                 if sample.stacked:
                     counts[3 + stack_index[sample.image]] += 1
                 continue
-            writer.put(rgb_view(image), predictor.mask(probs), sample.name,
+            writer.put(rgb_view(image) if args.overlay else None, predictor.mask(probs), sample.name,  # None: no overlay
                        probs if args.probabilities or args.instances else None)  # instances: their confidence
     except OSError as e:  # a write failed (a full disk): the next images would fail the same way
         unwritten = e
