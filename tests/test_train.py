@@ -763,8 +763,10 @@ def test_data_without_a_validation_split_trains_without_evaluating(pet_src, tmp_
     # is scored. Its own file, so eval.json (the validation result) is never overwritten by it.
     ev = run_module("unet_dist.evaluate", "--workdir", str(w), "--data", str(data), "--split", "train", check=True)
     metrics = json.loads((w / "eval_train.json").read_text())
+    per_record = metrics.pop("per_record")
     assert metrics == json.loads(ev.stdout.strip().splitlines()[-1]) and not (w / "eval.json").exists()
     assert metrics["split"] == "train" and metrics["val_records"] == 48 and 0 <= metrics["val_iou"] <= 1
+    assert len(per_record) == 48 and len((w / "eval_train.csv").read_text().splitlines()) == 1 + 48
 
 
 def test_training_and_evaluation_leave_out_the_ignored_pixels(pet_src, tmp_path, capsys):
@@ -1268,7 +1270,7 @@ def test_several_runs_predict_export_and_evaluate_their_average(shards, pet_src,
     shutil.copy(stack / "images" / "vol.tif", again)
     assert predict_main([*_each("--workdir", runs), str(again), "--out", str(again)]) == 0
     out, err = capsys.readouterr()
-    assert "leaving out 2 earlier predictions" in err and "predict: 2 images" in out, (out, err)
+    assert "leaving out 8 files of earlier predictions" in err and "predict: 2 images" in out, (out, err)
     # A page that cannot be predicted leaves the stack unwritten, and says so.
     import unet_dist.data.imageio as imageio
 
