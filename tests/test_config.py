@@ -37,6 +37,8 @@ def test_defaults_and_presets_load_and_read_back_from_a_runs_config_yaml(tmp_pat
         ("data.augment.noise=-0.1", ["data.augment.noise", "0 to 1"]),
         ("data.augment.blur_prob=0", ["data.augment.blur_prob", "0 < blur_prob <= 1"]),
         ("data.augment.gamma=5", ["data.augment.gamma", "0 to 4"]),
+        ("data.augment.gamma_inverted_prob=0.1", ["data.augment.gamma", "> 0 where gamma_inverted_prob"]),
+        ("data.augment.gamma_inverted_prob=1.5", ["data.augment.gamma_inverted_prob", "0 to 1"]),
         ("data.per_replica_batch_size=8", ["set exactly one"]),
         ("model.up_filters=[4, 2]", ["model.up_filters"]),
         ("data.patch_size=[512, 128]", ["data.patch_size", "0 < h <= 256"]),

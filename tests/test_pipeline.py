@@ -153,6 +153,38 @@ def test_noise_blur_and_gamma_each_change_their_share_of_the_samples_by_the_draw
     assert all(0.25 * n <= c <= 0.75 * n for c in counts.values()), counts
 
 
+def test_gamma_of_the_inverted_image_and_kept_statistics_as_nnunet_draws_them():
+    # nnU-Net's two gammas: of the inverted image on one share of the samples, then of the image on
+    # another, each g drawn alone; with gamma_retain_stats each keeps every channel's mean and std.
+    # Checked against numpy from each sample's own draws; no mask moves.
+    from unet_dist.data import augment as aug
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0.1, 0.9, (40, 16, 16, 3)), tf.float32)
+    masks = tf.zeros((40, 16, 16, 1), tf.uint8)
+    for retain in (False, True):
+        cfg = AugmentConfig(flip=False, scale_crop=False, brightness=0, contrast=0, gamma=0.5, gamma_prob=0.5,
+                            gamma_inverted_prob=0.5, gamma_retain_stats=retain)
+        u = tf.stack([aug.draw(tf.constant([7, s], tf.int64), cfg)[0] for s in range(40)])
+        out, out_masks = aug.augment_batch(images, masks, u, tf.zeros((40, 3, 3, 2)), cfg)
+        assert not out_masks.numpy().any()
+        counts = [0, 0]
+        for s in range(40):
+            us, x = u[s].numpy(), images[s].numpy().astype(np.float64)
+            for which, (p, g, power) in enumerate(((aug._GAMMA_INV_P, aug._GAMMA_INV, lambda x, g: 1 - (1 - x) ** g),
+                                                   (aug._GAMMA_P, aug._GAMMA, lambda x, g: x ** g))):
+                if us[p] >= 0.5:
+                    continue
+                counts[which] += 1
+                y = power(x, np.exp((2 * us[g] - 1) * np.log(1.5)))
+                if retain:
+                    y = np.clip((y - y.mean((0, 1))) * x.std((0, 1)) / y.std((0, 1)) + x.mean((0, 1)), 0, 1)
+                    assert np.allclose(y.mean((0, 1)), x.mean((0, 1)), atol=1e-3), s  # nothing here clips much
+                x = y
+            np.testing.assert_allclose(out[s].numpy(), x, atol=3e-5, err_msg=f"{s} {retain}")
+        assert all(10 <= c <= 30 for c in counts), counts
+
+
 def test_the_augmentation_is_described_in_one_line():
     from unet_dist.data.augment import describe
 
@@ -162,6 +194,9 @@ def test_the_augmentation_is_described_in_one_line():
     intensity = ["data.augment.noise=0.1", "data.augment.blur=1", "data.augment.lowres=0.5", "data.augment.gamma=0.5"]
     assert describe(load_config(None, plain + intensity).data.augment) == (
         "noise std 0-0.1 on 10%, blur sigma 0.5-1 px on 20%, lowres 0.5-1 on 25%, gamma 0.667-1.5 on 30%")
+    nnunet = ["data.augment.gamma=0.5", "data.augment.gamma_inverted_prob=0.1", "data.augment.gamma_retain_stats=true"]
+    assert describe(load_config(None, plain + nnunet).data.augment) == (
+        "gamma 0.667-1.5 on 30% (of the inverted image on 10%) keeping each channel's mean and std")
     assert describe(load_config(None, ["data.augment.rotate_degrees=15", "data.augment.elastic=true",
                                        "data.augment.scale_prob=1"]).data.augment) == (
         "flips, zoom 0.8-1.25, rotation +-15 degrees, elastic 3x3 grid sigma 10 px, brightness 0.1, contrast 0.1")

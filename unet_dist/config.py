@@ -62,6 +62,8 @@ class AugmentConfig:
     blur_prob: float = 0.2  # share of the samples blurred (nnU-Net: 0.2)
     gamma: float = 0.0  # x ** g, g drawn log-evenly in [1 / (1 + gamma), 1 + gamma] (nnU-Net ~0.7-1.5: 0.5); 0 disables
     gamma_prob: float = 0.3  # share of the samples given a gamma (nnU-Net: 0.3)
+    gamma_inverted_prob: float = 0.0  # share given first a gamma of the inverted image, 1 - (1 - x) ** g, its own g in the same range (nnU-Net: 0.1); 0 disables
+    gamma_retain_stats: bool = False  # each gamma keeps every channel's mean and std of the sample, then clips to [0, 1] (nnU-Net: true)
     lowres: float = 0.0  # down by a factor drawn in [1 - lowres, 1] (nearest), back up (bicubic) (nnU-Net: 0.5); 0 disables
     lowres_prob: float = 0.25  # share of the samples made coarse (nnU-Net: 0.25)
 
@@ -394,6 +396,9 @@ def validate(cfg: Config) -> None:
     need(0 <= a.lowres <= 0.9, "data.augment.lowres", "0 to 0.9", a.lowres)
     for key in ("noise_prob", "blur_prob", "gamma_prob", "lowres_prob"):
         need(0 < getattr(a, key) <= 1, f"data.augment.{key}", f"0 < {key} <= 1", getattr(a, key))
+    need(0 <= a.gamma_inverted_prob <= 1, "data.augment.gamma_inverted_prob", "0 to 1", a.gamma_inverted_prob)
+    need(a.gamma > 0 or not (a.gamma_inverted_prob or a.gamma_retain_stats), "data.augment.gamma",
+         "> 0 where gamma_inverted_prob or gamma_retain_stats is set (the range of g)", a.gamma)
     # rot90 turns what is trained on: the patch when there is one (checked below), else the image.
     need(a.rot90 is False or d.patch_size is not None or d.image_size[0] == d.image_size[1], "data.augment.rot90",
          "false unless image_size (or patch_size when set) is square", a.rot90)
