@@ -419,6 +419,12 @@ def test_horovodrun_end_to_end_writes_one_metrics_file(shards, pet_src, tmp_path
     assert e1["grown_objects"][0]["by_grow"][0]["seg"] != e1["grown_objects"][0]["seg"]
     assert e1["boundary"][0]["images"] > 40 and "hd95_per_class" in e1["per_image"][0]
     assert e1 == e2  # every count, score and per-image row, and what post-processing does
+    # --predictions: the 1-process predict's masks, read on 2 ranks and post-processed as e1's, score as e1.
+    horovodrun("-m", "unet_dist.evaluate", "--workdir", str(w), "--images", str(src), "--predictions",
+               str(tmp_path / "p1"), "--out", str(tmp_path / "e3.json"), "--postprocess", "min-size:16+largest+grow:2")
+    e3 = json.loads((tmp_path / "e3.json").read_text())
+    assert (e3.pop("world_size"), e3.pop("predictions")) == (2, str(tmp_path / "p1"))
+    assert e3 == {k: v for k, v in e1.items() if k not in ("mode", "why", "tta", "checkpoints", "precision")}
 
 
 def test_evaluated_and_saved_batch_norm_statistics_are_the_replicas_mean(shards, tmp_path):

@@ -393,11 +393,11 @@ def test_processes_share_images_by_what_they_cost_to_predict(tmp_path, monkeypat
             assert np.array_equal(value, parts[self.process_shard.index]), what
             return parts[0] + parts[1]
 
-    shares = [[samples[i].name for i in my_share(samples, tiled, Process(Shard(k, 2)))] for k in range(2)]
+    shares = [[samples[i].name for i in my_share(samples, tiled.cost, Process(Shard(k, 2)))] for k in range(2)]
     # 100 tiles each for a, c, s_p000 and s_p002, 1 for the rest: 202 each. Every N-th image would
     # have given one process all four large ones (a, c, s_p000, s_p002), 400 against 4.
     assert shares == [["a", "b", "s_p000", "s_p001"], ["c", "d", "s_p002", "e"]]
-    assert my_share(samples, tiled, Process(Shard(0, 1))) == list(range(len(samples)))  # no sum
+    assert my_share(samples, tiled.cost, Process(Shard(0, 1))) == list(range(len(samples)))  # no sum
 
 
 def test_predictions_are_written_in_the_background_and_a_failed_write_is_raised(tmp_path, monkeypatch):

@@ -1153,6 +1153,45 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
         assert float(t["hd95_pet"]) == pytest.approx(r["hd95_per_class"][1], rel=1e-5, abs=1e-9)
         assert int(t["predicted_objects_pet"]) == r["predicted_objects_per_class"][1]
     assert "hd95_rest" not in table[0] and "nsd_pet" in table[0]
+    # --predictions: predict's masks read back score as the model's did (the same masks); so do
+    # another tool's 0/255 masks named by the stem alone. A mask that is not there, holds another
+    # class or is another size is skipped with a line; model flags are refused.
+    made = {key: metrics[key] for key in ("mode", "why", "tta", "checkpoints", "precision")}
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(tmp_path / "pred"),
+                          "--out", str(tmp_path / "read.json")]) == 0
+    read = json.loads((tmp_path / "read.json").read_text())
+    assert read.pop("predictions") == str(tmp_path / "pred") and not made.keys() & read.keys()
+    assert read == {k: v for k, v in {**written, "per_image": per_image}.items() if k not in made}
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, stem in enumerate(stems):
+        mask = np.asarray(Image.open(tmp_path / "pred" / f"{stem}_mask.png"))
+        if i == 0:
+            mask = np.where(mask > 0, 7, 0).astype(np.uint8)  # not a class of the run
+        elif i == 1:
+            mask = mask[:-1]
+        else:
+            mask = mask * 255
+        Image.fromarray(mask.astype(np.uint8), "L").save(other / f"{stem}.png")
+    capsys.readouterr()
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(other),
+                          "--out", str(tmp_path / "other.json")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {src / 'images' / f'{stems[0]}.jpg'}: predicted mask {other / f'{stems[0]}.png'} holds 7; " \
+           "the run's 2 classes are 0..1 (or 0/255)" in err, err
+    assert f"predicted mask {other / f'{stems[1]}.png'} is " in err
+    scored = json.loads((tmp_path / "other.json").read_text())
+    assert scored["images"] == 3 and sorted(r["image"] for r in scored["per_image"]) == sorted(
+        r["image"] for r in per_image if not r["image"].endswith((f"{stems[0]}.jpg", f"{stems[1]}.jpg")))
+    for r in scored["per_image"]:
+        assert r == next(q for q in per_image if q["image"] == r["image"])
+    (other / f"{stems[2]}.png").unlink()
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(other),
+                          "--out", str(tmp_path / "other.json")]) == 0
+    assert f"no predicted mask {stems[2]}_mask.png or {stems[2]}.* in --predictions {other}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(other), "--tta", "flip"])
+    assert "--tta: not used with --predictions (its masks are made already)" in capsys.readouterr().err
     # --list: the images a data set's own test list names (as convert --val-list reads it), each
     # scored as in the whole folder; a listed image that is skipped is still named.
     listing = tmp_path / "test.txt"

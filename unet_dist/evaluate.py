@@ -6,6 +6,7 @@
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
         [--mask-suffix S] [--list FILE] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
         [--postprocess none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]] [--nsd-tolerance PX]
+    python -m unet_dist.evaluate --workdir RUN --images SRC --predictions PRED [--postprocess ...]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
 
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
@@ -52,14 +53,22 @@ table beside the JSON, eval_images.csv (--out's name with .csv), a row per image
 score and class (iou_NAME, dice_NAME, hd95_NAME, ..., object_f1_NAME), worst first.
 Where the run's data were instance masks (convert --classes instances), the true objects are the
 masks' instances themselves, whole, as the cell tracking challenge scores them.
+--predictions PRED scores masks made already instead of predicting: PRED/STEM_mask.png as predict
+wrote them (with other flags, another checkpoint, or on another machine), else PRED/STEM.* from
+another tool, class ids in one channel (0/255 for two classes), in the run's classes; the run gives
+the classes, their names and the ignore value, and its model is not loaded. --postprocess then
+post-processes the masks read, and the tables measure what post-processing would do to them.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from unet_dist.config import (
     Config,
@@ -73,6 +82,46 @@ from unet_dist.config import (
 from unet_dist.data.convert import LAYOUTS
 from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, predictor_options
 from unet_dist.surface import TOLERANCE
+
+
+def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """--predictions: the predicted class ids (H, W) int32 of the image `name` (a `Sample`'s), from
+    FOLDER/NAME_mask.png (what predict writes), else FOLDER/NAME.* (another tool's): a one-channel
+    image of ids 0..k-1 (predict's masks are palette images of ids), or 0/255 for two classes.
+    Raises BadImage naming the file where there is none, or it is not such an image of `shape`."""
+    from PIL import Image
+
+    from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage
+    from unet_dist.predict import MASK
+
+    found = [folder / f"{name}{MASK}"] + sorted(p for p in folder.glob(f"{glob.escape(name)}.*")
+                                                if p.suffix.lower() in IMAGE_SUFFIXES)
+    path = next((p for p in found if p.is_file()), None)
+    if path is None:
+        raise BadImage(f"no predicted mask {name}{MASK} or {name}.* in --predictions {folder}")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("1", "L", "P", "I;16", "I"):
+                raise BadImage(f"predicted mask {path} is a {image.mode} image; give class ids in one channel "
+                               "(as predict's masks)")
+            ids = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"predicted mask {path} unreadable ({e})") from None
+    if ids.shape != tuple(shape):
+        raise BadImage(f"predicted mask {path} is {ids.shape[1]}x{ids.shape[0]}, its mask {shape[1]}x{shape[0]}")
+    values = np.unique(ids)
+    if k == 2 and set(values.tolist()) <= {0, 255}:
+        ids = ids > 0  # 0/255, as masks of two classes are often saved
+    elif values[-1] >= k:
+        raise BadImage(f"predicted mask {path} holds {values[-1]}; the run's {k} classes are 0..{k - 1}"
+                       + " (or 0/255)" * (k == 2))
+    return ids.astype(np.int32)
+
+
+def predicted_cost(size: tuple[int, int]) -> int:
+    """--predictions: an image's share of the work (`predict.my_share`), which is reading it and its
+    masks and scoring them: its pixels."""
+    return size[0] * size[1]
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
@@ -96,9 +145,10 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from unet_dist.data.imageio import BadImage, stacks_of
     from unet_dist.distribute import CollectiveError, make_trained_run_runtime
     from unet_dist.image_scores import ImageScores, per_image_csv, postprocess_advice, table_path
-    from unet_dist.inference import PredictionError, data_info, load_predictor
+    from unet_dist.inference import PredictionError, data_info, intensity_window, load_predictor
     from unet_dist.logs import chief_progress
     from unet_dist.metrics import predict_classes
+    from unet_dist.postprocess import parse
 
     try:
         runtime = make_trained_run_runtime(cfg, args.strategy, args.runtime_set)
@@ -115,39 +165,50 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         if args.list:
             samples, skipped = listed_samples(samples, skipped, read_image_list(args.list, "--list"),
                                               f"--list {args.list}")
-        predictor = load_predictor(args.workdir, **predictor_options(args), precision=runtime.cfg.runtime.precision,
-                                   postprocess=args.postprocess)
+        k, in_channels = cfg.model.num_classes, cfg.model.in_channels
+        if args.predictions:  # masks made already: read, not predicted
+            postprocess, window = parse(args.postprocess, k), intensity_window(args.workdir[0])
+            about = {"predictions": str(args.predictions)}
+            cost = predicted_cost
+        else:
+            predictor = load_predictor(args.workdir, **predictor_options(args),
+                                       precision=runtime.cfg.runtime.precision, postprocess=args.postprocess)
+            postprocess, window, cost = predictor.postprocess, predictor.window, predictor.cost
+            about = {"mode": predictor.mode, "why": predictor.why, "tta": args.tta,
+                     "checkpoints": predictor.checkpoints, "precision": predictor.precision}
     except (ConfigError, ConvertError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if runtime.is_chief:  # the same list on every process
         for s in skipped:
             print(f"evaluate: skipping {s['file']}: {s['reason']}", file=sys.stderr)
-    k = predictor.cfg.model.num_classes
     try:
-        share = my_share(samples, predictor, runtime)
+        share = my_share(samples, cost, runtime)
     except CollectiveError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
-    image_scores = ImageScores(len(samples), k, predictor.postprocess, ignores(info), args.nsd_tolerance)
+    image_scores = ImageScores(len(samples), k, postprocess, ignores(info), args.nsd_tolerance)
     for i in chief_progress(runtime, "evaluate", "img", share):
         sample = samples[i]
         try:
             # Instance masks: objects are matched to the instances, not to the components of their classes.
             if instances:
                 image, truth, ids = load_instance_pair(sample.image, sample.mask, sample.page, info.get("ignore_value"),
-                                                       predictor.cfg.model.in_channels, predictor.window)
+                                                       in_channels, window)
             else:
                 (image, truth), ids = load_pair(sample.image, sample.mask, layout, info["classes"],
                                                 info.get("num_classes"), sample.page, info.get("ignore_value"),
-                                                info.get("colors"), predictor.cfg.model.in_channels,
-                                                predictor.window), None
-            probs = predictor(image)
+                                                info.get("colors"), in_channels, window), None
+            if args.predictions:
+                predicted = read_predicted(args.predictions, sample.name, k, truth.shape)
+            else:
+                probs = predictor(image)
+                predicted = predict_classes(probs).numpy()  # the record evaluation's class rule
+                del probs  # not held while the image is scored: 8 bytes a pixel in two classes
         except (BadImage, OSError, PredictionError) as e:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
-        predicted = predict_classes(probs).numpy()  # the record evaluation's class rule
-        del image, probs  # not held while the image is scored: 12 bytes a pixel of an RGB image in two classes
+        del image  # nor the image: 3 bytes a pixel of an RGB image
         image_scores.add(i, predicted, truth, ids)
     try:
         image_scores.sum_over(runtime)
@@ -171,11 +232,9 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                                                  "grown_objects")}
     metrics = {**summary, "images": int(read.sum()), "skipped": len(skipped) + int((~read).sum()),
                "source": str(args.images), **({"list": str(args.list.resolve())} if args.list else {}),
-               "mode": predictor.mode, "why": predictor.why, "tta": args.tta, "checkpoints": predictor.checkpoints,
-               "world_size": runtime.world_size, "precision": predictor.precision,
-               "postprocess": str(predictor.postprocess), **tables}
+               **about, "world_size": runtime.world_size, "postprocess": str(postprocess), **tables}
     for line in postprocess_advice(metrics["largest_component"], metrics["small_objects"], metrics["grown_objects"],
-                                   predictor.postprocess):
+                                   postprocess):
         print(line, file=sys.stderr)
     print(json.dumps(metrics))
     per_image, per_stack = image_scores.per_image(samples), image_scores.per_stack(stacks_of(samples))
@@ -204,6 +263,9 @@ def main(argv=None) -> int:
     images.add_argument("--list", type=Path, metavar="FILE",
                         help="score only the images FILE names, one a line (as convert --val-list: a data set's "
                              "own test or val list)")
+    images.add_argument("--predictions", type=Path, metavar="PRED",
+                        help="score the masks in PRED instead of predicting: predict's STEM_mask.png, or STEM.* of "
+                             "another tool (class ids in one channel; 0/255 for two classes), in the run's classes")
     add_mode_args(images)
     add_postprocess_arg(images)
     images.add_argument("--nsd-tolerance", type=float, default=TOLERANCE, metavar="PX",
@@ -214,12 +276,20 @@ def main(argv=None) -> int:
         p.error(f"--nsd-tolerance {args.nsd_tolerance}: a distance in pixels, 0 or more")
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
-             ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
+             ["--predictions"] * bool(args.predictions) + ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
              + ["--postprocess"] * (args.postprocess != "none") + ["--nsd-tolerance"] * (args.nsd_tolerance != TOLERANCE))
     if other:
         p.error(f"{', '.join(other)}: not used with {'--images' if args.images else '--data'}")
+    if args.predictions:
+        model = (["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
+                 + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
+                 + ["--checkpoint"] * (args.checkpoint != "best") + ["--workdir (more than one)"] * (len(args.workdir) > 1))
+        if model:
+            p.error(f"{', '.join(model)}: not used with --predictions (its masks are made already)")
+        if not args.predictions.is_dir():
+            p.error(f"--predictions {args.predictions}: not a folder")
     if args.data and len(args.workdir) > 1:
         p.error("--data evaluates one --workdir (--images scores several runs' averaged predictions)")
     name = "eval_images.json" if args.images else "eval.json" if args.split in (None, "val") else "eval_train.json"

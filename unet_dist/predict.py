@@ -374,9 +374,9 @@ def header_sizes(samples: list, shard) -> np.ndarray:
     return out
 
 
-def my_share(samples: list, predictor, runtime) -> list[int]:
+def my_share(samples: list, cost, runtime) -> list[int]:
     """The indices of `samples` (imageio.Sample) that this process of `runtime` predicts: split by
-    what each costs to predict (`Predictor.cost`, from the image headers), so that the processes
+    what each costs, cost((H, W)) of its size from the image headers (`Predictor.cost`), so that the processes
     finish about together and the first to finish waits at most about one image for the others,
     however the image sizes mix. Each process reads 1/N of the headers (`header_sizes`), and one
     collective gives every process all the sizes: on a shared file system a header read can take
@@ -385,7 +385,7 @@ def my_share(samples: list, predictor, runtime) -> list[int]:
     if shard.count == 1 or not samples:  # the same samples on every process: all skip the sum alike
         return list(range(len(samples)))
     sizes = runtime.sum_shares(header_sizes(samples, shard), "reading their image headers")
-    return shard.balanced([predictor.cost((int(h), int(w))) for h, w in sizes])
+    return shard.balanced([cost((int(h), int(w))) for h, w in sizes])
 
 
 def page_files(probabilities: bool, instances: bool, overlay: bool = True) -> tuple[str, ...]:
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
         runtime.print(f"predict: leaving out {len(samples) - len(todo)} of {len(samples)} images, predicted in "
                       f"{args.out} already (--continue)", file=sys.stderr)
     try:
-        share = [todo[j] for j in my_share([samples[i] for i in todo], predictor, runtime)]
+        share = [todo[j] for j in my_share([samples[i] for i in todo], predictor.cost, runtime)]
     except CollectiveError as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 1
