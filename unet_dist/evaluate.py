@@ -109,11 +109,11 @@ def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int]) -> n
         raise BadImage(f"predicted mask {path} unreadable ({e})") from None
     if ids.shape != tuple(shape):
         raise BadImage(f"predicted mask {path} is {ids.shape[1]}x{ids.shape[0]}, its mask {shape[1]}x{shape[0]}")
-    values = np.unique(ids)
-    if k == 2 and set(values.tolist()) <= {0, 255}:
+    top = int(ids.max())
+    if k == 2 and top == 255 and not ((ids != 0) & (ids != 255)).any():
         ids = ids > 0  # 0/255, as masks of two classes are often saved
-    elif values[-1] >= k:
-        raise BadImage(f"predicted mask {path} holds {values[-1]}; the run's {k} classes are 0..{k - 1}"
+    elif top >= k:
+        raise BadImage(f"predicted mask {path} holds {top}; the run's {k} classes are 0..{k - 1}"
                        + " (or 0/255)" * (k == 2))
     return ids.astype(np.int32)
 
@@ -125,10 +125,10 @@ def predicted_cost(size: tuple[int, int]) -> int:
 
 
 def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
-    """--images: each labelled image of args.images predicted as `predict` would, scored at its own
-    size (`image_scores.ImageScores`). An unreadable image or mask is skipped and named. With N
-    processes each predicts its share (`predict.my_share`), and their counts are summed in one
-    collective."""
+    """--images: each labelled image of args.images predicted as `predict` would (or its mask read
+    from --predictions, `read_predicted`), scored at its own size (`image_scores.ImageScores`). An
+    unreadable image or mask is skipped and named. With N processes each scores its share
+    (`predict.my_share`), and their counts are summed in one collective."""
     from tqdm import tqdm
 
     from unet_dist.atomic import atomic_write_text
@@ -276,7 +276,8 @@ def main(argv=None) -> int:
         p.error(f"--nsd-tolerance {args.nsd_tolerance}: a distance in pixels, 0 or more")
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
-             ["--predictions"] * bool(args.predictions) + ["--layout"] * bool(args.layout) + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
+             ["--predictions"] * bool(args.predictions) + ["--layout"] * bool(args.layout)
+             + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
              + ["--postprocess"] * (args.postprocess != "none") + ["--nsd-tolerance"] * (args.nsd_tolerance != TOLERANCE))
