@@ -119,8 +119,9 @@ def save_outputs(image: np.ndarray | None, classes: np.ndarray, out: Path, stem:
                  colors: list | None = None, instances: tuple[int, ...] | None = None,
                  grows: tuple[int, ...] | None = None, write_probs: bool = True) -> int:
     """OUT/STEM_mask.png (class ids as palette indices, in `colors` when given), given the image
-    (H, W, 3) uint8 OUT/STEM_overlay.png (image | mask | image * mask; None: no overlay), given probs (H, W, U) and `write_probs` OUT/STEM_probs.tif
-    (`probability_pages`), and given the classes `instances` OUT/STEM_instances.tif
+    (H, W, 3) uint8 OUT/STEM_overlay.png (image | mask | image * mask; None: no overlay), given
+    probs (H, W, U) and `write_probs` OUT/STEM_probs.tif (`probability_pages`), and given the
+    classes `instances` OUT/STEM_instances.tif
     (`objects.instances` of the mask, its objects grown by `grows`, --postprocess grow:N) and
     OUT/STEM_objects.csv, each object's class, size, place and mean probability (`objects.measured`;
     the probability column empty without probs). Returns the objects numbered (0 without `instances`).
@@ -376,8 +377,8 @@ def header_sizes(samples: list, shard) -> np.ndarray:
 
 def my_share(samples: list, cost, runtime) -> list[int]:
     """The indices of `samples` (imageio.Sample) that this process of `runtime` predicts: split by
-    what each costs, cost((H, W)) of its size from the image headers (`Predictor.cost`), so that the processes
-    finish about together and the first to finish waits at most about one image for the others,
+    what each costs, cost((H, W)) of its size from the image headers (`Predictor.cost`; evaluate
+    --predictions: its pixels), so that the processes finish about together and the first to finish waits at most about one image for the others,
     however the image sizes mix. Each process reads 1/N of the headers (`header_sizes`), and one
     collective gives every process all the sizes: on a shared file system a header read can take
     milliseconds, and with every process reading every header the start-up would not shrink with N."""
