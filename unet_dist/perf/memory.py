@@ -29,8 +29,9 @@ _PREDICT_SMALL = 512  # px: the memory of a large image is measured over this on
 
 
 def _large_image_peaks(workdir: Path, image: Path, mask: Path, sizes: list[int], tmp: Path) -> dict:
-    """Peak RSS of `predict --mode tile` (mask and overlay, no --tta) and of `evaluate --images
-    --mode tile` (every analysis: objects, their growth, outlines) of one square image of each size
+    """Peak RSS of `predict --mode tile` (mask and overlay, no --tta), of the same with --no-overlay
+    (the mask alone) and of `evaluate --images --mode tile` (every analysis: objects, their growth,
+    outlines) of one square image of each size
     (`image` and its trimap `mask` resized: the content matters to the PNG encoder and the objects),
     and the bytes each grows by per pixel of image from the first size to the last: what a large
     image costs."""
@@ -44,14 +45,16 @@ def _large_image_peaks(workdir: Path, image: Path, mask: Path, sizes: list[int],
         trimap.parent.mkdir(parents=True)
         Image.open(image).convert("RGB").resize((size, size), Image.BICUBIC).save(path)
         Image.open(mask).resize((size, size), Image.NEAREST).save(trimap)
-        for name, args in (("predict", [str(path), "--out", str(folder / "out")]),
-                           ("evaluate", ["--images", str(folder), "--out", str(folder / "eval.json")])):
+        for name, module, args in (
+                ("predict", "predict", [str(path), "--out", str(folder / "out")]),
+                ("predict_no_overlay", "predict", [str(path), "--out", str(folder / "masks"), "--no-overlay"]),
+                ("evaluate", "evaluate", ["--images", str(folder), "--out", str(folder / "eval.json")])):
             key = f"{name}_{size}x{size}_peak_rss_mib"
-            out[key] = peak_rss_mib([sys.executable, "-m", f"unet_dist.{name}", "--workdir", str(workdir), *args,
+            out[key] = peak_rss_mib([sys.executable, "-m", f"unet_dist.{module}", "--workdir", str(workdir), *args,
                                      "--mode", "tile"])
             print(f"bench memory: {name} {size}x{size}: {out[key]:.0f} MiB", file=sys.stderr)
     small, large = sizes[0], sizes[-1]
-    for name in ("predict", "evaluate"):
+    for name in ("predict", "predict_no_overlay", "evaluate"):
         grown = out[f"{name}_{large}x{large}_peak_rss_mib"] - out[f"{name}_{small}x{small}_peak_rss_mib"]
         out[f"{name}_bytes_per_pixel"] = grown * 2**20 / (large**2 - small**2)
     return out

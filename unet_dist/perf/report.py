@@ -393,6 +393,9 @@ def render(results: dict, out: Path) -> str:
             lines += [f"`predict --mode tile` of one image (the demo run of 20 steps; mask and overlay PNGs): "
                       f"{r['predict_bytes_per_pixel']:.0f} bytes per pixel of image beyond the 512x512 one's, "
                       "so an image of N megapixels needs about N times that many MB more.", ""]
+        if "predict_no_overlay_bytes_per_pixel" in r:  # measured since session 47
+            lines += [f"`predict --mode tile --no-overlay` (the mask alone): "
+                      f"{r['predict_no_overlay_bytes_per_pixel']:.0f} bytes per pixel beyond the 512x512 one's.", ""]
         if "evaluate_bytes_per_pixel" in r:  # measured since session 46
             lines += [f"`evaluate --images --mode tile` of the same image and its mask (every analysis: the "
                       f"objects, their growth, the outlines): {r['evaluate_bytes_per_pixel']:.0f} bytes per pixel "
