@@ -254,6 +254,7 @@ def test_evaluate_scores_instance_masks_against_their_instances(tmp_path, monkey
     # Here the "model" predicts the classes exactly: every cell found, but without its gap pixels,
     # so SEG is below 1 (it would be 1 against the components).
     import json
+    import shutil
 
     import tensorflow as tf
     from conftest import tiny_overrides
@@ -288,6 +289,26 @@ def test_evaluate_scores_instance_masks_against_their_instances(tmp_path, monkey
     (o,) = e["objects"]
     assert (o["name"], o["true_objects"], o["predicted_objects"], o["matched"]) == ("object", cells, cells, cells)
     assert 0.6 < o["seg"] < 0.98 and e["iou_per_class"][1] == 1.0  # the pixels: as the masks' classes
+    # --predictions --predicted-instances: another tool's label images (here the true instances,
+    # every cell touching others, numbered 10..16) are scored object by object: every cell matched
+    # whole. Read as a class mask instead, the touching cells are one object.
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for i in range(4):
+        shutil.copy(src / "masks" / f"c{i}.png", pred / f"c{i}.png")
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(pred),
+                          "--predicted-instances", "--out", str(tmp_path / "labels.json")]) == 0
+    e = json.loads((tmp_path / "labels.json").read_text())
+    (o,) = e["objects"]
+    assert (o["true_objects"], o["predicted_objects"], o["matched"], o["seg"]) == (cells, cells, cells, 1.0)
+    assert e["predicted_instances"] and e["grown_objects"] == [] and e["iou_per_class"][1] < 1  # the gaps' pixels
+    for i in range(4):  # the same cells as one class mask, 0/255
+        ids = np.asarray(Image.open(src / "masks" / f"c{i}.png"))
+        Image.fromarray(((ids > 0) * 255).astype(np.uint8)).save(pred / f"c{i}.png")
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(pred),
+                          "--out", str(tmp_path / "mask.json")]) == 0
+    (o,) = json.loads((tmp_path / "mask.json").read_text())["objects"]
+    assert o["true_objects"] == cells and o["predicted_objects"] == 4 and o["matched"] == 0
 
 
 def test_each_numbered_object_is_measured_by_its_pixels_and_its_confidence_by_the_masks():

@@ -58,6 +58,10 @@ wrote them (with other flags, another checkpoint, or on another machine), else P
 another tool, class ids in one channel (0/255 for two classes), in the run's classes; the run gives
 the classes, their names and the ignore value, and its model is not loaded. --postprocess then
 post-processes the masks read, and the tables measure what post-processing would do to them.
+--predicted-instances (a run of two classes) reads label images instead, STEM_instances.tif of
+predict --instances or STEM.* of another tool (Cellpose's and StarDist's masks): each object its
+own number, 0 the background, scored as numbered, so that touching objects stay apart (the
+objects of a class mask are its connected components); grown_objects is then not measured.
 """
 
 from __future__ import annotations
@@ -84,21 +88,24 @@ from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, pred
 from unet_dist.surface import TOLERANCE
 
 
-def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int]) -> np.ndarray:
+def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int], labels: bool = False) -> np.ndarray:
     """--predictions: the predicted class ids (H, W) int32 of the image `name` (a `Sample`'s), from
     FOLDER/NAME_mask.png (what predict writes), else FOLDER/NAME.* (another tool's): a one-channel
     image of ids 0..k-1 (predict's masks are palette images of ids), or 0/255 for two classes.
+    labels (--predicted-instances): a label image instead, each object its own number and 0 the
+    background, from FOLDER/NAME_instances.tif (predict --instances), else FOLDER/NAME.*.
     Raises BadImage naming the file where there is none, or it is not such an image of `shape`."""
     from PIL import Image
 
     from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage
-    from unet_dist.predict import MASK
+    from unet_dist.predict import INSTANCES, MASK
 
-    found = [folder / f"{name}{MASK}"] + sorted(p for p in folder.glob(f"{glob.escape(name)}.*")
-                                                if p.suffix.lower() in IMAGE_SUFFIXES)
+    own = f"{name}{INSTANCES if labels else MASK}"
+    found = [folder / own] + sorted(p for p in folder.glob(f"{glob.escape(name)}.*")
+                                    if p.suffix.lower() in IMAGE_SUFFIXES)
     path = next((p for p in found if p.is_file()), None)
     if path is None:
-        raise BadImage(f"no predicted mask {name}{MASK} or {name}.* in --predictions {folder}")
+        raise BadImage(f"no predicted {'objects' if labels else 'mask'} {own} or {name}.* in --predictions {folder}")
     try:
         with Image.open(path) as image:
             if image.mode not in ("1", "L", "P", "I;16", "I"):
@@ -109,6 +116,10 @@ def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int]) -> n
         raise BadImage(f"predicted mask {path} unreadable ({e})") from None
     if ids.shape != tuple(shape):
         raise BadImage(f"predicted mask {path} is {ids.shape[1]}x{ids.shape[0]}, its mask {shape[1]}x{shape[0]}")
+    if labels:
+        if ids.dtype == bool or ids.min(initial=0) < 0:
+            raise BadImage(f"predicted mask {path} is not a label image (objects numbered from 1, 0 the background)")
+        return ids.astype(np.int32)
     top = int(ids.max())
     if k == 2 and top == 255 and not ((ids != 0) & (ids != 255)).any():
         ids = ids > 0  # 0/255, as masks of two classes are often saved
@@ -168,7 +179,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         k, in_channels = cfg.model.num_classes, cfg.model.in_channels
         if args.predictions:  # masks made already: read, not predicted
             postprocess, window = parse(args.postprocess, k), intensity_window(args.workdir[0])
-            about = {"predictions": str(args.predictions)}
+            if args.predicted_instances and k != 2:
+                raise ConfigError(f"--predicted-instances: for a run of two classes (background and objects); "
+                                  f"{args.workdir[0]} has {k}")
+            about = {"predictions": str(args.predictions), **({"predicted_instances": True} if args.predicted_instances
+                                                               else {})}
             cost = predicted_cost
         else:
             predictor = load_predictor(args.workdir, **predictor_options(args),
@@ -199,7 +214,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                 (image, truth), ids = load_pair(sample.image, sample.mask, layout, info["classes"],
                                                 info.get("num_classes"), sample.page, info.get("ignore_value"),
                                                 info.get("colors"), in_channels, window), None
-            if args.predictions:
+            predicted_ids = None
+            if args.predicted_instances:
+                predicted_ids = read_predicted(args.predictions, sample.name, k, truth.shape, labels=True)
+                predicted = (predicted_ids > 0).astype(np.int32)
+            elif args.predictions:
                 predicted = read_predicted(args.predictions, sample.name, k, truth.shape)
             else:
                 probs = predictor(image)
@@ -209,7 +228,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             tqdm.write(f"evaluate: skipping {sample.where}: {e}", file=sys.stderr)
             continue
         del image  # nor the image: 3 bytes a pixel of an RGB image
-        image_scores.add(i, predicted, truth, ids)
+        image_scores.add(i, predicted, truth, ids, predicted_ids)
     try:
         image_scores.sum_over(runtime)
     except CollectiveError as e:
@@ -266,6 +285,10 @@ def main(argv=None) -> int:
     images.add_argument("--predictions", type=Path, metavar="PRED",
                         help="score the masks in PRED instead of predicting: predict's STEM_mask.png, or STEM.* of "
                              "another tool (class ids in one channel; 0/255 for two classes), in the run's classes")
+    images.add_argument("--predicted-instances", action="store_true",
+                        help="with --predictions, for a run of two classes: PRED holds label images (STEM_instances"
+                             ".tif of predict --instances, or another tool's STEM.*: each object its own number, 0 "
+                             "the background), whose objects are scored as numbered, touching ones apart")
     add_mode_args(images)
     add_postprocess_arg(images)
     images.add_argument("--nsd-tolerance", type=float, default=TOLERANCE, metavar="PX",
@@ -276,7 +299,8 @@ def main(argv=None) -> int:
         p.error(f"--nsd-tolerance {args.nsd_tolerance}: a distance in pixels, 0 or more")
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
-             ["--predictions"] * bool(args.predictions) + ["--layout"] * bool(args.layout)
+             ["--predictions"] * bool(args.predictions) + ["--predicted-instances"] * args.predicted_instances
+             + ["--layout"] * bool(args.layout)
              + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
@@ -291,6 +315,10 @@ def main(argv=None) -> int:
             p.error(f"{', '.join(model)}: not used with --predictions (its masks are made already)")
         if not args.predictions.is_dir():
             p.error(f"--predictions {args.predictions}: not a folder")
+    if args.predicted_instances and not args.predictions:
+        p.error("--predicted-instances: used with --predictions only")
+    if args.predicted_instances and args.postprocess != "none":
+        p.error("--postprocess: not used with --predicted-instances (the objects are scored as numbered)")
     if args.data and len(args.workdir) > 1:
         p.error("--data evaluates one --workdir (--images scores several runs' averaged predictions)")
     name = "eval_images.json" if args.images else "eval.json" if args.split in (None, "val") else "eval_train.json"

@@ -72,16 +72,22 @@ class ImageScores:
                     "grow": np.zeros((n, 1 + len(GROWS), k, FIELDS)),  # `grow_effect`
                     "outlines": np.zeros((n, 2, k, BOUNDARY_FIELDS))}  # `largest_outlines`
 
-    def add(self, i: int, predicted: np.ndarray, truth: np.ndarray, ids: np.ndarray | None = None) -> None:
+    def add(self, i: int, predicted: np.ndarray, truth: np.ndarray, ids: np.ndarray | None = None,
+            predicted_ids: np.ndarray | None = None) -> None:
         """Image i's counts: `predicted` (H, W) class ids as the model predicts them (the record
         evaluation's class rule), `truth` (H, W) class ids (IGNORE left out), `ids` (H, W) the
         truth's instances where its masks were instance masks (matched instead of class 1's
-        components)."""
+        components). predicted_ids (H, W): class 1's predicted objects themselves, a label image
+        (0 the background, any numbers; two classes, no post-processing), matched instead of the
+        components of `predicted`, which is then predicted_ids > 0: another tool's instances, whose
+        touching objects stay apart. Their growth is not measured (grown_objects stays empty)."""
         k, raw = self.k, self.raw
         raw_cm = confusion_matrix(truth, predicted, k, self.ignore).numpy()
-        raw["grow"][i] = grow_effect(predicted, truth, k, ids)  # first: the largest, while nothing else is held
+        if predicted_ids is None:  # first: the largest, while nothing else is held
+            raw["grow"][i] = grow_effect(predicted, truth, k, ids)
         # Labelled once for both tables.
-        objs = class_objects(predicted, range(1, k), self.grows)  # grown as predict --instances grows them
+        objs = (class_objects(predicted, range(1, k), self.grows) if predicted_ids is None  # grown as predict
+                else {1: (predicted_ids, int(predicted_ids.max(initial=0)))})               # --instances grows them
         matched = [matched_objects(predicted, truth, c, ids if c == 1 else None, objects=objs[c]) for c in range(1, k)]
         raw_objects = object_counts(predicted, truth, k, matched)
         small = size_effect(predicted, truth, k, matched)
