@@ -334,3 +334,28 @@ def test_each_numbered_object_is_measured_by_its_pixels_and_its_confidence_by_th
     fg = probs[..., 1:2] + probs[..., 2:3]
     assert [r[-1] for r in measured(instances(binary), binary, fg)] == pytest.approx([(0.9 + 5 * 0.9) / 6, 0.8])
     assert measured(np.zeros((4, 4), np.uint16), np.zeros((4, 4), np.uint8)) == []
+
+
+def test_predicted_label_images_keep_their_objects_and_large_numbers_are_renumbered(tmp_path):
+    # evaluate --predicted-instances reads another tool's labels as they are; numbers past the
+    # image's pixel count (which would size the objects' count tables) are renumbered 1.., the
+    # background staying 0, and a label image without background keeps every object.
+    from PIL import Image
+
+    from unet_dist.data.imageio import BadImage
+    from unet_dist.evaluate import read_predicted
+
+    a = np.zeros((4, 5), np.int32)
+    a[0, 0], a[1:3, 1] = 2**30, 7
+    Image.fromarray(a, "I").save(tmp_path / "x.tif")
+    assert read_predicted(tmp_path, "x", 2, (4, 5), labels=True).tolist() == np.where(a == 7, 1, np.where(a, 2, 0)).tolist()
+    a[:] = 2**30
+    a[0, 0] = 99
+    Image.fromarray(a, "I").save(tmp_path / "x.tif")
+    assert read_predicted(tmp_path, "x", 2, (4, 5), labels=True).tolist() == np.where(a == 99, 1, 2).tolist()
+    small = np.array([[0, 2], [2, 4]], np.uint16)  # numbers up to the pixel count kept as they are
+    Image.fromarray(small).save(tmp_path / "y_instances.tif")  # predict --instances' name first
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "y.png")
+    assert read_predicted(tmp_path, "y", 2, (2, 2), labels=True).tolist() == small.tolist()
+    with pytest.raises(BadImage, match=r"predicted mask .*y_instances.tif is 2x2, its mask 3x2"):
+        read_predicted(tmp_path, "y", 2, (2, 3), labels=True)

@@ -119,6 +119,9 @@ def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int], labe
     if labels:
         if ids.dtype == bool or ids.min(initial=0) < 0:
             raise BadImage(f"predicted mask {path} is not a label image (objects numbered from 1, 0 the background)")
+        if ids.max(initial=0) > ids.size:  # numbers past the pixels' count: renumbered 1.., or the counts' bins
+            values, order = np.unique(ids, return_inverse=True)  # would be as many
+            ids = order.reshape(ids.shape) + (values[0] != 0)  # 0 stays 0
         return ids.astype(np.int32)
     top = int(ids.max())
     if k == 2 and top == 255 and not ((ids != 0) & (ids != 255)).any():
