@@ -300,3 +300,22 @@ def test_advice_shows_a_small_gain_with_the_digits_that_tell_it_apart():
     assert apart(0.96179230, 0.96179290) == "0.961792 to 0.961793"
     assert apart(0.9, 0.95, " -> ") == "0.9000 -> 0.9500"
     assert apart(0.5, 0.5) == "0.5000 to 0.5000"
+
+
+def test_given_objects_grow_from_their_own_numbers():
+    # grow_effect of a label image (evaluate --predicted-instances): two touching cells predicted a
+    # pixel short of their outer edges grow back towards the truth from their own numbers; as a class
+    # mask the two are one component, which matches neither cell.
+    from unet_dist.postprocess import GROWS, grow_effect
+
+    truth_ids = np.zeros((12, 20), np.int32)
+    truth_ids[2:10, 2:10], truth_ids[2:10, 10:18] = 1, 2
+    labels = np.zeros_like(truth_ids)
+    labels[3:9, 3:10], labels[3:9, 10:17] = 1, 2
+    pred, truth = (labels > 0).astype(np.int32), (truth_ids > 0).astype(np.int32)
+    effect = grow_effect(pred, truth, 2, truth_ids, labels)
+    seg = [object_scores(np.stack([np.zeros_like(row), row]))[0]["seg"] for row in effect[:, 1]]
+    # Grown by 1: the true cells but their outer corners (at sqrt(2)), the best of the growths.
+    assert seg[0] < 0.7 < 0.95 < seg[1 + GROWS.index(1)] == max(seg)
+    merged = grow_effect(pred, truth, 2, truth_ids)
+    assert merged[:, 1, 2].tolist() == [0] * (1 + len(GROWS))  # no match at any growth

@@ -61,7 +61,7 @@ post-processes the masks read, and the tables measure what post-processing would
 --predicted-instances (a run of two classes) reads label images instead, STEM_instances.tif of
 predict --instances or STEM.* of another tool (Cellpose's and StarDist's masks): each object its
 own number, 0 the background, scored as numbered, so that touching objects stay apart (the
-objects of a class mask are its connected components); grown_objects is then not measured.
+objects of a class mask are its connected components), and grown from their numbers.
 """
 
 from __future__ import annotations

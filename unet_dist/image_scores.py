@@ -80,11 +80,10 @@ class ImageScores:
         components). predicted_ids (H, W): class 1's predicted objects themselves, a label image
         (0 the background, any numbers; two classes, no post-processing), matched instead of the
         components of `predicted`, which is then predicted_ids > 0: another tool's instances, whose
-        touching objects stay apart. Their growth is not measured (grown_objects stays empty)."""
+        touching objects stay apart (and grow from their own numbers)."""
         k, raw = self.k, self.raw
         raw_cm = confusion_matrix(truth, predicted, k, self.ignore).numpy()
-        if predicted_ids is None:  # first: the largest, while nothing else is held
-            raw["grow"][i] = grow_effect(predicted, truth, k, ids)
+        raw["grow"][i] = grow_effect(predicted, truth, k, ids, predicted_ids)  # first: the largest, while nothing else is held
         # Labelled once for both tables.
         objs = (class_objects(predicted, range(1, k), self.grows) if predicted_ids is None  # grown as predict
                 else {1: (predicted_ids, int(predicted_ids.max(initial=0)))})               # --instances grows them

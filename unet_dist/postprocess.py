@@ -304,10 +304,11 @@ def size_advice(cm: np.ndarray, objects: np.ndarray, effect: np.ndarray) -> list
 
 
 def grow_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int,
-                truth_ids: np.ndarray | None = None) -> np.ndarray:
+                truth_ids: np.ndarray | None = None, pred_ids: np.ndarray | None = None) -> np.ndarray:
     """(1 + len(GROWS), K, FIELDS) float64: `objects.object_counts` of predicted class ids `pred`
     (H, W) against `truth` (H, W) with every class's objects as predicted, then grown by each of
-    GROWS pixels (truth_ids: as for object_counts). Summed over images, `grow_advice`'s table.
+    GROWS pixels (truth_ids: as for object_counts; pred_ids: class 1's predicted objects as a label
+    image, in place of its components). Summed over images, `grow_advice`'s table.
     Each class's objects, true and predicted, are labelled once, and grown from one nearest-object
     search (`grown_steps`), one growth held at a time, over the background no lower class's took at
     that growth (as `objects.class_objects` grows them)."""
@@ -315,7 +316,7 @@ def grow_effect(pred: np.ndarray, truth: np.ndarray, num_classes: int,
     # The background lower classes' objects took at each of GROWS, where a higher class may grow.
     taken = np.zeros((len(GROWS), *pred.shape), bool) if num_classes > 2 else None
     for c in range(1, num_classes):
-        labels, n = components(pred, c)
+        labels, n = (pred_ids, int(pred_ids.max(initial=0))) if c == 1 and pred_ids is not None else components(pred, c)
         ids = truth_ids if c == 1 and truth_ids is not None else components(truth, c)[0]
         steps = grown_steps(labels, pred == 0, GROWS) if n else [labels] * len(GROWS)
         for j, objects in enumerate(itertools.chain([labels], steps)):
