@@ -295,9 +295,10 @@ def test_evaluate_scores_instance_masks_against_their_instances(tmp_path, monkey
     pred = tmp_path / "pred"
     pred.mkdir()
     for i in range(4):
-        shutil.copy(src / "masks" / f"c{i}.png", pred / f"c{i}.png")
+        shutil.copy(src / "masks" / f"c{i}.png", pred / f"c{i}_cp_masks.png")  # named as Cellpose names them
     assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(pred),
-                          "--predicted-instances", "--out", str(tmp_path / "labels.json")]) == 0
+                          "--predicted-instances", "--prediction-suffix", "_cp_masks",
+                          "--out", str(tmp_path / "labels.json")]) == 0
     e = json.loads((tmp_path / "labels.json").read_text())
     (o,) = e["objects"]
     assert (o["true_objects"], o["predicted_objects"], o["matched"], o["seg"]) == (cells, cells, cells, 1.0)

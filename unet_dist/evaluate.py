@@ -6,7 +6,8 @@
     python -m unet_dist.evaluate --workdir RUN [--workdir RUN2 ...] --images SRC [--layout oxford-pet|folders]
         [--mask-suffix S] [--list FILE] [--mode auto|tile|resize] [--tile N --overlap P] [--tta none|flip]
         [--postprocess none|largest[:C,...]|min-size:N[:C,...]|grow:N[:C,...]] [--nsd-tolerance PX]
-    python -m unet_dist.evaluate --workdir RUN --images SRC --predictions PRED [--postprocess ...]
+    python -m unet_dist.evaluate --workdir RUN --images SRC --predictions PRED [--prediction-suffix S]
+        [--predicted-instances | --postprocess ...]
     horovodrun -np 2 python -m unet_dist.evaluate --workdir RUN --images SRC
 
 Either source runs on as many processes as it is started with (horovodrun, mpirun, srun, TF_CONFIG):
@@ -55,8 +56,9 @@ Where the run's data were instance masks (convert --classes instances), the true
 masks' instances themselves, whole, as the cell tracking challenge scores them.
 --predictions PRED scores masks made already instead of predicting: PRED/STEM_mask.png as predict
 wrote them (with other flags, another checkpoint, or on another machine), else PRED/STEM.* from
-another tool, class ids in one channel (0/255 for two classes), in the run's classes; the run gives
-the classes, their names and the ignore value, and its model is not loaded. --postprocess then
+another tool (PRED/STEM<S>.* with --prediction-suffix S), class ids in one channel (0/255 for two
+classes), in the run's classes; the run gives the classes, their names and the ignore value, and
+its model is not loaded. --postprocess then
 post-processes the masks read, and the tables measure what post-processing would do to them.
 --predicted-instances (a run of two classes) reads label images instead, STEM_instances.tif of
 predict --instances or STEM.* of another tool (Cellpose's and StarDist's masks): each object its
@@ -88,12 +90,14 @@ from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, pred
 from unet_dist.surface import TOLERANCE
 
 
-def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int], labels: bool = False) -> np.ndarray:
+def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int], labels: bool = False,
+                   suffix: str = "") -> np.ndarray:
     """--predictions: the predicted class ids (H, W) int32 of the image `name` (a `Sample`'s), from
     FOLDER/NAME_mask.png (what predict writes), else FOLDER/NAME.* (another tool's): a one-channel
     image of ids 0..k-1 (predict's masks are palette images of ids), or 0/255 for two classes.
     labels (--predicted-instances): a label image instead, each object its own number and 0 the
-    background, from FOLDER/NAME_instances.tif (predict --instances), else FOLDER/NAME.*.
+    background, from FOLDER/NAME_instances.tif (predict --instances), else FOLDER/NAME.*. suffix
+    (--prediction-suffix): another tool's files are NAME<suffix>.* (Cellpose's NAME_cp_masks.png).
     Raises BadImage naming the file where there is none, or it is not such an image of `shape`."""
     from PIL import Image
 
@@ -101,11 +105,12 @@ def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int], labe
     from unet_dist.predict import INSTANCES, MASK
 
     own = f"{name}{INSTANCES if labels else MASK}"
-    found = [folder / own] + sorted(p for p in folder.glob(f"{glob.escape(name)}.*")
+    found = [folder / own] + sorted(p for p in folder.glob(f"{glob.escape(name + suffix)}.*")
                                     if p.suffix.lower() in IMAGE_SUFFIXES)
     path = next((p for p in found if p.is_file()), None)
     if path is None:
-        raise BadImage(f"no predicted {'objects' if labels else 'mask'} {own} or {name}.* in --predictions {folder}")
+        raise BadImage(f"no predicted {'objects' if labels else 'mask'} {own} or {name}{suffix}.* in --predictions "
+                       f"{folder}")
     try:
         with Image.open(path) as image:
             if image.mode not in ("1", "L", "P", "I;16", "I"):
@@ -219,10 +224,12 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                                                 info.get("colors"), in_channels, window), None
             predicted_ids = None
             if args.predicted_instances:
-                predicted_ids = read_predicted(args.predictions, sample.name, k, truth.shape, labels=True)
+                predicted_ids = read_predicted(args.predictions, sample.name, k, truth.shape, True,
+                                               args.prediction_suffix)
                 predicted = (predicted_ids > 0).astype(np.int32)
             elif args.predictions:
-                predicted = read_predicted(args.predictions, sample.name, k, truth.shape)
+                predicted = read_predicted(args.predictions, sample.name, k, truth.shape,
+                                           suffix=args.prediction_suffix)
             else:
                 probs = predictor(image)
                 predicted = predict_classes(probs).numpy()  # the record evaluation's class rule
@@ -292,6 +299,9 @@ def main(argv=None) -> int:
                         help="with --predictions, for a run of two classes: PRED holds label images (STEM_instances"
                              ".tif of predict --instances, or another tool's STEM.*: each object its own number, 0 "
                              "the background), whose objects are scored as numbered, touching ones apart")
+    images.add_argument("--prediction-suffix", default="", metavar="S",
+                        help="with --predictions: another tool's files are named STEM<S>.* (Cellpose's "
+                             "STEM_cp_masks.png: _cp_masks)")
     add_mode_args(images)
     add_postprocess_arg(images)
     images.add_argument("--nsd-tolerance", type=float, default=TOLERANCE, metavar="PX",
@@ -303,7 +313,7 @@ def main(argv=None) -> int:
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
              ["--predictions"] * bool(args.predictions) + ["--predicted-instances"] * args.predicted_instances
-             + ["--layout"] * bool(args.layout)
+             + ["--prediction-suffix"] * bool(args.prediction_suffix) + ["--layout"] * bool(args.layout)
              + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
              + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
              + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
@@ -318,8 +328,10 @@ def main(argv=None) -> int:
             p.error(f"{', '.join(model)}: not used with --predictions (its masks are made already)")
         if not args.predictions.is_dir():
             p.error(f"--predictions {args.predictions}: not a folder")
-    if args.predicted_instances and not args.predictions:
-        p.error("--predicted-instances: used with --predictions only")
+    for flag, given in (("--predicted-instances", args.predicted_instances),
+                        ("--prediction-suffix", args.prediction_suffix)):
+        if given and not args.predictions:
+            p.error(f"{flag}: used with --predictions only")
     if args.predicted_instances and args.postprocess != "none":
         p.error("--postprocess: not used with --predicted-instances (the objects are scored as numbered)")
     if args.data and len(args.workdir) > 1:
