@@ -346,20 +346,35 @@ def test_predicted_label_images_keep_their_objects_and_large_numbers_are_renumbe
     # background staying 0, and a label image without background keeps every object.
     from PIL import Image
 
-    from unet_dist.data.imageio import BadImage
+    from unet_dist.data.imageio import BadImage, Sample
     from unet_dist.evaluate import read_predicted
+
+    def read_predicted_of(folder, name, *args, **kwargs):  # an image of its own, not a stack's page
+        return read_predicted(folder, Sample(name, tmp_path / "src" / f"{name}.png"), *args, **kwargs)
 
     a = np.zeros((4, 5), np.int32)
     a[0, 0], a[1:3, 1] = 2**30, 7
     Image.fromarray(a, "I").save(tmp_path / "x.tif")
-    assert read_predicted(tmp_path, "x", 2, (4, 5), labels=True).tolist() == np.where(a == 7, 1, np.where(a, 2, 0)).tolist()
+    assert read_predicted_of(tmp_path, "x", 2, (4, 5), labels=True).tolist() == np.where(a == 7, 1, np.where(a, 2, 0)).tolist()
     a[:] = 2**30
     a[0, 0] = 99
     Image.fromarray(a, "I").save(tmp_path / "x.tif")
-    assert read_predicted(tmp_path, "x", 2, (4, 5), labels=True).tolist() == np.where(a == 99, 1, 2).tolist()
+    assert read_predicted_of(tmp_path, "x", 2, (4, 5), labels=True).tolist() == np.where(a == 99, 1, 2).tolist()
     small = np.array([[0, 2], [2, 4]], np.uint16)  # numbers up to the pixel count kept as they are
     Image.fromarray(small).save(tmp_path / "y_instances.tif")  # predict --instances' name first
     Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "y.png")
-    assert read_predicted(tmp_path, "y", 2, (2, 2), labels=True).tolist() == small.tolist()
+    assert read_predicted_of(tmp_path, "y", 2, (2, 2), labels=True).tolist() == small.tolist()
     with pytest.raises(BadImage, match=r"predicted mask .*y_instances.tif is 2x2, its mask 3x2"):
-        read_predicted(tmp_path, "y", 2, (2, 3), labels=True)
+        read_predicted_of(tmp_path, "y", 2, (2, 3), labels=True)
+    # A stack's page: predict's page file, else the same page of another tool's stack (STEM.tif).
+    pages = [np.full((2, 3), v, np.uint8) for v in (0, 1, 255)]
+    Image.fromarray(pages[0]).save(tmp_path / "v.tif", save_all=True, append_images=[Image.fromarray(p) for p in pages[1:]])
+    page = Sample("v_p002", tmp_path / "src" / "v.tif", 2)
+    assert read_predicted(tmp_path, page, 2, (2, 3)).tolist() == [[1] * 3] * 2  # 0/255: 1
+    assert read_predicted(tmp_path, Sample("v_p001", tmp_path / "src" / "v.tif", 1), 2, (2, 3)).tolist() == [[1] * 3] * 2
+    Image.fromarray(np.zeros((2, 3), np.uint8), "P").save(tmp_path / "v_p002_mask.png")
+    assert read_predicted(tmp_path, page, 2, (2, 3)).tolist() == [[0] * 3] * 2
+    with pytest.raises(BadImage, match=r"predicted mask .*v.tif has no page 5"):
+        read_predicted(tmp_path, Sample("v_p005", tmp_path / "src" / "v.tif", 5), 2, (2, 3))
+    with pytest.raises(BadImage, match=r"no predicted mask w_p000_mask.png or w_p000.\* or w.\* \(page 0\) in"):
+        read_predicted(tmp_path, Sample("w_p000", tmp_path / "src" / "w.tif", 0), 2, (2, 3))

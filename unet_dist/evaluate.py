@@ -90,40 +90,51 @@ from unet_dist.predict import add_mode_args, add_postprocess_arg, my_share, pred
 from unet_dist.surface import TOLERANCE
 
 
-def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int], labels: bool = False,
+def read_predicted(folder: Path, sample, k: int, shape: tuple[int, int], labels: bool = False,
                    suffix: str = "") -> np.ndarray:
-    """--predictions: the predicted class ids (H, W) int32 of the image `name` (a `Sample`'s), from
-    FOLDER/NAME_mask.png (what predict writes), else FOLDER/NAME.* (another tool's): a one-channel
-    image of ids 0..k-1 (predict's masks are palette images of ids), or 0/255 for two classes.
-    labels (--predicted-instances): a label image instead, each object its own number and 0 the
-    background, from FOLDER/NAME_instances.tif (predict --instances), else FOLDER/NAME.*. suffix
-    (--prediction-suffix): another tool's files are NAME<suffix>.* (Cellpose's NAME_cp_masks.png).
+    """--predictions: the predicted class ids (H, W) int32 of `sample` (an `imageio.Sample`, NAME
+    its name), from FOLDER/NAME_mask.png (what predict writes), else FOLDER/NAME.* (another
+    tool's): a one-channel image of ids 0..k-1 (predict's masks are palette images of ids), or
+    0/255 for two classes; a stack's page, also from the same page of another tool's stack
+    FOLDER/STEM.* (a multi-page TIFF as the input was). labels (--predicted-instances): a label
+    image instead, each object its own number and 0 the background, from
+    FOLDER/NAME_instances.tif (predict --instances), else as above. suffix (--prediction-suffix):
+    another tool's files are NAME<suffix>.* (Cellpose's NAME_cp_masks.png), STEM<suffix>.*.
     Raises BadImage naming the file where there is none, or it is not such an image of `shape`."""
     from PIL import Image
 
     from unet_dist.data.imageio import IMAGE_SUFFIXES, BadImage
     from unet_dist.predict import INSTANCES, MASK
 
-    own = f"{name}{INSTANCES if labels else MASK}"
-    found = [folder / own] + sorted(p for p in folder.glob(f"{glob.escape(name + suffix)}.*")
-                                    if p.suffix.lower() in IMAGE_SUFFIXES)
-    path = next((p for p in found if p.is_file()), None)
+    def named(stem):
+        return sorted(p for p in folder.glob(f"{glob.escape(stem + suffix)}.*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    own = f"{sample.name}{INSTANCES if labels else MASK}"
+    # (a file, the page of it: None for an image of its own)
+    found = [(folder / own, None), *((p, None) for p in named(sample.name)),
+             *((p, sample.page) for p in (named(sample.image.stem) if sample.stacked else []))]
+    path, page = next(((p, page) for p, page in found if p.is_file()), (None, None))
     if path is None:
-        raise BadImage(f"no predicted {'objects' if labels else 'mask'} {own} or {name}{suffix}.* in --predictions "
-                       f"{folder}")
+        stack = f" or {sample.image.stem}{suffix}.* (page {sample.page})" if sample.stacked else ""
+        raise BadImage(f"no predicted {'objects' if labels else 'mask'} {own} or {sample.name}{suffix}.*{stack} in "
+                       f"--predictions {folder}")
+    where = str(path) if page is None else f"{path} (page {page})"
     try:
         with Image.open(path) as image:
             if image.mode not in ("1", "L", "P", "I;16", "I"):
-                raise BadImage(f"predicted mask {path} is a {image.mode} image; give class ids in one channel "
+                raise BadImage(f"predicted mask {where} is a {image.mode} image; give class ids in one channel "
                                "(as predict's masks)")
+            image.seek(page or 0)
             ids = np.asarray(image)
+    except EOFError:
+        raise BadImage(f"predicted mask {path} has no page {page}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"predicted mask {path} unreadable ({e})") from None
+        raise BadImage(f"predicted mask {where} unreadable ({e})") from None
     if ids.shape != tuple(shape):
-        raise BadImage(f"predicted mask {path} is {ids.shape[1]}x{ids.shape[0]}, its mask {shape[1]}x{shape[0]}")
+        raise BadImage(f"predicted mask {where} is {ids.shape[1]}x{ids.shape[0]}, its mask {shape[1]}x{shape[0]}")
     if labels:
         if ids.dtype == bool or ids.min(initial=0) < 0:
-            raise BadImage(f"predicted mask {path} is not a label image (objects numbered from 1, 0 the background)")
+            raise BadImage(f"predicted mask {where} is not a label image (objects numbered from 1, 0 the background)")
         if ids.max(initial=0) > ids.size:  # numbers past the pixels' count: renumbered 1.., or the counts' bins
             values, order = np.unique(ids, return_inverse=True)  # would be as many
             ids = order.reshape(ids.shape) + (values[0] != 0)  # 0 stays 0
@@ -132,7 +143,7 @@ def read_predicted(folder: Path, name: str, k: int, shape: tuple[int, int], labe
     if k == 2 and top == 255 and not ((ids != 0) & (ids != 255)).any():
         ids = ids > 0  # 0/255, as masks of two classes are often saved
     elif top >= k:
-        raise BadImage(f"predicted mask {path} holds {top}; the run's {k} classes are 0..{k - 1}"
+        raise BadImage(f"predicted mask {where} holds {top}; the run's {k} classes are 0..{k - 1}"
                        + " (or 0/255)" * (k == 2))
     return ids.astype(np.int32)
 
@@ -224,11 +235,11 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                                                 info.get("colors"), in_channels, window), None
             predicted_ids = None
             if args.predicted_instances:
-                predicted_ids = read_predicted(args.predictions, sample.name, k, truth.shape, True,
+                predicted_ids = read_predicted(args.predictions, sample, k, truth.shape, True,
                                                args.prediction_suffix)
                 predicted = (predicted_ids > 0).astype(np.int32)
             elif args.predictions:
-                predicted = read_predicted(args.predictions, sample.name, k, truth.shape,
+                predicted = read_predicted(args.predictions, sample, k, truth.shape,
                                            suffix=args.prediction_suffix)
             else:
                 probs = predictor(image)
