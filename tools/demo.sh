@@ -43,7 +43,8 @@ ev = json.load(open(f"{run}/train/eval.json"))
 s = json.load(open(f"{run}/train/summary.json"))
 print(f"\ndemo: val IoU {ev['val_iou']:.4f} (pet IoU {ev.get('val_fg_iou', float('nan')):.4f}, Dice {ev['val_dice']:.4f}) "
       f"on {ev['val_records']} val images; {s['steps']} steps on {s['world_size']} process(es), "
-      f"{s['images_per_s']:.1f} images/s; {time.time() - start:.0f} s in all")
+      f"{s['images_per_s']:.1f} images/s; {time.time() - start:.0f} s in all (each val record's scores, worst "
+      f"first, in {run}/train/eval.csv)")
 im = json.load(open(f"{run}/train/eval_images.json"))
 print(f"demo: IoU {im['iou']:.4f} (pet IoU {im['fg_iou']:.4f}) on {im['images']} held-out images at their own sizes "
       f"(240-500 px), predicted as predict does ({im['mode']} mode)")
