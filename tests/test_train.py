@@ -1189,6 +1189,11 @@ def test_evaluate_images_scores_predict_masks_at_the_images_own_sizes(shards, pe
     assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(other),
                           "--out", str(tmp_path / "other.json")]) == 0
     assert f"no predicted mask {stems[2]}_mask.png or {stems[2]}.* in --predictions {other}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"evaluate: error: --images {src}: none of its 6 images could be read and scored against --predictions (the "
+        "lines above say why)")
     with pytest.raises(SystemExit):
         evaluate_main(["--workdir", str(w), "--images", str(src), "--predictions", str(other), "--tta", "flip"])
     assert "--tta: not used with --predictions (its masks are made already)" in capsys.readouterr().err

@@ -257,7 +257,8 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         return 1
     read = image_scores.read
     if not read.any():
-        print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be read",
+        print(f"evaluate: error: --images {args.images}: none of its {len(samples)} images could be "
+              + ("read and scored against --predictions (the lines above say why)" if args.predictions else "read"),
               file=sys.stderr)
         return 1
     if not image_scores.labelled.any():
