@@ -281,8 +281,7 @@ def evaluate_images(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     per_image, per_stack = image_scores.per_image(samples), image_scores.per_stack(stacks_of(samples))
     atomic_write_text(out, json.dumps({**metrics, **({"per_stack": per_stack} if per_stack else {}),
                                        "per_image": per_image}, indent=1))
-    atomic_write_text(table_path(out), per_image_csv(per_image, [names[c] if c < len(names) else str(c)
-                                                                 for c in range(k)]))
+    atomic_write_text(table_path(out), per_image_csv(per_image, names, k))
     return 0
 
 
@@ -405,9 +404,8 @@ def main(argv=None) -> int:
         per_record = metrics.pop("per_record")
         print(json.dumps(metrics))
         atomic_write_text(out, json.dumps({**metrics, "per_record": per_record}, indent=1))  # a kill mid-write keeps the earlier file
-        names = manifest.get("class_names") or []
-        atomic_write_text(table_path(out), per_image_csv(per_record, [names[c] if c < len(names) else str(c)
-                                                                     for c in range(manifest["num_classes"])], "record"))
+        atomic_write_text(table_path(out), per_image_csv(per_record, manifest.get("class_names") or [],
+                                                         manifest["num_classes"], "record"))
     return 0
 
 

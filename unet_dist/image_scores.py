@@ -174,16 +174,18 @@ def table_path(out: Path) -> Path:
 TABLE_FIELDS = ("iou", "dice", "hd95", "assd", "nsd", "true_objects", "predicted_objects", "object_f1")
 
 
-def per_image_csv(rows: list[dict], names: list[str], key: str = "image") -> str:
+def per_image_csv(rows: list[dict], names: list[str], num_classes: int, key: str = "image") -> str:
     """The per_image rows of evaluate --images (worst first) as CSV, for a spreadsheet: image, page
-    (empty for an image that is not a stack's page), mean IoU, then for each class NAME the
-    columns iou_NAME, dice_NAME, ... (TABLE_FIELDS; the background's IoU and Dice alone), empty
-    where the image has no such score. key "record": evaluate --data's per_record rows, a record
-    a row and no page column."""
+    (empty for an image that is not a stack's page), mean IoU, then for each of the classes NAME
+    (data.json's or the manifest's class names; a class past them by its id) the columns iou_NAME,
+    dice_NAME, ... (TABLE_FIELDS; the background's IoU and Dice alone), empty where the image has
+    no such score. key "record": evaluate --data's per_record rows, a record a row and no page
+    column."""
     import csv
     import io
 
-    columns = [(f, c) for c in range(len(names)) for f in TABLE_FIELDS if c or f in ("iou", "dice")]
+    names = [names[c] if c < len(names) else str(c) for c in range(num_classes)]
+    columns = [(f, c) for c in range(num_classes) for f in TABLE_FIELDS if c or f in ("iou", "dice")]
     page = ["page"] if key == "image" else []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
