@@ -321,20 +321,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.nsd_tolerance >= 0:
         p.error(f"--nsd-tolerance {args.nsd_tolerance}: a distance in pixels, 0 or more")
+    # How the masks are predicted (add_mode_args' flags), where they are given.
+    modes = (["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
+             + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none"))
     # Flags of the other source would be ignored: say so instead.
     other = (["--split"] * bool(args.split) if args.images else
              ["--predictions"] * bool(args.predictions) + ["--predicted-instances"] * args.predicted_instances
              + ["--prediction-suffix"] * bool(args.prediction_suffix) + ["--layout"] * bool(args.layout)
-             + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list)
-             + ["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
-             + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
+             + ["--mask-suffix"] * bool(args.mask_suffix) + ["--list"] * bool(args.list) + modes
              + ["--postprocess"] * (args.postprocess != "none") + ["--nsd-tolerance"] * (args.nsd_tolerance != TOLERANCE))
     if other:
         p.error(f"{', '.join(other)}: not used with {'--images' if args.images else '--data'}")
     if args.predictions:
-        model = (["--mode"] * (args.mode != "auto") + ["--tile"] * (args.tile is not None)
-                 + ["--overlap"] * (args.overlap is not None) + ["--tta"] * (args.tta != "none")
-                 + ["--checkpoint"] * (args.checkpoint != "best") + ["--workdir (more than one)"] * (len(args.workdir) > 1))
+        model = (modes + ["--checkpoint"] * (args.checkpoint != "best")
+                 + ["--workdir (more than one)"] * (len(args.workdir) > 1))
         if model:
             p.error(f"{', '.join(model)}: not used with --predictions (its masks are made already)")
         if not args.predictions.is_dir():
